@@ -1,0 +1,357 @@
+//! The YAML configuration: schema, defaults, environment overrides and fail-fast validation.
+//!
+//! One file (`--config` or `ORTSERVE_CONFIG`) describes the server, the ONNX Runtime library and
+//! the models. Unknown keys are errors; every validation error names the key's path. This is the
+//! only module that reads the environment.
+
+mod devices;
+mod units;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use devices::{DeviceEntry, DeviceSpec, Devices};
+pub use units::{ByteSize, Dur};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds. Env: `ORTSERVE_HTTP_ADDR`.
+    #[serde(default = "default_http_addr")]
+    pub http_addr: String,
+    /// Largest request body accepted; larger ones get 413. Raise it for big binary tensors.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: ByteSize,
+    /// Default deadline of an inference request, from arrival to its batch starting to run (504
+    /// after). A V2 request can ask for less with `parameters.timeout` (microseconds).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Dur,
+    /// After SIGTERM: how long to keep serving with readiness at 503 so load balancers deregister.
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay: Dur,
+    /// After the drain delay: how long accepted work may take to finish before the process exits.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+    /// `text` for people, `json` for log collectors. Env: `ORTSERVE_LOG_FORMAT`.
+    #[serde(default = "default_log_format")]
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            http_addr: default_http_addr(),
+            max_body_bytes: default_max_body(),
+            request_timeout: default_request_timeout(),
+            drain_delay: default_drain_delay(),
+            shutdown_timeout: default_shutdown_timeout(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+fn default_http_addr() -> String {
+    "0.0.0.0:8080".into()
+}
+fn default_max_body() -> ByteSize {
+    ByteSize(16 << 20)
+}
+fn default_request_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+fn default_drain_delay() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn default_shutdown_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(25))
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+/// A thread count: `auto` or a positive integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(untagged)]
+pub enum Threads {
+    #[default]
+    #[serde(with = "auto_tag")]
+    Auto,
+    Count(usize),
+}
+
+mod auto_tag {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "auto" {
+            Ok(())
+        } else {
+            Err(de::Error::custom(format!("expected `auto` or a number, got {s:?}")))
+        }
+    }
+    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("auto")
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so`. Searched after `ORT_DYLIB_PATH` and before the folder of the
+    /// executable and the project's `.ortserve/lib`. Env: `ORTSERVE_ONNXRUNTIME_PATH`.
+    #[serde(default)]
+    pub onnxruntime_path: Option<PathBuf>,
+    /// Total intra-op threads for CPU sessions; `auto` uses every core, shared among the CPU
+    /// slots of all models. A device entry's own `intra_op_threads` wins.
+    #[serde(default)]
+    pub cpu_threads: Threads,
+    /// `ORT_DYLIB_PATH` from the environment, which wins over every other place.
+    #[serde(skip)]
+    pub dylib_env: Option<PathBuf>,
+    /// `CUDA_VISIBLE_DEVICES` from the environment: limits which GPUs `auto` and `cuda:*` see.
+    #[serde(skip)]
+    pub cuda_visible_devices: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchPolicy {
+    /// Devices take batches in turn, whatever their speed.
+    RoundRobin,
+    /// The device with the least estimated time to drain its in-flight rows takes the batch.
+    #[default]
+    LeastLoaded,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Name in URLs (`/v2/models/{name}`): letters, digits, `_`, `-`, `.`.
+    pub name: String,
+    /// Version reported by the metadata routes and accepted in `/versions/{v}` URLs.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// The `.onnx` file; a relative path is relative to the config file's folder.
+    pub path: PathBuf,
+    /// Where the model runs: `auto`, `cpu`, `cpu:N`, `cuda:N`, `cuda:*`, or a list of those.
+    #[serde(default)]
+    pub devices: Devices,
+    /// Sessions per device. More than one lets one device overlap runs of small batches.
+    #[serde(default = "one")]
+    pub instances_per_device: usize,
+    #[serde(default)]
+    pub dispatch: DispatchPolicy,
+    #[serde(default)]
+    pub batching: BatchingConfig,
+}
+
+fn default_version() -> String {
+    "1".into()
+}
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most rows one device run takes. Larger requests are split across devices.
+    #[serde(default = "default_max_batch")]
+    pub max_batch_size: usize,
+    /// How long a batch that is not full waits for more rows. 0 sends at once; raise it for
+    /// throughput under light load.
+    #[serde(default = "default_queue_delay")]
+    pub max_queue_delay: Dur,
+    /// Requests waiting for this model (queued plus running); more get 429.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch_size: default_max_batch(),
+            max_queue_delay: default_queue_delay(),
+            queue_capacity: default_queue_capacity(),
+        }
+    }
+}
+
+fn default_max_batch() -> usize {
+    32
+}
+fn default_queue_delay() -> Dur {
+    Dur(std::time::Duration::from_millis(2))
+}
+fn default_queue_capacity() -> usize {
+    1024
+}
+
+/// The most rows a batch may hold, whatever the config says.
+pub const MAX_BATCH_LIMIT: usize = 65_536;
+
+impl Config {
+    /// Reads, applies environment overrides, resolves paths and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::from_yaml(&text)?;
+        config.apply_env(|k| std::env::var_os(k).map(PathBuf::from));
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text (no environment, no validation).
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = match e.path().to_string() {
+                p if p == "." => "config".to_string(),
+                p => p,
+            };
+            ConfigError::Parse {
+                path,
+                message: e.into_inner().to_string(),
+            }
+        })
+    }
+
+    /// Environment overrides with the `ORTSERVE_` prefix, and `ORT_DYLIB_PATH`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<PathBuf>) {
+        let text = |k: &str| var(k).and_then(|v| v.to_str().map(str::to_string));
+        if let Some(v) = text("ORTSERVE_HTTP_ADDR") {
+            self.server.http_addr = v;
+        }
+        if let Some(v) = text("ORTSERVE_LOG_FORMAT") {
+            match v.as_str() {
+                "json" => self.server.log_format = LogFormat::Json,
+                "text" => self.server.log_format = LogFormat::Text,
+                _ => {}
+            }
+        }
+        if let Some(v) = var("ORTSERVE_ONNXRUNTIME_PATH") {
+            self.runtime.onnxruntime_path = Some(v);
+        }
+        self.runtime.dylib_env = var("ORT_DYLIB_PATH").filter(|p| !p.as_os_str().is_empty());
+        self.runtime.cuda_visible_devices = text("CUDA_VISIBLE_DEVICES");
+    }
+
+    /// Makes relative model and library paths relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for m in &mut self.models {
+            if m.path.is_relative() {
+                m.path = base.join(&m.path);
+            }
+        }
+        if let Some(p) = &mut self.runtime.onnxruntime_path {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks every value; the first problem is returned with its key path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        s.http_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("server.http_addr", format!("{:?} is not an address like 0.0.0.0:8080 ({e})", s.http_addr)))?;
+        if s.max_body_bytes.0 < 1024 {
+            return Err(invalid("server.max_body_bytes", format!("must be at least 1KiB, got {}", s.max_body_bytes.0)));
+        }
+        if s.request_timeout.0.is_zero() {
+            return Err(invalid("server.request_timeout", "must be more than 0"));
+        }
+        if let Threads::Count(0) = self.runtime.cpu_threads {
+            return Err(invalid("runtime.cpu_threads", "must be `auto` or at least 1"));
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "at least one model is needed"));
+        }
+        let mut names = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| format!("models[{i}].{k}");
+            let valid_name = !m.name.is_empty()
+                && m.name.len() <= 128
+                && m.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+            if !valid_name {
+                return Err(invalid(key("name"), format!("{:?} must be 1-128 letters, digits, `_`, `-` or `.`", m.name)));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(invalid(key("name"), format!("{:?} is used by an earlier model", m.name)));
+            }
+            if m.version.is_empty() || !m.version.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                return Err(invalid(key("version"), format!("{:?} must be letters, digits, `_`, `-` or `.`", m.version)));
+            }
+            if !m.path.is_file() {
+                return Err(invalid(key("path"), format!("no model file at {}", m.path.display())));
+            }
+            m.devices.validate(&key("devices"))?;
+            if m.instances_per_device == 0 || m.instances_per_device > 64 {
+                return Err(invalid(key("instances_per_device"), format!("must be 1..=64, got {}", m.instances_per_device)));
+            }
+            let b = &m.batching;
+            if b.max_batch_size == 0 || b.max_batch_size > MAX_BATCH_LIMIT {
+                return Err(invalid(
+                    key("batching.max_batch_size"),
+                    format!("must be 1..={MAX_BATCH_LIMIT}, got {}", b.max_batch_size),
+                ));
+            }
+            if b.max_queue_delay.0 > std::time::Duration::from_secs(10) {
+                return Err(invalid(key("batching.max_queue_delay"), "must be at most 10s"));
+            }
+            if b.queue_capacity == 0 || b.queue_capacity > 1 << 20 {
+                return Err(invalid(key("batching.queue_capacity"), format!("must be 1..=1048576, got {}", b.queue_capacity)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

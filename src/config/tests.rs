@@ -1,0 +1,123 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn parse_ok(yaml: &str) -> Config {
+    let c = Config::from_yaml(yaml).expect("parses");
+    c.validate().expect("valid");
+    c
+}
+
+fn error_of(yaml: &str) -> String {
+    match Config::from_yaml(yaml) {
+        Err(e) => e.to_string(),
+        Ok(c) => c.validate().expect_err("should be invalid").to_string(),
+    }
+}
+
+#[test]
+fn every_shipped_config_loads_and_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected the shipped configs in {}", dir.display());
+}
+
+#[test]
+fn defaults_fill_a_minimal_file() {
+    let c = parse_ok(&format!("models: [{{name: m, path: {}}}]", fixture("mlp.onnx")));
+    assert_eq!(c.server.http_addr, "0.0.0.0:8080");
+    assert_eq!(c.server.max_body_bytes, ByteSize(16 << 20));
+    let m = &c.models[0];
+    assert_eq!(m.devices, Devices::default());
+    assert_eq!(m.dispatch, DispatchPolicy::LeastLoaded);
+    assert_eq!(m.batching.max_queue_delay.0, std::time::Duration::from_millis(2));
+    assert_eq!(m.version, "1");
+}
+
+#[test]
+fn device_forms() {
+    let c = parse_ok(&format!(
+        "models: [{{name: m, path: {}, devices: [cpu:0, {{device: 'cpu:1', intra_op_threads: 1}}]}}]",
+        fixture("mlp.onnx")
+    ));
+    assert_eq!(
+        c.models[0].devices.0,
+        vec![
+            DeviceEntry { device: DeviceSpec::Cpu(0), intra_op_threads: None },
+            DeviceEntry { device: DeviceSpec::Cpu(1), intra_op_threads: Some(1) },
+        ]
+    );
+    for (s, d) in [("auto", DeviceSpec::Auto), ("cpu", DeviceSpec::Cpu(0)), ("cuda:3", DeviceSpec::Cuda(3)), ("cuda:*", DeviceSpec::CudaAll)] {
+        assert_eq!(s.parse::<DeviceSpec>().unwrap(), d);
+    }
+    assert!("gpu:0".parse::<DeviceSpec>().is_err());
+    assert!("cuda:x".parse::<DeviceSpec>().is_err());
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_path() {
+    let e = error_of(&format!("models: [{{name: m, path: {}, batching: {{max_batch: 4}}}}]", fixture("mlp.onnx")));
+    assert!(e.contains("models[0].batching") && e.contains("max_batch"), "{e}");
+    let e = error_of("server: {port: 1}\nmodels: []");
+    assert!(e.contains("server") && e.contains("port"), "{e}");
+}
+
+#[test]
+fn invalid_values_name_the_key() {
+    let mlp = fixture("mlp.onnx");
+    let cases = [
+        (format!("models: [{{name: m, path: {mlp}, batching: {{max_batch_size: 0}}}}]"), "models[0].batching.max_batch_size"),
+        (format!("models: [{{name: m, path: {mlp}, batching: {{queue_capacity: 0}}}}]"), "models[0].batching.queue_capacity"),
+        (format!("models: [{{name: 'a b', path: {mlp}}}]"), "models[0].name"),
+        (format!("models: [{{name: m, path: {mlp}}}, {{name: m, path: {mlp}}}]"), "models[1].name"),
+        ("models: [{name: m, path: /nonexistent.onnx}]".to_string(), "models[0].path"),
+        (format!("models: [{{name: m, path: {mlp}, devices: [cpu, cpu]}}]"), "models[0].devices[1]"),
+        (format!("models: [{{name: m, path: {mlp}, devices: [auto, cpu:1]}}]"), "models[0].devices[0]"),
+        (format!("models: [{{name: m, path: {mlp}, devices: [{{device: cpu, intra_op_threads: 0}}]}}]"), "models[0].devices[0].intra_op_threads"),
+        (format!("models: [{{name: m, path: {mlp}, instances_per_device: 0}}]"), "models[0].instances_per_device"),
+        (format!("server: {{http_addr: nowhere}}\nmodels: [{{name: m, path: {mlp}}}]"), "server.http_addr"),
+        (format!("runtime: {{cpu_threads: 0}}\nmodels: [{{name: m, path: {mlp}}}]"), "runtime.cpu_threads"),
+        ("models: []".to_string(), "models"),
+    ];
+    for (yaml, key) in cases {
+        let e = error_of(&yaml);
+        assert!(e.starts_with(key), "{yaml}\n=> {e}\n(expected the key {key})");
+    }
+    for (yaml, needle) in [
+        (format!("models: [{{name: m, path: {mlp}, devices: gpu:0}}]"), "models[0].devices"),
+        (format!("models: [{{name: m, path: {mlp}, batching: {{max_queue_delay: soon}}}}]"), "models[0].batching.max_queue_delay"),
+        (format!("server: {{max_body_bytes: 12 parsecs}}\nmodels: [{{name: m, path: {mlp}}}]"), "server.max_body_bytes"),
+        (format!("models: [{{name: m, path: {mlp}, dispatch: random}}]"), "models[0].dispatch"),
+    ] {
+        let e = error_of(&yaml);
+        assert!(e.contains(needle), "{yaml}\n=> {e}");
+    }
+}
+
+#[test]
+fn env_overrides_and_relative_paths() {
+    let mut c = Config::from_yaml("models: [{name: m, path: m.onnx}]\nruntime: {onnxruntime_path: lib/x.so}").unwrap();
+    c.apply_env(|k| match k {
+        "ORTSERVE_HTTP_ADDR" => Some(PathBuf::from("127.0.0.1:9000")),
+        "ORTSERVE_LOG_FORMAT" => Some(PathBuf::from("json")),
+        "ORT_DYLIB_PATH" => Some(PathBuf::from("/opt/ort.so")),
+        _ => None,
+    });
+    c.resolve_paths(Path::new("/etc/ortserve"));
+    assert_eq!(c.server.http_addr, "127.0.0.1:9000");
+    assert_eq!(c.server.log_format, LogFormat::Json);
+    assert_eq!(c.runtime.dylib_env, Some(PathBuf::from("/opt/ort.so")));
+    assert_eq!(c.runtime.onnxruntime_path, Some(PathBuf::from("/etc/ortserve/lib/x.so")));
+    assert_eq!(c.models[0].path, PathBuf::from("/etc/ortserve/m.onnx"));
+}

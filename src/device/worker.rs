@@ -1,0 +1,128 @@
+//! The device worker: one named OS thread per (model, device, instance) that owns a runner and
+//! loops on `blocking_recv` over [`DeviceCommand`]s.
+
+use std::panic::AssertUnwindSafe;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::tensor::Tensor;
+
+use super::{ModelRunner, RunError};
+
+/// Called on the worker thread when a job ends: the outputs split per part (in part order), or
+/// the error, and how long the run took.
+pub type RunDone = Box<dyn FnOnce(Result<Vec<Vec<Tensor>>, RunError>, Duration) + Send>;
+
+/// One batch for a device.
+pub struct RunJob {
+    /// Per request part, the inputs in model order. Parts are run as one batch.
+    pub parts: Vec<Vec<Tensor>>,
+    /// The batch's span, entered on the worker so its log lines carry the request ids.
+    pub span: tracing::Span,
+    pub done: RunDone,
+}
+
+pub enum DeviceCommand {
+    Run(RunJob),
+    /// Sent by the batcher after its last batch: the worker exits once it gets here.
+    Stop,
+}
+
+/// Handle to a running worker thread.
+pub struct DeviceWorker {
+    /// Batcher → worker. The worker exits on [`DeviceCommand::Stop`] or when every sender is gone.
+    tx: mpsc::Sender<DeviceCommand>,
+    thread: JoinHandle<()>,
+}
+
+impl DeviceWorker {
+    /// Starts the thread. `depth` is how many jobs may wait for it; the batcher limits what
+    /// it sends with its own per-device slots, so sends never wait.
+    pub fn spawn(name: &str, runner: Box<dyn ModelRunner>, depth: usize) -> std::io::Result<DeviceWorker> {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let thread = std::thread::Builder::new()
+            .name(format!("ortserve-{name}"))
+            .spawn(move || worker_loop(runner, rx))?;
+        Ok(DeviceWorker { tx, thread })
+    }
+
+    pub fn sender(&self) -> mpsc::Sender<DeviceCommand> {
+        self.tx.clone()
+    }
+
+    /// Waits for the thread to finish; call after the batcher sent [`DeviceCommand::Stop`].
+    pub fn join(self) {
+        drop(self.tx);
+        if self.thread.join().is_err() {
+            tracing::error!("device worker thread panicked outside a run");
+        }
+    }
+}
+
+fn worker_loop(mut runner: Box<dyn ModelRunner>, mut rx: mpsc::Receiver<DeviceCommand>) {
+    while let Some(DeviceCommand::Run(job)) = rx.blocking_recv() {
+        // `Stop` or a closed channel ends the loop.
+        let _entered = job.span.enter();
+        let started = Instant::now();
+        let rows: Vec<usize> = job.parts.iter().map(|p| p.first().and_then(Tensor::rows).unwrap_or(1)).collect();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&job.parts)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "model runner panicked");
+                Err(RunError::Failed(format!("runner panicked: {what}")))
+            })
+            .and_then(|outputs| split_outputs(outputs, &rows));
+        let elapsed = started.elapsed();
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "batch failed");
+        }
+        drop(job.parts);
+        (job.done)(outcome, elapsed);
+    }
+}
+
+/// Splits batched outputs back into the parts' rows, in order.
+fn split_outputs(outputs: Vec<Tensor>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>, RunError> {
+    if rows.len() == 1 {
+        return Ok(vec![outputs]);
+    }
+    let total: usize = rows.iter().sum();
+    for (i, o) in outputs.iter().enumerate() {
+        if o.rows() != Some(total) {
+            return Err(RunError::Failed(format!(
+                "output {i} has shape {:?}, not {total} rows along dim 0, so a batch cannot be split",
+                o.shape
+            )));
+        }
+    }
+    let mut start = 0;
+    Ok(rows
+        .iter()
+        .map(|&n| {
+            let part = outputs.iter().map(|o| o.slice_rows(start, n)).collect();
+            start += n;
+            part
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_keeps_row_order() {
+        let out = Tensor::from_f32(vec![3, 1], &[1.0, 2.0, 3.0]).unwrap();
+        let parts = split_outputs(vec![out], &[1, 2]).unwrap();
+        assert_eq!(parts[0][0].to_f32(), vec![1.0]);
+        assert_eq!(parts[1][0].to_f32(), vec![2.0, 3.0]);
+        let bad = Tensor::from_f32(vec![2, 1], &[1.0, 2.0]).unwrap();
+        assert!(split_outputs(vec![bad], &[1, 2]).is_err());
+    }
+}

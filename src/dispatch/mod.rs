@@ -1,0 +1,311 @@
+//! Choosing the device for a batch: `round_robin` or `least_loaded`, skipping unhealthy devices.
+//!
+//! Each device has a few job slots (one running, one being prepared); a batch is only formed for a
+//! device that has a free slot, so the batcher never blocks on a busy device and a batch is sized
+//! for the device that will run it. In-flight rows are counted by an RAII guard, so the count
+//! cannot drift on errors or cancellation.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::DispatchPolicy;
+use crate::device::DeviceCommand;
+
+/// Jobs a device may hold at once: one running and one ready to start.
+pub const DEVICE_DEPTH: usize = 2;
+
+/// One (device, instance) as the dispatcher sees it.
+pub struct DeviceSlot {
+    /// `cpu:0`, or `cpu:0#1` for a second instance.
+    pub name: String,
+    /// Most rows one batch on this device may have.
+    pub max_batch: usize,
+    healthy: AtomicBool,
+    inflight_rows: AtomicUsize,
+    /// Measured rows/s (EWMA) as f64 bits; 0 until the first batch finishes.
+    rate_bits: AtomicU64,
+    /// Free job slots on this device. The batcher takes one per batch; the [`InFlight`] guard
+    /// gives it back when the run ends.
+    slots: Arc<Semaphore>,
+    /// Batcher → device worker.
+    tx: mpsc::Sender<DeviceCommand>,
+    /// Signalled whenever a job on any device of the pool ends; the batcher waits on it.
+    freed: Arc<Notify>,
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+impl DeviceSlot {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Release);
+        self.freed.notify_one();
+    }
+
+    pub fn inflight_rows(&self) -> usize {
+        self.inflight_rows.load(Ordering::Acquire)
+    }
+
+    /// Measured rows per second, 0.0 before the first batch.
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate_bits.load(Ordering::Acquire))
+    }
+
+    /// Records a finished batch: counters and the rows/s average.
+    pub fn record(&self, rows: usize, elapsed: Duration, ok: bool) {
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        let sample = rows as f64 / elapsed.as_secs_f64().max(1e-6);
+        let old = self.rate();
+        let new = if old == 0.0 { sample } else { 0.7 * old + 0.3 * sample };
+        self.rate_bits.store(new.to_bits(), Ordering::Release);
+    }
+
+    pub fn sender(&self) -> &mpsc::Sender<DeviceCommand> {
+        &self.tx
+    }
+}
+
+/// A free job slot on a chosen device, not yet used.
+pub struct Reservation {
+    pub slot: Arc<DeviceSlot>,
+    index: usize,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Counts a batch's rows as in flight on its device until dropped (after its run ends, or
+/// when the job is dropped unrun). Dropping frees the device's job slot and wakes the batcher.
+pub struct InFlight {
+    slot: Arc<DeviceSlot>,
+    rows: usize,
+    /// `Some` until drop, which releases it before waking the batcher.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl InFlight {
+    pub fn slot(&self) -> &Arc<DeviceSlot> {
+        &self.slot
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.slot.inflight_rows.fetch_sub(self.rows, Ordering::AcqRel);
+        // Free the slot before the wake-up, so the woken batcher finds it free.
+        drop(self.permit.take());
+        self.slot.freed.notify_one();
+    }
+}
+
+/// What the batcher should do next.
+pub enum Pick {
+    Ready(Reservation),
+    /// Every healthy device (or the one whose turn it is) is full; wait for `freed`.
+    Busy,
+    NoHealthyDevice,
+}
+
+/// The devices of one model.
+pub struct DevicePool {
+    devices: Vec<Arc<DeviceSlot>>,
+    policy: DispatchPolicy,
+    /// Round robin: index of the device whose turn it is.
+    next: AtomicUsize,
+    /// Shared with every slot; see [`DeviceSlot::freed`].
+    freed: Arc<Notify>,
+}
+
+impl DevicePool {
+    pub fn new(policy: DispatchPolicy) -> DevicePool {
+        DevicePool {
+            devices: Vec::new(),
+            policy,
+            next: AtomicUsize::new(0),
+            freed: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn add(&mut self, name: String, max_batch: usize, tx: mpsc::Sender<DeviceCommand>) -> Arc<DeviceSlot> {
+        let slot = Arc::new(DeviceSlot {
+            name,
+            max_batch: max_batch.max(1),
+            healthy: AtomicBool::new(true),
+            inflight_rows: AtomicUsize::new(0),
+            rate_bits: AtomicU64::new(0),
+            slots: Arc::new(Semaphore::new(DEVICE_DEPTH)),
+            tx,
+            freed: self.freed.clone(),
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        self.devices.push(slot.clone());
+        slot
+    }
+
+    pub fn devices(&self) -> &[Arc<DeviceSlot>] {
+        &self.devices
+    }
+
+    pub fn freed(&self) -> &Arc<Notify> {
+        &self.freed
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.devices.iter().any(|d| d.is_healthy())
+    }
+
+    /// The largest request part that every device can take in one batch.
+    pub fn chunk_rows(&self) -> usize {
+        self.devices.iter().map(|d| d.max_batch).min().unwrap_or(1)
+    }
+
+    /// Chooses a device for a batch of about `rows` rows.
+    pub fn pick(&self, rows: usize) -> Pick {
+        let n = self.devices.len();
+        if !self.any_healthy() {
+            return Pick::NoHealthyDevice;
+        }
+        let reserve = |index: usize| {
+            let slot = &self.devices[index];
+            slot.slots.clone().try_acquire_owned().ok().map(|permit| Reservation {
+                slot: slot.clone(),
+                index,
+                permit,
+            })
+        };
+        match self.policy {
+            DispatchPolicy::RoundRobin => {
+                let start = self.next.load(Ordering::Acquire);
+                let turn = (0..n).map(|k| (start + k) % n).find(|&i| self.devices[i].is_healthy());
+                match turn.and_then(reserve) {
+                    Some(r) => Pick::Ready(r),
+                    None => Pick::Busy,
+                }
+            }
+            DispatchPolicy::LeastLoaded => {
+                let known = self.devices.iter().map(|d| d.rate()).fold(0.0, f64::max);
+                let mut order: Vec<(f64, usize)> = self
+                    .devices
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| d.is_healthy())
+                    .map(|(i, d)| {
+                        let rate = match d.rate() {
+                            r if r > 0.0 => r,
+                            _ if known > 0.0 => known,
+                            _ => 1.0,
+                        };
+                        ((d.inflight_rows() + rows) as f64 / rate, i)
+                    })
+                    .collect();
+                order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                match order.into_iter().find_map(|(_, i)| reserve(i)) {
+                    Some(r) => Pick::Ready(r),
+                    None => Pick::Busy,
+                }
+            }
+        }
+    }
+}
+
+impl Reservation {
+    /// Commits the reservation for a batch of `rows` rows: counts them in flight and, for round
+    /// robin, passes the turn on.
+    pub fn start(self, pool: &DevicePool, rows: usize) -> InFlight {
+        self.slot.inflight_rows.fetch_add(rows, Ordering::AcqRel);
+        pool.next.store((self.index + 1) % pool.devices.len().max(1), Ordering::Release);
+        InFlight {
+            slot: self.slot,
+            rows,
+            permit: Some(self.permit),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(policy: DispatchPolicy, n: usize) -> (DevicePool, Vec<mpsc::Receiver<DeviceCommand>>) {
+        let mut p = DevicePool::new(policy);
+        let mut rxs = Vec::new();
+        for i in 0..n {
+            let (tx, rx) = mpsc::channel(4);
+            p.add(format!("cpu:{i}"), 8, tx);
+            rxs.push(rx);
+        }
+        (p, rxs)
+    }
+
+    fn picked(p: &DevicePool, rows: usize) -> Option<InFlight> {
+        match p.pick(rows) {
+            Pick::Ready(r) => Some(r.start(p, rows)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_waits_for_the_device_whose_turn_it_is() {
+        let (p, _rx) = pool(DispatchPolicy::RoundRobin, 2);
+        let a = picked(&p, 1).unwrap();
+        let b = picked(&p, 1).unwrap();
+        assert_eq!((a.slot().name.as_str(), b.slot().name.as_str()), ("cpu:0", "cpu:1"));
+        let c = picked(&p, 1).unwrap();
+        assert_eq!(c.slot().name, "cpu:0");
+        // cpu:1 has one slot left, cpu:0 none: it is cpu:1's turn.
+        let d = picked(&p, 1).unwrap();
+        assert_eq!(d.slot().name, "cpu:1");
+        // Both full now.
+        assert!(matches!(p.pick(1), Pick::Busy));
+        drop(a);
+        assert_eq!(picked(&p, 1).unwrap().slot().name, "cpu:0");
+    }
+
+    #[test]
+    fn round_robin_skips_unhealthy_devices() {
+        let (p, _rx) = pool(DispatchPolicy::RoundRobin, 3);
+        p.devices()[1].set_healthy(false);
+        let names: Vec<String> = (0..4)
+            .map(|_| {
+                let f = picked(&p, 1).unwrap();
+                f.slot().name.clone()
+            })
+            .collect();
+        assert_eq!(names, ["cpu:0", "cpu:2", "cpu:0", "cpu:2"]);
+        for d in p.devices() {
+            d.set_healthy(false);
+        }
+        assert!(matches!(p.pick(1), Pick::NoHealthyDevice));
+    }
+
+    #[test]
+    fn least_loaded_prefers_the_device_that_drains_first() {
+        let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
+        // cpu:0 does 1000 rows/s, cpu:1 100 rows/s.
+        p.devices()[0].record(100, Duration::from_millis(100), true);
+        p.devices()[1].record(10, Duration::from_millis(100), true);
+        let a = picked(&p, 8).unwrap();
+        assert_eq!(a.slot().name, "cpu:0");
+        // cpu:0 has 8 rows in flight (8 ms to drain + 8 ms) vs cpu:1 empty (80 ms): still cpu:0.
+        let b = picked(&p, 8).unwrap();
+        assert_eq!(b.slot().name, "cpu:0");
+        // cpu:0 is full: the slow device takes the next one rather than waiting.
+        let c = picked(&p, 8).unwrap();
+        assert_eq!(c.slot().name, "cpu:1");
+        assert_eq!(p.devices()[1].inflight_rows(), 8);
+        drop(c);
+        assert_eq!(p.devices()[1].inflight_rows(), 0, "the guard gives the rows back");
+    }
+}

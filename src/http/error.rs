@@ -1,0 +1,110 @@
+//! Every HTTP error the server returns, and the one table that maps them to status codes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::batching::InferError;
+use crate::device::RunError;
+
+/// An error answered to a client. Bodies are `{"error": "...", "error_type": "..."}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    /// The body is not valid JSON or not a valid request of the protocol.
+    MalformedBody(String),
+    /// Well-formed, but does not fit the model: input name, dtype, shape, element count.
+    InvalidInput(String),
+    /// No such route.
+    NotFound(String),
+    ModelNotFound(String),
+    VersionNotFound { model: String, version: String },
+    PayloadTooLarge { limit: u64 },
+    UnsupportedMediaType(String),
+    QueueFull(String),
+    /// Not ready, draining, or no healthy device.
+    Unavailable(String),
+    DeadlineExceeded,
+    /// A model run failed; details are logged with the request id, never returned.
+    Internal,
+}
+
+impl ApiError {
+    /// The status table: one row per variant. Documented in README.md ("Errors").
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedBody(_) | ApiError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) | ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable machine-readable name for the error.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::MalformedBody(_) => "malformed_body",
+            ApiError::InvalidInput(_) => "invalid_input",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => "model_not_found",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::QueueFull(_) => "queue_full",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::DeadlineExceeded => "deadline_exceeded",
+            ApiError::Internal => "internal",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::MalformedBody(m)
+            | ApiError::InvalidInput(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::NotFound(m) => m.clone(),
+            ApiError::ModelNotFound(m) => format!("unknown model {m:?}"),
+            ApiError::VersionNotFound { model, version } => format!("model {model:?} has no version {version:?}"),
+            ApiError::PayloadTooLarge { limit } => format!("request body is larger than the limit of {limit} bytes"),
+            ApiError::QueueFull(m) => m.clone(),
+            ApiError::Unavailable(m) => m.clone(),
+            ApiError::DeadlineExceeded => "the request's deadline passed before its batch ran".into(),
+            ApiError::Internal => "the model run failed; the server log has details under this request's x-request-id".into(),
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> ApiError {
+        match e {
+            InferError::Input(_) | InferError::TooManyRows { .. } | InferError::Run(RunError::Input(_)) => {
+                ApiError::InvalidInput(e.to_string())
+            }
+            InferError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
+            InferError::DeadlineExceeded => ApiError::DeadlineExceeded,
+            InferError::NoHealthyDevice(_) | InferError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            InferError::Run(RunError::Failed(_)) | InferError::Reassembly(_) => {
+                tracing::error!(error = %e, "inference failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Seconds a client should wait after a 429.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = json!({"error": self.message(), "error_type": self.error_type()});
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp
+    }
+}

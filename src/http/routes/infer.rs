@@ -1,0 +1,131 @@
+//! `POST /v2/models/{model}[/versions/{version}]/infer`: JSON tensors or the binary extension.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::AppState;
+use crate::http::routes::models::lookup;
+use crate::http::{v2, ApiError};
+
+const HEADER_LEN: &str = "inference-header-content-length";
+
+pub async fn infer(State(app): State<Arc<AppState>>, Path(model): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    handle(app, model, None, headers, body).await
+}
+
+pub async fn infer_version(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(app, model, Some(version), headers, body).await
+}
+
+async fn handle(app: Arc<AppState>, model: String, version: Option<String>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let response = match run(&app, &model, version.as_deref(), &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    // Label only known models, so clients cannot grow the label set.
+    let label = if app.model(&model).is_some() { model.as_str() } else { "" };
+    app.metrics
+        .requests
+        .with_label_values(&[label, "v2_infer", response.status().as_str()])
+        .inc();
+    app.metrics
+        .request_duration
+        .with_label_values(&[label, "v2_infer"])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Reads the whole body, refusing more than the limit (by Content-Length first, then as it streams).
+pub async fn read_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let limit = app.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::MalformedBody(format!("could not read the request body: {e}"))
+            }
+        })
+}
+
+/// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends none).
+fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
+    let binary_len = match headers.get(HEADER_LEN) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| ApiError::MalformedBody("Inference-Header-Content-Length must be a byte count".into()))?,
+        ),
+    };
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    match (ctype.as_deref(), binary_len) {
+        (_, Some(n)) => Ok(Some(n)),
+        (None | Some("application/json" | "text/plain"), None) => Ok(None),
+        (Some("application/octet-stream"), None) => Err(ApiError::MalformedBody(
+            "a binary body needs the Inference-Header-Content-Length header".into(),
+        )),
+        (Some(other), None) => Err(ApiError::UnsupportedMediaType(format!(
+            "content type {other:?} is not accepted here; send application/json or the binary tensor extension"
+        ))),
+    }
+}
+
+async fn run(app: &AppState, model: &str, version: Option<&str>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let m = lookup(app, model, version)?;
+    let header_len = header_len(headers)?;
+    let bytes = read_body(app, headers, body).await?;
+    let parsed = v2::parse_request(&bytes, header_len)?;
+    drop(bytes);
+    // Resolve the requested outputs before running, so a typo costs no inference.
+    let selected: Vec<(usize, bool)> = match &parsed.outputs {
+        None => (0..m.info.outputs.len()).map(|i| (i, parsed.binary_default)).collect(),
+        Some(list) => list
+            .iter()
+            .map(|(name, binary)| Ok((m.info.output_index(name).map_err(|e| ApiError::InvalidInput(e.to_string()))?, *binary)))
+            .collect::<Result<_, ApiError>>()?,
+    };
+    let outputs = m.infer(parsed.inputs, parsed.timeout).await?;
+    let chosen: Vec<(&str, &crate::tensor::Tensor, bool)> = selected
+        .iter()
+        .map(|&(i, binary)| (m.info.outputs[i].name.as_str(), &outputs[i], binary))
+        .collect();
+    let enc = v2::encode_response(&m.name, &m.version, parsed.id.as_deref(), &chosen);
+    let mut resp = (StatusCode::OK, enc.body).into_response();
+    let h = resp.headers_mut();
+    match enc.header_len {
+        Some(n) => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(HEADER_LEN, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    Ok(resp)
+}

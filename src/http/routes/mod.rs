@@ -1,0 +1,5 @@
+//! One file per endpoint group.
+
+pub mod health;
+pub mod infer;
+pub mod models;

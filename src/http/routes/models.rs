@@ -1,0 +1,77 @@
+//! Model metadata and model readiness.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::batching::ModelHandle;
+use crate::http::ApiError;
+use crate::model::TensorInfo;
+
+/// Finds a model, and checks the version when the URL names one.
+pub fn lookup<'a>(app: &'a AppState, model: &str, version: Option<&str>) -> Result<&'a Arc<ModelHandle>, ApiError> {
+    let m = app.model(model).ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
+    match version {
+        Some(v) if v != m.version => Err(ApiError::VersionNotFound {
+            model: model.to_string(),
+            version: v.to_string(),
+        }),
+        _ => Ok(m),
+    }
+}
+
+fn describe(t: &TensorInfo) -> serde_json::Value {
+    json!({"name": t.name, "datatype": t.dtype.v2_name(), "shape": t.dims})
+}
+
+fn metadata_of(m: &ModelHandle) -> Json<serde_json::Value> {
+    Json(json!({
+        "name": m.name,
+        "versions": [m.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": m.info.inputs.iter().map(describe).collect::<Vec<_>>(),
+        "outputs": m.info.outputs.iter().map(describe).collect::<Vec<_>>(),
+        "devices": m.pool.devices().iter().map(|d| json!({
+            "name": d.name,
+            "healthy": d.is_healthy(),
+            "max_batch_size": d.max_batch,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// `GET /v2/models/{model}`
+pub async fn metadata(State(app): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(metadata_of(lookup(&app, &model, None)?))
+}
+
+/// `GET /v2/models/{model}/versions/{version}`
+pub async fn metadata_version(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(metadata_of(lookup(&app, &model, Some(&version))?))
+}
+
+fn ready_of(app: &AppState, m: &ModelHandle) -> Response {
+    let ready = m.is_ready() && !app.is_draining();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"name": m.name, "ready": ready}))).into_response()
+}
+
+/// `GET /v2/models/{model}/ready`
+pub async fn ready(State(app): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Response, ApiError> {
+    Ok(ready_of(&app, lookup(&app, &model, None)?))
+}
+
+/// `GET /v2/models/{model}/versions/{version}/ready`
+pub async fn ready_version(
+    State(app): State<Arc<AppState>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(ready_of(&app, lookup(&app, &model, Some(&version))?))
+}

@@ -1,0 +1,392 @@
+//! KServe V2 / Open Inference Protocol bodies: JSON tensors and the binary tensor data
+//! extension, in and out.
+
+use std::time::Duration;
+
+use serde::ser::{SerializeSeq, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::tensor::{element_count, DataType, Tensor};
+
+use super::error::ApiError;
+
+/// Nesting deeper than this in `data` is refused (a model input rarely has more than 8 dims).
+const MAX_DATA_DEPTH: usize = 32;
+
+#[derive(Debug, Deserialize)]
+pub struct InferRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    pub inputs: Vec<RequestInput>,
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestOutput>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestInput {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestOutput {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Option<Map<String, Value>>,
+}
+
+/// A parsed request: named tensors plus what the client asked of the response.
+#[derive(Debug)]
+pub struct Parsed {
+    pub id: Option<String>,
+    pub inputs: Vec<(String, Tensor)>,
+    /// Requested outputs (name, binary?), or `None` for all outputs.
+    pub outputs: Option<Vec<(String, bool)>>,
+    /// `parameters.binary_data_output`: every output in binary unless it says otherwise.
+    pub binary_default: bool,
+    /// `parameters.timeout` in microseconds, as Triton takes it.
+    pub timeout: Option<Duration>,
+}
+
+fn param_bool(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ApiError> {
+    match p.as_ref().and_then(|m| m.get(key)) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(ApiError::MalformedBody(format!("parameter {key:?} must be true or false, got {other}"))),
+    }
+}
+
+fn param_u64(p: &Option<Map<String, Value>>, key: &str, what: &str) -> Result<Option<u64>, ApiError> {
+    match p.as_ref().and_then(|m| m.get(key)) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::MalformedBody(format!("{what}: parameter {key:?} must be a non-negative integer, got {v}"))),
+    }
+}
+
+/// Parses a JSON body, or the JSON header of a binary body followed by the tensor bytes.
+/// `header_len` is the `Inference-Header-Content-Length` value when present.
+pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
+    let (json, mut binary) = match header_len {
+        Some(n) if n > body.len() => {
+            return Err(ApiError::MalformedBody(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )))
+        }
+        Some(n) => body.split_at(n),
+        None => (body, &[][..]),
+    };
+    let req: InferRequest =
+        serde_json::from_slice(json).map_err(|e| ApiError::MalformedBody(format!("invalid inference request JSON: {e}")))?;
+    let timeout = param_u64(&req.parameters, "timeout", "request")?.map(Duration::from_micros);
+    let binary_default = param_bool(&req.parameters, "binary_data_output")?.unwrap_or(false);
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for input in req.inputs {
+        let what = format!("input {:?}", input.name);
+        let dtype = DataType::from_v2_name(&input.datatype).ok_or_else(|| {
+            ApiError::InvalidInput(format!(
+                "{what}: unsupported datatype {:?}; use one of {}",
+                input.datatype,
+                DataType::ALL.map(DataType::v2_name).join(", ")
+            ))
+        })?;
+        let shape = input
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(|_| ApiError::InvalidInput(format!("{what}: shape {:?} has a negative dimension", input.shape)))?;
+        let count = element_count(&shape)
+            .filter(|n| n.checked_mul(dtype.size()).is_some())
+            .ok_or_else(|| ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large")))?;
+        let data = match (param_u64(&input.parameters, "binary_data_size", &what)?, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::MalformedBody(format!("{what} has both `data` and `binary_data_size`")))
+            }
+            (Some(size), None) => {
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                if size > binary.len() {
+                    return Err(ApiError::MalformedBody(format!(
+                        "{what}: binary_data_size {size} runs past the end of the body ({} bytes left)",
+                        binary.len()
+                    )));
+                }
+                let (mine, rest) = binary.split_at(size);
+                binary = rest;
+                if size != count * dtype.size() {
+                    return Err(ApiError::InvalidInput(format!(
+                        "{what}: shape {shape:?} of {dtype} needs {} bytes, binary_data_size is {size}",
+                        count * dtype.size()
+                    )));
+                }
+                mine.to_vec()
+            }
+            (None, Some(v)) => json_data(&v, dtype, count, &what)?,
+            (None, None) => return Err(ApiError::MalformedBody(format!("{what} has neither `data` nor `binary_data_size`"))),
+        };
+        let tensor = Tensor::new(dtype, shape, data).map_err(|e| ApiError::InvalidInput(format!("{what}: {e}")))?;
+        inputs.push((input.name, tensor));
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::MalformedBody(format!(
+            "{} bytes of binary data follow the inputs that no input claims",
+            binary.len()
+        )));
+    }
+    let outputs = match req.outputs {
+        None => None,
+        Some(list) => Some(
+            list.into_iter()
+                .map(|o| Ok((o.name, param_bool(&o.parameters, "binary_data")?.unwrap_or(binary_default))))
+                .collect::<Result<Vec<_>, ApiError>>()?,
+        ),
+    };
+    Ok(Parsed {
+        id: req.id,
+        inputs,
+        outputs,
+        binary_default,
+        timeout,
+    })
+}
+
+/// Flattens nested arrays (row-major) into `out`, refusing absurd nesting.
+fn flatten<'v>(v: &'v Value, depth: usize, out: &mut Vec<&'v Value>) -> Result<(), String> {
+    match v {
+        Value::Array(items) if depth < MAX_DATA_DEPTH => {
+            for item in items {
+                flatten(item, depth + 1, out)?;
+            }
+            Ok(())
+        }
+        Value::Array(_) => Err(format!("data is nested more than {MAX_DATA_DEPTH} levels deep")),
+        other => {
+            out.push(other);
+            Ok(())
+        }
+    }
+}
+
+/// Converts JSON numbers or booleans into little-endian bytes of `dtype`, checking the count
+/// and every value's range.
+fn json_data(v: &Value, dtype: DataType, count: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+    let mut flat = Vec::with_capacity(count);
+    flatten(v, 0, &mut flat).map_err(|e| ApiError::MalformedBody(format!("{what}: {e}")))?;
+    if flat.len() != count {
+        return Err(ApiError::InvalidInput(format!(
+            "{what}: shape needs {count} elements, data has {}",
+            flat.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count * dtype.size());
+    for (i, x) in flat.into_iter().enumerate() {
+        let bad = || ApiError::InvalidInput(format!("{what}: element {i} ({x}) is not a valid {dtype}"));
+        macro_rules! int {
+            ($t:ty) => {{
+                let n: $t = if let Some(n) = x.as_i64() {
+                    <$t>::try_from(n).map_err(|_| bad())?
+                } else if let Some(n) = x.as_u64() {
+                    <$t>::try_from(n).map_err(|_| bad())?
+                } else {
+                    return Err(bad());
+                };
+                out.extend_from_slice(&n.to_le_bytes());
+            }};
+        }
+        match dtype {
+            DataType::Bool => out.push(u8::from(x.as_bool().ok_or_else(bad)?)),
+            DataType::U8 => int!(u8),
+            DataType::U16 => int!(u16),
+            DataType::U32 => int!(u32),
+            DataType::U64 => int!(u64),
+            DataType::I8 => int!(i8),
+            DataType::I16 => int!(i16),
+            DataType::I32 => int!(i32),
+            DataType::I64 => int!(i64),
+            DataType::F16 => out.extend_from_slice(&half::f16::from_f64(x.as_f64().ok_or_else(bad)?).to_le_bytes()),
+            DataType::F32 => out.extend_from_slice(&(x.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
+            DataType::F64 => out.extend_from_slice(&x.as_f64().ok_or_else(bad)?.to_le_bytes()),
+        }
+    }
+    Ok(out)
+}
+
+/// Serializes a tensor's elements as a flat JSON array straight from its bytes.
+struct JsonData<'a>(&'a Tensor);
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let t = self.0;
+        let mut seq = s.serialize_seq(Some(t.element_count()))?;
+        macro_rules! each {
+            ($n:literal, $conv:expr) => {
+                for c in t.data.chunks_exact($n) {
+                    let bytes: [u8; $n] = c.try_into().expect("exact chunk");
+                    seq.serialize_element(&$conv(bytes))?;
+                }
+            };
+        }
+        match t.dtype {
+            DataType::Bool => each!(1, |b: [u8; 1]| b[0] != 0),
+            DataType::U8 => each!(1, u8::from_le_bytes),
+            DataType::I8 => each!(1, i8::from_le_bytes),
+            DataType::U16 => each!(2, u16::from_le_bytes),
+            DataType::I16 => each!(2, i16::from_le_bytes),
+            DataType::F16 => each!(2, |b| half::f16::from_le_bytes(b).to_f32()),
+            DataType::U32 => each!(4, u32::from_le_bytes),
+            DataType::I32 => each!(4, i32::from_le_bytes),
+            DataType::F32 => each!(4, f32::from_le_bytes),
+            DataType::U64 => each!(8, u64::from_le_bytes),
+            DataType::I64 => each!(8, i64::from_le_bytes),
+            DataType::F64 => each!(8, f64::from_le_bytes),
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct ResponseOutput<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [usize],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+}
+
+#[derive(Serialize)]
+struct Response<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: Vec<ResponseOutput<'a>>,
+}
+
+/// An encoded response body; `header_len` is set when binary tensors follow the JSON.
+pub struct Encoded {
+    pub body: Vec<u8>,
+    pub header_len: Option<usize>,
+}
+
+/// Encodes the chosen outputs (name, tensor, binary?) in the order given.
+pub fn encode_response(model: &str, version: &str, id: Option<&str>, outputs: &[(&str, &Tensor, bool)]) -> Encoded {
+    let resp = Response {
+        model_name: model,
+        model_version: version,
+        id,
+        outputs: outputs
+            .iter()
+            .map(|&(name, t, binary)| ResponseOutput {
+                name,
+                datatype: t.dtype.v2_name(),
+                shape: &t.shape,
+                parameters: binary.then(|| serde_json::json!({"binary_data_size": t.data.len()})),
+                data: (!binary).then_some(JsonData(t)),
+            })
+            .collect(),
+    };
+    let mut body = serde_json::to_vec(&resp).expect("response serializes");
+    if !outputs.iter().any(|o| o.2) {
+        return Encoded { body, header_len: None };
+    }
+    let header_len = body.len();
+    for (_, t, binary) in outputs {
+        if *binary {
+            body.extend_from_slice(&t.data);
+        }
+    }
+    Encoded {
+        body,
+        header_len: Some(header_len),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_and_flat_data_give_the_same_tensor() {
+        let nested = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
+        let flat = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]}]}"#;
+        let a = parse_request(nested, None).unwrap();
+        let b = parse_request(flat, None).unwrap();
+        assert_eq!(a.inputs, b.inputs);
+        assert_eq!(a.inputs[0].1.to_f32(), vec![1.0, 2.0, 3.0, 4.5]);
+    }
+
+    #[test]
+    fn integer_ranges_are_checked() {
+        let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#;
+        let e = parse_request(body, None).unwrap_err();
+        assert!(matches!(&e, ApiError::InvalidInput(m) if m.contains("300") && m.contains("INT8")), "{e:?}");
+        let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT64","data":[-1]}]}"#;
+        assert!(parse_request(body, None).is_err());
+        let body = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"BOOL","data":[true, 1]}]}"#;
+        assert!(parse_request(body, None).is_err());
+    }
+
+    #[test]
+    fn binary_inputs_and_outputs() {
+        let header = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}],"outputs":[{"name":"y","parameters":{"binary_data":true}}]}"#;
+        let mut body = header.to_vec();
+        body.extend_from_slice(&1.5f32.to_le_bytes());
+        body.extend_from_slice(&(-2.0f32).to_le_bytes());
+        let p = parse_request(&body, Some(header.len())).unwrap();
+        assert_eq!(p.inputs[0].1.to_f32(), vec![1.5, -2.0]);
+        assert_eq!(p.outputs, Some(vec![("y".to_string(), true)]));
+        // A size that disagrees with the shape, and bytes nobody claims, are refused.
+        assert!(parse_request(&body[..body.len() - 1], Some(header.len())).is_err());
+        let mut extra = body.clone();
+        extra.push(0);
+        assert!(parse_request(&extra, Some(header.len())).is_err());
+        assert!(parse_request(&body, Some(body.len() + 1)).is_err());
+
+        let t = Tensor::from_f32(vec![2], &[1.5, -2.0]).unwrap();
+        let enc = encode_response("m", "1", Some("r1"), &[("y", &t, true)]);
+        let n = enc.header_len.unwrap();
+        let head: Value = serde_json::from_slice(&enc.body[..n]).unwrap();
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(head["id"], "r1");
+        assert_eq!(&enc.body[n..], &t.data[..]);
+    }
+
+    #[test]
+    fn json_output_of_every_dtype_round_trips() {
+        for dtype in DataType::ALL {
+            let values = match dtype {
+                DataType::Bool => "[true,false,true]",
+                DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => "[0,7,200]",
+                DataType::I8 => "[-128,0,127]",
+                DataType::F16 | DataType::F32 | DataType::F64 => "[-1.5,0.25,3.0]",
+                _ => "[-5,0,9]",
+            };
+            let body = format!(r#"{{"inputs":[{{"name":"x","shape":[1,3],"datatype":"{dtype}","data":{values}}}]}}"#);
+            let p = parse_request(body.as_bytes(), None).unwrap();
+            let t = &p.inputs[0].1;
+            let enc = encode_response("m", "1", None, &[("x", t, false)]);
+            let v: Value = serde_json::from_slice(&enc.body).unwrap();
+            let again: Value = serde_json::from_str(values).unwrap();
+            let got = &v["outputs"][0]["data"];
+            let same = got.as_array().unwrap().iter().zip(again.as_array().unwrap()).all(|(a, b)| match (a.as_f64(), b.as_f64()) {
+                (Some(x), Some(y)) => x == y,
+                _ => a == b,
+            });
+            assert!(same, "{dtype}: {got} vs {again}");
+            assert_eq!(v["outputs"][0]["datatype"], dtype.v2_name());
+        }
+    }
+}

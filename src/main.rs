@@ -1,0 +1,91 @@
+//! The `ortserve` command: parses arguments, sets up logging, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ortserve::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "ortserve", version, about = "HTTP prediction server for ONNX models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the models and serve HTTP until SIGTERM or SIGINT.
+    Serve {
+        /// The YAML configuration file.
+        #[arg(long, env = "ORTSERVE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Load and validate a configuration file, print it resolved, and exit.
+    CheckConfig {
+        #[arg(long, env = "ORTSERVE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: valid", config.display());
+                println!("{}", serde_yaml_ng::to_string(&c).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(config.server.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let listener = match tokio::net::TcpListener::bind(&config.server.http_addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(addr = %config.server.http_addr, error = %e, "cannot bind");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tracing::info!(addr = %config.server.http_addr, "listening");
+                match ortserve::run(config, listener, ortserve::shutdown::signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %e, "startup failed");
+                        eprintln!("ortserve: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

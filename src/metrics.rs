@@ -1,0 +1,110 @@
+//! Prometheus metrics. One registry per server instance (tests run several in one process).
+//! Names carry the `ortserve_` prefix and a unit suffix.
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by model, route and HTTP status.
+    pub requests: IntCounterVec,
+    /// Request duration in seconds, by model and route.
+    pub request_duration: HistogramVec,
+    /// Rows per batch run, by model.
+    pub batch_size: HistogramVec,
+    /// Device run duration in seconds, by model and device.
+    pub inference_duration: HistogramVec,
+    /// Rows run, by model and device.
+    pub device_rows: IntCounterVec,
+    /// Failed runs, by model and device.
+    pub device_failures: IntCounterVec,
+    /// Request parts waiting in the batcher, by model.
+    pub queue_depth: IntGaugeVec,
+    /// 1 healthy, 0 not, by model and device.
+    pub device_healthy: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("ortserve_requests_total", "Requests answered"),
+            &["model", "route", "status"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("ortserve_request_duration_seconds", "Request duration")
+                .buckets(exponential_buckets(0.0001, 2.0, 18).expect("valid buckets")),
+            &["model", "route"],
+        )
+        .expect("valid metric");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("ortserve_batch_size_rows", "Rows per batch run")
+                .buckets(exponential_buckets(1.0, 2.0, 13).expect("valid buckets")),
+            &["model"],
+        )
+        .expect("valid metric");
+        let inference_duration = HistogramVec::new(
+            HistogramOpts::new("ortserve_inference_duration_seconds", "Device run duration")
+                .buckets(exponential_buckets(0.00005, 2.0, 20).expect("valid buckets")),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        let device_rows = IntCounterVec::new(
+            Opts::new("ortserve_device_rows_total", "Rows run on a device"),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        let device_failures = IntCounterVec::new(
+            Opts::new("ortserve_device_failures_total", "Failed device runs"),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("ortserve_queue_depth_requests", "Request parts waiting for a batch"),
+            &["model"],
+        )
+        .expect("valid metric");
+        let device_healthy = IntGaugeVec::new(
+            Opts::new("ortserve_device_healthy", "1 when the device takes batches"),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        for c in [&requests, &device_rows, &device_failures] {
+            registry.register(Box::new(c.clone())).expect("unique metric");
+        }
+        for h in [&request_duration, &batch_size, &inference_duration] {
+            registry.register(Box::new(h.clone())).expect("unique metric");
+        }
+        for g in [&queue_depth, &device_healthy] {
+            registry.register(Box::new(g.clone())).expect("unique metric");
+        }
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            batch_size,
+            inference_duration,
+            device_rows,
+            device_failures,
+            queue_depth,
+            device_healthy,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,34 @@
+//! Signals and the drain sequence.
+//!
+//! On SIGTERM or SIGINT: readiness turns 503 at once; the server keeps serving for `drain_delay`
+//! so load balancers stop sending; then it stops accepting, lets in-flight requests finish for up
+//! to `shutdown_timeout`, closes the batchers (which run what is queued) and joins the device
+//! threads.
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
