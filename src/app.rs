@@ -17,7 +17,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(models: Vec<Arc<ModelHandle>>, metrics: Arc<Metrics>, max_body_bytes: u64) -> AppState {
+    pub fn new(
+        models: Vec<Arc<ModelHandle>>,
+        metrics: Arc<Metrics>,
+        max_body_bytes: u64,
+    ) -> AppState {
         AppState {
             models,
             metrics,

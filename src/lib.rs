@@ -85,12 +85,12 @@ pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             match &info {
                 None => info = Some(runner.info().clone()),
-                Some(i) if i != runner.info() => {
-                    return Err(StartupError::Model {
-                        model: m.name.clone(),
-                        message: format!("device {name} reports different inputs or outputs than the first device"),
-                    })
-                }
+                Some(i) if i != runner.info() => return Err(StartupError::Model {
+                    model: m.name.clone(),
+                    message: format!(
+                        "device {name} reports different inputs or outputs than the first device"
+                    ),
+                }),
                 Some(_) => {}
             }
             tracing::info!(model = %m.name, device = %name, "session ready");
@@ -109,9 +109,21 @@ pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
             queue_capacity: m.batching.queue_capacity,
             default_timeout: config.server.request_timeout.0,
         };
-        models.push(ModelHandle::start(&m.name, &m.version, info, m.dispatch, settings, runners, metrics.clone())?);
+        models.push(ModelHandle::start(
+            &m.name,
+            &m.version,
+            info,
+            m.dispatch,
+            settings,
+            runners,
+            metrics.clone(),
+        )?);
     }
-    Ok(Arc::new(AppState::new(models, metrics, config.server.max_body_bytes.0)))
+    Ok(Arc::new(AppState::new(
+        models,
+        metrics,
+        config.server.max_body_bytes.0,
+    )))
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then drains (see [`shutdown`]) and stops

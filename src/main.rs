@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use ortserve::config::{Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "ortserve", version, about = "HTTP prediction server for ONNX models")]
+#[command(
+    name = "ortserve",
+    version,
+    about = "HTTP prediction server for ONNX models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,9 +33,22 @@ enum Command {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    // RUST_LOG chooses; unset or empty means info, with ONNX Runtime's own chatter at warn.
+    // `ort::` rather than `ort`: targets match by prefix, and `ort` would also catch `ortserve`.
+    const DEFAULT: &str = "info,ort::=warn";
+    let wanted = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    let filter = tracing_subscriber::EnvFilter::try_new(wanted.as_deref().unwrap_or(DEFAULT))
+        .unwrap_or_else(|e| {
+            eprintln!("RUST_LOG: {e}; using {DEFAULT}");
+            tracing_subscriber::EnvFilter::new(DEFAULT)
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -61,7 +78,10 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(config.server.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the async runtime: {e}");

@@ -2,7 +2,8 @@
 //! Names carry the `ortserve_` prefix and a unit suffix.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -68,7 +69,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let queue_depth = IntGaugeVec::new(
-            Opts::new("ortserve_queue_depth_requests", "Request parts waiting for a batch"),
+            Opts::new(
+                "ortserve_queue_depth_requests",
+                "Request parts waiting for a batch",
+            ),
             &["model"],
         )
         .expect("valid metric");
@@ -78,13 +82,19 @@ impl Metrics {
         )
         .expect("valid metric");
         for c in [&requests, &device_rows, &device_failures] {
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
         }
         for h in [&request_duration, &batch_size, &inference_duration] {
-            registry.register(Box::new(h.clone())).expect("unique metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
         }
         for g in [&queue_depth, &device_healthy] {
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
         }
         Metrics {
             registry,

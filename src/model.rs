@@ -58,7 +58,10 @@ impl ModelInfo {
     /// A model whose first input has a fixed first dimension is run without batching.
     pub fn batchable(&self) -> bool {
         self.inputs.iter().all(|i| i.dims.first() == Some(&-1))
-            && self.outputs.iter().all(|o| o.dims.first().is_none_or(|&d| d == -1))
+            && self
+                .outputs
+                .iter()
+                .all(|o| o.dims.first().is_none_or(|&d| d == -1))
     }
 
     pub fn input_names(&self) -> Vec<String> {
@@ -77,7 +80,10 @@ impl ModelInfo {
 
     /// Orders named tensors as the model expects and checks dtype, rank, fixed dims and rows.
     /// Returns the tensors in model order and the number of rows.
-    pub fn check_inputs(&self, named: Vec<(String, Tensor)>) -> Result<(Vec<Tensor>, usize), InputError> {
+    pub fn check_inputs(
+        &self,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<(Vec<Tensor>, usize), InputError> {
         let mut slots: Vec<Option<Tensor>> = vec![None; self.inputs.len()];
         for (name, t) in named {
             let i = self
@@ -100,7 +106,10 @@ impl ModelInfo {
                 });
             }
             let fits = t.shape.len() == info.dims.len()
-                && t.shape.iter().zip(&info.dims).all(|(&g, &e)| e < 0 || g as i64 == e);
+                && t.shape
+                    .iter()
+                    .zip(&info.dims)
+                    .all(|(&g, &e)| e < 0 || g as i64 == e);
             if !fits {
                 return Err(InputError::Shape {
                     name,
@@ -169,14 +178,32 @@ mod tests {
     fn rejects_what_does_not_fit() {
         let m = info();
         let err = |named| m.check_inputs(named).unwrap_err();
-        assert!(matches!(err(vec![("c".into(), t(1, 4))]), InputError::UnknownInput { .. }));
+        assert!(matches!(
+            err(vec![("c".into(), t(1, 4))]),
+            InputError::UnknownInput { .. }
+        ));
         assert!(matches!(err(vec![("a".into(), t(1, 4))]), InputError::Missing(n) if n == "b"));
-        assert!(matches!(err(vec![("a".into(), t(1, 4)), ("a".into(), t(1, 4))]), InputError::Duplicate(_)));
-        assert!(matches!(err(vec![("a".into(), t(1, 5)), ("b".into(), t(1, 4))]), InputError::Shape { .. }));
-        assert!(matches!(err(vec![("a".into(), t(2, 4)), ("b".into(), t(1, 4))]), InputError::RowMismatch { .. }));
-        assert!(matches!(err(vec![("a".into(), t(0, 4)), ("b".into(), t(0, 4))]), InputError::Empty(_)));
+        assert!(matches!(
+            err(vec![("a".into(), t(1, 4)), ("a".into(), t(1, 4))]),
+            InputError::Duplicate(_)
+        ));
+        assert!(matches!(
+            err(vec![("a".into(), t(1, 5)), ("b".into(), t(1, 4))]),
+            InputError::Shape { .. }
+        ));
+        assert!(matches!(
+            err(vec![("a".into(), t(2, 4)), ("b".into(), t(1, 4))]),
+            InputError::RowMismatch { .. }
+        ));
+        assert!(matches!(
+            err(vec![("a".into(), t(0, 4)), ("b".into(), t(0, 4))]),
+            InputError::Empty(_)
+        ));
         let i32t = Tensor::new(DataType::I32, vec![1, 4], vec![0; 16]).unwrap();
-        assert!(matches!(err(vec![("a".into(), i32t), ("b".into(), t(1, 4))]), InputError::Dtype { .. }));
+        assert!(matches!(
+            err(vec![("a".into(), i32t), ("b".into(), t(1, 4))]),
+            InputError::Dtype { .. }
+        ));
         assert!(m.batchable());
     }
 }

@@ -154,7 +154,10 @@ impl Tensor {
     /// Bytes of one row (a slice along dim 0).
     pub fn row_bytes(&self) -> usize {
         match self.shape.first() {
-            Some(0) | None => element_count(&self.shape[1.min(self.shape.len())..]).unwrap_or(0) * self.dtype.size(),
+            Some(0) | None => {
+                element_count(&self.shape[1.min(self.shape.len())..]).unwrap_or(0)
+                    * self.dtype.size()
+            }
             Some(&r) => self.data.len() / r,
         }
     }
@@ -180,7 +183,10 @@ impl Tensor {
         let mut rows = 0;
         let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
         for p in parts {
-            if p.dtype != first.dtype || p.shape.len() != first.shape.len() || p.shape[1..] != first.shape[1..] {
+            if p.dtype != first.dtype
+                || p.shape.len() != first.shape.len()
+                || p.shape[1..] != first.shape[1..]
+            {
                 return Err(TensorError::Mismatch {
                     a: first.dtype,
                     a_shape: first.shape.clone(),
@@ -202,12 +208,21 @@ impl Tensor {
 
     /// Builds an `F32` tensor (test and tooling convenience).
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Result<Tensor, TensorError> {
-        Tensor::new(DataType::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        Tensor::new(
+            DataType::F32,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 
     /// Reads an `F32` tensor's values (panics on another dtype: for tests and tooling).
     pub fn to_f32(&self) -> Vec<f32> {
-        assert_eq!(self.dtype, DataType::F32, "to_f32 on a {} tensor", self.dtype);
+        assert_eq!(
+            self.dtype,
+            DataType::F32,
+            "to_f32 on a {} tensor",
+            self.dtype
+        );
         self.data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -249,9 +264,15 @@ mod tests {
     fn concat_rejects_other_shapes_and_dtypes() {
         let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]).unwrap();
         let b = Tensor::from_f32(vec![1, 3], &[1.0, 2.0, 3.0]).unwrap();
-        assert!(matches!(Tensor::concat(&[&a, &b]), Err(TensorError::Mismatch { .. })));
+        assert!(matches!(
+            Tensor::concat(&[&a, &b]),
+            Err(TensorError::Mismatch { .. })
+        ));
         let c = Tensor::new(DataType::I32, vec![1, 2], vec![0; 8]).unwrap();
-        assert!(matches!(Tensor::concat(&[&a, &c]), Err(TensorError::Mismatch { .. })));
+        assert!(matches!(
+            Tensor::concat(&[&a, &c]),
+            Err(TensorError::Mismatch { .. })
+        ));
     }
 
     #[test]

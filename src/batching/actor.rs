@@ -24,7 +24,12 @@ pub(super) struct Settings {
 /// left or whose deadline passed.
 const SWEEP: Duration = Duration::from_millis(50);
 
-pub(super) async fn run(mut rx: mpsc::Receiver<Entry>, pool: Arc<DevicePool>, settings: Settings, metrics: Arc<Metrics>) {
+pub(super) async fn run(
+    mut rx: mpsc::Receiver<Entry>,
+    pool: Arc<DevicePool>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+) {
     let mut state: State<Entry> = State::new();
     let mut open = true;
     let depth = metrics.queue_depth.with_label_values(&[&settings.model]);
@@ -64,7 +69,9 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Entry>, pool: Arc<DevicePool>, se
         match pool.pick(hint) {
             Pick::NoHealthyDevice => {
                 for e in state.drain() {
-                    let _ = e.reply.send(Err(InferError::NoHealthyDevice(settings.model.clone())));
+                    let _ = e
+                        .reply
+                        .send(Err(InferError::NoHealthyDevice(settings.model.clone())));
                 }
                 continue;
             }
@@ -101,9 +108,18 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Entry>, pool: Arc<DevicePool>, se
 }
 
 /// Hands a batch to its device worker; the worker answers every part.
-fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, model: &str, metrics: &Arc<Metrics>) {
+fn send_batch(
+    batch: Vec<Entry>,
+    rows: usize,
+    inflight: InFlight,
+    model: &str,
+    metrics: &Arc<Metrics>,
+) {
     let slot = inflight.slot().clone();
-    metrics.batch_size.with_label_values(&[model]).observe(rows as f64);
+    metrics
+        .batch_size
+        .with_label_values(&[model])
+        .observe(rows as f64);
     let span = tracing::info_span!("batch", model, device = %slot.name, rows, parts = batch.len());
     for e in &batch {
         span.follows_from(&e.span);
@@ -119,10 +135,16 @@ fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, model: &str, m
         let device = inflight.slot().name.as_str();
         let labels = [model.as_str(), device];
         inflight.slot().record(rows, elapsed, result.is_ok());
-        metrics.inference_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        metrics
+            .inference_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
         match result {
             Ok(outputs) => {
-                metrics.device_rows.with_label_values(&labels).inc_by(rows as u64);
+                metrics
+                    .device_rows
+                    .with_label_values(&labels)
+                    .inc_by(rows as u64);
                 for ((reply, _permit), out) in replies.into_iter().zip(outputs) {
                     let _ = reply.send(Ok(out));
                 }
@@ -143,7 +165,13 @@ fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, model: &str, m
         let (TrySendError::Full(cmd) | TrySendError::Closed(cmd)) = err;
         if let DeviceCommand::Run(job) = cmd {
             tracing::error!(device = %slot.name, "device worker is not running");
-            (job.done)(Err(RunError::Failed(format!("device {} is not running", slot.name))), Duration::ZERO);
+            (job.done)(
+                Err(RunError::Failed(format!(
+                    "device {} is not running",
+                    slot.name
+                ))),
+                Duration::ZERO,
+            );
         }
     }
 }

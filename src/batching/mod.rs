@@ -123,10 +123,17 @@ impl ModelHandle {
         let mut pool = DevicePool::new(policy);
         let mut workers = Vec::new();
         for r in runners {
-            let worker = DeviceWorker::spawn(&format!("{name}-{}", r.name), r.runner, crate::dispatch::DEVICE_DEPTH)?;
+            let worker = DeviceWorker::spawn(
+                &format!("{name}-{}", r.name),
+                r.runner,
+                crate::dispatch::DEVICE_DEPTH,
+            )?;
             let max = if batchable { r.max_batch } else { 1 };
             pool.add(r.name.clone(), max, worker.sender());
-            metrics.device_healthy.with_label_values(&[name, &r.name]).set(1);
+            metrics
+                .device_healthy
+                .with_label_values(&[name, &r.name])
+                .set(1);
             workers.push(worker);
         }
         let pool = Arc::new(pool);
@@ -170,20 +177,34 @@ impl ModelHandle {
         if !self.pool.any_healthy() {
             return Err(InferError::NoHealthyDevice(self.name.clone()));
         }
-        let chunk = if self.batchable { self.pool.chunk_rows() } else { rows.max(1) };
+        let chunk = if self.batchable {
+            self.pool.chunk_rows()
+        } else {
+            rows.max(1)
+        };
         let parts = rows.div_ceil(chunk);
         let max_rows = self.settings.queue_capacity * chunk;
         if parts > self.settings.queue_capacity {
-            return Err(InferError::TooManyRows { rows, max: max_rows });
+            return Err(InferError::TooManyRows {
+                rows,
+                max: max_rows,
+            });
         }
         let mut permit = self
             .admission
             .clone()
             .try_acquire_many_owned(parts as u32)
             .map_err(|_| InferError::QueueFull(self.name.clone()))?;
-        let tx = self.tx.lock().ok().and_then(|t| t.clone()).ok_or(InferError::ShuttingDown)?;
+        let tx = self
+            .tx
+            .lock()
+            .ok()
+            .and_then(|t| t.clone())
+            .ok_or(InferError::ShuttingDown)?;
         let now = Instant::now();
-        let timeout = timeout.map_or(self.settings.default_timeout, |t| t.min(self.settings.default_timeout));
+        let timeout = timeout.map_or(self.settings.default_timeout, |t| {
+            t.min(self.settings.default_timeout)
+        });
         let key = ShapeKey::of(&inputs);
         let span = tracing::Span::current();
         let mut waiting = Vec::with_capacity(parts);
@@ -194,7 +215,11 @@ impl ModelHandle {
             let part_inputs = if parts == 1 {
                 whole.take().unwrap_or_default()
             } else {
-                whole.iter().flatten().map(|t| t.slice_rows(start, n)).collect()
+                whole
+                    .iter()
+                    .flatten()
+                    .map(|t| t.slice_rows(start, n))
+                    .collect()
             };
             let (reply, rx) = oneshot::channel();
             let entry = Entry {
@@ -235,7 +260,13 @@ impl ModelHandle {
                 tracing::error!(model = %self.name, error = %e, "batcher task failed");
             }
         }
-        let workers: Vec<DeviceWorker> = self.workers.lock().map(|mut w| w.drain(..).collect()).unwrap_or_default();
-        let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(DeviceWorker::join)).await;
+        let workers: Vec<DeviceWorker> = self
+            .workers
+            .lock()
+            .map(|mut w| w.drain(..).collect())
+            .unwrap_or_default();
+        let _ =
+            tokio::task::spawn_blocking(move || workers.into_iter().for_each(DeviceWorker::join))
+                .await;
     }
 }

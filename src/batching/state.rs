@@ -46,7 +46,9 @@ pub struct State<T> {
 
 impl<T: Queued> State<T> {
     pub fn new() -> State<T> {
-        State { queue: VecDeque::new() }
+        State {
+            queue: VecDeque::new(),
+        }
     }
 
     pub fn push(&mut self, item: T) {
@@ -205,7 +207,10 @@ mod tests {
             s.push(item(id, rows, 4));
         }
         assert_eq!(s.next_batch_rows(8, true), 5);
-        assert!(s.batch_full(8, true), "item 2 does not fit, so waiting cannot help");
+        assert!(
+            s.batch_full(8, true),
+            "item 2 does not fit, so waiting cannot help"
+        );
         assert_eq!(ids(&s.take_batch(8, true)), vec![0, 1]);
         assert_eq!(ids(&s.take_batch(8, true)), vec![2, 3]);
         assert!(s.is_empty());
@@ -227,7 +232,10 @@ mod tests {
         s.push(item(0, 2, 4));
         assert!(!s.batch_full(8, true));
         assert!(s.batch_full(2, true));
-        assert!(s.batch_full(8, false), "an unbatched model never waits for company");
+        assert!(
+            s.batch_full(8, false),
+            "an unbatched model never waits for company"
+        );
         s.push(item(1, 2, 4));
         assert_eq!(ids(&s.take_batch(8, false)), vec![0]);
     }

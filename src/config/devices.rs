@@ -144,7 +144,10 @@ impl<'de> Deserialize<'de> for Devices {
                 Ok(Devices(vec![short_entry(s)?]))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Devices, A::Error> {
-                Ok(Devices(vec![FullEntry::deserialize(MapAccessDeserializer::new(map))?.into()]))
+                Ok(Devices(vec![FullEntry::deserialize(
+                    MapAccessDeserializer::new(map),
+                )?
+                .into()]))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Devices, A::Error> {
                 Vec::<DeviceEntry>::deserialize(SeqAccessDeserializer::new(seq)).map(Devices)
@@ -161,14 +164,23 @@ impl Devices {
         }
         for (i, e) in self.0.iter().enumerate() {
             if self.0[..i].iter().any(|p| p.device == e.device) {
-                return Err(invalid(format!("{key}[{i}]"), format!("{} is listed twice", e.device)));
+                return Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!("{} is listed twice", e.device),
+                ));
             }
             if matches!(e.device, DeviceSpec::Auto | DeviceSpec::CudaAll) && self.0.len() > 1 {
-                return Err(invalid(format!("{key}[{i}]"), format!("{} cannot be combined with other devices", e.device)));
+                return Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!("{} cannot be combined with other devices", e.device),
+                ));
             }
             if let Some(t) = e.intra_op_threads {
                 if t == 0 || t > 1024 {
-                    return Err(invalid(format!("{key}[{i}].intra_op_threads"), format!("must be 1..=1024, got {t}")));
+                    return Err(invalid(
+                        format!("{key}[{i}].intra_op_threads"),
+                        format!("must be 1..=1024, got {t}"),
+                    ));
                 }
             }
         }

@@ -128,7 +128,9 @@ mod auto_tag {
         if s == "auto" {
             Ok(())
         } else {
-            Err(de::Error::custom(format!("expected `auto` or a number, got {s:?}")))
+            Err(de::Error::custom(format!(
+                "expected `auto` or a number, got {s:?}"
+            )))
         }
     }
     pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
@@ -254,10 +256,15 @@ impl Config {
                 p if p == "." => "config".to_string(),
                 p => p,
             };
-            ConfigError::Parse {
-                path,
-                message: e.into_inner().to_string(),
-            }
+            // serde_yaml_ng starts its message with the part of the path it knows; drop it.
+            let inner = e.into_inner().to_string();
+            let message = match inner.split_once(": ") {
+                Some((prefix, rest)) if !prefix.contains(' ') && path.starts_with(prefix) => {
+                    rest.to_string()
+                }
+                _ => inner,
+            };
+            ConfigError::Parse { path, message }
         })
     }
 
@@ -298,17 +305,29 @@ impl Config {
     /// Checks every value; the first problem is returned with its key path.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
-        s.http_addr
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("server.http_addr", format!("{:?} is not an address like 0.0.0.0:8080 ({e})", s.http_addr)))?;
+        s.http_addr.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "server.http_addr",
+                format!(
+                    "{:?} is not an address like 0.0.0.0:8080 ({e})",
+                    s.http_addr
+                ),
+            )
+        })?;
         if s.max_body_bytes.0 < 1024 {
-            return Err(invalid("server.max_body_bytes", format!("must be at least 1KiB, got {}", s.max_body_bytes.0)));
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!("must be at least 1KiB, got {}", s.max_body_bytes.0),
+            ));
         }
         if s.request_timeout.0.is_zero() {
             return Err(invalid("server.request_timeout", "must be more than 0"));
         }
         if let Threads::Count(0) = self.runtime.cpu_threads {
-            return Err(invalid("runtime.cpu_threads", "must be `auto` or at least 1"));
+            return Err(invalid(
+                "runtime.cpu_threads",
+                "must be `auto` or at least 1",
+            ));
         }
         if self.models.is_empty() {
             return Err(invalid("models", "at least one model is needed"));
@@ -318,22 +337,47 @@ impl Config {
             let key = |k: &str| format!("models[{i}].{k}");
             let valid_name = !m.name.is_empty()
                 && m.name.len() <= 128
-                && m.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                && m.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
             if !valid_name {
-                return Err(invalid(key("name"), format!("{:?} must be 1-128 letters, digits, `_`, `-` or `.`", m.name)));
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} must be 1-128 letters, digits, `_`, `-` or `.`",
+                        m.name
+                    ),
+                ));
             }
             if !names.insert(m.name.as_str()) {
-                return Err(invalid(key("name"), format!("{:?} is used by an earlier model", m.name)));
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is used by an earlier model", m.name),
+                ));
             }
-            if m.version.is_empty() || !m.version.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
-                return Err(invalid(key("version"), format!("{:?} must be letters, digits, `_`, `-` or `.`", m.version)));
+            if m.version.is_empty()
+                || !m
+                    .version
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(invalid(
+                    key("version"),
+                    format!("{:?} must be letters, digits, `_`, `-` or `.`", m.version),
+                ));
             }
             if !m.path.is_file() {
-                return Err(invalid(key("path"), format!("no model file at {}", m.path.display())));
+                return Err(invalid(
+                    key("path"),
+                    format!("no model file at {}", m.path.display()),
+                ));
             }
             m.devices.validate(&key("devices"))?;
             if m.instances_per_device == 0 || m.instances_per_device > 64 {
-                return Err(invalid(key("instances_per_device"), format!("must be 1..=64, got {}", m.instances_per_device)));
+                return Err(invalid(
+                    key("instances_per_device"),
+                    format!("must be 1..=64, got {}", m.instances_per_device),
+                ));
             }
             let b = &m.batching;
             if b.max_batch_size == 0 || b.max_batch_size > MAX_BATCH_LIMIT {
@@ -343,10 +387,16 @@ impl Config {
                 ));
             }
             if b.max_queue_delay.0 > std::time::Duration::from_secs(10) {
-                return Err(invalid(key("batching.max_queue_delay"), "must be at most 10s"));
+                return Err(invalid(
+                    key("batching.max_queue_delay"),
+                    "must be at most 10s",
+                ));
             }
             if b.queue_capacity == 0 || b.queue_capacity > 1 << 20 {
-                return Err(invalid(key("batching.queue_capacity"), format!("must be 1..=1048576, got {}", b.queue_capacity)));
+                return Err(invalid(
+                    key("batching.queue_capacity"),
+                    format!("must be 1..=1048576, got {}", b.queue_capacity),
+                ));
             }
         }
         Ok(())

@@ -30,18 +30,28 @@ fn every_shipped_config_loads_and_validates() {
             seen += 1;
         }
     }
-    assert!(seen >= 2, "expected the shipped configs in {}", dir.display());
+    assert!(
+        seen >= 2,
+        "expected the shipped configs in {}",
+        dir.display()
+    );
 }
 
 #[test]
 fn defaults_fill_a_minimal_file() {
-    let c = parse_ok(&format!("models: [{{name: m, path: {}}}]", fixture("mlp.onnx")));
+    let c = parse_ok(&format!(
+        "models: [{{name: m, path: {}}}]",
+        fixture("mlp.onnx")
+    ));
     assert_eq!(c.server.http_addr, "0.0.0.0:8080");
     assert_eq!(c.server.max_body_bytes, ByteSize(16 << 20));
     let m = &c.models[0];
     assert_eq!(m.devices, Devices::default());
     assert_eq!(m.dispatch, DispatchPolicy::LeastLoaded);
-    assert_eq!(m.batching.max_queue_delay.0, std::time::Duration::from_millis(2));
+    assert_eq!(
+        m.batching.max_queue_delay.0,
+        std::time::Duration::from_millis(2)
+    );
     assert_eq!(m.version, "1");
 }
 
@@ -54,11 +64,22 @@ fn device_forms() {
     assert_eq!(
         c.models[0].devices.0,
         vec![
-            DeviceEntry { device: DeviceSpec::Cpu(0), intra_op_threads: None },
-            DeviceEntry { device: DeviceSpec::Cpu(1), intra_op_threads: Some(1) },
+            DeviceEntry {
+                device: DeviceSpec::Cpu(0),
+                intra_op_threads: None
+            },
+            DeviceEntry {
+                device: DeviceSpec::Cpu(1),
+                intra_op_threads: Some(1)
+            },
         ]
     );
-    for (s, d) in [("auto", DeviceSpec::Auto), ("cpu", DeviceSpec::Cpu(0)), ("cuda:3", DeviceSpec::Cuda(3)), ("cuda:*", DeviceSpec::CudaAll)] {
+    for (s, d) in [
+        ("auto", DeviceSpec::Auto),
+        ("cpu", DeviceSpec::Cpu(0)),
+        ("cuda:3", DeviceSpec::Cuda(3)),
+        ("cuda:*", DeviceSpec::CudaAll),
+    ] {
         assert_eq!(s.parse::<DeviceSpec>().unwrap(), d);
     }
     assert!("gpu:0".parse::<DeviceSpec>().is_err());
@@ -67,8 +88,14 @@ fn device_forms() {
 
 #[test]
 fn unknown_keys_are_rejected_with_their_path() {
-    let e = error_of(&format!("models: [{{name: m, path: {}, batching: {{max_batch: 4}}}}]", fixture("mlp.onnx")));
-    assert!(e.contains("models[0].batching") && e.contains("max_batch"), "{e}");
+    let e = error_of(&format!(
+        "models: [{{name: m, path: {}, batching: {{max_batch: 4}}}}]",
+        fixture("mlp.onnx")
+    ));
+    assert!(
+        e.contains("models[0].batching") && e.contains("max_batch"),
+        "{e}"
+    );
     let e = error_of("server: {port: 1}\nmodels: []");
     assert!(e.contains("server") && e.contains("port"), "{e}");
 }
@@ -92,13 +119,28 @@ fn invalid_values_name_the_key() {
     ];
     for (yaml, key) in cases {
         let e = error_of(&yaml);
-        assert!(e.starts_with(key), "{yaml}\n=> {e}\n(expected the key {key})");
+        assert!(
+            e.starts_with(key),
+            "{yaml}\n=> {e}\n(expected the key {key})"
+        );
     }
     for (yaml, needle) in [
-        (format!("models: [{{name: m, path: {mlp}, devices: gpu:0}}]"), "models[0].devices"),
-        (format!("models: [{{name: m, path: {mlp}, batching: {{max_queue_delay: soon}}}}]"), "models[0].batching.max_queue_delay"),
-        (format!("server: {{max_body_bytes: 12 parsecs}}\nmodels: [{{name: m, path: {mlp}}}]"), "server.max_body_bytes"),
-        (format!("models: [{{name: m, path: {mlp}, dispatch: random}}]"), "models[0].dispatch"),
+        (
+            format!("models: [{{name: m, path: {mlp}, devices: gpu:0}}]"),
+            "models[0].devices",
+        ),
+        (
+            format!("models: [{{name: m, path: {mlp}, batching: {{max_queue_delay: soon}}}}]"),
+            "models[0].batching.max_queue_delay",
+        ),
+        (
+            format!("server: {{max_body_bytes: 12 parsecs}}\nmodels: [{{name: m, path: {mlp}}}]"),
+            "server.max_body_bytes",
+        ),
+        (
+            format!("models: [{{name: m, path: {mlp}, dispatch: random}}]"),
+            "models[0].dispatch",
+        ),
     ] {
         let e = error_of(&yaml);
         assert!(e.contains(needle), "{yaml}\n=> {e}");
@@ -107,7 +149,10 @@ fn invalid_values_name_the_key() {
 
 #[test]
 fn env_overrides_and_relative_paths() {
-    let mut c = Config::from_yaml("models: [{name: m, path: m.onnx}]\nruntime: {onnxruntime_path: lib/x.so}").unwrap();
+    let mut c = Config::from_yaml(
+        "models: [{name: m, path: m.onnx}]\nruntime: {onnxruntime_path: lib/x.so}",
+    )
+    .unwrap();
     c.apply_env(|k| match k {
         "ORTSERVE_HTTP_ADDR" => Some(PathBuf::from("127.0.0.1:9000")),
         "ORTSERVE_LOG_FORMAT" => Some(PathBuf::from("json")),
@@ -118,6 +163,9 @@ fn env_overrides_and_relative_paths() {
     assert_eq!(c.server.http_addr, "127.0.0.1:9000");
     assert_eq!(c.server.log_format, LogFormat::Json);
     assert_eq!(c.runtime.dylib_env, Some(PathBuf::from("/opt/ort.so")));
-    assert_eq!(c.runtime.onnxruntime_path, Some(PathBuf::from("/etc/ortserve/lib/x.so")));
+    assert_eq!(
+        c.runtime.onnxruntime_path,
+        Some(PathBuf::from("/etc/ortserve/lib/x.so"))
+    );
     assert_eq!(c.models[0].path, PathBuf::from("/etc/ortserve/m.onnx"));
 }

@@ -13,9 +13,9 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. 2ms, 30s")))
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. 2ms, 30s"))
+        })
     }
 }
 
@@ -45,7 +45,11 @@ impl ByteSize {
             "MiB" => 1 << 20,
             "GB" => 1000 * 1000 * 1000,
             "GiB" => 1 << 30,
-            other => return Err(format!("unknown byte unit {other:?} in {s:?}; use B, KB, KiB, MB, MiB, GB or GiB")),
+            other => {
+                return Err(format!(
+                    "unknown byte unit {other:?} in {s:?}; use B, KB, KiB, MB, MiB, GB or GiB"
+                ))
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)

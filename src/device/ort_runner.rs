@@ -57,7 +57,10 @@ fn dtype_to_ort(dt: DataType) -> TensorElementType {
     }
 }
 
-fn tensor_infos(path: &Path, outlets: &[ort::value::Outlet]) -> Result<Vec<TensorInfo>, DeviceError> {
+fn tensor_infos(
+    path: &Path,
+    outlets: &[ort::value::Outlet],
+) -> Result<Vec<TensorInfo>, DeviceError> {
     outlets
         .iter()
         .map(|o| match o.dtype() {
@@ -65,7 +68,10 @@ fn tensor_infos(path: &Path, outlets: &[ort::value::Outlet]) -> Result<Vec<Tenso
                 name: o.name().to_string(),
                 dtype: dtype_from_ort(*ty).ok_or_else(|| DeviceError::UnsupportedModel {
                     path: path.display().to_string(),
-                    message: format!("{:?} has element type {ty:?}, which ortserve does not serve", o.name()),
+                    message: format!(
+                        "{:?} has element type {ty:?}, which ortserve does not serve",
+                        o.name()
+                    ),
                 })?,
                 dims: shape.iter().map(|&d| if d < 0 { -1 } else { d }).collect(),
             }),
@@ -86,7 +92,8 @@ impl OrtRunner {
             device: plan.device.clone(),
             message,
         };
-        let env = runtime::environment().ok_or_else(|| fail("ONNX Runtime is not loaded".into()))?;
+        let env =
+            runtime::environment().ok_or_else(|| fail("ONNX Runtime is not loaded".into()))?;
         let builder = Session::builder(env).map_err(|e| fail(e.to_string()))?;
         let builder = match plan.kind {
             DeviceKind::Cpu { intra_op_threads } => builder
@@ -101,13 +108,23 @@ impl OrtRunner {
                 .error_on_failure()]),
         };
         let mut builder = builder.map_err(|e| fail(e.to_string()))?;
-        let session = builder.commit_from_file(path).map_err(|e| fail(e.to_string()))?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| fail(e.to_string()))?;
         if let DeviceKind::Cuda { id } = plan.kind {
             // A CUDA allocator only exists when the session really runs on that GPU.
-            let mem = MemoryInfo::new(AllocationDevice::CUDA, id as i32, AllocatorType::Device, MemoryType::Default)
-                .map_err(|e| fail(e.to_string()))?;
-            Allocator::new(&session, mem)
-                .map_err(|e| fail(format!("session is not on the GPU (no CUDA allocator: {e})")))?;
+            let mem = MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id as i32,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )
+            .map_err(|e| fail(e.to_string()))?;
+            Allocator::new(&session, mem).map_err(|e| {
+                fail(format!(
+                    "session is not on the GPU (no CUDA allocator: {e})"
+                ))
+            })?;
         }
         let info = ModelInfo {
             inputs: tensor_infos(path, session.inputs())?,
@@ -140,7 +157,9 @@ impl OrtRunner {
             .map_err(|e| RunError::Failed(format!("allocating input {i}: {e}")))?;
         let total: usize = parts.iter().map(|p| p[i].data.len()).sum();
         if value.size() != Some(total) {
-            return Err(RunError::Failed(format!("input {i}: {total} bytes do not fill the batch tensor")));
+            return Err(RunError::Failed(format!(
+                "input {i}: {total} bytes do not fill the batch tensor"
+            )));
         }
         let dst = value.data_ptr_mut().cast::<u8>();
         let mut offset = 0;
@@ -157,9 +176,13 @@ impl OrtRunner {
 
 impl ModelRunner for OrtRunner {
     fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(self.info.inputs.len());
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(self.info.inputs.len());
         for (i, info) in self.info.inputs.iter().enumerate() {
-            inputs.push((Cow::Owned(info.name.clone()), self.batch_input(parts, i)?.into()));
+            inputs.push((
+                Cow::Owned(info.name.clone()),
+                self.batch_input(parts, i)?.into(),
+            ));
         }
         let mut outputs = self.session.run(inputs).map_err(|e| match e.code() {
             ErrorCode::InvalidArgument => RunError::Input(e.message().to_string()),
@@ -167,9 +190,9 @@ impl ModelRunner for OrtRunner {
         })?;
         let mut result = Vec::with_capacity(self.info.outputs.len());
         for info in &self.info.outputs {
-            let value = outputs
-                .remove(info.name.as_str())
-                .ok_or_else(|| RunError::Failed(format!("output {:?} missing from the run", info.name)))?;
+            let value = outputs.remove(info.name.as_str()).ok_or_else(|| {
+                RunError::Failed(format!("output {:?} missing from the run", info.name))
+            })?;
             let tensor = value
                 .downcast::<DynTensorValueType>()
                 .map_err(|e| RunError::Failed(format!("output {:?}: {e}", info.name)))?;
@@ -179,7 +202,8 @@ impl ModelRunner for OrtRunner {
                 Vec::new()
             } else {
                 // SAFETY: outputs of a CPU-bound run live in host memory of `bytes` bytes.
-                unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), bytes) }.to_vec()
+                unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), bytes) }
+                    .to_vec()
             };
             result.push(
                 Tensor::new(info.dtype, shape, data)

@@ -35,11 +35,22 @@ fn visible_gpus(cuda_visible_devices: Option<&str>) -> u32 {
 
 /// Plans every model's sessions. CUDA requests are checked against the GPUs the driver shows and
 /// against the CUDA provider library sitting next to the loaded ONNX Runtime.
-pub fn plan_devices(config: &Config, runtime: &RuntimeInfo) -> Result<Vec<Vec<DevicePlan>>, DeviceError> {
-    plan_with(config, runtime, visible_gpus(config.runtime.cuda_visible_devices.as_deref()))
+pub fn plan_devices(
+    config: &Config,
+    runtime: &RuntimeInfo,
+) -> Result<Vec<Vec<DevicePlan>>, DeviceError> {
+    plan_with(
+        config,
+        runtime,
+        visible_gpus(config.runtime.cuda_visible_devices.as_deref()),
+    )
 }
 
-fn plan_with(config: &Config, runtime: &RuntimeInfo, gpus: u32) -> Result<Vec<Vec<DevicePlan>>, DeviceError> {
+fn plan_with(
+    config: &Config,
+    runtime: &RuntimeInfo,
+    gpus: u32,
+) -> Result<Vec<Vec<DevicePlan>>, DeviceError> {
     let provider = runtime
         .library
         .parent()
@@ -51,7 +62,9 @@ fn plan_with(config: &Config, runtime: &RuntimeInfo, gpus: u32) -> Result<Vec<Ve
         let mut devices = Vec::new();
         for e in &m.devices.0 {
             let specs: Vec<DeviceSpec> = match e.device {
-                DeviceSpec::Auto if gpus > 0 && provider.exists() => (0..gpus).map(DeviceSpec::Cuda).collect(),
+                DeviceSpec::Auto if gpus > 0 && provider.exists() => {
+                    (0..gpus).map(DeviceSpec::Cuda).collect()
+                }
                 DeviceSpec::Auto => vec![DeviceSpec::Cpu(0)],
                 DeviceSpec::CudaAll => (0..gpus.max(1)).map(DeviceSpec::Cuda).collect(),
                 d => vec![d],
@@ -68,7 +81,10 @@ fn plan_with(config: &Config, runtime: &RuntimeInfo, gpus: u32) -> Result<Vec<Ve
                     if id >= gpus {
                         return Err(DeviceError::Unavailable {
                             device: name,
-                            message: format!("only {gpus} GPU(s) visible (cuda:0..cuda:{})", gpus - 1),
+                            message: format!(
+                                "only {gpus} GPU(s) visible (cuda:0..cuda:{})",
+                                gpus - 1
+                            ),
                         });
                     }
                     if !provider.exists() {
@@ -88,7 +104,9 @@ fn plan_with(config: &Config, runtime: &RuntimeInfo, gpus: u32) -> Result<Vec<Ve
     }
     let total = match config.runtime.cpu_threads {
         Threads::Count(n) => n,
-        Threads::Auto => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Threads::Auto => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
     };
     let (mut fixed, mut shared) = (0usize, 0usize);
     for (instances, devices) in &expanded {
@@ -101,7 +119,11 @@ fn plan_with(config: &Config, runtime: &RuntimeInfo, gpus: u32) -> Result<Vec<Ve
             }
         }
     }
-    let share = if shared == 0 { 1 } else { (total.saturating_sub(fixed) / shared).max(1) };
+    let share = if shared == 0 {
+        1
+    } else {
+        (total.saturating_sub(fixed) / shared).max(1)
+    };
     Ok(expanded
         .into_iter()
         .map(|(instances, devices)| {
@@ -149,15 +171,26 @@ mod tests {
         assert_eq!(
             threads,
             vec![
-                DeviceKind::Cpu { intra_op_threads: 1 },
-                DeviceKind::Cpu { intra_op_threads: 1 },
-                DeviceKind::Cpu { intra_op_threads: 1 }
+                DeviceKind::Cpu {
+                    intra_op_threads: 1
+                },
+                DeviceKind::Cpu {
+                    intra_op_threads: 1
+                },
+                DeviceKind::Cpu {
+                    intra_op_threads: 1
+                }
             ]
         );
         let c = config("runtime: {cpu_threads: 6}\nmodels: [{name: m, path: x, devices: cpu, instances_per_device: 2}]");
         let p = plan_with(&c, &runtime(), 0).unwrap();
         assert_eq!(p[0].len(), 2);
-        assert_eq!(p[0][1].kind, DeviceKind::Cpu { intra_op_threads: 3 });
+        assert_eq!(
+            p[0][1].kind,
+            DeviceKind::Cpu {
+                intra_op_threads: 3
+            }
+        );
         assert_eq!(p[0][1].instance, 1);
     }
 
@@ -171,7 +204,9 @@ mod tests {
     #[test]
     fn cuda_without_gpu_is_a_clear_error() {
         for devices in ["cuda:0", "cuda:*"] {
-            let c = config(&format!("models: [{{name: m, path: x, devices: '{devices}'}}]"));
+            let c = config(&format!(
+                "models: [{{name: m, path: x, devices: '{devices}'}}]"
+            ));
             let e = plan_with(&c, &runtime(), 0).unwrap_err().to_string();
             assert!(e.starts_with("cuda:0: no NVIDIA GPU is visible"), "{e}");
         }
@@ -180,6 +215,9 @@ mod tests {
         assert!(e.contains("only 1 GPU(s) visible"), "{e}");
         let c = config("models: [{name: m, path: x, devices: 'cuda:0'}]");
         let e = plan_with(&c, &runtime(), 1).unwrap_err().to_string();
-        assert!(e.contains("libonnxruntime_providers_cuda.so is missing"), "{e}");
+        assert!(
+            e.contains("libonnxruntime_providers_cuda.so is missing"),
+            "{e}"
+        );
     }
 }

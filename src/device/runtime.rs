@@ -11,18 +11,21 @@ use super::DeviceError;
 #[derive(Debug, Clone)]
 pub struct RuntimeInfo {
     pub library: PathBuf,
-    /// ONNX Runtime's build string (`ORT Build Info: git-branch=rel-1.32.0, ...`).
+    /// ONNX Runtime's build string (`ORT Build Info: git-branch=..., git-commit-id=...`).
     pub build_info: String,
 }
 
 impl RuntimeInfo {
-    /// The release (`1.32.0`) as read from the build string, or `unknown`.
+    /// The release (`1.32.0`), from the library's file name after following links
+    /// (`libonnxruntime.so.1.32.0`), or `unknown`. The build string of the PyPI wheels names no
+    /// release (`git-branch=HEAD`).
     pub fn version(&self) -> String {
-        self.build_info
-            .split("git-branch=rel-")
-            .nth(1)
-            .map(|s| s.split([',', ' ']).next().unwrap_or_default().to_string())
-            .filter(|s| !s.is_empty())
+        let real = std::fs::canonicalize(&self.library).unwrap_or_else(|_| self.library.clone());
+        real.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split_once(".so."))
+            .map(|(_, v)| v.to_string())
+            .filter(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
             .unwrap_or_else(|| "unknown".into())
     }
 }
@@ -44,15 +47,27 @@ fn candidates(cfg: &RuntimeConfig) -> Vec<(String, PathBuf)> {
     if let Some(p) = &cfg.onnxruntime_path {
         c.push(("runtime.onnxruntime_path".to_string(), p.clone()));
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        c.push(("next to the executable".to_string(), dir.join("libonnxruntime.so")));
-        c.push(("next to the executable".to_string(), dir.join("lib").join("libonnxruntime.so")));
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        c.push((
+            "next to the executable".to_string(),
+            dir.join("libonnxruntime.so"),
+        ));
+        c.push((
+            "next to the executable".to_string(),
+            dir.join("lib").join("libonnxruntime.so"),
+        ));
     }
     c.push((
         "project setup folder".to_string(),
         Path::new(env!("CARGO_MANIFEST_DIR")).join(".ortserve/lib/libonnxruntime.so"),
     ));
-    c.push(("current folder".to_string(), PathBuf::from(".ortserve/lib/libonnxruntime.so")));
+    c.push((
+        "current folder".to_string(),
+        PathBuf::from(".ortserve/lib/libonnxruntime.so"),
+    ));
     c
 }
 

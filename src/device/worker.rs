@@ -40,7 +40,11 @@ pub struct DeviceWorker {
 impl DeviceWorker {
     /// Starts the thread. `depth` is how many jobs may wait for it; the batcher limits what
     /// it sends with its own per-device slots, so sends never wait.
-    pub fn spawn(name: &str, runner: Box<dyn ModelRunner>, depth: usize) -> std::io::Result<DeviceWorker> {
+    pub fn spawn(
+        name: &str,
+        runner: Box<dyn ModelRunner>,
+        depth: usize,
+    ) -> std::io::Result<DeviceWorker> {
         let (tx, rx) = mpsc::channel(depth.max(1));
         let thread = std::thread::Builder::new()
             .name(format!("ortserve-{name}"))
@@ -66,7 +70,11 @@ fn worker_loop(mut runner: Box<dyn ModelRunner>, mut rx: mpsc::Receiver<DeviceCo
         // `Stop` or a closed channel ends the loop.
         let _entered = job.span.enter();
         let started = Instant::now();
-        let rows: Vec<usize> = job.parts.iter().map(|p| p.first().and_then(Tensor::rows).unwrap_or(1)).collect();
+        let rows: Vec<usize> = job
+            .parts
+            .iter()
+            .map(|p| p.first().and_then(Tensor::rows).unwrap_or(1))
+            .collect();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&job.parts)))
             .unwrap_or_else(|panic| {
                 let what = panic

@@ -68,7 +68,11 @@ impl DeviceSlot {
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         let sample = rows as f64 / elapsed.as_secs_f64().max(1e-6);
         let old = self.rate();
-        let new = if old == 0.0 { sample } else { 0.7 * old + 0.3 * sample };
+        let new = if old == 0.0 {
+            sample
+        } else {
+            0.7 * old + 0.3 * sample
+        };
         self.rate_bits.store(new.to_bits(), Ordering::Release);
     }
 
@@ -101,7 +105,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.slot.inflight_rows.fetch_sub(self.rows, Ordering::AcqRel);
+        self.slot
+            .inflight_rows
+            .fetch_sub(self.rows, Ordering::AcqRel);
         // Free the slot before the wake-up, so the woken batcher finds it free.
         drop(self.permit.take());
         self.slot.freed.notify_one();
@@ -136,7 +142,12 @@ impl DevicePool {
         }
     }
 
-    pub fn add(&mut self, name: String, max_batch: usize, tx: mpsc::Sender<DeviceCommand>) -> Arc<DeviceSlot> {
+    pub fn add(
+        &mut self,
+        name: String,
+        max_batch: usize,
+        tx: mpsc::Sender<DeviceCommand>,
+    ) -> Arc<DeviceSlot> {
         let slot = Arc::new(DeviceSlot {
             name,
             max_batch: max_batch.max(1),
@@ -179,16 +190,22 @@ impl DevicePool {
         }
         let reserve = |index: usize| {
             let slot = &self.devices[index];
-            slot.slots.clone().try_acquire_owned().ok().map(|permit| Reservation {
-                slot: slot.clone(),
-                index,
-                permit,
-            })
+            slot.slots
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| Reservation {
+                    slot: slot.clone(),
+                    index,
+                    permit,
+                })
         };
         match self.policy {
             DispatchPolicy::RoundRobin => {
                 let start = self.next.load(Ordering::Acquire);
-                let turn = (0..n).map(|k| (start + k) % n).find(|&i| self.devices[i].is_healthy());
+                let turn = (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| self.devices[i].is_healthy());
                 match turn.and_then(reserve) {
                     Some(r) => Pick::Ready(r),
                     None => Pick::Busy,
@@ -225,7 +242,10 @@ impl Reservation {
     /// robin, passes the turn on.
     pub fn start(self, pool: &DevicePool, rows: usize) -> InFlight {
         self.slot.inflight_rows.fetch_add(rows, Ordering::AcqRel);
-        pool.next.store((self.index + 1) % pool.devices.len().max(1), Ordering::Release);
+        pool.next.store(
+            (self.index + 1) % pool.devices.len().max(1),
+            Ordering::Release,
+        );
         InFlight {
             slot: self.slot,
             rows,
@@ -261,7 +281,10 @@ mod tests {
         let (p, _rx) = pool(DispatchPolicy::RoundRobin, 2);
         let a = picked(&p, 1).unwrap();
         let b = picked(&p, 1).unwrap();
-        assert_eq!((a.slot().name.as_str(), b.slot().name.as_str()), ("cpu:0", "cpu:1"));
+        assert_eq!(
+            (a.slot().name.as_str(), b.slot().name.as_str()),
+            ("cpu:0", "cpu:1")
+        );
         let c = picked(&p, 1).unwrap();
         assert_eq!(c.slot().name, "cpu:0");
         // cpu:1 has one slot left, cpu:0 none: it is cpu:1's turn.
@@ -306,6 +329,10 @@ mod tests {
         assert_eq!(c.slot().name, "cpu:1");
         assert_eq!(p.devices()[1].inflight_rows(), 8);
         drop(c);
-        assert_eq!(p.devices()[1].inflight_rows(), 0, "the guard gives the rows back");
+        assert_eq!(
+            p.devices()[1].inflight_rows(),
+            0,
+            "the guard gives the rows back"
+        );
     }
 }

@@ -17,8 +17,13 @@ pub enum ApiError {
     /// No such route.
     NotFound(String),
     ModelNotFound(String),
-    VersionNotFound { model: String, version: String },
-    PayloadTooLarge { limit: u64 },
+    VersionNotFound {
+        model: String,
+        version: String,
+    },
+    PayloadTooLarge {
+        limit: u64,
+    },
     UnsupportedMediaType(String),
     QueueFull(String),
     /// Not ready, draining, or no healthy device.
@@ -33,7 +38,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MalformedBody(_) | ApiError::InvalidInput(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) | ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_)
+            | ApiError::ModelNotFound(_)
+            | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -66,12 +73,21 @@ impl ApiError {
             | ApiError::UnsupportedMediaType(m)
             | ApiError::NotFound(m) => m.clone(),
             ApiError::ModelNotFound(m) => format!("unknown model {m:?}"),
-            ApiError::VersionNotFound { model, version } => format!("model {model:?} has no version {version:?}"),
-            ApiError::PayloadTooLarge { limit } => format!("request body is larger than the limit of {limit} bytes"),
+            ApiError::VersionNotFound { model, version } => {
+                format!("model {model:?} has no version {version:?}")
+            }
+            ApiError::PayloadTooLarge { limit } => {
+                format!("request body is larger than the limit of {limit} bytes")
+            }
             ApiError::QueueFull(m) => m.clone(),
             ApiError::Unavailable(m) => m.clone(),
-            ApiError::DeadlineExceeded => "the request's deadline passed before its batch ran".into(),
-            ApiError::Internal => "the model run failed; the server log has details under this request's x-request-id".into(),
+            ApiError::DeadlineExceeded => {
+                "the request's deadline passed before its batch ran".into()
+            }
+            ApiError::Internal => {
+                "the model run failed; the server log has details under this request's x-request-id"
+                    .into()
+            }
         }
     }
 }
@@ -79,12 +95,14 @@ impl ApiError {
 impl From<InferError> for ApiError {
     fn from(e: InferError) -> ApiError {
         match e {
-            InferError::Input(_) | InferError::TooManyRows { .. } | InferError::Run(RunError::Input(_)) => {
-                ApiError::InvalidInput(e.to_string())
-            }
+            InferError::Input(_)
+            | InferError::TooManyRows { .. }
+            | InferError::Run(RunError::Input(_)) => ApiError::InvalidInput(e.to_string()),
             InferError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
             InferError::DeadlineExceeded => ApiError::DeadlineExceeded,
-            InferError::NoHealthyDevice(_) | InferError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            InferError::NoHealthyDevice(_) | InferError::ShuttingDown => {
+                ApiError::Unavailable(e.to_string())
+            }
             InferError::Run(RunError::Failed(_)) | InferError::Reassembly(_) => {
                 tracing::error!(error = %e, "inference failed");
                 ApiError::Internal

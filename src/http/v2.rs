@@ -60,17 +60,24 @@ fn param_bool(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>,
     match p.as_ref().and_then(|m| m.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(ApiError::MalformedBody(format!("parameter {key:?} must be true or false, got {other}"))),
+        Some(other) => Err(ApiError::MalformedBody(format!(
+            "parameter {key:?} must be true or false, got {other}"
+        ))),
     }
 }
 
-fn param_u64(p: &Option<Map<String, Value>>, key: &str, what: &str) -> Result<Option<u64>, ApiError> {
+fn param_u64(
+    p: &Option<Map<String, Value>>,
+    key: &str,
+    what: &str,
+) -> Result<Option<u64>, ApiError> {
     match p.as_ref().and_then(|m| m.get(key)) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::MalformedBody(format!("{what}: parameter {key:?} must be a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ApiError::MalformedBody(format!(
+                "{what}: parameter {key:?} must be a non-negative integer, got {v}"
+            ))
+        }),
     }
 }
 
@@ -87,8 +94,8 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
         Some(n) => body.split_at(n),
         None => (body, &[][..]),
     };
-    let req: InferRequest =
-        serde_json::from_slice(json).map_err(|e| ApiError::MalformedBody(format!("invalid inference request JSON: {e}")))?;
+    let req: InferRequest = serde_json::from_slice(json)
+        .map_err(|e| ApiError::MalformedBody(format!("invalid inference request JSON: {e}")))?;
     let timeout = param_u64(&req.parameters, "timeout", "request")?.map(Duration::from_micros);
     let binary_default = param_bool(&req.parameters, "binary_data_output")?.unwrap_or(false);
     let mut inputs = Vec::with_capacity(req.inputs.len());
@@ -106,13 +113,25 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<usize>, _>>()
-            .map_err(|_| ApiError::InvalidInput(format!("{what}: shape {:?} has a negative dimension", input.shape)))?;
+            .map_err(|_| {
+                ApiError::InvalidInput(format!(
+                    "{what}: shape {:?} has a negative dimension",
+                    input.shape
+                ))
+            })?;
         let count = element_count(&shape)
             .filter(|n| n.checked_mul(dtype.size()).is_some())
-            .ok_or_else(|| ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large")))?;
-        let data = match (param_u64(&input.parameters, "binary_data_size", &what)?, input.data) {
+            .ok_or_else(|| {
+                ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large"))
+            })?;
+        let data = match (
+            param_u64(&input.parameters, "binary_data_size", &what)?,
+            input.data,
+        ) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::MalformedBody(format!("{what} has both `data` and `binary_data_size`")))
+                return Err(ApiError::MalformedBody(format!(
+                    "{what} has both `data` and `binary_data_size`"
+                )))
             }
             (Some(size), None) => {
                 let size = usize::try_from(size).unwrap_or(usize::MAX);
@@ -133,9 +152,14 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
                 mine.to_vec()
             }
             (None, Some(v)) => json_data(&v, dtype, count, &what)?,
-            (None, None) => return Err(ApiError::MalformedBody(format!("{what} has neither `data` nor `binary_data_size`"))),
+            (None, None) => {
+                return Err(ApiError::MalformedBody(format!(
+                    "{what} has neither `data` nor `binary_data_size`"
+                )))
+            }
         };
-        let tensor = Tensor::new(dtype, shape, data).map_err(|e| ApiError::InvalidInput(format!("{what}: {e}")))?;
+        let tensor = Tensor::new(dtype, shape, data)
+            .map_err(|e| ApiError::InvalidInput(format!("{what}: {e}")))?;
         inputs.push((input.name, tensor));
     }
     if !binary.is_empty() {
@@ -148,7 +172,12 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
         None => None,
         Some(list) => Some(
             list.into_iter()
-                .map(|o| Ok((o.name, param_bool(&o.parameters, "binary_data")?.unwrap_or(binary_default))))
+                .map(|o| {
+                    Ok((
+                        o.name,
+                        param_bool(&o.parameters, "binary_data")?.unwrap_or(binary_default),
+                    ))
+                })
                 .collect::<Result<Vec<_>, ApiError>>()?,
         ),
     };
@@ -170,7 +199,9 @@ fn flatten<'v>(v: &'v Value, depth: usize, out: &mut Vec<&'v Value>) -> Result<(
             }
             Ok(())
         }
-        Value::Array(_) => Err(format!("data is nested more than {MAX_DATA_DEPTH} levels deep")),
+        Value::Array(_) => Err(format!(
+            "data is nested more than {MAX_DATA_DEPTH} levels deep"
+        )),
         other => {
             out.push(other);
             Ok(())
@@ -191,7 +222,8 @@ fn json_data(v: &Value, dtype: DataType, count: usize, what: &str) -> Result<Vec
     }
     let mut out = Vec::with_capacity(count * dtype.size());
     for (i, x) in flat.into_iter().enumerate() {
-        let bad = || ApiError::InvalidInput(format!("{what}: element {i} ({x}) is not a valid {dtype}"));
+        let bad =
+            || ApiError::InvalidInput(format!("{what}: element {i} ({x}) is not a valid {dtype}"));
         macro_rules! int {
             ($t:ty) => {{
                 let n: $t = if let Some(n) = x.as_i64() {
@@ -214,8 +246,11 @@ fn json_data(v: &Value, dtype: DataType, count: usize, what: &str) -> Result<Vec
             DataType::I16 => int!(i16),
             DataType::I32 => int!(i32),
             DataType::I64 => int!(i64),
-            DataType::F16 => out.extend_from_slice(&half::f16::from_f64(x.as_f64().ok_or_else(bad)?).to_le_bytes()),
-            DataType::F32 => out.extend_from_slice(&(x.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
+            DataType::F16 => out
+                .extend_from_slice(&half::f16::from_f64(x.as_f64().ok_or_else(bad)?).to_le_bytes()),
+            DataType::F32 => {
+                out.extend_from_slice(&(x.as_f64().ok_or_else(bad)? as f32).to_le_bytes())
+            }
             DataType::F64 => out.extend_from_slice(&x.as_f64().ok_or_else(bad)?.to_le_bytes()),
         }
     }
@@ -282,7 +317,12 @@ pub struct Encoded {
 }
 
 /// Encodes the chosen outputs (name, tensor, binary?) in the order given.
-pub fn encode_response(model: &str, version: &str, id: Option<&str>, outputs: &[(&str, &Tensor, bool)]) -> Encoded {
+pub fn encode_response(
+    model: &str,
+    version: &str,
+    id: Option<&str>,
+    outputs: &[(&str, &Tensor, bool)],
+) -> Encoded {
     let resp = Response {
         model_name: model,
         model_version: version,
@@ -300,7 +340,10 @@ pub fn encode_response(model: &str, version: &str, id: Option<&str>, outputs: &[
     };
     let mut body = serde_json::to_vec(&resp).expect("response serializes");
     if !outputs.iter().any(|o| o.2) {
-        return Encoded { body, header_len: None };
+        return Encoded {
+            body,
+            header_len: None,
+        };
     }
     let header_len = body.len();
     for (_, t, binary) in outputs {
@@ -320,8 +363,10 @@ mod tests {
 
     #[test]
     fn nested_and_flat_data_give_the_same_tensor() {
-        let nested = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
-        let flat = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]}]}"#;
+        let nested =
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
+        let flat =
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4.5]}]}"#;
         let a = parse_request(nested, None).unwrap();
         let b = parse_request(flat, None).unwrap();
         assert_eq!(a.inputs, b.inputs);
@@ -332,7 +377,10 @@ mod tests {
     fn integer_ranges_are_checked() {
         let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#;
         let e = parse_request(body, None).unwrap_err();
-        assert!(matches!(&e, ApiError::InvalidInput(m) if m.contains("300") && m.contains("INT8")), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::InvalidInput(m) if m.contains("300") && m.contains("INT8")),
+            "{e:?}"
+        );
         let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT64","data":[-1]}]}"#;
         assert!(parse_request(body, None).is_err());
         let body = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"BOOL","data":[true, 1]}]}"#;
@@ -374,17 +422,24 @@ mod tests {
                 DataType::F16 | DataType::F32 | DataType::F64 => "[-1.5,0.25,3.0]",
                 _ => "[-5,0,9]",
             };
-            let body = format!(r#"{{"inputs":[{{"name":"x","shape":[1,3],"datatype":"{dtype}","data":{values}}}]}}"#);
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1,3],"datatype":"{dtype}","data":{values}}}]}}"#
+            );
             let p = parse_request(body.as_bytes(), None).unwrap();
             let t = &p.inputs[0].1;
             let enc = encode_response("m", "1", None, &[("x", t, false)]);
             let v: Value = serde_json::from_slice(&enc.body).unwrap();
             let again: Value = serde_json::from_str(values).unwrap();
             let got = &v["outputs"][0]["data"];
-            let same = got.as_array().unwrap().iter().zip(again.as_array().unwrap()).all(|(a, b)| match (a.as_f64(), b.as_f64()) {
-                (Some(x), Some(y)) => x == y,
-                _ => a == b,
-            });
+            let same = got
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(again.as_array().unwrap())
+                .all(|(a, b)| match (a.as_f64(), b.as_f64()) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => a == b,
+                });
             assert!(same, "{dtype}: {got} vs {again}");
             assert_eq!(v["outputs"][0]["datatype"], dtype.v2_name());
         }

@@ -29,8 +29,16 @@ pub async fn live() -> Json<serde_json::Value> {
 /// not draining, else 503.
 pub async fn ready(State(app): State<Arc<AppState>>) -> Response {
     let ready = app.is_ready();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready, "draining": app.is_draining()}))).into_response()
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "draining": app.is_draining()})),
+    )
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -43,5 +51,8 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("no route {}; see README.md for the API", uri.path()))
+    ApiError::NotFound(format!(
+        "no route {}; see README.md for the API",
+        uri.path()
+    ))
 }

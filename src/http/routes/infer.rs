@@ -14,7 +14,12 @@ use crate::http::{v2, ApiError};
 
 const HEADER_LEN: &str = "inference-header-content-length";
 
-pub async fn infer(State(app): State<Arc<AppState>>, Path(model): Path<String>, headers: HeaderMap, body: Body) -> Response {
+pub async fn infer(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(app, model, None, headers, body).await
 }
 
@@ -27,14 +32,24 @@ pub async fn infer_version(
     handle(app, model, Some(version), headers, body).await
 }
 
-async fn handle(app: Arc<AppState>, model: String, version: Option<String>, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    app: Arc<AppState>,
+    model: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let response = match run(&app, &model, version.as_deref(), &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
     // Label only known models, so clients cannot grow the label set.
-    let label = if app.model(&model).is_some() { model.as_str() } else { "" };
+    let label = if app.model(&model).is_some() {
+        model.as_str()
+    } else {
+        ""
+    };
     app.metrics
         .requests
         .with_label_values(&[label, "v2_infer", response.status().as_str()])
@@ -47,7 +62,11 @@ async fn handle(app: Arc<AppState>, model: String, version: Option<String>, head
 }
 
 /// Reads the whole body, refusing more than the limit (by Content-Length first, then as it streams).
-pub async fn read_body(app: &AppState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+pub async fn read_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, ApiError> {
     let limit = app.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -69,7 +88,8 @@ pub async fn read_body(app: &AppState, headers: &HeaderMap, body: Body) -> Resul
         })
 }
 
-/// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends none).
+/// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
+/// none), and so does curl's default for `-d` (`application/x-www-form-urlencoded`).
 fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
     let binary_len = match headers.get(HEADER_LEN) {
         None => None,
@@ -77,16 +97,26 @@ fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
             v.to_str()
                 .ok()
                 .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or_else(|| ApiError::MalformedBody("Inference-Header-Content-Length must be a byte count".into()))?,
+                .ok_or_else(|| {
+                    ApiError::MalformedBody(
+                        "Inference-Header-Content-Length must be a byte count".into(),
+                    )
+                })?,
         ),
     };
     let ctype = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|s| s.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
     match (ctype.as_deref(), binary_len) {
         (_, Some(n)) => Ok(Some(n)),
-        (None | Some("application/json" | "text/plain"), None) => Ok(None),
+        (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), None) => Ok(None),
         (Some("application/octet-stream"), None) => Err(ApiError::MalformedBody(
             "a binary body needs the Inference-Header-Content-Length header".into(),
         )),
@@ -96,7 +126,13 @@ fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
     }
 }
 
-async fn run(app: &AppState, model: &str, version: Option<&str>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn run(
+    app: &AppState,
+    model: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let m = lookup(app, model, version)?;
     let header_len = header_len(headers)?;
     let bytes = read_body(app, headers, body).await?;
@@ -104,10 +140,19 @@ async fn run(app: &AppState, model: &str, version: Option<&str>, headers: &Heade
     drop(bytes);
     // Resolve the requested outputs before running, so a typo costs no inference.
     let selected: Vec<(usize, bool)> = match &parsed.outputs {
-        None => (0..m.info.outputs.len()).map(|i| (i, parsed.binary_default)).collect(),
+        None => (0..m.info.outputs.len())
+            .map(|i| (i, parsed.binary_default))
+            .collect(),
         Some(list) => list
             .iter()
-            .map(|(name, binary)| Ok((m.info.output_index(name).map_err(|e| ApiError::InvalidInput(e.to_string()))?, *binary)))
+            .map(|(name, binary)| {
+                Ok((
+                    m.info
+                        .output_index(name)
+                        .map_err(|e| ApiError::InvalidInput(e.to_string()))?,
+                    *binary,
+                ))
+            })
             .collect::<Result<_, ApiError>>()?,
     };
     let outputs = m.infer(parsed.inputs, parsed.timeout).await?;
@@ -120,11 +165,17 @@ async fn run(app: &AppState, model: &str, version: Option<&str>, headers: &Heade
     let h = resp.headers_mut();
     match enc.header_len {
         Some(n) => {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             h.insert(HEADER_LEN, HeaderValue::from(n));
         }
         None => {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         }
     }
     Ok(resp)

@@ -14,8 +14,14 @@ use crate::http::ApiError;
 use crate::model::TensorInfo;
 
 /// Finds a model, and checks the version when the URL names one.
-pub fn lookup<'a>(app: &'a AppState, model: &str, version: Option<&str>) -> Result<&'a Arc<ModelHandle>, ApiError> {
-    let m = app.model(model).ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
+pub fn lookup<'a>(
+    app: &'a AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<&'a Arc<ModelHandle>, ApiError> {
+    let m = app
+        .model(model)
+        .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
     match version {
         Some(v) if v != m.version => Err(ApiError::VersionNotFound {
             model: model.to_string(),
@@ -45,7 +51,10 @@ fn metadata_of(m: &ModelHandle) -> Json<serde_json::Value> {
 }
 
 /// `GET /v2/models/{model}`
-pub async fn metadata(State(app): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn metadata(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(metadata_of(lookup(&app, &model, None)?))
 }
 
@@ -59,12 +68,19 @@ pub async fn metadata_version(
 
 fn ready_of(app: &AppState, m: &ModelHandle) -> Response {
     let ready = m.is_ready() && !app.is_draining();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(json!({"name": m.name, "ready": ready}))).into_response()
 }
 
 /// `GET /v2/models/{model}/ready`
-pub async fn ready(State(app): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Response, ApiError> {
+pub async fn ready(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(ready_of(&app, lookup(&app, &model, None)?))
 }
 
