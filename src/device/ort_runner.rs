@@ -95,19 +95,24 @@ impl OrtRunner {
         let env =
             runtime::environment().ok_or_else(|| fail("ONNX Runtime is not loaded".into()))?;
         let builder = Session::builder(env).map_err(|e| fail(e.to_string()))?;
-        let builder = match plan.kind {
-            DeviceKind::Cpu { intra_op_threads } => builder
-                .with_intra_threads(intra_op_threads)
-                .and_then(|b| b.with_inter_threads(1))
+        let mut builder = match plan.kind {
+            DeviceKind::Cpu { intra_op_threads } => {
+                let b = builder
+                    .with_intra_threads(intra_op_threads)
+                    .map_err(|e| fail(e.to_string()))?;
+                let b = b.with_inter_threads(1).map_err(|e| fail(e.to_string()))?;
                 // Several sessions and the HTTP workers share the cores: a spinning pool would
                 // burn the time the others need.
-                .and_then(|b| b.with_intra_op_spinning(false)),
-            DeviceKind::Cuda { id } => builder.with_execution_providers([ep::CUDA::default()
-                .with_device_id(id as i32)
-                .build()
-                .error_on_failure()]),
+                b.with_intra_op_spinning(false)
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            DeviceKind::Cuda { id } => builder
+                .with_execution_providers([ep::CUDA::default()
+                    .with_device_id(id as i32)
+                    .build()
+                    .error_on_failure()])
+                .map_err(|e| fail(e.to_string()))?,
         };
-        let mut builder = builder.map_err(|e| fail(e.to_string()))?;
         let session = builder
             .commit_from_file(path)
             .map_err(|e| fail(e.to_string()))?;

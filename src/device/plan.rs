@@ -119,11 +119,11 @@ fn plan_with(
             }
         }
     }
-    let share = if shared == 0 {
-        1
-    } else {
-        (total.saturating_sub(fixed) / shared).max(1)
-    };
+    let share = total
+        .saturating_sub(fixed)
+        .checked_div(shared)
+        .unwrap_or(1)
+        .max(1);
     Ok(expanded
         .into_iter()
         .map(|(instances, devices)| {

@@ -1,0 +1,227 @@
+//! Helpers shared by the integration tests: starting a server on the fixture models, a V2
+//! client written independently of the server's codec, in-process reference runs, metrics.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use ortserve::app::AppState;
+use ortserve::config::{Config, RuntimeConfig};
+use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner};
+use ortserve::tensor::{DataType, Tensor};
+use rand::Rng;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A validated config from YAML whose model paths are relative to tests/fixtures.
+pub fn config(yaml: &str) -> Config {
+    let mut c = Config::from_yaml(yaml).expect("test config parses");
+    c.resolve_paths(&fixtures());
+    c.validate().expect("test config is valid");
+    c
+}
+
+pub async fn start(yaml: &str) -> (Arc<AppState>, Router) {
+    let state = ortserve::start(&config(yaml)).await.expect("server starts");
+    let router = ortserve::http::router(state.clone());
+    (state, router)
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub async fn send(router: &Router, req: Request<Body>) -> Reply {
+    let resp = router.clone().oneshot(req).await.expect("router answers");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+pub async fn get(router: &Router, uri: &str) -> Reply {
+    send(router, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+pub async fn post_json(router: &Router, uri: &str, body: &Value) -> Reply {
+    // No Content-Type, as tritonclient sends it.
+    send(router, Request::post(uri).body(Body::from(body.to_string())).unwrap()).await
+}
+
+/// JSON numbers (or booleans) of a tensor, flat, decoded from its bytes by the test itself.
+pub fn values(t: &Tensor) -> Vec<Value> {
+    let d = &t.data;
+    let n = t.dtype.size();
+    d.chunks_exact(n)
+        .map(|c| match t.dtype {
+            DataType::Bool => json!(c[0] != 0),
+            DataType::U8 => json!(c[0]),
+            DataType::I8 => json!(c[0] as i8),
+            DataType::U16 => json!(u16::from_le_bytes([c[0], c[1]])),
+            DataType::I16 => json!(i16::from_le_bytes([c[0], c[1]])),
+            DataType::F16 => json!(half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            DataType::U32 => json!(u32::from_le_bytes(c.try_into().unwrap())),
+            DataType::I32 => json!(i32::from_le_bytes(c.try_into().unwrap())),
+            DataType::F32 => json!(f32::from_le_bytes(c.try_into().unwrap())),
+            DataType::U64 => json!(u64::from_le_bytes(c.try_into().unwrap())),
+            DataType::I64 => json!(i64::from_le_bytes(c.try_into().unwrap())),
+            DataType::F64 => json!(f64::from_le_bytes(c.try_into().unwrap())),
+        })
+        .collect()
+}
+
+pub fn as_f64(v: &Value) -> f64 {
+    match v {
+        Value::Bool(b) => f64::from(u8::from(*b)),
+        v => v.as_f64().unwrap_or_else(|| panic!("not a number: {v}")),
+    }
+}
+
+/// A V2 JSON request body. `nested` writes data as nested rows instead of flat.
+pub fn v2_json(inputs: &[(&str, &Tensor)], nested: bool) -> Value {
+    let inputs: Vec<Value> = inputs
+        .iter()
+        .map(|(name, t)| {
+            let flat = values(t);
+            let data = if nested && t.shape.len() > 1 && t.shape[0] > 0 {
+                let per_row = flat.len() / t.shape[0];
+                Value::Array(flat.chunks(per_row).map(|r| Value::Array(r.to_vec())).collect())
+            } else {
+                Value::Array(flat)
+            };
+            json!({"name": name, "shape": t.shape, "datatype": t.dtype.v2_name(), "data": data})
+        })
+        .collect();
+    json!({ "inputs": inputs })
+}
+
+/// A V2 binary-extension body asking for every output in binary; returns (body, header length).
+pub fn v2_binary(inputs: &[(&str, &Tensor)]) -> (Vec<u8>, usize) {
+    let header = json!({
+        "inputs": inputs.iter().map(|(name, t)| json!({
+            "name": name, "shape": t.shape, "datatype": t.dtype.v2_name(),
+            "parameters": {"binary_data_size": t.data.len()},
+        })).collect::<Vec<_>>(),
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for (_, t) in inputs {
+        body.extend_from_slice(&t.data);
+    }
+    (body, header.len())
+}
+
+/// Output tensors of a V2 response, JSON or binary, as (name, dtype, shape, values as f64).
+pub fn outputs(reply: &Reply) -> Vec<(String, String, Vec<usize>, Vec<f64>)> {
+    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    let header_len = reply
+        .headers
+        .get("inference-header-content-length")
+        .map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+    let (head, mut rest) = match header_len {
+        Some(n) => (&reply.body[..n], &reply.body[n..]),
+        None => (&reply.body[..], &[][..]),
+    };
+    let head: Value = serde_json::from_slice(head).unwrap();
+    head["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let name = o["name"].as_str().unwrap().to_string();
+            let dt = o["datatype"].as_str().unwrap().to_string();
+            let shape: Vec<usize> = o["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let vals = match o.get("parameters").and_then(|p| p.get("binary_data_size")) {
+                Some(size) => {
+                    let size = size.as_u64().unwrap() as usize;
+                    let (mine, tail) = rest.split_at(size);
+                    rest = tail;
+                    let t = Tensor::new(DataType::from_v2_name(&dt).unwrap(), shape.clone(), mine.to_vec()).unwrap();
+                    values(&t).iter().map(as_f64).collect()
+                }
+                None => o["data"].as_array().unwrap().iter().map(as_f64).collect(),
+            };
+            (name, dt, shape, vals)
+        })
+        .collect()
+}
+
+/// An in-process ONNX Runtime session on one CPU thread: the reference.
+pub fn reference(model: &str) -> OrtRunner {
+    init_runtime(&RuntimeConfig::default()).expect("ONNX Runtime loads (run scripts/setup.sh)");
+    let plan = DevicePlan {
+        device: "cpu:0".into(),
+        instance: 0,
+        kind: DeviceKind::Cpu { intra_op_threads: 1 },
+    };
+    OrtRunner::open(&fixtures().join(model), &plan).expect("reference session")
+}
+
+pub fn run_reference(runner: &mut OrtRunner, inputs: &[Tensor]) -> Vec<Tensor> {
+    runner.run(&[inputs.to_vec()]).expect("reference run")
+}
+
+/// Random values of `dtype`, never all zeros; integer ranges small enough for every model here.
+pub fn random_tensor(dtype: DataType, shape: Vec<usize>, rng: &mut impl Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut data = Vec::with_capacity(n * dtype.size());
+    for _ in 0..n {
+        match dtype {
+            DataType::Bool => data.push(u8::from(rng.random_bool(0.5))),
+            DataType::U8 => data.push(rng.random_range(0..=255u8)),
+            DataType::I8 => data.extend((rng.random_range(-128..=127i16) as i8).to_le_bytes()),
+            DataType::U16 => data.extend(rng.random_range(0..=60000u16).to_le_bytes()),
+            DataType::I16 => data.extend(rng.random_range(-30000..=30000i16).to_le_bytes()),
+            DataType::F16 => data.extend(half::f16::from_f32(rng.random_range(-4.0..4.0f32)).to_le_bytes()),
+            DataType::U32 => data.extend(rng.random_range(0..=4_000_000_000u32).to_le_bytes()),
+            DataType::I32 => data.extend(rng.random_range(-2_000_000_000..=2_000_000_000i32).to_le_bytes()),
+            DataType::F32 => data.extend(rng.random_range(-2.0..2.0f32).to_le_bytes()),
+            // 2^53 and below, so JSON clients that read numbers as doubles lose nothing.
+            DataType::U64 => data.extend(rng.random_range(0..=(1u64 << 53)).to_le_bytes()),
+            DataType::I64 => data.extend(rng.random_range(-16..16i64).to_le_bytes()),
+            DataType::F64 => data.extend(rng.random_range(-2.0..2.0f64).to_le_bytes()),
+        }
+    }
+    Tensor::new(dtype, shape, data).unwrap()
+}
+
+/// Asserts a served output equals the reference within 1e-5 (absolute, or relative for big values).
+pub fn assert_close(what: &str, got: &(String, String, Vec<usize>, Vec<f64>), want: &Tensor) {
+    assert_eq!(got.1, want.dtype.v2_name(), "{what}: datatype");
+    assert_eq!(got.2, want.shape, "{what}: shape");
+    let want: Vec<f64> = values(want).iter().map(as_f64).collect();
+    assert_eq!(got.3.len(), want.len(), "{what}: element count");
+    for (i, (g, w)) in got.3.iter().zip(&want).enumerate() {
+        let tol = 1e-5 * w.abs().max(1.0);
+        assert!((g - w).abs() <= tol, "{what}: element {i}: served {g}, in-process {w}");
+    }
+}
+
+/// The value of a metric sample from Prometheus text, or 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
