@@ -219,12 +219,15 @@ impl DevicePool {
                     .enumerate()
                     .filter(|(_, d)| d.is_healthy())
                     .map(|(i, d)| {
-                        let rate = match d.rate() {
-                            r if r > 0.0 => r,
-                            _ if known > 0.0 => known,
-                            _ => 1.0,
+                        let inflight = d.inflight_rows();
+                        let estimate = match d.rate() {
+                            r if r > 0.0 => (inflight + rows) as f64 / r,
+                            // Never measured and idle: try it, so every device gets measured.
+                            _ if inflight == 0 => 0.0,
+                            _ if known > 0.0 => (inflight + rows) as f64 / known,
+                            _ => (inflight + rows) as f64,
                         };
-                        ((d.inflight_rows() + rows) as f64 / rate, i)
+                        (estimate, i)
                     })
                     .collect();
                 order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -311,6 +314,13 @@ mod tests {
             d.set_healthy(false);
         }
         assert!(matches!(p.pick(1), Pick::NoHealthyDevice));
+    }
+
+    #[test]
+    fn least_loaded_tries_a_device_it_has_not_measured() {
+        let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
+        p.devices()[0].record(100, Duration::from_millis(10), true);
+        assert_eq!(picked(&p, 8).unwrap().slot().name, "cpu:1");
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn metadata_of(m: &ModelHandle) -> Json<serde_json::Value> {
             "name": d.name,
             "healthy": d.is_healthy(),
             "max_batch_size": d.max_batch,
+            "measured_rows_per_second": d.rate(),
         })).collect::<Vec<_>>(),
     }))
 }
