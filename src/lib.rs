@@ -85,12 +85,14 @@ pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             match &info {
                 None => info = Some(runner.info().clone()),
-                Some(i) if i != runner.info() => return Err(StartupError::Model {
-                    model: m.name.clone(),
-                    message: format!(
+                Some(i) if i != runner.info() => {
+                    return Err(StartupError::Model {
+                        model: m.name.clone(),
+                        message: format!(
                         "device {name} reports different inputs or outputs than the first device"
                     ),
-                }),
+                    })
+                }
                 Some(_) => {}
             }
             tracing::info!(model = %m.name, device = %name, "session ready");
@@ -135,6 +137,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = http::router(state.clone());
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, models = state.models.len(), "serving");
+    }
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_delay = server.drain_delay.0;
     let draining = state.clone();

@@ -35,15 +35,15 @@ enum Command {
 fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal;
     // RUST_LOG chooses; unset or empty means info, with ONNX Runtime's own chatter at warn.
-    // `ort::` rather than `ort`: targets match by prefix, and `ort` would also catch `ortserve`.
-    const DEFAULT: &str = "info,ort::=warn";
+    let default = format!("info,{}", ortserve::device::RUNTIME_LOG_QUIET);
+    let default = default.as_str();
     let wanted = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.trim().is_empty());
-    let filter = tracing_subscriber::EnvFilter::try_new(wanted.as_deref().unwrap_or(DEFAULT))
+    let filter = tracing_subscriber::EnvFilter::try_new(wanted.as_deref().unwrap_or(default))
         .unwrap_or_else(|e| {
-            eprintln!("RUST_LOG: {e}; using {DEFAULT}");
-            tracing_subscriber::EnvFilter::new(DEFAULT)
+            eprintln!("RUST_LOG: {e}; using {default}");
+            tracing_subscriber::EnvFilter::new(default)
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                tracing::info!(addr = %config.server.http_addr, "listening");
+                tracing::info!(addr = %config.server.http_addr, "bound; loading models");
                 match ortserve::run(config, listener, ortserve::shutdown::signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

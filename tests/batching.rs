@@ -16,7 +16,15 @@ use rand::SeedableRng;
 
 /// `clients` tasks each send `per_client` requests of `rows` rows and check every answer
 /// against the in-process reference of its own input. Returns /metrics text afterwards.
-async fn load(router: &axum::Router, model: &str, file: &str, row_shape: &[usize], rows: usize, clients: usize, per_client: usize) -> String {
+async fn load(
+    router: &axum::Router,
+    model: &str,
+    file: &str,
+    row_shape: &[usize],
+    rows: usize,
+    clients: usize,
+    per_client: usize,
+) -> String {
     let reference = Arc::new(std::sync::Mutex::new(reference(file)));
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -34,7 +42,12 @@ async fn load(router: &axum::Router, model: &str, file: &str, row_shape: &[usize
                     let mut r = reference.lock().unwrap();
                     run_reference(&mut r, std::slice::from_ref(&x))
                 };
-                let reply = post_json(&router, &format!("/v2/models/{model}/infer"), &v2_json(&[("input", &x)], false)).await;
+                let reply = post_json(
+                    &router,
+                    &format!("/v2/models/{model}/infer"),
+                    &v2_json(&[("input", &x)], false),
+                )
+                .await;
                 let got = outputs(&reply);
                 assert_close(&format!("client {c}"), &got[0], &want[0]);
             }
@@ -58,13 +71,30 @@ models:
     let text = load(&router, "mlp", "mlp.onnx", &[4], 1, clients, each).await;
     let batches = metric(&text, "ortserve_batch_size_rows_count", &[("model", "mlp")]);
     let rows = metric(&text, "ortserve_batch_size_rows_sum", &[("model", "mlp")]);
-    let single = metric(&text, "ortserve_batch_size_rows_bucket", &[("model", "mlp"), ("le", "1")]);
+    let single = metric(
+        &text,
+        "ortserve_batch_size_rows_bucket",
+        &[("model", "mlp"), ("le", "1")],
+    );
     assert_eq!(rows, (clients * each) as f64, "every row ran once");
-    assert!(batches < rows, "{batches} batches for {rows} rows: nothing was merged");
-    assert!(single < batches, "every batch had one row ({single} of {batches})");
-    let ok = metric(&text, "ortserve_requests_total", &[("model", "mlp"), ("status", "200")]);
+    assert!(
+        batches < rows,
+        "{batches} batches for {rows} rows: nothing was merged"
+    );
+    assert!(
+        single < batches,
+        "every batch had one row ({single} of {batches})"
+    );
+    let ok = metric(
+        &text,
+        "ortserve_requests_total",
+        &[("model", "mlp"), ("status", "200")],
+    );
     assert_eq!(ok, (clients * each) as f64);
-    eprintln!("{rows} rows in {batches} batches (mean {:.1} rows per batch)", rows / batches);
+    eprintln!(
+        "{rows} rows in {batches} batches (mean {:.1} rows per batch)",
+        rows / batches
+    );
 }
 
 /// Rows each of cpu:0 and cpu:1 ran under `policy`, on real sessions.
@@ -79,7 +109,13 @@ async fn rows_per_slot(policy: &str) -> [f64; 2] {
     ))
     .await;
     let text = load(&router, "cnn", "cnn.onnx", &[3, 64, 64], 2, 16, 8).await;
-    let rows = ["cpu:0", "cpu:1"].map(|d| metric(&text, "ortserve_device_rows_total", &[("model", "cnn"), ("device", d)]));
+    let rows = ["cpu:0", "cpu:1"].map(|d| {
+        metric(
+            &text,
+            "ortserve_device_rows_total",
+            &[("model", "cnn"), ("device", d)],
+        )
+    });
     assert_eq!(rows[0] + rows[1], 16.0 * 8.0 * 2.0);
     rows
 }
@@ -89,7 +125,10 @@ async fn both_cpu_slots_run_batches_under_both_policies() {
     for policy in ["round_robin", "least_loaded"] {
         let rows = rows_per_slot(policy).await;
         eprintln!("{policy}: rows per slot {rows:?}");
-        assert!(rows[0] > 0.0 && rows[1] > 0.0, "{policy}: a slot ran nothing: {rows:?}");
+        assert!(
+            rows[0] > 0.0 && rows[1] > 0.0,
+            "{policy}: a slot ran nothing: {rows:?}"
+        );
     }
 }
 
@@ -104,21 +143,33 @@ impl ModelRunner for Paced {
     fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
         std::thread::sleep(self.per_batch);
         let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
-        Ok(vec![Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?])
+        Ok(vec![
+            Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?
+        ])
     }
 }
 
 /// Rows the fast (1 ms per batch) and the slow (4 ms per batch) device ran under `policy`.
 async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
     let info = ModelInfo {
-        inputs: vec![TensorInfo { name: "x".into(), dtype: DataType::F32, dims: vec![-1, 2] }],
-        outputs: vec![TensorInfo { name: "y".into(), dtype: DataType::F32, dims: vec![-1, 2] }],
+        inputs: vec![TensorInfo {
+            name: "x".into(),
+            dtype: DataType::F32,
+            dims: vec![-1, 2],
+        }],
+        outputs: vec![TensorInfo {
+            name: "y".into(),
+            dtype: DataType::F32,
+            dims: vec![-1, 2],
+        }],
     };
     let runners = [("fast", 1), ("slow", 4)]
         .map(|(name, ms)| DeviceRunner {
             name: name.into(),
             max_batch: 4,
-            runner: Box::new(Paced { per_batch: std::time::Duration::from_millis(ms) }),
+            runner: Box::new(Paced {
+                per_batch: std::time::Duration::from_millis(ms),
+            }),
         })
         .into();
     let settings = BatchSettings {
@@ -127,7 +178,16 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
         default_timeout: std::time::Duration::from_secs(30),
     };
     let metrics = Arc::new(Metrics::new());
-    let model = ModelHandle::start("paced", "1", info, policy, settings, runners, metrics.clone()).unwrap();
+    let model = ModelHandle::start(
+        "paced",
+        "1",
+        info,
+        policy,
+        settings,
+        runners,
+        metrics.clone(),
+    )
+    .unwrap();
     let state = Arc::new(AppState::new(vec![model.clone()], metrics, 1 << 20));
     let router = ortserve::http::router(state);
     let mut tasks = Vec::new();
@@ -137,15 +197,30 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
             for i in 0..25 {
                 let v = (c * 100 + i) as f32;
                 let x = Tensor::from_f32(vec![1, 2], &[v, -v]).unwrap();
-                let got = outputs(&post_json(&router, "/v2/models/paced/infer", &v2_json(&[("x", &x)], false)).await);
-                assert_eq!(got[0].3, vec![v as f64, -v as f64], "each client gets its own row back");
+                let got = outputs(
+                    &post_json(
+                        &router,
+                        "/v2/models/paced/infer",
+                        &v2_json(&[("x", &x)], false),
+                    )
+                    .await,
+                );
+                assert_eq!(
+                    got[0].3,
+                    vec![v as f64, -v as f64],
+                    "each client gets its own row back"
+                );
             }
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-    let rows = [0, 1].map(|i| model.pool.devices()[i].rows.load(std::sync::atomic::Ordering::Relaxed));
+    let rows = [0, 1].map(|i| {
+        model.pool.devices()[i]
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed)
+    });
     model.shutdown().await;
     rows
 }
@@ -171,15 +246,27 @@ async fn least_loaded_sends_a_slower_device_less_work_than_round_robin() {
 async fn requests_with_different_shapes_are_not_mixed() {
     // The CNN's spatial dims are fixed, so use the two-input model with different row counts
     // and the dtypes model with every type at once: both must come back row-exact.
-    let (_state, router) = start("models: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_queue_delay: 5ms}}]").await;
+    let (_state, router) = start(
+        "models: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_queue_delay: 5ms}}]",
+    )
+    .await;
     let mut tasks = Vec::new();
     for rows in [1usize, 2, 3, 5, 7] {
         let router = router.clone();
         tasks.push(tokio::spawn(async move {
-            let vals: Vec<f32> = (0..rows * 4).map(|i| i as f32 * 0.1 - rows as f32).collect();
+            let vals: Vec<f32> = (0..rows * 4)
+                .map(|i| i as f32 * 0.1 - rows as f32)
+                .collect();
             let x = Tensor::from_f32(vec![rows, 4], &vals).unwrap();
             let want = run_reference(&mut reference("mlp.onnx"), std::slice::from_ref(&x));
-            let got = outputs(&post_json(&router, "/v2/models/mlp/infer", &v2_json(&[("input", &x)], false)).await);
+            let got = outputs(
+                &post_json(
+                    &router,
+                    "/v2/models/mlp/infer",
+                    &v2_json(&[("input", &x)], false),
+                )
+                .await,
+            );
             assert_close(&format!("{rows} rows"), &got[0], &want[0]);
         }));
     }

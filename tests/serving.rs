@@ -34,11 +34,21 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
                 .inputs
                 .iter()
                 .map(|i| {
-                    let shape = i.dims.iter().map(|&d| if d < 0 { rows } else { d as usize }).collect();
+                    let shape = i
+                        .dims
+                        .iter()
+                        .map(|&d| if d < 0 { rows } else { d as usize })
+                        .collect();
                     random_tensor(i.dtype, shape, &mut rng)
                 })
                 .collect();
-            let named: Vec<(&str, &Tensor)> = model.info.inputs.iter().map(|i| i.name.as_str()).zip(&inputs).collect();
+            let named: Vec<(&str, &Tensor)> = model
+                .info
+                .inputs
+                .iter()
+                .map(|i| i.name.as_str())
+                .zip(&inputs)
+                .collect();
             let want = run_reference(&mut reference, &inputs);
             let uri = format!("/v2/models/{}/infer", model.name);
 
@@ -48,7 +58,11 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
                 assert_eq!(got.len(), want.len());
                 for ((g, w), info) in got.iter().zip(&want).zip(&model.info.outputs) {
                     assert_eq!(g.0, info.name);
-                    assert_close(&format!("{} rows={rows} json nested={nested} {}", model.name, g.0), g, w);
+                    assert_close(
+                        &format!("{} rows={rows} json nested={nested} {}", model.name, g.0),
+                        g,
+                        w,
+                    );
                 }
             }
 
@@ -70,18 +84,27 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_can_be_chosen_and_mixed_binary_and_json() {
-    let (_state, router) = start("models: [{name: two_input, path: two_input.onnx, devices: cpu}]").await;
+    let (_state, router) =
+        start("models: [{name: two_input, path: two_input.onnx, devices: cpu}]").await;
     let a = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
     let b = Tensor::from_f32(vec![1, 4], &[0.5, 0.5, 2.0, -1.0]).unwrap();
     let mut body = v2_json(&[("a", &a), ("b", &b)], false);
     body["id"] = json!("req-7");
-    body["outputs"] = json!([{"name": "prod", "parameters": {"binary_data": true}}, {"name": "sum"}]);
+    body["outputs"] =
+        json!([{"name": "prod", "parameters": {"binary_data": true}}, {"name": "sum"}]);
     let reply = post_json(&router, "/v2/models/two_input/infer", &body).await;
     let got = outputs(&reply);
-    assert_eq!(got.iter().map(|o| o.0.as_str()).collect::<Vec<_>>(), ["prod", "sum"]);
+    assert_eq!(
+        got.iter().map(|o| o.0.as_str()).collect::<Vec<_>>(),
+        ["prod", "sum"]
+    );
     assert_eq!(got[0].3, vec![0.5, 1.0, 6.0, -4.0]);
     assert_eq!(got[1].3, vec![1.5, 2.5, 5.0, 3.0]);
-    let n: usize = reply.headers["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let n: usize = reply.headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let head: serde_json::Value = serde_json::from_slice(&reply.body[..n]).unwrap();
     assert_eq!(head["id"], "req-7");
     assert_eq!(head["model_name"], "two_input");
@@ -96,20 +119,43 @@ async fn metadata_and_health_routes() {
     .await;
     let server = get(&router, "/v2").await.json();
     assert_eq!(server["name"], "ortserve");
-    assert!(server["extensions"].as_array().unwrap().contains(&json!("binary_tensor_data")));
-    for uri in ["/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/v2/models/mlp/ready", "/v2/models/mlp/versions/3/ready"] {
+    assert!(server["extensions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("binary_tensor_data")));
+    for uri in [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/healthz",
+        "/readyz",
+        "/v2/models/mlp/ready",
+        "/v2/models/mlp/versions/3/ready",
+    ] {
         assert_eq!(get(&router, uri).await.status, StatusCode::OK, "{uri}");
     }
     for uri in ["/v2/models/mlp", "/v2/models/mlp/versions/3"] {
         let m = get(&router, uri).await.json();
         assert_eq!(m["name"], "mlp");
         assert_eq!(m["versions"], json!(["3"]));
-        assert_eq!(m["inputs"], json!([{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]));
-        assert_eq!(m["outputs"], json!([{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]));
+        assert_eq!(
+            m["inputs"],
+            json!([{"name": "input", "datatype": "FP32", "shape": [-1, 4]}])
+        );
+        assert_eq!(
+            m["outputs"],
+            json!([{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}])
+        );
     }
     let fixed = get(&router, "/v2/models/fixed_batch").await.json();
-    assert_eq!(fixed["inputs"][0]["shape"], json!([2, 4]), "fixed dims are reported as they are");
-    assert_eq!(get(&router, "/v2/models/mlp/versions/4").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        fixed["inputs"][0]["shape"],
+        json!([2, 4]),
+        "fixed dims are reported as they are"
+    );
+    assert_eq!(
+        get(&router, "/v2/models/mlp/versions/4").await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,16 +173,39 @@ models:
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let x = random_tensor(ortserve::tensor::DataType::F32, vec![12, 4], &mut rng);
     let want = run_reference(&mut reference("mlp.onnx"), std::slice::from_ref(&x));
-    let reply = post_json(&router, "/v2/models/mlp/infer", &v2_json(&[("input", &x)], false)).await;
+    let reply = post_json(
+        &router,
+        "/v2/models/mlp/infer",
+        &v2_json(&[("input", &x)], false),
+    )
+    .await;
     let got = outputs(&reply);
     assert_close("12 rows split in 3 parts", &got[0], &want[0]);
     let metrics = get(&router, "/metrics").await;
     let text = String::from_utf8(metrics.body).unwrap();
-    let rows0 = metric(&text, "ortserve_device_rows_total", &[("model", "mlp"), ("device", "cpu:0")]);
-    let rows1 = metric(&text, "ortserve_device_rows_total", &[("model", "mlp"), ("device", "cpu:1")]);
+    let rows0 = metric(
+        &text,
+        "ortserve_device_rows_total",
+        &[("model", "mlp"), ("device", "cpu:0")],
+    );
+    let rows1 = metric(
+        &text,
+        "ortserve_device_rows_total",
+        &[("model", "mlp"), ("device", "cpu:1")],
+    );
     assert_eq!(rows0 + rows1, 12.0);
-    assert!(rows0 >= 4.0 && rows1 >= 4.0, "both slots ran a part: cpu:0 {rows0}, cpu:1 {rows1}");
-    assert_eq!(metric(&text, "ortserve_batch_size_rows_sum", &[("model", "mlp")]), 12.0);
-    assert_eq!(metric(&text, "ortserve_batch_size_rows_count", &[("model", "mlp")]), 3.0, "three batches of 4");
+    assert!(
+        rows0 >= 4.0 && rows1 >= 4.0,
+        "both slots ran a part: cpu:0 {rows0}, cpu:1 {rows1}"
+    );
+    assert_eq!(
+        metric(&text, "ortserve_batch_size_rows_sum", &[("model", "mlp")]),
+        12.0
+    );
+    assert_eq!(
+        metric(&text, "ortserve_batch_size_rows_count", &[("model", "mlp")]),
+        3.0,
+        "three batches of 4"
+    );
     drop(state);
 }

@@ -141,8 +141,9 @@ mod auto_tag {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Path of `libonnxruntime.so`. Searched after `ORT_DYLIB_PATH` and before the folder of the
-    /// executable and the project's `.ortserve/lib`. Env: `ORTSERVE_ONNXRUNTIME_PATH`.
+    /// Path of `libonnxruntime.so`; when set (or `ORT_DYLIB_PATH` is), only that file is tried.
+    /// Unset: next to the executable, its `lib/`, then the project's `.ortserve/lib`.
+    /// Env: `ORTSERVE_ONNXRUNTIME_PATH`.
     #[serde(default)]
     pub onnxruntime_path: Option<PathBuf>,
     /// Total intra-op threads for CPU sessions; `auto` uses every core, shared among the CPU

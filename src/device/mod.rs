@@ -18,6 +18,11 @@ pub use plan::{plan_devices, DeviceKind, DevicePlan};
 pub use runtime::{init_runtime, RuntimeInfo};
 pub use worker::{DeviceCommand, DeviceWorker, RunDone, RunJob};
 
+/// A log filter directive that keeps ONNX Runtime's own logs (forwarded by `ort` to tracing) at
+/// warn. Written `ort::` because filter targets match by prefix and `ort` alone would also
+/// silence `ortserve`.
+pub const RUNTIME_LOG_QUIET: &str = "ort::=warn";
+
 /// Runs batches of one model on one device. Called from that device's worker thread only.
 pub trait ModelRunner: Send + 'static {
     /// `parts[p][i]` is input `i` (model order) of request part `p`; each part has its own rows

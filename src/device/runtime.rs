@@ -38,15 +38,17 @@ pub(super) fn environment() -> Option<&'static ort::environment::Environment> {
     RUNTIME.get().map(|(env, _)| env)
 }
 
-/// Candidate library paths in search order, each with the reason it is on the list.
+/// Candidate library paths in search order, each with the reason it is on the list. A path
+/// the operator named (ORT_DYLIB_PATH, then the config key) is the only candidate: falling back
+/// to another library behind their back would hide a mistake.
 fn candidates(cfg: &RuntimeConfig) -> Vec<(String, PathBuf)> {
-    let mut c = Vec::new();
     if let Some(p) = &cfg.dylib_env {
-        c.push(("ORT_DYLIB_PATH".to_string(), p.clone()));
+        return vec![("ORT_DYLIB_PATH".to_string(), p.clone())];
     }
     if let Some(p) = &cfg.onnxruntime_path {
-        c.push(("runtime.onnxruntime_path".to_string(), p.clone()));
+        return vec![("runtime.onnxruntime_path".to_string(), p.clone())];
     }
+    let mut c = Vec::new();
     if let Some(dir) = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))

@@ -126,3 +126,92 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status table of README.md ("Errors"), row by row. Adding a variant without a row
+    /// here fails to compile the match in `every_variant_is_listed`.
+    pub(crate) fn table() -> Vec<(ApiError, u16, &'static str)> {
+        vec![
+            (ApiError::MalformedBody("x".into()), 400, "malformed_body"),
+            (ApiError::InvalidInput("x".into()), 400, "invalid_input"),
+            (ApiError::NotFound("x".into()), 404, "not_found"),
+            (ApiError::ModelNotFound("m".into()), 404, "model_not_found"),
+            (
+                ApiError::VersionNotFound {
+                    model: "m".into(),
+                    version: "2".into(),
+                },
+                404,
+                "model_not_found",
+            ),
+            (
+                ApiError::PayloadTooLarge { limit: 10 },
+                413,
+                "payload_too_large",
+            ),
+            (
+                ApiError::UnsupportedMediaType("x".into()),
+                415,
+                "unsupported_media_type",
+            ),
+            (ApiError::QueueFull("x".into()), 429, "queue_full"),
+            (ApiError::Unavailable("x".into()), 503, "unavailable"),
+            (ApiError::DeadlineExceeded, 504, "deadline_exceeded"),
+            (ApiError::Internal, 500, "internal"),
+        ]
+    }
+
+    #[test]
+    fn every_variant_is_listed() {
+        for (e, _, _) in table() {
+            // Exhaustive on purpose: a new variant must be added to the table above.
+            match e {
+                ApiError::MalformedBody(_)
+                | ApiError::InvalidInput(_)
+                | ApiError::NotFound(_)
+                | ApiError::ModelNotFound(_)
+                | ApiError::VersionNotFound { .. }
+                | ApiError::PayloadTooLarge { .. }
+                | ApiError::UnsupportedMediaType(_)
+                | ApiError::QueueFull(_)
+                | ApiError::Unavailable(_)
+                | ApiError::DeadlineExceeded
+                | ApiError::Internal => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn status_table() {
+        use http_body_util::BodyExt;
+        for (e, status, kind) in table() {
+            let resp = e.clone().into_response();
+            assert_eq!(resp.status().as_u16(), status, "{e:?}");
+            assert_eq!(
+                resp.headers().contains_key(header::RETRY_AFTER),
+                status == 429,
+                "{e:?}"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error_type"], kind);
+            assert!(!v["error"].as_str().unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn internal_details_are_not_returned() {
+        let e = ApiError::from(InferError::Run(RunError::Failed(
+            "CUDA error 700 at 0xdeadbeef".into(),
+        )));
+        assert_eq!(e, ApiError::Internal);
+        assert!(!e.message().contains("deadbeef"));
+        let e = ApiError::from(InferError::Run(RunError::Input(
+            "idx=99 out of range".into(),
+        )));
+        assert!(matches!(e, ApiError::InvalidInput(m) if m.contains("idx=99")));
+    }
+}

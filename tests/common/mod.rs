@@ -43,7 +43,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 }
 
@@ -51,8 +52,18 @@ pub async fn send(router: &Router, req: Request<Body>) -> Reply {
     let resp = router.clone().oneshot(req).await.expect("router answers");
     let status = resp.status();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
-    Reply { status, headers, body }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn get(router: &Router, uri: &str) -> Reply {
@@ -61,7 +72,13 @@ pub async fn get(router: &Router, uri: &str) -> Reply {
 
 pub async fn post_json(router: &Router, uri: &str, body: &Value) -> Reply {
     // No Content-Type, as tritonclient sends it.
-    send(router, Request::post(uri).body(Body::from(body.to_string())).unwrap()).await
+    send(
+        router,
+        Request::post(uri)
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await
 }
 
 /// JSON numbers (or booleans) of a tensor, flat, decoded from its bytes by the test itself.
@@ -101,7 +118,11 @@ pub fn v2_json(inputs: &[(&str, &Tensor)], nested: bool) -> Value {
             let flat = values(t);
             let data = if nested && t.shape.len() > 1 && t.shape[0] > 0 {
                 let per_row = flat.len() / t.shape[0];
-                Value::Array(flat.chunks(per_row).map(|r| Value::Array(r.to_vec())).collect())
+                Value::Array(
+                    flat.chunks(per_row)
+                        .map(|r| Value::Array(r.to_vec()))
+                        .collect(),
+                )
             } else {
                 Value::Array(flat)
             };
@@ -130,7 +151,12 @@ pub fn v2_binary(inputs: &[(&str, &Tensor)]) -> (Vec<u8>, usize) {
 
 /// Output tensors of a V2 response, JSON or binary, as (name, dtype, shape, values as f64).
 pub fn outputs(reply: &Reply) -> Vec<(String, String, Vec<usize>, Vec<f64>)> {
-    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     let header_len = reply
         .headers
         .get("inference-header-content-length")
@@ -147,13 +173,23 @@ pub fn outputs(reply: &Reply) -> Vec<(String, String, Vec<usize>, Vec<f64>)> {
         .map(|o| {
             let name = o["name"].as_str().unwrap().to_string();
             let dt = o["datatype"].as_str().unwrap().to_string();
-            let shape: Vec<usize> = o["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let shape: Vec<usize> = o["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
             let vals = match o.get("parameters").and_then(|p| p.get("binary_data_size")) {
                 Some(size) => {
                     let size = size.as_u64().unwrap() as usize;
                     let (mine, tail) = rest.split_at(size);
                     rest = tail;
-                    let t = Tensor::new(DataType::from_v2_name(&dt).unwrap(), shape.clone(), mine.to_vec()).unwrap();
+                    let t = Tensor::new(
+                        DataType::from_v2_name(&dt).unwrap(),
+                        shape.clone(),
+                        mine.to_vec(),
+                    )
+                    .unwrap();
                     values(&t).iter().map(as_f64).collect()
                 }
                 None => o["data"].as_array().unwrap().iter().map(as_f64).collect(),
@@ -169,7 +205,9 @@ pub fn reference(model: &str) -> OrtRunner {
     let plan = DevicePlan {
         device: "cpu:0".into(),
         instance: 0,
-        kind: DeviceKind::Cpu { intra_op_threads: 1 },
+        kind: DeviceKind::Cpu {
+            intra_op_threads: 1,
+        },
     };
     OrtRunner::open(&fixtures().join(model), &plan).expect("reference session")
 }
@@ -189,9 +227,14 @@ pub fn random_tensor(dtype: DataType, shape: Vec<usize>, rng: &mut impl Rng) -> 
             DataType::I8 => data.extend((rng.random_range(-128..=127i16) as i8).to_le_bytes()),
             DataType::U16 => data.extend(rng.random_range(0..=60000u16).to_le_bytes()),
             DataType::I16 => data.extend(rng.random_range(-30000..=30000i16).to_le_bytes()),
-            DataType::F16 => data.extend(half::f16::from_f32(rng.random_range(-4.0..4.0f32)).to_le_bytes()),
+            DataType::F16 => {
+                data.extend(half::f16::from_f32(rng.random_range(-4.0..4.0f32)).to_le_bytes())
+            }
             DataType::U32 => data.extend(rng.random_range(0..=4_000_000_000u32).to_le_bytes()),
-            DataType::I32 => data.extend(rng.random_range(-2_000_000_000..=2_000_000_000i32).to_le_bytes()),
+            DataType::I32 => data.extend(
+                rng.random_range(-2_000_000_000..=2_000_000_000i32)
+                    .to_le_bytes(),
+            ),
             DataType::F32 => data.extend(rng.random_range(-2.0..2.0f32).to_le_bytes()),
             // 2^53 and below, so JSON clients that read numbers as doubles lose nothing.
             DataType::U64 => data.extend(rng.random_range(0..=(1u64 << 53)).to_le_bytes()),
@@ -210,7 +253,10 @@ pub fn assert_close(what: &str, got: &(String, String, Vec<usize>, Vec<f64>), wa
     assert_eq!(got.3.len(), want.len(), "{what}: element count");
     for (i, (g, w)) in got.3.iter().zip(&want).enumerate() {
         let tol = 1e-5 * w.abs().max(1.0);
-        assert!((g - w).abs() <= tol, "{what}: element {i}: served {g}, in-process {w}");
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: element {i}: served {g}, in-process {w}"
+        );
     }
 }
 
@@ -221,7 +267,11 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
             let (n, rest) = key.split_once('{').unwrap_or((key, ""));
-            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().ok())?
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }

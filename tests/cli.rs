@@ -1,0 +1,197 @@
+//! The `ortserve` binary: config checking, startup errors, and a real server on a loopback
+//! socket that drains on SIGTERM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ortserve");
+
+fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
+    let path = dir.path().join("config.yaml");
+    let yaml = yaml.replace("FIXTURES", common::fixtures().to_str().unwrap());
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn ortserve(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("ORT_DYLIB_PATH");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn check_config_accepts_shipped_configs_and_names_the_bad_key() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ok = ortserve(
+        &[
+            "check-config",
+            "--config",
+            &format!("{root}/config/default.yaml"),
+        ],
+        &[],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_config(
+        &dir,
+        "models: [{name: m, path: FIXTURES/mlp.onnx, batching: {max_batch_size: -3}}]",
+    );
+    let out = ortserve(&["check-config", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("models[0].batching.max_batch_size"), "{err}");
+}
+
+#[test]
+fn a_missing_library_is_a_startup_error_naming_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&dir, "server: {http_addr: '127.0.0.1:0'}\nmodels: [{name: m, path: FIXTURES/mlp.onnx, devices: cpu}]");
+    let out = ortserve(
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/libonnxruntime.so (ORT_DYLIB_PATH): not found"),
+        "{err}"
+    );
+    // A file that is not ONNX Runtime at all.
+    let fake = dir.path().join("libonnxruntime.so");
+    std::fs::write(&fake, b"not a library").unwrap();
+    let out = ortserve(
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &[("ORT_DYLIB_PATH", fake.to_str().unwrap())],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ONNX Runtime library not usable") && err.contains(fake.to_str().unwrap()),
+        "{err}"
+    );
+}
+
+#[test]
+fn cuda_without_a_visible_gpu_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&dir, "server: {http_addr: '127.0.0.1:0'}\nmodels: [{name: m, path: FIXTURES/mlp.onnx, devices: 'cuda:0'}]");
+    // CUDA_VISIBLE_DEVICES="" hides every GPU, so this holds on GPU hosts too.
+    let out = ortserve(
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &[("CUDA_VISIBLE_DEVICES", "")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cuda:0: no NVIDIA GPU is visible"), "{err}");
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serves_over_a_real_socket_and_drains_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', drain_delay: 600ms, shutdown_timeout: 5s}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu}}]"
+        ),
+    );
+    let mut server = Server(
+        Command::new(BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .env_remove("ORT_DYLIB_PATH")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = http(port, "GET", "/v2/health/ready", "") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+    let (status, reply) = http(port, "POST", "/v2/models/mlp/infer", body).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 3]));
+
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(150));
+    // Draining: readiness is 503 at once, inference still answered.
+    assert_eq!(http(port, "GET", "/v2/health/ready", "").unwrap().0, 503);
+    assert_eq!(
+        http(port, "POST", "/v2/models/mlp/infer", body).unwrap().0,
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0), "clean exit after the drain");
+    assert!(
+        http(port, "GET", "/v2/health/live", "").is_err(),
+        "no longer accepting"
+    );
+}

@@ -1,0 +1,383 @@
+//! Every row of the status table, produced through HTTP. Real sessions where a real model can
+//! produce the error; a gated fake runner where the error needs a device held busy or failing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use ortserve::app::AppState;
+use ortserve::batching::{BatchSettings, DeviceRunner, ModelHandle};
+use ortserve::config::DispatchPolicy;
+use ortserve::device::{ModelRunner, RunError};
+use ortserve::metrics::Metrics;
+use ortserve::model::{ModelInfo, TensorInfo};
+use ortserve::tensor::{DataType, Tensor};
+use serde_json::json;
+
+/// Every (status, error_type) the server documents.
+const TABLE: [(u16, &str); 10] = [
+    (400, "malformed_body"),
+    (400, "invalid_input"),
+    (404, "not_found"),
+    (404, "model_not_found"),
+    (413, "payload_too_large"),
+    (415, "unsupported_media_type"),
+    (429, "queue_full"),
+    (500, "internal"),
+    (503, "unavailable"),
+    (504, "deadline_exceeded"),
+];
+
+/// Echoes its input; each batch waits for a token on `gate` (or for the gate to close), and
+/// fails when the first value is negative.
+struct Gated {
+    gate: Arc<Mutex<mpsc::Receiver<()>>>,
+}
+
+impl ModelRunner for Gated {
+    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+        let _ = self.gate.lock().unwrap().recv();
+        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+        let out = Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?;
+        if out.to_f32()[0] < 0.0 {
+            return Err(RunError::Failed("device fault at 0xdeadbeef".into()));
+        }
+        Ok(vec![out])
+    }
+}
+
+fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc::Sender<()>) {
+    let (open, gate) = mpsc::channel();
+    let info = ModelInfo {
+        inputs: vec![TensorInfo {
+            name: "x".into(),
+            dtype: DataType::F32,
+            dims: vec![-1, 1],
+        }],
+        outputs: vec![TensorInfo {
+            name: "y".into(),
+            dtype: DataType::F32,
+            dims: vec![-1, 1],
+        }],
+    };
+    let runner = DeviceRunner {
+        name: "cpu:0".into(),
+        max_batch: 1,
+        runner: Box::new(Gated {
+            gate: Arc::new(Mutex::new(gate)),
+        }),
+    };
+    let settings = BatchSettings {
+        max_queue_delay: Duration::ZERO,
+        queue_capacity,
+        default_timeout: Duration::from_secs(30),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let model = ModelHandle::start(
+        "gated",
+        "1",
+        info,
+        DispatchPolicy::LeastLoaded,
+        settings,
+        vec![runner],
+        metrics.clone(),
+    )
+    .unwrap();
+    let state = Arc::new(AppState::new(vec![model], metrics, 1 << 20));
+    let router = ortserve::http::router(state.clone());
+    (state, router, open)
+}
+
+fn one(v: f32) -> serde_json::Value {
+    json!({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [v]}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_status_table_row_through_http() {
+    let (_s, router) = start(
+        "server: {max_body_bytes: 2KiB}
+models:
+  - {name: mlp, path: mlp.onnx, devices: cpu}
+  - {name: int64_gather, path: int64_gather.onnx, devices: cpu}",
+    )
+    .await;
+    let mlp = "/v2/models/mlp/infer";
+    let x = |shape: serde_json::Value, dt: &str, data: serde_json::Value| json!({"inputs": [{"name": "input", "shape": shape, "datatype": dt, "data": data}]});
+    let mut seen: Vec<(String, u16, String, String)> = Vec::new();
+    let mut check = |case: &str, reply: Reply, status: u16, kind: &str, needle: &str| {
+        let v = reply.json();
+        assert_eq!(reply.status.as_u16(), status, "{case}: {v}");
+        assert_eq!(v["error_type"], kind, "{case}: {v}");
+        let msg = v["error"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains(needle),
+            "{case}: message {msg:?} should mention {needle:?}"
+        );
+        seen.push((case.to_string(), status, kind.to_string(), msg));
+    };
+
+    // 400: the body is not a request.
+    let raw = |body: &'static str| Request::post(mlp).body(Body::from(body)).unwrap();
+    check(
+        "malformed JSON",
+        send(&router, raw("{\"inputs\": [")).await,
+        400,
+        "malformed_body",
+        "JSON",
+    );
+    check(
+        "not a V2 request",
+        send(&router, raw("{\"instances\": [1]}")).await,
+        400,
+        "malformed_body",
+        "inputs",
+    );
+    check(
+        "input without data",
+        post_json(
+            &router,
+            mlp,
+            &json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32"}]}),
+        )
+        .await,
+        400,
+        "malformed_body",
+        "neither",
+    );
+    // 400: well-formed but does not fit the model.
+    let ok_data = json!([1, 2, 3, 4]);
+    check(
+        "wrong input name",
+        post_json(&router, mlp, &json!({"inputs": [{"name": "image", "shape": [1, 4], "datatype": "FP32", "data": ok_data}]})).await,
+        400,
+        "invalid_input",
+        "\"image\"",
+    );
+    check(
+        "wrong shape",
+        post_json(
+            &router,
+            mlp,
+            &x(json!([1, 5]), "FP32", json!([1, 2, 3, 4, 5])),
+        )
+        .await,
+        400,
+        "invalid_input",
+        "[-1, 4]",
+    );
+    check(
+        "wrong dtype",
+        post_json(&router, mlp, &x(json!([1, 4]), "INT32", ok_data.clone())).await,
+        400,
+        "invalid_input",
+        "expected datatype FP32, got INT32",
+    );
+    check(
+        "element count",
+        post_json(&router, mlp, &x(json!([2, 4]), "FP32", ok_data.clone())).await,
+        400,
+        "invalid_input",
+        "needs 8 elements, data has 4",
+    );
+    check(
+        "unknown datatype",
+        post_json(&router, mlp, &x(json!([1, 4]), "BYTES", ok_data.clone())).await,
+        400,
+        "invalid_input",
+        "BYTES",
+    );
+    check(
+        "negative dim",
+        post_json(&router, mlp, &x(json!([-1, 4]), "FP32", ok_data.clone())).await,
+        400,
+        "invalid_input",
+        "negative",
+    );
+    let mut unknown_out = x(json!([1, 4]), "FP32", ok_data.clone());
+    unknown_out["outputs"] = json!([{"name": "probabilities"}]);
+    check(
+        "unknown output",
+        post_json(&router, mlp, &unknown_out).await,
+        400,
+        "invalid_input",
+        "probabilities",
+    );
+    let bad_index =
+        json!({"inputs": [{"name": "idx", "shape": [1, 2], "datatype": "INT64", "data": [1, 99]}]});
+    check(
+        "ONNX Runtime rejects the values",
+        post_json(&router, "/v2/models/int64_gather/infer", &bad_index).await,
+        400,
+        "invalid_input",
+        "idx=99",
+    );
+    // 404
+    check(
+        "unknown model",
+        post_json(&router, "/v2/models/resnet/infer", &one(1.0)).await,
+        404,
+        "model_not_found",
+        "resnet",
+    );
+    check(
+        "unknown version",
+        post_json(&router, "/v2/models/mlp/versions/9/infer", &one(1.0)).await,
+        404,
+        "model_not_found",
+        "\"9\"",
+    );
+    check(
+        "unknown route",
+        get(&router, "/v3/whatever").await,
+        404,
+        "not_found",
+        "/v3/whatever",
+    );
+    // 413, with and without a Content-Length that tells in advance.
+    let big = "x".repeat(4096);
+    let with_len = Request::post(mlp)
+        .header("content-length", big.len())
+        .body(Body::from(big.clone()))
+        .unwrap();
+    check(
+        "oversize body (Content-Length)",
+        send(&router, with_len).await,
+        413,
+        "payload_too_large",
+        "2048",
+    );
+    let stream =
+        Body::from_stream(futures_util::stream::iter((0..4).map(|_| {
+            Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b' '; 1024]))
+        })));
+    check(
+        "oversize body (streamed)",
+        send(&router, Request::post(mlp).body(stream).unwrap()).await,
+        413,
+        "payload_too_large",
+        "2048",
+    );
+    // 415
+    let png = Request::post(mlp)
+        .header("content-type", "image/png")
+        .body(Body::from("\u{89}PNG"))
+        .unwrap();
+    check(
+        "image to a tensor route",
+        send(&router, png).await,
+        415,
+        "unsupported_media_type",
+        "image/png",
+    );
+
+    // 429, 504, 500 and 503 need a device held busy or failing.
+    let (state, gated, open) = gated_server(3);
+    let uri = "/v2/models/gated/infer";
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let r = gated.clone();
+            tokio::spawn(async move { post_json(&r, uri, &one(i as f32)).await })
+        })
+        .collect();
+    // Wait until all three are admitted: one running, one in the device's channel, one queued.
+    for _ in 0..200 {
+        if state.models[0].pool.devices()[0].inflight_rows() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let full = post_json(&gated, uri, &one(3.0)).await;
+    assert_eq!(full.headers["retry-after"], "1");
+    check("queue full", full, 429, "queue_full", "queue capacity");
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+
+    let busy = tokio::spawn({
+        let r = gated.clone();
+        async move { post_json(&r, uri, &one(4.0)).await }
+    });
+    for _ in 0..200 {
+        if state.models[0].pool.devices()[0].inflight_rows() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut hurry = one(5.0);
+    hurry["parameters"] = json!({"timeout": 20_000});
+    // The device takes a second job into its channel at once; a third waits in the queue.
+    let queued = tokio::spawn({
+        let r = gated.clone();
+        async move { post_json(&r, uri, &one(6.0)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    check(
+        "deadline passed in the queue",
+        post_json(&gated, uri, &hurry).await,
+        504,
+        "deadline_exceeded",
+        "deadline",
+    );
+    open.send(()).unwrap();
+    open.send(()).unwrap();
+    assert_eq!(busy.await.unwrap().status, StatusCode::OK);
+    assert_eq!(queued.await.unwrap().status, StatusCode::OK);
+
+    drop(open); // From here every batch runs at once.
+    let failed = post_json(&gated, uri, &one(-1.0)).await;
+    let request_id = failed.headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(!request_id.is_empty());
+    let body = String::from_utf8_lossy(&failed.body).to_string();
+    check("model run failed", failed, 500, "internal", "x-request-id");
+    assert!(
+        !body.contains("deadbeef"),
+        "details stay in the log: {body}"
+    );
+
+    state.models[0].pool.devices()[0].set_healthy(false);
+    check(
+        "no healthy device",
+        post_json(&gated, uri, &one(1.0)).await,
+        503,
+        "unavailable",
+        "no healthy device",
+    );
+    assert_eq!(
+        get(&gated, "/v2/health/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(&gated, "/v2/models/gated/ready").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    state.models[0].pool.devices()[0].set_healthy(true);
+    assert_eq!(
+        post_json(&gated, uri, &one(1.0)).await.status,
+        StatusCode::OK
+    );
+    state.models[0].shutdown().await;
+    check(
+        "model shut down",
+        post_json(&gated, uri, &one(1.0)).await,
+        503,
+        "unavailable",
+        "shutting down",
+    );
+
+    let covered: BTreeSet<(u16, String)> =
+        seen.iter().map(|(_, s, k, _)| (*s, k.clone())).collect();
+    let table: BTreeSet<(u16, String)> = TABLE.iter().map(|(s, k)| (*s, k.to_string())).collect();
+    assert_eq!(
+        covered, table,
+        "every status table row is produced through HTTP"
+    );
+}
