@@ -274,3 +274,44 @@ async fn requests_with_different_shapes_are_not_mixed() {
         t.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_is_dropped_before_it_runs() {
+    let (state, router, open) = gated_server(8);
+    let uri = "/v2/models/gated/infer";
+    let device = &state.models[0].pool.devices()[0];
+    // Two requests fill the device (one running, one in its channel); the third waits in the queue.
+    let held: Vec<_> = [1.0, 2.0]
+        .map(|v| {
+            let r = router.clone();
+            tokio::spawn(async move { post_json(&r, uri, &one(v)).await })
+        })
+        .into();
+    for _ in 0..200 {
+        if device.inflight_rows() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let leaving = tokio::spawn({
+        let r = router.clone();
+        async move { post_json(&r, uri, &one(3.0)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    leaving.abort(); // The client hangs up while its request is queued.
+    let _ = leaving.await;
+    drop(open);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, axum::http::StatusCode::OK);
+    }
+    // A later request runs, so the batcher has looked at the queue since the client left.
+    assert_eq!(
+        post_json(&router, uri, &one(4.0)).await.status,
+        axum::http::StatusCode::OK
+    );
+    let ran = device.rows.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        ran, 3,
+        "rows run: the two held requests and the last one, not the abandoned one"
+    );
+}

@@ -4,19 +4,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::*;
-use ortserve::app::AppState;
-use ortserve::batching::{BatchSettings, DeviceRunner, ModelHandle};
-use ortserve::config::DispatchPolicy;
-use ortserve::device::{ModelRunner, RunError};
-use ortserve::metrics::Metrics;
-use ortserve::model::{ModelInfo, TensorInfo};
-use ortserve::tensor::{DataType, Tensor};
 use serde_json::json;
 
 /// Every (status, error_type) the server documents.
@@ -32,70 +24,6 @@ const TABLE: [(u16, &str); 10] = [
     (503, "unavailable"),
     (504, "deadline_exceeded"),
 ];
-
-/// Echoes its input; each batch waits for a token on `gate` (or for the gate to close), and
-/// fails when the first value is negative.
-struct Gated {
-    gate: Arc<Mutex<mpsc::Receiver<()>>>,
-}
-
-impl ModelRunner for Gated {
-    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
-        let _ = self.gate.lock().unwrap().recv();
-        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
-        let out = Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?;
-        if out.to_f32()[0] < 0.0 {
-            return Err(RunError::Failed("device fault at 0xdeadbeef".into()));
-        }
-        Ok(vec![out])
-    }
-}
-
-fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc::Sender<()>) {
-    let (open, gate) = mpsc::channel();
-    let info = ModelInfo {
-        inputs: vec![TensorInfo {
-            name: "x".into(),
-            dtype: DataType::F32,
-            dims: vec![-1, 1],
-        }],
-        outputs: vec![TensorInfo {
-            name: "y".into(),
-            dtype: DataType::F32,
-            dims: vec![-1, 1],
-        }],
-    };
-    let runner = DeviceRunner {
-        name: "cpu:0".into(),
-        max_batch: 1,
-        runner: Box::new(Gated {
-            gate: Arc::new(Mutex::new(gate)),
-        }),
-    };
-    let settings = BatchSettings {
-        max_queue_delay: Duration::ZERO,
-        queue_capacity,
-        default_timeout: Duration::from_secs(30),
-    };
-    let metrics = Arc::new(Metrics::new());
-    let model = ModelHandle::start(
-        "gated",
-        "1",
-        info,
-        DispatchPolicy::LeastLoaded,
-        settings,
-        vec![runner],
-        metrics.clone(),
-    )
-    .unwrap();
-    let state = Arc::new(AppState::new(vec![model], metrics, 1 << 20));
-    let router = ortserve::http::router(state.clone());
-    (state, router, open)
-}
-
-fn one(v: f32) -> serde_json::Value {
-    json!({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [v]}]})
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_status_table_row_through_http() {

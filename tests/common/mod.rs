@@ -3,15 +3,19 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
 use ortserve::app::AppState;
-use ortserve::config::{Config, RuntimeConfig};
-use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner};
+use ortserve::batching::{BatchSettings, DeviceRunner, ModelHandle};
+use ortserve::config::{Config, DispatchPolicy, RuntimeConfig};
+use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner, RunError};
+use ortserve::metrics::Metrics;
+use ortserve::model::{ModelInfo, TensorInfo};
 use ortserve::tensor::{DataType, Tensor};
 use rand::Rng;
 use serde_json::{json, Value};
@@ -274,4 +278,69 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             .then(|| value.parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// Echoes its input; each batch waits for a token on `gate` (or for the gate to close), and
+/// fails when the first value is negative.
+pub struct Gated {
+    gate: Arc<Mutex<mpsc::Receiver<()>>>,
+}
+
+impl ModelRunner for Gated {
+    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+        let _ = self.gate.lock().unwrap().recv();
+        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+        let out = Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?;
+        if out.to_f32()[0] < 0.0 {
+            return Err(RunError::Failed("device fault at 0xdeadbeef".into()));
+        }
+        Ok(vec![out])
+    }
+}
+
+pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc::Sender<()>) {
+    let (open, gate) = mpsc::channel();
+    let info = ModelInfo {
+        inputs: vec![TensorInfo {
+            name: "x".into(),
+            dtype: DataType::F32,
+            dims: vec![-1, 1],
+        }],
+        outputs: vec![TensorInfo {
+            name: "y".into(),
+            dtype: DataType::F32,
+            dims: vec![-1, 1],
+        }],
+    };
+    let runner = DeviceRunner {
+        name: "cpu:0".into(),
+        max_batch: 1,
+        runner: Box::new(Gated {
+            gate: Arc::new(Mutex::new(gate)),
+        }),
+    };
+    let settings = BatchSettings {
+        max_queue_delay: Duration::ZERO,
+        queue_capacity,
+        default_timeout: Duration::from_secs(30),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let model = ModelHandle::start(
+        "gated",
+        "1",
+        info,
+        DispatchPolicy::LeastLoaded,
+        settings,
+        vec![runner],
+        metrics.clone(),
+    )
+    .unwrap();
+    let state = Arc::new(AppState::new(vec![model], metrics, 1 << 20));
+    let router = ortserve::http::router(state.clone());
+    (state, router, open)
+}
+
+/// A one-row request for the gated server.
+pub fn one(v: f32) -> Value {
+    json!({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [v]}]})
 }
