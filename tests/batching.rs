@@ -5,12 +5,9 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use ortserve::app::AppState;
-use ortserve::batching::{BatchSettings, DeviceRunner, ModelHandle};
+use ortserve::batching::{BatchSettings, DeviceRunner};
 use ortserve::config::DispatchPolicy;
 use ortserve::device::{ModelRunner, RunError};
-use ortserve::metrics::Metrics;
-use ortserve::model::{ModelInfo, TensorInfo};
 use ortserve::tensor::{DataType, Tensor};
 use rand::SeedableRng;
 
@@ -151,18 +148,6 @@ impl ModelRunner for Paced {
 
 /// Rows the fast (1 ms per batch) and the slow (4 ms per batch) device ran under `policy`.
 async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
-    let info = ModelInfo {
-        inputs: vec![TensorInfo {
-            name: "x".into(),
-            dtype: DataType::F32,
-            dims: vec![-1, 2],
-        }],
-        outputs: vec![TensorInfo {
-            name: "y".into(),
-            dtype: DataType::F32,
-            dims: vec![-1, 2],
-        }],
-    };
     let runners = [("fast", 1), ("slow", 4)]
         .map(|(name, ms)| DeviceRunner {
             name: name.into(),
@@ -177,19 +162,8 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
         queue_capacity: 1024,
         default_timeout: std::time::Duration::from_secs(30),
     };
-    let metrics = Arc::new(Metrics::new());
-    let model = ModelHandle::start(
-        "paced",
-        "1",
-        info,
-        policy,
-        settings,
-        runners,
-        metrics.clone(),
-    )
-    .unwrap();
-    let state = Arc::new(AppState::new(vec![model.clone()], metrics, 1 << 20));
-    let router = ortserve::http::router(state);
+    let (state, router) = fake_server("paced", 2, runners, policy, settings);
+    let model = state.models[0].clone();
     let mut tasks = Vec::new();
     for c in 0..12 {
         let router = router.clone();

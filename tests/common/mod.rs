@@ -298,20 +298,34 @@ impl ModelRunner for Gated {
     }
 }
 
+/// A server over fake runners: model `name` takes `x: FP32[-1, cols]` and returns `y` alike.
+pub fn fake_server(
+    name: &str,
+    cols: i64,
+    runners: Vec<DeviceRunner>,
+    policy: DispatchPolicy,
+    settings: BatchSettings,
+) -> (Arc<AppState>, axum::Router) {
+    let tensor = |n: &str| TensorInfo {
+        name: n.into(),
+        dtype: DataType::F32,
+        dims: vec![-1, cols],
+    };
+    let info = ModelInfo {
+        inputs: vec![tensor("x")],
+        outputs: vec![tensor("y")],
+    };
+    let metrics = Arc::new(Metrics::new());
+    let model =
+        ModelHandle::start(name, "1", info, policy, settings, runners, metrics.clone()).unwrap();
+    let state = Arc::new(AppState::new(vec![model], metrics, 1 << 20));
+    let router = ortserve::http::router(state.clone());
+    (state, router)
+}
+
+/// One device that holds each batch until the returned sender sends a token (or is dropped).
 pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc::Sender<()>) {
     let (open, gate) = mpsc::channel();
-    let info = ModelInfo {
-        inputs: vec![TensorInfo {
-            name: "x".into(),
-            dtype: DataType::F32,
-            dims: vec![-1, 1],
-        }],
-        outputs: vec![TensorInfo {
-            name: "y".into(),
-            dtype: DataType::F32,
-            dims: vec![-1, 1],
-        }],
-    };
     let runner = DeviceRunner {
         name: "cpu:0".into(),
         max_batch: 1,
@@ -324,19 +338,13 @@ pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc
         queue_capacity,
         default_timeout: Duration::from_secs(30),
     };
-    let metrics = Arc::new(Metrics::new());
-    let model = ModelHandle::start(
+    let (state, router) = fake_server(
         "gated",
-        "1",
-        info,
+        1,
+        vec![runner],
         DispatchPolicy::LeastLoaded,
         settings,
-        vec![runner],
-        metrics.clone(),
-    )
-    .unwrap();
-    let state = Arc::new(AppState::new(vec![model], metrics, 1 << 20));
-    let router = ortserve::http::router(state.clone());
+    );
     (state, router, open)
 }
 
