@@ -1,14 +1,23 @@
-//! The running server's shared state: the models, metrics, limits and the readiness flags that
-//! handlers read.
+//! The running server's shared state: the models (once loaded and tuned), their tuning results,
+//! metrics, limits and the readiness flags that handlers read.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::batching::ModelHandle;
 use crate::metrics::Metrics;
+use crate::tuning::DeviceTuning;
+
+/// What startup produces: the served models and each one's per-device tuning.
+pub struct Loaded {
+    pub models: Vec<Arc<ModelHandle>>,
+    pub tuning: BTreeMap<String, Vec<DeviceTuning>>,
+}
 
 pub struct AppState {
-    pub models: Vec<Arc<ModelHandle>>,
+    /// Set once, when every model is loaded and tuned; empty until then.
+    loaded: OnceLock<Loaded>,
     pub metrics: Arc<Metrics>,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
@@ -17,30 +26,58 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
-        models: Vec<Arc<ModelHandle>>,
-        metrics: Arc<Metrics>,
-        max_body_bytes: u64,
-    ) -> AppState {
+    /// A state whose models are still loading: health answers, readiness is 503.
+    pub fn loading(metrics: Arc<Metrics>, max_body_bytes: u64) -> AppState {
         AppState {
-            models,
+            loaded: OnceLock::new(),
             metrics,
             max_body_bytes,
             draining: AtomicBool::new(false),
         }
     }
 
+    /// A state with its models (tests and tools that skip the loading phase).
+    pub fn new(
+        models: Vec<Arc<ModelHandle>>,
+        metrics: Arc<Metrics>,
+        max_body_bytes: u64,
+    ) -> AppState {
+        let state = AppState::loading(metrics, max_body_bytes);
+        state.install(Loaded {
+            models,
+            tuning: BTreeMap::new(),
+        });
+        state
+    }
+
+    /// Publishes the loaded models; later calls are ignored.
+    pub fn install(&self, loaded: Loaded) {
+        let _ = self.loaded.set(loaded);
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.get().is_some()
+    }
+
+    pub fn models(&self) -> &[Arc<ModelHandle>] {
+        self.loaded.get().map_or(&[], |l| &l.models)
+    }
+
     pub fn model(&self, name: &str) -> Option<&Arc<ModelHandle>> {
-        self.models.iter().find(|m| m.name == name)
+        self.models().iter().find(|m| m.name == name)
+    }
+
+    pub fn tuning(&self, model: &str) -> Option<&[DeviceTuning]> {
+        self.loaded.get()?.tuning.get(model).map(Vec::as_slice)
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Readiness: not draining and every model has a healthy device.
+    /// Readiness: loaded and tuned, not draining, and every model has a healthy device.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.models.iter().all(|m| m.is_ready())
+        self.is_loaded() && !self.is_draining() && self.models().iter().all(|m| m.is_ready())
     }
 
     pub fn start_draining(&self) {

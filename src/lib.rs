@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! Arrows point one way: `http` → `batching` → `dispatch` → `device`; `config`, `metrics`,
+//! Arrows point one way: `http` → `batching` → `dispatch` → `device`; `tuning` → `device`;
+//! `config`, `metrics`,
 //! `tensor` and `model` are leaves.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
@@ -21,6 +22,7 @@
 //! - [`tensor`]: `Tensor { dtype, shape, data }`, concatenation and slicing along dim 0.
 //! - [`model`]: a model's inputs and outputs and the checks on a request's tensors.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`shutdown`]: signals and the drain sequence.
 //!
 //! Entry points: [`start`] loads everything, [`serve`] runs HTTP on an injected listener until an
@@ -36,6 +38,7 @@ pub mod metrics;
 pub mod model;
 pub mod shutdown;
 pub mod tensor;
+pub mod tuning;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,11 +46,15 @@ use std::sync::Arc;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
-use crate::app::AppState;
+use std::collections::BTreeMap;
+
+use crate::app::{AppState, Loaded};
 use crate::batching::{BatchSettings, DeviceRunner, ModelHandle};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, MaxBatch};
 use crate::device::{DeviceError, OrtRunner};
 use crate::metrics::Metrics;
+use crate::model::ModelInfo;
+use crate::tuning::{DeviceTuning, TuningError};
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -57,50 +64,103 @@ pub enum StartupError {
     Device(#[from] DeviceError),
     #[error("model {model:?}: {message}")]
     Model { model: String, message: String },
+    #[error(transparent)]
+    Tuning(#[from] TuningError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Loads ONNX Runtime, builds every (model, device, instance) session, and starts the device
-/// threads and batchers. Returns when every model can take requests.
-pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
+/// Loads ONNX Runtime, builds every (model, device, instance) session, tunes each device's
+/// batch size (or takes it from config or the cache), and starts the device threads and
+/// batchers. Devices are tuned one after another, so probes do not disturb each other.
+pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, StartupError> {
     let runtime_cfg = config.runtime.clone();
     let runtime = tokio::task::spawn_blocking(move || device::init_runtime(&runtime_cfg))
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     let plans = device::plan_devices(config, &runtime)?;
-    let metrics = Arc::new(Metrics::new());
+    let version = runtime.version();
     let mut models = Vec::new();
+    let mut tuning = BTreeMap::new();
     for (m, plans) in config.models.iter().zip(plans) {
         let mut runners = Vec::new();
-        let mut info = None;
+        let mut results = Vec::new();
+        let mut info: Option<ModelInfo> = None;
         for plan in plans {
-            let path = m.path.clone();
             let name = match plan.instance {
                 0 => plan.device.clone(),
                 i => format!("{}#{i}", plan.device),
             };
-            let runner = tokio::task::spawn_blocking(move || OrtRunner::open(&path, &plan))
+            let (m2, name2, version2, visible) = (
+                m.clone(),
+                name.clone(),
+                version.clone(),
+                config.runtime.cuda_visible_devices.clone(),
+            );
+            let (runner, result) =
+                tokio::task::spawn_blocking(move || -> Result<_, StartupError> {
+                    let mut runner = OrtRunner::open(&m2.path, &plan)?;
+                    let result = match m2.batching.max_batch_size {
+                        MaxBatch::Fixed(n) => DeviceTuning {
+                            device: name2.clone(),
+                            source: tuning::Source::Config,
+                            chosen: n,
+                            reason: "batching.max_batch_size in the config".into(),
+                            memory_source: String::new(),
+                            probes: Vec::new(),
+                            baseline_memory_bytes: 0,
+                            duration_ms: 0.0,
+                        },
+                        MaxBatch::Auto => {
+                            let memory = tuning::MemoryProbe::for_plan(&plan, visible.as_deref())
+                                .map_err(|message| StartupError::Model {
+                                model: m2.name.clone(),
+                                message: format!("{name2}: cannot read device memory: {message}"),
+                            })?;
+                            let info = runner.info().clone();
+                            let dim_names = runner.dim_names().to_vec();
+                            let req = tuning::TuneRequest {
+                                model: &m2.name,
+                                model_path: &m2.path,
+                                plan: &plan,
+                                device: &name2,
+                                info: &info,
+                                dim_names: &dim_names,
+                                config: &m2.tuning,
+                                runtime_version: &version2,
+                                memory: &memory,
+                            };
+                            tuning::tune_device(&mut runner, &req)?
+                        }
+                    };
+                    Ok((runner, result))
+                })
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             match &info {
                 None => info = Some(runner.info().clone()),
-                Some(i) if i != runner.info() => {
-                    return Err(StartupError::Model {
-                        model: m.name.clone(),
-                        message: format!(
+                Some(i) if i != runner.info() => return Err(StartupError::Model {
+                    model: m.name.clone(),
+                    message: format!(
                         "device {name} reports different inputs or outputs than the first device"
                     ),
-                    })
-                }
+                }),
                 Some(_) => {}
             }
-            tracing::info!(model = %m.name, device = %name, "session ready");
+            if result.source != tuning::Source::Config {
+                tracing::info!("{}", tuning::table(&m.name, &result).trim_end());
+            }
+            metrics
+                .tuned_max_batch
+                .with_label_values(&[m.name.as_str(), name.as_str()])
+                .set(result.chosen as i64);
+            tracing::info!(model = %m.name, device = %name, max_batch = result.chosen, source = ?result.source, "session ready");
             runners.push(DeviceRunner {
                 name,
-                max_batch: m.batching.max_batch_size,
+                max_batch: result.chosen,
                 runner: Box::new(runner),
             });
+            results.push(result);
         }
         let info = info.ok_or_else(|| StartupError::Model {
             model: m.name.clone(),
@@ -120,12 +180,18 @@ pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
             runners,
             metrics.clone(),
         )?);
+        tuning.insert(m.name.clone(), results);
     }
-    Ok(Arc::new(AppState::new(
-        models,
-        metrics,
-        config.server.max_body_bytes.0,
-    )))
+    Ok(Loaded { models, tuning })
+}
+
+/// Loads everything (see [`load_models`]) and returns the state, ready to serve.
+pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
+    let metrics = Arc::new(Metrics::new());
+    let loaded = load_models(config, &metrics).await?;
+    let state = Arc::new(AppState::loading(metrics, config.server.max_body_bytes.0));
+    state.install(loaded);
+    Ok(state)
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then drains (see [`shutdown`]) and stops
@@ -138,7 +204,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let router = http::router(state.clone());
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, models = state.models.len(), "serving");
+        tracing::info!(%addr, "serving HTTP");
     }
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_delay = server.drain_delay.0;
@@ -164,20 +230,36 @@ pub async fn serve(
         r = http => r?,
         _ = overdue => tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time"),
     }
-    for m in &state.models {
+    for m in state.models() {
         m.shutdown().await;
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// [`start`] then [`serve`].
+/// Serves at once (health answers, readiness is 503) while the models load and tune, then
+/// serves them until `shutdown` resolves. A loading failure ends the server with the error.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    let state = start(&config).await?;
-    serve(state, &config.server, listener, shutdown).await?;
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(AppState::loading(
+        metrics.clone(),
+        config.server.max_body_bytes.0,
+    ));
+    let serving = serve(state.clone(), &config.server, listener, shutdown);
+    tokio::pin!(serving);
+    let loading = load_models(&config, &metrics);
+    tokio::pin!(loading);
+    tokio::select! {
+        loaded = &mut loading => {
+            state.install(loaded?);
+            tracing::info!("every model is loaded and tuned: ready");
+            serving.await?;
+        }
+        served = &mut serving => served?,
+    }
     Ok(())
 }

@@ -25,6 +25,17 @@ enum Command {
         #[arg(long, env = "ORTSERVE_CONFIG")]
         config: PathBuf,
     },
+    /// Probe every (model, device) batch size without serving: print the tables, write an SVG plot.
+    Tune {
+        #[arg(long, env = "ORTSERVE_CONFIG")]
+        config: PathBuf,
+        /// Where to write the plot.
+        #[arg(long, default_value = "tuning.svg")]
+        plot: PathBuf,
+        /// Use a cached result where one matches instead of probing again.
+        #[arg(long)]
+        use_cache: bool,
+    },
     /// Load and validate a configuration file, print it resolved, and exit.
     CheckConfig {
         #[arg(long, env = "ORTSERVE_CONFIG")]
@@ -32,10 +43,10 @@ enum Command {
     },
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, level: &str) {
     use std::io::IsTerminal;
     // RUST_LOG chooses; unset or empty means info, with ONNX Runtime's own chatter at warn.
-    let default = format!("info,{}", ortserve::device::RUNTIME_LOG_QUIET);
+    let default = format!("{level},{}", ortserve::device::RUNTIME_LOG_QUIET);
     let default = default.as_str();
     let wanted = std::env::var("RUST_LOG")
         .ok()
@@ -69,6 +80,68 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Tune {
+            config,
+            plot,
+            use_cache,
+        } => {
+            let mut config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            // The tables go to stdout; the log only says what went wrong.
+            init_tracing(config.server.log_format, "warn");
+            for m in &mut config.models {
+                m.batching.max_batch_size = ortserve::config::MaxBatch::Auto;
+                m.tuning.force = !use_cache;
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let metrics = std::sync::Arc::new(ortserve::metrics::Metrics::new());
+                let loaded = match ortserve::load_models(&config, &metrics).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("ortserve tune: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let mut all = Vec::new();
+                for (model, results) in &loaded.tuning {
+                    for r in results {
+                        println!("{}", ortserve::tuning::table(model, r));
+                        all.push((model.clone(), r.clone()));
+                    }
+                }
+                for m in &loaded.models {
+                    m.shutdown().await;
+                }
+                match ortserve::tuning::plot::svg(&all)
+                    .map_err(std::io::Error::other)
+                    .and_then(|svg| std::fs::write(&plot, svg))
+                {
+                    Ok(()) => {
+                        println!("plot: {}", plot.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("ortserve tune: writing {}: {e}", plot.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
         Command::Serve { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -77,7 +150,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_tracing(config.server.log_format);
+            init_tracing(config.server.log_format, "info");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// 1 healthy, 0 not, by model and device.
     pub device_healthy: IntGaugeVec,
+    /// The batch size each device runs at, by model and device.
+    pub tuned_max_batch: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -91,7 +93,15 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
         }
-        for g in [&queue_depth, &device_healthy] {
+        let tuned_max_batch = IntGaugeVec::new(
+            Opts::new(
+                "ortserve_tuned_max_batch_size",
+                "Batch size a device runs at (tuned or configured)",
+            ),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        for g in [&queue_depth, &device_healthy, &tuned_max_batch] {
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -106,6 +116,7 @@ impl Metrics {
             device_failures,
             queue_depth,
             device_healthy,
+            tuned_max_batch,
         }
     }
 

@@ -163,7 +163,7 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
         default_timeout: std::time::Duration::from_secs(30),
     };
     let (state, router) = fake_server("paced", 2, runners, policy, settings);
-    let model = state.models[0].clone();
+    let model = state.models()[0].clone();
     let mut tasks = Vec::new();
     for c in 0..12 {
         let router = router.clone();
@@ -253,7 +253,7 @@ async fn requests_with_different_shapes_are_not_mixed() {
 async fn a_request_whose_client_left_is_dropped_before_it_runs() {
     let (state, router, open) = gated_server(8);
     let uri = "/v2/models/gated/infer";
-    let device = &state.models[0].pool.devices()[0];
+    let device = &state.models()[0].pool.devices()[0];
     // Two requests fill the device (one running, one in its channel); the third waits in the queue.
     let held: Vec<_> = [1.0, 2.0]
         .map(|v| {

@@ -214,7 +214,7 @@ models:
         .collect();
     // Wait until all three are admitted: one running, one in the device's channel, one queued.
     for _ in 0..200 {
-        if state.models[0].pool.devices()[0].inflight_rows() == 2 {
+        if state.models()[0].pool.devices()[0].inflight_rows() == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -235,7 +235,7 @@ models:
         async move { post_json(&r, uri, &one(4.0)).await }
     });
     for _ in 0..200 {
-        if state.models[0].pool.devices()[0].inflight_rows() == 1 {
+        if state.models()[0].pool.devices()[0].inflight_rows() == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -271,7 +271,7 @@ models:
         "details stay in the log: {body}"
     );
 
-    state.models[0].pool.devices()[0].set_healthy(false);
+    state.models()[0].pool.devices()[0].set_healthy(false);
     check(
         "no healthy device",
         post_json(&gated, uri, &one(1.0)).await,
@@ -287,12 +287,12 @@ models:
         get(&gated, "/v2/models/gated/ready").await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    state.models[0].pool.devices()[0].set_healthy(true);
+    state.models()[0].pool.devices()[0].set_healthy(true);
     assert_eq!(
         post_json(&gated, uri, &one(1.0)).await.status,
         StatusCode::OK
     );
-    state.models[0].shutdown().await;
+    state.models()[0].shutdown().await;
     check(
         "model shut down",
         post_json(&gated, uri, &one(1.0)).await,

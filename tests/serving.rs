@@ -24,7 +24,7 @@ models:
 async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
     let (state, router) = start(ALL_MODELS).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for model in &state.models {
+    for model in state.models() {
         let mut reference = reference(&format!("{}.onnx", model.name));
         let batchable = model.info.inputs[0].dims[0] == -1;
         let sizes: &[usize] = if batchable { &[1, 8, 5] } else { &[2] };

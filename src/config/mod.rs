@@ -138,6 +138,16 @@ mod auto_tag {
     }
 }
 
+/// `max_batch_size`: `auto` (probe at startup) or a fixed count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(untagged)]
+pub enum MaxBatch {
+    #[default]
+    #[serde(with = "auto_tag")]
+    Auto,
+    Fixed(usize),
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
@@ -188,6 +198,8 @@ pub struct ModelConfig {
     pub dispatch: DispatchPolicy,
     #[serde(default)]
     pub batching: BatchingConfig,
+    #[serde(default)]
+    pub tuning: TuningConfig,
 }
 
 fn default_version() -> String {
@@ -200,9 +212,10 @@ fn one() -> usize {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchingConfig {
-    /// Most rows one device run takes. Larger requests are split across devices.
-    #[serde(default = "default_max_batch")]
-    pub max_batch_size: usize,
+    /// Most rows one device run takes; larger requests are split across devices. `auto` (the
+    /// default) measures it per device at startup (see `tuning`); a number skips the probe.
+    #[serde(default)]
+    pub max_batch_size: MaxBatch,
     /// How long a batch that is not full waits for more rows. 0 sends at once; raise it for
     /// throughput under light load.
     #[serde(default = "default_queue_delay")]
@@ -215,15 +228,68 @@ pub struct BatchingConfig {
 impl Default for BatchingConfig {
     fn default() -> Self {
         BatchingConfig {
-            max_batch_size: default_max_batch(),
+            max_batch_size: MaxBatch::Auto,
             max_queue_delay: default_queue_delay(),
             queue_capacity: default_queue_capacity(),
         }
     }
 }
 
-fn default_max_batch() -> usize {
-    32
+/// How `max_batch_size: auto` is measured. See README.md ("Batch-size tuning").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TuningConfig {
+    /// Fraction of the device's memory limit that must stay free at the chosen size.
+    #[serde(default = "default_headroom")]
+    pub memory_headroom: f64,
+    /// Most memory the probe may add on a device (over what it used before the first probe).
+    /// Unset: only the headroom counts.
+    #[serde(default)]
+    pub memory_budget: Option<ByteSize>,
+    /// Largest median latency of one batch run; larger sizes are not chosen.
+    #[serde(default)]
+    pub latency_budget: Option<Dur>,
+    /// Largest size probed.
+    #[serde(default = "default_cap")]
+    pub max_batch_cap: usize,
+    /// Time limit of the whole probe of one device; it stops before a size would pass it.
+    #[serde(default = "default_max_duration")]
+    pub max_duration: Dur,
+    /// Values for dynamic non-batch dimensions, by the model's dimension name (e.g. `height: 224`).
+    #[serde(default)]
+    pub dims: std::collections::BTreeMap<String, usize>,
+    /// Folder of the tuning cache (one JSON file per model, device, runtime and settings).
+    /// Unset: `ortserve-tuning` in the system temp folder.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Probe even when the cache has a result.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl Default for TuningConfig {
+    fn default() -> Self {
+        TuningConfig {
+            memory_headroom: default_headroom(),
+            memory_budget: None,
+            latency_budget: None,
+            max_batch_cap: default_cap(),
+            max_duration: default_max_duration(),
+            dims: Default::default(),
+            cache_dir: None,
+            force: false,
+        }
+    }
+}
+
+fn default_headroom() -> f64 {
+    0.15
+}
+fn default_cap() -> usize {
+    256
+}
+fn default_max_duration() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
 }
 fn default_queue_delay() -> Dur {
     Dur(std::time::Duration::from_millis(2))
@@ -294,6 +360,11 @@ impl Config {
         for m in &mut self.models {
             if m.path.is_relative() {
                 m.path = base.join(&m.path);
+            }
+            if let Some(dir) = &mut m.tuning.cache_dir {
+                if dir.is_relative() {
+                    *dir = base.join(&*dir);
+                }
             }
         }
         if let Some(p) = &mut self.runtime.onnxruntime_path {
@@ -381,10 +452,38 @@ impl Config {
                 ));
             }
             let b = &m.batching;
-            if b.max_batch_size == 0 || b.max_batch_size > MAX_BATCH_LIMIT {
+            if let MaxBatch::Fixed(n) = b.max_batch_size {
+                if n == 0 || n > MAX_BATCH_LIMIT {
+                    return Err(invalid(
+                        key("batching.max_batch_size"),
+                        format!("must be `auto` or 1..={MAX_BATCH_LIMIT}, got {n}"),
+                    ));
+                }
+            }
+            let t = &m.tuning;
+            if !(0.0..=0.9).contains(&t.memory_headroom) {
                 return Err(invalid(
-                    key("batching.max_batch_size"),
-                    format!("must be 1..={MAX_BATCH_LIMIT}, got {}", b.max_batch_size),
+                    key("tuning.memory_headroom"),
+                    format!("must be between 0 and 0.9, got {}", t.memory_headroom),
+                ));
+            }
+            if t.max_batch_cap == 0 || t.max_batch_cap > MAX_BATCH_LIMIT {
+                return Err(invalid(
+                    key("tuning.max_batch_cap"),
+                    format!("must be 1..={MAX_BATCH_LIMIT}, got {}", t.max_batch_cap),
+                ));
+            }
+            if t.max_duration.0.is_zero() || t.max_duration.0 > std::time::Duration::from_secs(3600)
+            {
+                return Err(invalid(
+                    key("tuning.max_duration"),
+                    "must be more than 0 and at most 1h",
+                ));
+            }
+            if let Some((name, _)) = t.dims.iter().find(|(_, &v)| v == 0) {
+                return Err(invalid(
+                    key(&format!("tuning.dims.{name}")),
+                    "must be at least 1",
                 ));
             }
             if b.max_queue_delay.0 > std::time::Duration::from_secs(10) {

@@ -18,6 +18,8 @@ use super::{runtime, DeviceError, DeviceKind, DevicePlan, ModelRunner, RunError}
 pub struct OrtRunner {
     session: Session,
     info: ModelInfo,
+    /// Per input, the name of each dimension ("" where the model names none).
+    dim_names: Vec<Vec<String>>,
     /// Host allocator for input tensors.
     allocator: Allocator,
 }
@@ -135,15 +137,31 @@ impl OrtRunner {
             inputs: tensor_infos(path, session.inputs())?,
             outputs: tensor_infos(path, session.outputs())?,
         };
+        let dim_names = session
+            .inputs()
+            .iter()
+            .map(|o| match o.dtype() {
+                ValueType::Tensor {
+                    dimension_symbols, ..
+                } => dimension_symbols.iter().cloned().collect(),
+                _ => Vec::new(),
+            })
+            .collect();
         Ok(OrtRunner {
             session,
             info,
+            dim_names,
             allocator: Allocator::default(),
         })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Per input, the model's name for each dimension ("" where it has none).
+    pub fn dim_names(&self) -> &[Vec<String>] {
+        &self.dim_names
     }
 
     /// One unbatched run, in-process: the reference the tests compare the server with.

@@ -92,3 +92,14 @@ pub async fn ready_version(
 ) -> Result<Response, ApiError> {
     Ok(ready_of(&app, lookup(&app, &model, Some(&version))?))
 }
+
+/// `GET /v1/models/{model}/tuning`: per device, every probed size (latency, rows/s, memory),
+/// the chosen size and why.
+pub async fn tuning(
+    State(app): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let m = lookup(&app, &model, None)?;
+    let devices = app.tuning(&m.name).unwrap_or_default();
+    Ok(Json(json!({"model": m.name, "devices": devices})))
+}

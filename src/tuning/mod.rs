@@ -1,0 +1,419 @@
+//! Startup batch-size tuning (DESIGN.md section 4): per (model, device), probe batch sizes with
+//! synthetic inputs, measure latency, throughput and memory, choose the size, and cache it.
+
+mod cache;
+mod memory;
+pub mod plot;
+pub mod probe;
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::TuningConfig;
+use crate::device::{DeviceKind, DevicePlan, ModelRunner, RunError};
+use crate::model::ModelInfo;
+use crate::tensor::{DataType, Tensor};
+
+pub use cache::cache_key;
+pub use memory::{process_rss, CpuMemorySource};
+pub use probe::{Limits, MemoryReading, Outcome, Probe, ProbeError, Sweep, Target};
+
+/// Where a device's batch size came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Measured at this start.
+    Probe,
+    /// Read from the tuning cache (same model, device, runtime and settings).
+    Cache,
+    /// `max_batch_size` is a number in the config.
+    Config,
+    /// The model's batch dimension is fixed, so there is nothing to choose.
+    FixedBatch,
+}
+
+/// The tuning result of one device, as served by `GET /v1/models/{m}/tuning`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceTuning {
+    pub device: String,
+    pub source: Source,
+    pub chosen: usize,
+    pub reason: String,
+    /// How memory was read ("process RSS against cgroup v2 memory.max", "NVML", ...).
+    pub memory_source: String,
+    #[serde(default)]
+    pub probes: Vec<Probe>,
+    #[serde(default)]
+    pub baseline_memory_bytes: u64,
+    #[serde(default)]
+    pub duration_ms: f64,
+}
+
+#[derive(Debug, Error)]
+pub enum TuningError {
+    #[error("{model} on {device}: {source}")]
+    Probe {
+        model: String,
+        device: String,
+        source: ProbeError,
+    },
+    #[error("{model}: input {input:?} dimension {index} ({name:?}) is dynamic; set tuning.dims.{name} so the probe can build inputs")]
+    UnknownDim {
+        model: String,
+        input: String,
+        index: usize,
+        name: String,
+    },
+    #[error("{model} on {device}: NVML: {message}")]
+    Nvml {
+        model: String,
+        device: String,
+        message: String,
+    },
+}
+
+/// The non-batch dims of every input, with dynamic ones taken from `tuning.dims` by name.
+pub fn resolve_dims(
+    model: &str,
+    info: &ModelInfo,
+    names: &[Vec<String>],
+    cfg: &TuningConfig,
+) -> Result<Vec<Vec<usize>>, TuningError> {
+    info.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            input
+                .dims
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(d, &n)| {
+                    if n >= 0 {
+                        return Ok(n as usize);
+                    }
+                    let name = names
+                        .get(i)
+                        .and_then(|v| v.get(d))
+                        .cloned()
+                        .unwrap_or_default();
+                    cfg.dims.get(&name).copied().ok_or(TuningError::UnknownDim {
+                        model: model.to_string(),
+                        input: input.name.clone(),
+                        index: d,
+                        name,
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A small deterministic generator (splitmix64): synthetic inputs need variety, not quality.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+/// Random inputs of `rows` rows, never all zeros. Integers are small (0..4) so index-like
+/// inputs stay in range; floats are in [-1, 1).
+pub fn synthetic_inputs(
+    info: &ModelInfo,
+    dims: &[Vec<usize>],
+    rows: usize,
+    seed: u64,
+) -> Vec<Tensor> {
+    let mut rng = Mix(seed);
+    info.inputs
+        .iter()
+        .zip(dims)
+        .map(|(input, rest)| {
+            let mut shape = vec![rows];
+            shape.extend(rest);
+            let n: usize = shape.iter().product();
+            let mut data = Vec::with_capacity(n * input.dtype.size());
+            for _ in 0..n {
+                let small = (rng.next() % 4) as u8;
+                let x = rng.unit();
+                match input.dtype {
+                    DataType::Bool => data.push(small & 1),
+                    DataType::U8 | DataType::I8 => data.push(small),
+                    DataType::U16 | DataType::I16 => data.extend((small as u16).to_le_bytes()),
+                    DataType::U32 | DataType::I32 => data.extend((small as u32).to_le_bytes()),
+                    DataType::U64 | DataType::I64 => data.extend((small as u64).to_le_bytes()),
+                    DataType::F16 => data.extend(half::f16::from_f64(x).to_le_bytes()),
+                    DataType::F32 => data.extend((x as f32).to_le_bytes()),
+                    DataType::F64 => data.extend(x.to_le_bytes()),
+                }
+            }
+            Tensor {
+                dtype: input.dtype,
+                shape,
+                data,
+            }
+        })
+        .collect()
+}
+
+/// How the probe reads memory on one device.
+pub enum MemoryProbe {
+    Cpu(CpuMemorySource),
+    /// NVML, by NVML device index.
+    Cuda {
+        nvml: nvml_wrapper::Nvml,
+        index: u32,
+    },
+}
+
+impl MemoryProbe {
+    /// For a plan: the cgroup/RSS reader on CPU, NVML on CUDA (`visible` maps `cuda:N` to the
+    /// NVML index when CUDA_VISIBLE_DEVICES renumbers GPUs).
+    pub fn for_plan(plan: &DevicePlan, visible: Option<&str>) -> Result<MemoryProbe, String> {
+        match plan.kind {
+            DeviceKind::Cpu { .. } => Ok(MemoryProbe::Cpu(CpuMemorySource::detect())),
+            DeviceKind::Cuda { id } => {
+                let index = visible
+                    .and_then(|v| v.split(',').nth(id as usize))
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .unwrap_or(id);
+                let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
+                nvml.device_by_index(index).map_err(|e| e.to_string())?;
+                Ok(MemoryProbe::Cuda { nvml, index })
+            }
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            MemoryProbe::Cpu(src) => src.name().to_string(),
+            MemoryProbe::Cuda { index, .. } => format!("NVML device {index}: used against total"),
+        }
+    }
+
+    pub fn read(&self) -> MemoryReading {
+        match self {
+            MemoryProbe::Cpu(src) => src.read(),
+            MemoryProbe::Cuda { nvml, index } => {
+                match nvml.device_by_index(*index).and_then(|d| d.memory_info()) {
+                    Ok(m) => MemoryReading {
+                        used: m.used,
+                        limit: Some(m.total),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NVML memory reading failed");
+                        MemoryReading {
+                            used: 0,
+                            limit: None,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A runner at a batch size, as the sweep sees it.
+struct RunnerTarget<'a> {
+    runner: &'a mut dyn ModelRunner,
+    info: &'a ModelInfo,
+    dims: &'a [Vec<usize>],
+    memory: &'a MemoryProbe,
+}
+
+/// Timed runs per size: at least 3, at most 7, and no more once 300 ms are spent.
+const MIN_RUNS: usize = 3;
+const MAX_RUNS: usize = 7;
+const RUN_TIME: Duration = Duration::from_millis(300);
+
+impl Target for RunnerTarget<'_> {
+    fn measure(&mut self, rows: usize) -> Result<Vec<Duration>, RunError> {
+        let parts = [synthetic_inputs(self.info, self.dims, rows, rows as u64)];
+        self.runner.run(&parts)?; // warm-up
+        let started = Instant::now();
+        let mut runs = Vec::with_capacity(MAX_RUNS);
+        while runs.len() < MIN_RUNS || (runs.len() < MAX_RUNS && started.elapsed() < RUN_TIME) {
+            let t = Instant::now();
+            self.runner.run(&parts)?;
+            runs.push(t.elapsed());
+        }
+        Ok(runs)
+    }
+
+    fn memory(&mut self) -> MemoryReading {
+        self.memory.read()
+    }
+}
+
+/// What [`tune_device`] needs besides the runner.
+pub struct TuneRequest<'a> {
+    pub model: &'a str,
+    pub model_path: &'a std::path::Path,
+    pub plan: &'a DevicePlan,
+    /// The device's name as served (`cpu:0`, `cpu:0#1`).
+    pub device: &'a str,
+    pub info: &'a ModelInfo,
+    pub dim_names: &'a [Vec<String>],
+    pub config: &'a TuningConfig,
+    pub runtime_version: &'a str,
+    pub memory: &'a MemoryProbe,
+}
+
+/// Tunes one device: from the cache when it has this key (unless `force`), else by sweeping.
+pub fn tune_device(
+    runner: &mut dyn ModelRunner,
+    req: &TuneRequest<'_>,
+) -> Result<DeviceTuning, TuningError> {
+    if !req.info.batchable() {
+        return Ok(DeviceTuning {
+            device: req.device.to_string(),
+            source: Source::FixedBatch,
+            chosen: 1,
+            reason: "the model's batch dimension is fixed; requests run one at a time".into(),
+            memory_source: req.memory.name(),
+            probes: Vec::new(),
+            baseline_memory_bytes: 0,
+            duration_ms: 0.0,
+        });
+    }
+    let dims = resolve_dims(req.model, req.info, req.dim_names, req.config)?;
+    let key = cache_key(
+        req.model_path,
+        req.device,
+        req.plan,
+        req.runtime_version,
+        req.config,
+    );
+    if !req.config.force {
+        if let Some(mut hit) = key.as_ref().and_then(|k| cache::load(req.config, k)) {
+            hit.source = Source::Cache;
+            hit.device = req.device.to_string();
+            return Ok(hit);
+        }
+    }
+    let limits = Limits {
+        memory_headroom: req.config.memory_headroom,
+        memory_budget: req.config.memory_budget.map(|b| b.0),
+        latency_budget: req.config.latency_budget.map(|d| d.0),
+        max_batch_cap: req.config.max_batch_cap,
+        max_duration: req.config.max_duration.0,
+    };
+    let mut target = RunnerTarget {
+        runner,
+        info: req.info,
+        dims: &dims,
+        memory: req.memory,
+    };
+    let sweep = probe::sweep(&mut target, &limits).map_err(|source| TuningError::Probe {
+        model: req.model.to_string(),
+        device: req.device.to_string(),
+        source,
+    })?;
+    let result = DeviceTuning {
+        device: req.device.to_string(),
+        source: Source::Probe,
+        chosen: sweep.chosen,
+        reason: sweep.reason,
+        memory_source: req.memory.name(),
+        probes: sweep.probes,
+        baseline_memory_bytes: sweep.baseline_memory_bytes,
+        duration_ms: sweep.duration_ms,
+    };
+    if let Some(k) = &key {
+        if let Err(e) = cache::store(req.config, k, &result) {
+            tracing::warn!(error = %e, "could not write the tuning cache");
+        }
+    }
+    Ok(result)
+}
+
+/// The result as a text table, one line per probe: what the log and `ortserve tune` print.
+pub fn table(model: &str, t: &DeviceTuning) -> String {
+    let mut out = format!(
+        "tuning {model} on {}: chosen {} ({:?}; {})\n  batch   outcome              latency_ms    rows_per_s   memory_MiB\n",
+        t.device, t.chosen, t.source, t.reason
+    );
+    let mut probes = t.probes.clone();
+    probes.sort_by_key(|p| p.batch);
+    for p in probes {
+        out.push_str(&format!(
+            "  {:>5}   {:<20} {:>10.3} {:>13.1} {:>12.1}{}\n",
+            p.batch,
+            format!("{:?}", p.outcome),
+            p.latency_ms,
+            p.rows_per_second,
+            p.memory_used_bytes as f64 / (1024.0 * 1024.0),
+            if p.memory_estimated {
+                " (estimated)"
+            } else {
+                ""
+            }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TensorInfo;
+
+    fn info(dims: Vec<i64>, dtype: DataType) -> ModelInfo {
+        ModelInfo {
+            inputs: vec![TensorInfo {
+                name: "x".into(),
+                dtype,
+                dims: dims.clone(),
+            }],
+            outputs: vec![TensorInfo {
+                name: "y".into(),
+                dtype,
+                dims,
+            }],
+        }
+    }
+
+    #[test]
+    fn dynamic_non_batch_dims_come_from_config_by_name() {
+        let m = info(vec![-1, 3, -1, -1], DataType::F32);
+        let names = vec![vec![
+            "batch".to_string(),
+            "".into(),
+            "height".into(),
+            "width".into(),
+        ]];
+        let mut cfg = TuningConfig::default();
+        let e = resolve_dims("m", &m, &names, &cfg).unwrap_err().to_string();
+        assert!(e.contains("tuning.dims.height"), "{e}");
+        cfg.dims.insert("height".into(), 32);
+        cfg.dims.insert("width".into(), 48);
+        assert_eq!(
+            resolve_dims("m", &m, &names, &cfg).unwrap(),
+            vec![vec![3, 32, 48]]
+        );
+    }
+
+    #[test]
+    fn synthetic_inputs_have_the_shape_and_are_not_zero() {
+        for dtype in DataType::ALL {
+            let m = info(vec![-1, 5], dtype);
+            let t = &synthetic_inputs(&m, &[vec![5]], 4, 1)[0];
+            assert_eq!(t.shape, vec![4, 5]);
+            assert_eq!(t.data.len(), 20 * dtype.size());
+            assert!(t.data.iter().any(|&b| b != 0), "{dtype}");
+        }
+    }
+}
