@@ -123,6 +123,30 @@ def fixed_batch(out):
     save(helper.make_model(g, opset_imports=OPSET), out, "fixed_batch.onnx")
 
 
+def matmul_chain(out):
+    """x float32[batch,128,128] -> y float32[batch,128,128]; no weights (a few hundred bytes).
+
+    y = chain(x) + chain(mean of x over the batch), where chain(a) = tanh(...tanh(a @ a) @ a...)
+    with 8 products. The first term costs the same per row, the second the same per run, so a
+    run of b rows takes about (b + 1) units: batching gains throughput (2 rows: +33%), and
+    batch 2 takes 1.5 times as long as batch 1. The tuning tests rely on both."""
+    nodes = [helper.make_node("ReduceMean", ["x", "axis0"], ["mean"], keepdims=1)]
+    for src in ("x", "mean"):
+        prev = src
+        for k in range(8):
+            nodes.append(helper.make_node("MatMul", [prev, src], [f"{src}_m{k}"]))
+            nodes.append(helper.make_node("Tanh", [f"{src}_m{k}"], [f"{src}_t{k}"]))
+            prev = f"{src}_t{k}"
+    nodes.append(helper.make_node("Add", ["x_t7", "mean_t7"], ["y"]))
+    g = helper.make_graph(
+        nodes, "matmul_chain",
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["batch", 128, 128])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["batch", 128, 128])],
+        [init("axis0", np.array([0], dtype=np.int64))],
+    )
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), out, "matmul_chain.onnx")
+
+
 DTYPES = [
     ("fp32", TP.FLOAT), ("fp64", TP.DOUBLE), ("fp16", TP.FLOAT16),
     ("int8", TP.INT8), ("int16", TP.INT16), ("int32", TP.INT32), ("int64", TP.INT64),
@@ -147,7 +171,7 @@ def dtypes(out):
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
     os.makedirs(out, exist_ok=True)
-    for build in (mlp, cnn, two_input, int64_gather, fixed_batch, dtypes):
+    for build in (mlp, cnn, two_input, int64_gather, fixed_batch, dtypes, matmul_chain):
         build(out)
 
 

@@ -139,12 +139,14 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
             match &info {
                 None => info = Some(runner.info().clone()),
-                Some(i) if i != runner.info() => return Err(StartupError::Model {
-                    model: m.name.clone(),
-                    message: format!(
+                Some(i) if i != runner.info() => {
+                    return Err(StartupError::Model {
+                        model: m.name.clone(),
+                        message: format!(
                         "device {name} reports different inputs or outputs than the first device"
                     ),
-                }),
+                    })
+                }
                 Some(_) => {}
             }
             if result.source != tuning::Source::Config {

@@ -35,6 +35,9 @@ enum Command {
         /// Use a cached result where one matches instead of probing again.
         #[arg(long)]
         use_cache: bool,
+        /// Also write every result as JSON (as `GET /v1/models/{m}/tuning` serves it) to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Load and validate a configuration file, print it resolved, and exit.
     CheckConfig {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
             config,
             plot,
             use_cache,
+            json,
         } => {
             let mut config = match Config::load(&config) {
                 Ok(c) => c,
@@ -126,6 +130,13 @@ fn main() -> ExitCode {
                 }
                 for m in &loaded.models {
                     m.shutdown().await;
+                }
+                if let Some(path) = &json {
+                    let doc = serde_json::json!(loaded.tuning);
+                    if let Err(e) = std::fs::write(path, doc.to_string()) {
+                        eprintln!("ortserve tune: writing {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
                 }
                 match ortserve::tuning::plot::svg(&all)
                     .map_err(std::io::Error::other)

@@ -174,7 +174,7 @@ pub enum MemoryProbe {
     Cpu(CpuMemorySource),
     /// NVML, by NVML device index.
     Cuda {
-        nvml: nvml_wrapper::Nvml,
+        nvml: Box<nvml_wrapper::Nvml>,
         index: u32,
     },
 }
@@ -192,7 +192,10 @@ impl MemoryProbe {
                     .unwrap_or(id);
                 let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
                 nvml.device_by_index(index).map_err(|e| e.to_string())?;
-                Ok(MemoryProbe::Cuda { nvml, index })
+                Ok(MemoryProbe::Cuda {
+                    nvml: Box::new(nvml),
+                    index,
+                })
             }
         }
     }
@@ -234,18 +237,24 @@ struct RunnerTarget<'a> {
     memory: &'a MemoryProbe,
 }
 
-/// Timed runs per size: at least 3, at most 7, and no more once 300 ms are spent.
+/// Timed runs per size: at least 3, at most 25, and no more once 200 ms are spent. Many short
+/// runs make the median of a fast model steady on a busy machine.
 const MIN_RUNS: usize = 3;
-const MAX_RUNS: usize = 7;
-const RUN_TIME: Duration = Duration::from_millis(300);
+const MAX_RUNS: usize = 25;
+const RUN_TIME: Duration = Duration::from_millis(200);
 
 impl Target for RunnerTarget<'_> {
-    fn measure(&mut self, rows: usize) -> Result<Vec<Duration>, RunError> {
+    fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Vec<Duration>, RunError> {
         let parts = [synthetic_inputs(self.info, self.dims, rows, rows as u64)];
         self.runner.run(&parts)?; // warm-up
         let started = Instant::now();
         let mut runs = Vec::with_capacity(MAX_RUNS);
-        while runs.len() < MIN_RUNS || (runs.len() < MAX_RUNS && started.elapsed() < RUN_TIME) {
+        let more = |n: usize| {
+            let now = Instant::now();
+            n == 0
+                || (now < deadline && (n < MIN_RUNS || (n < MAX_RUNS && now - started < RUN_TIME)))
+        };
+        while more(runs.len()) {
             let t = Instant::now();
             self.runner.run(&parts)?;
             runs.push(t.elapsed());

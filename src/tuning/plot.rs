@@ -20,7 +20,8 @@ pub fn svg(results: &[(String, DeviceTuning)]) -> Result<String, String> {
         let root = SVGBackend::with_string(&mut out, (900, 1000)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let panels = root.split_evenly((3, 1));
-        let metrics: [(&str, fn(&super::Probe) -> f64); 3] = [
+        type Value = fn(&super::Probe) -> f64;
+        let metrics: [(&str, Value); 3] = [
             ("rows per second", |p| p.rows_per_second),
             ("median latency (ms)", |p| p.latency_ms),
             ("memory in use (MiB)", |p| {

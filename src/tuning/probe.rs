@@ -19,8 +19,9 @@ pub struct MemoryReading {
 
 /// What the sweep measures: a device running the model at a given batch size.
 pub trait Target {
-    /// One warm-up run, then timed runs of `rows` rows; returns the timed durations.
-    fn measure(&mut self, rows: usize) -> Result<Vec<Duration>, RunError>;
+    /// One warm-up run, then timed runs of `rows` rows; returns the timed durations. Stops
+    /// adding timed runs after `deadline` (there is always at least one).
+    fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Vec<Duration>, RunError>;
     fn memory(&mut self) -> MemoryReading;
 }
 
@@ -100,8 +101,8 @@ struct Sweeper<'a, T: Target> {
 }
 
 impl<T: Target> Sweeper<'_, T> {
-    fn probe(&mut self, batch: usize) -> Probe {
-        let result = self.target.measure(batch);
+    fn probe(&mut self, batch: usize, deadline: Instant) -> Probe {
+        let result = self.target.measure(batch, deadline);
         let mut mem = self.target.memory();
         let mut estimated = false;
         if let Some(((g, gm), (b, bm))) = self.interpolate {
@@ -197,8 +198,10 @@ pub fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeE
     if sizes.last() != Some(&cap) {
         sizes.push(cap);
     }
-    // A size is only started when the time left covers about twice the last one's cost.
-    let fits_in_time = |last: Duration| started.elapsed() + last * 2 <= limits.max_duration;
+    // A size is only started when the time left covers three times the last one's cost (a
+    // doubled batch costs about twice as much per run; the runs themselves stop at the deadline).
+    let deadline = started + limits.max_duration;
+    let fits_in_time = |last: Duration| started.elapsed() + last * 3 <= limits.max_duration;
     let mut stop = format!("reached max_batch_cap {cap}");
     let mut last_good: Option<Probe> = None;
     let mut first_bad: Option<usize> = None;
@@ -210,7 +213,7 @@ pub fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeE
             break;
         }
         let t0 = Instant::now();
-        let p = s.probe(b);
+        let p = s.probe(b, deadline);
         last_cost = t0.elapsed();
         if p.outcome != Outcome::Ok {
             if b == 1 {
@@ -245,7 +248,7 @@ pub fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeE
         while hi - lo > 1 && fits_in_time(last_cost) {
             let mid = lo + (hi - lo) / 2;
             let t0 = Instant::now();
-            let p = s.probe(mid);
+            let p = s.probe(mid, deadline);
             last_cost = t0.elapsed();
             if p.outcome == Outcome::Ok {
                 lo = mid;
@@ -311,7 +314,7 @@ mod tests {
     }
 
     impl Target for Scripted {
-        fn measure(&mut self, rows: usize) -> Result<Vec<Duration>, RunError> {
+        fn measure(&mut self, rows: usize, _deadline: Instant) -> Result<Vec<Duration>, RunError> {
             self.probed.push(rows);
             if rows >= self.oom_at {
                 return Err(RunError::Failed(
@@ -445,7 +448,9 @@ mod tests {
         l.max_duration = Duration::from_millis(40);
         let s = sweep(&mut d, &l).unwrap();
         assert!(s.duration_ms <= 40.0, "took {} ms", s.duration_ms);
+        // 4.4 + 4.8 + 5.6 = 14.8 ms; 8 rows would start at 14.8 + 3 × 5.6 > 40? No: 31.6 fits;
+        // after it (22 ms) 16 rows would need 22 + 3 × 7.2 = 43.6 > 40.
         assert!(s.reason.contains("time limit"), "{}", s.reason);
-        assert!(d.probed.len() >= 2 && d.probed.len() < 9, "{:?}", d.probed);
+        assert_eq!(d.probed, vec![1, 2, 4, 8]);
     }
 }

@@ -1,0 +1,365 @@
+//! Startup batch-size tuning on real CPU sessions. Each probe runs in a fresh `ortserve`
+//! process, so memory readings are not disturbed by other tests in this process.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ortserve");
+
+/// The probes measure time and memory: one test at a time in this file, so they do not load
+/// the machine for each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_config(dir: &Path, yaml: &str) -> PathBuf {
+    let path = dir.join("config.yaml");
+    let yaml = yaml
+        .replace("FIXTURES", common::fixtures().to_str().unwrap())
+        .replace("CACHE", dir.join("cache").to_str().unwrap());
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Runs `ortserve tune`; returns (exit ok, stdout, stderr, JSON results by model).
+fn tune(dir: &Path, yaml: &str) -> (bool, String, String, Value) {
+    let cfg = write_config(dir, yaml);
+    let json = dir.join("tuning.json");
+    let _ = std::fs::remove_file(&json);
+    let out = Command::new(BIN)
+        .args([
+            "tune",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .args(["--plot", dir.join("tuning.svg").to_str().unwrap()])
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    let results = std::fs::read_to_string(&json)
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap_or(Value::Null);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        results,
+    )
+}
+
+fn cnn(extra: &str) -> String {
+    format!("models:\n  - name: cnn\n    path: FIXTURES/cnn.onnx\n    devices: cpu\n    tuning: {{cache_dir: CACHE{extra}}}\n")
+}
+
+fn probe_of(device: &Value, batch: u64) -> &Value {
+    device["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["batch"] == batch)
+        .unwrap()
+}
+
+#[test]
+fn the_cnn_probe_picks_more_than_one_on_cpu_and_budgets_shrink_it() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr, results) = tune(dir.path(), &cnn(""));
+    assert!(ok, "{stderr}");
+    let d = &results["cnn"][0];
+    assert_eq!(d["device"], "cpu:0");
+    assert_eq!(d["source"], "probe");
+    let chosen = d["chosen"].as_u64().unwrap();
+    assert!(chosen > 1, "chose {chosen}: {stdout}");
+    // The printed table has a row for every probed size, with the same figures as the JSON.
+    for p in d["probes"].as_array().unwrap() {
+        let row = format!(
+            "{:>7}   {:<20} {:>10.3}",
+            p["batch"].as_u64().unwrap(),
+            "Ok",
+            p["latency_ms"].as_f64().unwrap()
+        );
+        assert!(stdout.contains(&row), "no row {row:?} in\n{stdout}");
+    }
+    let svg = std::fs::read_to_string(dir.path().join("tuning.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg")
+            && svg.trim_end().ends_with("</svg>")
+            && svg.contains("rows per second")
+    );
+
+    // A memory budget between what a quarter and a half of the chosen size added picks a
+    // smaller size (RSS growth varies by about 0.5 MiB from run to run; the gap is wider).
+    let grown = |b: u64| {
+        probe_of(d, b)["memory_used_bytes"].as_u64().unwrap()
+            - d["baseline_memory_bytes"].as_u64().unwrap()
+    };
+    assert!(
+        chosen >= 8,
+        "the CNN gains throughput well past 4 rows: {d}"
+    );
+    let (half, full) = (grown(chosen / 2), grown(chosen));
+    assert!(
+        full > half,
+        "the chosen size added no memory over half of it: {d}"
+    );
+    let budget = (half + full) / 2;
+    let (ok, _, stderr, small) = tune(dir.path(), &cnn(&format!(", memory_budget: {budget}")));
+    assert!(ok, "{stderr}");
+    let smaller = small["cnn"][0]["chosen"].as_u64().unwrap();
+    assert!(
+        smaller < chosen,
+        "memory budget {budget}: chose {smaller}, before {chosen}"
+    );
+
+    // Budgets nothing can meet fail with the figures.
+    let (ok, _, stderr, _) = tune(dir.path(), &cnn(", latency_budget: 1us"));
+    assert!(!ok);
+    assert!(
+        stderr.contains("cnn on cpu:0: batch size 1 does not fit")
+            && stderr.contains("over the latency budget of 0.001 ms"),
+        "{stderr}"
+    );
+    let (ok, _, stderr, _) = tune(dir.path(), &cnn(", memory_budget: 1"));
+    assert!(!ok);
+    assert!(
+        stderr.contains("over the memory budget: memory in use") && stderr.contains("MiB"),
+        "{stderr}"
+    );
+}
+
+/// A model whose run of b rows costs about b + 1 units on one thread (see
+/// scripts/make_fixtures.py): batching gains, and a budget between the batch-1 and batch-2
+/// latencies is about 20% from both.
+fn matmul(extra: &str) -> String {
+    format!(
+        "models:\n  - name: mm\n    path: FIXTURES/matmul_chain.onnx\n    devices: {{device: cpu, intra_op_threads: 1}}\n    tuning: {{cache_dir: CACHE, max_batch_cap: 8{extra}}}\n"
+    )
+}
+
+#[test]
+fn a_latency_budget_below_the_batch_two_latency_picks_one() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr, free) = tune(dir.path(), &matmul(""));
+    assert!(ok, "{stderr}");
+    let d = &free["mm"][0];
+    let (l1, l2) = (
+        probe_of(d, 1)["latency_ms"].as_f64().unwrap(),
+        probe_of(d, 2)["latency_ms"].as_f64().unwrap(),
+    );
+    assert!(
+        l2 > l1 * 1.3,
+        "batch 2 should take about 1.5 times batch 1: {l1} vs {l2}"
+    );
+    assert!(d["chosen"].as_u64().unwrap() > 1, "{d}");
+    let budget_us = ((l1 * l2).sqrt() * 1000.0) as u64;
+    let (ok, _, stderr, tight) = tune(
+        dir.path(),
+        &matmul(&format!(", latency_budget: {budget_us}us")),
+    );
+    assert!(ok, "{stderr}");
+    let t = &tight["mm"][0];
+    assert_eq!(t["chosen"], 1, "latency budget {budget_us} µs: {t}");
+    assert_eq!(probe_of(t, 2)["outcome"], "over_latency_budget");
+}
+
+#[test]
+fn two_slots_with_different_threads_get_their_own_rows_and_sizes() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "models:
+  - name: cnn
+    path: FIXTURES/cnn.onnx
+    devices: [{device: 'cpu:0', intra_op_threads: 2}, {device: 'cpu:1', intra_op_threads: 1}]
+    tuning: {cache_dir: CACHE}";
+    let (ok, _, stderr, results) = tune(dir.path(), yaml);
+    assert!(ok, "{stderr}");
+    let devices = results["cnn"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0]["device"], "cpu:0");
+    assert_eq!(devices[1]["device"], "cpu:1");
+    for d in devices {
+        assert_eq!(d["source"], "probe");
+        assert!(!d["probes"].as_array().unwrap().is_empty());
+        let chosen = d["chosen"].as_u64().unwrap();
+        assert!(d["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["batch"] == chosen && p["outcome"] == "ok"));
+    }
+    assert_ne!(
+        devices[0]["probes"], devices[1]["probes"],
+        "each slot is measured on its own"
+    );
+}
+
+#[test]
+fn the_probe_stays_within_max_duration() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr, results) = tune(
+        dir.path(),
+        &cnn(", max_duration: 100ms, max_batch_cap: 4096"),
+    );
+    assert!(ok, "{stderr}");
+    let d = &results["cnn"][0];
+    assert!(d["duration_ms"].as_f64().unwrap() <= 100.0, "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("time limit"), "{d}");
+}
+
+fn http(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ortserve serve`; returns once /v2/health/ready is 200, with every readiness status
+/// seen before that and the server's log.
+fn serve_until_ready(dir: &Path, yaml: &str) -> (Vec<u16>, Server, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write_config(
+        dir,
+        &format!("server: {{http_addr: '127.0.0.1:{port}', drain_delay: 0s}}\n{yaml}"),
+    );
+    let server = Server(
+        Command::new(BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .env_remove("ORT_DYLIB_PATH")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        if let Ok((status, _)) = http(port, "/v2/health/ready") {
+            seen.push(status);
+            if status == 200 {
+                return (seen, server, port);
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not ready: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn readiness_waits_for_tuning_the_endpoint_matches_the_log_and_a_restart_uses_the_cache() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    // Four slots probed one after another: long enough to see readiness at 503 first.
+    let yaml = "models:
+  - name: cnn
+    path: FIXTURES/cnn.onnx
+    devices: [cpu:0, cpu:1, cpu:2, cpu:3]
+    tuning: {cache_dir: CACHE}";
+    let (seen, server, port) = serve_until_ready(dir.path(), yaml);
+    assert_eq!(
+        seen.first(),
+        Some(&503),
+        "readiness before tuning ended: {seen:?}"
+    );
+    assert_eq!(http(port, "/v2/health/live").unwrap().0, 200);
+    let (status, body) = http(port, "/v1/models/cnn/tuning").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let tuning: Value = serde_json::from_str(&body).unwrap();
+    let devices = tuning["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 4);
+    let (_, meta) = http(port, "/v2/models/cnn").unwrap();
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    let (_, metrics) = http(port, "/metrics").unwrap();
+    drop(server);
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    for (i, d) in devices.iter().enumerate() {
+        assert_eq!(d["source"], "probe");
+        let chosen = d["chosen"].as_u64().unwrap();
+        assert_eq!(
+            meta["devices"][i]["max_batch_size"], chosen,
+            "the batcher uses the tuned size"
+        );
+        let name = d["device"].as_str().unwrap();
+        assert!(
+            metrics.contains(&format!(
+                "ortserve_tuned_max_batch_size{{device=\"{name}\",model=\"cnn\"}} {chosen}"
+            )),
+            "{metrics}"
+        );
+        assert!(
+            log.contains(&format!("tuning cnn on {name}: chosen {chosen} (Probe;")),
+            "{log}"
+        );
+        for p in d["probes"].as_array().unwrap() {
+            let row = format!(
+                "{:>7}   {:<20} {:>10.3}",
+                p["batch"].as_u64().unwrap(),
+                "Ok",
+                p["latency_ms"].as_f64().unwrap()
+            );
+            assert!(log.contains(&row), "log lacks {row:?}");
+        }
+    }
+
+    // Same model, devices, runtime and settings: the restart reads the cache.
+    let (_, server, port) = serve_until_ready(dir.path(), yaml);
+    let (_, body) = http(port, "/v1/models/cnn/tuning").unwrap();
+    drop(server);
+    let again: Value = serde_json::from_str(&body).unwrap();
+    for (a, b) in again["devices"].as_array().unwrap().iter().zip(devices) {
+        assert_eq!(a["source"], "cache");
+        assert_eq!(a["chosen"], b["chosen"]);
+        assert_eq!(a["probes"], b["probes"]);
+    }
+    // `force` probes again.
+    let forced = yaml.replace("cache_dir: CACHE}", "cache_dir: CACHE, force: true}");
+    let (_, server, port) = serve_until_ready(dir.path(), &forced);
+    let (_, body) = http(port, "/v1/models/cnn/tuning").unwrap();
+    drop(server);
+    let forced: Value = serde_json::from_str(&body).unwrap();
+    assert!(forced["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["source"] == "probe"));
+}
