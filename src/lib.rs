@@ -91,52 +91,18 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
                 0 => plan.device.clone(),
                 i => format!("{}#{i}", plan.device),
             };
-            let (m2, name2, version2, visible) = (
+            let job = (
                 m.clone(),
+                plan,
                 name.clone(),
                 version.clone(),
                 config.runtime.cuda_visible_devices.clone(),
             );
-            let (runner, result) =
-                tokio::task::spawn_blocking(move || -> Result<_, StartupError> {
-                    let mut runner = OrtRunner::open(&m2.path, &plan)?;
-                    let result = match m2.batching.max_batch_size {
-                        MaxBatch::Fixed(n) => DeviceTuning {
-                            device: name2.clone(),
-                            source: tuning::Source::Config,
-                            chosen: n,
-                            reason: "batching.max_batch_size in the config".into(),
-                            memory_source: String::new(),
-                            probes: Vec::new(),
-                            baseline_memory_bytes: 0,
-                            duration_ms: 0.0,
-                        },
-                        MaxBatch::Auto => {
-                            let memory = tuning::MemoryProbe::for_plan(&plan, visible.as_deref())
-                                .map_err(|message| StartupError::Model {
-                                model: m2.name.clone(),
-                                message: format!("{name2}: cannot read device memory: {message}"),
-                            })?;
-                            let info = runner.info().clone();
-                            let dim_names = runner.dim_names().to_vec();
-                            let req = tuning::TuneRequest {
-                                model: &m2.name,
-                                model_path: &m2.path,
-                                plan: &plan,
-                                device: &name2,
-                                info: &info,
-                                dim_names: &dim_names,
-                                config: &m2.tuning,
-                                runtime_version: &version2,
-                                memory: &memory,
-                            };
-                            tuning::tune_device(&mut runner, &req)?
-                        }
-                    };
-                    Ok((runner, result))
-                })
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            let (runner, result) = tokio::task::spawn_blocking(move || {
+                open_and_tune(job.0, job.1, job.2, &job.3, job.4.as_deref())
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
             match &info {
                 None => info = Some(runner.info().clone()),
                 Some(i) if i != runner.info() => {
@@ -185,6 +151,76 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
         tuning.insert(m.name.clone(), results);
     }
     Ok(Loaded { models, tuning })
+}
+
+/// Builds one device's session and decides its batch size: from the config, or by the probe
+/// (or its cache). On CUDA, ONNX Runtime's arena is capped at the free memory less the headroom.
+fn open_and_tune(
+    m: config::ModelConfig,
+    plan: device::DevicePlan,
+    name: String,
+    runtime_version: &str,
+    cuda_visible: Option<&str>,
+) -> Result<(OrtRunner, DeviceTuning), StartupError> {
+    let auto = m.batching.max_batch_size == MaxBatch::Auto;
+    let on_cuda = matches!(plan.kind, device::DeviceKind::Cuda { .. });
+    let memory = if auto || on_cuda {
+        Some(
+            tuning::MemoryProbe::for_plan(&plan, cuda_visible).map_err(|message| {
+                StartupError::Model {
+                    model: m.name.clone(),
+                    message: format!("{name}: cannot read device memory: {message}"),
+                }
+            })?,
+        )
+    } else {
+        None
+    };
+    let gpu_mem_limit = match &memory {
+        Some(probe @ tuning::MemoryProbe::Cuda { .. }) => {
+            let r = probe.read();
+            let free = r.limit.unwrap_or(0).saturating_sub(r.used);
+            Some((free as f64 * (1.0 - m.tuning.memory_headroom)) as u64)
+        }
+        _ => None,
+    };
+    let cuda = device::CudaSettings {
+        gpu_mem_limit,
+        pinned_inputs: m.cuda.pinned_inputs,
+    };
+    let mut runner = OrtRunner::open_with(&m.path, &plan, cuda)?;
+    let result = match (m.batching.max_batch_size, memory) {
+        (MaxBatch::Auto, Some(memory)) => {
+            let info = runner.info().clone();
+            let dim_names = runner.dim_names().to_vec();
+            let req = tuning::TuneRequest {
+                model: &m.name,
+                model_path: &m.path,
+                plan: &plan,
+                device: &name,
+                info: &info,
+                dim_names: &dim_names,
+                config: &m.tuning,
+                runtime_version,
+                memory: &memory,
+            };
+            tuning::tune_device(&mut runner, &req)?
+        }
+        (fixed, _) => DeviceTuning {
+            device: name,
+            source: tuning::Source::Config,
+            chosen: match fixed {
+                MaxBatch::Fixed(n) => n,
+                MaxBatch::Auto => 1,
+            },
+            reason: "batching.max_batch_size in the config".into(),
+            memory_source: String::new(),
+            probes: Vec::new(),
+            baseline_memory_bytes: 0,
+            duration_ms: 0.0,
+        },
+    };
+    Ok((runner, result))
 }
 
 /// Loads everything (see [`load_models`]) and returns the state, ready to serve.

@@ -200,6 +200,30 @@ pub struct ModelConfig {
     pub batching: BatchingConfig,
     #[serde(default)]
     pub tuning: TuningConfig,
+    #[serde(default)]
+    pub cuda: CudaConfig,
+}
+
+/// Settings that only apply to CUDA devices.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CudaConfig {
+    /// Assemble batches in pinned host memory and run through an IoBinding (faster copies to
+    /// the GPU). Turn off only to compare.
+    #[serde(default = "yes")]
+    pub pinned_inputs: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            pinned_inputs: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_version() -> String {

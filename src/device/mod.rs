@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::tensor::Tensor;
 
-pub use ort_runner::OrtRunner;
+pub use ort_runner::{CudaSettings, OrtRunner};
 pub use plan::{plan_devices, DeviceKind, DevicePlan};
 pub use runtime::{init_runtime, RuntimeInfo};
 pub use worker::{DeviceCommand, DeviceWorker, RunDone, RunJob};

@@ -6,7 +6,7 @@ use std::path::Path;
 use ort::ep;
 use ort::error::ErrorCode;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 
 use crate::model::{ModelInfo, TensorInfo};
@@ -14,14 +14,27 @@ use crate::tensor::{DataType, Tensor};
 
 use super::{runtime, DeviceError, DeviceKind, DevicePlan, ModelRunner, RunError};
 
+/// Session settings that only matter on CUDA.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CudaSettings {
+    /// `gpu_mem_limit` for the CUDA arena, which then grows by what is requested
+    /// (`kSameAsRequested`), so ONNX Runtime fails an allocation instead of taking the card.
+    pub gpu_mem_limit: Option<u64>,
+    /// Assemble each batch in pinned (page-locked) host memory and run through an IoBinding,
+    /// so the copy to the GPU is a fast asynchronous DMA.
+    pub pinned_inputs: bool,
+}
+
 /// Owns one `ort::Session`. `Session::run` takes `&mut self`, so exactly one thread uses it.
 pub struct OrtRunner {
     session: Session,
     info: ModelInfo,
     /// Per input, the name of each dimension ("" where the model names none).
     dim_names: Vec<Vec<String>>,
-    /// Host allocator for input tensors.
+    /// Allocator for input tensors: host memory, or pinned host memory on CUDA.
     allocator: Allocator,
+    /// On CUDA with pinned inputs: the binding every run goes through.
+    binding: Option<IoBinding>,
 }
 
 fn dtype_from_ort(ty: TensorElementType) -> Option<DataType> {
@@ -89,6 +102,15 @@ impl OrtRunner {
     /// Builds a session for `plan` (CPU with its thread count, or CUDA with no silent CPU
     /// fallback) from the model file. [`super::init_runtime`] must have succeeded first.
     pub fn open(path: &Path, plan: &DevicePlan) -> Result<OrtRunner, DeviceError> {
+        OrtRunner::open_with(path, plan, CudaSettings::default())
+    }
+
+    /// [`OrtRunner::open`] with the CUDA settings (ignored on CPU).
+    pub fn open_with(
+        path: &Path,
+        plan: &DevicePlan,
+        cuda: CudaSettings,
+    ) -> Result<OrtRunner, DeviceError> {
         let fail = |message: String| DeviceError::Session {
             path: path.display().to_string(),
             device: plan.device.clone(),
@@ -108,16 +130,23 @@ impl OrtRunner {
                 b.with_intra_op_spinning(false)
                     .map_err(|e| fail(e.to_string()))?
             }
-            DeviceKind::Cuda { id } => builder
-                .with_execution_providers([ep::CUDA::default()
-                    .with_device_id(id as i32)
-                    .build()
-                    .error_on_failure()])
-                .map_err(|e| fail(e.to_string()))?,
+            DeviceKind::Cuda { id } => {
+                let mut ep = ep::CUDA::default().with_device_id(id as i32);
+                if let Some(limit) = cuda.gpu_mem_limit {
+                    ep = ep
+                        .with_memory_limit(limit as usize)
+                        .with_arena_extend_strategy(ep::ArenaExtendStrategy::SameAsRequested);
+                }
+                builder
+                    .with_execution_providers([ep.build().error_on_failure()])
+                    .map_err(|e| fail(e.to_string()))?
+            }
         };
         let session = builder
             .commit_from_file(path)
             .map_err(|e| fail(e.to_string()))?;
+        let mut allocator = Allocator::default();
+        let mut binding = None;
         if let DeviceKind::Cuda { id } = plan.kind {
             // A CUDA allocator only exists when the session really runs on that GPU.
             let mem = MemoryInfo::new(
@@ -132,6 +161,22 @@ impl OrtRunner {
                     "session is not on the GPU (no CUDA allocator: {e})"
                 ))
             })?;
+            if cuda.pinned_inputs {
+                let pinned = MemoryInfo::new(
+                    AllocationDevice::CUDA_PINNED,
+                    0,
+                    AllocatorType::Device,
+                    MemoryType::CPUInput,
+                )
+                .map_err(|e| fail(e.to_string()))?;
+                allocator = Allocator::new(&session, pinned)
+                    .map_err(|e| fail(format!("pinned host allocator: {e}")))?;
+                binding = Some(
+                    session
+                        .create_binding()
+                        .map_err(|e| fail(format!("IoBinding: {e}")))?,
+                );
+            }
         }
         let info = ModelInfo {
             inputs: tensor_infos(path, session.inputs())?,
@@ -151,7 +196,8 @@ impl OrtRunner {
             session,
             info,
             dim_names,
-            allocator: Allocator::default(),
+            allocator,
+            binding,
         })
     }
 
@@ -197,42 +243,85 @@ impl OrtRunner {
     }
 }
 
+/// Copies every output into a server tensor, in the model's output order.
+fn collect_outputs(
+    info: &ModelInfo,
+    outputs: &mut SessionOutputs<'_>,
+) -> Result<Vec<Tensor>, RunError> {
+    let mut result = Vec::with_capacity(info.outputs.len());
+    for out in &info.outputs {
+        let value = outputs.remove(out.name.as_str()).ok_or_else(|| {
+            RunError::Failed(format!("output {:?} missing from the run", out.name))
+        })?;
+        let tensor = value
+            .downcast::<DynTensorValueType>()
+            .map_err(|e| RunError::Failed(format!("output {:?}: {e}", out.name)))?;
+        if !tensor.memory_info().is_cpu_accessible() {
+            return Err(RunError::Failed(format!(
+                "output {:?} is not in host memory",
+                out.name
+            )));
+        }
+        let shape: Vec<usize> = tensor.shape().iter().map(|&d| d as usize).collect();
+        let bytes = tensor.size().unwrap_or(0);
+        let data = if bytes == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: the tensor is in host memory (checked above) and holds `bytes` bytes.
+            unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), bytes) }.to_vec()
+        };
+        result.push(
+            Tensor::new(out.dtype, shape, data)
+                .map_err(|e| RunError::Failed(format!("output {:?}: {e}", out.name)))?,
+        );
+    }
+    Ok(result)
+}
+
+fn run_error(e: ort::Error) -> RunError {
+    match e.code() {
+        ErrorCode::InvalidArgument => RunError::Input(e.message().to_string()),
+        _ => RunError::Failed(e.to_string()),
+    }
+}
+
 impl ModelRunner for OrtRunner {
     fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(self.info.inputs.len());
-        for (i, info) in self.info.inputs.iter().enumerate() {
-            inputs.push((
-                Cow::Owned(info.name.clone()),
-                self.batch_input(parts, i)?.into(),
-            ));
+        let mut inputs = Vec::with_capacity(self.info.inputs.len());
+        for i in 0..self.info.inputs.len() {
+            inputs.push(self.batch_input(parts, i)?);
         }
-        let mut outputs = self.session.run(inputs).map_err(|e| match e.code() {
-            ErrorCode::InvalidArgument => RunError::Input(e.message().to_string()),
-            _ => RunError::Failed(e.to_string()),
-        })?;
-        let mut result = Vec::with_capacity(self.info.outputs.len());
-        for info in &self.info.outputs {
-            let value = outputs.remove(info.name.as_str()).ok_or_else(|| {
-                RunError::Failed(format!("output {:?} missing from the run", info.name))
-            })?;
-            let tensor = value
-                .downcast::<DynTensorValueType>()
-                .map_err(|e| RunError::Failed(format!("output {:?}: {e}", info.name)))?;
-            let shape: Vec<usize> = tensor.shape().iter().map(|&d| d as usize).collect();
-            let bytes = tensor.size().unwrap_or(0);
-            let data = if bytes == 0 {
-                Vec::new()
-            } else {
-                // SAFETY: outputs of a CPU-bound run live in host memory of `bytes` bytes.
-                unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u8>(), bytes) }
-                    .to_vec()
-            };
-            result.push(
-                Tensor::new(info.dtype, shape, data)
-                    .map_err(|e| RunError::Failed(format!("output {:?}: {e}", info.name)))?,
-            );
+        if let Some(binding) = &mut self.binding {
+            // Pinned inputs, copied to the GPU asynchronously; outputs come back to host memory.
+            let host = MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::CPUOutput,
+            )
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+            binding.clear();
+            for (info, value) in self.info.inputs.iter().zip(&inputs) {
+                binding
+                    .bind_input(info.name.as_str(), value)
+                    .map_err(run_error)?;
+            }
+            for info in &self.info.outputs {
+                binding
+                    .bind_output_to_device(info.name.as_str(), &host)
+                    .map_err(run_error)?;
+            }
+            let mut outputs = self.session.run_binding(binding).map_err(run_error)?;
+            return collect_outputs(&self.info, &mut outputs);
         }
-        Ok(result)
+        let named: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = self
+            .info
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(info, value)| (Cow::Owned(info.name.clone()), value.into()))
+            .collect();
+        let mut outputs = self.session.run(named).map_err(run_error)?;
+        collect_outputs(&self.info, &mut outputs)
     }
 }
