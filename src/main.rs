@@ -69,127 +69,113 @@ fn init_tracing(format: LogFormat, level: &str) {
     }
 }
 
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!("{}: valid", config.display());
-                println!("{}", serde_yaml_ng::to_string(&c).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", config.display());
-                ExitCode::from(2)
-            }
-        },
+    let result = match Cli::parse().command {
+        Command::CheckConfig { config } => load_config(&config).map(|c| {
+            println!("{}: valid", config.display());
+            println!("{}", serde_yaml_ng::to_string(&c).unwrap_or_default());
+            ExitCode::SUCCESS
+        }),
         Command::Tune {
             config,
             plot,
             use_cache,
             json,
         } => {
-            let mut config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
-            };
-            // The tables go to stdout; the log only says what went wrong.
-            init_tracing(config.server.log_format, "warn");
-            for m in &mut config.models {
-                m.batching.max_batch_size = ortserve::config::MaxBatch::Auto;
-                m.tuning.force = !use_cache;
-            }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let metrics = std::sync::Arc::new(ortserve::metrics::Metrics::new());
-                let loaded = match ortserve::load_models(&config, &metrics).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!("ortserve tune: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let mut all = Vec::new();
-                for (model, results) in &loaded.tuning {
-                    for r in results {
-                        println!("{}", ortserve::tuning::table(model, r));
-                        all.push((model.clone(), r.clone()));
-                    }
-                }
-                for m in &loaded.models {
-                    m.shutdown().await;
-                }
-                if let Some(path) = &json {
-                    let doc = serde_json::json!(loaded.tuning);
-                    if let Err(e) = std::fs::write(path, doc.to_string()) {
-                        eprintln!("ortserve tune: writing {}: {e}", path.display());
-                        return ExitCode::FAILURE;
-                    }
-                }
-                match ortserve::tuning::plot::svg(&all)
-                    .map_err(std::io::Error::other)
-                    .and_then(|svg| std::fs::write(&plot, svg))
-                {
-                    Ok(()) => {
-                        println!("plot: {}", plot.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("ortserve tune: writing {}: {e}", plot.display());
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+            load_config(&config).and_then(|config| tune(config, &plot, use_cache, json.as_deref()))
         }
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {e}", config.display());
-                    return ExitCode::from(2);
-                }
-            };
-            init_tracing(config.server.log_format, "info");
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let listener = match tokio::net::TcpListener::bind(&config.server.http_addr).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(addr = %config.server.http_addr, error = %e, "cannot bind");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                tracing::info!(addr = %config.server.http_addr, "bound; loading models");
-                match ortserve::run(config, listener, ortserve::shutdown::signal()).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "startup failed");
-                        eprintln!("ortserve: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+        Command::Serve { config } => load_config(&config).and_then(serve),
+    };
+    result.unwrap_or_else(|code| code)
+}
+
+fn serve(config: Config) -> Result<ExitCode, ExitCode> {
+    init_tracing(config.server.log_format, "info");
+    let runtime = async_runtime()?;
+    Ok(runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(&config.server.http_addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(addr = %config.server.http_addr, error = %e, "cannot bind");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(addr = %config.server.http_addr, "bound; loading models");
+        match ortserve::run(config, listener, ortserve::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "startup failed");
+                eprintln!("ortserve: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }))
+}
+
+fn tune(
+    mut config: Config,
+    plot: &std::path::Path,
+    use_cache: bool,
+    json: Option<&std::path::Path>,
+) -> Result<ExitCode, ExitCode> {
+    // The tables go to stdout; the log only says what went wrong.
+    init_tracing(config.server.log_format, "warn");
+    for m in &mut config.models {
+        m.batching.max_batch_size = ortserve::config::MaxBatch::Auto;
+        m.tuning.force = !use_cache;
+    }
+    let runtime = async_runtime()?;
+    let loaded = runtime
+        .block_on(async {
+            let metrics = std::sync::Arc::new(ortserve::metrics::Metrics::new());
+            let loaded = ortserve::load_models(&config, &metrics).await?;
+            for m in &loaded.models {
+                m.shutdown().await;
+            }
+            Ok::<_, ortserve::StartupError>(loaded)
+        })
+        .map_err(|e| {
+            eprintln!("ortserve tune: {e}");
+            ExitCode::FAILURE
+        })?;
+    let mut all = Vec::new();
+    for (model, results) in &loaded.tuning {
+        for r in results {
+            println!("{}", ortserve::tuning::table(model, r));
+            all.push((model.clone(), r.clone()));
         }
     }
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text).map_err(|e| {
+            eprintln!("ortserve tune: writing {}: {e}", path.display());
+            ExitCode::FAILURE
+        })
+    };
+    if let Some(path) = json {
+        write(path, serde_json::json!(loaded.tuning).to_string())?;
+    }
+    let svg = ortserve::tuning::plot::svg(&all).map_err(|e| {
+        eprintln!("ortserve tune: plotting: {e}");
+        ExitCode::FAILURE
+    })?;
+    write(plot, svg)?;
+    println!("plot: {}", plot.display());
+    Ok(ExitCode::SUCCESS)
 }

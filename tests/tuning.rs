@@ -62,6 +62,19 @@ fn cnn(extra: &str) -> String {
     format!("models:\n  - name: cnn\n    path: FIXTURES/cnn.onnx\n    devices: cpu\n    tuning: {{cache_dir: CACHE{extra}}}\n")
 }
 
+/// `text` (stdout of `tune`, or the server log) has the table row of every probe in `device`.
+fn assert_table_has_every_probe(text: &str, device: &Value) {
+    for p in device["probes"].as_array().unwrap() {
+        let row = format!(
+            "{:>7}   {:<20} {:>10.3}",
+            p["batch"].as_u64().unwrap(),
+            "Ok",
+            p["latency_ms"].as_f64().unwrap()
+        );
+        assert!(text.contains(&row), "no row {row:?} in\n{text}");
+    }
+}
+
 fn probe_of(device: &Value, batch: u64) -> &Value {
     device["probes"]
         .as_array()
@@ -83,15 +96,7 @@ fn the_cnn_probe_picks_more_than_one_on_cpu_and_impossible_budgets_fail() {
     let chosen = d["chosen"].as_u64().unwrap();
     assert!(chosen > 1, "chose {chosen}: {stdout}");
     // The printed table has a row for every probed size, with the same figures as the JSON.
-    for p in d["probes"].as_array().unwrap() {
-        let row = format!(
-            "{:>7}   {:<20} {:>10.3}",
-            p["batch"].as_u64().unwrap(),
-            "Ok",
-            p["latency_ms"].as_f64().unwrap()
-        );
-        assert!(stdout.contains(&row), "no row {row:?} in\n{stdout}");
-    }
+    assert_table_has_every_probe(&stdout, d);
     let svg = std::fs::read_to_string(dir.path().join("tuning.svg")).unwrap();
     assert!(
         svg.starts_with("<svg")
@@ -347,15 +352,7 @@ fn readiness_waits_for_tuning_the_endpoint_matches_the_log_and_a_restart_uses_th
             log.contains(&format!("tuning cnn on {name}: chosen {chosen} (Probe;")),
             "{log}"
         );
-        for p in d["probes"].as_array().unwrap() {
-            let row = format!(
-                "{:>7}   {:<20} {:>10.3}",
-                p["batch"].as_u64().unwrap(),
-                "Ok",
-                p["latency_ms"].as_f64().unwrap()
-            );
-            assert!(log.contains(&row), "log lacks {row:?}");
-        }
+        assert_table_has_every_probe(&log, d);
     }
 
     // Same model, devices, runtime and settings: the restart reads the cache.
