@@ -29,8 +29,9 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-/// The key: model sha256, device name and kind (threads), runtime release, and every tuning
-/// setting that changes the result. `None` when the model file cannot be read.
+/// The key: model sha256, device name and kind (threads), runtime release, ortserve's version
+/// (the probe may change between versions), and every tuning setting that changes the result.
+/// `None` when the model file cannot be read.
 pub fn cache_key(
     model: &Path,
     device: &str,

@@ -41,8 +41,16 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: Prometheus text. Device health is read from the dispatchers at scrape time.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    for m in app.models() {
+        for d in m.pool.devices() {
+            app.metrics
+                .device_healthy
+                .with_label_values(&[m.name.as_str(), d.name.as_str()])
+                .set(i64::from(d.is_healthy()));
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
