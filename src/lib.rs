@@ -21,6 +21,8 @@
 //!   only module that imports `ort`.
 //! - [`tensor`]: `Tensor { dtype, shape, data }`, concatenation and slicing along dim 0.
 //! - [`model`]: a model's inputs and outputs and the checks on a request's tensors.
+//! - [`preprocess`]: uploaded images into model input rows, on a bounded CPU pool.
+//! - [`classify`]: labels, softmax and top-k for classification outputs.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`shutdown`]: signals and the drain sequence.
@@ -30,12 +32,14 @@
 
 pub mod app;
 pub mod batching;
+pub mod classify;
 pub mod config;
 pub mod device;
 pub mod dispatch;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod preprocess;
 pub mod shutdown;
 pub mod tensor;
 pub mod tuning;

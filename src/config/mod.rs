@@ -5,6 +5,7 @@
 //! only module that reads the environment.
 
 mod devices;
+mod image;
 mod units;
 
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use devices::{DeviceEntry, DeviceSpec, Devices};
+pub use image::{ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout};
 pub use units::{ByteSize, Dur};
 
 #[derive(Debug, Error)]
@@ -160,6 +162,10 @@ pub struct RuntimeConfig {
     /// slots of all models. A device entry's own `intra_op_threads` wins.
     #[serde(default)]
     pub cpu_threads: Threads,
+    /// Threads decoding and resizing uploaded images; `auto`: the cores the CPU sessions leave
+    /// free, at least 1.
+    #[serde(default)]
+    pub preprocess_threads: Threads,
     /// `ORT_DYLIB_PATH` from the environment, which wins over every other place.
     #[serde(skip)]
     pub dylib_env: Option<PathBuf>,
@@ -202,6 +208,12 @@ pub struct ModelConfig {
     pub tuning: TuningConfig,
     #[serde(default)]
     pub cuda: CudaConfig,
+    /// Set for image models: uploads to `/v1/models/{name}:predict` are preprocessed this way.
+    #[serde(default)]
+    pub image: Option<ImageConfig>,
+    /// Set to answer predictions with top-k labels.
+    #[serde(default)]
+    pub classification: Option<ClassificationConfig>,
 }
 
 /// Settings that only apply to CUDA devices.
@@ -385,6 +397,11 @@ impl Config {
             if m.path.is_relative() {
                 m.path = base.join(&m.path);
             }
+            if let Some(labels) = m.classification.as_mut().and_then(|c| c.labels.as_mut()) {
+                if labels.is_relative() {
+                    *labels = base.join(&*labels);
+                }
+            }
             if let Some(dir) = &mut m.tuning.cache_dir {
                 if dir.is_relative() {
                     *dir = base.join(&*dir);
@@ -503,6 +520,12 @@ impl Config {
                     key("tuning.max_duration"),
                     "must be more than 0 and at most 1h",
                 ));
+            }
+            if let Some(img) = &m.image {
+                img.validate(&key("image"))?;
+            }
+            if let Some(c) = &m.classification {
+                c.validate(&key("classification"))?;
             }
             if let Some((name, _)) = t.dims.iter().find(|(_, &v)| v == 0) {
                 return Err(invalid(

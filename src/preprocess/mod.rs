@@ -1,0 +1,159 @@
+//! Uploaded images into model input rows: decode (format sniffed, header checked before any
+//! pixel is decoded, EXIF orientation applied), resize with a SIMD resizer, centre crop,
+//! normalize, lay out. Runs on the bounded [`Pool`], never on the async workers.
+
+mod pool;
+
+use std::io::Cursor;
+
+use fast_image_resize as fr;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use thiserror::Error;
+
+use crate::config::{ChannelOrder, ImageConfig, ImageDtype, Interpolation, Layout};
+use crate::tensor::{DataType, Tensor};
+
+pub use pool::Pool;
+
+/// Why an image was refused. `TooLarge` answers 413, the rest 400.
+#[derive(Debug, Error, PartialEq)]
+pub enum PreprocessError {
+    #[error("the image is empty")]
+    Empty,
+    #[error("not an image in a supported format (JPEG, PNG, WebP, GIF, BMP)")]
+    NotAnImage,
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the image could not be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// Decodes one image to RGB, refusing oversize files and headers before decoding pixels.
+pub fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::Empty);
+    }
+    if bytes.len() as u64 > cfg.max_image_bytes.0 {
+        return Err(PreprocessError::TooLarge(format!(
+            "the image has {} bytes; the limit is {}",
+            bytes.len(),
+            cfg.max_image_bytes.0
+        )));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(PreprocessError::NotAnImage);
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > cfg.max_pixels {
+        return Err(PreprocessError::TooLarge(format!(
+            "the image declares {w} × {h} = {pixels} pixels; the limit is {}",
+            cfg.max_pixels
+        )));
+    }
+    if pixels == 0 {
+        return Err(PreprocessError::Empty);
+    }
+    // The decoder may allocate the decoded frame plus working memory; nothing near a bomb's size.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(cfg.max_pixels.saturating_mul(16).max(64 << 20));
+    decoder
+        .set_limits(limits)
+        .map_err(|e| PreprocessError::TooLarge(e.to_string()))?;
+    let orientation = decoder.orientation().map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    img.apply_orientation(orientation);
+    Ok(img.into_rgb8())
+}
+
+fn algorithm(i: Interpolation) -> fr::ResizeAlg {
+    match i {
+        Interpolation::Nearest => fr::ResizeAlg::Nearest,
+        Interpolation::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+        Interpolation::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+        Interpolation::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
+    }
+}
+
+/// Resizes (shorter side then centre crop, or straight to size) to `cfg.size`.
+pub fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
+    let [out_h, out_w] = cfg.size;
+    let (w, h) = img.dimensions();
+    let (rw, rh) = match cfg.resize_shorter {
+        // Shorter side to `s`, rounded like torchvision and PIL-based pipelines.
+        Some(s) if w <= h => (s, ((h as f64 * s as f64 / w as f64).round() as u32).max(out_h)),
+        Some(s) => (((w as f64 * s as f64 / h as f64).round() as u32).max(out_w), s),
+        None => (out_w, out_h),
+    };
+    let src = fr::images::Image::from_vec_u8(w, h, img.as_raw().clone(), fr::PixelType::U8x3)
+        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    let mut dst = fr::images::Image::new(rw, rh, fr::PixelType::U8x3);
+    fr::Resizer::new()
+        .resize(&src, &mut dst, &fr::ResizeOptions::new().resize_alg(algorithm(cfg.interpolation)))
+        .map_err(|e| PreprocessError::Corrupt(format!("resize: {e}")))?;
+    let resized = RgbImage::from_raw(rw, rh, dst.into_vec()).ok_or_else(|| PreprocessError::Corrupt("resize".into()))?;
+    if (rw, rh) == (out_w, out_h) {
+        return Ok(resized);
+    }
+    let (left, top) = ((rw - out_w) / 2, (rh - out_h) / 2);
+    Ok(image::imageops::crop_imm(&resized, left, top, out_w, out_h).to_image())
+}
+
+/// One `[1, 3, h, w]` (or `[1, h, w, 3]`) row from a resized image.
+pub fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let order: [usize; 3] = match cfg.channel_order {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
+    let shape = match cfg.layout {
+        Layout::Nchw => vec![1, 3, h, w],
+        Layout::Nhwc => vec![1, h, w, 3],
+    };
+    let index = |c: usize, y: usize, x: usize| match cfg.layout {
+        Layout::Nchw => (c * h + y) * w + x,
+        Layout::Nhwc => (y * w + x) * 3 + c,
+    };
+    let raw = img.as_raw();
+    match cfg.dtype {
+        ImageDtype::Uint8 => {
+            let mut data = vec![0u8; 3 * h * w];
+            for y in 0..h {
+                for x in 0..w {
+                    for (c, &src) in order.iter().enumerate() {
+                        data[index(c, y, x)] = raw[(y * w + x) * 3 + src];
+                    }
+                }
+            }
+            Tensor { dtype: DataType::U8, shape, data }
+        }
+        ImageDtype::Fp32 => {
+            let mut values = vec![0f32; 3 * h * w];
+            for y in 0..h {
+                for x in 0..w {
+                    for (c, &src) in order.iter().enumerate() {
+                        let p = f32::from(raw[(y * w + x) * 3 + src]);
+                        values[index(c, y, x)] = (p - cfg.mean[c]) / cfg.std[c];
+                    }
+                }
+            }
+            let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Tensor { dtype: DataType::F32, shape, data }
+        }
+    }
+}
+
+/// Decode, resize, normalize: one image into one model input row.
+pub fn preprocess(bytes: &[u8], cfg: &ImageConfig) -> Result<Tensor, PreprocessError> {
+    let img = decode(bytes, cfg)?;
+    let img = resize(&img, cfg)?;
+    Ok(to_tensor(&img, cfg))
+}
+
+#[cfg(test)]
+mod tests;
