@@ -5,5 +5,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
+scripts/setup_models.sh
 cargo build --release --locked
 exec target/release/ortserve serve --config "${1:-config/default.yaml}"

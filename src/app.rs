@@ -6,13 +6,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::batching::ModelHandle;
+use crate::classify::Classifier;
+use crate::config::ImageConfig;
 use crate::metrics::Metrics;
+use crate::preprocess::Pool;
 use crate::tuning::DeviceTuning;
 
-/// What startup produces: the served models and each one's per-device tuning.
+/// What a model serves besides tensors: image preprocessing and labels.
+#[derive(Default)]
+pub struct ModelExtras {
+    pub image: Option<ImageConfig>,
+    pub classifier: Option<Classifier>,
+}
+
+/// What startup produces: the served models, each one's per-device tuning and extras.
 pub struct Loaded {
     pub models: Vec<Arc<ModelHandle>>,
     pub tuning: BTreeMap<String, Vec<DeviceTuning>>,
+    pub extras: BTreeMap<String, ModelExtras>,
 }
 
 pub struct AppState {
@@ -21,17 +32,24 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
+    /// Decoding and resizing of uploaded images.
+    pub pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.
     draining: AtomicBool,
 }
 
 impl AppState {
     /// A state whose models are still loading: health answers, readiness is 503.
-    pub fn loading(metrics: Arc<Metrics>, max_body_bytes: u64) -> AppState {
+    pub fn loading(
+        metrics: Arc<Metrics>,
+        max_body_bytes: u64,
+        preprocess_threads: usize,
+    ) -> AppState {
         AppState {
             loaded: OnceLock::new(),
             metrics,
             max_body_bytes,
+            pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
         }
     }
@@ -42,10 +60,11 @@ impl AppState {
         metrics: Arc<Metrics>,
         max_body_bytes: u64,
     ) -> AppState {
-        let state = AppState::loading(metrics, max_body_bytes);
+        let state = AppState::loading(metrics, max_body_bytes, 1);
         state.install(Loaded {
             models,
             tuning: BTreeMap::new(),
+            extras: BTreeMap::new(),
         });
         state
     }
@@ -65,6 +84,10 @@ impl AppState {
 
     pub fn model(&self, name: &str) -> Option<&Arc<ModelHandle>> {
         self.models().iter().find(|m| m.name == name)
+    }
+
+    pub fn extras(&self, model: &str) -> Option<&ModelExtras> {
+        self.loaded.get()?.extras.get(model)
     }
 
     pub fn tuning(&self, model: &str) -> Option<&[DeviceTuning]> {

@@ -85,10 +85,24 @@ mod tests {
             output: None,
         };
         let top = c.top(&[1.0, 3.0, 2.0]);
-        assert_eq!(top.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["dog", "fish"]);
+        assert_eq!(
+            top.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(),
+            ["dog", "fish"]
+        );
         let z: f32 = [1.0f32, 3.0, 2.0].iter().map(|s| s.exp()).sum();
         assert!((top[0].score - 3f32.exp() / z).abs() < 1e-6);
-        let raw = Classifier { softmax: false, labels: vec![], ..c };
-        assert_eq!(raw.top(&[0.1, 0.7, 0.2])[0], Class { label: "1".into(), index: 1, score: 0.7 });
+        let raw = Classifier {
+            softmax: false,
+            labels: vec![],
+            ..c
+        };
+        assert_eq!(
+            raw.top(&[0.1, 0.7, 0.2])[0],
+            Class {
+                label: "1".into(),
+                index: 1,
+                score: 0.7
+            }
+        );
     }
 }

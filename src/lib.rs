@@ -52,7 +52,7 @@ use tokio::net::TcpListener;
 
 use std::collections::BTreeMap;
 
-use crate::app::{AppState, Loaded};
+use crate::app::{AppState, Loaded, ModelExtras};
 use crate::batching::{BatchSettings, DeviceRunner, ModelHandle};
 use crate::config::{Config, ConfigError, MaxBatch};
 use crate::device::{DeviceError, OrtRunner};
@@ -86,6 +86,7 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
     let version = runtime.version();
     let mut models = Vec::new();
     let mut tuning = BTreeMap::new();
+    let mut extras = BTreeMap::new();
     for (m, plans) in config.models.iter().zip(plans) {
         let mut runners = Vec::new();
         let mut results = Vec::new();
@@ -143,6 +144,7 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
             queue_capacity: m.batching.queue_capacity,
             default_timeout: config.server.request_timeout.0,
         };
+        let model_extras = extras_for(m, &info)?;
         models.push(ModelHandle::start(
             &m.name,
             &m.version,
@@ -153,8 +155,13 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
             metrics.clone(),
         )?);
         tuning.insert(m.name.clone(), results);
+        extras.insert(m.name.clone(), model_extras);
     }
-    Ok(Loaded { models, tuning })
+    Ok(Loaded {
+        models,
+        tuning,
+        extras,
+    })
 }
 
 /// Builds one device's session and decides its batch size: from the config, or by the probe
@@ -227,11 +234,82 @@ fn open_and_tune(
     Ok((runner, result))
 }
 
+/// Image preprocessing and labels of a model, checked against what the model takes.
+fn extras_for(m: &config::ModelConfig, info: &ModelInfo) -> Result<ModelExtras, StartupError> {
+    let fail = |message: String| StartupError::Model {
+        model: m.name.clone(),
+        message,
+    };
+    if let Some(img) = &m.image {
+        let [h, w] = img.size;
+        let want: Vec<i64> = match img.layout {
+            config::Layout::Nchw => vec![3, h as i64, w as i64],
+            config::Layout::Nhwc => vec![h as i64, w as i64, 3],
+        };
+        let dtype = match img.dtype {
+            config::ImageDtype::Fp32 => tensor::DataType::F32,
+            config::ImageDtype::Uint8 => tensor::DataType::U8,
+        };
+        let fits = info.inputs.len() == 1
+            && info.inputs[0].dtype == dtype
+            && info.inputs[0].dims.len() == 4
+            && info.inputs[0].dims[1..]
+                .iter()
+                .zip(&want)
+                .all(|(&d, &e)| d < 0 || d == e);
+        if !fits {
+            return Err(fail(format!(
+                "image: {:?} {dtype} [batch, {want:?}] does not fit the model's inputs {:?}",
+                img.layout,
+                info.inputs
+                    .iter()
+                    .map(|i| (&i.name, i.dtype, &i.dims))
+                    .collect::<Vec<_>>()
+            )));
+        }
+    }
+    let classifier = match &m.classification {
+        None => None,
+        Some(c) => {
+            if let Some(out) = &c.output {
+                info.output_index(out).map_err(|e| fail(e.to_string()))?;
+            }
+            let cl = classify::Classifier::load(c).map_err(|e| fail(format!("labels: {e}")))?;
+            Some(cl)
+        }
+    };
+    Ok(ModelExtras {
+        image: m.image.clone(),
+        classifier,
+    })
+}
+
+/// Threads for image preprocessing: the configured count, or the cores the CPU sessions leave.
+pub fn preprocess_threads(config: &Config) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    match config.runtime.preprocess_threads {
+        config::Threads::Count(n) => n,
+        config::Threads::Auto => {
+            let cpu = match config.runtime.cpu_threads {
+                config::Threads::Count(n) => n,
+                config::Threads::Auto => cores,
+            };
+            cores.saturating_sub(cpu).max(1)
+        }
+    }
+}
+
 /// Loads everything (see [`load_models`]) and returns the state, ready to serve.
 pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
     let metrics = Arc::new(Metrics::new());
     let loaded = load_models(config, &metrics).await?;
-    let state = Arc::new(AppState::loading(metrics, config.server.max_body_bytes.0));
+    let state = Arc::new(AppState::loading(
+        metrics,
+        config.server.max_body_bytes.0,
+        preprocess_threads(config),
+    ));
     state.install(loaded);
     Ok(state)
 }
@@ -290,6 +368,7 @@ pub async fn run(
     let state = Arc::new(AppState::loading(
         metrics.clone(),
         config.server.max_body_bytes.0,
+        preprocess_threads(&config),
     ));
     let serving = serve(state.clone(), &config.server, listener, shutdown);
     tokio::pin!(serving);

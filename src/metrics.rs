@@ -26,6 +26,8 @@ pub struct Metrics {
     pub device_healthy: IntGaugeVec,
     /// The batch size each device runs at, by model and device.
     pub tuned_max_batch: IntGaugeVec,
+    /// Decode + resize + normalize time of one uploaded image, by model.
+    pub preprocess_duration: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -88,7 +90,21 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
         }
-        for h in [&request_duration, &batch_size, &inference_duration] {
+        let preprocess_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ortserve_preprocess_duration_seconds",
+                "Decode and preprocess time of one image",
+            )
+            .buckets(exponential_buckets(0.0001, 2.0, 18).expect("valid buckets")),
+            &["model"],
+        )
+        .expect("valid metric");
+        for h in [
+            &request_duration,
+            &batch_size,
+            &inference_duration,
+            &preprocess_duration,
+        ] {
             registry
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
@@ -117,6 +133,7 @@ impl Metrics {
             queue_depth,
             device_healthy,
             tuned_max_batch,
+            preprocess_duration,
         }
     }
 

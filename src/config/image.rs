@@ -123,24 +123,44 @@ impl ImageConfig {
     pub(super) fn validate(&self, key: &str) -> Result<(), ConfigError> {
         let [h, w] = self.size;
         if h == 0 || w == 0 || h > 8192 || w > 8192 {
-            return Err(invalid(format!("{key}.size"), format!("must be [height, width] within 1..=8192, got {:?}", self.size)));
+            return Err(invalid(
+                format!("{key}.size"),
+                format!(
+                    "must be [height, width] within 1..=8192, got {:?}",
+                    self.size
+                ),
+            ));
         }
         if let Some(s) = self.resize_shorter {
             if s < h.max(w) || s > 16384 {
                 return Err(invalid(
                     format!("{key}.resize_shorter"),
-                    format!("must be at least the larger of size ({}) and at most 16384, got {s}", h.max(w)),
+                    format!(
+                        "must be at least the larger of size ({}) and at most 16384, got {s}",
+                        h.max(w)
+                    ),
                 ));
             }
         }
-        if self.std.iter().any(|&s| s == 0.0 || !s.is_finite()) || self.mean.iter().any(|m| !m.is_finite()) {
-            return Err(invalid(format!("{key}.std"), "std must be finite and non-zero, mean finite"));
+        if self.std.iter().any(|&s| s == 0.0 || !s.is_finite())
+            || self.mean.iter().any(|m| !m.is_finite())
+        {
+            return Err(invalid(
+                format!("{key}.std"),
+                "std must be finite and non-zero, mean finite",
+            ));
         }
         if self.dtype == ImageDtype::Uint8 && (self.mean != zeros() || self.std != ones()) {
-            return Err(invalid(format!("{key}.dtype"), "uint8 inputs take raw pixels: leave mean at 0 and std at 1"));
+            return Err(invalid(
+                format!("{key}.dtype"),
+                "uint8 inputs take raw pixels: leave mean at 0 and std at 1",
+            ));
         }
         if self.max_pixels == 0 || self.max_images == 0 || self.max_image_bytes.0 == 0 {
-            return Err(invalid(key, "max_pixels, max_images and max_image_bytes must be at least 1"));
+            return Err(invalid(
+                key,
+                "max_pixels, max_images and max_image_bytes must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -149,11 +169,17 @@ impl ImageConfig {
 impl ClassificationConfig {
     pub(super) fn validate(&self, key: &str) -> Result<(), ConfigError> {
         if self.top_k == 0 || self.top_k > 1000 {
-            return Err(invalid(format!("{key}.top_k"), format!("must be 1..=1000, got {}", self.top_k)));
+            return Err(invalid(
+                format!("{key}.top_k"),
+                format!("must be 1..=1000, got {}", self.top_k),
+            ));
         }
         if let Some(p) = &self.labels {
             if !p.is_file() {
-                return Err(invalid(format!("{key}.labels"), format!("no labels file at {}", p.display())));
+                return Err(invalid(
+                    format!("{key}.labels"),
+                    format!("no labels file at {}", p.display()),
+                ));
             }
         }
         Ok(())

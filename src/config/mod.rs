@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use devices::{DeviceEntry, DeviceSpec, Devices};
-pub use image::{ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout};
+pub use image::{
+    ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout,
+};
 pub use units::{ByteSize, Dur};
 
 #[derive(Debug, Error)]

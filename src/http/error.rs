@@ -24,6 +24,8 @@ pub enum ApiError {
     PayloadTooLarge {
         limit: u64,
     },
+    /// An image (or the number of images) over a configured limit.
+    ImageTooLarge(String),
     UnsupportedMediaType(String),
     QueueFull(String),
     /// Not ready, draining, or no healthy device.
@@ -41,7 +43,9 @@ impl ApiError {
             ApiError::NotFound(_)
             | ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -57,7 +61,7 @@ impl ApiError {
             ApiError::InvalidInput(_) => "invalid_input",
             ApiError::NotFound(_) => "not_found",
             ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => "model_not_found",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::QueueFull(_) => "queue_full",
             ApiError::Unavailable(_) => "unavailable",
@@ -71,7 +75,8 @@ impl ApiError {
             ApiError::MalformedBody(m)
             | ApiError::InvalidInput(m)
             | ApiError::UnsupportedMediaType(m)
-            | ApiError::NotFound(m) => m.clone(),
+            | ApiError::NotFound(m)
+            | ApiError::ImageTooLarge(m) => m.clone(),
             ApiError::ModelNotFound(m) => format!("unknown model {m:?}"),
             ApiError::VersionNotFound { model, version } => {
                 format!("model {model:?} has no version {version:?}")
@@ -175,6 +180,7 @@ mod tests {
                 | ApiError::ModelNotFound(_)
                 | ApiError::VersionNotFound { .. }
                 | ApiError::PayloadTooLarge { .. }
+                | ApiError::ImageTooLarge(_)
                 | ApiError::UnsupportedMediaType(_)
                 | ApiError::QueueFull(_)
                 | ApiError::Unavailable(_)

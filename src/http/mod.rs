@@ -36,6 +36,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}/ready", get(routes::models::ready))
         .route("/v2/models/{model}/infer", post(routes::infer::infer))
         .route("/v1/models/{model}/tuning", get(routes::models::tuning))
+        .route("/v1/models/{target}", post(routes::predict::predict))
         .route("/v2/models/{model}/versions/{version}", get(routes::models::metadata_version))
         .route("/v2/models/{model}/versions/{version}/ready", get(routes::models::ready_version))
         .route("/v2/models/{model}/versions/{version}/infer", post(routes::infer::infer_version))

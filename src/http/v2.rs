@@ -211,7 +211,12 @@ fn flatten<'v>(v: &'v Value, depth: usize, out: &mut Vec<&'v Value>) -> Result<(
 
 /// Converts JSON numbers or booleans into little-endian bytes of `dtype`, checking the count
 /// and every value's range.
-fn json_data(v: &Value, dtype: DataType, count: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn json_data(
+    v: &Value,
+    dtype: DataType,
+    count: usize,
+    what: &str,
+) -> Result<Vec<u8>, ApiError> {
     let mut flat = Vec::with_capacity(count);
     flatten(v, 0, &mut flat).map_err(|e| ApiError::MalformedBody(format!("{what}: {e}")))?;
     if flat.len() != count {
@@ -258,7 +263,7 @@ fn json_data(v: &Value, dtype: DataType, count: usize, what: &str) -> Result<Vec
 }
 
 /// Serializes a tensor's elements as a flat JSON array straight from its bytes.
-struct JsonData<'a>(&'a Tensor);
+pub(crate) struct JsonData<'a>(pub(crate) &'a Tensor);
 
 impl Serialize for JsonData<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -46,7 +46,9 @@ pub fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessErr
     if reader.format().is_none() {
         return Err(PreprocessError::NotAnImage);
     }
-    let mut decoder = reader.into_decoder().map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
     if pixels > cfg.max_pixels {
@@ -64,8 +66,11 @@ pub fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessErr
     decoder
         .set_limits(limits)
         .map_err(|e| PreprocessError::TooLarge(e.to_string()))?;
-    let orientation = decoder.orientation().map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
 }
@@ -85,17 +90,28 @@ pub fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, PreprocessE
     let (w, h) = img.dimensions();
     let (rw, rh) = match cfg.resize_shorter {
         // Shorter side to `s`, rounded like torchvision and PIL-based pipelines.
-        Some(s) if w <= h => (s, ((h as f64 * s as f64 / w as f64).round() as u32).max(out_h)),
-        Some(s) => (((w as f64 * s as f64 / h as f64).round() as u32).max(out_w), s),
+        Some(s) if w <= h => (
+            s,
+            ((h as f64 * s as f64 / w as f64).round() as u32).max(out_h),
+        ),
+        Some(s) => (
+            ((w as f64 * s as f64 / h as f64).round() as u32).max(out_w),
+            s,
+        ),
         None => (out_w, out_h),
     };
     let src = fr::images::Image::from_vec_u8(w, h, img.as_raw().clone(), fr::PixelType::U8x3)
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
     let mut dst = fr::images::Image::new(rw, rh, fr::PixelType::U8x3);
     fr::Resizer::new()
-        .resize(&src, &mut dst, &fr::ResizeOptions::new().resize_alg(algorithm(cfg.interpolation)))
+        .resize(
+            &src,
+            &mut dst,
+            &fr::ResizeOptions::new().resize_alg(algorithm(cfg.interpolation)),
+        )
         .map_err(|e| PreprocessError::Corrupt(format!("resize: {e}")))?;
-    let resized = RgbImage::from_raw(rw, rh, dst.into_vec()).ok_or_else(|| PreprocessError::Corrupt("resize".into()))?;
+    let resized = RgbImage::from_raw(rw, rh, dst.into_vec())
+        .ok_or_else(|| PreprocessError::Corrupt("resize".into()))?;
     if (rw, rh) == (out_w, out_h) {
         return Ok(resized);
     }
@@ -130,7 +146,11 @@ pub fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
                     }
                 }
             }
-            Tensor { dtype: DataType::U8, shape, data }
+            Tensor {
+                dtype: DataType::U8,
+                shape,
+                data,
+            }
         }
         ImageDtype::Fp32 => {
             let mut values = vec![0f32; 3 * h * w];
@@ -143,7 +163,11 @@ pub fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
                 }
             }
             let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Tensor { dtype: DataType::F32, shape, data }
+            Tensor {
+                dtype: DataType::F32,
+                shape,
+                data,
+            }
         }
     }
 }

@@ -27,7 +27,12 @@ impl Pool {
 
     /// Runs `job` on a blocking thread once a slot is free.
     pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> T {
-        let permit = self.permits.clone().acquire_owned().await.expect("the pool's semaphore is never closed");
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
         let result = tokio::task::spawn_blocking(move || {
             let _slot = permit;
             job()

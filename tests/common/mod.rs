@@ -352,3 +352,82 @@ pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc
 pub fn one(v: f32) -> Value {
     json!({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [v]}]})
 }
+
+/// The reference: antialiased bilinear (triangle filter widened by the scale factor, as PIL's
+/// `Image.resize(..., BILINEAR)`), computed in f64, separately per axis.
+pub fn reference_resize(src: &image::RgbImage, out_w: u32, out_h: u32) -> Vec<[f64; 3]> {
+    fn weights(n_in: u32, n_out: u32) -> Vec<Vec<(usize, f64)>> {
+        let scale = n_in as f64 / n_out as f64;
+        let support = scale.max(1.0);
+        (0..n_out)
+            .map(|i| {
+                let center = (i as f64 + 0.5) * scale;
+                let lo = (center - support).floor().max(0.0) as usize;
+                let hi = ((center + support).ceil() as usize).min(n_in as usize);
+                let mut ws: Vec<(usize, f64)> = (lo..hi)
+                    .map(|j| {
+                        (
+                            j,
+                            (1.0 - ((j as f64 + 0.5 - center) / support).abs()).max(0.0),
+                        )
+                    })
+                    .filter(|(_, w)| *w > 0.0)
+                    .collect();
+                let sum: f64 = ws.iter().map(|(_, w)| w).sum();
+                ws.iter_mut().for_each(|(_, w)| *w /= sum);
+                ws
+            })
+            .collect()
+    }
+    let (w, h) = src.dimensions();
+    let wx = weights(w, out_w);
+    let wy = weights(h, out_h);
+    let mut horiz = vec![[0f64; 3]; (out_w * h) as usize];
+    for y in 0..h {
+        for (x, ws) in wx.iter().enumerate() {
+            for &(j, wt) in ws {
+                let p = src.get_pixel(j as u32, y);
+                for c in 0..3 {
+                    horiz[(y * out_w) as usize + x][c] += wt * f64::from(p[c]);
+                }
+            }
+        }
+    }
+    let mut out = vec![[0f64; 3]; (out_w * out_h) as usize];
+    for (y, ws) in wy.iter().enumerate() {
+        for x in 0..out_w as usize {
+            for &(j, wt) in ws {
+                for c in 0..3 {
+                    out[y * out_w as usize + x][c] += wt * horiz[j * out_w as usize + x][c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The reference preprocessing of the EfficientNet-Lite0 config: RGB, shorter side 256
+/// (antialiased bilinear), centre crop 224, (x - 127) / 128, NCHW, as an f32 `[1, 3, 224, 224]`.
+pub fn reference_preprocess(img: &image::RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    let (rw, rh) = if w <= h {
+        (256, (h as f64 * 256.0 / w as f64).round() as u32)
+    } else {
+        ((w as f64 * 256.0 / h as f64).round() as u32, 256)
+    };
+    let full = reference_resize(img, rw, rh);
+    let (left, top) = (((rw - 224) / 2) as usize, ((rh - 224) / 2) as usize);
+    let mut values = vec![0f32; 3 * 224 * 224];
+    for c in 0..3 {
+        for y in 0..224 {
+            for x in 0..224 {
+                // The server rounds resized pixels to 8 bits; so does the reference.
+                let p = full[(y + top) * rw as usize + x + left][c]
+                    .round()
+                    .clamp(0.0, 255.0);
+                values[(c * 224 + y) * 224 + x] = ((p - 127.0) / 128.0) as f32;
+            }
+        }
+    }
+    Tensor::from_f32(vec![1, 3, 224, 224], &values).unwrap()
+}

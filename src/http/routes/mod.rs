@@ -3,3 +3,4 @@
 pub mod health;
 pub mod infer;
 pub mod models;
+pub mod predict;

@@ -1,0 +1,409 @@
+//! `POST /v1/models/{model}:predict`, TF-Serving style: `{"instances": [...]}` for tensor models;
+//! for image models also multipart `image` parts, a raw `image/*` body, or `{"b64": ...}`
+//! instances, answered with top-k labels.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::app::AppState;
+use crate::batching::ModelHandle;
+use crate::config::ImageConfig;
+use crate::http::routes::infer::read_body;
+use crate::http::routes::models::lookup;
+use crate::http::{v2, ApiError};
+use crate::preprocess::{self, PreprocessError};
+use crate::tensor::{element_count, Tensor};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PredictQuery {
+    /// Add each image's raw output next to its labels.
+    #[serde(default)]
+    raw: bool,
+}
+
+#[derive(Deserialize)]
+struct PredictBody {
+    instances: Vec<Value>,
+    #[serde(default)]
+    raw: bool,
+}
+
+pub async fn predict(
+    State(app): State<Arc<AppState>>,
+    Path(target): Path<String>,
+    Query(query): Query<PredictQuery>,
+    req: Request,
+) -> Response {
+    let started = Instant::now();
+    let Some(model) = target.strip_suffix(":predict").map(str::to_string) else {
+        return ApiError::NotFound(format!(
+            "no route /v1/models/{target}; use /v1/models/{{model}}:predict"
+        ))
+        .into_response();
+    };
+    let response = run(&app, &model, query, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let label = if app.model(&model).is_some() {
+        model.as_str()
+    } else {
+        ""
+    };
+    app.metrics
+        .requests
+        .with_label_values(&[label, "v1_predict", response.status().as_str()])
+        .inc();
+    app.metrics
+        .request_duration
+        .with_label_values(&[label, "v1_predict"])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+fn content_type(req: &Request) -> Option<String> {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+}
+
+async fn run(
+    app: &AppState,
+    model: &str,
+    query: PredictQuery,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let m = lookup(app, model, None)?.clone();
+    let image = app.extras(model).and_then(|e| e.image.clone());
+    let ctype = content_type(&req);
+    match (ctype.as_deref(), &image) {
+        (Some("multipart/form-data"), Some(cfg)) => {
+            let images = multipart_images(app, cfg, req).await?;
+            predict_images(app, &m, cfg, images, query.raw).await
+        }
+        (Some(t), Some(cfg)) if t.starts_with("image/") => {
+            if !matches!(t, "image/jpeg" | "image/jpg" | "image/png" | "image/webp" | "image/gif" | "image/bmp") {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "{t} is not accepted; send image/jpeg, image/png, image/webp, image/gif or image/bmp"
+                )));
+            }
+            let (parts, body) = req.into_parts();
+            let body = read_limited(app, &parts.headers, body, cfg.max_image_bytes.0).await?;
+            predict_images(app, &m, cfg, vec![body], query.raw).await
+        }
+        (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), _) => {
+            let (parts, body) = req.into_parts();
+            let bytes = read_body(app, &parts.headers, body).await?;
+            let body: PredictBody = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::MalformedBody(format!("expected {{\"instances\": [...]}}: {e}")))?;
+            let raw = query.raw || body.raw;
+            match &image {
+                Some(cfg) => {
+                    let images = b64_instances(cfg, &body.instances)?;
+                    predict_images(app, &m, cfg, images, raw).await
+                }
+                None => predict_tensors(&m, body.instances).await,
+            }
+        }
+        (Some(t), _) => Err(ApiError::UnsupportedMediaType(match image {
+            Some(_) => format!("{t} is not accepted; send multipart/form-data with image parts, an image/* body, or JSON instances"),
+            None => format!("{t} is not accepted; model {model:?} takes JSON {{\"instances\": [...]}}"),
+        })),
+    }
+}
+
+/// Reads a body of at most `limit` bytes (and the server's body limit).
+async fn read_limited(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
+    let bytes = read_body(app, headers, body).await?;
+    if bytes.len() as u64 > limit {
+        return Err(ApiError::ImageTooLarge(format!(
+            "the image has {} bytes; the limit is {limit}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+async fn multipart_images(
+    app: &AppState,
+    cfg: &ImageConfig,
+    req: Request,
+) -> Result<Vec<Bytes>, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.max_body_bytes) {
+        return Err(ApiError::PayloadTooLarge {
+            limit: app.max_body_bytes,
+        });
+    }
+    let mut form = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?;
+    let mut images = Vec::new();
+    let mut total = 0u64;
+    while let Some(mut field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?
+    {
+        if field.name() != Some("image") {
+            continue;
+        }
+        if images.len() == cfg.max_images {
+            return Err(ApiError::ImageTooLarge(format!(
+                "more than {} images in one request",
+                cfg.max_images
+            )));
+        }
+        let mut data = Vec::new();
+        while let Some(chunk) = field
+            .chunk()
+            .await
+            .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?
+        {
+            total += chunk.len() as u64;
+            if total > app.max_body_bytes {
+                return Err(ApiError::PayloadTooLarge {
+                    limit: app.max_body_bytes,
+                });
+            }
+            if (data.len() + chunk.len()) as u64 > cfg.max_image_bytes.0 {
+                return Err(ApiError::ImageTooLarge(format!(
+                    "image {} is larger than the limit of {} bytes",
+                    images.len(),
+                    cfg.max_image_bytes.0
+                )));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        images.push(Bytes::from(data));
+    }
+    if images.is_empty() {
+        return Err(ApiError::MalformedBody(
+            "the multipart body has no `image` part".into(),
+        ));
+    }
+    Ok(images)
+}
+
+fn b64_instances(cfg: &ImageConfig, instances: &[Value]) -> Result<Vec<Bytes>, ApiError> {
+    if instances.is_empty() {
+        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+    }
+    if instances.len() > cfg.max_images {
+        return Err(ApiError::ImageTooLarge(format!(
+            "more than {} images in one request",
+            cfg.max_images
+        )));
+    }
+    instances
+        .iter()
+        .enumerate()
+        .map(|(i, inst)| {
+            let text = inst.get("b64").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::MalformedBody(format!(
+                    "instance {i}: an image model takes {{\"b64\": \"<base64 image>\"}}"
+                ))
+            })?;
+            // Base64 is 4/3 of the bytes: refuse before decoding what would be too large.
+            if text.len() as u64 / 4 * 3 > cfg.max_image_bytes.0 + 3 {
+                return Err(ApiError::ImageTooLarge(format!(
+                    "instance {i}: the image is larger than the limit of {} bytes",
+                    cfg.max_image_bytes.0
+                )));
+            }
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map(Bytes::from)
+                .map_err(|e| ApiError::MalformedBody(format!("instance {i}: invalid base64: {e}")))
+        })
+        .collect()
+}
+
+async fn predict_images(
+    app: &AppState,
+    m: &Arc<ModelHandle>,
+    cfg: &ImageConfig,
+    images: Vec<Bytes>,
+    raw: bool,
+) -> Result<Response, ApiError> {
+    if images.len() > cfg.max_images {
+        return Err(ApiError::ImageTooLarge(format!(
+            "more than {} images in one request",
+            cfg.max_images
+        )));
+    }
+    let timer = app
+        .metrics
+        .preprocess_duration
+        .with_label_values(&[m.name.as_str()]);
+    let jobs = images.into_iter().enumerate().map(|(i, bytes)| {
+        let cfg = cfg.clone();
+        let timer = timer.clone();
+        async move {
+            let rows = app
+                .pool
+                .run(move || {
+                    let t = Instant::now();
+                    let r = preprocess::preprocess(&bytes, &cfg);
+                    timer.observe(t.elapsed().as_secs_f64());
+                    r
+                })
+                .await;
+            rows.map_err(|e| match e {
+                PreprocessError::TooLarge(msg) => {
+                    ApiError::ImageTooLarge(format!("image {i}: {msg}"))
+                }
+                other => ApiError::InvalidInput(format!("image {i}: {other}")),
+            })
+        }
+    });
+    let rows = futures_util::future::try_join_all(jobs).await?;
+    let refs: Vec<&Tensor> = rows.iter().collect();
+    let batch = Tensor::concat(&refs).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
+    let n = rows.len();
+    let input = m.info.inputs[0].name.clone();
+    let outputs = m.infer(vec![(input, batch)], None).await?;
+    let classifier = app.extras(&m.name).and_then(|e| e.classifier.as_ref());
+    let out_index = match classifier.and_then(|c| c.output.as_deref()) {
+        Some(name) => m
+            .info
+            .output_index(name)
+            .map_err(|e| ApiError::InvalidInput(e.to_string()))?,
+        None => 0,
+    };
+    let scores = &outputs[out_index];
+    let predictions: Vec<Value> = (0..n)
+        .map(|i| {
+            let row = scores.slice_rows(i, 1);
+            let mut p = Map::new();
+            if let Some(c) = classifier {
+                let values: Vec<f32> = match row.dtype {
+                    crate::tensor::DataType::F32 => row.to_f32(),
+                    _ => Vec::new(),
+                };
+                p.insert("classes".into(), json!(c.top(&values)));
+            }
+            if raw || classifier.is_none() {
+                p.insert(m.info.outputs[out_index].name.clone(), nested(&row));
+            }
+            Value::Object(p)
+        })
+        .collect();
+    Ok(
+        Json(json!({"model_name": m.name, "model_version": m.version, "predictions": predictions}))
+            .into_response(),
+    )
+}
+
+/// One row's values (dim 0 dropped) as nested JSON arrays.
+fn nested(row: &Tensor) -> Value {
+    let flat = match serde_json::to_value(v2::JsonData(row)) {
+        Ok(Value::Array(v)) => v,
+        _ => Vec::new(),
+    };
+    fn build(values: &[Value], dims: &[usize]) -> Value {
+        match dims.split_first() {
+            None => values.first().cloned().unwrap_or(Value::Null),
+            Some((_, [])) => Value::Array(values.to_vec()),
+            Some((&n, rest)) => {
+                let step = values.len() / n.max(1);
+                Value::Array(
+                    (0..n)
+                        .map(|i| build(&values[i * step..(i + 1) * step], rest))
+                        .collect(),
+                )
+            }
+        }
+    }
+    build(&flat, row.shape.get(1..).unwrap_or_default())
+}
+
+/// Instances of a tensor model: one row each; an object by input name when the model has
+/// several inputs, else the row itself.
+async fn predict_tensors(
+    m: &Arc<ModelHandle>,
+    instances: Vec<Value>,
+) -> Result<Response, ApiError> {
+    if instances.is_empty() {
+        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+    }
+    let n = instances.len();
+    let mut named = Vec::with_capacity(m.info.inputs.len());
+    for input in &m.info.inputs {
+        let rest = input.dims.get(1..).unwrap_or_default();
+        if rest.iter().any(|&d| d < 0) {
+            return Err(ApiError::InvalidInput(format!(
+                "input {:?} has dynamic dims {:?}; send it through /v2/models/{}/infer with a shape",
+                input.name, input.dims, m.name
+            )));
+        }
+        let rest: Vec<usize> = rest.iter().map(|&d| d as usize).collect();
+        let per_row = element_count(&rest).unwrap_or(0);
+        let values: Vec<Value> = instances
+            .iter()
+            .enumerate()
+            .map(|(i, inst)| match (m.info.inputs.len(), inst) {
+                (1, v) if !v.is_object() => Ok(v.clone()),
+                (_, Value::Object(o)) => o.get(&input.name).cloned().ok_or_else(|| {
+                    ApiError::InvalidInput(format!("instance {i} has no input {:?}", input.name))
+                }),
+                _ => Err(ApiError::MalformedBody(format!(
+                    "instance {i}: the model has several inputs; send an object by input name"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        let data = v2::json_data(
+            &Value::Array(values),
+            input.dtype,
+            per_row * n,
+            &format!("input {:?}", input.name),
+        )?;
+        let mut shape = vec![n];
+        shape.extend(rest);
+        let t = Tensor::new(input.dtype, shape, data)
+            .map_err(|e| ApiError::InvalidInput(e.to_string()))?;
+        named.push((input.name.clone(), t));
+    }
+    let outputs = m.infer(named, None).await?;
+    let predictions: Vec<Value> = (0..n)
+        .map(|i| {
+            if outputs.len() == 1 {
+                nested(&outputs[0].slice_rows(i, 1))
+            } else {
+                Value::Object(
+                    m.info
+                        .outputs
+                        .iter()
+                        .zip(&outputs)
+                        .map(|(o, t)| (o.name.clone(), nested(&t.slice_rows(i, 1))))
+                        .collect(),
+                )
+            }
+        })
+        .collect();
+    Ok(Json(json!({"predictions": predictions})).into_response())
+}
