@@ -112,6 +112,22 @@ async fn real_photos_through_every_upload_form_and_as_a_tensor() {
     let multi = reply.json();
     check_photos(&multi["predictions"], "multipart");
 
+    // The same photos as JPEG (quality 90), in one multipart request.
+    let jpeg = |png_bytes: &[u8]| {
+        let img = image::load_from_memory(png_bytes).unwrap().into_rgb8();
+        let mut out = Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out.into_inner()
+    };
+    let reply = send(
+        &router,
+        multipart(&[("image", &jpeg(&chelsea)), ("image", &jpeg(&coffee))]),
+    )
+    .await;
+    check_photos(&reply.json()["predictions"], "multipart JPEG");
+
     // Raw image bodies, one at a time.
     let a = send(&router, raw("image/png", chelsea.clone()))
         .await
