@@ -36,6 +36,8 @@ pub struct AppState {
     pub pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.
     draining: AtomicBool,
+    /// Accepted bearer tokens; empty means auth is off.
+    pub tokens: Vec<String>,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ impl AppState {
             max_body_bytes,
             pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
+            tokens: Vec::new(),
         }
     }
 
@@ -67,6 +70,12 @@ impl AppState {
             extras: BTreeMap::new(),
         });
         state
+    }
+
+    /// Turns bearer-token auth on for the model routes.
+    pub fn with_tokens(mut self, tokens: Vec<String>) -> AppState {
+        self.tokens = tokens;
+        self
     }
 
     /// Publishes the loaded models; later calls are ignored.

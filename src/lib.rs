@@ -284,6 +284,15 @@ fn extras_for(m: &config::ModelConfig, info: &ModelInfo) -> Result<ModelExtras, 
     })
 }
 
+fn auth_tokens(config: &Config) -> Vec<String> {
+    config
+        .server
+        .auth
+        .as_ref()
+        .map(|a| a.tokens.clone())
+        .unwrap_or_default()
+}
+
 /// Threads for image preprocessing: the configured count, or the cores the CPU sessions leave.
 pub fn preprocess_threads(config: &Config) -> usize {
     let cores = std::thread::available_parallelism()
@@ -305,11 +314,14 @@ pub fn preprocess_threads(config: &Config) -> usize {
 pub async fn start(config: &Config) -> Result<Arc<AppState>, StartupError> {
     let metrics = Arc::new(Metrics::new());
     let loaded = load_models(config, &metrics).await?;
-    let state = Arc::new(AppState::loading(
-        metrics,
-        config.server.max_body_bytes.0,
-        preprocess_threads(config),
-    ));
+    let state = Arc::new(
+        AppState::loading(
+            metrics,
+            config.server.max_body_bytes.0,
+            preprocess_threads(config),
+        )
+        .with_tokens(auth_tokens(config)),
+    );
     state.install(loaded);
     Ok(state)
 }
@@ -365,11 +377,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(AppState::loading(
-        metrics.clone(),
-        config.server.max_body_bytes.0,
-        preprocess_threads(&config),
-    ));
+    let state = Arc::new(
+        AppState::loading(
+            metrics.clone(),
+            config.server.max_body_bytes.0,
+            preprocess_threads(&config),
+        )
+        .with_tokens(auth_tokens(&config)),
+    );
     let serving = serve(state.clone(), &config.server, listener, shutdown);
     tokio::pin!(serving);
     let loading = load_models(&config, &metrics);

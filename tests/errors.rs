@@ -12,9 +12,10 @@ use common::*;
 use serde_json::json;
 
 /// Every (status, error_type) the server documents.
-const TABLE: [(u16, &str); 10] = [
+const TABLE: [(u16, &str); 11] = [
     (400, "malformed_body"),
     (400, "invalid_input"),
+    (401, "unauthorized"),
     (404, "not_found"),
     (404, "model_not_found"),
     (413, "payload_too_large"),
@@ -301,6 +302,16 @@ models:
         "shutting down",
     );
 
+    // 401: a server with auth on.
+    let (_a, secured) = secured_server().await;
+    check(
+        "no token",
+        post_json(&secured, mlp_uri(), &one_mlp()).await,
+        401,
+        "unauthorized",
+        "Bearer",
+    );
+
     let covered: BTreeSet<(u16, String)> =
         seen.iter().map(|(_, s, k, _)| (*s, k.clone())).collect();
     let table: BTreeSet<(u16, String)> = TABLE.iter().map(|(s, k)| (*s, k.to_string())).collect();
@@ -308,4 +319,106 @@ models:
         covered, table,
         "every status table row is produced through HTTP"
     );
+}
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn mlp_uri() -> &'static str {
+    "/v2/models/mlp/infer"
+}
+
+fn one_mlp() -> serde_json::Value {
+    json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+}
+
+async fn secured_server() -> (std::sync::Arc<ortserve::app::AppState>, axum::Router) {
+    let mut c = config(
+        "server: {auth: {tokens_env: ORTSERVE_TEST_TOKENS}}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}]",
+    );
+    c.load_tokens(|k| {
+        (k == "ORTSERVE_TEST_TOKENS").then(|| format!("another-token-abcdefgh, {TOKEN}"))
+    })
+    .unwrap();
+    let state = ortserve::start(&c).await.unwrap();
+    (state.clone(), ortserve::http::router(state))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_auth_guards_model_routes_and_leaves_probes_open() {
+    let (_s, router) = secured_server().await;
+    let with = |token: Option<&str>, uri: &str, body: Option<serde_json::Value>| {
+        let mut b = match body {
+            Some(_) => Request::post(uri),
+            None => Request::get(uri),
+        };
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Body::from(body.map(|v| v.to_string()).unwrap_or_default()))
+            .unwrap()
+    };
+    for (token, status) in [
+        (None, 401),
+        (Some("wrong-token-0123456789"), 401),
+        (Some(&TOKEN[..TOKEN.len() - 1]), 401),
+        (Some(TOKEN), 200),
+    ] {
+        let r = send(&router, with(token, mlp_uri(), Some(one_mlp()))).await;
+        assert_eq!(r.status.as_u16(), status, "token {token:?}");
+        if status == 401 {
+            assert_eq!(r.headers["www-authenticate"], "Bearer");
+        }
+        assert_eq!(
+            send(&router, with(token, "/v2/models/mlp", None))
+                .await
+                .status
+                .as_u16(),
+            status,
+            "metadata, token {token:?}"
+        );
+    }
+    assert_eq!(
+        send(
+            &router,
+            with(Some("another-token-abcdefgh"), "/v2/models/mlp", None)
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    for open in [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v2",
+    ] {
+        assert_eq!(
+            get(&router, open).await.status,
+            StatusCode::OK,
+            "{open} stays open"
+        );
+    }
+}
+
+#[test]
+fn auth_without_tokens_or_with_short_ones_is_a_config_error() {
+    let yaml = "server: {auth: {tokens_env: T}}\nmodels: [{name: mlp, path: mlp.onnx}]";
+    let mut c = ortserve::config::Config::from_yaml(yaml).unwrap();
+    let e = c.load_tokens(|_| None).unwrap_err().to_string();
+    assert!(
+        e.contains("server.auth.tokens_env") && e.contains("T is not set"),
+        "{e}"
+    );
+    let e = c
+        .load_tokens(|_| Some("short".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least 16 characters"), "{e}");
+    let e = c
+        .load_tokens(|_| Some(" , ".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no token"), "{e}");
 }

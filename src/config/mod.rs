@@ -81,6 +81,25 @@ pub struct ServerConfig {
     /// `text` for people, `json` for log collectors. Env: `ORTSERVE_LOG_FORMAT`.
     #[serde(default = "default_log_format")]
     pub log_format: LogFormat,
+    /// Bearer-token auth for inference and model routes; health, readiness and metrics stay open.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+}
+
+/// Where the accepted bearer tokens come from (either or both).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A file with one token per line (blank lines and `#` comments ignored), e.g. a mounted
+    /// Kubernetes Secret.
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    /// An environment variable holding comma-separated tokens.
+    #[serde(default)]
+    pub tokens_env: Option<String>,
+    /// The tokens read from both at load time.
+    #[serde(skip)]
+    pub tokens: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +111,7 @@ impl Default for ServerConfig {
             drain_delay: default_drain_delay(),
             shutdown_timeout: default_shutdown_timeout(),
             log_format: default_log_format(),
+            auth: None,
         }
     }
 }
@@ -349,6 +369,7 @@ impl Config {
         let mut config = Config::from_yaml(&text)?;
         config.apply_env(|k| std::env::var_os(k).map(PathBuf::from));
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.load_tokens(|k| std::env::var(k).ok())?;
         config.validate()?;
         Ok(config)
     }
@@ -393,6 +414,56 @@ impl Config {
         self.runtime.cuda_visible_devices = text("CUDA_VISIBLE_DEVICES");
     }
 
+    /// Reads the auth tokens from the file and the environment variable the config names.
+    pub fn load_tokens(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let Some(auth) = &mut self.server.auth else {
+            return Ok(());
+        };
+        let mut tokens = Vec::new();
+        if let Some(file) = &auth.tokens_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                invalid(
+                    "server.auth.tokens_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string),
+            );
+        }
+        if let Some(name) = &auth.tokens_env {
+            let value = var(name)
+                .ok_or_else(|| invalid("server.auth.tokens_env", format!("{name} is not set")))?;
+            tokens.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        if tokens.is_empty() {
+            return Err(invalid(
+                "server.auth",
+                "auth is on but no token was found in tokens_file or tokens_env",
+            ));
+        }
+        if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+            return Err(invalid(
+                "server.auth",
+                format!(
+                    "tokens must be at least 16 characters; one has {}",
+                    short.len()
+                ),
+            ));
+        }
+        auth.tokens = tokens;
+        Ok(())
+    }
+
     /// Makes relative model and library paths relative to `base` (the config file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
         for m in &mut self.models {
@@ -408,6 +479,16 @@ impl Config {
                 if dir.is_relative() {
                     *dir = base.join(&*dir);
                 }
+            }
+        }
+        if let Some(f) = self
+            .server
+            .auth
+            .as_mut()
+            .and_then(|a| a.tokens_file.as_mut())
+        {
+            if f.is_relative() {
+                *f = base.join(&*f);
             }
         }
         if let Some(p) = &mut self.runtime.onnxruntime_path {

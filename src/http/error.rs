@@ -14,6 +14,8 @@ pub enum ApiError {
     MalformedBody(String),
     /// Well-formed, but does not fit the model: input name, dtype, shape, element count.
     InvalidInput(String),
+    /// Auth is on and the request has no valid bearer token.
+    Unauthorized,
     /// No such route.
     NotFound(String),
     ModelNotFound(String),
@@ -40,6 +42,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MalformedBody(_) | ApiError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_)
             | ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::MalformedBody(_) => "malformed_body",
             ApiError::InvalidInput(_) => "invalid_input",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Unauthorized => "unauthorized",
             ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => "model_not_found",
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -86,6 +90,9 @@ impl ApiError {
             }
             ApiError::QueueFull(m) => m.clone(),
             ApiError::Unavailable(m) => m.clone(),
+            ApiError::Unauthorized => {
+                "a valid `Authorization: Bearer <token>` header is required".into()
+            }
             ApiError::DeadlineExceeded => {
                 "the request's deadline passed before its batch ran".into()
             }
@@ -124,6 +131,10 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = json!({"error": self.message(), "error_type": self.error_type()});
         let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -142,6 +153,7 @@ mod tests {
         vec![
             (ApiError::MalformedBody("x".into()), 400, "malformed_body"),
             (ApiError::InvalidInput("x".into()), 400, "invalid_input"),
+            (ApiError::Unauthorized, 401, "unauthorized"),
             (ApiError::NotFound("x".into()), 404, "not_found"),
             (ApiError::ModelNotFound("m".into()), 404, "model_not_found"),
             (
@@ -176,6 +188,7 @@ mod tests {
             match e {
                 ApiError::MalformedBody(_)
                 | ApiError::InvalidInput(_)
+                | ApiError::Unauthorized
                 | ApiError::NotFound(_)
                 | ApiError::ModelNotFound(_)
                 | ApiError::VersionNotFound { .. }

@@ -1,6 +1,7 @@
 //! HTTP: the router, its tower layers, the V2 codec and the one error table. The only module
 //! that imports axum and tower-http.
 
+mod auth;
 pub mod error;
 mod routes;
 pub mod v2;
@@ -25,6 +26,30 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Every route, with request ids, tracing and panic catching. Body limits are enforced by the
 /// handlers so that a too-large body gets our JSON error.
 pub fn router(state: Arc<AppState>) -> Router {
+    // Model routes: behind bearer-token auth when it is configured.
+    let models = Router::new()
+        .route("/v2/models/{model}", get(routes::models::metadata))
+        .route("/v2/models/{model}/ready", get(routes::models::ready))
+        .route("/v2/models/{model}/infer", post(routes::infer::infer))
+        .route("/v1/models/{model}/tuning", get(routes::models::tuning))
+        .route("/v1/models/{target}", post(routes::predict::predict))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(routes::models::metadata_version),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(routes::models::ready_version),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(routes::infer::infer_version),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    // Probes and scrapers: always open.
     Router::new()
         .route("/v2", get(routes::health::server_metadata))
         .route("/v2/health/live", get(routes::health::live))
@@ -32,14 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(routes::health::live))
         .route("/readyz", get(routes::health::ready))
         .route("/metrics", get(routes::health::metrics))
-        .route("/v2/models/{model}", get(routes::models::metadata))
-        .route("/v2/models/{model}/ready", get(routes::models::ready))
-        .route("/v2/models/{model}/infer", post(routes::infer::infer))
-        .route("/v1/models/{model}/tuning", get(routes::models::tuning))
-        .route("/v1/models/{target}", post(routes::predict::predict))
-        .route("/v2/models/{model}/versions/{version}", get(routes::models::metadata_version))
-        .route("/v2/models/{model}/versions/{version}/ready", get(routes::models::ready_version))
-        .route("/v2/models/{model}/versions/{version}/infer", post(routes::infer::infer_version))
+        .merge(models)
         .fallback(routes::health::not_found)
         .layer(DefaultBodyLimit::disable())
         .layer(
