@@ -143,6 +143,8 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
             max_queue_delay: m.batching.max_queue_delay.0,
             queue_capacity: m.batching.queue_capacity,
             default_timeout: config.server.request_timeout.0,
+            failure_threshold: m.health.failure_threshold,
+            reprobe_interval: m.health.reprobe_interval.0,
         };
         let model_extras = extras_for(m, &info)?;
         models.push(ModelHandle::start(

@@ -157,11 +157,11 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
             }),
         })
         .into();
-    let settings = BatchSettings {
-        max_queue_delay: std::time::Duration::from_millis(1),
-        queue_capacity: 1024,
-        default_timeout: std::time::Duration::from_secs(30),
-    };
+    let settings = BatchSettings::new(
+        std::time::Duration::from_millis(1),
+        1024,
+        std::time::Duration::from_secs(30),
+    );
     let (state, router) = fake_server("paced", 2, runners, policy, settings);
     let model = state.models()[0].clone();
     let mut tasks = Vec::new();

@@ -1,7 +1,14 @@
 //! The batcher actor: one tokio task per model. It owns the [`State`], forms a batch when a
 //! device has a free slot and the batch is full or has waited `max_queue_delay`, and hands it to
 //! the device worker. It exits when the handlers' channel closes and the queue is empty.
+//!
+//! Faults: a batch that fails for a reason other than its input comes back here and each part is
+//! run once more, alone, on another healthy device; a batch that ONNX Runtime refused for its
+//! input is split and each part run alone, so one bad request does not fail its batch mates.
+//! After `failure_threshold` failures in a row a device turns unhealthy; every
+//! `reprobe_interval` an unhealthy device gets a one-row probe and turns healthy when it passes.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +18,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use crate::device::{DeviceCommand, RunDone, RunError, RunJob};
 use crate::dispatch::{DevicePool, InFlight, Pick};
 use crate::metrics::Metrics;
+use crate::tensor::Tensor;
 
 use super::{Entry, InferError, State};
 
@@ -18,22 +26,82 @@ pub(super) struct Settings {
     pub model: String,
     pub max_queue_delay: Duration,
     pub batchable: bool,
+    pub failure_threshold: u32,
+    pub reprobe_interval: Duration,
 }
 
 /// While parts wait for a busy device, look at the queue this often to drop those whose client
 /// left or whose deadline passed.
 const SWEEP: Duration = Duration::from_millis(50);
 
+/// What a batch's completion needs besides the pool.
+#[derive(Clone)]
+struct Ctx {
+    model: String,
+    metrics: Arc<Metrics>,
+    /// Device workers → batcher: parts to run again. Bounded by the model's queue capacity;
+    /// when full (or the batcher is gone) the part is answered with its error instead.
+    retry: mpsc::Sender<Entry>,
+    threshold: u32,
+}
+
 pub(super) async fn run(
     mut rx: mpsc::Receiver<Entry>,
     pool: Arc<DevicePool>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    retry_capacity: usize,
 ) {
     let mut state: State<Entry> = State::new();
     let mut open = true;
     let depth = metrics.queue_depth.with_label_values(&[&settings.model]);
+    let (retry_tx, mut retry_rx) = mpsc::channel::<Entry>(retry_capacity.max(1));
+    let ctx = Ctx {
+        model: settings.model.clone(),
+        metrics: metrics.clone(),
+        retry: retry_tx,
+        threshold: settings.failure_threshold,
+    };
+    // Parts to run alone: retried after a device fault, or split out of a batch whose input was
+    // refused. Served before new batches.
+    let mut alone: VecDeque<Entry> = VecDeque::new();
+    // One row of a real request, kept to probe unhealthy devices with.
+    let mut sample: Option<Vec<Tensor>> = None;
+    let mut next_probe = Instant::now() + settings.reprobe_interval;
     loop {
+        while let Ok(e) = retry_rx.try_recv() {
+            alone.push_back(e);
+        }
+        if Instant::now() >= next_probe {
+            next_probe = Instant::now() + settings.reprobe_interval;
+            if let Some(sample) = &sample {
+                probe_unhealthy(&pool, sample, &ctx);
+            }
+        }
+        // Parts that run alone first, each on a device other than the one that failed it.
+        while let Some(e) = alone.pop_front() {
+            if e.reply.is_closed() {
+                continue;
+            }
+            match pool.pick_excluding(e.rows, e.failed_on) {
+                Pick::Ready(r) => {
+                    let rows = e.rows;
+                    let inflight = r.start(&pool, rows);
+                    send_batch(vec![e], rows, inflight, &ctx);
+                }
+                Pick::Busy => {
+                    alone.push_front(e);
+                    break;
+                }
+                Pick::NoHealthyDevice => {
+                    let err = e
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| RunError::Failed("no other healthy device".into()));
+                    let _ = e.reply.send(Err(InferError::Run(err)));
+                }
+            }
+        }
         while open {
             match rx.try_recv() {
                 Ok(e) => state.push(e),
@@ -46,14 +114,22 @@ pub(super) async fn run(
         for e in dead.expired {
             let _ = e.reply.send(Err(InferError::DeadlineExceeded));
         }
-        depth.set(state.len() as i64);
+        depth.set((state.len() + alone.len()) as i64);
         if state.is_empty() {
-            if !open {
+            if !open && alone.is_empty() && pool.devices().iter().all(|d| d.inflight_rows() == 0) {
                 break;
             }
-            match rx.recv().await {
-                Some(e) => state.push(e),
-                None => open = false,
+            let freed = pool.freed().clone();
+            let notified = freed.notified();
+            let idle = tokio::time::sleep_until(next_probe.min(Instant::now() + SWEEP * 4).into());
+            tokio::select! {
+                e = rx.recv(), if open => match e {
+                    Some(e) => state.push(e),
+                    None => open = false,
+                },
+                Some(e) = retry_rx.recv() => alone.push_back(e),
+                _ = notified, if !alone.is_empty() || !open => {}
+                _ = idle => {}
             }
             continue;
         }
@@ -80,9 +156,14 @@ pub(super) async fn run(
                 let due = oldest + settings.max_queue_delay;
                 if !open || now >= due || state.batch_full(max, settings.batchable) {
                     let batch = state.take_batch(max, settings.batchable);
+                    if sample.is_none() {
+                        sample = batch
+                            .first()
+                            .map(|e| e.inputs.iter().map(|t| t.slice_rows(0, 1)).collect());
+                    }
                     let rows = batch.iter().map(|e| e.rows).sum();
                     let inflight = reservation.start(&pool, rows);
-                    send_batch(batch, rows, inflight, &settings.model, &metrics);
+                    send_batch(batch, rows, inflight, &ctx);
                     continue;
                 }
                 // Not full and not due: give the slot back and wait for more rows.
@@ -91,12 +172,14 @@ pub(super) async fn run(
             }
             Pick::Busy => {}
         }
-        let sleep = tokio::time::sleep_until(wake.unwrap_or(now + SWEEP).into());
+        let wake = wake.unwrap_or(now + SWEEP).min(next_probe);
+        let sleep = tokio::time::sleep_until(wake.into());
         tokio::select! {
             e = rx.recv(), if open => match e {
                 Some(e) => state.push(e),
                 None => open = false,
             },
+            Some(e) = retry_rx.recv() => alone.push_back(e),
             _ = &mut notified => {}
             _ = sleep => {}
         }
@@ -107,16 +190,46 @@ pub(super) async fn run(
     }
 }
 
-/// Hands a batch to its device worker; the worker answers every part.
-fn send_batch(
-    batch: Vec<Entry>,
-    rows: usize,
-    inflight: InFlight,
-    model: &str,
-    metrics: &Arc<Metrics>,
-) {
+/// Sends a one-row probe to every unhealthy device with a free slot; one that runs it turns
+/// healthy again.
+fn probe_unhealthy(pool: &DevicePool, sample: &[Tensor], ctx: &Ctx) {
+    for (i, d) in pool.devices().iter().enumerate() {
+        if d.is_healthy() {
+            continue;
+        }
+        let Some(r) = pool.reserve(i) else { continue };
+        let inflight = r.start(pool, 1);
+        let model = ctx.model.clone();
+        let done: RunDone = Box::new(move |result, elapsed, _parts| {
+            let slot = inflight.slot();
+            // A refused input still shows the device works.
+            let works = !matches!(result, Err(RunError::Failed(_)));
+            if works {
+                slot.record(1, elapsed, true, 1);
+                slot.set_healthy(true);
+                tracing::info!(model, device = %slot.name, "device passed its probe: healthy again");
+            } else {
+                tracing::debug!(model, device = %slot.name, "device failed its probe");
+            }
+        });
+        let span = tracing::info_span!("probe", model = %ctx.model, device = %d.name);
+        let job = RunJob {
+            parts: vec![sample.to_vec()],
+            span,
+            done,
+        };
+        if d.sender().try_send(DeviceCommand::Run(job)).is_err() {
+            tracing::warn!(device = %d.name, "could not send a probe");
+        }
+    }
+}
+
+/// Hands a batch to its device worker; the worker answers every part (or hands failed parts
+/// back through `ctx.retry`).
+fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx) {
     let slot = inflight.slot().clone();
-    metrics
+    let model = ctx.model.as_str();
+    ctx.metrics
         .batch_size
         .with_label_values(&[model])
         .observe(rows as f64);
@@ -125,38 +238,67 @@ fn send_batch(
         span.follows_from(&e.span);
     }
     let mut parts = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
-    for e in batch {
-        parts.push(e.inputs);
-        replies.push((e.reply, e.permit));
+    let mut metas = Vec::with_capacity(batch.len());
+    for mut e in batch {
+        parts.push(std::mem::take(&mut e.inputs));
+        metas.push(e);
     }
-    let (model, metrics) = (model.to_string(), metrics.clone());
-    let done: RunDone = Box::new(move |result, elapsed| {
-        let device = inflight.slot().name.as_str();
-        let labels = [model.as_str(), device];
-        inflight.slot().record(rows, elapsed, result.is_ok());
-        metrics
+    let ctx = ctx.clone();
+    let device_index = inflight.index();
+    let done: RunDone = Box::new(move |result, elapsed, parts| {
+        let slot = inflight.slot();
+        let labels = [ctx.model.as_str(), slot.name.as_str()];
+        // Only faults of the device count against its health, not refused inputs.
+        let device_fault = matches!(result, Err(RunError::Failed(_)));
+        if slot.record(rows, elapsed, !device_fault, ctx.threshold) {
+            slot.set_healthy(false);
+            tracing::warn!(model = %ctx.model, device = %slot.name, failures = ctx.threshold, "device failed repeatedly: unhealthy");
+        }
+        ctx.metrics
             .inference_duration
             .with_label_values(&labels)
             .observe(elapsed.as_secs_f64());
         match result {
             Ok(outputs) => {
-                metrics
+                ctx.metrics
                     .device_rows
                     .with_label_values(&labels)
                     .inc_by(rows as u64);
-                for ((reply, _permit), out) in replies.into_iter().zip(outputs) {
-                    let _ = reply.send(Ok(out));
+                for (e, out) in metas.into_iter().zip(outputs) {
+                    let _ = e.reply.send(Ok(out));
                 }
             }
-            Err(e) => {
-                metrics.device_failures.with_label_values(&labels).inc();
-                for (reply, _permit) in replies {
-                    let _ = reply.send(Err(InferError::Run(e.clone())));
+            Err(err) => {
+                if device_fault {
+                    ctx.metrics.device_failures.with_label_values(&labels).inc();
+                }
+                let several = metas.len() > 1;
+                for (mut e, inputs) in metas.into_iter().zip(parts) {
+                    // A fault: once more elsewhere. A refused input in a shared batch: alone, to
+                    // find whose it was. Otherwise: the error is the answer.
+                    let again = if device_fault {
+                        e.failed_on.is_none()
+                    } else {
+                        several
+                    };
+                    if again {
+                        e.inputs = inputs;
+                        if device_fault {
+                            e.failed_on = Some(device_index);
+                        }
+                        e.last_error = Some(err.clone());
+                        match ctx.retry.try_send(e) {
+                            Ok(()) => continue,
+                            Err(TrySendError::Full(e) | TrySendError::Closed(e)) => {
+                                let _ = e.reply.send(Err(InferError::Run(err.clone())));
+                            }
+                        }
+                    } else {
+                        let _ = e.reply.send(Err(InferError::Run(err.clone())));
+                    }
                 }
             }
         }
-        drop(inflight);
     });
     let job = RunJob { parts, span, done };
     if let Err(err) = slot.sender().try_send(DeviceCommand::Run(job)) {
@@ -165,12 +307,14 @@ fn send_batch(
         let (TrySendError::Full(cmd) | TrySendError::Closed(cmd)) = err;
         if let DeviceCommand::Run(job) = cmd {
             tracing::error!(device = %slot.name, "device worker is not running");
+            let parts = job.parts;
             (job.done)(
                 Err(RunError::Failed(format!(
                     "device {} is not running",
                     slot.name
                 ))),
                 Duration::ZERO,
+                parts,
             );
         }
     }

@@ -56,6 +56,10 @@ pub struct Entry {
     pub span: tracing::Span,
     /// The part's place in the model's queue; released when the part is answered.
     pub permit: OwnedSemaphorePermit,
+    /// Set when the part failed on that device and is being run once more elsewhere.
+    pub failed_on: Option<usize>,
+    /// The error of the part's last run, answered if it cannot run again.
+    pub last_error: Option<RunError>,
 }
 
 impl Queued for Entry {
@@ -82,6 +86,27 @@ pub struct BatchSettings {
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
     pub default_timeout: Duration,
+    /// Failed runs in a row after which a device is marked unhealthy.
+    pub failure_threshold: u32,
+    /// How often unhealthy devices are probed.
+    pub reprobe_interval: Duration,
+}
+
+impl BatchSettings {
+    /// Settings with the health defaults (3 failures, probe every 2 s).
+    pub fn new(
+        max_queue_delay: Duration,
+        queue_capacity: usize,
+        default_timeout: Duration,
+    ) -> BatchSettings {
+        BatchSettings {
+            max_queue_delay,
+            queue_capacity,
+            default_timeout,
+            failure_threshold: 3,
+            reprobe_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// A served model: what handlers call.
@@ -145,8 +170,11 @@ impl ModelHandle {
                 model: name.to_string(),
                 max_queue_delay: settings.max_queue_delay,
                 batchable,
+                failure_threshold: settings.failure_threshold,
+                reprobe_interval: settings.reprobe_interval,
             },
             metrics,
+            settings.queue_capacity,
         ));
         Ok(Arc::new(ModelHandle {
             name: name.to_string(),
@@ -231,6 +259,8 @@ impl ModelHandle {
                 reply,
                 span: span.clone(),
                 permit: permit.split(1).expect("one permit per part"),
+                failed_on: None,
+                last_error: None,
             };
             tx.send(entry).await.map_err(|_| InferError::ShuttingDown)?;
             waiting.push(rx);

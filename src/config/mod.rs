@@ -236,6 +236,37 @@ pub struct ModelConfig {
     /// Set to answer predictions with top-k labels.
     #[serde(default)]
     pub classification: Option<ClassificationConfig>,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// When a device is taken out of service and how it comes back.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Failed runs in a row (not counting refused inputs) after which the device is unhealthy:
+    /// skipped by the dispatcher, shown in readiness and metrics.
+    #[serde(default = "default_threshold")]
+    pub failure_threshold: u32,
+    /// How often an unhealthy device gets a one-row probe; it is healthy again when it passes.
+    #[serde(default = "default_reprobe")]
+    pub reprobe_interval: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            failure_threshold: default_threshold(),
+            reprobe_interval: default_reprobe(),
+        }
+    }
+}
+
+fn default_threshold() -> u32 {
+    3
+}
+fn default_reprobe() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
 }
 
 /// Settings that only apply to CUDA devices.
@@ -606,6 +637,18 @@ impl Config {
             }
             if let Some(img) = &m.image {
                 img.validate(&key("image"))?;
+            }
+            if m.health.failure_threshold == 0 {
+                return Err(invalid(
+                    key("health.failure_threshold"),
+                    "must be at least 1",
+                ));
+            }
+            if m.health.reprobe_interval.0 < std::time::Duration::from_millis(10) {
+                return Err(invalid(
+                    key("health.reprobe_interval"),
+                    "must be at least 10ms",
+                ));
             }
             if let Some(c) = &m.classification {
                 c.validate(&key("classification"))?;

@@ -12,8 +12,10 @@ use crate::tensor::Tensor;
 use super::{ModelRunner, RunError};
 
 /// Called on the worker thread when a job ends: the outputs split per part (in part order), or
-/// the error, and how long the run took.
-pub type RunDone = Box<dyn FnOnce(Result<Vec<Vec<Tensor>>, RunError>, Duration) + Send>;
+/// the error; how long the run took; and the job's inputs back (so a failed batch can be retried
+/// elsewhere without a copy).
+pub type RunDone =
+    Box<dyn FnOnce(Result<Vec<Vec<Tensor>>, RunError>, Duration, Vec<Vec<Tensor>>) + Send>;
 
 /// One batch for a device.
 pub struct RunJob {
@@ -90,8 +92,7 @@ fn worker_loop(mut runner: Box<dyn ModelRunner>, mut rx: mpsc::Receiver<DeviceCo
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "batch failed");
         }
-        drop(job.parts);
-        (job.done)(outcome, elapsed);
+        (job.done)(outcome, elapsed, job.parts);
     }
 }
 

@@ -5,7 +5,7 @@
 //! for the device that will run it. In-flight rows are counted by an RAII guard, so the count
 //! cannot drift on errors or cancellation.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ pub struct DeviceSlot {
     pub batches: AtomicU64,
     pub rows: AtomicU64,
     pub failures: AtomicU64,
+    /// Failed runs since the last success; at the pool's threshold the device turns unhealthy.
+    consecutive_failures: AtomicU32,
 }
 
 impl DeviceSlot {
@@ -58,12 +60,15 @@ impl DeviceSlot {
         f64::from_bits(self.rate_bits.load(Ordering::Acquire))
     }
 
-    /// Records a finished batch: counters and the rows/s average.
-    pub fn record(&self, rows: usize, elapsed: Duration, ok: bool) {
+    /// Records a finished batch: counters and the rows/s average. Returns true when this
+    /// failure is the one that reaches `threshold` consecutive failures.
+    pub fn record(&self, rows: usize, elapsed: Duration, ok: bool, threshold: u32) -> bool {
         if !ok {
             self.failures.fetch_add(1, Ordering::Relaxed);
-            return;
+            let n = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
+            return n == threshold.max(1);
         }
+        self.consecutive_failures.store(0, Ordering::Release);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         let sample = rows as f64 / elapsed.as_secs_f64().max(1e-6);
@@ -74,6 +79,7 @@ impl DeviceSlot {
             0.7 * old + 0.3 * sample
         };
         self.rate_bits.store(new.to_bits(), Ordering::Release);
+        false
     }
 
     pub fn sender(&self) -> &mpsc::Sender<DeviceCommand> {
@@ -92,6 +98,8 @@ pub struct Reservation {
 /// when the job is dropped unrun). Dropping frees the device's job slot and wakes the batcher.
 pub struct InFlight {
     slot: Arc<DeviceSlot>,
+    /// The device's place in its pool.
+    index: usize,
     rows: usize,
     /// `Some` until drop, which releases it before waking the batcher.
     permit: Option<OwnedSemaphorePermit>,
@@ -100,6 +108,10 @@ pub struct InFlight {
 impl InFlight {
     pub fn slot(&self) -> &Arc<DeviceSlot> {
         &self.slot
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
     }
 }
 
@@ -160,6 +172,7 @@ impl DevicePool {
             batches: AtomicU64::new(0),
             rows: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
         });
         self.devices.push(slot.clone());
         slot
@@ -184,8 +197,28 @@ impl DevicePool {
 
     /// Chooses a device for a batch of about `rows` rows.
     pub fn pick(&self, rows: usize) -> Pick {
+        self.pick_excluding(rows, None)
+    }
+
+    /// A free job slot on `index`, whatever its health (for health probes).
+    pub fn reserve(&self, index: usize) -> Option<Reservation> {
+        let slot = self.devices.get(index)?;
+        slot.slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|permit| Reservation {
+                slot: slot.clone(),
+                index,
+                permit,
+            })
+    }
+
+    /// Like [`DevicePool::pick`], never choosing device `avoid` (where a batch just failed).
+    pub fn pick_excluding(&self, rows: usize, avoid: Option<usize>) -> Pick {
         let n = self.devices.len();
-        if !self.any_healthy() {
+        let usable = |i: usize| self.devices[i].is_healthy() && Some(i) != avoid;
+        if !(0..n).any(usable) {
             return Pick::NoHealthyDevice;
         }
         let reserve = |index: usize| {
@@ -203,9 +236,7 @@ impl DevicePool {
         match self.policy {
             DispatchPolicy::RoundRobin => {
                 let start = self.next.load(Ordering::Acquire);
-                let turn = (0..n)
-                    .map(|k| (start + k) % n)
-                    .find(|&i| self.devices[i].is_healthy());
+                let turn = (0..n).map(|k| (start + k) % n).find(|&i| usable(i));
                 match turn.and_then(reserve) {
                     Some(r) => Pick::Ready(r),
                     None => Pick::Busy,
@@ -217,7 +248,7 @@ impl DevicePool {
                     .devices
                     .iter()
                     .enumerate()
-                    .filter(|(_, d)| d.is_healthy())
+                    .filter(|(i, _)| usable(*i))
                     .map(|(i, d)| {
                         let inflight = d.inflight_rows();
                         let estimate = match d.rate() {
@@ -241,6 +272,10 @@ impl DevicePool {
 }
 
 impl Reservation {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// Commits the reservation for a batch of `rows` rows: counts them in flight and, for round
     /// robin, passes the turn on.
     pub fn start(self, pool: &DevicePool, rows: usize) -> InFlight {
@@ -251,6 +286,7 @@ impl Reservation {
         );
         InFlight {
             slot: self.slot,
+            index: self.index,
             rows,
             permit: Some(self.permit),
         }
@@ -317,9 +353,60 @@ mod tests {
     }
 
     #[test]
+    fn consecutive_failures_reach_the_threshold_once_and_exclusion_works() {
+        let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
+        let d = &p.devices()[0];
+        assert!(!d.record(1, Duration::ZERO, false, 3));
+        assert!(!d.record(1, Duration::ZERO, false, 3));
+        assert!(
+            !d.record(1, Duration::from_millis(1), true, 3),
+            "a success resets the count"
+        );
+        assert!(!d.record(1, Duration::ZERO, false, 3));
+        assert!(!d.record(1, Duration::ZERO, false, 3));
+        assert!(d.record(1, Duration::ZERO, false, 3));
+        assert!(!d.record(1, Duration::ZERO, false, 3), "reported once");
+        for _ in 0..3 {
+            assert_eq!(picked_excluding(&p, Some(0)).unwrap().slot().name, "cpu:1");
+        }
+        p.devices()[1].set_healthy(false);
+        assert!(matches!(
+            p.pick_excluding(1, Some(0)),
+            Pick::NoHealthyDevice
+        ));
+        assert!(
+            matches!(p.pick(1), Pick::Ready(_)),
+            "cpu:0 is still healthy"
+        );
+    }
+
+    #[test]
+    fn round_robin_skips_the_device_to_avoid() {
+        let (p, _rx) = pool(DispatchPolicy::RoundRobin, 2);
+        // It is cpu:0's turn, but the batch just failed there.
+        let a = picked_excluding(&p, Some(0)).unwrap();
+        let b = picked_excluding(&p, Some(0)).unwrap();
+        assert_eq!(
+            (a.slot().name.as_str(), b.slot().name.as_str()),
+            ("cpu:1", "cpu:1")
+        );
+        assert!(
+            picked_excluding(&p, Some(0)).is_none(),
+            "cpu:1 is full: wait, never cpu:0"
+        );
+    }
+
+    fn picked_excluding(p: &DevicePool, avoid: Option<usize>) -> Option<InFlight> {
+        match p.pick_excluding(1, avoid) {
+            Pick::Ready(r) => Some(r.start(p, 1)),
+            _ => None,
+        }
+    }
+
+    #[test]
     fn least_loaded_tries_a_device_it_has_not_measured() {
         let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
-        p.devices()[0].record(100, Duration::from_millis(10), true);
+        p.devices()[0].record(100, Duration::from_millis(10), true, 3);
         assert_eq!(picked(&p, 8).unwrap().slot().name, "cpu:1");
     }
 
@@ -327,8 +414,8 @@ mod tests {
     fn least_loaded_prefers_the_device_that_drains_first() {
         let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
         // cpu:0 does 1000 rows/s, cpu:1 100 rows/s.
-        p.devices()[0].record(100, Duration::from_millis(100), true);
-        p.devices()[1].record(10, Duration::from_millis(100), true);
+        p.devices()[0].record(100, Duration::from_millis(100), true, 3);
+        p.devices()[1].record(10, Duration::from_millis(100), true, 3);
         let a = picked(&p, 8).unwrap();
         assert_eq!(a.slot().name, "cpu:0");
         // cpu:0 has 8 rows in flight (8 ms to drain + 8 ms) vs cpu:1 empty (80 ms): still cpu:0.

@@ -333,11 +333,7 @@ pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc
             gate: Arc::new(Mutex::new(gate)),
         }),
     };
-    let settings = BatchSettings {
-        max_queue_delay: Duration::ZERO,
-        queue_capacity,
-        default_timeout: Duration::from_secs(30),
-    };
+    let settings = BatchSettings::new(Duration::ZERO, queue_capacity, Duration::from_secs(30));
     let (state, router) = fake_server(
         "gated",
         1,

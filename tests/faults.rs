@@ -1,0 +1,182 @@
+//! Device faults: a failing device's batches succeed on the other one, it turns unhealthy, and
+//! comes back after a probe once the fault is cleared; a refused input does not fail its batch
+//! mates. Faults are injected with test-only runners (nothing like this ships).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::*;
+use ortserve::batching::{BatchSettings, DeviceRunner};
+use ortserve::config::DispatchPolicy;
+use ortserve::device::{ModelRunner, RunError};
+use ortserve::tensor::Tensor;
+
+/// Echoes its input after 2 ms; fails every run while `fault` is set; refuses (as ONNX Runtime
+/// does for bad values) any batch holding a negative value.
+struct Flaky {
+    fault: Arc<AtomicBool>,
+}
+
+impl ModelRunner for Flaky {
+    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+        std::thread::sleep(Duration::from_millis(2));
+        if self.fault.load(Ordering::Acquire) {
+            return Err(RunError::Failed("injected device fault".into()));
+        }
+        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+        let out = Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?;
+        if out.to_f32().iter().any(|&v| v < 0.0) {
+            return Err(RunError::Input("indices element out of data bounds".into()));
+        }
+        Ok(vec![out])
+    }
+}
+
+fn server(
+    settings: BatchSettings,
+) -> (Arc<ortserve::app::AppState>, axum::Router, Arc<AtomicBool>) {
+    let fault = Arc::new(AtomicBool::new(false));
+    let runners = vec![
+        DeviceRunner {
+            name: "cpu:0".into(),
+            max_batch: 8,
+            runner: Box::new(Flaky {
+                fault: Arc::new(AtomicBool::new(false)),
+            }),
+        },
+        DeviceRunner {
+            name: "cpu:1".into(),
+            max_batch: 8,
+            runner: Box::new(Flaky {
+                fault: fault.clone(),
+            }),
+        },
+    ];
+    let (state, router) = fake_server("flaky", 1, runners, DispatchPolicy::RoundRobin, settings);
+    (state, router, fault)
+}
+
+async fn burst(router: &axum::Router, values: &[f32]) -> Vec<(f32, u16, Vec<f64>)> {
+    let tasks: Vec<_> = values
+        .iter()
+        .map(|&v| {
+            let r = router.clone();
+            tokio::spawn(async move {
+                let reply = post_json(&r, "/v2/models/flaky/infer", &one(v)).await;
+                let status = reply.status.as_u16();
+
+                let values = if status == 200 {
+                    outputs(&reply)[0].3.clone()
+                } else {
+                    Vec::new()
+                };
+                (v, status, values)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_device_is_bypassed_marked_unhealthy_and_brought_back() {
+    let mut settings = BatchSettings::new(Duration::from_millis(1), 256, Duration::from_secs(30));
+    settings.reprobe_interval = Duration::from_millis(50);
+    let (state, router, fault) = server(settings);
+    let bad = state.models()[0].pool.devices()[1].clone();
+
+    fault.store(true, Ordering::Release);
+    let values: Vec<f32> = (1..=40).map(|i| i as f32).collect();
+    for (v, status, got) in burst(&router, &values).await {
+        assert_eq!(status, 200, "request {v} failed although cpu:0 is fine");
+        assert_eq!(got, vec![v as f64], "request {v} got someone else's answer");
+    }
+    assert!(
+        !bad.is_healthy(),
+        "cpu:1 failed every run and should be unhealthy"
+    );
+    assert!(bad.failures.load(Ordering::Relaxed) >= 3);
+    assert_eq!(
+        get(&router, "/v2/health/ready").await.status,
+        StatusCode::OK,
+        "one healthy device keeps readiness"
+    );
+    let metrics = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("ortserve_device_healthy{device=\"cpu:1\",model=\"flaky\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ortserve_device_failures_total{device=\"cpu:1\",model=\"flaky\"}"),
+        "{metrics}"
+    );
+
+    // Still failing: probes keep it out.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!bad.is_healthy());
+
+    // Cleared: the next probe brings it back, and it takes work again.
+    fault.store(false, Ordering::Release);
+    let start = Instant::now();
+    while !bad.is_healthy() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "cpu:1 did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = bad.rows.load(Ordering::Relaxed);
+    for (v, status, _) in burst(&router, &values).await {
+        assert_eq!(status, 200, "request {v}");
+    }
+    assert!(
+        bad.rows.load(Ordering::Relaxed) > before,
+        "cpu:1 runs batches again"
+    );
+    let metrics = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("ortserve_device_healthy{device=\"cpu:1\",model=\"flaky\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_input_fails_only_its_own_request() {
+    let (state, router, _fault) = server(BatchSettings::new(
+        Duration::from_millis(5),
+        256,
+        Duration::from_secs(30),
+    ));
+    let values: Vec<f32> = (0..24)
+        .map(|i| {
+            if i % 6 == 0 {
+                -1.0 - i as f32
+            } else {
+                i as f32
+            }
+        })
+        .collect();
+    for (v, status, got) in burst(&router, &values).await {
+        if v < 0.0 {
+            assert_eq!(status, 400, "the bad request {v}");
+        } else {
+            assert_eq!(
+                status, 200,
+                "request {v} shared a batch with a bad one and failed"
+            );
+            assert_eq!(got, vec![v as f64]);
+        }
+    }
+    // Refused inputs are not device faults.
+    for d in state.models()[0].pool.devices() {
+        assert!(d.is_healthy());
+        assert_eq!(d.failures.load(Ordering::Relaxed), 0);
+    }
+}
