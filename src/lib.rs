@@ -96,6 +96,7 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
                 0 => plan.device.clone(),
                 i => format!("{}#{i}", plan.device),
             };
+            let again = (m.path.clone(), plan.clone(), m.cuda.pinned_inputs);
             let job = (
                 m.clone(),
                 plan,
@@ -128,10 +129,21 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
                 .with_label_values(&[m.name.as_str(), name.as_str()])
                 .set(result.chosen as i64);
             tracing::info!(model = %m.name, device = %name, max_batch = result.chosen, source = ?result.source, "session ready");
+            // After a panic: a new session on the same device (the arena cap is not re-read).
+            let rebuild: device::Rebuild = Box::new(move || {
+                let cuda = device::CudaSettings {
+                    gpu_mem_limit: None,
+                    pinned_inputs: again.2,
+                };
+                OrtRunner::open_with(&again.0, &again.1, cuda)
+                    .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
+                    .map_err(|e| e.to_string())
+            });
             runners.push(DeviceRunner {
                 name,
                 max_batch: result.chosen,
                 runner: Box::new(runner),
+                rebuild: Some(rebuild),
             });
             results.push(result);
         }

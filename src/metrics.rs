@@ -28,6 +28,16 @@ pub struct Metrics {
     pub tuned_max_batch: IntGaugeVec,
     /// Decode + resize + normalize time of one uploaded image, by model.
     pub preprocess_duration: HistogramVec,
+    /// Time from a request part's arrival to its batch starting, by model.
+    pub queue_duration: HistogramVec,
+    /// Batches sent, by model and why the batch closed (full, delay, drain, retry).
+    pub batches: IntCounterVec,
+    /// Rows queued or running on a device, by model and device (read at scrape time).
+    pub inflight_rows: IntGaugeVec,
+    /// GPU memory and utilisation from NVML, by GPU index (read at scrape time on GPU hosts).
+    pub gpu_memory_used: IntGaugeVec,
+    pub gpu_memory_total: IntGaugeVec,
+    pub gpu_utilization: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -99,11 +109,62 @@ impl Metrics {
             &["model"],
         )
         .expect("valid metric");
+        let queue_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ortserve_queue_duration_seconds",
+                "Time from arrival to the batch starting",
+            )
+            .buckets(exponential_buckets(0.00005, 2.0, 20).expect("valid buckets")),
+            &["model"],
+        )
+        .expect("valid metric");
+        let batches = IntCounterVec::new(
+            Opts::new(
+                "ortserve_batches_total",
+                "Batches sent, by the reason the batch closed",
+            ),
+            &["model", "reason"],
+        )
+        .expect("valid metric");
+        let inflight_rows = IntGaugeVec::new(
+            Opts::new(
+                "ortserve_inflight_rows",
+                "Rows queued or running on a device",
+            ),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        let gpu = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["gpu"]).expect("valid metric")
+        };
+        let gpu_memory_used = gpu("ortserve_gpu_memory_used_bytes", "GPU memory in use (NVML)");
+        let gpu_memory_total = gpu(
+            "ortserve_gpu_memory_total_bytes",
+            "GPU memory in all (NVML)",
+        );
+        let gpu_utilization = gpu(
+            "ortserve_gpu_utilization_percent",
+            "GPU busy percentage over NVML's last sample period",
+        );
+        registry
+            .register(Box::new(batches.clone()))
+            .expect("unique metric");
+        for g in [
+            &inflight_rows,
+            &gpu_memory_used,
+            &gpu_memory_total,
+            &gpu_utilization,
+        ] {
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+        }
         for h in [
             &request_duration,
             &batch_size,
             &inference_duration,
             &preprocess_duration,
+            &queue_duration,
         ] {
             registry
                 .register(Box::new(h.clone()))
@@ -134,6 +195,12 @@ impl Metrics {
             device_healthy,
             tuned_max_batch,
             preprocess_duration,
+            queue_duration,
+            batches,
+            inflight_rows,
+            gpu_memory_used,
+            gpu_memory_total,
+            gpu_utilization,
         }
     }
 

@@ -5,8 +5,18 @@
 //! to `shutdown_timeout`, closes the batchers (which run what is queued) and joins the device
 //! threads.
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. A second one ends the process at once (exit code
+/// 130), for an operator who does not want to wait for the drain.
 pub async fn signal() {
+    one_signal().await;
+    tokio::spawn(async {
+        one_signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn one_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for SIGINT");

@@ -155,6 +155,7 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
             runner: Box::new(Paced {
                 per_batch: std::time::Duration::from_millis(ms),
             }),
+            rebuild: None,
         })
         .into();
     let settings = BatchSettings::new(

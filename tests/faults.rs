@@ -47,6 +47,7 @@ fn server(
             runner: Box::new(Flaky {
                 fault: Arc::new(AtomicBool::new(false)),
             }),
+            rebuild: None,
         },
         DeviceRunner {
             name: "cpu:1".into(),
@@ -54,6 +55,7 @@ fn server(
             runner: Box::new(Flaky {
                 fault: fault.clone(),
             }),
+            rebuild: None,
         },
     ];
     let (state, router) = fake_server("flaky", 1, runners, DispatchPolicy::RoundRobin, settings);
@@ -179,4 +181,57 @@ async fn a_refused_input_fails_only_its_own_request() {
         assert!(d.is_healthy());
         assert_eq!(d.failures.load(Ordering::Relaxed), 0);
     }
+}
+
+/// Panics on a marked input (a value of 666); counts how often it was built.
+struct Panicky;
+
+impl ModelRunner for Panicky {
+    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+        let out = Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?;
+        if out.to_f32().contains(&666.0) {
+            panic!("marked input");
+        }
+        Ok(vec![out])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_session_is_rebuilt_and_the_server_keeps_serving() {
+    let built = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = built.clone();
+    let runner = DeviceRunner {
+        name: "cpu:0".into(),
+        max_batch: 4,
+        runner: Box::new(Panicky),
+        rebuild: Some(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(Panicky) as Box<dyn ModelRunner>)
+        })),
+    };
+    let settings = BatchSettings::new(Duration::ZERO, 64, Duration::from_secs(30));
+    let (_state, router) = fake_server(
+        "panicky",
+        1,
+        vec![runner],
+        DispatchPolicy::LeastLoaded,
+        settings,
+    );
+    let uri = "/v2/models/panicky/infer";
+    let reply = post_json(&router, uri, &one(666.0)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(
+        built.load(Ordering::SeqCst),
+        1,
+        "the session was rebuilt once"
+    );
+    let ok = post_json(&router, uri, &one(7.0)).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(outputs(&ok)[0].3, vec![7.0]);
 }

@@ -87,7 +87,7 @@ pub(super) async fn run(
                 Pick::Ready(r) => {
                     let rows = e.rows;
                     let inflight = r.start(&pool, rows);
-                    send_batch(vec![e], rows, inflight, &ctx);
+                    send_batch(vec![e], rows, inflight, &ctx, "retry");
                 }
                 Pick::Busy => {
                     alone.push_front(e);
@@ -154,7 +154,15 @@ pub(super) async fn run(
             Pick::Ready(reservation) => {
                 let max = reservation.slot.max_batch;
                 let due = oldest + settings.max_queue_delay;
-                if !open || now >= due || state.batch_full(max, settings.batchable) {
+                let full = state.batch_full(max, settings.batchable);
+                if !open || now >= due || full {
+                    let reason = if full {
+                        "full"
+                    } else if now >= due {
+                        "delay"
+                    } else {
+                        "drain"
+                    };
                     let batch = state.take_batch(max, settings.batchable);
                     if sample.is_none() {
                         sample = batch
@@ -163,7 +171,7 @@ pub(super) async fn run(
                     }
                     let rows = batch.iter().map(|e| e.rows).sum();
                     let inflight = reservation.start(&pool, rows);
-                    send_batch(batch, rows, inflight, &ctx);
+                    send_batch(batch, rows, inflight, &ctx, reason);
                     continue;
                 }
                 // Not full and not due: give the slot back and wait for more rows.
@@ -226,14 +234,25 @@ fn probe_unhealthy(pool: &DevicePool, sample: &[Tensor], ctx: &Ctx) {
 
 /// Hands a batch to its device worker; the worker answers every part (or hands failed parts
 /// back through `ctx.retry`).
-fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx) {
+///
+/// `reason` says why the batch closed: `full`, `delay` (waited `max_queue_delay`), `drain`
+/// (shutting down), or `retry` (a part run alone after a failure).
+fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx, reason: &str) {
     let slot = inflight.slot().clone();
     let model = ctx.model.as_str();
-    ctx.metrics
-        .batch_size
+    let m = &ctx.metrics;
+    m.batch_size
         .with_label_values(&[model])
         .observe(rows as f64);
-    let span = tracing::info_span!("batch", model, device = %slot.name, rows, parts = batch.len());
+    m.batches.with_label_values(&[model, reason]).inc();
+    let queue_time = m.queue_duration.with_label_values(&[model]);
+    let now = Instant::now();
+    for e in &batch {
+        queue_time.observe(now.duration_since(e.enqueued).as_secs_f64());
+    }
+    // The requests' ids go on the batch span, so the worker's log lines name them.
+    let ids: Vec<String> = batch.iter().filter_map(|e| e.request_id.clone()).collect();
+    let span = tracing::info_span!("batch", model, device = %slot.name, rows, parts = batch.len(), request_ids = %ids.join(","));
     for e in &batch {
         span.follows_from(&e.span);
     }

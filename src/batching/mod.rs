@@ -60,6 +60,8 @@ pub struct Entry {
     pub failed_on: Option<usize>,
     /// The error of the part's last run, answered if it cannot run again.
     pub last_error: Option<RunError>,
+    /// The request's `x-request-id`, for log lines written on the device thread.
+    pub request_id: Option<String>,
 }
 
 impl Queued for Entry {
@@ -131,6 +133,8 @@ pub struct DeviceRunner {
     pub name: String,
     pub max_batch: usize,
     pub runner: Box<dyn ModelRunner>,
+    /// Builds a fresh runner after a panic; `None` keeps the old one.
+    pub rebuild: Option<crate::device::Rebuild>,
 }
 
 impl ModelHandle {
@@ -151,6 +155,7 @@ impl ModelHandle {
             let worker = DeviceWorker::spawn(
                 &format!("{name}-{}", r.name),
                 r.runner,
+                r.rebuild,
                 crate::dispatch::DEVICE_DEPTH,
             )?;
             let max = if batchable { r.max_batch } else { 1 };
@@ -200,6 +205,16 @@ impl ModelHandle {
         &self,
         named: Vec<(String, Tensor)>,
         timeout: Option<Duration>,
+    ) -> Result<Vec<Tensor>, InferError> {
+        self.infer_as(named, timeout, None).await
+    }
+
+    /// [`ModelHandle::infer`] for the request `request_id` (carried to the device's log lines).
+    pub async fn infer_as(
+        &self,
+        named: Vec<(String, Tensor)>,
+        timeout: Option<Duration>,
+        request_id: Option<String>,
     ) -> Result<Vec<Tensor>, InferError> {
         let (inputs, rows) = self.info.check_inputs(named)?;
         if !self.pool.any_healthy() {
@@ -261,6 +276,7 @@ impl ModelHandle {
                 permit: permit.split(1).expect("one permit per part"),
                 failed_on: None,
                 last_error: None,
+                request_id: request_id.clone(),
             };
             tx.send(entry).await.map_err(|_| InferError::ShuttingDown)?;
             waiting.push(rx);

@@ -16,7 +16,7 @@ use crate::tensor::Tensor;
 pub use ort_runner::{CudaSettings, OrtRunner};
 pub use plan::{plan_devices, DeviceKind, DevicePlan};
 pub use runtime::{init_runtime, RuntimeInfo};
-pub use worker::{DeviceCommand, DeviceWorker, RunDone, RunJob};
+pub use worker::{DeviceCommand, DeviceWorker, Rebuild, RunDone, RunJob};
 
 /// A log filter directive that keeps ONNX Runtime's own logs (forwarded by `ort` to tracing) at
 /// warn. Written `ort::` because filter targets match by prefix and `ort` alone would also

@@ -45,12 +45,13 @@ impl DeviceWorker {
     pub fn spawn(
         name: &str,
         runner: Box<dyn ModelRunner>,
+        rebuild: Option<Rebuild>,
         depth: usize,
     ) -> std::io::Result<DeviceWorker> {
         let (tx, rx) = mpsc::channel(depth.max(1));
         let thread = std::thread::Builder::new()
             .name(format!("ortserve-{name}"))
-            .spawn(move || worker_loop(runner, rx))?;
+            .spawn(move || worker_loop(runner, rebuild, rx))?;
         Ok(DeviceWorker { tx, thread })
     }
 
@@ -67,7 +68,15 @@ impl DeviceWorker {
     }
 }
 
-fn worker_loop(mut runner: Box<dyn ModelRunner>, mut rx: mpsc::Receiver<DeviceCommand>) {
+/// Builds a fresh runner for the same model and device, after a panic left the old one in an
+/// unknown state.
+pub type Rebuild = Box<dyn Fn() -> Result<Box<dyn ModelRunner>, String> + Send>;
+
+fn worker_loop(
+    mut runner: Box<dyn ModelRunner>,
+    rebuild: Option<Rebuild>,
+    mut rx: mpsc::Receiver<DeviceCommand>,
+) {
     while let Some(DeviceCommand::Run(job)) = rx.blocking_recv() {
         // `Stop` or a closed channel ends the loop.
         let _entered = job.span.enter();
@@ -77,17 +86,28 @@ fn worker_loop(mut runner: Box<dyn ModelRunner>, mut rx: mpsc::Receiver<DeviceCo
             .iter()
             .map(|p| p.first().and_then(Tensor::rows).unwrap_or(1))
             .collect();
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&job.parts)))
-            .unwrap_or_else(|panic| {
+        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&job.parts))) {
+            Ok(result) => result,
+            Err(panic) => {
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 tracing::error!(panic = %what, "model runner panicked");
+                if let Some(rebuild) = &rebuild {
+                    match rebuild() {
+                        Ok(fresh) => {
+                            runner = fresh;
+                            tracing::warn!("session rebuilt after the panic");
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not rebuild the session"),
+                    }
+                }
                 Err(RunError::Failed(format!("runner panicked: {what}")))
-            })
-            .and_then(|outputs| split_outputs(outputs, &rows));
+            }
+        }
+        .and_then(|outputs| split_outputs(outputs, &rows));
         let elapsed = started.elapsed();
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "batch failed");

@@ -88,6 +88,24 @@ impl CpuMemorySource {
     }
 }
 
+/// Per GPU (NVML index): memory used and total in bytes, and utilisation in percent. Empty
+/// when NVML is not available (no NVIDIA driver). NVML is loaded once, on first use.
+pub fn gpu_readings() -> Vec<(u32, u64, u64, u32)> {
+    static NVML: std::sync::OnceLock<Option<nvml_wrapper::Nvml>> = std::sync::OnceLock::new();
+    let Some(nvml) = NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()) else {
+        return Vec::new();
+    };
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|i| {
+            let d = nvml.device_by_index(i).ok()?;
+            let m = d.memory_info().ok()?;
+            let util = d.utilization_rates().map(|u| u.gpu).unwrap_or(0);
+            Some((i, m.used, m.total, util))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

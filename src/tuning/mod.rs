@@ -17,7 +17,7 @@ use crate::model::ModelInfo;
 use crate::tensor::{DataType, Tensor};
 
 pub use cache::cache_key;
-pub use memory::{process_rss, CpuMemorySource};
+pub use memory::{gpu_readings, process_rss, CpuMemorySource};
 pub use probe::{Limits, MemoryReading, Outcome, Probe, ProbeError, Sweep, Target};
 
 /// Where a device's batch size came from.

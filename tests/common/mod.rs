@@ -332,6 +332,7 @@ pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc
         runner: Box::new(Gated {
             gate: Arc::new(Mutex::new(gate)),
         }),
+        rebuild: None,
     };
     let settings = BatchSettings::new(Duration::ZERO, queue_capacity, Duration::from_secs(30));
     let (state, router) = fake_server(

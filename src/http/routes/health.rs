@@ -43,12 +43,39 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Response {
 
 /// `GET /metrics`: Prometheus text. Device health is read from the dispatchers at scrape time.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let mut on_gpu = false;
     for m in app.models() {
         for d in m.pool.devices() {
+            let labels = [m.name.as_str(), d.name.as_str()];
             app.metrics
                 .device_healthy
-                .with_label_values(&[m.name.as_str(), d.name.as_str()])
+                .with_label_values(&labels)
                 .set(i64::from(d.is_healthy()));
+            app.metrics
+                .inflight_rows
+                .with_label_values(&labels)
+                .set(d.inflight_rows() as i64);
+            on_gpu |= d.name.starts_with("cuda:");
+        }
+    }
+    if on_gpu {
+        let readings = tokio::task::spawn_blocking(crate::tuning::gpu_readings)
+            .await
+            .unwrap_or_default();
+        for (gpu, used, total, util) in readings {
+            let label = gpu.to_string();
+            app.metrics
+                .gpu_memory_used
+                .with_label_values(&[&label])
+                .set(used as i64);
+            app.metrics
+                .gpu_memory_total
+                .with_label_values(&[&label])
+                .set(total as i64);
+            app.metrics
+                .gpu_utilization
+                .with_label_values(&[&label])
+                .set(i64::from(util));
         }
     }
     (

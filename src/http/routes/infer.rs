@@ -88,6 +88,31 @@ pub async fn read_body(
         })
 }
 
+/// The request's id (set by the request-id layer before any handler runs).
+pub fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(crate::http::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `X-Timeout-Ms`: the client's deadline in milliseconds (it can only shorten the server's).
+pub fn header_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+    match headers.get("x-timeout-ms") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(|ms| Some(std::time::Duration::from_millis(ms)))
+            .ok_or_else(|| {
+                ApiError::MalformedBody(
+                    "X-Timeout-Ms must be a whole number of milliseconds".into(),
+                )
+            }),
+    }
+}
+
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
 /// none), and so does curl's default for `-d` (`application/x-www-form-urlencoded`).
 fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
@@ -155,7 +180,10 @@ async fn run(
             })
             .collect::<Result<_, ApiError>>()?,
     };
-    let outputs = m.infer(parsed.inputs, parsed.timeout).await?;
+    let timeout = parsed.timeout.or(header_timeout(headers)?);
+    let outputs = m
+        .infer_as(parsed.inputs, timeout, request_id(headers))
+        .await?;
     let chosen: Vec<(&str, &crate::tensor::Tensor, bool)> = selected
         .iter()
         .map(|&(i, binary)| (m.info.outputs[i].name.as_str(), &outputs[i], binary))

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use crate::app::AppState;
 use crate::batching::ModelHandle;
 use crate::config::ImageConfig;
-use crate::http::routes::infer::read_body;
+use crate::http::routes::infer::{header_timeout, read_body, request_id};
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
 use crate::preprocess::{self, PreprocessError};
@@ -89,12 +89,16 @@ async fn run(
     req: Request,
 ) -> Result<Response, ApiError> {
     let m = lookup(app, model, None)?.clone();
+    let call = Call {
+        timeout: header_timeout(req.headers())?,
+        request_id: request_id(req.headers()),
+    };
     let image = app.extras(model).and_then(|e| e.image.clone());
     let ctype = content_type(&req);
     match (ctype.as_deref(), &image) {
         (Some("multipart/form-data"), Some(cfg)) => {
             let images = multipart_images(app, cfg, req).await?;
-            predict_images(app, &m, cfg, images, query.raw).await
+            predict_images(app, &m, cfg, images, query.raw, &call).await
         }
         (Some(t), Some(cfg)) if t.starts_with("image/") => {
             if !matches!(t, "image/jpeg" | "image/jpg" | "image/png" | "image/webp" | "image/gif" | "image/bmp") {
@@ -104,7 +108,7 @@ async fn run(
             }
             let (parts, body) = req.into_parts();
             let body = read_limited(app, &parts.headers, body, cfg.max_image_bytes.0).await?;
-            predict_images(app, &m, cfg, vec![body], query.raw).await
+            predict_images(app, &m, cfg, vec![body], query.raw, &call).await
         }
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), _) => {
             let (parts, body) = req.into_parts();
@@ -115,9 +119,9 @@ async fn run(
             match &image {
                 Some(cfg) => {
                     let images = b64_instances(cfg, &body.instances)?;
-                    predict_images(app, &m, cfg, images, raw).await
+                    predict_images(app, &m, cfg, images, raw, &call).await
                 }
-                None => predict_tensors(&m, body.instances).await,
+                None => predict_tensors(&m, body.instances, &call).await,
             }
         }
         (Some(t), _) => Err(ApiError::UnsupportedMediaType(match image {
@@ -243,12 +247,19 @@ fn b64_instances(cfg: &ImageConfig, instances: &[Value]) -> Result<Vec<Bytes>, A
         .collect()
 }
 
+/// Per-request settings every predict path passes to the model.
+struct Call {
+    timeout: Option<std::time::Duration>,
+    request_id: Option<String>,
+}
+
 async fn predict_images(
     app: &AppState,
     m: &Arc<ModelHandle>,
     cfg: &ImageConfig,
     images: Vec<Bytes>,
     raw: bool,
+    call: &Call,
 ) -> Result<Response, ApiError> {
     if images.len() > cfg.max_images {
         return Err(ApiError::ImageTooLarge(format!(
@@ -286,7 +297,9 @@ async fn predict_images(
     let batch = Tensor::concat(&refs).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
     let n = rows.len();
     let input = m.info.inputs[0].name.clone();
-    let outputs = m.infer(vec![(input, batch)], None).await?;
+    let outputs = m
+        .infer_as(vec![(input, batch)], call.timeout, call.request_id.clone())
+        .await?;
     let classifier = app.extras(&m.name).and_then(|e| e.classifier.as_ref());
     let out_index = match classifier.and_then(|c| c.output.as_deref()) {
         Some(name) => m
@@ -347,6 +360,7 @@ fn nested(row: &Tensor) -> Value {
 async fn predict_tensors(
     m: &Arc<ModelHandle>,
     instances: Vec<Value>,
+    call: &Call,
 ) -> Result<Response, ApiError> {
     if instances.is_empty() {
         return Err(ApiError::MalformedBody("`instances` is empty".into()));
@@ -388,7 +402,9 @@ async fn predict_tensors(
             .map_err(|e| ApiError::InvalidInput(e.to_string()))?;
         named.push((input.name.clone(), t));
     }
-    let outputs = m.infer(named, None).await?;
+    let outputs = m
+        .infer_as(named, call.timeout, call.request_id.clone())
+        .await?;
     let predictions: Vec<Value> = (0..n)
         .map(|i| {
             if outputs.len() == 1 {
