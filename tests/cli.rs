@@ -195,3 +195,65 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
         "no longer accepting"
     );
 }
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', drain_delay: 60s, shutdown_timeout: 60s}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
+        ),
+    );
+    let mut server = Server(
+        Command::new(BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .env_remove("ORT_DYLIB_PATH")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !matches!(http(port, "GET", "/v2/health/ready", ""), Ok((200, _))) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        http(port, "GET", "/v2/health/ready", "").unwrap().0,
+        503,
+        "draining for 60 s"
+    );
+    let second = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let code = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            second.elapsed() < Duration::from_secs(5),
+            "the second signal did not end the process"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(130));
+}

@@ -160,6 +160,12 @@ impl ModelHandle {
             )?;
             let max = if batchable { r.max_batch } else { 1 };
             pool.add(r.name.clone(), max, worker.sender());
+            // Every per-device series exists from the start, at zero.
+            let labels = [name, r.name.as_str()];
+            metrics.device_failures.with_label_values(&labels);
+            metrics.device_rows.with_label_values(&labels);
+            metrics.inflight_rows.with_label_values(&labels);
+            metrics.device_healthy.with_label_values(&labels).set(1);
             metrics
                 .device_healthy
                 .with_label_values(&[name, &r.name])
