@@ -260,6 +260,11 @@ models:
     open.send(()).unwrap();
     assert_eq!(busy.await.unwrap().status, StatusCode::OK);
     assert_eq!(queued.await.unwrap().status, StatusCode::OK);
+    // Five requests ran (three held, these two); the expired one never reached the device.
+    let ran = state.models()[0].pool.devices()[0]
+        .rows
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(ran, 5, "the expired request must not run");
 
     drop(open); // From here every batch runs at once.
     let failed = post_json(&gated, uri, &one(-1.0)).await;
