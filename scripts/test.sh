@@ -5,6 +5,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
 scripts/setup_models.sh
+scripts/setup_tools.sh
 
 # Layering (DESIGN.md section 2): only src/device/ touches ort, only src/http/ touches axum/tower-http.
 stray_ort=$(grep -rlE '(^|[^A-Za-z0-9_])ort::|^\s*use ort(::|;)' src | grep -v '^src/device/' || true)

@@ -39,6 +39,11 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// GET a URL on this host and exit 0 on 200: a container health check with no shell or curl.
+    Probe {
+        #[arg(long, default_value = "http://127.0.0.1:8080/v2/health/ready")]
+        url: String,
+    },
     /// Load and validate a configuration file, print it resolved, and exit.
     CheckConfig {
         #[arg(long, env = "ORTSERVE_CONFIG")]
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
             load_config(&config).and_then(|config| tune(config, &plot, use_cache, json.as_deref()))
         }
         Command::Serve { config } => load_config(&config).and_then(serve),
+        Command::Probe { url } => Ok(probe(&url)),
     };
     result.unwrap_or_else(|code| code)
 }
@@ -178,4 +184,44 @@ fn tune(
     write(plot, svg)?;
     println!("plot: {}", plot.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// A minimal HTTP/1.1 GET: `http://host:port/path` only (health checks stay on the host).
+fn probe(url: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let Some(rest) = url.strip_prefix("http://") else {
+        eprintln!("probe: only http:// URLs");
+        return ExitCode::from(2);
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let result = (|| -> std::io::Result<u16> {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("not an HTTP response"))
+    })();
+    match result {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(code) => {
+            eprintln!("probe: {url} answered {code}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("probe: {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

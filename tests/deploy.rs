@@ -1,0 +1,275 @@
+//! Deployment, checked without a cluster or a container engine: the runtime tree the Dockerfile
+//! builds (made by the same script), the rendered Kubernetes overlays against the server's own
+//! config loader, routes and settings, the Kubernetes API schemas, and the Dockerfile linter.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ortserve");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tool(name: &str) -> PathBuf {
+    let p = root().join(".ortserve/venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/setup_tools.sh",
+        p.display()
+    );
+    p
+}
+
+/// `kubectl kustomize` of an overlay, as JSON documents.
+fn render(overlay: &str) -> (String, Vec<Value>) {
+    let out = Command::new("kubectl")
+        .args([
+            "kustomize",
+            root().join("k8s/overlays").join(overlay).to_str().unwrap(),
+        ])
+        .output()
+        .expect("kubectl (with kustomize) is needed for the deployment tests");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    (text, docs)
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// Lays out the runtime tree (CPU variant) with this build's binary.
+fn layout(dest: &Path) {
+    let out = Command::new(root().join("scripts/layout-runtime.sh"))
+        .args([dest.to_str().unwrap(), "--binary", BIN, "--variant", "cpu"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.get(9..12)?.parse().ok()
+}
+
+#[test]
+fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("opt-ortserve");
+    layout(&tree);
+    for f in [
+        "ortserve",
+        "lib/libonnxruntime.so",
+        "models/efficientnet_lite0.onnx",
+        "models/imagenet_labels.txt",
+        "config/config.yaml",
+    ] {
+        assert!(tree.join(f).exists(), "{f} missing from the tree");
+    }
+
+    // The binary starts from the tree alone: the library next to it, the baked-in config.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = dir.path().join("server.log");
+    let mut server = Command::new(tree.join("ortserve"))
+        .args([
+            "serve",
+            "--config",
+            tree.join("config/config.yaml").to_str().unwrap(),
+        ])
+        .env_remove("ORT_DYLIB_PATH")
+        .env("ORTSERVE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORTSERVE_LOG_FORMAT", "text")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while http_status(port, "/v2/health/ready") != Some(200) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not ready: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let probe = Command::new(tree.join("ortserve"))
+        .args([
+            "probe",
+            "--url",
+            &format!("http://127.0.0.1:{port}/v2/health/ready"),
+        ])
+        .status()
+        .unwrap();
+    assert!(probe.success(), "the image's HEALTHCHECK command");
+
+    for overlay in ["cpu", "gpu"] {
+        let (_, docs) = render(overlay);
+        // The ConfigMap's YAML loads and validates with the server's own loader, against the tree.
+        let cm = kind(&docs, "ConfigMap");
+        let yaml = cm["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .replace("/opt/ortserve", tree.to_str().unwrap());
+        let config =
+            ortserve::config::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        config
+            .validate()
+            .unwrap_or_else(|e| panic!("{overlay}: {e}"));
+
+        let deploy = kind(&docs, "Deployment");
+        let pod = &deploy["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        // Probes: real routes, on the port the config listens on.
+        let port_name = c["ports"][0]["name"].as_str().unwrap();
+        let container_port = c["ports"][0]["containerPort"].as_u64().unwrap();
+        let listen: std::net::SocketAddr = config.server.http_addr.parse().unwrap();
+        assert_eq!(
+            container_port,
+            u64::from(listen.port()),
+            "{overlay}: containerPort vs http_addr"
+        );
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            let get = &c[probe]["httpGet"];
+            assert_eq!(get["port"], port_name, "{overlay} {probe} port");
+            let path = get["path"].as_str().unwrap();
+            assert_eq!(
+                http_status(port, path),
+                Some(200),
+                "{overlay} {probe}: {path} on the running server"
+            );
+        }
+        // Grace period covers preStop + drain_delay + shutdown_timeout with a margin.
+        let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap();
+        let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let needed = pre_stop
+            + config.server.drain_delay.0.as_secs_f64()
+            + config.server.shutdown_timeout.0.as_secs_f64();
+        assert!(
+            grace >= needed + 5.0,
+            "{overlay}: grace {grace}s < {needed}s + 5s margin"
+        );
+        // Non-root, read-only root filesystem, no privilege escalation, no capabilities.
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{overlay}");
+        assert_eq!(
+            c["securityContext"]["readOnlyRootFilesystem"], true,
+            "{overlay}"
+        );
+        assert_eq!(
+            c["securityContext"]["allowPrivilegeEscalation"], false,
+            "{overlay}"
+        );
+        assert_eq!(
+            c["securityContext"]["capabilities"]["drop"][0], "ALL",
+            "{overlay}"
+        );
+        // The ConfigMap is mounted where the args point.
+        assert_eq!(c["args"][2], "/etc/ortserve/config.yaml");
+        assert!(c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/etc/ortserve"));
+        for k in [
+            "Service",
+            "ServiceAccount",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "NetworkPolicy",
+        ] {
+            kind(&docs, k);
+        }
+        let gpus = &c["resources"]["limits"]["nvidia.com/gpu"];
+        if overlay == "gpu" {
+            assert_eq!(gpus, 1, "the gpu overlay asks for a GPU in limits");
+            assert_eq!(
+                config.models[0].devices.0[0].device,
+                ortserve::config::DeviceSpec::CudaAll
+            );
+            assert_eq!(c["image"], "ortserve:cuda");
+        } else {
+            assert!(gpus.is_null());
+            assert_eq!(c["image"], "ortserve:cpu");
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    let lib = tree.join("lib/libonnxruntime.so");
+    assert!(
+        log.contains(&format!("library={}", lib.display())),
+        "the tree's own library was loaded:\n{log}"
+    );
+}
+
+#[test]
+fn the_manifests_pass_the_kubernetes_schemas() {
+    let validator = tool("kubernetes-validate");
+    for overlay in ["cpu", "gpu"] {
+        let (text, _) = render(overlay);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(&validator)
+            .args(["--strict", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{overlay}: {report}");
+        assert_eq!(
+            report.matches(" passed for resource ").count(),
+            7,
+            "{overlay}: every resource checked\n{report}"
+        );
+    }
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let out = Command::new(tool("hadolint"))
+        .arg(root().join("Dockerfile"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
