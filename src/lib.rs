@@ -26,12 +26,14 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`shutdown`]: signals and the drain sequence.
+//! - [`bench`]: `ortserve bench`, the server under load next to the in-process ceiling.
 //!
 //! Entry points: [`start`] loads everything, [`serve`] runs HTTP on an injected listener until an
 //! injected shutdown future resolves; [`run`] does both.
 
 pub mod app;
 pub mod batching;
+pub mod bench;
 pub mod classify;
 pub mod config;
 pub mod device;

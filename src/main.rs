@@ -39,6 +39,22 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute), c (scaling), d (batching on
+    /// and off), e (JPEG uploads), each next to the in-process ceiling measured in the same run.
+    Bench {
+        /// Seconds of load per measured line.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Seconds of load before each measured line (not counted).
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Which scenarios, e.g. `abcde`.
+        #[arg(long, default_value = "abcde")]
+        scenarios: String,
+        /// Folder for results.json and the SVG plots.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+    },
     /// GET a URL on this host and exit 0 on 200: a container health check with no shell or curl.
     Probe {
         #[arg(long, default_value = "http://127.0.0.1:8080/v2/health/ready")]
@@ -108,6 +124,30 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => load_config(&config).and_then(serve),
         Command::Probe { url } => Ok(probe(&url)),
+        Command::Bench {
+            seconds,
+            warmup,
+            scenarios,
+            out,
+        } => {
+            init_tracing(ortserve::config::LogFormat::Text, "warn");
+            let opts = ortserve::bench::Options {
+                seconds,
+                warmup,
+                scenarios: scenarios.chars().collect(),
+                out_dir: out,
+            };
+            match ortserve::bench::run(&opts) {
+                Ok(rows) => {
+                    println!("{}", ortserve::bench::table(&rows));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("ortserve bench: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
     };
     result.unwrap_or_else(|code| code)
 }

@@ -1,6 +1,6 @@
 //! The batcher actor: one tokio task per model. It owns the [`State`], forms a batch when a
-//! device has a free slot and the batch is full or has waited `max_queue_delay`, and hands it to
-//! the device worker. It exits when the handlers' channel closes and the queue is empty.
+//! device has a free slot and the batch is full, the device is idle, or the oldest part has
+//! waited `max_queue_delay`, and hands it to the device worker. It exits when the handlers' channel closes and the queue is empty.
 //!
 //! Faults: a batch that fails for a reason other than its input comes back here and each part is
 //! run once more, alone, on another healthy device; a batch that ONNX Runtime refused for its
@@ -155,9 +155,14 @@ pub(super) async fn run(
                 let max = reservation.slot.max_batch;
                 let due = oldest + settings.max_queue_delay;
                 let full = state.batch_full(max, settings.batchable);
-                if !open || now >= due || full {
+                // An idle device gets what is queued at once: waiting would only leave it idle.
+                // The delay is for a device that is busy, while its next batch fills up.
+                let idle = reservation.slot.inflight_rows() == 0;
+                if !open || now >= due || full || idle {
                     let reason = if full {
                         "full"
+                    } else if idle {
+                        "idle"
                     } else if now >= due {
                         "delay"
                     } else {
@@ -235,8 +240,9 @@ fn probe_unhealthy(pool: &DevicePool, sample: &[Tensor], ctx: &Ctx) {
 /// Hands a batch to its device worker; the worker answers every part (or hands failed parts
 /// back through `ctx.retry`).
 ///
-/// `reason` says why the batch closed: `full`, `delay` (waited `max_queue_delay`), `drain`
-/// (shutting down), or `retry` (a part run alone after a failure).
+/// `reason` says why the batch closed: `full`, `idle` (the device had nothing to do), `delay`
+/// (waited `max_queue_delay`), `drain` (shutting down), or `retry` (a part run alone after a
+/// failure).
 fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx, reason: &str) {
     let slot = inflight.slot().clone();
     let model = ctx.model.as_str();

@@ -3,6 +3,7 @@
 
 mod auth;
 pub mod error;
+pub mod hello;
 mod routes;
 pub mod v2;
 

@@ -1,0 +1,587 @@
+//! `ortserve bench`: the server on 127.0.0.1 under a keep-alive load generator, next to the
+//! in-process ceiling (the same model and threads through ONNX Runtime directly), in one run.
+//! DESIGN.md section 9 is the method. Not a test: numbers, not assertions.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner};
+use crate::tensor::Tensor;
+
+use client::LoadResult;
+
+/// One measured line of a scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub variant: String,
+    pub concurrency: usize,
+    pub requests_per_second: f64,
+    pub rows_per_second: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    pub non_200: u64,
+    /// What this line is compared with, and the ratio.
+    pub reference: Option<String>,
+    pub ratio: Option<f64>,
+}
+
+pub struct Options {
+    pub seconds: f64,
+    pub warmup: f64,
+    pub scenarios: Vec<char>,
+    pub out_dir: PathBuf,
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A server on its own runtime (2 workers) and its own thread; stopped on drop.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(yaml: &str) -> Result<Server, String> {
+        let mut config = Config::from_yaml(yaml).map_err(|e| e.to_string())?;
+        config.resolve_paths(&fixtures());
+        config.validate().map_err(|e| e.to_string())?;
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("server runtime");
+            rt.block_on(async move {
+                let state = match crate::start(&config).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind 127.0.0.1");
+                let _ = addr_tx.send(Ok(listener.local_addr().expect("local addr")));
+                let _ = crate::serve(state, &config.server, listener, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            });
+        });
+        let addr = addr_rx.recv().map_err(|e| e.to_string())??;
+        Ok(Server {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The bare axum handler on its own runtime, same shape as [`Server`].
+fn start_hello() -> Server {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let _ = addr_tx.send(Ok::<_, String>(listener.local_addr().expect("addr")));
+            let _ = axum_serve_hello(listener, stop_rx).await;
+        });
+    });
+    let addr = addr_rx.recv().expect("hello started").expect("hello bound");
+    Server {
+        addr,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}
+
+async fn axum_serve_hello(
+    listener: tokio::net::TcpListener,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    crate::http::hello::serve(listener, async {
+        let _ = stop.await;
+    })
+    .await
+}
+
+fn cpu_plan(threads: usize) -> DevicePlan {
+    DevicePlan {
+        device: "cpu:0".into(),
+        instance: 0,
+        kind: DeviceKind::Cpu {
+            intra_op_threads: threads,
+        },
+    }
+}
+
+/// In-process: rows/s at each batch size (runs for `per_size` each), and the median latency of
+/// one batch-1 run.
+fn ceiling(
+    model: &Path,
+    threads: usize,
+    row: &[Tensor],
+    sizes: &[usize],
+    per_size: Duration,
+) -> Result<(Vec<(usize, f64)>, f64), String> {
+    init_runtime(&Default::default()).map_err(|e| e.to_string())?;
+    let mut runner = OrtRunner::open(model, &cpu_plan(threads)).map_err(|e| e.to_string())?;
+    let mut curve = Vec::new();
+    let mut single = Vec::new();
+    for &b in sizes {
+        let inputs: Vec<Tensor> = row
+            .iter()
+            .map(|t| {
+                let refs: Vec<&Tensor> = std::iter::repeat_n(t, b).collect();
+                Tensor::concat(&refs).expect("same shapes")
+            })
+            .collect();
+        let parts = [inputs];
+        runner.run(&parts).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let mut runs = 0usize;
+        while start.elapsed() < per_size {
+            let t = Instant::now();
+            runner.run(&parts).map_err(|e| e.to_string())?;
+            if b == 1 {
+                single.push(t.elapsed());
+            }
+            runs += 1;
+        }
+        curve.push((b, (runs * b) as f64 / start.elapsed().as_secs_f64()));
+    }
+    single.sort();
+    let median = single
+        .get(single.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    Ok((curve, median))
+}
+
+fn load(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    request: Vec<u8>,
+    concurrency: usize,
+    o: &Options,
+) -> LoadResult {
+    rt.block_on(client::run(
+        addr,
+        Arc::new(request),
+        concurrency,
+        Duration::from_secs_f64(o.warmup),
+        Duration::from_secs_f64(o.seconds),
+    ))
+}
+
+fn row(
+    scenario: &str,
+    variant: &str,
+    concurrency: usize,
+    rows_per_request: usize,
+    r: &LoadResult,
+) -> Row {
+    let non_200 = r
+        .statuses
+        .iter()
+        .filter(|(s, _)| **s != 200)
+        .map(|(_, n)| n)
+        .sum();
+    Row {
+        scenario: scenario.into(),
+        variant: variant.into(),
+        concurrency,
+        requests_per_second: r.requests_per_second(),
+        rows_per_second: r.requests_per_second() * rows_per_request as f64,
+        p50_ms: r.percentile_ms(0.5),
+        p90_ms: r.percentile_ms(0.9),
+        p99_ms: r.percentile_ms(0.99),
+        errors: r.errors,
+        non_200,
+        reference: None,
+        ratio: None,
+    }
+}
+
+fn v2_json_body(name: &str, t: &Tensor) -> Vec<u8> {
+    let data = serde_json::to_value(crate::http::v2::JsonData(t)).expect("tensor serializes");
+    serde_json::json!({"inputs": [{"name": name, "shape": t.shape, "datatype": t.dtype.v2_name(), "data": data}]})
+        .to_string()
+        .into_bytes()
+}
+
+fn v2_binary_request(path: &str, name: &str, t: &Tensor) -> Vec<u8> {
+    let header = serde_json::json!({
+        "inputs": [{"name": name, "shape": t.shape, "datatype": t.dtype.v2_name(),
+                    "parameters": {"binary_data_size": t.data.len()}}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(&t.data);
+    client::request(
+        "POST",
+        path,
+        &[
+            ("Content-Type", "application/octet-stream".into()),
+            ("Inference-Header-Content-Length", header.len().to_string()),
+        ],
+        &body,
+    )
+}
+
+fn cnn_row() -> Tensor {
+    let values: Vec<f32> = (0..3 * 64 * 64)
+        .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
+        .collect();
+    Tensor::from_f32(vec![1, 3, 64, 64], &values).expect("shape")
+}
+
+/// Runs the chosen scenarios and returns every measured line (and writes plots and JSON).
+pub fn run(o: &Options) -> Result<Vec<Row>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut rows: Vec<Row> = Vec::new();
+    let per_size = Duration::from_secs_f64((o.seconds / 4.0).clamp(0.3, 2.0));
+    std::fs::create_dir_all(&o.out_dir).map_err(|e| e.to_string())?;
+
+    if o.scenarios.contains(&'a') {
+        // (a) overhead-bound: the tiny MLP, V2 JSON, one row per request.
+        let hello = start_hello();
+        let server = Server::start(
+            "server: {drain_delay: 0s}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 32, max_queue_delay: 0ms}}]",
+        )?;
+        let x = Tensor::from_f32(vec![1, 4], &[0.5, -1.0, 2.0, 0.25]).expect("shape");
+        let infer = client::request(
+            "POST",
+            "/v2/models/mlp/infer",
+            &[],
+            &v2_json_body("input", &x),
+        );
+        let hello_req = client::request("POST", "/", &[], b"{}");
+        let (_, single_ms) = ceiling(
+            &fixtures().join("mlp.onnx"),
+            1,
+            std::slice::from_ref(&x),
+            &[1],
+            per_size,
+        )?;
+        for c in [1, 32] {
+            let h = load(&rt, hello.addr, hello_req.clone(), c, o);
+            let s = load(&rt, server.addr, infer.clone(), c, o);
+            let mut hr = row("a", "bare axum handler", c, 1, &h);
+            hr.reference = Some("-".into());
+            let mut sr = row("a", "ortserve V2 JSON, mlp", c, 1, &s);
+            sr.ratio = Some(sr.requests_per_second / hr.requests_per_second.max(1e-9));
+            sr.reference = Some("requests/s of the bare axum handler".into());
+            rows.push(hr);
+            rows.push(sr.clone());
+            if c == 1 {
+                rows.push(Row {
+                    scenario: "a".into(),
+                    variant: "in-process ORT, one batch-1 run".into(),
+                    concurrency: 1,
+                    requests_per_second: 1e3 / single_ms.max(1e-9),
+                    rows_per_second: 1e3 / single_ms.max(1e-9),
+                    p50_ms: single_ms,
+                    p90_ms: 0.0,
+                    p99_ms: 0.0,
+                    errors: 0,
+                    non_200: 0,
+                    reference: Some(format!(
+                        "ortserve p50 − this = {:.3} ms",
+                        sr.p50_ms - single_ms
+                    )),
+                    ratio: None,
+                });
+            }
+        }
+    }
+
+    let cnn = fixtures().join("cnn.onnx");
+    let x = cnn_row();
+    let sizes = [1, 2, 4, 8, 16, 32, 64];
+    if o.scenarios.iter().any(|s| "bcd".contains(*s)) {
+        let (curve, _) = ceiling(&cnn, 2, std::slice::from_ref(&x), &sizes, per_size)?;
+        let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
+        rows.push(Row {
+            scenario: "b".into(),
+            variant: format!(
+                "in-process ceiling, cnn, 2 threads, best of batch {:?}",
+                curve.iter().map(|c| c.0).collect::<Vec<_>>()
+            ),
+            concurrency: 0,
+            requests_per_second: 0.0,
+            rows_per_second: best,
+            p50_ms: 0.0,
+            p90_ms: 0.0,
+            p99_ms: 0.0,
+            errors: 0,
+            non_200: 0,
+            reference: Some(format!("{curve:.0?}")),
+            ratio: None,
+        });
+        plot_curve(&o.out_dir.join("ceiling-cnn.svg"), &curve)?;
+        let cfg = |devices: &str, batch: &str, threads: usize| {
+            format!("server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: {threads}}}\nmodels: [{{name: cnn, path: cnn.onnx, devices: {devices}, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}}}]")
+        };
+        let bin = v2_binary_request("/v2/models/cnn/infer", "input", &x);
+        let json = client::request(
+            "POST",
+            "/v2/models/cnn/infer",
+            &[],
+            &v2_json_body("input", &x),
+        );
+        if o.scenarios.contains(&'b') {
+            let server = Server::start(&cfg("cpu", "64", 2))?;
+            let mut sweep = Vec::new();
+            for c in [1, 4, 16, 32] {
+                let r = load(&rt, server.addr, bin.clone(), c, o);
+                let mut line = row("b", "ortserve V2 binary, cnn", c, 1, &r);
+                line.ratio = Some(line.rows_per_second / best);
+                line.reference = Some("in-process ceiling".into());
+                sweep.push((c, line.rows_per_second, line.p99_ms));
+                rows.push(line);
+            }
+            let r = load(&rt, server.addr, json.clone(), 32, o);
+            let mut line = row("b", "ortserve V2 JSON, cnn", 32, 1, &r);
+            line.ratio = Some(line.rows_per_second / best);
+            line.reference = Some("in-process ceiling".into());
+            rows.push(line);
+            plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
+        }
+        if o.scenarios.contains(&'c') {
+            let one = Server::start(&cfg("[{device: 'cpu:0', intra_op_threads: 1}]", "64", 1))?;
+            let r1 = load(&rt, one.addr, bin.clone(), 32, o);
+            drop(one);
+            let two = Server::start(&cfg(
+                "[{device: 'cpu:0', intra_op_threads: 1}, {device: 'cpu:1', intra_op_threads: 1}]",
+                "64",
+                2,
+            ))?;
+            let r2 = load(&rt, two.addr, bin.clone(), 32, o);
+            drop(two);
+            let l1 = row("c", "cpu:0, 1 thread", 32, 1, &r1);
+            let mut l2 = row("c", "cpu:0 + cpu:1, 1 thread each", 32, 1, &r2);
+            l2.ratio = Some(l2.rows_per_second / l1.rows_per_second.max(1e-9));
+            l2.reference = Some("one slot".into());
+            rows.push(l1);
+            rows.push(l2);
+        }
+        if o.scenarios.contains(&'d') {
+            let off = Server::start(&cfg("cpu", "1", 2))?;
+            let r_off = load(&rt, off.addr, bin.clone(), 32, o);
+            drop(off);
+            let on = Server::start(&cfg("cpu", "64", 2))?;
+            let r_on = load(&rt, on.addr, bin.clone(), 32, o);
+            drop(on);
+            let l_off = row("d", "batching off (max_batch_size 1)", 32, 1, &r_off);
+            let mut l_on = row("d", "batching on (max_batch_size 64)", 32, 1, &r_on);
+            l_on.ratio = Some(l_on.rows_per_second / l_off.rows_per_second.max(1e-9));
+            l_on.reference = Some("batching off".into());
+            rows.push(l_off);
+            rows.push(l_on);
+        }
+    }
+
+    if o.scenarios.contains(&'e') {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let model = root.join(".ortserve/models/efficientnet_lite0.onnx");
+        let photo = root.join(".ortserve/data/coffee.png");
+        if !model.exists() || !photo.exists() {
+            return Err("scenario e needs scripts/setup_models.sh".into());
+        }
+        let img = image::open(&photo).map_err(|e| e.to_string())?.into_rgb8();
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&img)
+            .map_err(|e| e.to_string())?;
+        let server = Server::start(&format!(
+            "server: {{drain_delay: 0s}}\nmodels:\n  - name: effnet\n    path: {}\n    devices: cpu\n    batching: {{max_batch_size: 8, max_queue_delay: 2ms}}\n    image: {{size: [224, 224], resize_shorter: 256, mean: [127, 127, 127], std: [128, 128, 128]}}\n    classification: {{labels: {}}}\n",
+            model.display(),
+            root.join(".ortserve/models/imagenet_labels.txt").display()
+        ))?;
+        let req = client::request(
+            "POST",
+            "/v1/models/effnet:predict",
+            &[("Content-Type", "image/jpeg".into())],
+            jpeg.get_ref(),
+        );
+        let row_t = crate::preprocess::preprocess(
+            jpeg.get_ref(),
+            &crate::config::ImageConfig {
+                size: [224, 224],
+                resize_shorter: Some(256),
+                interpolation: Default::default(),
+                mean: [127.0; 3],
+                std: [128.0; 3],
+                channel_order: Default::default(),
+                layout: Default::default(),
+                dtype: Default::default(),
+                max_image_bytes: crate::config::ByteSize(10 << 20),
+                max_pixels: 40_000_000,
+                max_images: 8,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let (curve, _) = ceiling(
+            &model,
+            2,
+            std::slice::from_ref(&row_t),
+            &[1, 2, 4, 8],
+            per_size,
+        )?;
+        let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
+        for c in [1, 8] {
+            let r = load(&rt, server.addr, req.clone(), c, o);
+            let mut line = row("e", "ortserve JPEG upload, EfficientNet-Lite0", c, 1, &r);
+            line.ratio = Some(line.rows_per_second / best);
+            line.reference = Some(format!("in-process ceiling {best:.1} images/s (no decode)"));
+            rows.push(line);
+        }
+    }
+    std::fs::write(
+        o.out_dir.join("results.json"),
+        serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(rows)
+}
+
+/// The results as a Markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.variant,
+            r.concurrency,
+            r.requests_per_second,
+            r.rows_per_second,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.errors,
+            r.non_200,
+            r.ratio.map_or(String::new(), |x| format!("{x:.2}")),
+            r.reference.clone().unwrap_or_default()
+        ));
+    }
+    out
+}
+
+fn plot_curve(path: &Path, curve: &[(usize, f64)]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (700, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let max_y = curve.iter().map(|c| c.1).fold(1.0, f64::max) * 1.1;
+        let max_x = curve
+            .iter()
+            .map(|c| (c.0 as f64).log2())
+            .fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "in-process rows/s against batch size (cnn, 2 threads)",
+                ("sans-serif", 16),
+            )
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("batch size")
+            .y_desc("rows/s")
+            .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round()))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let pts: Vec<(f64, f64)> = curve.iter().map(|c| ((c.0 as f64).log2(), c.1)).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, BLUE.filled())))
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    std::fs::write(path, svg).map_err(|e| e.to_string())
+}
+
+fn plot_sweep(path: &Path, sweep: &[(usize, f64, f64)]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (700, 700)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let panels = root.split_evenly((2, 1));
+        let max_x = sweep.iter().map(|s| s.0 as f64).fold(1.0, f64::max) * 1.05;
+        for (panel, (title, pick)) in panels.iter().zip([
+            ("rows/s against concurrency (cnn, V2 binary)", 1usize),
+            ("p99 latency (ms) against concurrency", 2usize),
+        ]) {
+            let value = |s: &(usize, f64, f64)| if pick == 1 { s.1 } else { s.2 };
+            let max_y = sweep.iter().map(value).fold(1e-9, f64::max) * 1.1;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 16))
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..max_x, 0.0..max_y)
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .x_desc("concurrent clients")
+                .draw()
+                .map_err(|e| e.to_string())?;
+            let pts: Vec<(f64, f64)> = sweep.iter().map(|s| (s.0 as f64, value(s))).collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), RED.stroke_width(2)))
+                .map_err(|e| e.to_string())?;
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, RED.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())?;
+    }
+    std::fs::write(path, svg).map_err(|e| e.to_string())
+}
