@@ -32,8 +32,9 @@ pub struct RequestInput {
     pub datatype: String,
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
+    /// Kept as text and parsed straight into the tensor's bytes.
     #[serde(default)]
-    pub data: Option<Value>,
+    pub data: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,7 +152,7 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
                 }
                 mine.to_vec()
             }
-            (None, Some(v)) => json_data(&v, dtype, count, &what)?,
+            (None, Some(raw)) => json_data_text(raw.get(), dtype, count, &what)?,
             (None, None) => {
                 return Err(ApiError::MalformedBody(format!(
                     "{what} has neither `data` nor `binary_data_size`"
@@ -190,76 +191,103 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
     })
 }
 
-/// Flattens nested arrays (row-major) into `out`, refusing absurd nesting.
-fn flatten<'v>(v: &'v Value, depth: usize, out: &mut Vec<&'v Value>) -> Result<(), String> {
-    match v {
-        Value::Array(items) if depth < MAX_DATA_DEPTH => {
-            for item in items {
-                flatten(item, depth + 1, out)?;
-            }
-            Ok(())
-        }
-        Value::Array(_) => Err(format!(
-            "data is nested more than {MAX_DATA_DEPTH} levels deep"
-        )),
-        other => {
-            out.push(other);
-            Ok(())
-        }
-    }
-}
-
-/// Converts JSON numbers or booleans into little-endian bytes of `dtype`, checking the count
-/// and every value's range.
+/// Converts a JSON value (TF-Serving instances) into little-endian bytes of `dtype`.
 pub(crate) fn json_data(
     v: &Value,
     dtype: DataType,
     count: usize,
     what: &str,
 ) -> Result<Vec<u8>, ApiError> {
-    let mut flat = Vec::with_capacity(count);
-    flatten(v, 0, &mut flat).map_err(|e| ApiError::MalformedBody(format!("{what}: {e}")))?;
-    if flat.len() != count {
+    json_data_text(&v.to_string(), dtype, count, what)
+}
+
+/// Parses the text of a JSON array of numbers or booleans, flat or nested (row-major), straight
+/// into little-endian bytes of `dtype`, checking the count and every value's range. No JSON tree
+/// is built: the text was already checked as JSON by the request's parser.
+pub(crate) fn json_data_text(
+    text: &str,
+    dtype: DataType,
+    count: usize,
+    what: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(count.saturating_mul(dtype.size()).min(1 << 30));
+    let (mut depth, mut n, mut i) = (0usize, 0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'[' => {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
+                    return Err(ApiError::MalformedBody(format!(
+                        "{what}: data is nested more than {MAX_DATA_DEPTH} levels deep"
+                    )));
+                }
+                i += 1;
+            }
+            b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
+            _ => {
+                let end = bytes[i..]
+                    .iter()
+                    .position(|b| matches!(b, b',' | b']' | b' ' | b'\n' | b'\r' | b'\t'))
+                    .map_or(bytes.len(), |p| i + p);
+                let token = &text[i..end];
+                i = end;
+                if n < count {
+                    push_element(&mut out, token, dtype).ok_or_else(|| {
+                        let shown: String = token.chars().take(40).collect();
+                        ApiError::InvalidInput(format!(
+                            "{what}: element {n} ({shown}) is not a valid {dtype}"
+                        ))
+                    })?;
+                }
+                n += 1;
+            }
+        }
+    }
+    if n != count {
         return Err(ApiError::InvalidInput(format!(
-            "{what}: shape needs {count} elements, data has {}",
-            flat.len()
+            "{what}: shape needs {count} elements, data has {n}"
         )));
     }
-    let mut out = Vec::with_capacity(count * dtype.size());
-    for (i, x) in flat.into_iter().enumerate() {
-        let bad =
-            || ApiError::InvalidInput(format!("{what}: element {i} ({x}) is not a valid {dtype}"));
-        macro_rules! int {
-            ($t:ty) => {{
-                let n: $t = if let Some(n) = x.as_i64() {
-                    <$t>::try_from(n).map_err(|_| bad())?
-                } else if let Some(n) = x.as_u64() {
-                    <$t>::try_from(n).map_err(|_| bad())?
-                } else {
-                    return Err(bad());
-                };
-                out.extend_from_slice(&n.to_le_bytes());
-            }};
-        }
-        match dtype {
-            DataType::Bool => out.push(u8::from(x.as_bool().ok_or_else(bad)?)),
-            DataType::U8 => int!(u8),
-            DataType::U16 => int!(u16),
-            DataType::U32 => int!(u32),
-            DataType::U64 => int!(u64),
-            DataType::I8 => int!(i8),
-            DataType::I16 => int!(i16),
-            DataType::I32 => int!(i32),
-            DataType::I64 => int!(i64),
-            DataType::F16 => out
-                .extend_from_slice(&half::f16::from_f64(x.as_f64().ok_or_else(bad)?).to_le_bytes()),
-            DataType::F32 => {
-                out.extend_from_slice(&(x.as_f64().ok_or_else(bad)? as f32).to_le_bytes())
-            }
-            DataType::F64 => out.extend_from_slice(&x.as_f64().ok_or_else(bad)?.to_le_bytes()),
-        }
-    }
     Ok(out)
+}
+
+/// Appends one JSON scalar (`token`) as `dtype`; `None` when it is not a valid value of it.
+fn push_element(out: &mut Vec<u8>, token: &str, dtype: DataType) -> Option<()> {
+    macro_rules! int {
+        ($t:ty) => {{
+            let n: $t = <$t>::try_from(token.parse::<i128>().ok()?).ok()?;
+            out.extend_from_slice(&n.to_le_bytes());
+        }};
+    }
+    let float = || -> Option<f64> {
+        // JSON numbers only (no `inf`, `nan` or quoted values).
+        let first = *token.as_bytes().first()?;
+        (first == b'-' || first.is_ascii_digit()).then(|| token.parse::<f64>().ok())?
+    };
+    match dtype {
+        DataType::Bool => out.push(match token {
+            "true" => 1,
+            "false" => 0,
+            _ => return None,
+        }),
+        DataType::U8 => int!(u8),
+        DataType::U16 => int!(u16),
+        DataType::U32 => int!(u32),
+        DataType::U64 => int!(u64),
+        DataType::I8 => int!(i8),
+        DataType::I16 => int!(i16),
+        DataType::I32 => int!(i32),
+        DataType::I64 => int!(i64),
+        DataType::F16 => out.extend_from_slice(&half::f16::from_f64(float()?).to_le_bytes()),
+        DataType::F32 => out.extend_from_slice(&(float()? as f32).to_le_bytes()),
+        DataType::F64 => out.extend_from_slice(&float()?.to_le_bytes()),
+    }
+    Some(())
 }
 
 /// Serializes a tensor's elements as a flat JSON array straight from its bytes.
