@@ -12,7 +12,7 @@ use axum::http::{Request, StatusCode};
 use base64::Engine;
 use common::*;
 use image::{ImageFormat, Rgb, RgbImage};
-use ortserve::config::{ByteSize, ChannelOrder, ImageConfig, ImageDtype, Interpolation, Layout};
+use ortserve::config::{ByteSize, ImageConfig};
 use serde_json::{json, Value};
 
 fn setup_dir() -> PathBuf {
@@ -183,17 +183,13 @@ async fn real_photos_through_every_upload_form_and_as_a_tensor() {
 
 fn small_cfg() -> ImageConfig {
     ImageConfig {
-        size: [24, 24],
         resize_shorter: Some(32),
-        interpolation: Interpolation::Bilinear,
         mean: [127.0; 3],
         std: [128.0; 3],
-        channel_order: ChannelOrder::Rgb,
-        layout: Layout::Nchw,
-        dtype: ImageDtype::Fp32,
         max_image_bytes: ByteSize(1 << 20),
         max_pixels: 1_000_000,
         max_images: 8,
+        ..ImageConfig::new([24, 24])
     }
 }
 

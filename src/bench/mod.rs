@@ -446,17 +446,10 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         let row_t = crate::preprocess::preprocess(
             jpeg.get_ref(),
             &crate::config::ImageConfig {
-                size: [224, 224],
                 resize_shorter: Some(256),
-                interpolation: Default::default(),
                 mean: [127.0; 3],
                 std: [128.0; 3],
-                channel_order: Default::default(),
-                layout: Default::default(),
-                dtype: Default::default(),
-                max_image_bytes: crate::config::ByteSize(10 << 20),
-                max_pixels: 40_000_000,
-                max_images: 8,
+                ..crate::config::ImageConfig::new([224, 224])
             },
         )
         .map_err(|e| e.to_string())?;

@@ -120,6 +120,24 @@ fn five() -> usize {
 }
 
 impl ImageConfig {
+    /// A config for `[height, width]` with every other key at its default (no normalization,
+    /// plain resize, RGB, NCHW, float32).
+    pub fn new(size: [u32; 2]) -> ImageConfig {
+        ImageConfig {
+            size,
+            resize_shorter: None,
+            interpolation: Interpolation::default(),
+            mean: zeros(),
+            std: ones(),
+            channel_order: ChannelOrder::default(),
+            layout: Layout::default(),
+            dtype: ImageDtype::default(),
+            max_image_bytes: default_image_bytes(),
+            max_pixels: default_pixels(),
+            max_images: default_images(),
+        }
+    }
+
     pub(super) fn validate(&self, key: &str) -> Result<(), ConfigError> {
         let [h, w] = self.size;
         if h == 0 || w == 0 || h > 8192 || w > 8192 {

@@ -221,18 +221,7 @@ impl DevicePool {
         if !(0..n).any(usable) {
             return Pick::NoHealthyDevice;
         }
-        let reserve = |index: usize| {
-            let slot = &self.devices[index];
-            slot.slots
-                .clone()
-                .try_acquire_owned()
-                .ok()
-                .map(|permit| Reservation {
-                    slot: slot.clone(),
-                    index,
-                    permit,
-                })
-        };
+        let reserve = |index: usize| self.reserve(index);
         match self.policy {
             DispatchPolicy::RoundRobin => {
                 let start = self.next.load(Ordering::Acquire);

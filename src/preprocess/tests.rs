@@ -7,17 +7,13 @@ use crate::config::ByteSize;
 
 fn cfg() -> ImageConfig {
     ImageConfig {
-        size: [24, 24],
         resize_shorter: Some(32),
-        interpolation: Interpolation::Bilinear,
         mean: [127.0; 3],
         std: [128.0; 3],
-        channel_order: ChannelOrder::Rgb,
-        layout: Layout::Nchw,
-        dtype: ImageDtype::Fp32,
         max_image_bytes: ByteSize(1 << 20),
         max_pixels: 1_000_000,
         max_images: 8,
+        ..ImageConfig::new([24, 24])
     }
 }
 

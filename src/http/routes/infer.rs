@@ -44,20 +44,7 @@ async fn handle(
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    // Label only known models, so clients cannot grow the label set.
-    let label = if app.model(&model).is_some() {
-        model.as_str()
-    } else {
-        ""
-    };
-    app.metrics
-        .requests
-        .with_label_values(&[label, "v2_infer", response.status().as_str()])
-        .inc();
-    app.metrics
-        .request_duration
-        .with_label_values(&[label, "v2_infer"])
-        .observe(started.elapsed().as_secs_f64());
+    super::record(&app, &model, "v2_infer", &response, started);
     response
 }
 

@@ -53,19 +53,7 @@ pub async fn predict(
     let response = run(&app, &model, query, req)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    let label = if app.model(&model).is_some() {
-        model.as_str()
-    } else {
-        ""
-    };
-    app.metrics
-        .requests
-        .with_label_values(&[label, "v1_predict", response.status().as_str()])
-        .inc();
-    app.metrics
-        .request_duration
-        .with_label_values(&[label, "v1_predict"])
-        .observe(started.elapsed().as_secs_f64());
+    super::record(&app, &model, "v1_predict", &response, started);
     response
 }
 
