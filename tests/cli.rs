@@ -125,8 +125,9 @@ impl Drop for Server {
     }
 }
 
-#[test]
-fn serves_over_a_real_socket_and_drains_on_sigterm() {
+/// Starts `ortserve serve` on a free loopback port with `server` settings and the MLP; returns
+/// once readiness is 200.
+fn serve_mlp(server_settings: &str) -> (Server, u16, tempfile::TempDir) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -136,10 +137,10 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
     let cfg = write_config(
         &dir,
         &format!(
-            "server: {{http_addr: '127.0.0.1:{port}', drain_delay: 600ms, shutdown_timeout: 5s}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu}}]"
+            "server: {{http_addr: '127.0.0.1:{port}', {server_settings}}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
         ),
     );
-    let mut server = Server(
+    let server = Server(
         Command::new(BIN)
             .args(["serve", "--config", cfg.to_str().unwrap()])
             .env_remove("ORT_DYLIB_PATH")
@@ -149,16 +150,19 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
             .unwrap(),
     );
     let started = Instant::now();
-    loop {
-        if let Ok((200, _)) = http(port, "GET", "/v2/health/ready", "") {
-            break;
-        }
+    while !matches!(http(port, "GET", "/v2/health/ready", ""), Ok((200, _))) {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "server did not become ready"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    (server, port, dir)
+}
+
+#[test]
+fn serves_over_a_real_socket_and_drains_on_sigterm() {
+    let (mut server, port, _dir) = serve_mlp("drain_delay: 600ms, shutdown_timeout: 5s");
     let body = r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
     let (status, reply) = http(port, "POST", "/v2/models/mlp/infer", body).unwrap();
     assert_eq!(status, 200, "{reply}");
@@ -198,35 +202,7 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
 
 #[test]
 fn a_second_signal_exits_at_once() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        &dir,
-        &format!(
-            "server: {{http_addr: '127.0.0.1:{port}', drain_delay: 60s, shutdown_timeout: 60s}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
-        ),
-    );
-    let mut server = Server(
-        Command::new(BIN)
-            .args(["serve", "--config", cfg.to_str().unwrap()])
-            .env_remove("ORT_DYLIB_PATH")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while !matches!(http(port, "GET", "/v2/health/ready", ""), Ok((200, _))) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut server, port, _dir) = serve_mlp("drain_delay: 60s, shutdown_timeout: 60s");
     let pid = server.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

@@ -116,16 +116,7 @@ fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
                 })?,
         ),
     };
-    let ctype = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| {
-            s.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let ctype = super::content_type(headers);
     match (ctype.as_deref(), binary_len) {
         (_, Some(n)) => Ok(Some(n)),
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), None) => Ok(None),

@@ -7,6 +7,7 @@ pub mod predict;
 
 use std::time::Instant;
 
+use axum::http::{header, HeaderMap};
 use axum::response::Response;
 
 use crate::app::AppState;
@@ -27,4 +28,18 @@ pub fn record(app: &AppState, model: &str, route: &str, response: &Response, sta
         .request_duration
         .with_label_values(&[label, route])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// The media type of the body, lower case, without parameters (`application/json`).
+pub fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
 }

@@ -57,19 +57,6 @@ pub async fn predict(
     response
 }
 
-fn content_type(req: &Request) -> Option<String> {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| {
-            s.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
-}
-
 async fn run(
     app: &AppState,
     model: &str,
@@ -82,7 +69,7 @@ async fn run(
         request_id: request_id(req.headers()),
     };
     let image = app.extras(model).and_then(|e| e.image.clone());
-    let ctype = content_type(&req);
+    let ctype = super::content_type(req.headers());
     match (ctype.as_deref(), &image) {
         (Some("multipart/form-data"), Some(cfg)) => {
             let images = multipart_images(app, cfg, req).await?;
