@@ -387,36 +387,20 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
         }
         if o.scenarios.contains(&'c') {
-            let one = Server::start(&cfg("[{device: 'cpu:0', intra_op_threads: 1}]", "64", 1))?;
-            let r1 = load(&rt, one.addr, bin.clone(), 32, o);
-            drop(one);
-            let two = Server::start(&cfg(
-                "[{device: 'cpu:0', intra_op_threads: 1}, {device: 'cpu:1', intra_op_threads: 1}]",
-                "64",
-                2,
-            ))?;
-            let r2 = load(&rt, two.addr, bin.clone(), 32, o);
-            drop(two);
-            let l1 = row("c", "cpu:0, 1 thread", 32, 1, &r1);
-            let mut l2 = row("c", "cpu:0 + cpu:1, 1 thread each", 32, 1, &r2);
-            l2.ratio = Some(l2.rows_per_second / l1.rows_per_second.max(1e-9));
-            l2.reference = Some("one slot".into());
-            rows.push(l1);
-            rows.push(l2);
+            let one = (
+                "cpu:0, 1 thread",
+                cfg("[{device: 'cpu:0', intra_op_threads: 1}]", "64", 1),
+            );
+            let two = (
+                "cpu:0 + cpu:1, 1 thread each",
+                cfg("[{device: 'cpu:0', intra_op_threads: 1}, {device: 'cpu:1', intra_op_threads: 1}]", "64", 2),
+            );
+            rows.extend(compare(&rt, o, "c", one, two, &bin, "one slot")?);
         }
         if o.scenarios.contains(&'d') {
-            let off = Server::start(&cfg("cpu", "1", 2))?;
-            let r_off = load(&rt, off.addr, bin.clone(), 32, o);
-            drop(off);
-            let on = Server::start(&cfg("cpu", "64", 2))?;
-            let r_on = load(&rt, on.addr, bin.clone(), 32, o);
-            drop(on);
-            let l_off = row("d", "batching off (max_batch_size 1)", 32, 1, &r_off);
-            let mut l_on = row("d", "batching on (max_batch_size 64)", 32, 1, &r_on);
-            l_on.ratio = Some(l_on.rows_per_second / l_off.rows_per_second.max(1e-9));
-            l_on.reference = Some("batching off".into());
-            rows.push(l_off);
-            rows.push(l_on);
+            let off = ("batching off (max_batch_size 1)", cfg("cpu", "1", 2));
+            let on = ("batching on (max_batch_size 64)", cfg("cpu", "64", 2));
+            rows.extend(compare(&rt, o, "d", off, on, &bin, "batching off")?);
         }
     }
 
@@ -475,6 +459,29 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(rows)
+}
+
+/// Runs `request` at 32 clients against a server with config `base`, then one with `other`, one
+/// after the other; the second line carries its ratio to the first.
+fn compare(
+    rt: &tokio::runtime::Runtime,
+    o: &Options,
+    scenario: &str,
+    base: (&str, String),
+    other: (&str, String),
+    request: &[u8],
+    base_name: &str,
+) -> Result<[Row; 2], String> {
+    let measure = |(label, yaml): (&str, String)| -> Result<Row, String> {
+        let server = Server::start(&yaml)?;
+        let r = load(rt, server.addr, request.to_vec(), 32, o);
+        Ok(row(scenario, label, 32, 1, &r))
+    };
+    let first = measure(base)?;
+    let mut second = measure(other)?;
+    second.ratio = Some(second.rows_per_second / first.rows_per_second.max(1e-9));
+    second.reference = Some(base_name.into());
+    Ok([first, second])
 }
 
 /// The results as a Markdown table.
