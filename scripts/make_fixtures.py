@@ -75,6 +75,40 @@ def cnn(out):
     save(helper.make_model(g, opset_imports=OPSET), out, "cnn.onnx")
 
 
+def cnn_wide(out):
+    """input float32[batch,3,64,64] -> four Conv 3x3 + Relu layers (16 ch; 32 ch s2; 32 ch;
+    64 ch s2) -> GlobalAveragePool -> Flatten -> Gemm(64x10) -> logits float32[batch,10].
+
+    The same input as `cnn` with about 20 M multiply-adds per row instead of 0.4 M: a model whose
+    run costs far more than moving its 48 KiB input over HTTP, for the compute-bound benchmark
+    lines (`ortserve bench`). No test uses it."""
+    layers = [(3, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2)]
+    nodes, inits, prev = [], [], "input"
+    for k, (cin, cout, stride) in enumerate(layers):
+        w = rng.normal(0, (2.0 / (cin * 9)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
+        b = rng.normal(0, 0.05, (cout,)).astype(np.float32)
+        inits += [init(f"w{k}", w), init(f"b{k}", b)]
+        nodes.append(helper.make_node("Conv", [prev, f"w{k}", f"b{k}"], [f"c{k}"],
+                                      strides=[stride, stride], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{k}"], [f"r{k}"]))
+        prev = f"r{k}"
+    wf = rng.normal(0, 0.2, (64, 10)).astype(np.float32)
+    bf = rng.normal(0, 0.1, (10,)).astype(np.float32)
+    inits += [init("wf", wf), init("bf", bf)]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"]),
+    ]
+    g = helper.make_graph(
+        nodes, "cnn_wide",
+        [helper.make_tensor_value_info("input", TP.FLOAT, ["batch", 3, 64, 64])],
+        [helper.make_tensor_value_info("logits", TP.FLOAT, ["batch", 10])],
+        inits,
+    )
+    save(helper.make_model(g, opset_imports=OPSET), out, "cnn_wide.onnx")
+
+
 def two_input(out):
     """a float32[batch,4], b float32[batch,4] -> sum = a + b, prod = a * b (both float32[batch,4])."""
     nodes = [
@@ -171,7 +205,7 @@ def dtypes(out):
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
     os.makedirs(out, exist_ok=True)
-    for build in (mlp, cnn, two_input, int64_gather, fixed_batch, dtypes, matmul_chain):
+    for build in (mlp, cnn, two_input, int64_gather, fixed_batch, dtypes, matmul_chain, cnn_wide):
         build(out)
 
 

@@ -30,9 +30,41 @@ pub struct Row {
     pub p99_ms: f64,
     pub errors: u64,
     pub non_200: u64,
+    /// Mean rows per device run over the load (from the server's `/metrics`).
+    pub mean_batch: Option<f64>,
+    /// Device run time / wall time over the load, summed over the devices.
+    pub device_busy: Option<f64>,
     /// What this line is compared with, and the ratio.
     pub reference: Option<String>,
     pub ratio: Option<f64>,
+}
+
+impl Row {
+    /// A line measured in-process: rows/s only.
+    fn in_process(scenario: &str, variant: String, rows_per_second: f64) -> Row {
+        Row {
+            scenario: scenario.into(),
+            variant,
+            concurrency: 0,
+            requests_per_second: 0.0,
+            rows_per_second,
+            p50_ms: 0.0,
+            p90_ms: 0.0,
+            p99_ms: 0.0,
+            errors: 0,
+            non_200: 0,
+            mean_batch: None,
+            device_busy: None,
+            reference: None,
+            ratio: None,
+        }
+    }
+
+    fn with_batch(mut self, b: Batches) -> Row {
+        self.mean_batch = b.mean_rows;
+        self.device_busy = b.busy;
+        self
+    }
 }
 
 pub struct Options {
@@ -192,6 +224,54 @@ fn ceiling(
     Ok((curve, median))
 }
 
+/// In-process: `sessions` sessions of `threads` threads each, running `batch`-row batches side by
+/// side for `time`; their rows/s added up (the ceiling of scenario c).
+fn parallel_ceiling(
+    model: &Path,
+    sessions: usize,
+    threads: usize,
+    row: &Tensor,
+    batch: usize,
+    time: Duration,
+) -> Result<f64, String> {
+    init_runtime(&Default::default()).map_err(|e| e.to_string())?;
+    let refs: Vec<&Tensor> = std::iter::repeat_n(row, batch).collect();
+    let parts = [vec![Tensor::concat(&refs).map_err(|e| e.to_string())?]];
+    let mut runners = (0..sessions)
+        .map(|_| OrtRunner::open(model, &cpu_plan(threads)).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let barrier = std::sync::Barrier::new(sessions);
+    let counts: Vec<Result<(usize, Duration), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = runners
+            .iter_mut()
+            .map(|runner| {
+                let (parts, barrier) = (&parts, &barrier);
+                s.spawn(move || {
+                    runner.run(parts).map_err(|e| e.to_string())?;
+                    barrier.wait();
+                    let start = Instant::now();
+                    let mut runs = 0;
+                    while start.elapsed() < time {
+                        runner.run(parts).map_err(|e| e.to_string())?;
+                        runs += 1;
+                    }
+                    Ok((runs * batch, start.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+            .collect()
+    });
+    let mut total = 0.0;
+    for c in counts {
+        let (rows, elapsed) = c?;
+        total += rows as f64 / elapsed.as_secs_f64();
+    }
+    Ok(total)
+}
+
 fn load(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
@@ -205,6 +285,55 @@ fn load(
         concurrency,
         Duration::from_secs_f64(o.warmup),
         Duration::from_secs_f64(o.seconds),
+    ))
+}
+
+/// What `/metrics` showed over one load (warm-up included).
+#[derive(Debug, Clone, Copy, Default)]
+struct Batches {
+    /// Mean rows per device run.
+    mean_rows: Option<f64>,
+    /// Device run time over wall time, summed over devices (2.0: two devices always running).
+    busy: Option<f64>,
+}
+
+/// [`load`] against an ortserve server, with what its `/metrics` say of the batches it ran.
+fn load_server(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    request: Vec<u8>,
+    concurrency: usize,
+    o: &Options,
+) -> (LoadResult, Batches) {
+    let before = batch_totals(rt, addr);
+    let started = Instant::now();
+    let r = load(rt, addr, request, concurrency, o);
+    let wall = started.elapsed().as_secs_f64();
+    let after = batch_totals(rt, addr);
+    let b = match (before, after) {
+        (Some((s0, n0, t0)), Some((s1, n1, t1))) if n1 > n0 => Batches {
+            mean_rows: Some((s1 - s0) / (n1 - n0)),
+            busy: Some((t1 - t0) / wall.max(1e-9)),
+        },
+        _ => Batches::default(),
+    };
+    (r, b)
+}
+
+/// Sum and count of `ortserve_batch_size_rows`, and the summed device run time, over all models
+/// and devices.
+fn batch_totals(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Option<(f64, f64, f64)> {
+    let text = rt.block_on(client::get(addr, "/metrics")).ok()?;
+    let total = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        total("ortserve_batch_size_rows_sum"),
+        total("ortserve_batch_size_rows_count"),
+        total("ortserve_inference_duration_seconds_sum"),
     ))
 }
 
@@ -232,6 +361,8 @@ fn row(
         p99_ms: r.percentile_ms(0.99),
         errors: r.errors,
         non_200,
+        mean_batch: None,
+        device_busy: None,
         reference: None,
         ratio: None,
     }
@@ -304,102 +435,126 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         )?;
         for c in [1, 32] {
             let h = load(&rt, hello.addr, hello_req.clone(), c, o);
-            let s = load(&rt, server.addr, infer.clone(), c, o);
+            let (s, s_batch) = load_server(&rt, server.addr, infer.clone(), c, o);
             let mut hr = row("a", "bare axum handler", c, 1, &h);
             hr.reference = Some("-".into());
-            let mut sr = row("a", "ortserve V2 JSON, mlp", c, 1, &s);
+            let mut sr = row("a", "ortserve V2 JSON, mlp", c, 1, &s).with_batch(s_batch);
             sr.ratio = Some(sr.requests_per_second / hr.requests_per_second.max(1e-9));
             sr.reference = Some("requests/s of the bare axum handler".into());
             rows.push(hr);
             rows.push(sr.clone());
             if c == 1 {
                 rows.push(Row {
-                    scenario: "a".into(),
-                    variant: "in-process ORT, one batch-1 run".into(),
                     concurrency: 1,
                     requests_per_second: 1e3 / single_ms.max(1e-9),
-                    rows_per_second: 1e3 / single_ms.max(1e-9),
                     p50_ms: single_ms,
-                    p90_ms: 0.0,
-                    p99_ms: 0.0,
-                    errors: 0,
-                    non_200: 0,
                     reference: Some(format!(
                         "ortserve p50 − this = {:.3} ms",
                         sr.p50_ms - single_ms
                     )),
-                    ratio: None,
+                    ..Row::in_process(
+                        "a",
+                        "in-process ORT, one batch-1 run".into(),
+                        1e3 / single_ms.max(1e-9),
+                    )
                 });
             }
         }
     }
 
-    let cnn = fixtures().join("cnn.onnx");
     let x = cnn_row();
-    let sizes = [1, 2, 4, 8, 16, 32, 64];
-    if o.scenarios.iter().any(|s| "bcd".contains(*s)) {
-        let (curve, _) = ceiling(&cnn, 2, std::slice::from_ref(&x), &sizes, per_size)?;
+    // The CNN fixture (0.4 M multiply-adds per row: moving its 48 KiB input costs more than
+    // running it) and `cnn_wide` (same input, about 20 M: compute-bound).
+    for (name, sizes) in [
+        ("cnn", &[1, 2, 4, 8, 16, 32, 64][..]),
+        ("cnn_wide", &[1, 2, 4, 8, 16, 32][..]),
+    ] {
+        if !o.scenarios.iter().any(|s| "bcd".contains(*s)) {
+            break;
+        }
+        let fixture = name == "cnn";
+        let model = fixtures().join(format!("{name}.onnx"));
+        let (curve, _) = ceiling(&model, 2, std::slice::from_ref(&x), sizes, per_size)?;
         let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
         rows.push(Row {
-            scenario: "b".into(),
-            variant: format!(
-                "in-process ceiling, cnn, 2 threads, best of batch {:?}",
-                curve.iter().map(|c| c.0).collect::<Vec<_>>()
-            ),
-            concurrency: 0,
-            requests_per_second: 0.0,
-            rows_per_second: best,
-            p50_ms: 0.0,
-            p90_ms: 0.0,
-            p99_ms: 0.0,
-            errors: 0,
-            non_200: 0,
             reference: Some(format!("{curve:.0?}")),
-            ratio: None,
+            ..Row::in_process(
+                "b",
+                format!(
+                    "in-process ceiling, {name}, 2 threads, best of batch {:?}",
+                    curve.iter().map(|c| c.0).collect::<Vec<_>>()
+                ),
+                best,
+            )
         });
-        plot_curve(&o.out_dir.join("ceiling-cnn.svg"), &curve)?;
+        plot_curve(&o.out_dir.join(format!("ceiling-{name}.svg")), name, &curve)?;
         let cfg = |devices: &str, batch: &str, threads: usize| {
-            format!("server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: {threads}}}\nmodels: [{{name: cnn, path: cnn.onnx, devices: {devices}, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}}}]")
+            format!("server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: {threads}}}\nmodels: [{{name: {name}, path: {name}.onnx, devices: {devices}, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}}}]")
         };
-        let bin = v2_binary_request("/v2/models/cnn/infer", "input", &x);
-        let json = client::request(
-            "POST",
-            "/v2/models/cnn/infer",
-            &[],
-            &v2_json_body("input", &x),
-        );
+        let path = format!("/v2/models/{name}/infer");
+        let bin = v2_binary_request(&path, "input", &x);
         if o.scenarios.contains(&'b') {
             let server = Server::start(&cfg("cpu", "64", 2))?;
             let mut sweep = Vec::new();
-            for c in [1, 4, 16, 32] {
-                let r = load(&rt, server.addr, bin.clone(), c, o);
-                let mut line = row("b", "ortserve V2 binary, cnn", c, 1, &r);
+            let levels: &[usize] = if fixture { &[1, 4, 16, 32] } else { &[32] };
+            for &c in levels {
+                let (r, mb) = load_server(&rt, server.addr, bin.clone(), c, o);
+                let mut line =
+                    row("b", &format!("ortserve V2 binary, {name}"), c, 1, &r).with_batch(mb);
                 line.ratio = Some(line.rows_per_second / best);
                 line.reference = Some("in-process ceiling".into());
                 sweep.push((c, line.rows_per_second, line.p99_ms));
                 rows.push(line);
             }
-            let r = load(&rt, server.addr, json.clone(), 32, o);
-            let mut line = row("b", "ortserve V2 JSON, cnn", 32, 1, &r);
-            line.ratio = Some(line.rows_per_second / best);
-            line.reference = Some("in-process ceiling".into());
-            rows.push(line);
-            plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
+            if fixture {
+                plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
+                // The HTTP stack alone, reading the same bodies and answering a few bytes.
+                let hello = start_hello();
+                let sink = v2_binary_request("/sink", "input", &x);
+                let r = load(&rt, hello.addr, sink, 32, o);
+                let mut line = row("b", "bare axum handler reading the same body", 32, 1, &r);
+                line.ratio = Some(line.rows_per_second / best);
+                line.reference = Some("in-process ceiling".into());
+                rows.push(line);
+                drop(hello);
+                let json = client::request("POST", &path, &[], &v2_json_body("input", &x));
+                let (r, mb) = load_server(&rt, server.addr, json, 32, o);
+                let mut line = row("b", "ortserve V2 JSON, cnn", 32, 1, &r).with_batch(mb);
+                line.ratio = Some(line.rows_per_second / best);
+                line.reference = Some("in-process ceiling".into());
+                rows.push(line);
+            }
         }
         if o.scenarios.contains(&'c') {
+            for sessions in [1, 2] {
+                let r = parallel_ceiling(&model, sessions, 1, &x, 16, per_size * 2)?;
+                rows.push(Row::in_process(
+                    "c",
+                    format!(
+                        "in-process, {name}: {sessions} session(s) of 1 thread side by side, batch 16"
+                    ),
+                    r,
+                ));
+            }
             let one = (
-                "cpu:0, 1 thread",
+                format!("{name}: cpu:0, 1 thread"),
                 cfg("[{device: 'cpu:0', intra_op_threads: 1}]", "64", 1),
             );
             let two = (
-                "cpu:0 + cpu:1, 1 thread each",
+                format!("{name}: cpu:0 + cpu:1, 1 thread each"),
                 cfg("[{device: 'cpu:0', intra_op_threads: 1}, {device: 'cpu:1', intra_op_threads: 1}]", "64", 2),
             );
             rows.extend(compare(&rt, o, "c", one, two, &bin, "one slot")?);
         }
-        if o.scenarios.contains(&'d') {
-            let off = ("batching off (max_batch_size 1)", cfg("cpu", "1", 2));
-            let on = ("batching on (max_batch_size 64)", cfg("cpu", "64", 2));
+        if o.scenarios.contains(&'d') && fixture {
+            let off = (
+                "batching off (max_batch_size 1)".to_string(),
+                cfg("cpu", "1", 2),
+            );
+            let on = (
+                "batching on (max_batch_size 64)".to_string(),
+                cfg("cpu", "64", 2),
+            );
             rows.extend(compare(&rt, o, "d", off, on, &bin, "batching off")?);
         }
     }
@@ -446,8 +601,9 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         )?;
         let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
         for c in [1, 8] {
-            let r = load(&rt, server.addr, req.clone(), c, o);
-            let mut line = row("e", "ortserve JPEG upload, EfficientNet-Lite0", c, 1, &r);
+            let (r, mb) = load_server(&rt, server.addr, req.clone(), c, o);
+            let mut line =
+                row("e", "ortserve JPEG upload, EfficientNet-Lite0", c, 1, &r).with_batch(mb);
             line.ratio = Some(line.rows_per_second / best);
             line.reference = Some(format!("in-process ceiling {best:.1} images/s (no decode)"));
             rows.push(line);
@@ -467,15 +623,15 @@ fn compare(
     rt: &tokio::runtime::Runtime,
     o: &Options,
     scenario: &str,
-    base: (&str, String),
-    other: (&str, String),
+    base: (String, String),
+    other: (String, String),
     request: &[u8],
     base_name: &str,
 ) -> Result<[Row; 2], String> {
-    let measure = |(label, yaml): (&str, String)| -> Result<Row, String> {
+    let measure = |(label, yaml): (String, String)| -> Result<Row, String> {
         let server = Server::start(&yaml)?;
-        let r = load(rt, server.addr, request.to_vec(), 32, o);
-        Ok(row(scenario, label, 32, 1, &r))
+        let (r, mb) = load_server(rt, server.addr, request.to_vec(), 32, o);
+        Ok(row(scenario, &label, 32, 1, &r).with_batch(mb))
     };
     let first = measure(base)?;
     let mut second = measure(other)?;
@@ -486,10 +642,10 @@ fn compare(
 
 /// The results as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | rows/run | device busy | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.variant,
             r.concurrency,
@@ -500,6 +656,8 @@ pub fn table(rows: &[Row]) -> String {
             r.p99_ms,
             r.errors,
             r.non_200,
+            r.mean_batch.map_or(String::new(), |x| format!("{x:.1}")),
+            r.device_busy.map_or(String::new(), |x| format!("{x:.2}")),
             r.ratio.map_or(String::new(), |x| format!("{x:.2}")),
             r.reference.clone().unwrap_or_default()
         ));
@@ -507,7 +665,7 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-fn plot_curve(path: &Path, curve: &[(usize, f64)]) -> Result<(), String> {
+fn plot_curve(path: &Path, model: &str, curve: &[(usize, f64)]) -> Result<(), String> {
     use plotters::prelude::*;
     let mut svg = String::new();
     {
@@ -520,7 +678,7 @@ fn plot_curve(path: &Path, curve: &[(usize, f64)]) -> Result<(), String> {
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                "in-process rows/s against batch size (cnn, 2 threads)",
+                format!("in-process rows/s against batch size ({model}, 2 threads)"),
                 ("sans-serif", 16),
             )
             .margin(10)

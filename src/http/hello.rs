@@ -3,12 +3,19 @@
 use axum::routing::{get, post};
 use axum::Router;
 
-/// `POST /` and `GET /` answer a fixed small JSON body.
+/// `POST /` and `GET /` answer a fixed small JSON body. `POST /sink` reads the whole body first
+/// and answers its length: the HTTP stack's limit for requests as large as a model's inputs.
 pub fn hello_router() -> Router {
     async fn hello() -> &'static str {
         r#"{"hello":"world"}"#
     }
-    Router::new().route("/", get(hello)).route("/", post(hello))
+    async fn sink(body: axum::body::Bytes) -> String {
+        format!("{{\"bytes\":{}}}", body.len())
+    }
+    Router::new()
+        .route("/", get(hello))
+        .route("/", post(hello))
+        .route("/sink", post(sink))
 }
 
 /// Serves [`hello_router`] on `listener` until `shutdown` resolves.

@@ -85,16 +85,25 @@ fn param_u64(
 /// Parses a JSON body, or the JSON header of a binary body followed by the tensor bytes.
 /// `header_len` is the `Inference-Header-Content-Length` value when present.
 pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
-    let (json, mut binary) = match header_len {
-        Some(n) if n > body.len() => {
-            return Err(ApiError::MalformedBody(format!(
-                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
-                body.len()
-            )))
-        }
-        Some(n) => body.split_at(n),
-        None => (body, &[][..]),
-    };
+    match header_len {
+        Some(n) if n > body.len() => Err(header_too_long(n, body.len())),
+        Some(n) => parse_parts(&body[..n], body[n..].to_vec()),
+        None => parse_parts(body, Vec::new()),
+    }
+}
+
+pub fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
+    ApiError::MalformedBody(format!(
+        "Inference-Header-Content-Length is {header_len} but the body has only {body_len} bytes"
+    ))
+}
+
+/// [`parse_request`] on a body already split into its JSON and the binary bytes after it. An
+/// input whose `binary_data_size` covers all of `binary` takes the buffer itself (no copy: the
+/// common single-input request); several binary inputs each copy their share.
+pub fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, ApiError> {
+    let total = binary.len();
+    let mut offset = 0usize;
     let req: InferRequest = serde_json::from_slice(json)
         .map_err(|e| ApiError::MalformedBody(format!("invalid inference request JSON: {e}")))?;
     let timeout = param_u64(&req.parameters, "timeout", "request")?.map(Duration::from_micros);
@@ -136,21 +145,27 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
             }
             (Some(size), None) => {
                 let size = usize::try_from(size).unwrap_or(usize::MAX);
-                if size > binary.len() {
+                let left = total - offset;
+                if size > left {
                     return Err(ApiError::MalformedBody(format!(
-                        "{what}: binary_data_size {size} runs past the end of the body ({} bytes left)",
-                        binary.len()
+                        "{what}: binary_data_size {size} runs past the end of the body ({left} bytes left)"
                     )));
                 }
-                let (mine, rest) = binary.split_at(size);
-                binary = rest;
                 if size != count * dtype.size() {
                     return Err(ApiError::InvalidInput(format!(
                         "{what}: shape {shape:?} of {dtype} needs {} bytes, binary_data_size is {size}",
                         count * dtype.size()
                     )));
                 }
-                mine.to_vec()
+                let mine = if size == 0 {
+                    Vec::new()
+                } else if offset == 0 && size == total {
+                    std::mem::take(&mut binary)
+                } else {
+                    binary[offset..offset + size].to_vec()
+                };
+                offset += size;
+                mine
             }
             (None, Some(raw)) => json_data_text(raw.get(), dtype, count, &what)?,
             (None, None) => {
@@ -163,10 +178,10 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
             .map_err(|e| ApiError::InvalidInput(format!("{what}: {e}")))?;
         inputs.push((input.name, tensor));
     }
-    if !binary.is_empty() {
+    if offset < total {
         return Err(ApiError::MalformedBody(format!(
             "{} bytes of binary data follow the inputs that no input claims",
-            binary.len()
+            total - offset
         )));
     }
     let outputs = match req.outputs {
@@ -418,6 +433,42 @@ mod tests {
         assert!(parse_request(body, None).is_err());
         let body = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"BOOL","data":[true, 1]}]}"#;
         assert!(parse_request(body, None).is_err());
+    }
+
+    #[test]
+    fn binary_tail_is_taken_whole_or_shared_out() {
+        let one = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let tail: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let ptr = tail.as_ptr();
+        let p = parse_parts(one, tail.clone()).unwrap();
+        assert_eq!(p.inputs[0].1.to_f32(), vec![1.5, -2.0]);
+        // One input claiming the whole tail keeps the buffer it came in.
+        let p = parse_parts(one, tail).unwrap();
+        assert_eq!(p.inputs[0].1.data.as_ptr(), ptr);
+        // Two inputs share it out in order; a second claim after a whole take runs past the end.
+        let two = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
+        let tail: Vec<u8> = [3.0f32, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let p = parse_parts(two, tail.clone()).unwrap();
+        assert_eq!(
+            (p.inputs[0].1.to_f32(), p.inputs[1].1.to_f32()),
+            (vec![3.0], vec![4.0])
+        );
+        let greedy = br#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
+        let e = parse_parts(greedy, tail.clone()).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::MalformedBody(m) if m.contains("runs past")),
+            "{e:?}"
+        );
+        // Empty inputs claim nothing; bytes nobody claims are refused.
+        let empty = br#"{"inputs":[{"name":"a","shape":[0],"datatype":"FP32","parameters":{"binary_data_size":0}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
+        let e = parse_parts(empty, tail).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::MalformedBody(m) if m.contains("4 bytes")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -55,10 +55,7 @@ pub async fn read_body(
     body: Body,
 ) -> Result<axum::body::Bytes, ApiError> {
     let limit = app.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -73,6 +70,58 @@ pub async fn read_body(
                 ApiError::MalformedBody(format!("could not read the request body: {e}"))
             }
         })
+}
+
+/// Reads a binary-extension body as it streams in: the first `header_len` bytes into the JSON
+/// header, the rest into one buffer sized from Content-Length. The tensor bytes are copied once,
+/// from the connection's buffers into the buffer the tensor will own (see [`v2::parse_parts`]).
+/// Same limits as [`read_body`].
+async fn read_binary_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    header_len: usize,
+) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+    use http_body_util::BodyExt;
+    let limit = app.max_body_bytes;
+    let declared = declared_length(headers);
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    // Sized from the declared length, which is within the limit; never trusted beyond it.
+    let expected = declared.map_or(0, |n| n as usize);
+    let mut json = Vec::with_capacity(header_len.min(expected));
+    let mut binary = Vec::with_capacity(expected.saturating_sub(header_len));
+    let mut body = body;
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::MalformedBody(format!("could not read the request body: {e}"))
+        })?;
+        let Ok(mut chunk) = frame.into_data() else {
+            continue;
+        };
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        if json.len() < header_len {
+            let take = (header_len - json.len()).min(chunk.len());
+            json.extend_from_slice(&chunk.split_to(take));
+        }
+        binary.extend_from_slice(&chunk);
+    }
+    if json.len() < header_len {
+        return Err(v2::header_too_long(header_len, json.len()));
+    }
+    Ok((json, binary))
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// The request's id (set by the request-id layer before any handler runs).
@@ -137,10 +186,16 @@ async fn run(
     body: Body,
 ) -> Result<Response, ApiError> {
     let m = lookup(app, model, version)?;
-    let header_len = header_len(headers)?;
-    let bytes = read_body(app, headers, body).await?;
-    let parsed = v2::parse_request(&bytes, header_len)?;
-    drop(bytes);
+    let parsed = match header_len(headers)? {
+        None => {
+            let bytes = read_body(app, headers, body).await?;
+            v2::parse_parts(&bytes, Vec::new())?
+        }
+        Some(n) => {
+            let (json, binary) = read_binary_body(app, headers, body, n).await?;
+            v2::parse_parts(&json, binary)?
+        }
+    };
     // Resolve the requested outputs before running, so a typo costs no inference.
     let selected: Vec<(usize, bool)> = match &parsed.outputs {
         None => (0..m.info.outputs.len())
