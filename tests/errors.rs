@@ -191,6 +191,67 @@ models:
         "payload_too_large",
         "2048",
     );
+    // The binary extension reads its body frame by frame: the same limit, a header that claims
+    // more than the body holds, and a header split across frames.
+    let frames = |sizes: Vec<Vec<u8>>| {
+        Body::from_stream(futures_util::stream::iter(
+            sizes
+                .into_iter()
+                .map(|b| Ok::<_, std::io::Error>(axum::body::Bytes::from(b))),
+        ))
+    };
+    let binary = |header_len: usize, body: Body| {
+        Request::post(mlp)
+            .header("content-type", "application/octet-stream")
+            .header("inference-header-content-length", header_len)
+            .body(body)
+            .unwrap()
+    };
+    check(
+        "oversize binary body (streamed)",
+        send(&router, binary(10, frames(vec![vec![b' '; 1024]; 4]))).await,
+        413,
+        "payload_too_large",
+        "2048",
+    );
+    check(
+        "binary header longer than the body",
+        send(&router, binary(100, frames(vec![b"{}".to_vec()]))).await,
+        400,
+        "malformed_body",
+        "Inference-Header-Content-Length is 100 but the body has only 2 bytes",
+    );
+    let header = br#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","parameters":{"binary_data_size":16}}]}"#;
+    let tensor: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let (a, b) = header.split_at(7);
+    let mut tail = b.to_vec();
+    tail.extend_from_slice(&tensor[..5]);
+    let split = binary(
+        header.len(),
+        frames(vec![a.to_vec(), tail, tensor[5..].to_vec()]),
+    );
+    let reply = send(&router, split).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let same = post_json(
+        &router,
+        mlp,
+        &x(json!([1, 4]), "FP32", json!([1.0, 2.0, 3.0, 4.0])),
+    )
+    .await;
+    assert_eq!(same.status, 200);
+    assert_eq!(
+        reply.json()["outputs"][0]["data"],
+        same.json()["outputs"][0]["data"],
+        "a body split across frames reads as the whole"
+    );
     // 415
     let png = Request::post(mlp)
         .header("content-type", "image/png")

@@ -141,42 +141,17 @@ pub fn request(method: &str, path: &str, headers: &[(&str, String)], body: &[u8]
 
 /// Reads one response; returns its status. `buf` keeps bytes that arrived past it.
 async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
-    let (status, end) = read_head_and_body(stream, buf).await?;
-    buf.drain(..end);
+    let (status, body) = read_head_and_body(stream, buf).await?;
+    buf.drain(..body.end);
     Ok(status)
 }
 
-/// Reads one response into `buf` and leaves only its body there.
-async fn read_response_keep(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u16> {
-    let (status, end) = read_head_and_body(stream, buf).await?;
-    let head_end = end - content_length(buf)?;
-    buf.truncate(end);
-    buf.drain(..head_end);
-    Ok(status)
-}
-
-fn content_length(buf: &[u8]) -> std::io::Result<usize> {
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no head"))?
-        + 4;
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(std::io::Error::other)?;
-    Ok(head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0))
-}
-
-/// Reads until `buf` holds one whole response; returns its status and where it ends in `buf`.
+/// Reads until `buf` holds one whole response; returns its status and where its body lies in
+/// `buf`.
 async fn read_head_and_body(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
-) -> std::io::Result<(u16, usize)> {
+) -> std::io::Result<(u16, std::ops::Range<usize>)> {
     let mut chunk = [0u8; 16 * 1024];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -196,7 +171,14 @@ async fn read_head_and_body(
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    let length = content_length(buf)?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
     while buf.len() < head_end + length {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -207,7 +189,7 @@ async fn read_head_and_body(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Ok((status, head_end + length))
+    Ok((status, head_end..head_end + length))
 }
 
 /// One GET on a fresh connection; the body as text (for `/metrics`).
@@ -215,13 +197,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.write_all(&request("GET", path, &[], b"")).await?;
     let mut buf = Vec::new();
-    let status = read_response_keep(&mut stream, &mut buf).await?;
+    let (status, body) = read_head_and_body(&mut stream, &mut buf).await?;
     if status != 200 {
         return Err(std::io::Error::other(format!(
             "GET {path}: status {status}"
         )));
     }
-    String::from_utf8(buf).map_err(std::io::Error::other)
+    String::from_utf8(buf[body].to_vec()).map_err(std::io::Error::other)
 }
 
 /// Drives `addr` with `concurrency` connections for `duration`, after `warmup` (not counted).

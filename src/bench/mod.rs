@@ -465,13 +465,15 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
     let x = cnn_row();
     // The CNN fixture (0.4 M multiply-adds per row: moving its 48 KiB input costs more than
     // running it) and `cnn_wide` (same input, about 20 M: compute-bound).
-    for (name, sizes) in [
-        ("cnn", &[1, 2, 4, 8, 16, 32, 64][..]),
-        ("cnn_wide", &[1, 2, 4, 8, 16, 32][..]),
-    ] {
-        if !o.scenarios.iter().any(|s| "bcd".contains(*s)) {
-            break;
-        }
+    let cnns: &[(&str, &[usize])] = if o.scenarios.iter().any(|s| "bcd".contains(*s)) {
+        &[
+            ("cnn", &[1, 2, 4, 8, 16, 32, 64]),
+            ("cnn_wide", &[1, 2, 4, 8, 16, 32]),
+        ]
+    } else {
+        &[]
+    };
+    for &(name, sizes) in cnns {
         let fixture = name == "cnn";
         let model = fixtures().join(format!("{name}.onnx"));
         let (curve, _) = ceiling(&model, 2, std::slice::from_ref(&x), sizes, per_size)?;
@@ -665,6 +667,31 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+type Chart<'a, 'b> = plotters::chart::ChartContext<
+    'a,
+    plotters::backend::SVGBackend<'b>,
+    plotters::coord::cartesian::Cartesian2d<
+        plotters::coord::types::RangedCoordf64,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
+/// Draws `pts` as a line with a dot at each point.
+fn line_with_points(
+    chart: &mut Chart<'_, '_>,
+    pts: Vec<(f64, f64)>,
+    color: plotters::style::RGBColor,
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    chart
+        .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 fn plot_curve(path: &Path, model: &str, curve: &[(usize, f64)]) -> Result<(), String> {
     use plotters::prelude::*;
     let mut svg = String::new();
@@ -694,12 +721,7 @@ fn plot_curve(path: &Path, model: &str, curve: &[(usize, f64)]) -> Result<(), St
             .draw()
             .map_err(|e| e.to_string())?;
         let pts: Vec<(f64, f64)> = curve.iter().map(|c| ((c.0 as f64).log2(), c.1)).collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
-            .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, BLUE.filled())))
-            .map_err(|e| e.to_string())?;
+        line_with_points(&mut chart, pts, BLUE)?;
         root.present().map_err(|e| e.to_string())?;
     }
     std::fs::write(path, svg).map_err(|e| e.to_string())
@@ -732,12 +754,7 @@ fn plot_sweep(path: &Path, sweep: &[(usize, f64, f64)]) -> Result<(), String> {
                 .draw()
                 .map_err(|e| e.to_string())?;
             let pts: Vec<(f64, f64)> = sweep.iter().map(|s| (s.0 as f64, value(s))).collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), RED.stroke_width(2)))
-                .map_err(|e| e.to_string())?;
-            chart
-                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, RED.filled())))
-                .map_err(|e| e.to_string())?;
+            line_with_points(&mut chart, pts, RED)?;
         }
         root.present().map_err(|e| e.to_string())?;
     }

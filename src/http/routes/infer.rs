@@ -55,10 +55,7 @@ pub async fn read_body(
     body: Body,
 ) -> Result<axum::body::Bytes, ApiError> {
     let limit = app.max_body_bytes;
-    let declared = declared_length(headers);
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
+    declared_length(headers, limit)?;
     axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .await
         .map_err(|e| {
@@ -67,7 +64,7 @@ pub async fn read_body(
             if too_large {
                 ApiError::PayloadTooLarge { limit }
             } else {
-                ApiError::MalformedBody(format!("could not read the request body: {e}"))
+                unreadable(e)
             }
         })
 }
@@ -84,20 +81,14 @@ async fn read_binary_body(
 ) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
     use http_body_util::BodyExt;
     let limit = app.max_body_bytes;
-    let declared = declared_length(headers);
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
     // Sized from the declared length, which is within the limit; never trusted beyond it.
-    let expected = declared.map_or(0, |n| n as usize);
+    let expected = declared_length(headers, limit)?.map_or(0, |n| n as usize);
     let mut json = Vec::with_capacity(header_len.min(expected));
     let mut binary = Vec::with_capacity(expected.saturating_sub(header_len));
     let mut body = body;
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::MalformedBody(format!("could not read the request body: {e}"))
-        })?;
+        let frame = frame.map_err(unreadable)?;
         let Ok(mut chunk) = frame.into_data() else {
             continue;
         };
@@ -117,11 +108,20 @@ async fn read_binary_body(
     Ok((json, binary))
 }
 
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
+/// The Content-Length, refused at once when it is over `limit`.
+fn declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, ApiError> {
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(ApiError::PayloadTooLarge { limit }),
+        other => Ok(other),
+    }
+}
+
+fn unreadable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::MalformedBody(format!("could not read the request body: {e}"))
 }
 
 /// The request's id (set by the request-id layer before any handler runs).
