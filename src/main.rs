@@ -54,6 +54,10 @@ enum Command {
         /// Folder for results.json and the SVG plots.
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
+        /// Run the scenarios this many times and print each line's ratio in every run and the
+        /// median (this machine's runs differ by 20% or more).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        repeat: u32,
     },
     /// GET a URL on this host and exit 0 on 200: a container health check with no shell or curl.
     Probe {
@@ -107,6 +111,25 @@ fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// Runs the scenarios `repeat` times, printing each run's table as it ends, then the summary;
+/// writes results.json with every run.
+fn bench(opts: &ortserve::bench::Options, repeat: usize) -> Result<(), String> {
+    let mut runs = Vec::with_capacity(repeat);
+    for i in 1..=repeat {
+        let rows = ortserve::bench::run(opts)?;
+        if repeat > 1 {
+            println!("run {i} of {repeat}\n");
+        }
+        println!("{}", ortserve::bench::table(&rows));
+        runs.push(rows);
+    }
+    let summary = ortserve::bench::summarize(&runs);
+    if repeat > 1 {
+        println!("{}", ortserve::bench::summary_table(&summary));
+    }
+    ortserve::bench::write_results(&opts.out_dir, &runs, &summary)
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::CheckConfig { config } => load_config(&config).map(|c| {
@@ -129,6 +152,7 @@ fn main() -> ExitCode {
             warmup,
             scenarios,
             out,
+            repeat,
         } => {
             init_tracing(ortserve::config::LogFormat::Text, "warn");
             let opts = ortserve::bench::Options {
@@ -137,11 +161,8 @@ fn main() -> ExitCode {
                 scenarios: scenarios.chars().collect(),
                 out_dir: out,
             };
-            match ortserve::bench::run(&opts) {
-                Ok(rows) => {
-                    println!("{}", ortserve::bench::table(&rows));
-                    Ok(ExitCode::SUCCESS)
-                }
+            match bench(&opts, repeat as usize) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("ortserve bench: {e}");
                     Ok(ExitCode::FAILURE)

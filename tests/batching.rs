@@ -290,3 +290,80 @@ async fn a_request_whose_client_left_is_dropped_before_it_runs() {
         "rows run: the two held requests and the last one, not the abandoned one"
     );
 }
+
+/// Sleeps `per_batch` per run whatever its size, echoes its input, and records each run's rows.
+struct Recording {
+    per_batch: std::time::Duration,
+    runs: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl ModelRunner for Recording {
+    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+        std::thread::sleep(self.per_batch);
+        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+        let out = Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?;
+        self.runs.lock().unwrap().push(out.rows().unwrap_or(0));
+        Ok(vec![out])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_devices_next_batch_stays_open_until_its_run_is_about_to_end() {
+    // One device whose runs take 60 ms. While it runs one row, six more arrive 5 ms apart. With
+    // a 1 ms max_queue_delay alone, the first of them would close a batch of its own at about
+    // 6 ms and the other five would wait for the run after; the batch for a busy device closes
+    // shortly before its run is expected to end instead, so all six run together next.
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runner = DeviceRunner {
+        name: "cpu:0".into(),
+        max_batch: 16,
+        runner: Box::new(Recording {
+            per_batch: std::time::Duration::from_millis(60),
+            runs: runs.clone(),
+        }),
+        rebuild: None,
+    };
+    let settings = BatchSettings::new(
+        std::time::Duration::from_millis(1),
+        64,
+        std::time::Duration::from_secs(30),
+    );
+    let (state, router) = fake_server(
+        "slow",
+        1,
+        vec![runner],
+        DispatchPolicy::LeastLoaded,
+        settings,
+    );
+    let send = |router: axum::Router, v: f32| async move {
+        let x = Tensor::from_f32(vec![1, 1], &[v]).unwrap();
+        let got = outputs(
+            &post_json(
+                &router,
+                "/v2/models/slow/infer",
+                &v2_json(&[("x", &x)], false),
+            )
+            .await,
+        );
+        assert_eq!(
+            got[0].3,
+            vec![v as f64],
+            "each client gets its own row back"
+        );
+    };
+    // The first run measures the device's speed.
+    send(router.clone(), -1.0).await;
+    let first = tokio::spawn(send(router.clone(), 0.0));
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let mut later = Vec::new();
+    for i in 1..=6 {
+        later.push(tokio::spawn(send(router.clone(), i as f32)));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    first.await.unwrap();
+    for t in later {
+        t.await.unwrap();
+    }
+    assert_eq!(*runs.lock().unwrap(), [1, 1, 6]);
+    state.models()[0].shutdown().await;
+}

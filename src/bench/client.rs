@@ -101,6 +101,8 @@ pub struct LoadResult {
     pub errors: u64,
     pub latencies: Vec<Duration>,
     pub elapsed: Duration,
+    /// Where the CPU went over the measured time (not the warm-up).
+    pub cpu: Option<super::cpu::CpuSplit>,
 }
 
 impl LoadResult {
@@ -218,6 +220,13 @@ pub async fn run(
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let request = Arc::new(Prepared::new(request));
+    // This runtime runs on one thread, so the snapshots name it as the load generator's.
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = super::cpu::snapshot()?;
+        tokio::time::sleep_until(end.into()).await;
+        Some(before.until(&super::cpu::snapshot()?))
+    });
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let request = request.clone();
@@ -276,5 +285,6 @@ pub async fn run(
         }
     }
     total.elapsed = duration;
+    total.cpu = cpu.await.ok().flatten();
     total
 }

@@ -3,6 +3,7 @@
 //! DESIGN.md section 9 is the method. Not a test: numbers, not assertions.
 
 pub mod client;
+mod cpu;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,11 @@ pub struct Row {
     pub mean_batch: Option<f64>,
     /// Device run time / wall time over the load, summed over the devices.
     pub device_busy: Option<f64>,
+    /// Cores used over the measured time, by group.
+    pub cpu: Option<cpu::CpuSplit>,
+    /// For the in-process batch-1 run of scenario a: ortserve's p50 at one client minus this
+    /// run's median, in ms.
+    pub excess_ms: Option<f64>,
     /// What this line is compared with, and the ratio.
     pub reference: Option<String>,
     pub ratio: Option<f64>,
@@ -55,6 +61,8 @@ impl Row {
             non_200: 0,
             mean_batch: None,
             device_busy: None,
+            cpu: None,
+            excess_ms: None,
             reference: None,
             ratio: None,
         }
@@ -95,6 +103,7 @@ impl Server {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .on_thread_start(cpu::register_http_thread)
                 .enable_all()
                 .build()
                 .expect("server runtime");
@@ -143,6 +152,7 @@ fn start_hello() -> Server {
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .on_thread_start(cpu::register_http_thread)
             .enable_all()
             .build()
             .expect("runtime");
@@ -310,6 +320,7 @@ fn load_server(
     let r = load(rt, addr, request, concurrency, o);
     let wall = started.elapsed().as_secs_f64();
     let after = batch_totals(rt, addr);
+
     let b = match (before, after) {
         (Some((s0, n0, t0)), Some((s1, n1, t1))) if n1 > n0 => Batches {
             mean_rows: Some((s1 - s0) / (n1 - n0)),
@@ -363,6 +374,8 @@ fn row(
         non_200,
         mean_batch: None,
         device_busy: None,
+        cpu: r.cpu,
+        excess_ms: None,
         reference: None,
         ratio: None,
     }
@@ -448,6 +461,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                     concurrency: 1,
                     requests_per_second: 1e3 / single_ms.max(1e-9),
                     p50_ms: single_ms,
+                    excess_ms: Some(sr.p50_ms - single_ms),
                     reference: Some(format!(
                         "ortserve p50 − this = {:.3} ms",
                         sr.p50_ms - single_ms
@@ -611,12 +625,97 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             rows.push(line);
         }
     }
-    std::fs::write(
-        o.out_dir.join("results.json"),
-        serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
     Ok(rows)
+}
+
+/// One compared line over repeated runs: its ratio (or its p50 over the in-process run, for the
+/// one-client latency target) in each run, and the median.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub scenario: String,
+    pub variant: String,
+    pub concurrency: usize,
+    /// What the values are.
+    pub measure: String,
+    pub values: Vec<f64>,
+    pub median: f64,
+}
+
+/// The compared lines of every run, matched by scenario, variant and concurrency.
+pub fn summarize(runs: &[Vec<Row>]) -> Vec<Summary> {
+    let mut out: Vec<Summary> = Vec::new();
+    for rows in runs {
+        for r in rows {
+            let (measure, value) = match (r.ratio, r.excess_ms) {
+                (Some(x), _) => (
+                    format!("ratio to {}", r.reference.clone().unwrap_or_default()),
+                    x,
+                ),
+                (None, Some(ms)) => ("ortserve p50 − in-process run, ms".to_string(), ms),
+                _ => continue,
+            };
+            let found = out.iter_mut().find(|s| {
+                (s.scenario.as_str(), s.variant.as_str(), s.concurrency)
+                    == (r.scenario.as_str(), r.variant.as_str(), r.concurrency)
+            });
+            match found {
+                Some(s) => s.values.push(value),
+                None => out.push(Summary {
+                    scenario: r.scenario.clone(),
+                    variant: r.variant.clone(),
+                    concurrency: r.concurrency,
+                    measure,
+                    values: vec![value],
+                    median: 0.0,
+                }),
+            }
+        }
+    }
+    for s in &mut out {
+        s.median = median(&s.values);
+    }
+    out
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The summary as a Markdown table.
+pub fn summary_table(summary: &[Summary]) -> String {
+    let mut out = String::from(
+        "| scenario | line | conc. | measure | each run | median |\n|---|---|---|---|---|---|\n",
+    );
+    for s in summary {
+        let each: Vec<String> = s.values.iter().map(|v| format!("{v:.3}")).collect();
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.3} |\n",
+            s.scenario,
+            s.variant,
+            s.concurrency,
+            s.measure,
+            each.join(", "),
+            s.median
+        ));
+    }
+    out
+}
+
+/// Writes `results.json`: every run's lines and the summary.
+pub fn write_results(dir: &Path, runs: &[Vec<Row>], summary: &[Summary]) -> Result<(), String> {
+    let json = serde_json::json!({"runs": runs, "summary": summary});
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Runs `request` at 32 clients against a server with config `base`, then one with `other`, one
@@ -644,10 +743,10 @@ fn compare(
 
 /// The results as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | rows/run | device busy | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | rows/run | device busy | cores: http / device / load gen / idle / others | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.variant,
             r.concurrency,
@@ -660,6 +759,10 @@ pub fn table(rows: &[Row]) -> String {
             r.non_200,
             r.mean_batch.map_or(String::new(), |x| format!("{x:.1}")),
             r.device_busy.map_or(String::new(), |x| format!("{x:.2}")),
+            r.cpu.map_or(String::new(), |c| format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} / {:.2}",
+                c.http, c.device, c.loadgen, c.idle, c.others
+            )),
             r.ratio.map_or(String::new(), |x| format!("{x:.2}")),
             r.reference.clone().unwrap_or_default()
         ));
@@ -759,4 +862,47 @@ fn plot_sweep(path: &Path, sweep: &[(usize, f64, f64)]) -> Result<(), String> {
         root.present().map_err(|e| e.to_string())?;
     }
     std::fs::write(path, svg).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(variant: &str, ratio: Option<f64>, excess_ms: Option<f64>) -> Row {
+        Row {
+            ratio,
+            excess_ms,
+            reference: ratio.map(|_| "one slot".to_string()),
+            concurrency: 32,
+            ..Row::in_process("c", variant.into(), 1.0)
+        }
+    }
+
+    #[test]
+    fn repeated_runs_are_matched_by_line_and_summarized_by_median() {
+        let runs = vec![
+            vec![
+                line("two", Some(1.4), None),
+                line("one", None, None),
+                line("lat", None, Some(0.2)),
+            ],
+            vec![line("two", Some(1.6), None), line("lat", None, Some(0.1))],
+            vec![line("two", Some(1.5), None), line("lat", None, Some(0.3))],
+            vec![line("two", Some(1.1), None)],
+        ];
+        let s = summarize(&runs);
+        assert_eq!(
+            s.len(),
+            2,
+            "a line with neither a ratio nor a latency is left out"
+        );
+        assert_eq!(s[0].variant, "two");
+        assert_eq!(s[0].values, [1.4, 1.6, 1.5, 1.1]);
+        assert!((s[0].median - 1.45).abs() < 1e-9, "{}", s[0].median);
+        assert_eq!(s[0].measure, "ratio to one slot");
+        assert_eq!(s[1].values, [0.2, 0.1, 0.3]);
+        assert!((s[1].median - 0.2).abs() < 1e-9);
+        assert!(summary_table(&s)
+            .contains("| c | two | 32 | ratio to one slot | 1.400, 1.600, 1.500, 1.100 | 1.450 |"));
+    }
 }
