@@ -1,7 +1,6 @@
 //! The batcher actor: one tokio task per model. It owns the [`State`], forms a batch when a
 //! device has a free slot and the batch is full, the device is idle, or the oldest part has
-//! waited `max_queue_delay` and the device's work in flight is about to end, and hands it to the
-//! device worker. It exits when the handlers' channel closes and the queue is empty.
+//! waited `max_queue_delay`, and hands it to the device worker. It exits when the handlers' channel closes and the queue is empty.
 //!
 //! Faults: a batch that fails for a reason other than its input comes back here and each part is
 //! run once more, alone, on another healthy device; a batch that ONNX Runtime refused for its
@@ -29,15 +28,6 @@ pub(super) struct Settings {
     pub batchable: bool,
     pub failure_threshold: u32,
     pub reprobe_interval: Duration,
-}
-
-/// How long before a busy device is expected to finish its work in flight the batch for it
-/// closes: a quarter of that work's expected run, at most 2 ms (the timer's 1 ms ticks and the
-/// hand-over to the device's thread). When the batch closes late, the device has gone idle
-/// and the batch goes to it at once: a short gap, not a lost batch.
-fn close_before_free(slot: &crate::dispatch::DeviceSlot) -> Duration {
-    let run = slot.inflight_rows() as f64 / slot.rate().max(1e-9);
-    Duration::from_secs_f64(run / 4.0).min(Duration::from_millis(2))
 }
 
 /// While parts wait for a busy device, look at the queue this often to drop those whose client
@@ -163,17 +153,7 @@ pub(super) async fn run(
             }
             Pick::Ready(reservation) => {
                 let max = reservation.slot.max_batch;
-                // A busy device cannot start this batch before its work in flight ends, so the
-                // batch stays open until shortly before then: rows that arrive meanwhile join it
-                // instead of waiting for the batch after.
-                let due = match reservation.slot.expected_free() {
-                    Some(free) => {
-                        let lead = close_before_free(&reservation.slot);
-                        (oldest + settings.max_queue_delay)
-                            .max(free.checked_sub(lead).unwrap_or(now))
-                    }
-                    None => oldest + settings.max_queue_delay,
-                };
+                let due = oldest + settings.max_queue_delay;
                 let full = state.batch_full(max, settings.batchable);
                 // An idle device gets what is queued at once: waiting would only leave it idle.
                 // The delay is for a device that is busy, while its next batch fills up.

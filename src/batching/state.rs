@@ -79,6 +79,14 @@ impl<T: Queued> State<T> {
             expired: Vec::new(),
             cancelled: 0,
         };
+        // The usual case, checked on every turn of the batcher: nothing to remove, no new queue.
+        if !self
+            .queue
+            .iter()
+            .any(|item| item.is_cancelled() || item.deadline() <= now)
+        {
+            return dead;
+        }
         let mut keep = VecDeque::with_capacity(self.queue.len());
         for item in self.queue.drain(..) {
             if item.is_cancelled() {

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -27,12 +27,6 @@ pub struct DeviceSlot {
     inflight_rows: AtomicUsize,
     /// Measured rows/s (EWMA) as f64 bits; 0 until the first batch finishes.
     rate_bits: AtomicU64,
-    /// When the work in flight here should end, from the measured rate: nanoseconds after
-    /// `epoch`, 0 when unknown. An estimate, written by the batcher as it sends a batch and by
-    /// the device's thread as a run ends; the two may race, and a wrong value costs only a
-    /// batch closed a little early or late (a device that goes idle gets work at once anyway).
-    busy_until: AtomicU64,
-    epoch: Instant,
     /// Free job slots on this device. The batcher takes one per batch; the [`InFlight`] guard
     /// gives it back when the run ends.
     slots: Arc<Semaphore>,
@@ -64,29 +58,6 @@ impl DeviceSlot {
     /// Measured rows per second, 0.0 before the first batch.
     pub fn rate(&self) -> f64 {
         f64::from_bits(self.rate_bits.load(Ordering::Acquire))
-    }
-
-    /// When the work now in flight on this device should end; `None` when it is idle or its
-    /// speed is not measured yet.
-    pub fn expected_free(&self) -> Option<Instant> {
-        let at = self.busy_until.load(Ordering::Acquire);
-        (at > 0 && self.inflight_rows() > 0).then(|| self.epoch + Duration::from_nanos(at))
-    }
-
-    /// Moves the estimate of [`DeviceSlot::expected_free`] to `rows` more rows after `from`
-    /// (or after the current estimate, when that is later and `queue` is set).
-    fn expect_busy(&self, rows: usize, from: Instant, queue: bool) {
-        let rate = self.rate();
-        if rate <= 0.0 {
-            return;
-        }
-        let mut start = from.saturating_duration_since(self.epoch).as_nanos() as u64;
-        if queue {
-            start = start.max(self.busy_until.load(Ordering::Acquire));
-        }
-        let run = (rows as f64 / rate * 1e9) as u64;
-        self.busy_until
-            .store(start.saturating_add(run).max(1), Ordering::Release);
     }
 
     /// Records a finished batch: counters and the rows/s average. Returns true when this
@@ -146,15 +117,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let before = self
-            .slot
+        self.slot
             .inflight_rows
             .fetch_sub(self.rows, Ordering::AcqRel);
-        // The next job held for this device starts now.
-        let left = before.saturating_sub(self.rows);
-        if left > 0 {
-            self.slot.expect_busy(left, Instant::now(), false);
-        }
         // Free the slot before the wake-up, so the woken batcher finds it free.
         drop(self.permit.take());
         self.slot.freed.notify_one();
@@ -175,8 +140,6 @@ pub struct DevicePool {
     policy: DispatchPolicy,
     /// Round robin: index of the device whose turn it is.
     next: AtomicUsize,
-    /// Zero point of the devices' `busy_until`.
-    epoch: Instant,
     /// Shared with every slot; see [`DeviceSlot::freed`].
     freed: Arc<Notify>,
 }
@@ -187,7 +150,6 @@ impl DevicePool {
             devices: Vec::new(),
             policy,
             next: AtomicUsize::new(0),
-            epoch: Instant::now(),
             freed: Arc::new(Notify::new()),
         }
     }
@@ -204,8 +166,6 @@ impl DevicePool {
             healthy: AtomicBool::new(true),
             inflight_rows: AtomicUsize::new(0),
             rate_bits: AtomicU64::new(0),
-            busy_until: AtomicU64::new(0),
-            epoch: self.epoch,
             slots: Arc::new(Semaphore::new(DEVICE_DEPTH)),
             tx,
             freed: self.freed.clone(),
@@ -273,7 +233,6 @@ impl DevicePool {
             }
             DispatchPolicy::LeastLoaded => {
                 let known = self.devices.iter().map(|d| d.rate()).fold(0.0, f64::max);
-                let now = Instant::now();
                 let mut order: Vec<(f64, usize)> = self
                     .devices
                     .iter()
@@ -282,14 +241,7 @@ impl DevicePool {
                     .map(|(i, d)| {
                         let inflight = d.inflight_rows();
                         let estimate = match d.rate() {
-                            // What is left of the work in flight (a run half done counts half),
-                            // then this batch.
-                            r if r > 0.0 => {
-                                let left = d.expected_free().map_or(inflight as f64 / r, |t| {
-                                    t.saturating_duration_since(now).as_secs_f64()
-                                });
-                                left + rows as f64 / r
-                            }
+                            r if r > 0.0 => (inflight + rows) as f64 / r,
                             // Never measured and idle: try it, so every device gets measured.
                             _ if inflight == 0 => 0.0,
                             _ if known > 0.0 => (inflight + rows) as f64 / known,
@@ -316,8 +268,6 @@ impl Reservation {
     /// Commits the reservation for a batch of `rows` rows: counts them in flight and, for round
     /// robin, passes the turn on.
     pub fn start(self, pool: &DevicePool, rows: usize) -> InFlight {
-        let busy = self.slot.inflight_rows() > 0;
-        self.slot.expect_busy(rows, Instant::now(), busy);
         self.slot.inflight_rows.fetch_add(rows, Ordering::AcqRel);
         pool.next.store(
             (self.index + 1) % pool.devices.len().max(1),
@@ -446,27 +396,6 @@ mod tests {
     fn least_loaded_tries_a_device_it_has_not_measured() {
         let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
         p.devices()[0].record(100, Duration::from_millis(10), true, 3);
-        assert_eq!(picked(&p, 8).unwrap().slot().name, "cpu:1");
-    }
-
-    #[test]
-    fn least_loaded_counts_what_is_left_of_a_run_under_way() {
-        let (p, _rx) = pool(DispatchPolicy::LeastLoaded, 2);
-        for d in p.devices() {
-            // 1000 rows/s each.
-            d.record(100, Duration::from_millis(100), true, 3);
-        }
-        let start = |avoid| match p.pick_excluding(8, Some(avoid)) {
-            Pick::Ready(r) => r.start(&p, 8),
-            _ => panic!("a free slot"),
-        };
-        // Eight rows on cpu:1 (8 ms), then, 6 ms later, eight on cpu:0.
-        let _on_1 = start(0);
-        std::thread::sleep(Duration::from_millis(6));
-        let _on_0 = start(1);
-        let free = |i: usize| p.devices()[i].expected_free().expect("busy and measured");
-        assert!(free(1) < free(0));
-        // Equal rows in flight, but cpu:1 is further through them.
         assert_eq!(picked(&p, 8).unwrap().slot().name, "cpu:1");
     }
 
