@@ -233,3 +233,82 @@ fn a_second_signal_exits_at_once() {
     };
     assert_eq!(code, Some(130));
 }
+
+#[test]
+fn bench_runs_a_scenario_twice_and_summarizes_both_runs() {
+    // A smoke run of `ortserve bench`, not a measurement: the numbers are not checked, only that
+    // the lines, the CPU split and the summary of repeated runs are there and consistent.
+    let out = tempfile::tempdir().unwrap();
+    let o = ortserve(
+        &[
+            "bench",
+            "--seconds",
+            "0.3",
+            "--warmup",
+            "0.1",
+            "--scenarios",
+            "a",
+            "--repeat",
+            "2",
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("run 2 of 2"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "| a | ortserve V2 JSON, mlp | 32 | ratio to requests/s of the bare axum handler |"
+        ),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    // The machine's CPUs as /proc/stat counts them, which is what the split adds up to.
+    let cpus = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as f64;
+    for run in runs {
+        let served = run
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["variant"] == "ortserve V2 JSON, mlp" && r["concurrency"] == 32)
+            .expect("the 32-client ortserve line");
+        assert_eq!(served["errors"], 0, "{served}");
+        assert_eq!(served["non_200"], 0, "{served}");
+        assert!(served["requests_per_second"].as_f64().unwrap() > 0.0);
+        let cpu = &served["cpu"];
+        let core = |k: &str| cpu[k].as_f64().unwrap();
+        assert!(
+            core("http") > 0.0,
+            "the server's threads did the HTTP work: {cpu}"
+        );
+        assert!(core("loadgen") > 0.0, "{cpu}");
+        let sum: f64 = ["http", "device", "loadgen", "idle", "others"]
+            .iter()
+            .map(|k| core(k))
+            .sum();
+        // 10 ms ticks over 0.3 s: a few ticks either way.
+        assert!(
+            (sum - cpus).abs() < 0.35 * cpus,
+            "{sum} of {cpus} CPUs: {cpu}"
+        );
+    }
+    let summary = json["summary"].as_array().unwrap();
+    let line = summary
+        .iter()
+        .find(|s| s["variant"] == "ortserve V2 JSON, mlp" && s["concurrency"] == 32)
+        .expect("a summary line");
+    assert_eq!(line["values"].as_array().unwrap().len(), 2);
+}
