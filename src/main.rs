@@ -4,6 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc for the server's own (Rust) allocations: request bodies and tensors are allocated on
+/// the HTTP threads and freed on device threads and the other way round, where glibc's malloc
+/// spent about a tenth of the HTTP threads' time (see docs/BENCHMARKS.md). ONNX Runtime keeps its
+/// own allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ortserve::config::{Config, LogFormat};
 
 #[derive(Parser)]
