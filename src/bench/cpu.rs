@@ -24,6 +24,19 @@ pub fn register_http_thread() {
         .insert(tid);
 }
 
+/// Call on each thread of a server's runtime as it stops (`on_thread_stop`), so that a later
+/// thread that gets the same id is not counted as an HTTP thread.
+pub fn unregister_http_thread() {
+    let tid = gettid();
+    if let Some(set) = HTTP_THREADS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        set.remove(&tid);
+    }
+}
+
 fn gettid() -> i32 {
     // SAFETY: gettid(2) takes no arguments and cannot fail.
     unsafe { libc::gettid() }
@@ -40,7 +53,7 @@ pub struct CpuSplit {
     pub loadgen: f64,
     /// Idle cores on the machine.
     pub idle: f64,
-    /// Cores other processes used.
+    /// Cores other processes used, and time the hypervisor took (steal).
     pub others: f64,
 }
 

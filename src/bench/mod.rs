@@ -104,6 +104,7 @@ impl Server {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .on_thread_start(cpu::register_http_thread)
+                .on_thread_stop(cpu::unregister_http_thread)
                 .enable_all()
                 .build()
                 .expect("server runtime");
@@ -153,6 +154,7 @@ fn start_hello() -> Server {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .on_thread_start(cpu::register_http_thread)
+            .on_thread_stop(cpu::unregister_http_thread)
             .enable_all()
             .build()
             .expect("runtime");
@@ -320,7 +322,6 @@ fn load_server(
     let r = load(rt, addr, request, concurrency, o);
     let wall = started.elapsed().as_secs_f64();
     let after = batch_totals(rt, addr);
-
     let b = match (before, after) {
         (Some((s0, n0, t0)), Some((s1, n1, t1))) if n1 > n0 => Batches {
             mean_rows: Some((s1 - s0) / (n1 - n0)),
