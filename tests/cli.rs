@@ -170,11 +170,7 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
     assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 3]));
 
     let pid = server.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&pid);
     std::thread::sleep(Duration::from_millis(150));
     // Draining: readiness is 503 at once, inference still answered.
     assert_eq!(http(port, "GET", "/v2/health/ready", "").unwrap().0, 503);
@@ -200,15 +196,19 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
     );
 }
 
+fn sigterm(pid: &str) {
+    assert!(Command::new("kill")
+        .args(["-TERM", pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
 #[test]
 fn a_second_signal_exits_at_once() {
     let (mut server, port, _dir) = serve_mlp("drain_delay: 60s, shutdown_timeout: 60s");
     let pid = server.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&pid);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         http(port, "GET", "/v2/health/ready", "").unwrap().0,
@@ -216,11 +216,7 @@ fn a_second_signal_exits_at_once() {
         "draining for 60 s"
     );
     let second = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&pid);
     let code = loop {
         if let Some(status) = server.0.try_wait().unwrap() {
             break status.code();

@@ -159,14 +159,7 @@ async fn read_head_and_body(
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(stream, &mut chunk, buf, "connection closed").await?;
     };
     let head = std::str::from_utf8(&buf[..head_end]).map_err(std::io::Error::other)?;
     let status: u16 = head
@@ -182,16 +175,24 @@ async fn read_head_and_body(
         })
         .unwrap_or(0);
     while buf.len() < head_end + length {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "body cut short",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(stream, &mut chunk, buf, "body cut short").await?;
     }
     Ok((status, head_end..head_end + length))
+}
+
+/// One read from `stream` appended to `buf`; the end of the stream is an error saying `what`.
+async fn read_more(
+    stream: &mut TcpStream,
+    chunk: &mut [u8],
+    buf: &mut Vec<u8>,
+    what: &'static str,
+) -> std::io::Result<()> {
+    let n = stream.read(chunk).await?;
+    if n == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
 }
 
 /// One GET on a fresh connection; the body as text (for `/metrics`).

@@ -94,10 +94,17 @@ struct Server {
 }
 
 impl Server {
-    fn start(yaml: &str) -> Result<Server, String> {
-        let mut config = Config::from_yaml(yaml).map_err(|e| e.to_string())?;
-        config.resolve_paths(&fixtures());
-        config.validate().map_err(|e| e.to_string())?;
+    /// Binds 127.0.0.1 on a 2-worker runtime (as `ortserve serve` has on this machine) in its own
+    /// thread, whose threads count as HTTP threads in the CPU split, and runs `serve` on the
+    /// listener until the server is dropped. `serve` gets a sender for an error that stops it
+    /// from starting (the address is only handed back once it has started).
+    fn spawn<F, Fut>(serve: F) -> Result<Server, String>
+    where
+        F: FnOnce(tokio::net::TcpListener, StartReport, tokio::sync::oneshot::Receiver<()>) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -109,21 +116,15 @@ impl Server {
                 .build()
                 .expect("server runtime");
             rt.block_on(async move {
-                let state = match crate::start(&config).await {
-                    Ok(s) => s,
+                let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                    Ok(l) => l,
                     Err(e) => {
-                        let _ = addr_tx.send(Err(e.to_string()));
+                        let _ = addr_tx.send(Err(format!("bind 127.0.0.1: {e}")));
                         return;
                     }
                 };
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind 127.0.0.1");
-                let _ = addr_tx.send(Ok(listener.local_addr().expect("local addr")));
-                let _ = crate::serve(state, &config.server, listener, async {
-                    let _ = stop_rx.await;
-                })
-                .await;
+                let addr = listener.local_addr().map_err(|e| e.to_string());
+                serve(listener, StartReport { addr, tx: addr_tx }, stop_rx).await;
             });
         });
         let addr = addr_rx.recv().map_err(|e| e.to_string())??;
@@ -132,6 +133,40 @@ impl Server {
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+
+    /// ortserve with `yaml` (fixture paths resolved against tests/fixtures).
+    fn start(yaml: &str) -> Result<Server, String> {
+        let mut config = Config::from_yaml(yaml).map_err(|e| e.to_string())?;
+        config.resolve_paths(&fixtures());
+        config.validate().map_err(|e| e.to_string())?;
+        Server::spawn(move |listener, started, stop| async move {
+            let state = match crate::start(&config).await {
+                Ok(s) => s,
+                Err(e) => return started.failed(e.to_string()),
+            };
+            started.ready();
+            let _ = crate::serve(state, &config.server, listener, async {
+                let _ = stop.await;
+            })
+            .await;
+        })
+    }
+}
+
+/// Tells [`Server::spawn`]'s caller whether the server started: its address, or why not.
+struct StartReport {
+    addr: Result<SocketAddr, String>,
+    tx: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
+}
+
+impl StartReport {
+    fn ready(self) {
+        let _ = self.tx.send(self.addr);
+    }
+
+    fn failed(self, why: String) {
+        let _ = self.tx.send(Err(why));
     }
 }
 
@@ -146,42 +181,16 @@ impl Drop for Server {
     }
 }
 
-/// The bare axum handler on its own runtime, same shape as [`Server`].
+/// The bare axum handler, served like [`Server::start`].
 fn start_hello() -> Server {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .on_thread_start(cpu::register_http_thread)
-            .on_thread_stop(cpu::unregister_http_thread)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let _ = addr_tx.send(Ok::<_, String>(listener.local_addr().expect("addr")));
-            let _ = axum_serve_hello(listener, stop_rx).await;
-        });
-    });
-    let addr = addr_rx.recv().expect("hello started").expect("hello bound");
-    Server {
-        addr,
-        stop: Some(stop),
-        thread: Some(thread),
-    }
-}
-
-async fn axum_serve_hello(
-    listener: tokio::net::TcpListener,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> std::io::Result<()> {
-    crate::http::hello::serve(listener, async {
-        let _ = stop.await;
+    Server::spawn(|listener, started, stop| async move {
+        started.ready();
+        let _ = crate::http::hello::serve(listener, async {
+            let _ = stop.await;
+        })
+        .await;
     })
-    .await
+    .expect("hello started")
 }
 
 fn cpu_plan(threads: usize) -> DevicePlan {
