@@ -7,12 +7,22 @@ scripts/setup.sh
 scripts/setup_models.sh
 scripts/setup_tools.sh
 
-# Layering (DESIGN.md section 2): only src/device/ touches ort, only src/http/ touches axum/tower-http.
+# Layering (DESIGN.md section 2): only src/device/ touches ort, only src/http/ touches
+# axum/tower-http, and src/http/ reaches the core only through the app façade (never dispatch,
+# device or tuning).
 stray_ort=$(grep -rlE '(^|[^A-Za-z0-9_])ort::|^\s*use ort(::|;)' src | grep -v '^src/device/' || true)
-stray_axum=$(grep -rlE '(^|[^A-Za-z0-9_])(axum|tower_http)::' src | grep -vE '^src/(http/|main\.rs|lib\.rs)' || true)
-if [ -n "$stray_ort$stray_axum" ]; then
-  echo "layering: ort outside src/device/: ${stray_ort:-none}; axum outside src/http/: ${stray_axum:-none}" >&2
+stray_axum=$(grep -rlE '(^|[^A-Za-z0-9_])(axum|tower_http)::' src | grep -v '^src/http/' || true)
+http_core=$(grep -rnE '(^|[^A-Za-z0-9_])(dispatch|device|tuning)::' src/http || true)
+if [ -n "$stray_ort$stray_axum$http_core" ]; then
+  echo "layering: ort outside src/device/: ${stray_ort:-none}" >&2
+  echo "layering: axum outside src/http/: ${stray_axum:-none}" >&2
+  echo "layering: src/http/ naming dispatch, device or tuning: ${http_core:-none}" >&2
   exit 1
 fi
 
-cargo test --locked --all-targets
+# House style (STYLE.md): formatted, and clippy-clean with warnings as errors (dead code and
+# unreachable `pub` items included).
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+cargo test --locked --workspace --all-targets

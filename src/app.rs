@@ -1,39 +1,117 @@
-//! The running server's shared state: the models (once loaded and tuned), their tuning results,
-//! metrics, limits and the readiness flags that handlers read.
+//! The core's one façade for the HTTP layer: the served models ([`Model`]: infer tensors,
+//! status, tuning), image prediction (preprocessing → batching → classification), readiness and
+//! the metrics text. `http` calls only this (and the leaves `config`, `tensor`, `metrics`); it
+//! never names dispatch, device or tuning types.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
 
 use crate::batching::ModelHandle;
-use crate::classify::Classifier;
+pub use crate::batching::{Call, DeviceStatus, InferError};
+use crate::classify::{Class, Classifier};
 use crate::config::ImageConfig;
 use crate::metrics::Metrics;
-use crate::preprocess::Pool;
+use crate::model::ModelInfo;
+use crate::preprocess::{Pool, PreprocessError};
+use crate::tensor::{DataType, Tensor};
 use crate::tuning::DeviceTuning;
 
-/// What a model serves besides tensors: image preprocessing and labels.
-#[derive(Default)]
-pub struct ModelExtras {
-    pub image: Option<ImageConfig>,
-    pub classifier: Option<Classifier>,
+/// A served model: its request handle, what it serves besides tensors (image preprocessing and
+/// labels), and each device's tuning result.
+pub struct Model {
+    handle: ModelHandle,
+    image: Option<ImageConfig>,
+    classifier: Option<Classifier>,
+    tuning: Vec<DeviceTuning>,
 }
 
-/// What startup produces: the served models, each one's per-device tuning and extras.
-pub struct Loaded {
-    pub models: Vec<Arc<ModelHandle>>,
-    pub tuning: BTreeMap<String, Vec<DeviceTuning>>,
-    pub extras: BTreeMap<String, ModelExtras>,
+impl Model {
+    pub(crate) fn new(
+        handle: ModelHandle,
+        image: Option<ImageConfig>,
+        classifier: Option<Classifier>,
+        tuning: Vec<DeviceTuning>,
+    ) -> Model {
+        Model {
+            handle,
+            image,
+            classifier,
+            tuning,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.handle.name()
+    }
+
+    pub fn version(&self) -> &str {
+        self.handle.version()
+    }
+
+    /// Inputs and outputs, with -1 for dynamic dims.
+    pub fn info(&self) -> &ModelInfo {
+        self.handle.info()
+    }
+
+    /// The image preprocessing, for models that take uploaded images.
+    pub fn image(&self) -> Option<&ImageConfig> {
+        self.image.as_ref()
+    }
+
+    /// Takes requests and has a healthy device.
+    pub fn is_ready(&self) -> bool {
+        self.handle.is_ready()
+    }
+
+    /// Every device: health, tuned batch size, measured rate, rows in flight.
+    pub fn devices(&self) -> Vec<DeviceStatus> {
+        self.handle.devices()
+    }
+
+    /// Per device, every probed size, the chosen size and why (serializable as served).
+    pub fn tuning(&self) -> &[DeviceTuning] {
+        &self.tuning
+    }
+
+    /// Runs one request: named input tensors in, every model output (model order) out.
+    pub async fn infer(
+        &self,
+        named: Vec<(String, Tensor)>,
+        call: &Call,
+    ) -> Result<Vec<Tensor>, InferError> {
+        self.handle.infer(named, call).await
+    }
+
+    /// The request handle (tests reach devices through it).
+    #[cfg(feature = "test-support")]
+    pub fn handle(&self) -> &ModelHandle {
+        &self.handle
+    }
 }
 
+/// One uploaded image's answer.
+#[derive(Debug, Clone)]
+pub struct ImagePrediction {
+    /// The top classes, when the model has a classifier.
+    pub classes: Option<Vec<Class>>,
+    /// The image's row of the scored output (its name and a one-row tensor), when asked for raw
+    /// outputs or when the model has no classifier.
+    pub output: Option<(String, Tensor)>,
+}
+
+/// The running server's shared state: the models (once loaded and tuned), metrics, limits, the
+/// image pool and the readiness flags.
 pub struct AppState {
     /// Set once, when every model is loaded and tuned; empty until then.
-    loaded: OnceLock<Loaded>,
+    models: OnceLock<Vec<Model>>,
     pub metrics: Arc<Metrics>,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
     /// Decoding and resizing of uploaded images.
-    pub pool: Pool,
+    pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.
     draining: AtomicBool,
     /// Accepted bearer tokens; empty means auth is off.
@@ -42,65 +120,37 @@ pub struct AppState {
 
 impl AppState {
     /// A state whose models are still loading: health answers, readiness is 503.
-    pub fn loading(
+    pub(crate) fn loading(
         metrics: Arc<Metrics>,
         max_body_bytes: u64,
         preprocess_threads: usize,
+        tokens: Vec<String>,
     ) -> AppState {
         AppState {
-            loaded: OnceLock::new(),
+            models: OnceLock::new(),
             metrics,
             max_body_bytes,
             pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
-            tokens: Vec::new(),
+            tokens,
         }
     }
 
-    /// A state with its models (tests and tools that skip the loading phase).
-    pub fn new(
-        models: Vec<Arc<ModelHandle>>,
-        metrics: Arc<Metrics>,
-        max_body_bytes: u64,
-    ) -> AppState {
-        let state = AppState::loading(metrics, max_body_bytes, 1);
-        state.install(Loaded {
-            models,
-            tuning: BTreeMap::new(),
-            extras: BTreeMap::new(),
-        });
-        state
-    }
-
-    /// Turns bearer-token auth on for the model routes.
-    pub fn with_tokens(mut self, tokens: Vec<String>) -> AppState {
-        self.tokens = tokens;
-        self
-    }
-
     /// Publishes the loaded models; later calls are ignored.
-    pub fn install(&self, loaded: Loaded) {
-        let _ = self.loaded.set(loaded);
+    pub(crate) fn install(&self, models: Vec<Model>) {
+        let _ = self.models.set(models);
     }
 
     pub fn is_loaded(&self) -> bool {
-        self.loaded.get().is_some()
+        self.models.get().is_some()
     }
 
-    pub fn models(&self) -> &[Arc<ModelHandle>] {
-        self.loaded.get().map_or(&[], |l| &l.models)
+    pub fn models(&self) -> &[Model] {
+        self.models.get().map_or(&[], Vec::as_slice)
     }
 
-    pub fn model(&self, name: &str) -> Option<&Arc<ModelHandle>> {
-        self.models().iter().find(|m| m.name == name)
-    }
-
-    pub fn extras(&self, model: &str) -> Option<&ModelExtras> {
-        self.loaded.get()?.extras.get(model)
-    }
-
-    pub fn tuning(&self, model: &str) -> Option<&[DeviceTuning]> {
-        self.loaded.get()?.tuning.get(model).map(Vec::as_slice)
+    pub fn model(&self, name: &str) -> Option<&Model> {
+        self.models().iter().find(|m| m.name() == name)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -109,10 +159,124 @@ impl AppState {
 
     /// Readiness: loaded and tuned, not draining, and every model has a healthy device.
     pub fn is_ready(&self) -> bool {
-        self.is_loaded() && !self.is_draining() && self.models().iter().all(|m| m.is_ready())
+        self.is_loaded() && !self.is_draining() && self.models().iter().all(Model::is_ready)
     }
 
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Decodes and preprocesses `images` on the bounded pool, runs them as one request of
+    /// `images.len()` rows, and classifies each row (or returns its raw output row when `raw`
+    /// or when the model has no classifier).
+    pub async fn predict_images(
+        &self,
+        m: &Model,
+        images: Vec<Bytes>,
+        raw: bool,
+        call: &Call,
+    ) -> Result<Vec<ImagePrediction>, InferError> {
+        let cfg = m.image().ok_or_else(|| {
+            InferError::InvalidImage(format!("model {:?} does not take images", m.name()))
+        })?;
+        if images.len() > cfg.max_images {
+            return Err(InferError::ImageTooLarge(format!(
+                "more than {} images in one request",
+                cfg.max_images
+            )));
+        }
+        let timer = self
+            .metrics
+            .preprocess_duration
+            .with_label_values(&[m.name()]);
+        let jobs = images.into_iter().enumerate().map(|(i, bytes)| {
+            let cfg = cfg.clone();
+            let timer = timer.clone();
+            async move {
+                let rows = self
+                    .pool
+                    .run(move || {
+                        let t = Instant::now();
+                        let r = crate::preprocess::preprocess(&bytes, &cfg);
+                        timer.observe(t.elapsed().as_secs_f64());
+                        r
+                    })
+                    .await;
+                rows.map_err(|e| match e {
+                    PreprocessError::TooLarge(msg) => {
+                        InferError::ImageTooLarge(format!("image {i}: {msg}"))
+                    }
+                    other => InferError::InvalidImage(format!("image {i}: {other}")),
+                })
+            }
+        });
+        let rows = futures_util::future::try_join_all(jobs).await?;
+        let refs: Vec<&Tensor> = rows.iter().collect();
+        let batch = Tensor::concat(&refs).map_err(|e| InferError::InvalidImage(e.to_string()))?;
+        let n = rows.len();
+        let input = m.info().inputs[0].name.clone();
+        let outputs = m.infer(vec![(input, batch)], call).await?;
+        let classifier = m.classifier.as_ref();
+        let out_index = match classifier.and_then(|c| c.output.as_deref()) {
+            Some(name) => m.info().output_index(name)?,
+            None => 0,
+        };
+        let scores = &outputs[out_index];
+        let out_name = &m.info().outputs[out_index].name;
+        Ok((0..n)
+            .map(|i| {
+                let row = scores.slice_rows(i, 1);
+                let classes = classifier.map(|c| {
+                    let values: Vec<f32> = match row.dtype {
+                        DataType::F32 => row.to_f32(),
+                        _ => Vec::new(),
+                    };
+                    c.top(&values)
+                });
+                let output = (raw || classifier.is_none()).then(|| (out_name.clone(), row));
+                ImagePrediction { classes, output }
+            })
+            .collect())
+    }
+
+    /// The Prometheus text, with device health, rows in flight and (on GPU hosts) NVML memory
+    /// and utilization read at this moment.
+    pub async fn render_metrics(&self) -> String {
+        let mut on_gpu = false;
+        for m in self.models() {
+            for d in m.devices() {
+                let labels = [m.name(), d.name.as_str()];
+                self.metrics
+                    .device_healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(d.healthy));
+                self.metrics
+                    .inflight_rows
+                    .with_label_values(&labels)
+                    .set(d.inflight_rows as i64);
+                on_gpu |= d.name.starts_with("cuda:");
+            }
+        }
+        if on_gpu {
+            let readings = tokio::task::spawn_blocking(crate::tuning::gpu_readings)
+                .await
+                .unwrap_or_default();
+            for (gpu, used, total, util) in readings {
+                let label = gpu.to_string();
+                self.metrics
+                    .gpu_memory_used
+                    .with_label_values(&[&label])
+                    .set(used as i64);
+                self.metrics
+                    .gpu_memory_total
+                    .with_label_values(&[&label])
+                    .set(total as i64);
+                self.metrics
+                    .gpu_utilization
+                    .with_label_values(&[&label])
+                    .set(i64::from(util));
+            }
+        }
+        self.metrics.render()
     }
 }

@@ -14,7 +14,7 @@ pub struct Class {
     pub score: f32,
 }
 
-pub struct Classifier {
+pub(crate) struct Classifier {
     /// Class names by index; empty when the config names no labels file.
     labels: Vec<String>,
     softmax: bool,
@@ -24,7 +24,7 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    pub fn load(cfg: &ClassificationConfig) -> std::io::Result<Classifier> {
+    pub(crate) fn load(cfg: &ClassificationConfig) -> std::io::Result<Classifier> {
         let labels = match &cfg.labels {
             Some(p) => read_labels(p)?,
             None => Vec::new(),
@@ -37,12 +37,8 @@ impl Classifier {
         })
     }
 
-    pub fn labels(&self) -> &[String] {
-        &self.labels
-    }
-
     /// The `top_k` classes of one row of scores, best first.
-    pub fn top(&self, scores: &[f32]) -> Vec<Class> {
+    pub(crate) fn top(&self, scores: &[f32]) -> Vec<Class> {
         let probs: Vec<f32> = if self.softmax {
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let exp: Vec<f64> = scores.iter().map(|&s| f64::from(s - max).exp()).collect();

@@ -46,26 +46,6 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute), c (scaling), d (batching on
-    /// and off), e (JPEG uploads), each next to the in-process ceiling measured in the same run.
-    Bench {
-        /// Seconds of load per measured line.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Seconds of load before each measured line (not counted).
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        /// Which scenarios, e.g. `abcde`.
-        #[arg(long, default_value = "abcde")]
-        scenarios: String,
-        /// Folder for results.json and the SVG plots.
-        #[arg(long, default_value = "bench-out")]
-        out: PathBuf,
-        /// Run the scenarios this many times and print each line's ratio in every run and the
-        /// median (this machine's runs differ by 20% or more).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
-        repeat: u32,
-    },
     /// GET a URL on this host and exit 0 on 200: a container health check with no shell or curl.
     Probe {
         #[arg(long, default_value = "http://127.0.0.1:8080/v2/health/ready")]
@@ -118,25 +98,6 @@ fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// Runs the scenarios `repeat` times, printing each run's table as it ends, then the summary;
-/// writes results.json with every run.
-fn bench(opts: &ortserve::bench::Options, repeat: usize) -> Result<(), String> {
-    let mut runs = Vec::with_capacity(repeat);
-    for i in 1..=repeat {
-        let rows = ortserve::bench::run(opts)?;
-        if repeat > 1 {
-            println!("run {i} of {repeat}\n");
-        }
-        println!("{}", ortserve::bench::table(&rows));
-        runs.push(rows);
-    }
-    let summary = ortserve::bench::summarize(&runs);
-    if repeat > 1 {
-        println!("{}", ortserve::bench::summary_table(&summary));
-    }
-    ortserve::bench::write_results(&opts.out_dir, &runs, &summary)
-}
-
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::CheckConfig { config } => load_config(&config).map(|c| {
@@ -154,28 +115,6 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => load_config(&config).and_then(serve),
         Command::Probe { url } => Ok(probe(&url)),
-        Command::Bench {
-            seconds,
-            warmup,
-            scenarios,
-            out,
-            repeat,
-        } => {
-            init_tracing(ortserve::config::LogFormat::Text, "warn");
-            let opts = ortserve::bench::Options {
-                seconds,
-                warmup,
-                scenarios: scenarios.chars().collect(),
-                out_dir: out,
-            };
-            match bench(&opts, repeat as usize) {
-                Ok(()) => Ok(ExitCode::SUCCESS),
-                Err(e) => {
-                    eprintln!("ortserve bench: {e}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
     };
     result.unwrap_or_else(|code| code)
 }
@@ -216,21 +155,12 @@ fn tune(
         m.tuning.force = !use_cache;
     }
     let runtime = async_runtime()?;
-    let loaded = runtime
-        .block_on(async {
-            let metrics = std::sync::Arc::new(ortserve::metrics::Metrics::new());
-            let loaded = ortserve::load_models(&config, &metrics).await?;
-            for m in &loaded.models {
-                m.shutdown().await;
-            }
-            Ok::<_, ortserve::StartupError>(loaded)
-        })
-        .map_err(|e| {
-            eprintln!("ortserve tune: {e}");
-            ExitCode::FAILURE
-        })?;
+    let tuning = runtime.block_on(ortserve::tune(&config)).map_err(|e| {
+        eprintln!("ortserve tune: {e}");
+        ExitCode::FAILURE
+    })?;
     let mut all = Vec::new();
-    for (model, results) in &loaded.tuning {
+    for (model, results) in &tuning {
         for r in results {
             println!("{}", ortserve::tuning::table(model, r));
             all.push((model.clone(), r.clone()));
@@ -243,7 +173,7 @@ fn tune(
         })
     };
     if let Some(path) = json {
-        write(path, serde_json::json!(loaded.tuning).to_string())?;
+        write(path, serde_json::json!(tuning).to_string())?;
     }
     let svg = ortserve::tuning::plot::svg(&all).map_err(|e| {
         eprintln!("ortserve tune: plotting: {e}");

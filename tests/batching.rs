@@ -5,10 +5,10 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use ortserve::batching::{BatchSettings, DeviceRunner};
 use ortserve::config::DispatchPolicy;
 use ortserve::device::{ModelRunner, RunError};
 use ortserve::tensor::{DataType, Tensor};
+use ortserve::testing::{BatchSettings, DeviceRunner};
 use rand::SeedableRng;
 
 /// `clients` tasks each send `per_client` requests of `rows` rows and check every answer
@@ -164,7 +164,6 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
         std::time::Duration::from_secs(30),
     );
     let (state, router) = fake_server("paced", 2, runners, policy, settings);
-    let model = state.models()[0].clone();
     let mut tasks = Vec::new();
     for c in 0..12 {
         let router = router.clone();
@@ -191,12 +190,9 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
     for t in tasks {
         t.await.unwrap();
     }
-    let rows = [0, 1].map(|i| {
-        model.pool.devices()[i]
-            .rows
-            .load(std::sync::atomic::Ordering::Relaxed)
-    });
-    model.shutdown().await;
+    let devices = state.devices();
+    let rows = [0, 1].map(|i| devices[i].rows_run);
+    state.shutdown().await;
     rows
 }
 
@@ -254,7 +250,6 @@ async fn requests_with_different_shapes_are_not_mixed() {
 async fn a_request_whose_client_left_is_dropped_before_it_runs() {
     let (state, router, open) = gated_server(8);
     let uri = "/v2/models/gated/infer";
-    let device = &state.models()[0].pool.devices()[0];
     // Two requests fill the device (one running, one in its channel); the third waits in the queue.
     let held: Vec<_> = [1.0, 2.0]
         .map(|v| {
@@ -263,7 +258,7 @@ async fn a_request_whose_client_left_is_dropped_before_it_runs() {
         })
         .into();
     for _ in 0..200 {
-        if device.inflight_rows() == 2 {
+        if state.devices()[0].inflight_rows == 2 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -284,7 +279,7 @@ async fn a_request_whose_client_left_is_dropped_before_it_runs() {
         post_json(&router, uri, &one(4.0)).await.status,
         axum::http::StatusCode::OK
     );
-    let ran = device.rows.load(std::sync::atomic::Ordering::Relaxed);
+    let ran = state.devices()[0].rows_run;
     assert_eq!(
         ran, 3,
         "rows run: the two held requests and the last one, not the abandoned one"

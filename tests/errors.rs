@@ -276,7 +276,7 @@ models:
         .collect();
     // Wait until all three are admitted: one running, one in the device's channel, one queued.
     for _ in 0..200 {
-        if state.models()[0].pool.devices()[0].inflight_rows() == 2 {
+        if state.devices()[0].inflight_rows == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -297,7 +297,7 @@ models:
         async move { post_json(&r, uri, &one(4.0)).await }
     });
     for _ in 0..200 {
-        if state.models()[0].pool.devices()[0].inflight_rows() == 1 {
+        if state.devices()[0].inflight_rows == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -322,9 +322,7 @@ models:
     assert_eq!(busy.await.unwrap().status, StatusCode::OK);
     assert_eq!(queued.await.unwrap().status, StatusCode::OK);
     // Five requests ran (three held, these two); the expired one never reached the device.
-    let ran = state.models()[0].pool.devices()[0]
-        .rows
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let ran = state.devices()[0].rows_run;
     assert_eq!(ran, 5, "the expired request must not run");
 
     drop(open); // From here every batch runs at once.
@@ -338,7 +336,7 @@ models:
         "details stay in the log: {body}"
     );
 
-    state.models()[0].pool.devices()[0].set_healthy(false);
+    state.set_healthy(0, false);
     check(
         "no healthy device",
         post_json(&gated, uri, &one(1.0)).await,
@@ -354,12 +352,12 @@ models:
         get(&gated, "/v2/models/gated/ready").await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    state.models()[0].pool.devices()[0].set_healthy(true);
+    state.set_healthy(0, true);
     assert_eq!(
         post_json(&gated, uri, &one(1.0)).await.status,
         StatusCode::OK
     );
-    state.models()[0].shutdown().await;
+    state.shutdown().await;
     check(
         "model shut down",
         post_json(&gated, uri, &one(1.0)).await,
@@ -397,7 +395,7 @@ fn one_mlp() -> serde_json::Value {
     json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
 }
 
-async fn secured_server() -> (std::sync::Arc<ortserve::app::AppState>, axum::Router) {
+async fn secured_server() -> (Served, axum::Router) {
     let mut c = config(
         "server: {auth: {tokens_env: ORTSERVE_TEST_TOKENS}}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}]",
     );
@@ -405,8 +403,7 @@ async fn secured_server() -> (std::sync::Arc<ortserve::app::AppState>, axum::Rou
         (k == "ORTSERVE_TEST_TOKENS").then(|| format!("another-token-abcdefgh, {TOKEN}"))
     })
     .unwrap();
-    let state = ortserve::start(&c).await.unwrap();
-    (state.clone(), ortserve::http::router(state))
+    start_config(&c).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

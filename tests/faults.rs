@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use common::*;
-use ortserve::batching::{BatchSettings, DeviceRunner};
 use ortserve::config::DispatchPolicy;
 use ortserve::device::{ModelRunner, RunError};
 use ortserve::tensor::Tensor;
+use ortserve::testing::{BatchSettings, DeviceRunner};
 
 /// Echoes its input after 2 ms; fails every run while `fault` is set; refuses (as ONNX Runtime
 /// does for bad values) any batch holding a negative value.
@@ -36,9 +36,7 @@ impl ModelRunner for Flaky {
     }
 }
 
-fn server(
-    settings: BatchSettings,
-) -> (Arc<ortserve::app::AppState>, axum::Router, Arc<AtomicBool>) {
+fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
     let fault = Arc::new(AtomicBool::new(false));
     let runners = vec![
         DeviceRunner {
@@ -92,7 +90,7 @@ async fn a_failing_device_is_bypassed_marked_unhealthy_and_brought_back() {
     let mut settings = BatchSettings::new(Duration::from_millis(1), 256, Duration::from_secs(30));
     settings.reprobe_interval = Duration::from_millis(50);
     let (state, router, fault) = server(settings);
-    let bad = state.models()[0].pool.devices()[1].clone();
+    let bad = || state.devices()[1].clone();
 
     fault.store(true, Ordering::Release);
     let values: Vec<f32> = (1..=40).map(|i| i as f32).collect();
@@ -101,10 +99,10 @@ async fn a_failing_device_is_bypassed_marked_unhealthy_and_brought_back() {
         assert_eq!(got, vec![v as f64], "request {v} got someone else's answer");
     }
     assert!(
-        !bad.is_healthy(),
+        !bad().healthy,
         "cpu:1 failed every run and should be unhealthy"
     );
-    assert!(bad.failures.load(Ordering::Relaxed) >= 3);
+    assert!(bad().failures >= 3);
     assert_eq!(
         get(&router, "/v2/health/ready").await.status,
         StatusCode::OK,
@@ -122,26 +120,23 @@ async fn a_failing_device_is_bypassed_marked_unhealthy_and_brought_back() {
 
     // Still failing: probes keep it out.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!bad.is_healthy());
+    assert!(!bad().healthy);
 
     // Cleared: the next probe brings it back, and it takes work again.
     fault.store(false, Ordering::Release);
     let start = Instant::now();
-    while !bad.is_healthy() {
+    while !bad().healthy {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "cpu:1 did not come back"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let before = bad.rows.load(Ordering::Relaxed);
+    let before = bad().rows_run;
     for (v, status, _) in burst(&router, &values).await {
         assert_eq!(status, 200, "request {v}");
     }
-    assert!(
-        bad.rows.load(Ordering::Relaxed) > before,
-        "cpu:1 runs batches again"
-    );
+    assert!(bad().rows_run > before, "cpu:1 runs batches again");
     let metrics = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
     assert!(
         metrics.contains("ortserve_device_healthy{device=\"cpu:1\",model=\"flaky\"} 1"),
@@ -177,9 +172,9 @@ async fn a_refused_input_fails_only_its_own_request() {
         }
     }
     // Refused inputs are not device faults.
-    for d in state.models()[0].pool.devices() {
-        assert!(d.is_healthy());
-        assert_eq!(d.failures.load(Ordering::Relaxed), 0);
+    for d in state.devices() {
+        assert!(d.healthy);
+        assert_eq!(d.failures, 0);
     }
 }
 

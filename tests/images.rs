@@ -385,7 +385,7 @@ async fn bad_images_are_refused_and_the_server_keeps_serving() {
     // A 50,000 × 50,000 bomb in a few dozen bytes: refused from its header.
     let bomb = bomb_png(50_000, 50_000);
     assert!(bomb.len() < 100);
-    let before = ortserve::tuning::process_rss().unwrap();
+    let before = ortserve::testing::process_rss().unwrap();
     expect(
         "decompression bomb",
         send(&router, raw("image/png", bomb.clone())).await,
@@ -398,7 +398,7 @@ async fn bad_images_are_refused_and_the_server_keeps_serving() {
         413,
         "50000 × 50000",
     );
-    let after = ortserve::tuning::process_rss().unwrap();
+    let after = ortserve::testing::process_rss().unwrap();
     assert!(
         after < before + (200 << 20),
         "refusing the bomb allocated {} MiB",

@@ -10,10 +10,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::Request;
 use common::*;
-use ortserve::batching::{BatchSettings, DeviceRunner};
 use ortserve::config::DispatchPolicy;
 use ortserve::device::{ModelRunner, RunError};
 use ortserve::tensor::Tensor;
+use ortserve::testing::{BatchSettings, DeviceRunner};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_appears_after_traffic_with_its_labels() {

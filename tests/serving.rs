@@ -25,12 +25,12 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
     let (state, router) = start(ALL_MODELS).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for model in state.models() {
-        let mut reference = reference(&format!("{}.onnx", model.name));
-        let batchable = model.info.inputs[0].dims[0] == -1;
+        let mut reference = reference(&format!("{}.onnx", model.name()));
+        let batchable = model.info().inputs[0].dims[0] == -1;
         let sizes: &[usize] = if batchable { &[1, 8, 5] } else { &[2] };
         for &rows in sizes {
             let inputs: Vec<Tensor> = model
-                .info
+                .info()
                 .inputs
                 .iter()
                 .map(|i| {
@@ -43,23 +43,23 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
                 })
                 .collect();
             let named: Vec<(&str, &Tensor)> = model
-                .info
+                .info()
                 .inputs
                 .iter()
                 .map(|i| i.name.as_str())
                 .zip(&inputs)
                 .collect();
             let want = run_reference(&mut reference, &inputs);
-            let uri = format!("/v2/models/{}/infer", model.name);
+            let uri = format!("/v2/models/{}/infer", model.name());
 
             for nested in [false, true] {
                 let reply = post_json(&router, &uri, &v2_json(&named, nested)).await;
                 let got = outputs(&reply);
                 assert_eq!(got.len(), want.len());
-                for ((g, w), info) in got.iter().zip(&want).zip(&model.info.outputs) {
+                for ((g, w), info) in got.iter().zip(&want).zip(&model.info().outputs) {
                     assert_eq!(g.0, info.name);
                     assert_close(
-                        &format!("{} rows={rows} json nested={nested} {}", model.name, g.0),
+                        &format!("{} rows={rows} json nested={nested} {}", model.name(), g.0),
                         g,
                         w,
                     );
@@ -76,7 +76,11 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
             assert_eq!(reply.headers["content-type"], "application/octet-stream");
             let got = outputs(&reply);
             for (g, w) in got.iter().zip(&want) {
-                assert_close(&format!("{} rows={rows} binary {}", model.name, g.0), g, w);
+                assert_close(
+                    &format!("{} rows={rows} binary {}", model.name(), g.0),
+                    g,
+                    w,
+                );
             }
         }
     }

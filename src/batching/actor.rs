@@ -98,7 +98,7 @@ pub(super) async fn run(
                         .last_error
                         .clone()
                         .unwrap_or_else(|| RunError::Failed("no other healthy device".into()));
-                    let _ = e.reply.send(Err(InferError::Run(err)));
+                    let _ = e.reply.send(Err(InferError::from(err)));
                 }
             }
         }
@@ -315,11 +315,11 @@ fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx, rea
                         match ctx.retry.try_send(e) {
                             Ok(()) => continue,
                             Err(TrySendError::Full(e) | TrySendError::Closed(e)) => {
-                                let _ = e.reply.send(Err(InferError::Run(err.clone())));
+                                let _ = e.reply.send(Err(InferError::from(err.clone())));
                             }
                         }
                     } else {
-                        let _ = e.reply.send(Err(InferError::Run(err.clone())));
+                        let _ = e.reply.send(Err(InferError::from(err.clone())));
                     }
                 }
             }

@@ -1,5 +1,5 @@
-//! Dynamic batching: the façade handlers call ([`ModelHandle::infer`]), the per-model batcher
-//! actor, and its pure [`State`].
+//! Dynamic batching: a model's request handle ([`ModelHandle::infer`]) and its owner
+//! ([`ModelOwner`]), the per-model batcher actor, and its pure [`State`].
 //!
 //! A request is checked against the model, admitted (bounded, else 429), split into parts no
 //! larger than the smallest device batch, queued, merged with other requests' rows by the
@@ -8,6 +8,7 @@
 mod actor;
 mod state;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,9 +22,10 @@ use crate::metrics::Metrics;
 use crate::model::{InputError, ModelInfo};
 use crate::tensor::Tensor;
 
-pub use state::{Dead, Queued, ShapeKey, State};
+pub(crate) use state::{Queued, ShapeKey, State};
 
-/// Why an inference request was not answered with outputs.
+/// Why an inference request was not answered with outputs. The HTTP layer's status table
+/// maps each variant (`http::ApiError`); nothing outside this module names device errors.
 #[derive(Debug, Error)]
 pub enum InferError {
     #[error(transparent)]
@@ -38,14 +40,43 @@ pub enum InferError {
     NoHealthyDevice(String),
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error(transparent)]
-    Run(#[from] RunError),
+    /// ONNX Runtime refused the values of the input (for example an index out of range).
+    #[error("the model rejected the input: {0}")]
+    Rejected(String),
+    /// The run failed for another reason (device error, out of memory, a bug): logged, never
+    /// returned to the client.
+    #[error("model run failed: {0}")]
+    RunFailed(String),
     #[error("outputs of a split request do not fit together: {0}")]
     Reassembly(String),
+    /// An uploaded image (or the number of images) over a configured limit.
+    #[error("{0}")]
+    ImageTooLarge(String),
+    /// An uploaded image that cannot be decoded or does not fit the model.
+    #[error("{0}")]
+    InvalidImage(String),
+}
+
+impl From<RunError> for InferError {
+    fn from(e: RunError) -> InferError {
+        match e {
+            RunError::Input(m) => InferError::Rejected(m),
+            RunError::Failed(m) => InferError::RunFailed(m),
+        }
+    }
+}
+
+/// Per-request settings that travel with a request into the core.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    /// The client's deadline; it can only shorten the server's default.
+    pub timeout: Option<Duration>,
+    /// The request's `x-request-id`, carried to the device's log lines.
+    pub request_id: Option<String>,
 }
 
 /// A queued part of a request.
-pub struct Entry {
+pub(crate) struct Entry {
     pub inputs: Vec<Tensor>,
     pub rows: usize,
     pub key: ShapeKey,
@@ -54,8 +85,8 @@ pub struct Entry {
     /// Batcher (or device worker) → the waiting handler. Closed when the client left.
     pub reply: oneshot::Sender<Result<Vec<Tensor>, InferError>>,
     pub span: tracing::Span,
-    /// The part's place in the model's queue; released when the part is answered.
-    pub permit: OwnedSemaphorePermit,
+    /// The part's place in the model's queue; released (dropped) when the part is answered.
+    pub _admission: OwnedSemaphorePermit,
     /// Set when the part failed on that device and is being run once more elsewhere.
     pub failed_on: Option<usize>,
     /// The error of the part's last run, answered if it cannot run again.
@@ -84,6 +115,7 @@ impl Queued for Entry {
 
 /// Settings of one model's batching, from config.
 #[derive(Debug, Clone)]
+#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
 pub struct BatchSettings {
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
@@ -95,6 +127,7 @@ pub struct BatchSettings {
 }
 
 impl BatchSettings {
+    #[cfg(any(test, feature = "test-support"))]
     /// Settings with the health defaults (3 failures, probe every 2 s).
     pub fn new(
         max_queue_delay: Duration,
@@ -111,24 +144,65 @@ impl BatchSettings {
     }
 }
 
-/// A served model: what handlers call.
-pub struct ModelHandle {
-    pub name: String,
-    pub version: String,
-    pub info: ModelInfo,
-    pub pool: Arc<DevicePool>,
+/// A served model as requests see it: cheap to clone, and nothing on its request path takes
+/// a lock (admission is a semaphore's atomic count, the queue a weak sender upgraded per
+/// request). Stopping and joining belong to its [`ModelOwner`].
+#[derive(Clone)]
+#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
+pub struct ModelHandle(Arc<Shared>);
+
+struct Shared {
+    name: String,
+    version: String,
+    info: ModelInfo,
+    pool: Arc<DevicePool>,
     batchable: bool,
     settings: BatchSettings,
     /// Free places in this model's queue; a request part takes one until it is answered.
     admission: Arc<Semaphore>,
-    /// Handlers → batcher. Sized to the admission count, so sends do not wait. Dropped on
-    /// shutdown, which lets the batcher finish the queue and exit.
-    tx: std::sync::Mutex<Option<mpsc::Sender<Entry>>>,
-    batcher: std::sync::Mutex<Option<JoinHandle<()>>>,
-    workers: std::sync::Mutex<Vec<DeviceWorker>>,
+    /// Handlers → batcher, weak: only the [`ModelOwner`] holds the strong sender. A request
+    /// upgrades it for as long as it sends its parts; once the owner lets go, upgrades fail
+    /// (`ShuttingDown`) and the channel closes when the last in-progress request has sent, so
+    /// the batcher runs everything sent and exits. Sized to the admission count: sends never
+    /// find it full.
+    tx: mpsc::WeakSender<Entry>,
+    /// Set by the owner when it stops the model: readiness turns false.
+    stopping: AtomicBool,
+}
+
+/// Starts and stops a model's batcher and device threads; there is one per model, held by the
+/// server (never by requests). [`ModelOwner::shutdown`] stops taking requests, lets the batcher
+/// run what was admitted and joins every thread. Dropping it without `shutdown` stops taking
+/// requests too; the batcher then drains and stops the device threads on its own, unjoined.
+#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
+pub struct ModelOwner {
+    handle: ModelHandle,
+    /// The one strong handlers → batcher sender (see [`Shared::tx`]); dropped to stop.
+    tx: Option<mpsc::Sender<Entry>>,
+    batcher: Option<JoinHandle<()>>,
+    workers: Vec<DeviceWorker>,
+}
+
+/// One device's state, as model metadata and tests read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    /// `cpu:0`, `cuda:1`, or `cpu:0#1` for a second instance.
+    pub name: String,
+    pub healthy: bool,
+    /// Most rows one batch on this device may have.
+    pub max_batch: usize,
+    /// Measured rows per second (moving average); 0 before the first batch.
+    pub rows_per_second: f64,
+    /// Rows in batches sent to the device and not finished.
+    pub inflight_rows: usize,
+    /// Rows of successful runs so far.
+    pub rows_run: u64,
+    /// Failed runs so far (device faults, not refused inputs).
+    pub failures: u64,
 }
 
 /// A device worker to start for a model: its slot name, max batch and runner.
+#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
 pub struct DeviceRunner {
     pub name: String,
     pub max_batch: usize,
@@ -139,7 +213,7 @@ pub struct DeviceRunner {
 
 impl ModelHandle {
     /// Starts the device workers and the batcher. Must run inside a tokio runtime.
-    pub fn start(
+    pub(crate) fn start(
         name: &str,
         version: &str,
         info: ModelInfo,
@@ -147,7 +221,7 @@ impl ModelHandle {
         settings: BatchSettings,
         runners: Vec<DeviceRunner>,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Arc<ModelHandle>> {
+    ) -> std::io::Result<(ModelHandle, ModelOwner)> {
         let batchable = info.batchable();
         let mut pool = DevicePool::new(policy);
         let mut workers = Vec::new();
@@ -166,10 +240,6 @@ impl ModelHandle {
             metrics.device_rows.with_label_values(&labels);
             metrics.inflight_rows.with_label_values(&labels);
             metrics.device_healthy.with_label_values(&labels).set(1);
-            metrics
-                .device_healthy
-                .with_label_values(&[name, &r.name])
-                .set(1);
             workers.push(worker);
         }
         let pool = Arc::new(pool);
@@ -187,7 +257,7 @@ impl ModelHandle {
             metrics,
             settings.queue_capacity,
         ));
-        Ok(Arc::new(ModelHandle {
+        let handle = ModelHandle(Arc::new(Shared {
             name: name.to_string(),
             version: version.to_string(),
             info,
@@ -195,64 +265,97 @@ impl ModelHandle {
             batchable,
             admission: Arc::new(Semaphore::new(settings.queue_capacity)),
             settings,
-            tx: std::sync::Mutex::new(Some(tx)),
-            batcher: std::sync::Mutex::new(Some(batcher)),
-            workers: std::sync::Mutex::new(workers),
-        }))
+            tx: tx.downgrade(),
+            stopping: AtomicBool::new(false),
+        }));
+        let owner = ModelOwner {
+            handle: handle.clone(),
+            tx: Some(tx),
+            batcher: Some(batcher),
+            workers,
+        };
+        Ok((handle, owner))
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.pool.any_healthy() && self.tx.lock().map(|t| t.is_some()).unwrap_or(false)
+    pub(crate) fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub(crate) fn version(&self) -> &str {
+        &self.0.version
+    }
+
+    /// The model's inputs and outputs.
+    pub(crate) fn info(&self) -> &ModelInfo {
+        &self.0.info
+    }
+
+    /// Takes requests and has a healthy device.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.0.pool.any_healthy() && !self.0.stopping.load(Ordering::Acquire)
+    }
+
+    /// Every device, in the order they were configured.
+    pub(crate) fn devices(&self) -> Vec<DeviceStatus> {
+        self.0
+            .pool
+            .devices()
+            .iter()
+            .map(|d| DeviceStatus {
+                name: d.name.clone(),
+                healthy: d.is_healthy(),
+                max_batch: d.max_batch,
+                rows_per_second: d.rate(),
+                inflight_rows: d.inflight_rows(),
+                rows_run: d.rows.load(Ordering::Relaxed),
+                failures: d.failures.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Marks device `index` healthy or not, as the batcher does after failures or a probe.
+    #[cfg(feature = "test-support")]
+    pub fn set_device_healthy(&self, index: usize, healthy: bool) {
+        if let Some(d) = self.0.pool.devices().get(index) {
+            d.set_healthy(healthy);
+        }
     }
 
     /// Runs one request: named input tensors in, every model output (model order) out.
-    /// `timeout` can only shorten the server's default deadline.
-    pub async fn infer(
+    /// The path takes no lock: an atomic admission count, a weak-sender upgrade, `try_send`s
+    /// into a channel that cannot be full, and oneshot replies.
+    pub(crate) async fn infer(
         &self,
         named: Vec<(String, Tensor)>,
-        timeout: Option<Duration>,
+        call: &Call,
     ) -> Result<Vec<Tensor>, InferError> {
-        self.infer_as(named, timeout, None).await
-    }
-
-    /// [`ModelHandle::infer`] for the request `request_id` (carried to the device's log lines).
-    pub async fn infer_as(
-        &self,
-        named: Vec<(String, Tensor)>,
-        timeout: Option<Duration>,
-        request_id: Option<String>,
-    ) -> Result<Vec<Tensor>, InferError> {
-        let (inputs, rows) = self.info.check_inputs(named)?;
-        if !self.pool.any_healthy() {
-            return Err(InferError::NoHealthyDevice(self.name.clone()));
+        let s = &*self.0;
+        let (inputs, rows) = s.info.check_inputs(named)?;
+        if !s.pool.any_healthy() {
+            return Err(InferError::NoHealthyDevice(s.name.clone()));
         }
-        let chunk = if self.batchable {
-            self.pool.chunk_rows()
+        let chunk = if s.batchable {
+            s.pool.chunk_rows()
         } else {
             rows.max(1)
         };
         let parts = rows.div_ceil(chunk);
-        let max_rows = self.settings.queue_capacity * chunk;
-        if parts > self.settings.queue_capacity {
+        let max_rows = s.settings.queue_capacity * chunk;
+        if parts > s.settings.queue_capacity {
             return Err(InferError::TooManyRows {
                 rows,
                 max: max_rows,
             });
         }
-        let mut permit = self
+        let mut permit = s
             .admission
             .clone()
             .try_acquire_many_owned(parts as u32)
-            .map_err(|_| InferError::QueueFull(self.name.clone()))?;
-        let tx = self
-            .tx
-            .lock()
-            .ok()
-            .and_then(|t| t.clone())
-            .ok_or(InferError::ShuttingDown)?;
+            .map_err(|_| InferError::QueueFull(s.name.clone()))?;
+        let tx = s.tx.upgrade().ok_or(InferError::ShuttingDown)?;
         let now = Instant::now();
-        let timeout = timeout.map_or(self.settings.default_timeout, |t| {
-            t.min(self.settings.default_timeout)
+        let timeout = call.timeout.map_or(s.settings.default_timeout, |t| {
+            t.min(s.settings.default_timeout)
         });
         let key = ShapeKey::of(&inputs);
         let span = tracing::Span::current();
@@ -279,14 +382,21 @@ impl ModelHandle {
                 deadline: now + timeout,
                 reply,
                 span: span.clone(),
-                permit: permit.split(1).expect("one permit per part"),
+                _admission: permit.split(1).expect("one permit per part"),
                 failed_on: None,
                 last_error: None,
-                request_id: request_id.clone(),
+                request_id: call.request_id.clone(),
             };
-            tx.send(entry).await.map_err(|_| InferError::ShuttingDown)?;
+            tx.try_send(entry).map_err(|e| match e {
+                // Cannot happen (the channel holds as many entries as there are permits); if
+                // it did, the queue is what is full.
+                mpsc::error::TrySendError::Full(_) => InferError::QueueFull(s.name.clone()),
+                mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
+            })?;
             waiting.push(rx);
         }
+        // Sent: the batcher may now see the channel close once the owner has let go.
+        drop(tx);
         let mut results = Vec::with_capacity(parts);
         for rx in waiting {
             results.push(rx.await.map_err(|_| InferError::ShuttingDown)??);
@@ -301,24 +411,34 @@ impl ModelHandle {
             })
             .collect()
     }
+}
 
-    /// Stops taking requests, lets the batcher run everything queued, then joins the device
+impl ModelOwner {
+    /// Stops taking requests, lets the batcher run everything admitted, then joins the device
     /// threads. Requests already admitted are answered.
-    pub async fn shutdown(&self) {
-        drop(self.tx.lock().ok().and_then(|mut t| t.take()));
-        let batcher = self.batcher.lock().ok().and_then(|mut b| b.take());
-        if let Some(b) = batcher {
+    #[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
+    pub async fn shutdown(mut self) {
+        self.stop_taking_requests();
+        if let Some(b) = self.batcher.take() {
             if let Err(e) = b.await {
-                tracing::error!(model = %self.name, error = %e, "batcher task failed");
+                tracing::error!(model = %self.handle.name(), error = %e, "batcher task failed");
             }
         }
-        let workers: Vec<DeviceWorker> = self
-            .workers
-            .lock()
-            .map(|mut w| w.drain(..).collect())
-            .unwrap_or_default();
+        let workers = std::mem::take(&mut self.workers);
         let _ =
             tokio::task::spawn_blocking(move || workers.into_iter().for_each(DeviceWorker::join))
                 .await;
+    }
+
+    fn stop_taking_requests(&mut self) {
+        self.handle.0.stopping.store(true, Ordering::Release);
+        drop(self.tx.take());
+    }
+}
+
+impl Drop for ModelOwner {
+    fn drop(&mut self) {
+        // Without `shutdown`: the batcher drains and stops the workers by itself, unjoined.
+        self.stop_taking_requests();
     }
 }

@@ -8,10 +8,10 @@ use crate::tensor::{DataType, Tensor};
 
 /// Dtype and non-batch dims of every input: only parts with equal keys share a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ShapeKey(Vec<(DataType, Vec<usize>)>);
+pub(crate) struct ShapeKey(Vec<(DataType, Vec<usize>)>);
 
 impl ShapeKey {
-    pub fn of(inputs: &[Tensor]) -> ShapeKey {
+    pub(crate) fn of(inputs: &[Tensor]) -> ShapeKey {
         ShapeKey(
             inputs
                 .iter()
@@ -22,7 +22,7 @@ impl ShapeKey {
 }
 
 /// What the state needs to know of a queued item.
-pub trait Queued {
+pub(crate) trait Queued {
     fn rows(&self) -> usize;
     fn key(&self) -> &ShapeKey;
     fn enqueued(&self) -> Instant;
@@ -32,7 +32,7 @@ pub trait Queued {
 }
 
 /// Items removed because they can no longer run.
-pub struct Dead<T> {
+pub(crate) struct Dead<T> {
     /// Deadline passed: the caller answers these with 504.
     pub expired: Vec<T>,
     /// Client gone: nothing to answer.
@@ -40,41 +40,41 @@ pub struct Dead<T> {
 }
 
 #[derive(Default)]
-pub struct State<T> {
+pub(crate) struct State<T> {
     queue: VecDeque<T>,
 }
 
 impl<T: Queued> State<T> {
-    pub fn new() -> State<T> {
+    pub(crate) fn new() -> State<T> {
         State {
             queue: VecDeque::new(),
         }
     }
 
-    pub fn push(&mut self, item: T) {
+    pub(crate) fn push(&mut self, item: T) {
         self.queue.push_back(item);
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.queue.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// When the oldest item arrived.
-    pub fn oldest(&self) -> Option<Instant> {
+    pub(crate) fn oldest(&self) -> Option<Instant> {
         self.queue.front().map(Queued::enqueued)
     }
 
     /// The earliest deadline of any item.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.queue.iter().map(Queued::deadline).min()
     }
 
     /// Removes items whose client left or whose deadline is at or before `now`.
-    pub fn remove_dead(&mut self, now: Instant) -> Dead<T> {
+    pub(crate) fn remove_dead(&mut self, now: Instant) -> Dead<T> {
         let mut dead = Dead {
             expired: Vec::new(),
             cancelled: 0,
@@ -102,7 +102,7 @@ impl<T: Queued> State<T> {
     }
 
     /// Removes everything (when no device can run it).
-    pub fn drain(&mut self) -> Vec<T> {
+    pub(crate) fn drain(&mut self) -> Vec<T> {
         self.queue.drain(..).collect()
     }
 
@@ -132,18 +132,18 @@ impl<T: Queued> State<T> {
     }
 
     /// Whether a batch for a device taking `max_rows` is as full as it can get now.
-    pub fn batch_full(&self, max_rows: usize, batchable: bool) -> bool {
+    pub(crate) fn batch_full(&self, max_rows: usize, batchable: bool) -> bool {
         let (_, rows, blocked) = self.plan(max_rows, batchable);
         blocked || rows >= max_rows
     }
 
     /// Rows the next batch would have.
-    pub fn next_batch_rows(&self, max_rows: usize, batchable: bool) -> usize {
+    pub(crate) fn next_batch_rows(&self, max_rows: usize, batchable: bool) -> usize {
         self.plan(max_rows, batchable).1
     }
 
     /// Takes the next batch (see [`State::batch_full`]); without batching, one item.
-    pub fn take_batch(&mut self, max_rows: usize, batchable: bool) -> Vec<T> {
+    pub(crate) fn take_batch(&mut self, max_rows: usize, batchable: bool) -> Vec<T> {
         let (picked, _, _) = self.plan(max_rows, batchable);
         let mut batch = Vec::with_capacity(picked.len());
         // Remove from the back so earlier indices stay valid, then restore arrival order.

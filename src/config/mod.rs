@@ -147,7 +147,7 @@ pub enum Threads {
 
 mod auto_tag {
     use serde::{de, Deserialize, Deserializer, Serializer};
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
         let s = String::deserialize(d)?;
         if s == "auto" {
             Ok(())
@@ -157,7 +157,7 @@ mod auto_tag {
             )))
         }
     }
-    pub fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("auto")
     }
 }

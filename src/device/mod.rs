@@ -13,10 +13,13 @@ use thiserror::Error;
 
 use crate::tensor::Tensor;
 
-pub use ort_runner::{CudaSettings, OrtRunner};
-pub use plan::{plan_devices, DeviceKind, DevicePlan};
+pub(crate) use ort_runner::CudaSettings;
+pub use ort_runner::OrtRunner;
+pub(crate) use plan::plan_devices;
+pub use plan::{DeviceKind, DevicePlan};
 pub use runtime::{init_runtime, RuntimeInfo};
-pub use worker::{DeviceCommand, DeviceWorker, Rebuild, RunDone, RunJob};
+pub use worker::Rebuild;
+pub(crate) use worker::{DeviceCommand, DeviceWorker, RunDone, RunJob};
 
 /// A log filter directive that keeps ONNX Runtime's own logs (forwarded by `ort` to tracing) at
 /// warn. Written `ort::` because filter targets match by prefix and `ort` alone would also

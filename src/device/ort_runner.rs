@@ -16,7 +16,7 @@ use super::{runtime, DeviceError, DeviceKind, DevicePlan, ModelRunner, RunError}
 
 /// Session settings that only matter on CUDA.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CudaSettings {
+pub(crate) struct CudaSettings {
     /// `gpu_mem_limit` for the CUDA arena, which then grows by what is requested
     /// (`kSameAsRequested`), so ONNX Runtime fails an allocation instead of taking the card.
     pub gpu_mem_limit: Option<u64>,
@@ -106,7 +106,7 @@ impl OrtRunner {
     }
 
     /// [`OrtRunner::open`] with the CUDA settings (ignored on CPU).
-    pub fn open_with(
+    pub(crate) fn open_with(
         path: &Path,
         plan: &DevicePlan,
         cuda: CudaSettings,
@@ -206,13 +206,8 @@ impl OrtRunner {
     }
 
     /// Per input, the model's name for each dimension ("" where it has none).
-    pub fn dim_names(&self) -> &[Vec<String>] {
+    pub(crate) fn dim_names(&self) -> &[Vec<String>] {
         &self.dim_names
-    }
-
-    /// One unbatched run, in-process: the reference the tests compare the server with.
-    pub fn run_once(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
-        self.run(&[inputs.to_vec()])
     }
 
     /// Copies every part's rows of input `i` into one ONNX Runtime tensor (the batch's only copy).

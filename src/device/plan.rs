@@ -35,7 +35,7 @@ fn visible_gpus(cuda_visible_devices: Option<&str>) -> u32 {
 
 /// Plans every model's sessions. CUDA requests are checked against the GPUs the driver shows and
 /// against the CUDA provider library sitting next to the loaded ONNX Runtime.
-pub fn plan_devices(
+pub(crate) fn plan_devices(
     config: &Config,
     runtime: &RuntimeInfo,
 ) -> Result<Vec<Vec<DevicePlan>>, DeviceError> {

@@ -14,11 +14,11 @@ use super::{ModelRunner, RunError};
 /// Called on the worker thread when a job ends: the outputs split per part (in part order), or
 /// the error; how long the run took; and the job's inputs back (so a failed batch can be retried
 /// elsewhere without a copy).
-pub type RunDone =
+pub(crate) type RunDone =
     Box<dyn FnOnce(Result<Vec<Vec<Tensor>>, RunError>, Duration, Vec<Vec<Tensor>>) + Send>;
 
 /// One batch for a device.
-pub struct RunJob {
+pub(crate) struct RunJob {
     /// Per request part, the inputs in model order. Parts are run as one batch.
     pub parts: Vec<Vec<Tensor>>,
     /// The batch's span, entered on the worker so its log lines carry the request ids.
@@ -26,14 +26,14 @@ pub struct RunJob {
     pub done: RunDone,
 }
 
-pub enum DeviceCommand {
+pub(crate) enum DeviceCommand {
     Run(RunJob),
     /// Sent by the batcher after its last batch: the worker exits once it gets here.
     Stop,
 }
 
 /// Handle to a running worker thread.
-pub struct DeviceWorker {
+pub(crate) struct DeviceWorker {
     /// Batcher → worker. The worker exits on [`DeviceCommand::Stop`] or when every sender is gone.
     tx: mpsc::Sender<DeviceCommand>,
     thread: JoinHandle<()>,
@@ -42,7 +42,7 @@ pub struct DeviceWorker {
 impl DeviceWorker {
     /// Starts the thread. `depth` is how many jobs may wait for it; the batcher limits what
     /// it sends with its own per-device slots, so sends never wait.
-    pub fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         runner: Box<dyn ModelRunner>,
         rebuild: Option<Rebuild>,
@@ -55,12 +55,12 @@ impl DeviceWorker {
         Ok(DeviceWorker { tx, thread })
     }
 
-    pub fn sender(&self) -> mpsc::Sender<DeviceCommand> {
+    pub(crate) fn sender(&self) -> mpsc::Sender<DeviceCommand> {
         self.tx.clone()
     }
 
     /// Waits for the thread to finish; call after the batcher sent [`DeviceCommand::Stop`].
-    pub fn join(self) {
+    pub(crate) fn join(self) {
         drop(self.tx);
         if self.thread.join().is_err() {
             tracing::error!("device worker thread panicked outside a run");

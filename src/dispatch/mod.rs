@@ -15,10 +15,10 @@ use crate::config::DispatchPolicy;
 use crate::device::DeviceCommand;
 
 /// Jobs a device may hold at once: one running and one ready to start.
-pub const DEVICE_DEPTH: usize = 2;
+pub(crate) const DEVICE_DEPTH: usize = 2;
 
 /// One (device, instance) as the dispatcher sees it.
-pub struct DeviceSlot {
+pub(crate) struct DeviceSlot {
     /// `cpu:0`, or `cpu:0#1` for a second instance.
     pub name: String,
     /// Most rows one batch on this device may have.
@@ -42,27 +42,27 @@ pub struct DeviceSlot {
 }
 
 impl DeviceSlot {
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
     }
 
-    pub fn set_healthy(&self, healthy: bool) {
+    pub(crate) fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Release);
         self.freed.notify_one();
     }
 
-    pub fn inflight_rows(&self) -> usize {
+    pub(crate) fn inflight_rows(&self) -> usize {
         self.inflight_rows.load(Ordering::Acquire)
     }
 
     /// Measured rows per second, 0.0 before the first batch.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         f64::from_bits(self.rate_bits.load(Ordering::Acquire))
     }
 
     /// Records a finished batch: counters and the rows/s average. Returns true when this
     /// failure is the one that reaches `threshold` consecutive failures.
-    pub fn record(&self, rows: usize, elapsed: Duration, ok: bool, threshold: u32) -> bool {
+    pub(crate) fn record(&self, rows: usize, elapsed: Duration, ok: bool, threshold: u32) -> bool {
         if !ok {
             self.failures.fetch_add(1, Ordering::Relaxed);
             let n = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
@@ -82,13 +82,13 @@ impl DeviceSlot {
         false
     }
 
-    pub fn sender(&self) -> &mpsc::Sender<DeviceCommand> {
+    pub(crate) fn sender(&self) -> &mpsc::Sender<DeviceCommand> {
         &self.tx
     }
 }
 
 /// A free job slot on a chosen device, not yet used.
-pub struct Reservation {
+pub(crate) struct Reservation {
     pub slot: Arc<DeviceSlot>,
     index: usize,
     permit: OwnedSemaphorePermit,
@@ -96,7 +96,7 @@ pub struct Reservation {
 
 /// Counts a batch's rows as in flight on its device until dropped (after its run ends, or
 /// when the job is dropped unrun). Dropping frees the device's job slot and wakes the batcher.
-pub struct InFlight {
+pub(crate) struct InFlight {
     slot: Arc<DeviceSlot>,
     /// The device's place in its pool.
     index: usize,
@@ -106,11 +106,11 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn slot(&self) -> &Arc<DeviceSlot> {
+    pub(crate) fn slot(&self) -> &Arc<DeviceSlot> {
         &self.slot
     }
 
-    pub fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         self.index
     }
 }
@@ -127,7 +127,7 @@ impl Drop for InFlight {
 }
 
 /// What the batcher should do next.
-pub enum Pick {
+pub(crate) enum Pick {
     Ready(Reservation),
     /// Every healthy device (or the one whose turn it is) is full; wait for `freed`.
     Busy,
@@ -135,7 +135,7 @@ pub enum Pick {
 }
 
 /// The devices of one model.
-pub struct DevicePool {
+pub(crate) struct DevicePool {
     devices: Vec<Arc<DeviceSlot>>,
     policy: DispatchPolicy,
     /// Round robin: index of the device whose turn it is.
@@ -145,7 +145,7 @@ pub struct DevicePool {
 }
 
 impl DevicePool {
-    pub fn new(policy: DispatchPolicy) -> DevicePool {
+    pub(crate) fn new(policy: DispatchPolicy) -> DevicePool {
         DevicePool {
             devices: Vec::new(),
             policy,
@@ -154,7 +154,7 @@ impl DevicePool {
         }
     }
 
-    pub fn add(
+    pub(crate) fn add(
         &mut self,
         name: String,
         max_batch: usize,
@@ -178,30 +178,30 @@ impl DevicePool {
         slot
     }
 
-    pub fn devices(&self) -> &[Arc<DeviceSlot>] {
+    pub(crate) fn devices(&self) -> &[Arc<DeviceSlot>] {
         &self.devices
     }
 
-    pub fn freed(&self) -> &Arc<Notify> {
+    pub(crate) fn freed(&self) -> &Arc<Notify> {
         &self.freed
     }
 
-    pub fn any_healthy(&self) -> bool {
+    pub(crate) fn any_healthy(&self) -> bool {
         self.devices.iter().any(|d| d.is_healthy())
     }
 
     /// The largest request part that every device can take in one batch.
-    pub fn chunk_rows(&self) -> usize {
+    pub(crate) fn chunk_rows(&self) -> usize {
         self.devices.iter().map(|d| d.max_batch).min().unwrap_or(1)
     }
 
     /// Chooses a device for a batch of about `rows` rows.
-    pub fn pick(&self, rows: usize) -> Pick {
+    pub(crate) fn pick(&self, rows: usize) -> Pick {
         self.pick_excluding(rows, None)
     }
 
     /// A free job slot on `index`, whatever its health (for health probes).
-    pub fn reserve(&self, index: usize) -> Option<Reservation> {
+    pub(crate) fn reserve(&self, index: usize) -> Option<Reservation> {
         let slot = self.devices.get(index)?;
         slot.slots
             .clone()
@@ -215,7 +215,7 @@ impl DevicePool {
     }
 
     /// Like [`DevicePool::pick`], never choosing device `avoid` (where a batch just failed).
-    pub fn pick_excluding(&self, rows: usize, avoid: Option<usize>) -> Pick {
+    pub(crate) fn pick_excluding(&self, rows: usize, avoid: Option<usize>) -> Pick {
         let n = self.devices.len();
         let usable = |i: usize| self.devices[i].is_healthy() && Some(i) != avoid;
         if !(0..n).any(usable) {
@@ -261,13 +261,9 @@ impl DevicePool {
 }
 
 impl Reservation {
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// Commits the reservation for a batch of `rows` rows: counts them in flight and, for round
     /// robin, passes the turn on.
-    pub fn start(self, pool: &DevicePool, rows: usize) -> InFlight {
+    pub(crate) fn start(self, pool: &DevicePool, rows: usize) -> InFlight {
         self.slot.inflight_rows.fetch_add(rows, Ordering::AcqRel);
         pool.next.store(
             (self.index + 1) % pool.devices.len().max(1),

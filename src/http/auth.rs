@@ -18,7 +18,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Lets the request through when auth is off or it carries one of the configured tokens.
-pub async fn require_token(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub(super) async fn require_token(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if app.tokens.is_empty() {
         return next.run(req).await;
     }

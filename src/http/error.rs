@@ -4,12 +4,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::batching::InferError;
-use crate::device::RunError;
+use crate::app::InferError;
 
 /// An error answered to a client. Bodies are `{"error": "...", "error_type": "..."}`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ApiError {
+#[cfg_attr(test, derive(strum::EnumIter))]
+pub(crate) enum ApiError {
     /// The body is not valid JSON or not a valid request of the protocol.
     MalformedBody(String),
     /// Well-formed, but does not fit the model: input name, dtype, shape, element count.
@@ -39,7 +39,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// The status table: one row per variant. Documented in README.md ("Errors").
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::MalformedBody(_) | ApiError::InvalidInput(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -58,7 +58,7 @@ impl ApiError {
     }
 
     /// A stable machine-readable name for the error.
-    pub fn error_type(&self) -> &'static str {
+    pub(crate) fn error_type(&self) -> &'static str {
         match self {
             ApiError::MalformedBody(_) => "malformed_body",
             ApiError::InvalidInput(_) => "invalid_input",
@@ -74,7 +74,7 @@ impl ApiError {
         }
     }
 
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             ApiError::MalformedBody(m)
             | ApiError::InvalidInput(m)
@@ -109,13 +109,15 @@ impl From<InferError> for ApiError {
         match e {
             InferError::Input(_)
             | InferError::TooManyRows { .. }
-            | InferError::Run(RunError::Input(_)) => ApiError::InvalidInput(e.to_string()),
+            | InferError::Rejected(_)
+            | InferError::InvalidImage(_) => ApiError::InvalidInput(e.to_string()),
+            InferError::ImageTooLarge(m) => ApiError::ImageTooLarge(m),
             InferError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
             InferError::DeadlineExceeded => ApiError::DeadlineExceeded,
             InferError::NoHealthyDevice(_) | InferError::ShuttingDown => {
                 ApiError::Unavailable(e.to_string())
             }
-            InferError::Run(RunError::Failed(_)) | InferError::Reassembly(_) => {
+            InferError::RunFailed(_) | InferError::Reassembly(_) => {
                 tracing::error!(error = %e, "inference failed");
                 ApiError::Internal
             }
@@ -124,7 +126,7 @@ impl From<InferError> for ApiError {
 }
 
 /// Seconds a client should wait after a 429.
-pub const RETRY_AFTER_SECS: u32 = 1;
+pub(super) const RETRY_AFTER_SECS: u32 = 1;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -147,8 +149,7 @@ impl IntoResponse for ApiError {
 mod tests {
     use super::*;
 
-    /// The status table of README.md ("Errors"), row by row. Adding a variant without a row
-    /// here fails to compile the match in `every_variant_is_listed`.
+    /// The status table of README.md ("Errors"), row by row.
     pub(crate) fn table() -> Vec<(ApiError, u16, &'static str)> {
         vec![
             (ApiError::MalformedBody("x".into()), 400, "malformed_body"),
@@ -170,6 +171,11 @@ mod tests {
                 "payload_too_large",
             ),
             (
+                ApiError::ImageTooLarge("x".into()),
+                413,
+                "payload_too_large",
+            ),
+            (
                 ApiError::UnsupportedMediaType("x".into()),
                 415,
                 "unsupported_media_type",
@@ -183,23 +189,18 @@ mod tests {
 
     #[test]
     fn every_variant_is_listed() {
-        for (e, _, _) in table() {
-            // Exhaustive on purpose: a new variant must be added to the table above.
-            match e {
-                ApiError::MalformedBody(_)
-                | ApiError::InvalidInput(_)
-                | ApiError::Unauthorized
-                | ApiError::NotFound(_)
-                | ApiError::ModelNotFound(_)
-                | ApiError::VersionNotFound { .. }
-                | ApiError::PayloadTooLarge { .. }
-                | ApiError::ImageTooLarge(_)
-                | ApiError::UnsupportedMediaType(_)
-                | ApiError::QueueFull(_)
-                | ApiError::Unavailable(_)
-                | ApiError::DeadlineExceeded
-                | ApiError::Internal => {}
-            }
+        // `iter` yields every variant (derived, so a new one is in it at once); each must have
+        // a row above.
+        use strum::IntoEnumIterator;
+        let listed: Vec<_> = table()
+            .iter()
+            .map(|(e, _, _)| std::mem::discriminant(e))
+            .collect();
+        for variant in ApiError::iter() {
+            assert!(
+                listed.contains(&std::mem::discriminant(&variant)),
+                "{variant:?} has no row in the status table"
+            );
         }
     }
 
@@ -223,14 +224,10 @@ mod tests {
 
     #[test]
     fn internal_details_are_not_returned() {
-        let e = ApiError::from(InferError::Run(RunError::Failed(
-            "CUDA error 700 at 0xdeadbeef".into(),
-        )));
+        let e = ApiError::from(InferError::RunFailed("CUDA error 700 at 0xdeadbeef".into()));
         assert_eq!(e, ApiError::Internal);
         assert!(!e.message().contains("deadbeef"));
-        let e = ApiError::from(InferError::Run(RunError::Input(
-            "idx=99 out of range".into(),
-        )));
+        let e = ApiError::from(InferError::Rejected("idx=99 out of range".into()));
         assert!(matches!(e, ApiError::InvalidInput(m) if m.contains("idx=99")));
     }
 }

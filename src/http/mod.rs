@@ -2,10 +2,10 @@
 //! that imports axum and tower-http.
 
 mod auth;
-pub mod error;
-pub mod hello;
+mod error;
+mod extract;
 mod routes;
-pub mod v2;
+pub(crate) mod v2;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,9 +23,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
 
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Ids for requests that come without `x-request-id`, in the UUID version 4 layout: 122 random
 /// bits drawn once, with a counter added to the low 62, so each id is unique in this process and
@@ -118,6 +118,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 })),
         )
         .with_state(state)
+}
+
+/// Serves the router on `listener` until `stop` resolves; then stops accepting and lets the
+/// open connections finish their requests before it returns.
+pub(crate) async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop)
+        .await
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::error::ApiError;
 const MAX_DATA_DEPTH: usize = 32;
 
 #[derive(Debug, Deserialize)]
-pub struct InferRequest {
+pub(crate) struct InferRequest {
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]
@@ -26,7 +26,7 @@ pub struct InferRequest {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct RequestInput {
+pub(crate) struct RequestInput {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
@@ -38,7 +38,7 @@ pub struct RequestInput {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct RequestOutput {
+pub(crate) struct RequestOutput {
     pub name: String,
     #[serde(default)]
     pub parameters: Option<Map<String, Value>>,
@@ -46,7 +46,7 @@ pub struct RequestOutput {
 
 /// A parsed request: named tensors plus what the client asked of the response.
 #[derive(Debug)]
-pub struct Parsed {
+pub(crate) struct Parsed {
     pub id: Option<String>,
     pub inputs: Vec<(String, Tensor)>,
     /// Requested outputs (name, binary?), or `None` for all outputs.
@@ -84,7 +84,8 @@ fn param_u64(
 
 /// Parses a JSON body, or the JSON header of a binary body followed by the tensor bytes.
 /// `header_len` is the `Inference-Header-Content-Length` value when present.
-pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
+#[cfg(any(test, feature = "test-support"))]
+pub(crate) fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
     match header_len {
         Some(n) if n > body.len() => Err(header_too_long(n, body.len())),
         Some(n) => parse_parts(&body[..n], body[n..].to_vec()),
@@ -92,7 +93,7 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, A
     }
 }
 
-pub fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
+pub(crate) fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
     ApiError::MalformedBody(format!(
         "Inference-Header-Content-Length is {header_len} but the body has only {body_len} bytes"
     ))
@@ -101,7 +102,7 @@ pub fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
 /// [`parse_request`] on a body already split into its JSON and the binary bytes after it. An
 /// input whose `binary_data_size` covers all of `binary` takes the buffer itself (no copy: the
 /// common single-input request); several binary inputs each copy their share.
-pub fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, ApiError> {
+pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, ApiError> {
     let total = binary.len();
     let mut offset = 0usize;
     let req: InferRequest = serde_json::from_slice(json)
@@ -359,13 +360,13 @@ struct Response<'a> {
 }
 
 /// An encoded response body; `header_len` is set when binary tensors follow the JSON.
-pub struct Encoded {
+pub(crate) struct Encoded {
     pub body: Vec<u8>,
     pub header_len: Option<usize>,
 }
 
 /// Encodes the chosen outputs (name, tensor, binary?) in the order given.
-pub fn encode_response(
+pub(crate) fn encode_response(
     model: &str,
     version: &str,
     id: Option<&str>,

@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::config::{ChannelOrder, ImageConfig, ImageDtype, Interpolation, Layout};
 use crate::tensor::{DataType, Tensor};
 
-pub use pool::Pool;
+pub(crate) use pool::Pool;
 
 /// Why an image was refused. `TooLarge` answers 413, the rest 400.
 #[derive(Debug, Error, PartialEq)]
@@ -29,7 +29,7 @@ pub enum PreprocessError {
 }
 
 /// Decodes one image to RGB, refusing oversize files and headers before decoding pixels.
-pub fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
+pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -85,7 +85,7 @@ fn algorithm(i: Interpolation) -> fr::ResizeAlg {
 }
 
 /// Resizes (shorter side then centre crop, or straight to size) to `cfg.size`.
-pub fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
+pub(crate) fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
     let [out_h, out_w] = cfg.size;
     let (w, h) = img.dimensions();
     let (rw, rh) = match cfg.resize_shorter {
@@ -120,7 +120,7 @@ pub fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, PreprocessE
 }
 
 /// One `[1, 3, h, w]` (or `[1, h, w, 3]`) row from a resized image.
-pub fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
+pub(crate) fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
     let (w, h) = img.dimensions();
     let (w, h) = (w as usize, h as usize);
     let order: [usize; 3] = match cfg.channel_order {

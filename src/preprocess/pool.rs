@@ -6,27 +6,23 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-pub struct Pool {
+pub(crate) struct Pool {
     /// One permit per job allowed to run; handlers wait here when every slot is busy.
     permits: Arc<Semaphore>,
-    threads: usize,
 }
 
 impl Pool {
-    pub fn new(threads: usize) -> Pool {
-        let threads = threads.max(1);
+    pub(crate) fn new(threads: usize) -> Pool {
         Pool {
-            permits: Arc::new(Semaphore::new(threads)),
-            threads,
+            permits: Arc::new(Semaphore::new(threads.max(1))),
         }
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads
-    }
-
     /// Runs `job` on a blocking thread once a slot is free.
-    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> T {
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let permit = self
             .permits
             .clone()

@@ -32,7 +32,7 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
 /// The key: model sha256, device name and kind (threads), runtime release, ortserve's version
 /// (the probe may change between versions), and every tuning setting that changes the result.
 /// `None` when the model file cannot be read.
-pub fn cache_key(
+pub(crate) fn cache_key(
     model: &Path,
     device: &str,
     plan: &DevicePlan,
@@ -71,14 +71,14 @@ struct Entry {
 }
 
 /// The cached result for `key`, if a readable file holds exactly that key.
-pub fn load(cfg: &TuningConfig, key: &str) -> Option<DeviceTuning> {
+pub(super) fn load(cfg: &TuningConfig, key: &str) -> Option<DeviceTuning> {
     let text = std::fs::read_to_string(file(cfg, key)).ok()?;
     let entry: Entry = serde_json::from_str(&text).ok()?;
     (entry.key == key).then_some(entry.result)
 }
 
 /// Writes the result (to a temporary file first, so a crash leaves no half-written entry).
-pub fn store(cfg: &TuningConfig, key: &str, result: &DeviceTuning) -> std::io::Result<()> {
+pub(super) fn store(cfg: &TuningConfig, key: &str, result: &DeviceTuning) -> std::io::Result<()> {
     std::fs::create_dir_all(dir(cfg))?;
     let path = file(cfg, key);
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));

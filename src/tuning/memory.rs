@@ -26,7 +26,7 @@ fn mem_available() -> Option<u64> {
 
 /// Where CPU memory readings come from, found once.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CpuMemorySource {
+pub(crate) enum CpuMemorySource {
     /// cgroup v2: `memory.current` against `memory.max`.
     CgroupV2 { dir: std::path::PathBuf },
     /// cgroup v1: `memory.usage_in_bytes` against `memory.limit_in_bytes`.
@@ -37,7 +37,7 @@ pub enum CpuMemorySource {
 
 impl CpuMemorySource {
     /// Looks for a cgroup memory limit that is really set (not `max` or the v1 "unlimited").
-    pub fn detect() -> CpuMemorySource {
+    pub(crate) fn detect() -> CpuMemorySource {
         let v2 = Path::new("/sys/fs/cgroup");
         if let Ok(max) = std::fs::read_to_string(v2.join("memory.max")) {
             if max.trim() != "max" && v2.join("memory.current").exists() {
@@ -58,7 +58,7 @@ impl CpuMemorySource {
         CpuMemorySource::Host
     }
 
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             CpuMemorySource::CgroupV2 { .. } => "process RSS against cgroup v2 memory.max",
             CpuMemorySource::CgroupV1 { .. } => {
@@ -70,7 +70,7 @@ impl CpuMemorySource {
 
     /// `used` is this process's resident memory; `limit` is what this process may reach: the
     /// container limit less what the rest of the container uses, or RSS + MemAvailable.
-    pub fn read(&self) -> MemoryReading {
+    pub(crate) fn read(&self) -> MemoryReading {
         let rss = process_rss().unwrap_or(0);
         let cgroup = |usage: &str, limit: &str, dir: &Path| {
             let current = read_u64(&dir.join(usage))?;
@@ -90,7 +90,7 @@ impl CpuMemorySource {
 
 /// Per GPU (NVML index): memory used and total in bytes, and utilisation in percent. Empty
 /// when NVML is not available (no NVIDIA driver). NVML is loaded once, on first use.
-pub fn gpu_readings() -> Vec<(u32, u64, u64, u32)> {
+pub(crate) fn gpu_readings() -> Vec<(u32, u64, u64, u32)> {
     static NVML: std::sync::OnceLock<Option<nvml_wrapper::Nvml>> = std::sync::OnceLock::new();
     let Some(nvml) = NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()) else {
         return Vec::new();

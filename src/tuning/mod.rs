@@ -4,7 +4,7 @@
 mod cache;
 mod memory;
 pub mod plot;
-pub mod probe;
+mod probe;
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +16,11 @@ use crate::device::{DeviceKind, DevicePlan, ModelRunner, RunError};
 use crate::model::ModelInfo;
 use crate::tensor::{DataType, Tensor};
 
-pub use cache::cache_key;
-pub use memory::{gpu_readings, process_rss, CpuMemorySource};
-pub use probe::{Limits, MemoryReading, Outcome, Probe, ProbeError, Sweep, Target};
+pub(crate) use cache::cache_key;
+pub use memory::process_rss;
+pub(crate) use memory::{gpu_readings, CpuMemorySource};
+pub(crate) use probe::{Limits, Target};
+pub use probe::{MemoryReading, Outcome, Probe, ProbeError};
 
 /// Where a device's batch size came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +77,7 @@ pub enum TuningError {
 }
 
 /// The non-batch dims of every input, with dynamic ones taken from `tuning.dims` by name.
-pub fn resolve_dims(
+pub(crate) fn resolve_dims(
     model: &str,
     info: &ModelInfo,
     names: &[Vec<String>],
@@ -131,7 +133,7 @@ impl Mix {
 
 /// Random inputs of `rows` rows, never all zeros. Integers are small (0..4) so index-like
 /// inputs stay in range; floats are in [-1, 1).
-pub fn synthetic_inputs(
+pub(crate) fn synthetic_inputs(
     info: &ModelInfo,
     dims: &[Vec<usize>],
     rows: usize,
@@ -170,7 +172,7 @@ pub fn synthetic_inputs(
 }
 
 /// How the probe reads memory on one device.
-pub enum MemoryProbe {
+pub(crate) enum MemoryProbe {
     Cpu(CpuMemorySource),
     /// NVML, by NVML device index.
     Cuda {
@@ -182,7 +184,10 @@ pub enum MemoryProbe {
 impl MemoryProbe {
     /// For a plan: the cgroup/RSS reader on CPU, NVML on CUDA (`visible` maps `cuda:N` to the
     /// NVML index when CUDA_VISIBLE_DEVICES renumbers GPUs).
-    pub fn for_plan(plan: &DevicePlan, visible: Option<&str>) -> Result<MemoryProbe, String> {
+    pub(crate) fn for_plan(
+        plan: &DevicePlan,
+        visible: Option<&str>,
+    ) -> Result<MemoryProbe, String> {
         match plan.kind {
             DeviceKind::Cpu { .. } => Ok(MemoryProbe::Cpu(CpuMemorySource::detect())),
             DeviceKind::Cuda { id } => {
@@ -200,14 +205,14 @@ impl MemoryProbe {
         }
     }
 
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             MemoryProbe::Cpu(src) => src.name().to_string(),
             MemoryProbe::Cuda { index, .. } => format!("NVML device {index}: used against total"),
         }
     }
 
-    pub fn read(&self) -> MemoryReading {
+    pub(crate) fn read(&self) -> MemoryReading {
         match self {
             MemoryProbe::Cpu(src) => src.read(),
             MemoryProbe::Cuda { nvml, index } => {
@@ -268,7 +273,7 @@ impl Target for RunnerTarget<'_> {
 }
 
 /// What [`tune_device`] needs besides the runner.
-pub struct TuneRequest<'a> {
+pub(crate) struct TuneRequest<'a> {
     pub model: &'a str,
     pub model_path: &'a std::path::Path,
     pub plan: &'a DevicePlan,
@@ -282,7 +287,7 @@ pub struct TuneRequest<'a> {
 }
 
 /// Tunes one device: from the cache when it has this key (unless `force`), else by sweeping.
-pub fn tune_device(
+pub(crate) fn tune_device(
     runner: &mut dyn ModelRunner,
     req: &TuneRequest<'_>,
 ) -> Result<DeviceTuning, TuningError> {

@@ -18,7 +18,7 @@ pub struct MemoryReading {
 }
 
 /// What the sweep measures: a device running the model at a given batch size.
-pub trait Target {
+pub(crate) trait Target {
     /// One warm-up run, then timed runs of `rows` rows; returns the timed durations. Stops
     /// adding timed runs after `deadline` (there is always at least one).
     fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Vec<Duration>, RunError>;
@@ -27,7 +27,7 @@ pub trait Target {
 
 /// The limits the sweep works within.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub memory_headroom: f64,
     pub memory_budget: Option<u64>,
     pub latency_budget: Option<Duration>,
@@ -65,7 +65,7 @@ pub struct Probe {
 
 /// The sweep's result for one device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Sweep {
+pub(super) struct Sweep {
     pub chosen: usize,
     pub reason: String,
     pub probes: Vec<Probe>,
@@ -181,7 +181,7 @@ impl<T: Target> Sweeper<'_, T> {
 /// Runs the sweep: sizes 1, 2, 4, … up to the cap; stops at the first size that fails (out of
 /// memory, memory budget, latency budget, error), when doubling gains under 5% twice, or before
 /// the time limit; then bisects between the last good and the first failing size.
-pub fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeError> {
+pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeError> {
     let started = Instant::now();
     let baseline = target.memory().used;
     let mut s = Sweeper {

@@ -10,13 +10,12 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use ortserve::app::AppState;
-use ortserve::batching::{BatchSettings, DeviceRunner, ModelHandle};
+use ortserve::app::{AppState, DeviceStatus};
 use ortserve::config::{Config, DispatchPolicy, RuntimeConfig};
 use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner, RunError};
-use ortserve::metrics::Metrics;
 use ortserve::model::{ModelInfo, TensorInfo};
 use ortserve::tensor::{DataType, Tensor};
+use ortserve::testing::{BatchSettings, DeviceRunner, ModelOwner};
 use rand::Rng;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -33,10 +32,59 @@ pub fn config(yaml: &str) -> Config {
     c
 }
 
-pub async fn start(yaml: &str) -> (Arc<AppState>, Router) {
-    let state = ortserve::start(&config(yaml)).await.expect("server starts");
+/// A served state and what stops it: the loaded server, or a fake model's owner. It reads as the
+/// state (`Deref`); dropping it stops the models.
+pub struct Served {
+    state: Arc<AppState>,
+    server: Option<ortserve::Server>,
+    owner: Option<ModelOwner>,
+}
+
+impl std::ops::Deref for Served {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.state
+    }
+}
+
+impl Served {
+    /// The first model's devices, as its metadata reports them.
+    pub fn devices(&self) -> Vec<DeviceStatus> {
+        self.state.models()[0].devices()
+    }
+
+    /// Marks the first model's device `index` healthy or not.
+    pub fn set_healthy(&self, index: usize, healthy: bool) {
+        self.state.models()[0]
+            .handle()
+            .set_device_healthy(index, healthy);
+    }
+
+    /// Stops the models: what was admitted is answered, threads are joined.
+    pub async fn shutdown(self) {
+        if let Some(s) = self.server {
+            s.shutdown().await;
+        }
+        if let Some(o) = self.owner {
+            o.shutdown().await;
+        }
+    }
+}
+
+pub async fn start(yaml: &str) -> (Served, Router) {
+    start_config(&config(yaml)).await
+}
+
+pub async fn start_config(config: &Config) -> (Served, Router) {
+    let server = ortserve::start(config).await.expect("server starts");
+    let state = server.state().clone();
     let router = ortserve::http::router(state.clone());
-    (state, router)
+    let served = Served {
+        state,
+        server: Some(server),
+        owner: None,
+    };
+    (served, router)
 }
 
 pub struct Reply {
@@ -305,7 +353,7 @@ pub fn fake_server(
     runners: Vec<DeviceRunner>,
     policy: DispatchPolicy,
     settings: BatchSettings,
-) -> (Arc<AppState>, axum::Router) {
+) -> (Served, axum::Router) {
     let tensor = |n: &str| TensorInfo {
         name: n.into(),
         dtype: DataType::F32,
@@ -315,16 +363,18 @@ pub fn fake_server(
         inputs: vec![tensor("x")],
         outputs: vec![tensor("y")],
     };
-    let metrics = Arc::new(Metrics::new());
-    let model =
-        ModelHandle::start(name, "1", info, policy, settings, runners, metrics.clone()).unwrap();
-    let state = Arc::new(AppState::new(vec![model], metrics, 1 << 20));
+    let (state, owner) = ortserve::testing::serve_runners(name, info, policy, settings, runners);
     let router = ortserve::http::router(state.clone());
-    (state, router)
+    let served = Served {
+        state,
+        server: None,
+        owner: Some(owner),
+    };
+    (served, router)
 }
 
 /// One device that holds each batch until the returned sender sends a token (or is dropped).
-pub fn gated_server(queue_capacity: usize) -> (Arc<AppState>, axum::Router, mpsc::Sender<()>) {
+pub fn gated_server(queue_capacity: usize) -> (Served, axum::Router, mpsc::Sender<()>) {
     let (open, gate) = mpsc::channel();
     let runner = DeviceRunner {
         name: "cpu:0".into(),

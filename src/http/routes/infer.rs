@@ -9,12 +9,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
+use crate::http::extract::{self, declared_length, read_body, unreadable};
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
 
 const HEADER_LEN: &str = "inference-header-content-length";
 
-pub async fn infer(
+pub(crate) async fn infer(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
@@ -23,7 +24,7 @@ pub async fn infer(
     handle(app, model, None, headers, body).await
 }
 
-pub async fn infer_version(
+pub(crate) async fn infer_version(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
@@ -46,27 +47,6 @@ async fn handle(
     };
     super::record(&app, &model, "v2_infer", &response, started);
     response
-}
-
-/// Reads the whole body, refusing more than the limit (by Content-Length first, then as it streams).
-pub async fn read_body(
-    app: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<axum::body::Bytes, ApiError> {
-    let limit = app.max_body_bytes;
-    declared_length(headers, limit)?;
-    axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                unreadable(e)
-            }
-        })
 }
 
 /// Reads a binary-extension body as it streams in: the first `header_len` bytes into the JSON
@@ -108,47 +88,6 @@ async fn read_binary_body(
     Ok((json, binary))
 }
 
-/// The Content-Length, refused at once when it is over `limit`.
-fn declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(n) if n > limit => Err(ApiError::PayloadTooLarge { limit }),
-        other => Ok(other),
-    }
-}
-
-fn unreadable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::MalformedBody(format!("could not read the request body: {e}"))
-}
-
-/// The request's id (set by the request-id layer before any handler runs).
-pub fn request_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(crate::http::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-/// `X-Timeout-Ms`: the client's deadline in milliseconds (it can only shorten the server's).
-pub fn header_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
-    match headers.get("x-timeout-ms") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(|ms| Some(std::time::Duration::from_millis(ms)))
-            .ok_or_else(|| {
-                ApiError::MalformedBody(
-                    "X-Timeout-Ms must be a whole number of milliseconds".into(),
-                )
-            }),
-    }
-}
-
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
 /// none), and so does curl's default for `-d` (`application/x-www-form-urlencoded`).
 fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
@@ -165,7 +104,7 @@ fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
                 })?,
         ),
     };
-    let ctype = super::content_type(headers);
+    let ctype = extract::content_type(headers);
     match (ctype.as_deref(), binary_len) {
         (_, Some(n)) => Ok(Some(n)),
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), None) => Ok(None),
@@ -197,31 +136,30 @@ async fn run(
         }
     };
     // Resolve the requested outputs before running, so a typo costs no inference.
+    let info = m.info();
     let selected: Vec<(usize, bool)> = match &parsed.outputs {
-        None => (0..m.info.outputs.len())
+        None => (0..info.outputs.len())
             .map(|i| (i, parsed.binary_default))
             .collect(),
         Some(list) => list
             .iter()
             .map(|(name, binary)| {
                 Ok((
-                    m.info
-                        .output_index(name)
+                    info.output_index(name)
                         .map_err(|e| ApiError::InvalidInput(e.to_string()))?,
                     *binary,
                 ))
             })
             .collect::<Result<_, ApiError>>()?,
     };
-    let timeout = parsed.timeout.or(header_timeout(headers)?);
-    let outputs = m
-        .infer_as(parsed.inputs, timeout, request_id(headers))
-        .await?;
+    let mut call = extract::call(headers)?;
+    call.timeout = parsed.timeout.or(call.timeout);
+    let outputs = m.infer(parsed.inputs, &call).await?;
     let chosen: Vec<(&str, &crate::tensor::Tensor, bool)> = selected
         .iter()
-        .map(|&(i, binary)| (m.info.outputs[i].name.as_str(), &outputs[i], binary))
+        .map(|&(i, binary)| (info.outputs[i].name.as_str(), &outputs[i], binary))
         .collect();
-    let enc = v2::encode_response(&m.name, &m.version, parsed.id.as_deref(), &chosen);
+    let enc = v2::encode_response(m.name(), m.version(), parsed.id.as_deref(), &chosen);
     let mut resp = (StatusCode::OK, enc.body).into_response();
     let h = resp.headers_mut();
     match enc.header_len {

@@ -8,22 +8,21 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::app::AppState;
-use crate::batching::ModelHandle;
+use crate::app::{AppState, Model};
 use crate::http::ApiError;
 use crate::model::TensorInfo;
 
 /// Finds a model, and checks the version when the URL names one.
-pub fn lookup<'a>(
+pub(crate) fn lookup<'a>(
     app: &'a AppState,
     model: &str,
     version: Option<&str>,
-) -> Result<&'a Arc<ModelHandle>, ApiError> {
+) -> Result<&'a Model, ApiError> {
     let m = app
         .model(model)
         .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
     match version {
-        Some(v) if v != m.version => Err(ApiError::VersionNotFound {
+        Some(v) if v != m.version() => Err(ApiError::VersionNotFound {
             model: model.to_string(),
             version: v.to_string(),
         }),
@@ -35,24 +34,24 @@ fn describe(t: &TensorInfo) -> serde_json::Value {
     json!({"name": t.name, "datatype": t.dtype.v2_name(), "shape": t.dims})
 }
 
-fn metadata_of(m: &ModelHandle) -> Json<serde_json::Value> {
+fn metadata_of(m: &Model) -> Json<serde_json::Value> {
     Json(json!({
-        "name": m.name,
-        "versions": [m.version],
+        "name": m.name(),
+        "versions": [m.version()],
         "platform": "onnxruntime_onnx",
-        "inputs": m.info.inputs.iter().map(describe).collect::<Vec<_>>(),
-        "outputs": m.info.outputs.iter().map(describe).collect::<Vec<_>>(),
-        "devices": m.pool.devices().iter().map(|d| json!({
+        "inputs": m.info().inputs.iter().map(describe).collect::<Vec<_>>(),
+        "outputs": m.info().outputs.iter().map(describe).collect::<Vec<_>>(),
+        "devices": m.devices().iter().map(|d| json!({
             "name": d.name,
-            "healthy": d.is_healthy(),
+            "healthy": d.healthy,
             "max_batch_size": d.max_batch,
-            "measured_rows_per_second": d.rate(),
+            "measured_rows_per_second": d.rows_per_second,
         })).collect::<Vec<_>>(),
     }))
 }
 
 /// `GET /v2/models/{model}`
-pub async fn metadata(
+pub(crate) async fn metadata(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -60,25 +59,25 @@ pub async fn metadata(
 }
 
 /// `GET /v2/models/{model}/versions/{version}`
-pub async fn metadata_version(
+pub(crate) async fn metadata_version(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(metadata_of(lookup(&app, &model, Some(&version))?))
 }
 
-fn ready_of(app: &AppState, m: &ModelHandle) -> Response {
+fn ready_of(app: &AppState, m: &Model) -> Response {
     let ready = m.is_ready() && !app.is_draining();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"name": m.name, "ready": ready}))).into_response()
+    (status, Json(json!({"name": m.name(), "ready": ready}))).into_response()
 }
 
 /// `GET /v2/models/{model}/ready`
-pub async fn ready(
+pub(crate) async fn ready(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -86,7 +85,7 @@ pub async fn ready(
 }
 
 /// `GET /v2/models/{model}/versions/{version}/ready`
-pub async fn ready_version(
+pub(crate) async fn ready_version(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -95,11 +94,10 @@ pub async fn ready_version(
 
 /// `GET /v1/models/{model}/tuning`: per device, every probed size (latency, rows/s, memory),
 /// the chosen size and why.
-pub async fn tuning(
+pub(crate) async fn tuning(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let m = lookup(&app, &model, None)?;
-    let devices = app.tuning(&m.name).unwrap_or_default();
-    Ok(Json(json!({"model": m.name, "devices": devices})))
+    Ok(Json(json!({"model": m.name(), "devices": m.tuning()})))
 }

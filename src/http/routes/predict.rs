@@ -14,17 +14,15 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::app::AppState;
-use crate::batching::ModelHandle;
+use crate::app::{AppState, Call, ImagePrediction, Model};
 use crate::config::ImageConfig;
-use crate::http::routes::infer::{header_timeout, read_body, request_id};
+use crate::http::extract::{self, read_body};
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
-use crate::preprocess::{self, PreprocessError};
 use crate::tensor::{element_count, Tensor};
 
 #[derive(Debug, Default, Deserialize)]
-pub struct PredictQuery {
+pub(crate) struct PredictQuery {
     /// Add each image's raw output next to its labels.
     #[serde(default)]
     raw: bool,
@@ -37,7 +35,7 @@ struct PredictBody {
     raw: bool,
 }
 
-pub async fn predict(
+pub(crate) async fn predict(
     State(app): State<Arc<AppState>>,
     Path(target): Path<String>,
     Query(query): Query<PredictQuery>,
@@ -63,17 +61,14 @@ async fn run(
     query: PredictQuery,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let m = lookup(app, model, None)?.clone();
-    let call = Call {
-        timeout: header_timeout(req.headers())?,
-        request_id: request_id(req.headers()),
-    };
-    let image = app.extras(model).and_then(|e| e.image.clone());
-    let ctype = super::content_type(req.headers());
+    let m = lookup(app, model, None)?;
+    let call = extract::call(req.headers())?;
+    let image = m.image();
+    let ctype = extract::content_type(req.headers());
     match (ctype.as_deref(), &image) {
         (Some("multipart/form-data"), Some(cfg)) => {
             let images = multipart_images(app, cfg, req).await?;
-            predict_images(app, &m, cfg, images, query.raw, &call).await
+            predict_images(app, m, images, query.raw, &call).await
         }
         (Some(t), Some(cfg)) if t.starts_with("image/") => {
             if !matches!(t, "image/jpeg" | "image/jpg" | "image/png" | "image/webp" | "image/gif" | "image/bmp") {
@@ -83,7 +78,7 @@ async fn run(
             }
             let (parts, body) = req.into_parts();
             let body = read_limited(app, &parts.headers, body, cfg.max_image_bytes.0).await?;
-            predict_images(app, &m, cfg, vec![body], query.raw, &call).await
+            predict_images(app, m, vec![body], query.raw, &call).await
         }
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), _) => {
             let (parts, body) = req.into_parts();
@@ -91,12 +86,12 @@ async fn run(
             let body: PredictBody = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::MalformedBody(format!("expected {{\"instances\": [...]}}: {e}")))?;
             let raw = query.raw || body.raw;
-            match &image {
+            match image {
                 Some(cfg) => {
                     let images = b64_instances(cfg, &body.instances)?;
-                    predict_images(app, &m, cfg, images, raw, &call).await
+                    predict_images(app, m, images, raw, &call).await
                 }
-                None => predict_tensors(&m, body.instances, &call).await,
+                None => predict_tensors(m, body.instances, &call).await,
             }
         }
         (Some(t), _) => Err(ApiError::UnsupportedMediaType(match image {
@@ -222,89 +217,34 @@ fn b64_instances(cfg: &ImageConfig, instances: &[Value]) -> Result<Vec<Bytes>, A
         .collect()
 }
 
-/// Per-request settings every predict path passes to the model.
-struct Call {
-    timeout: Option<std::time::Duration>,
-    request_id: Option<String>,
-}
-
+/// Images through the core (preprocessing, batching, classification), answered as
+/// TF-Serving predictions: each image's `classes`, and its raw output by name when asked for.
 async fn predict_images(
     app: &AppState,
-    m: &Arc<ModelHandle>,
-    cfg: &ImageConfig,
+    m: &Model,
     images: Vec<Bytes>,
     raw: bool,
     call: &Call,
 ) -> Result<Response, ApiError> {
-    if images.len() > cfg.max_images {
-        return Err(ApiError::ImageTooLarge(format!(
-            "more than {} images in one request",
-            cfg.max_images
-        )));
-    }
-    let timer = app
-        .metrics
-        .preprocess_duration
-        .with_label_values(&[m.name.as_str()]);
-    let jobs = images.into_iter().enumerate().map(|(i, bytes)| {
-        let cfg = cfg.clone();
-        let timer = timer.clone();
-        async move {
-            let rows = app
-                .pool
-                .run(move || {
-                    let t = Instant::now();
-                    let r = preprocess::preprocess(&bytes, &cfg);
-                    timer.observe(t.elapsed().as_secs_f64());
-                    r
-                })
-                .await;
-            rows.map_err(|e| match e {
-                PreprocessError::TooLarge(msg) => {
-                    ApiError::ImageTooLarge(format!("image {i}: {msg}"))
-                }
-                other => ApiError::InvalidInput(format!("image {i}: {other}")),
-            })
-        }
-    });
-    let rows = futures_util::future::try_join_all(jobs).await?;
-    let refs: Vec<&Tensor> = rows.iter().collect();
-    let batch = Tensor::concat(&refs).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
-    let n = rows.len();
-    let input = m.info.inputs[0].name.clone();
-    let outputs = m
-        .infer_as(vec![(input, batch)], call.timeout, call.request_id.clone())
-        .await?;
-    let classifier = app.extras(&m.name).and_then(|e| e.classifier.as_ref());
-    let out_index = match classifier.and_then(|c| c.output.as_deref()) {
-        Some(name) => m
-            .info
-            .output_index(name)
-            .map_err(|e| ApiError::InvalidInput(e.to_string()))?,
-        None => 0,
-    };
-    let scores = &outputs[out_index];
-    let predictions: Vec<Value> = (0..n)
-        .map(|i| {
-            let row = scores.slice_rows(i, 1);
+    let predictions: Vec<Value> = app
+        .predict_images(m, images, raw, call)
+        .await?
+        .into_iter()
+        .map(|ImagePrediction { classes, output }| {
             let mut p = Map::new();
-            if let Some(c) = classifier {
-                let values: Vec<f32> = match row.dtype {
-                    crate::tensor::DataType::F32 => row.to_f32(),
-                    _ => Vec::new(),
-                };
-                p.insert("classes".into(), json!(c.top(&values)));
+            if let Some(classes) = classes {
+                p.insert("classes".into(), json!(classes));
             }
-            if raw || classifier.is_none() {
-                p.insert(m.info.outputs[out_index].name.clone(), nested(&row));
+            if let Some((name, row)) = output {
+                p.insert(name, nested(&row));
             }
             Value::Object(p)
         })
         .collect();
-    Ok(
-        Json(json!({"model_name": m.name, "model_version": m.version, "predictions": predictions}))
-            .into_response(),
+    Ok(Json(
+        json!({"model_name": m.name(), "model_version": m.version(), "predictions": predictions}),
     )
+    .into_response())
 }
 
 /// One row's values (dim 0 dropped) as nested JSON arrays.
@@ -333,7 +273,7 @@ fn nested(row: &Tensor) -> Value {
 /// Instances of a tensor model: one row each; an object by input name when the model has
 /// several inputs, else the row itself.
 async fn predict_tensors(
-    m: &Arc<ModelHandle>,
+    m: &Model,
     instances: Vec<Value>,
     call: &Call,
 ) -> Result<Response, ApiError> {
@@ -341,13 +281,16 @@ async fn predict_tensors(
         return Err(ApiError::MalformedBody("`instances` is empty".into()));
     }
     let n = instances.len();
-    let mut named = Vec::with_capacity(m.info.inputs.len());
-    for input in &m.info.inputs {
+    let info = m.info();
+    let mut named = Vec::with_capacity(info.inputs.len());
+    for input in &info.inputs {
         let rest = input.dims.get(1..).unwrap_or_default();
         if rest.iter().any(|&d| d < 0) {
             return Err(ApiError::InvalidInput(format!(
                 "input {:?} has dynamic dims {:?}; send it through /v2/models/{}/infer with a shape",
-                input.name, input.dims, m.name
+                input.name,
+                input.dims,
+                m.name()
             )));
         }
         let rest: Vec<usize> = rest.iter().map(|&d| d as usize).collect();
@@ -355,7 +298,7 @@ async fn predict_tensors(
         let values: Vec<Value> = instances
             .iter()
             .enumerate()
-            .map(|(i, inst)| match (m.info.inputs.len(), inst) {
+            .map(|(i, inst)| match (info.inputs.len(), inst) {
                 (1, v) if !v.is_object() => Ok(v.clone()),
                 (_, Value::Object(o)) => o.get(&input.name).cloned().ok_or_else(|| {
                     ApiError::InvalidInput(format!("instance {i} has no input {:?}", input.name))
@@ -377,17 +320,14 @@ async fn predict_tensors(
             .map_err(|e| ApiError::InvalidInput(e.to_string()))?;
         named.push((input.name.clone(), t));
     }
-    let outputs = m
-        .infer_as(named, call.timeout, call.request_id.clone())
-        .await?;
+    let outputs = m.infer(named, call).await?;
     let predictions: Vec<Value> = (0..n)
         .map(|i| {
             if outputs.len() == 1 {
                 nested(&outputs[0].slice_rows(i, 1))
             } else {
                 Value::Object(
-                    m.info
-                        .outputs
+                    info.outputs
                         .iter()
                         .zip(&outputs)
                         .map(|(o, t)| (o.name.clone(), nested(&t.slice_rows(i, 1))))

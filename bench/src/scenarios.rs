@@ -1,9 +1,6 @@
-//! `ortserve bench`: the server on 127.0.0.1 under a keep-alive load generator, next to the
+//! The scenarios: the server on 127.0.0.1 under a keep-alive load generator, next to the
 //! in-process ceiling (the same model and threads through ONNX Runtime directly), in one run.
 //! DESIGN.md section 9 is the method. Not a test: numbers, not assertions.
-
-pub mod client;
-mod cpu;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner};
-use crate::tensor::Tensor;
+use ortserve::config::Config;
+use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner};
+use ortserve::tensor::Tensor;
 
-use client::LoadResult;
+use crate::client::{self, LoadResult};
+use crate::cpu;
 
 /// One measured line of a scenario.
 #[derive(Debug, Clone, Serialize)]
@@ -80,10 +78,10 @@ pub struct Options {
     pub warmup: f64,
     pub scenarios: Vec<char>,
     pub out_dir: PathBuf,
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    /// The fixture models (the repository's tests/fixtures).
+    pub fixtures: PathBuf,
+    /// What scripts/setup_models.sh made (the repository's .ortserve), for scenario e.
+    pub setup_dir: PathBuf,
 }
 
 /// A server on its own runtime (2 workers) and its own thread; stopped on drop.
@@ -135,21 +133,22 @@ impl Server {
         })
     }
 
-    /// ortserve with `yaml` (fixture paths resolved against tests/fixtures).
-    fn start(yaml: &str) -> Result<Server, String> {
+    /// ortserve with `yaml` (model paths resolved against `fixtures`).
+    fn start(yaml: &str, fixtures: &Path) -> Result<Server, String> {
         let mut config = Config::from_yaml(yaml).map_err(|e| e.to_string())?;
-        config.resolve_paths(&fixtures());
+        config.resolve_paths(fixtures);
         config.validate().map_err(|e| e.to_string())?;
         Server::spawn(move |listener, started, stop| async move {
-            let state = match crate::start(&config).await {
+            let server = match ortserve::start(&config).await {
                 Ok(s) => s,
                 Err(e) => return started.failed(e.to_string()),
             };
             started.ready();
-            let _ = crate::serve(state, &config.server, listener, async {
-                let _ = stop.await;
-            })
-            .await;
+            let _ = server
+                .serve(listener, async {
+                    let _ = stop.await;
+                })
+                .await;
         })
     }
 }
@@ -185,7 +184,7 @@ impl Drop for Server {
 fn start_hello() -> Server {
     Server::spawn(|listener, started, stop| async move {
         started.ready();
-        let _ = crate::http::hello::serve(listener, async {
+        let _ = crate::hello::serve(listener, async {
             let _ = stop.await;
         })
         .await;
@@ -391,8 +390,9 @@ fn row(
     }
 }
 
+/// A V2 JSON body with one FP32 input, its data flat (written here, not by the server's codec).
 fn v2_json_body(name: &str, t: &Tensor) -> Vec<u8> {
-    let data = serde_json::to_value(crate::http::v2::JsonData(t)).expect("tensor serializes");
+    let data = t.to_f32();
     serde_json::json!({"inputs": [{"name": name, "shape": t.shape, "datatype": t.dtype.v2_name(), "data": data}]})
         .to_string()
         .into_bytes()
@@ -440,6 +440,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         let hello = start_hello();
         let server = Server::start(
             "server: {drain_delay: 0s}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 32, max_queue_delay: 0ms}}]",
+            &o.fixtures,
         )?;
         let x = Tensor::from_f32(vec![1, 4], &[0.5, -1.0, 2.0, 0.25]).expect("shape");
         let infer = client::request(
@@ -450,7 +451,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         );
         let hello_req = client::request("POST", "/", &[], b"{}");
         let (_, single_ms) = ceiling(
-            &fixtures().join("mlp.onnx"),
+            &o.fixtures.join("mlp.onnx"),
             1,
             std::slice::from_ref(&x),
             &[1],
@@ -499,7 +500,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
     };
     for &(name, sizes) in cnns {
         let fixture = name == "cnn";
-        let model = fixtures().join(format!("{name}.onnx"));
+        let model = o.fixtures.join(format!("{name}.onnx"));
         let (curve, _) = ceiling(&model, 2, std::slice::from_ref(&x), sizes, per_size)?;
         let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
         rows.push(Row {
@@ -520,7 +521,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         let path = format!("/v2/models/{name}/infer");
         let bin = v2_binary_request(&path, "input", &x);
         if o.scenarios.contains(&'b') {
-            let server = Server::start(&cfg("cpu", "64", 2))?;
+            let server = Server::start(&cfg("cpu", "64", 2), &o.fixtures)?;
             let mut sweep = Vec::new();
             let levels: &[usize] = if fixture { &[1, 4, 16, 32] } else { &[32] };
             for &c in levels {
@@ -586,9 +587,9 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
     }
 
     if o.scenarios.contains(&'e') {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let model = root.join(".ortserve/models/efficientnet_lite0.onnx");
-        let photo = root.join(".ortserve/data/coffee.png");
+        let root = o.setup_dir.as_path();
+        let model = root.join("models/efficientnet_lite0.onnx");
+        let photo = root.join("data/coffee.png");
         if !model.exists() || !photo.exists() {
             return Err("scenario e needs scripts/setup_models.sh".into());
         }
@@ -600,21 +601,21 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         let server = Server::start(&format!(
             "server: {{drain_delay: 0s}}\nmodels:\n  - name: effnet\n    path: {}\n    devices: cpu\n    batching: {{max_batch_size: 8, max_queue_delay: 2ms}}\n    image: {{size: [224, 224], resize_shorter: 256, mean: [127, 127, 127], std: [128, 128, 128]}}\n    classification: {{labels: {}}}\n",
             model.display(),
-            root.join(".ortserve/models/imagenet_labels.txt").display()
-        ))?;
+            root.join("models/imagenet_labels.txt").display()
+        ), &o.fixtures)?;
         let req = client::request(
             "POST",
             "/v1/models/effnet:predict",
             &[("Content-Type", "image/jpeg".into())],
             jpeg.get_ref(),
         );
-        let row_t = crate::preprocess::preprocess(
+        let row_t = ortserve::preprocess::preprocess(
             jpeg.get_ref(),
-            &crate::config::ImageConfig {
+            &ortserve::config::ImageConfig {
                 resize_shorter: Some(256),
                 mean: [127.0; 3],
                 std: [128.0; 3],
-                ..crate::config::ImageConfig::new([224, 224])
+                ..ortserve::config::ImageConfig::new([224, 224])
             },
         )
         .map_err(|e| e.to_string())?;
@@ -748,7 +749,7 @@ fn compare(
     base_name: &str,
 ) -> Result<[Row; 2], String> {
     let measure = |(label, yaml): (String, String)| -> Result<Row, String> {
-        let server = Server::start(&yaml)?;
+        let server = Server::start(&yaml, &o.fixtures)?;
         let (r, mb) = load_server(rt, server.addr, request.to_vec(), 32, o);
         Ok(row(scenario, &label, 32, 1, &r).with_batch(mb))
     };

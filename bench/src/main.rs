@@ -1,0 +1,92 @@
+//! `ortserve-bench`: ortserve under load on 127.0.0.1, each line next to the in-process ceiling
+//! measured in the same run (DESIGN.md section 9). A tool beside the server, not part of it: it
+//! uses only the `ortserve` crate's public API, and nothing of it ships in the server binary or
+//! the container image.
+//!
+//! - `scenarios`: the scenarios a–e, the in-process ceilings, results and plots.
+//! - `client`: the keep-alive load generator (`sendfile(2)` for large requests).
+//! - `cpu`: where the CPU went during a line, from `/proc`.
+//! - `hello`: a bare axum handler, the HTTP stack's own limit.
+
+mod client;
+mod cpu;
+mod hello;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute), c (scaling), d (batching on and
+/// off), e (JPEG uploads), each next to the in-process ceiling measured in the same run.
+#[derive(Parser)]
+#[command(name = "ortserve-bench", version)]
+struct Cli {
+    /// Seconds of load per measured line.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Seconds of load before each measured line (not counted).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Which scenarios, e.g. `abcde`.
+    #[arg(long, default_value = "abcde")]
+    scenarios: String,
+    /// Folder for results.json and the SVG plots.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Run the scenarios this many times and print each line's ratio in every run and the
+    /// median (this machine's runs differ by 20% or more).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
+    /// The fixture models (the repository's tests/fixtures).
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    /// The folder scripts/setup_models.sh fills (EfficientNet-Lite0 and a photo, for scenario e).
+    #[arg(long, default_value = ".ortserve")]
+    setup_dir: PathBuf,
+}
+
+/// Runs the scenarios `repeat` times, printing each run's table as it ends, then the summary;
+/// writes results.json with every run.
+fn bench(opts: &scenarios::Options, repeat: usize) -> Result<(), String> {
+    let mut runs = Vec::with_capacity(repeat);
+    for i in 1..=repeat {
+        let rows = scenarios::run(opts)?;
+        if repeat > 1 {
+            println!("run {i} of {repeat}\n");
+        }
+        println!("{}", scenarios::table(&rows));
+        runs.push(rows);
+    }
+    let summary = scenarios::summarize(&runs);
+    if repeat > 1 {
+        println!("{}", scenarios::summary_table(&summary));
+    }
+    scenarios::write_results(&opts.out_dir, &runs, &summary)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server's own log at warn, ONNX Runtime's as the server keeps it.
+    let filter = format!("warn,{}", ortserve::device::RUNTIME_LOG_QUIET);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let opts = scenarios::Options {
+        seconds: cli.seconds,
+        warmup: cli.warmup,
+        scenarios: cli.scenarios.chars().collect(),
+        out_dir: cli.out,
+        fixtures: cli.fixtures,
+        setup_dir: cli.setup_dir,
+    };
+    match bench(&opts, cli.repeat as usize) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ortserve-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Startup and serving: load ONNX Runtime, build and tune every (model, device) session, start
+//! the batchers, serve HTTP, and on shutdown drain, stop and join (DESIGN.md section 7).
+//!
+//! [`run`] serves at once (health answers, readiness is 503) while the models load; [`start`]
+//! loads first and returns a [`Server`] to serve later (tests, the bench). Both build their state
+//! with [`new_state`] and serve through [`serve_until`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::app::{AppState, Model};
+use crate::batching::{BatchSettings, DeviceRunner, ModelHandle, ModelOwner};
+use crate::classify::Classifier;
+use crate::config::{self, Config, ConfigError, ImageConfig, MaxBatch, ServerConfig};
+use crate::device::{self, DeviceError, OrtRunner};
+use crate::metrics::Metrics;
+use crate::model::ModelInfo;
+use crate::tensor;
+use crate::tuning::{self, DeviceTuning, TuningError};
+
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("model {model:?}: {message}")]
+    Model { model: String, message: String },
+    #[error(transparent)]
+    Tuning(#[from] TuningError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What loading produces: the served models and, apart from them, their owners.
+#[derive(Default)]
+struct Loaded {
+    models: Vec<Model>,
+    owners: Vec<ModelOwner>,
+}
+
+/// Loads ONNX Runtime, builds every (model, device, instance) session, tunes each device's
+/// batch size (or takes it from config or the cache), and starts the device threads and
+/// batchers. Devices are tuned one after another, so probes do not disturb each other.
+async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, StartupError> {
+    let runtime_cfg = config.runtime.clone();
+    let runtime = tokio::task::spawn_blocking(move || device::init_runtime(&runtime_cfg))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let plans = device::plan_devices(config, &runtime)?;
+    let version = runtime.version();
+    let mut loaded = Loaded::default();
+    for (m, plans) in config.models.iter().zip(plans) {
+        let mut runners = Vec::new();
+        let mut results = Vec::new();
+        let mut info: Option<ModelInfo> = None;
+        for plan in plans {
+            let name = match plan.instance {
+                0 => plan.device.clone(),
+                i => format!("{}#{i}", plan.device),
+            };
+            let again = (m.path.clone(), plan.clone(), m.cuda.pinned_inputs);
+            let job = (
+                m.clone(),
+                plan,
+                name.clone(),
+                version.clone(),
+                config.runtime.cuda_visible_devices.clone(),
+            );
+            let (runner, result) = tokio::task::spawn_blocking(move || {
+                open_and_tune(job.0, job.1, job.2, &job.3, job.4.as_deref())
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            match &info {
+                None => info = Some(runner.info().clone()),
+                Some(i) if i != runner.info() => {
+                    return Err(StartupError::Model {
+                        model: m.name.clone(),
+                        message: format!(
+                        "device {name} reports different inputs or outputs than the first device"
+                    ),
+                    })
+                }
+                Some(_) => {}
+            }
+            if result.source != tuning::Source::Config {
+                tracing::info!("{}", tuning::table(&m.name, &result).trim_end());
+            }
+            metrics
+                .tuned_max_batch
+                .with_label_values(&[m.name.as_str(), name.as_str()])
+                .set(result.chosen as i64);
+            tracing::info!(model = %m.name, device = %name, max_batch = result.chosen, source = ?result.source, "session ready");
+            // After a panic: a new session on the same device (the arena cap is not re-read).
+            let rebuild: device::Rebuild = Box::new(move || {
+                let cuda = device::CudaSettings {
+                    gpu_mem_limit: None,
+                    pinned_inputs: again.2,
+                };
+                OrtRunner::open_with(&again.0, &again.1, cuda)
+                    .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
+                    .map_err(|e| e.to_string())
+            });
+            runners.push(DeviceRunner {
+                name,
+                max_batch: result.chosen,
+                runner: Box::new(runner),
+                rebuild: Some(rebuild),
+            });
+            results.push(result);
+        }
+        let info = info.ok_or_else(|| StartupError::Model {
+            model: m.name.clone(),
+            message: "no device to run on".into(),
+        })?;
+        let settings = BatchSettings {
+            max_queue_delay: m.batching.max_queue_delay.0,
+            queue_capacity: m.batching.queue_capacity,
+            default_timeout: config.server.request_timeout.0,
+            failure_threshold: m.health.failure_threshold,
+            reprobe_interval: m.health.reprobe_interval.0,
+        };
+        let (image, classifier) = extras_for(m, &info)?;
+        let (handle, owner) = ModelHandle::start(
+            &m.name,
+            &m.version,
+            info,
+            m.dispatch,
+            settings,
+            runners,
+            metrics.clone(),
+        )?;
+        loaded
+            .models
+            .push(Model::new(handle, image, classifier, results));
+        loaded.owners.push(owner);
+    }
+    Ok(loaded)
+}
+
+/// Builds one device's session and decides its batch size: from the config, or by the probe
+/// (or its cache). On CUDA, ONNX Runtime's arena is capped at the free memory less the headroom.
+fn open_and_tune(
+    m: config::ModelConfig,
+    plan: device::DevicePlan,
+    name: String,
+    runtime_version: &str,
+    cuda_visible: Option<&str>,
+) -> Result<(OrtRunner, DeviceTuning), StartupError> {
+    let auto = m.batching.max_batch_size == MaxBatch::Auto;
+    let on_cuda = matches!(plan.kind, device::DeviceKind::Cuda { .. });
+    let memory = if auto || on_cuda {
+        Some(
+            tuning::MemoryProbe::for_plan(&plan, cuda_visible).map_err(|message| {
+                StartupError::Model {
+                    model: m.name.clone(),
+                    message: format!("{name}: cannot read device memory: {message}"),
+                }
+            })?,
+        )
+    } else {
+        None
+    };
+    let gpu_mem_limit = match &memory {
+        Some(probe @ tuning::MemoryProbe::Cuda { .. }) => {
+            let r = probe.read();
+            let free = r.limit.unwrap_or(0).saturating_sub(r.used);
+            Some((free as f64 * (1.0 - m.tuning.memory_headroom)) as u64)
+        }
+        _ => None,
+    };
+    let cuda = device::CudaSettings {
+        gpu_mem_limit,
+        pinned_inputs: m.cuda.pinned_inputs,
+    };
+    let mut runner = OrtRunner::open_with(&m.path, &plan, cuda)?;
+    let result = match (m.batching.max_batch_size, memory) {
+        (MaxBatch::Auto, Some(memory)) => {
+            let info = runner.info().clone();
+            let dim_names = runner.dim_names().to_vec();
+            let req = tuning::TuneRequest {
+                model: &m.name,
+                model_path: &m.path,
+                plan: &plan,
+                device: &name,
+                info: &info,
+                dim_names: &dim_names,
+                config: &m.tuning,
+                runtime_version,
+                memory: &memory,
+            };
+            tuning::tune_device(&mut runner, &req)?
+        }
+        (fixed, _) => DeviceTuning {
+            device: name,
+            source: tuning::Source::Config,
+            chosen: match fixed {
+                MaxBatch::Fixed(n) => n,
+                MaxBatch::Auto => 1,
+            },
+            reason: "batching.max_batch_size in the config".into(),
+            memory_source: String::new(),
+            probes: Vec::new(),
+            baseline_memory_bytes: 0,
+            duration_ms: 0.0,
+        },
+    };
+    Ok((runner, result))
+}
+
+/// Image preprocessing and labels of a model, checked against what the model takes.
+fn extras_for(
+    m: &config::ModelConfig,
+    info: &ModelInfo,
+) -> Result<(Option<ImageConfig>, Option<Classifier>), StartupError> {
+    let fail = |message: String| StartupError::Model {
+        model: m.name.clone(),
+        message,
+    };
+    if let Some(img) = &m.image {
+        let [h, w] = img.size;
+        let want: Vec<i64> = match img.layout {
+            config::Layout::Nchw => vec![3, h as i64, w as i64],
+            config::Layout::Nhwc => vec![h as i64, w as i64, 3],
+        };
+        let dtype = match img.dtype {
+            config::ImageDtype::Fp32 => tensor::DataType::F32,
+            config::ImageDtype::Uint8 => tensor::DataType::U8,
+        };
+        let fits = info.inputs.len() == 1
+            && info.inputs[0].dtype == dtype
+            && info.inputs[0].dims.len() == 4
+            && info.inputs[0].dims[1..]
+                .iter()
+                .zip(&want)
+                .all(|(&d, &e)| d < 0 || d == e);
+        if !fits {
+            return Err(fail(format!(
+                "image: {:?} {dtype} [batch, {want:?}] does not fit the model's inputs {:?}",
+                img.layout,
+                info.inputs
+                    .iter()
+                    .map(|i| (&i.name, i.dtype, &i.dims))
+                    .collect::<Vec<_>>()
+            )));
+        }
+    }
+    let classifier = match &m.classification {
+        None => None,
+        Some(c) => {
+            if let Some(out) = &c.output {
+                info.output_index(out).map_err(|e| fail(e.to_string()))?;
+            }
+            let cl = Classifier::load(c).map_err(|e| fail(format!("labels: {e}")))?;
+            Some(cl)
+        }
+    };
+    Ok((m.image.clone(), classifier))
+}
+
+/// Threads for image preprocessing: the configured count, or the cores the CPU sessions leave.
+fn preprocess_threads(config: &Config) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    match config.runtime.preprocess_threads {
+        config::Threads::Count(n) => n,
+        config::Threads::Auto => {
+            let cpu = match config.runtime.cpu_threads {
+                config::Threads::Count(n) => n,
+                config::Threads::Auto => cores,
+            };
+            cores.saturating_sub(cpu).max(1)
+        }
+    }
+}
+
+/// The state every way of serving starts from: metrics, limits, tokens and the image pool,
+/// with no model yet (readiness is 503 until [`AppState::install`]).
+fn new_state(config: &Config) -> Arc<AppState> {
+    let tokens = config
+        .server
+        .auth
+        .as_ref()
+        .map(|a| a.tokens.clone())
+        .unwrap_or_default();
+    Arc::new(AppState::loading(
+        Arc::new(Metrics::new()),
+        config.server.max_body_bytes.0,
+        preprocess_threads(config),
+        tokens,
+    ))
+}
+
+/// A loaded server, not yet serving: its state (for a router) and its models' owners.
+pub struct Server {
+    state: Arc<AppState>,
+    owners: Vec<ModelOwner>,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// The state handlers share (pass it to [`crate::http::router`]).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` resolves, then drains and stops every model.
+    /// Returns when the device threads are joined.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let served = serve_until(self.state.clone(), &self.config, listener, shutdown).await;
+        stop_models(self.owners).await;
+        served
+    }
+
+    /// Stops every model without serving: admitted requests are answered, threads joined.
+    pub async fn shutdown(self) {
+        stop_models(self.owners).await;
+    }
+}
+
+/// Loads everything (see [`load_models`]) and returns the server, ready to serve.
+pub async fn start(config: &Config) -> Result<Server, StartupError> {
+    let state = new_state(config);
+    let loaded = load_models(config, &state.metrics).await?;
+    state.install(loaded.models);
+    Ok(Server {
+        state,
+        owners: loaded.owners,
+        config: config.server.clone(),
+    })
+}
+
+/// Serves at once (health answers, readiness is 503) while the models load and tune, then
+/// serves them until `shutdown` resolves. A loading failure ends the server with the error.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartupError> {
+    let state = new_state(&config);
+    let serving = serve_until(state.clone(), &config.server, listener, shutdown);
+    tokio::pin!(serving);
+    let loading = load_models(&config, &state.metrics);
+    tokio::pin!(loading);
+    tokio::select! {
+        loaded = &mut loading => {
+            let loaded = loaded?;
+            state.install(loaded.models);
+            tracing::info!("every model is loaded and tuned: ready");
+            let served = serving.await;
+            stop_models(loaded.owners).await;
+            served?;
+        }
+        served = &mut serving => served?,
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Probes every (model, device) batch size without serving, stops the models, and returns the
+/// results by model name (`ortserve tune`).
+pub async fn tune(config: &Config) -> Result<BTreeMap<String, Vec<DeviceTuning>>, StartupError> {
+    let server = start(config).await?;
+    let results = server
+        .state
+        .models()
+        .iter()
+        .map(|m| (m.name().to_string(), m.tuning().to_vec()))
+        .collect();
+    server.shutdown().await;
+    Ok(results)
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, then drains: readiness turns 503 at
+/// once, requests are still served for `drain_delay` (so load balancers deregister the pod),
+/// then the listener closes and open requests get up to `shutdown_timeout` to finish.
+async fn serve_until(
+    state: Arc<AppState>,
+    server: &ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving HTTP");
+    }
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_delay = server.drain_delay.0;
+    let draining = state.clone();
+    let graceful = async move {
+        shutdown.await;
+        draining.start_draining();
+        tracing::info!(?drain_delay, "draining: readiness is 503, still serving");
+        tokio::time::sleep(drain_delay).await;
+        tracing::info!("no longer accepting connections");
+        let _ = drained_tx.send(());
+    };
+    let http = crate::http::serve(state, listener, graceful);
+    let shutdown_timeout = server.shutdown_timeout.0;
+    let overdue = async move {
+        if drained_rx.await.is_ok() {
+            tokio::time::sleep(shutdown_timeout).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = http => r?,
+        _ = overdue => tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time"),
+    }
+    Ok(())
+}
+
+/// Stops every model: each answers what it admitted, then its threads are joined.
+async fn stop_models(owners: Vec<ModelOwner>) {
+    for o in owners {
+        o.shutdown().await;
+    }
+}

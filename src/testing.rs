@@ -1,0 +1,41 @@
+//! For this crate's integration tests only (feature `test-support`, which the dev-dependency on
+//! this crate turns on; the shipped binary never has it): a model served by any
+//! [`ModelRunner`](crate::device::ModelRunner) (fakes that pace, gate or fail batches), with its
+//! owner, and a few internals that property tests call directly.
+
+use std::sync::Arc;
+
+pub use crate::batching::{BatchSettings, DeviceRunner, ModelOwner};
+pub use crate::tuning::process_rss;
+
+use crate::app::{AppState, Model};
+use crate::batching::ModelHandle;
+use crate::config::DispatchPolicy;
+use crate::metrics::Metrics;
+use crate::model::ModelInfo;
+
+/// Serves one model, version "1", over `runners` (no ONNX Runtime needed): the state to build a
+/// router on, and the model's owner (shut it down, or drop it, to stop the model).
+pub fn serve_runners(
+    name: &str,
+    info: ModelInfo,
+    policy: DispatchPolicy,
+    settings: BatchSettings,
+    runners: Vec<DeviceRunner>,
+) -> (Arc<AppState>, ModelOwner) {
+    let metrics = Arc::new(Metrics::new());
+    let (handle, owner): (ModelHandle, ModelOwner) =
+        ModelHandle::start(name, "1", info, policy, settings, runners, metrics.clone())
+            .expect("device threads start");
+    let state = Arc::new(AppState::loading(metrics, 1 << 20, 1, Vec::new()));
+    state.install(vec![Model::new(handle, None, None, Vec::new())]);
+    (state, owner)
+}
+
+/// Parses a V2 request body (JSON, or the binary extension with `header_len`) as the infer
+/// route does; on failure, the status and message the client would get.
+pub fn parse_v2(body: &[u8], header_len: Option<usize>) -> Result<(), (u16, String)> {
+    crate::http::v2::parse_request(body, header_len)
+        .map(|_| ())
+        .map_err(|e| (e.status().as_u16(), e.message()))
+}
