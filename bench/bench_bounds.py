@@ -12,7 +12,7 @@ device. With 2 cores in all, rows/s can be no more than 2 / (cost per row, all p
   (c) cnn_wide on two slots: that line's own costs per row (device, HTTP, load generator), and the
       same with the bare handler's HTTP cost in place of ortserve's; over the one-slot rows/s.
 
-Usage: python3 scripts/bench_bounds.py [docs/bench/results.json] [--cores 2]
+Usage: python3 bench/bench_bounds.py [docs/bench/results.json] [--cores 2]
 """
 
 import argparse

@@ -81,7 +81,7 @@ def cnn_wide(out):
 
     The same input as `cnn` with about 20 M multiply-adds per row instead of 0.4 M: a model whose
     run costs far more than moving its 48 KiB input over HTTP, for the compute-bound benchmark
-    lines (`ortserve bench`). No test uses it."""
+    lines (`ortserve-bench`). No test uses it."""
     layers = [(3, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2)]
     nodes, inits, prev = [], [], "input"
     for k, (cin, cout, stride) in enumerate(layers):

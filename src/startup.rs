@@ -426,3 +426,60 @@ async fn stop_models(owners: Vec<ModelOwner>) {
         o.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Dur;
+
+    /// The drain sequence on tokio's paused clock: readiness turns 503 at the signal, serving
+    /// goes on for exactly `drain_delay`, then it ends (no connection is open to wait for).
+    #[tokio::test(start_paused = true)]
+    async fn serving_goes_on_for_the_drain_delay_after_the_signal_then_ends() {
+        let state = Arc::new(AppState::loading(
+            Arc::new(Metrics::new()),
+            1 << 20,
+            1,
+            Vec::new(),
+        ));
+        state.install(Vec::new());
+        let server = ServerConfig {
+            drain_delay: Dur(Duration::from_secs(5)),
+            ..ServerConfig::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn({
+            let state = state.clone();
+            async move {
+                serve_until(state, &server, listener, async {
+                    let _ = signalled.await;
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            state.is_ready() && !serving.is_finished(),
+            "serves until the signal"
+        );
+
+        let at = tokio::time::Instant::now();
+        signal.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(state.is_draining() && !state.is_ready(), "503 at once");
+        tokio::time::sleep(Duration::from_millis(4990)).await;
+        assert!(
+            !serving.is_finished(),
+            "still serving within the drain delay"
+        );
+        serving.await.unwrap().unwrap();
+        let took = at.elapsed();
+        assert!(
+            took >= Duration::from_secs(5) && took < Duration::from_millis(5050),
+            "serving ended {took:?} after the signal"
+        );
+    }
+}

@@ -10,7 +10,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -121,7 +123,7 @@ pub(super) async fn run(
             }
             let freed = pool.freed().clone();
             let notified = freed.notified();
-            let idle = tokio::time::sleep_until(next_probe.min(Instant::now() + SWEEP * 4).into());
+            let idle = tokio::time::sleep_until(next_probe.min(Instant::now() + SWEEP * 4));
             tokio::select! {
                 e = rx.recv(), if open => match e {
                     Some(e) => state.push(e),
@@ -186,7 +188,7 @@ pub(super) async fn run(
             Pick::Busy => {}
         }
         let wake = wake.unwrap_or(now + SWEEP).min(next_probe);
-        let sleep = tokio::time::sleep_until(wake.into());
+        let sleep = tokio::time::sleep_until(wake);
         tokio::select! {
             e = rx.recv(), if open => match e {
                 Some(e) => state.push(e),

@@ -10,7 +10,9 @@ mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -442,3 +444,6 @@ impl Drop for ModelOwner {
         self.stop_taking_requests();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,7 +2,7 @@
 //! No channels or clocks inside, so it is tested directly.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::tensor::{DataType, Tensor};
 

@@ -1,0 +1,158 @@
+//! The batcher's timing on tokio's paused clock: no sleeping, and the instants are exact.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::Mutex;
+
+use super::*;
+use crate::config::DispatchPolicy;
+use crate::model::TensorInfo;
+use crate::tensor::DataType;
+
+/// Echoes its input; each run first waits for a token on `gate` (or for the gate to close).
+struct Gated(Mutex<std_mpsc::Receiver<()>>);
+
+impl ModelRunner for Gated {
+    fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+        let _ = self.0.lock().map(|g| g.recv());
+        let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+        Ok(vec![
+            Tensor::concat(&firsts).map_err(|e| RunError::Failed(e.to_string()))?
+        ])
+    }
+}
+
+fn info() -> ModelInfo {
+    let t = |n: &str| TensorInfo {
+        name: n.into(),
+        dtype: DataType::F32,
+        dims: vec![-1, 1],
+    };
+    ModelInfo {
+        inputs: vec![t("x")],
+        outputs: vec![t("y")],
+    }
+}
+
+fn row(v: f32) -> Vec<(String, Tensor)> {
+    vec![("x".into(), Tensor::from_f32(vec![1, 1], &[v]).unwrap())]
+}
+
+/// Lets other tasks run (and the paused clock move 1 ms at a time) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{what} did not happen within 1 s of the paused clock");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_devices_next_batch_closes_after_max_queue_delay() {
+    let (open, gate) = std_mpsc::channel();
+    let metrics = Arc::new(Metrics::new());
+    let settings = BatchSettings::new(Duration::from_millis(100), 16, Duration::from_secs(30));
+    let runner = DeviceRunner {
+        name: "cpu:0".into(),
+        max_batch: 8,
+        runner: Box::new(Gated(Mutex::new(gate))),
+        rebuild: None,
+    };
+    let (handle, owner) = ModelHandle::start(
+        "m",
+        "1",
+        info(),
+        DispatchPolicy::LeastLoaded,
+        settings,
+        vec![runner],
+        metrics.clone(),
+    )
+    .unwrap();
+    let infer = |v: f32| {
+        let h = handle.clone();
+        tokio::spawn(async move { h.infer(row(v), &Call::default()).await })
+    };
+    // The idle device takes the first request at once, and holds it at the gate.
+    let a = infer(1.0);
+    until("the first run", || handle.devices()[0].inflight_rows == 1).await;
+    // Two more arrive together. The device has a free job slot but is busy, so their batch
+    // waits up to max_queue_delay for more rows, then closes with both.
+    let queued = Instant::now();
+    let (b, c) = (infer(2.0), infer(3.0));
+    until("the second batch", || {
+        handle.devices()[0].inflight_rows == 3
+    })
+    .await;
+    let waited = queued.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_millis(110),
+        "the batch closed after {waited:?}, not at max_queue_delay (100 ms)"
+    );
+    let closed = |reason: &str| metrics.batches.with_label_values(&["m", reason]).get();
+    assert_eq!((closed("idle"), closed("delay"), closed("full")), (1, 1, 0));
+    drop(open);
+    for (task, want) in [(a, 1.0), (b, 2.0), (c, 3.0)] {
+        let out = task.await.unwrap().expect("answered");
+        assert_eq!(out[0].to_f32(), vec![want], "each request gets its own row");
+    }
+    owner.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_past_its_deadline_is_answered_504_without_running() {
+    let (open, gate) = std_mpsc::channel();
+    let metrics = Arc::new(Metrics::new());
+    // One job slot's worth of rows: with max_batch 1 every request is its own batch.
+    let settings = BatchSettings::new(Duration::ZERO, 16, Duration::from_secs(30));
+    let runner = DeviceRunner {
+        name: "cpu:0".into(),
+        max_batch: 1,
+        runner: Box::new(Gated(Mutex::new(gate))),
+        rebuild: None,
+    };
+    let (handle, owner) = ModelHandle::start(
+        "m",
+        "1",
+        info(),
+        DispatchPolicy::LeastLoaded,
+        settings,
+        vec![runner],
+        metrics,
+    )
+    .unwrap();
+    let infer = |v: f32, timeout: Option<Duration>| {
+        let h = handle.clone();
+        let call = Call {
+            timeout,
+            request_id: None,
+        };
+        tokio::spawn(async move { h.infer(row(v), &call).await })
+    };
+    // Two requests fill the device's two job slots; the third waits in the queue.
+    let held = [infer(1.0, None), infer(2.0, None)];
+    until("both slots busy", || handle.devices()[0].inflight_rows == 2).await;
+    let queued = Instant::now();
+    let hurried = infer(3.0, Some(Duration::from_millis(250)));
+    let answer = hurried.await.unwrap();
+    let waited = queued.elapsed();
+    assert!(
+        matches!(answer, Err(InferError::DeadlineExceeded)),
+        "{answer:?}"
+    );
+    // Swept from the queue within the batcher's sweep period (50 ms) after its deadline.
+    assert!(
+        waited >= Duration::from_millis(250) && waited <= Duration::from_millis(300),
+        "answered after {waited:?}"
+    );
+    drop(open);
+    for task in held {
+        task.await.unwrap().expect("answered");
+    }
+    assert_eq!(
+        handle.devices()[0].rows_run,
+        2,
+        "the expired request never ran"
+    );
+    owner.shutdown().await;
+}
