@@ -131,70 +131,109 @@ fn matmul(extra: &str) -> String {
 
 #[test]
 fn a_latency_budget_below_the_batch_two_latency_picks_one() {
+    // Latencies come from two separate `tune` runs on a shared 2-core machine, where another
+    // tenant can slow one run by 20% or more. An attempt whose own measurements do not put the
+    // budget between its batch-1 and batch-2 latencies says nothing about the rule, so it is
+    // measured again (at most three times); the rule is then checked on what that run measured.
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, stderr, free) = tune(dir.path(), &matmul(""));
-    assert!(ok, "{stderr}");
-    let d = &free["mm"][0];
-    let (l1, l2) = (
-        probe_of(d, 1)["latency_ms"].as_f64().unwrap(),
-        probe_of(d, 2)["latency_ms"].as_f64().unwrap(),
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (ok, _, stderr, free) = tune(dir.path(), &matmul(""));
+        assert!(ok, "{stderr}");
+        let d = &free["mm"][0];
+        let (l1, l2) = (
+            probe_of(d, 1)["latency_ms"].as_f64().unwrap(),
+            probe_of(d, 2)["latency_ms"].as_f64().unwrap(),
+        );
+        assert!(d["chosen"].as_u64().unwrap() > 1, "{d}");
+        let budget_us = ((l1 * l2).sqrt() * 1000.0) as u64;
+        let (ok, _, stderr, tight) = tune(
+            dir.path(),
+            &matmul(&format!(", latency_budget: {budget_us}us")),
+        );
+        let budget_ms = budget_us as f64 / 1000.0;
+        let t = &tight["mm"][0];
+        let straddles = ok
+            && probe_of(t, 1)["latency_ms"].as_f64().unwrap() <= budget_ms
+            && probe_of(t, 2)["latency_ms"].as_f64().unwrap() > budget_ms;
+        if !straddles {
+            seen.push(format!(
+                "free run {l1:.3}/{l2:.3} ms, budget {budget_ms:.3} ms, then: {} {t}",
+                stderr.trim()
+            ));
+            continue;
+        }
+        assert_eq!(t["chosen"], 1, "latency budget {budget_us} µs: {t}");
+        assert_eq!(probe_of(t, 2)["outcome"], "over_latency_budget");
+        return;
+    }
+    panic!(
+        "no attempt measured batch 1 under and batch 2 over the budget:\n{}",
+        seen.join("\n")
     );
-    assert!(
-        l2 > l1 * 1.3,
-        "batch 2 should take about 1.5 times batch 1: {l1} vs {l2}"
-    );
-    assert!(d["chosen"].as_u64().unwrap() > 1, "{d}");
-    let budget_us = ((l1 * l2).sqrt() * 1000.0) as u64;
-    let (ok, _, stderr, tight) = tune(
-        dir.path(),
-        &matmul(&format!(", latency_budget: {budget_us}us")),
-    );
-    assert!(ok, "{stderr}");
-    let t = &tight["mm"][0];
-    assert_eq!(t["chosen"], 1, "latency budget {budget_us} µs: {t}");
-    assert_eq!(probe_of(t, 2)["outcome"], "over_latency_budget");
 }
 
 #[test]
 fn a_small_memory_budget_picks_a_smaller_size() {
+    // The sweep also stops when doubling gains under 5% throughput twice; on a noisy shared
+    // machine that can end a run before it reaches the sizes this test needs. Such an attempt
+    // is measured again (at most three times); the budget rule is checked on one that got there.
     let _one = exclusive();
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, stderr, free) = tune(dir.path(), &matmul(""));
-    assert!(ok, "{stderr}");
-    let d = &free["mm"][0];
     let grown = |t: &Value, b: u64| {
         probe_of(t, b)["memory_used_bytes"].as_u64().unwrap()
             - t["baseline_memory_bytes"].as_u64().unwrap()
     };
-    // Memory grows by about 0.3 MiB per row here, and varies by far less between runs.
-    let (g4, g8) = (grown(d, 4), grown(d, 8));
-    assert!(
-        g8 > g4 + (512 << 10),
-        "memory should grow with the batch: {d}"
-    );
-    let budget = (g4 + g8) / 2;
-    let (ok, _, stderr, small) = tune(dir.path(), &matmul(&format!(", memory_budget: {budget}")));
-    assert!(ok, "{stderr}");
-    let s = &small["mm"][0];
-    let chosen = s["chosen"].as_u64().unwrap();
-    assert!(
-        chosen < 16,
-        "memory budget {budget}: chose {chosen}; 16 rows ran without the budget"
-    );
-    assert!(
-        grown(s, chosen) <= budget,
-        "the chosen size is over the budget: {s}"
-    );
-    let first_over = s["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["outcome"] == "over_memory_budget");
-    assert!(
-        first_over.is_some_and(|p| p["batch"].as_u64().unwrap() <= 16),
-        "the sweep stopped at the budget: {s}"
-    );
+    let probed = |t: &Value, b: u64| {
+        t["probes"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["batch"] == b))
+    };
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (ok, _, stderr, free) = tune(dir.path(), &matmul(""));
+        assert!(ok, "{stderr}");
+        let d = &free["mm"][0];
+        if !probed(d, 8) {
+            seen.push(format!("free run stopped before 8 rows: {d}"));
+            continue;
+        }
+        // Memory grows by about 0.3 MiB per row here, and varies by far less between runs.
+        let (g4, g8) = (grown(d, 4), grown(d, 8));
+        assert!(
+            g8 > g4 + (512 << 10),
+            "memory should grow with the batch: {d}"
+        );
+        let budget = (g4 + g8) / 2;
+        let (ok, _, stderr, small) =
+            tune(dir.path(), &matmul(&format!(", memory_budget: {budget}")));
+        assert!(ok, "{stderr}");
+        let s = &small["mm"][0];
+        let chosen = s["chosen"].as_u64().unwrap();
+        assert!(
+            grown(s, chosen) <= budget,
+            "the chosen size is over the budget: {s}"
+        );
+        let first_over = s["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["outcome"] == "over_memory_budget");
+        let Some(first_over) = first_over else {
+            seen.push(format!(
+                "budget {budget}: the sweep ended before the budget: {s}"
+            ));
+            continue;
+        };
+        assert!(
+            chosen < 16,
+            "memory budget {budget}: chose {chosen}; 16 rows ran without the budget"
+        );
+        assert!(first_over["batch"].as_u64().unwrap() <= 16, "{s}");
+        return;
+    }
+    panic!("no attempt reached the memory budget:\n{}", seen.join("\n"));
 }
 
 #[test]
