@@ -37,25 +37,18 @@ fn row(v: f32) -> Vec<(String, Tensor)> {
     vec![("x".into(), Tensor::from_f32(vec![1, 1], &[v]).unwrap())]
 }
 
-/// Lets other tasks run (and the paused clock move 1 ms at a time) until `done` holds.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    panic!("{what} did not happen within 1 s of the paused clock");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_busy_devices_next_batch_closes_after_max_queue_delay() {
+/// Model `m` on one gated device of `max_batch` rows; send a token on the sender (or drop it)
+/// to let runs through.
+fn gated(
+    max_batch: usize,
+    max_queue_delay: Duration,
+) -> (ModelHandle, ModelOwner, std_mpsc::Sender<()>, Arc<Metrics>) {
     let (open, gate) = std_mpsc::channel();
     let metrics = Arc::new(Metrics::new());
-    let settings = BatchSettings::new(Duration::from_millis(100), 16, Duration::from_secs(30));
+    let settings = BatchSettings::new(max_queue_delay, 16, Duration::from_secs(30));
     let runner = DeviceRunner {
         name: "cpu:0".into(),
-        max_batch: 8,
+        max_batch,
         runner: Box::new(Gated(Mutex::new(gate))),
         rebuild: None,
     };
@@ -69,6 +62,23 @@ async fn a_busy_devices_next_batch_closes_after_max_queue_delay() {
         metrics.clone(),
     )
     .unwrap();
+    (handle, owner, open, metrics)
+}
+
+/// Lets other tasks run (and the paused clock move 1 ms at a time) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{what} did not happen within 1 s of the paused clock");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_devices_next_batch_closes_after_max_queue_delay() {
+    let (handle, owner, open, metrics) = gated(8, Duration::from_millis(100));
     let infer = |v: f32| {
         let h = handle.clone();
         tokio::spawn(async move { h.infer(row(v), &Call::default()).await })
@@ -101,26 +111,8 @@ async fn a_busy_devices_next_batch_closes_after_max_queue_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn a_queued_request_past_its_deadline_is_answered_504_without_running() {
-    let (open, gate) = std_mpsc::channel();
-    let metrics = Arc::new(Metrics::new());
-    // One job slot's worth of rows: with max_batch 1 every request is its own batch.
-    let settings = BatchSettings::new(Duration::ZERO, 16, Duration::from_secs(30));
-    let runner = DeviceRunner {
-        name: "cpu:0".into(),
-        max_batch: 1,
-        runner: Box::new(Gated(Mutex::new(gate))),
-        rebuild: None,
-    };
-    let (handle, owner) = ModelHandle::start(
-        "m",
-        "1",
-        info(),
-        DispatchPolicy::LeastLoaded,
-        settings,
-        vec![runner],
-        metrics,
-    )
-    .unwrap();
+    // With max_batch 1 every request is its own batch.
+    let (handle, owner, open, _) = gated(1, Duration::ZERO);
     let infer = |v: f32, timeout: Option<Duration>| {
         let h = handle.clone();
         let call = Call {
