@@ -85,9 +85,8 @@ impl Model {
         self.handle.infer(named, call).await
     }
 
-    /// The request handle (tests reach devices through it).
-    #[cfg(feature = "test-support")]
-    pub fn handle(&self) -> &ModelHandle {
+    /// The request handle (tests reach devices through it, see `testing`).
+    pub(crate) fn handle(&self) -> &ModelHandle {
         &self.handle
     }
 }

@@ -29,7 +29,8 @@
 //! - `metrics`: the Prometheus registry.
 //! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`shutdown`]: the signals that start the drain.
-//! - `testing` (feature `test-support`, integration tests only): a model served by any runner.
+//! - `testing` (hidden; for the integration tests): a model served by any runner, device health
+//!   switches, the V2 parser. Nothing in the server calls it.
 //!
 //! The public surface is what the `ortserve` binary, the `ortserve-bench` crate (bench/) and the
 //! integration tests use; everything else is crate-private, so rustc reports what is unused.
@@ -49,7 +50,7 @@ pub mod preprocess;
 pub mod shutdown;
 mod startup;
 pub mod tensor;
-#[cfg(feature = "test-support")]
+#[doc(hidden)]
 pub mod testing;
 pub mod tuning;
 

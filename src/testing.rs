@@ -1,7 +1,8 @@
-//! For this crate's integration tests only (feature `test-support`, which the dev-dependency on
-//! this crate turns on; the shipped binary never has it): a model served by any
+//! For this crate's integration tests, not a stable API: a model served by any
 //! [`ModelRunner`](crate::device::ModelRunner) (fakes that pace, gate or fail batches), with its
-//! owner, and a few internals that property tests call directly.
+//! owner, device health switches, and the V2 parser that property tests call directly. Nothing
+//! in the server calls these, so the binary links none of it. (A cargo feature turned on by a
+//! dev-dependency on this crate was tried: cargo unifies it into `cargo build --release` too.)
 
 use std::sync::Arc;
 
@@ -30,6 +31,11 @@ pub fn serve_runners(
     let state = Arc::new(AppState::loading(metrics, 1 << 20, 1, Vec::new()));
     state.install(vec![Model::new(handle, None, None, Vec::new())]);
     (state, owner)
+}
+
+/// Marks device `index` of `model` healthy or not, as the batcher does after failures or a probe.
+pub fn set_device_healthy(model: &Model, index: usize, healthy: bool) {
+    model.handle().set_device_healthy(index, healthy);
 }
 
 /// Parses a V2 request body (JSON, or the binary extension with `header_len`) as the infer

@@ -117,7 +117,6 @@ impl Queued for Entry {
 
 /// Settings of one model's batching, from config.
 #[derive(Debug, Clone)]
-#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
 pub struct BatchSettings {
     pub max_queue_delay: Duration,
     pub queue_capacity: usize,
@@ -129,7 +128,6 @@ pub struct BatchSettings {
 }
 
 impl BatchSettings {
-    #[cfg(any(test, feature = "test-support"))]
     /// Settings with the health defaults (3 failures, probe every 2 s).
     pub fn new(
         max_queue_delay: Duration,
@@ -150,8 +148,7 @@ impl BatchSettings {
 /// a lock (admission is a semaphore's atomic count, the queue a weak sender upgraded per
 /// request). Stopping and joining belong to its [`ModelOwner`].
 #[derive(Clone)]
-#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
-pub struct ModelHandle(Arc<Shared>);
+pub(crate) struct ModelHandle(Arc<Shared>);
 
 struct Shared {
     name: String,
@@ -176,7 +173,6 @@ struct Shared {
 /// server (never by requests). [`ModelOwner::shutdown`] stops taking requests, lets the batcher
 /// run what was admitted and joins every thread. Dropping it without `shutdown` stops taking
 /// requests too; the batcher then drains and stops the device threads on its own, unjoined.
-#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
 pub struct ModelOwner {
     handle: ModelHandle,
     /// The one strong handlers → batcher sender (see [`Shared::tx`]); dropped to stop.
@@ -204,7 +200,6 @@ pub struct DeviceStatus {
 }
 
 /// A device worker to start for a model: its slot name, max batch and runner.
-#[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
 pub struct DeviceRunner {
     pub name: String,
     pub max_batch: usize,
@@ -316,8 +311,7 @@ impl ModelHandle {
     }
 
     /// Marks device `index` healthy or not, as the batcher does after failures or a probe.
-    #[cfg(feature = "test-support")]
-    pub fn set_device_healthy(&self, index: usize, healthy: bool) {
+    pub(crate) fn set_device_healthy(&self, index: usize, healthy: bool) {
         if let Some(d) = self.0.pool.devices().get(index) {
             d.set_healthy(healthy);
         }
@@ -418,7 +412,6 @@ impl ModelHandle {
 impl ModelOwner {
     /// Stops taking requests, lets the batcher run everything admitted, then joins the device
     /// threads. Requests already admitted are answered.
-    #[allow(unreachable_pub)] // Public through `testing` (feature `test-support`).
     pub async fn shutdown(mut self) {
         self.stop_taking_requests();
         if let Some(b) = self.batcher.take() {

@@ -84,7 +84,6 @@ fn param_u64(
 
 /// Parses a JSON body, or the JSON header of a binary body followed by the tensor bytes.
 /// `header_len` is the `Inference-Header-Content-Length` value when present.
-#[cfg(any(test, feature = "test-support"))]
 pub(crate) fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
     match header_len {
         Some(n) if n > body.len() => Err(header_too_long(n, body.len())),

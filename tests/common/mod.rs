@@ -55,9 +55,7 @@ impl Served {
 
     /// Marks the first model's device `index` healthy or not.
     pub fn set_healthy(&self, index: usize, healthy: bool) {
-        self.state.models()[0]
-            .handle()
-            .set_device_healthy(index, healthy);
+        ortserve::testing::set_device_healthy(&self.state.models()[0], index, healthy);
     }
 
     /// Stops the models: what was admitted is answered, threads are joined.
