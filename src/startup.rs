@@ -253,8 +253,19 @@ fn extras_for(
     let classifier = match &m.classification {
         None => None,
         Some(c) => {
-            if let Some(out) = &c.output {
-                info.output_index(out).map_err(|e| fail(e.to_string()))?;
+            let index = match &c.output {
+                Some(out) => info.output_index(out).map_err(|e| fail(e.to_string()))?,
+                None => 0,
+            };
+            // Scores are read as FP32; another type would give no classes at all.
+            if let Some(o) = info.outputs.get(index) {
+                if o.dtype != tensor::DataType::F32 {
+                    return Err(fail(format!(
+                        "classification: output {:?} is {}; top-k labels need an FP32 output (set classification.output)",
+                        o.name,
+                        o.dtype.v2_name()
+                    )));
+                }
             }
             let cl = Classifier::load(c).map_err(|e| fail(format!("labels: {e}")))?;
             Some(cl)

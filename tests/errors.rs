@@ -12,12 +12,13 @@ use common::*;
 use serde_json::json;
 
 /// Every (status, error_type) the server documents.
-const TABLE: [(u16, &str); 11] = [
+const TABLE: [(u16, &str); 12] = [
     (400, "malformed_body"),
     (400, "invalid_input"),
     (401, "unauthorized"),
     (404, "not_found"),
     (404, "model_not_found"),
+    (405, "method_not_allowed"),
     (413, "payload_too_large"),
     (415, "unsupported_media_type"),
     (429, "queue_full"),
@@ -166,6 +167,16 @@ models:
         404,
         "not_found",
         "/v3/whatever",
+    );
+    // 405: a known route, another method; the Allow header stays.
+    let wrong_method = get(&router, mlp).await;
+    assert_eq!(wrong_method.headers["allow"], "POST");
+    check(
+        "wrong method",
+        wrong_method,
+        405,
+        "method_not_allowed",
+        "Allow",
     );
     // 413, with and without a Content-Length that tells in advance.
     let big = "x".repeat(4096);

@@ -70,7 +70,9 @@ pub struct ImageConfig {
     /// Largest encoded image accepted (413 above).
     #[serde(default = "default_image_bytes")]
     pub max_image_bytes: ByteSize,
-    /// Largest width × height accepted, checked from the header before decoding (413 above).
+    /// Largest width × height accepted, checked from the header before decoding, and again for
+    /// the frame after `resize_shorter` before it is allocated (a 1 × 100,000 strip scaled to a
+    /// shorter side of 256 would be 25.6 M pixels). 413 above.
     #[serde(default = "default_pixels")]
     pub max_pixels: u64,
     /// Most images in one request (413 above).

@@ -18,6 +18,8 @@ pub(crate) enum ApiError {
     Unauthorized,
     /// No such route.
     NotFound(String),
+    /// The route exists, for other methods.
+    MethodNotAllowed,
     ModelNotFound(String),
     VersionNotFound {
         model: String,
@@ -46,6 +48,7 @@ impl ApiError {
             ApiError::NotFound(_)
             | ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::MalformedBody(_) => "malformed_body",
             ApiError::InvalidInput(_) => "invalid_input",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unauthorized => "unauthorized",
             ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => "model_not_found",
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => "payload_too_large",
@@ -92,6 +96,9 @@ impl ApiError {
             ApiError::Unavailable(m) => m.clone(),
             ApiError::Unauthorized => {
                 "a valid `Authorization: Bearer <token>` header is required".into()
+            }
+            ApiError::MethodNotAllowed => {
+                "this route does not take that method; the Allow header lists those it takes".into()
             }
             ApiError::DeadlineExceeded => {
                 "the request's deadline passed before its batch ran".into()
@@ -156,6 +163,7 @@ mod tests {
             (ApiError::InvalidInput("x".into()), 400, "invalid_input"),
             (ApiError::Unauthorized, 401, "unauthorized"),
             (ApiError::NotFound("x".into()), 404, "not_found"),
+            (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
             (ApiError::ModelNotFound("m".into()), 404, "model_not_found"),
             (
                 ApiError::VersionNotFound {

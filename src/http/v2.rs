@@ -167,7 +167,7 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
                 offset += size;
                 mine
             }
-            (None, Some(raw)) => json_data_text(raw.get(), dtype, count, &what)?,
+            (None, Some(raw)) => json_data_text(raw.get(), dtype, &shape, &what)?,
             (None, None) => {
                 return Err(ApiError::MalformedBody(format!(
                     "{what} has neither `data` nor `binary_data_size`"
@@ -183,6 +183,17 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
             "{} bytes of binary data follow the inputs that no input claims",
             total - offset
         )));
+    }
+    if let Some(list) = &req.outputs {
+        // Each output once: a repeated name would repeat its tensor in the response.
+        for (i, o) in list.iter().enumerate() {
+            if list[..i].iter().any(|p| p.name == o.name) {
+                return Err(ApiError::MalformedBody(format!(
+                    "output {:?} is requested more than once",
+                    o.name
+                )));
+            }
+        }
     }
     let outputs = match req.outputs {
         None => None,
@@ -210,29 +221,48 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
 pub(crate) fn json_data(
     v: &Value,
     dtype: DataType,
-    count: usize,
+    shape: &[usize],
     what: &str,
 ) -> Result<Vec<u8>, ApiError> {
-    json_data_text(&v.to_string(), dtype, count, what)
+    json_data_text(&v.to_string(), dtype, shape, what)
 }
 
 /// Parses the text of a JSON array of numbers or booleans, flat or nested (row-major), straight
-/// into little-endian bytes of `dtype`, checking the count and every value's range. No JSON tree
-/// is built: the text was already checked as JSON by the request's parser.
+/// into little-endian bytes of `dtype`, checking the count, every value's range and, when
+/// nested, that every array has the length the shape gives it (so `[[1,2,3],[4,5,6,7,8]]` is
+/// not read as two rows of 4). No JSON tree is built: the text was already checked as JSON by
+/// the request's parser.
 pub(crate) fn json_data_text(
     text: &str,
     dtype: DataType,
-    count: usize,
+    shape: &[usize],
     what: &str,
 ) -> Result<Vec<u8>, ApiError> {
+    let count = element_count(shape)
+        .ok_or_else(|| ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large")))?;
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(count.saturating_mul(dtype.size()).min(1 << 30));
-    let (mut depth, mut n, mut i) = (0usize, 0usize, 0usize);
+    // Every element takes at least one character and a separator: the text bounds what can
+    // arrive, whatever the shape claims.
+    let most = count.min(bytes.len() / 2 + 1);
+    let mut out = Vec::with_capacity(most.saturating_mul(dtype.size()));
+    // Per open array, the elements (values or arrays) seen in it so far.
+    let mut open: Vec<usize> = Vec::new();
+    // How deep the values sit; 1 is flat.
+    let mut leaf_depth: Option<usize> = None;
+    let (mut n, mut i) = (0usize, 0usize);
+    let nesting = |detail: String| {
+        ApiError::InvalidInput(format!(
+            "{what}: data is nested in a way that does not match shape {shape:?}: {detail}"
+        ))
+    };
     while i < bytes.len() {
         match bytes[i] {
             b'[' => {
-                depth += 1;
-                if depth > MAX_DATA_DEPTH {
+                if let Some(c) = open.last_mut() {
+                    *c += 1;
+                }
+                open.push(0);
+                if open.len() > MAX_DATA_DEPTH {
                     return Err(ApiError::MalformedBody(format!(
                         "{what}: data is nested more than {MAX_DATA_DEPTH} levels deep"
                     )));
@@ -240,7 +270,27 @@ pub(crate) fn json_data_text(
                 i += 1;
             }
             b']' => {
-                depth = depth.saturating_sub(1);
+                let depth = open.len();
+                let Some(len) = open.pop() else {
+                    return Err(ApiError::MalformedBody(format!(
+                        "{what}: data has an unmatched `]`"
+                    )));
+                };
+                if let Some(leaf) = leaf_depth.filter(|&l| l > 1) {
+                    // Above the values an array has one dim's length; holding the values, the
+                    // product of the dims left.
+                    let want = if depth < leaf {
+                        shape.get(depth - 1).copied()
+                    } else {
+                        shape.get(depth - 1..).and_then(element_count)
+                    };
+                    if want != Some(len) {
+                        return Err(nesting(format!(
+                            "an array at depth {depth} has {len} elements, not {}",
+                            want.map_or_else(|| "any".to_string(), |w| w.to_string())
+                        )));
+                    }
+                }
                 i += 1;
             }
             b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
@@ -251,6 +301,16 @@ pub(crate) fn json_data_text(
                     .map_or(bytes.len(), |p| i + p);
                 let token = &text[i..end];
                 i = end;
+                if let Some(c) = open.last_mut() {
+                    *c += 1;
+                }
+                match leaf_depth {
+                    None => leaf_depth = Some(open.len()),
+                    Some(l) if l != open.len() => {
+                        return Err(nesting(format!("values at depths {l} and {}", open.len())))
+                    }
+                    Some(_) => {}
+                }
                 if n < count {
                     push_element(&mut out, token, dtype).ok_or_else(|| {
                         let shown: String = token.chars().take(40).collect();
@@ -280,9 +340,10 @@ fn push_element(out: &mut Vec<u8>, token: &str, dtype: DataType) -> Option<()> {
         }};
     }
     let float = || -> Option<f64> {
-        // JSON numbers only (no `inf`, `nan` or quoted values).
+        // JSON numbers only (no `inf`, `nan` or quoted values), and finite in f64.
         let first = *token.as_bytes().first()?;
-        (first == b'-' || first.is_ascii_digit()).then(|| token.parse::<f64>().ok())?
+        let v = (first == b'-' || first.is_ascii_digit()).then(|| token.parse::<f64>().ok())??;
+        v.is_finite().then_some(v)
     };
     match dtype {
         DataType::Bool => out.push(match token {
@@ -298,8 +359,15 @@ fn push_element(out: &mut Vec<u8>, token: &str, dtype: DataType) -> Option<()> {
         DataType::I16 => int!(i16),
         DataType::I32 => int!(i32),
         DataType::I64 => int!(i64),
-        DataType::F16 => out.extend_from_slice(&half::f16::from_f64(float()?).to_le_bytes()),
-        DataType::F32 => out.extend_from_slice(&(float()? as f32).to_le_bytes()),
+        // Out of the type's range is an error, not infinity.
+        DataType::F16 => {
+            let v = half::f16::from_f64(float()?);
+            out.extend_from_slice(&v.is_finite().then_some(v)?.to_le_bytes());
+        }
+        DataType::F32 => {
+            let v = float()? as f32;
+            out.extend_from_slice(&v.is_finite().then_some(v)?.to_le_bytes());
+        }
         DataType::F64 => out.extend_from_slice(&float()?.to_le_bytes()),
     }
     Some(())
@@ -419,6 +487,54 @@ mod tests {
         let b = parse_request(flat, None).unwrap();
         assert_eq!(a.inputs, b.inputs);
         assert_eq!(a.inputs[0].1.to_f32(), vec![1.0, 2.0, 3.0, 4.5]);
+    }
+
+    #[test]
+    fn float_values_out_of_their_types_range_are_refused() {
+        for (dtype, value) in [("FP16", "70000"), ("FP32", "1e39"), ("FP64", "1e400")] {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"{dtype}","data":[{value}]}}]}}"#
+            );
+            let e = parse_request(body.as_bytes(), None).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidInput(m) if m.contains(value)),
+                "{dtype} {value}: {e:?}"
+            );
+        }
+        // The largest finite values still pass.
+        let body =
+            br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP16","data":[65504, -65504]}]}"#;
+        assert!(parse_request(body, None).is_ok());
+    }
+
+    #[test]
+    fn nested_data_must_match_the_shape() {
+        let data = |shape: &str, data: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"INT32","data":{data}}}]}}"#
+            )
+        };
+        for (shape, bad) in [
+            ("[2,4]", "[[1,2,3],[4,5,6,7,8]]"),
+            ("[2,2]", "[[1,2],3,4]"),
+            ("[2,2]", "[[[1,2]],[[3,4]]]"),
+            ("[2,2,2]", "[[[1,2],[3,4]],[[5,6,7],[8]]]"),
+        ] {
+            let e = parse_request(data(shape, bad).as_bytes(), None).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidInput(m) if m.contains("nested")),
+                "{bad}: {e:?}"
+            );
+        }
+        // Fully nested, nested down to rows of the remaining dims, and flat.
+        for (shape, good) in [
+            ("[2,2,2]", "[[[1,2],[3,4]],[[5,6],[7,8]]]"),
+            ("[2,2,2]", "[[1,2,3,4],[5,6,7,8]]"),
+            ("[2,2,2]", "[1,2,3,4,5,6,7,8]"),
+        ] {
+            let p = parse_request(data(shape, good).as_bytes(), None).unwrap();
+            assert_eq!(p.inputs[0].1.data.len(), 32, "{good}");
+        }
     }
 
     #[test]

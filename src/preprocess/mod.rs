@@ -43,8 +43,16 @@ pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, Prepro
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(PreprocessError::NotAnImage);
+    match reader.format() {
+        None => return Err(PreprocessError::NotAnImage),
+        // The JPEG decoder fills a cut-off scan with grey instead of failing; a whole JPEG ends
+        // with the end-of-image marker (some writers pad a few bytes after it).
+        Some(image::ImageFormat::Jpeg) if !ends_like_jpeg(bytes) => {
+            return Err(PreprocessError::Corrupt(
+                "the JPEG is truncated (no end-of-image marker)".into(),
+            ))
+        }
+        Some(_) => {}
     }
     let mut decoder = reader
         .into_decoder()
@@ -75,6 +83,12 @@ pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, Prepro
     Ok(img.into_rgb8())
 }
 
+/// Whether the end-of-image marker (FF D9) is in the last 1 KiB of a JPEG.
+fn ends_like_jpeg(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(1024)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 fn algorithm(i: Interpolation) -> fr::ResizeAlg {
     match i {
         Interpolation::Nearest => fr::ResizeAlg::Nearest,
@@ -100,6 +114,15 @@ pub(crate) fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, Prep
         ),
         None => (out_w, out_h),
     };
+    // A thin strip has few pixels to decode, but scaling its shorter side up makes the long side
+    // huge (1 × 100,000 at 256 is 19.6 GB): the resized frame is held to the same limit.
+    let resized = u64::from(rw) * u64::from(rh);
+    if resized > cfg.max_pixels {
+        return Err(PreprocessError::TooLarge(format!(
+            "the image is {w} × {h}; resized to {rw} × {rh} = {resized} pixels it would exceed max_pixels ({})",
+            cfg.max_pixels
+        )));
+    }
     let src = fr::images::Image::from_vec_u8(w, h, img.as_raw().clone(), fr::PixelType::U8x3)
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
     let mut dst = fr::images::Image::new(rw, rh, fr::PixelType::U8x3);

@@ -19,7 +19,7 @@ use crate::config::ImageConfig;
 use crate::http::extract::{self, read_body};
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
-use crate::tensor::{element_count, Tensor};
+use crate::tensor::Tensor;
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct PredictQuery {
@@ -294,7 +294,6 @@ async fn predict_tensors(
             )));
         }
         let rest: Vec<usize> = rest.iter().map(|&d| d as usize).collect();
-        let per_row = element_count(&rest).unwrap_or(0);
         let values: Vec<Value> = instances
             .iter()
             .enumerate()
@@ -308,14 +307,14 @@ async fn predict_tensors(
                 ))),
             })
             .collect::<Result<_, _>>()?;
+        let mut shape = vec![n];
+        shape.extend(rest);
         let data = v2::json_data(
             &Value::Array(values),
             input.dtype,
-            per_row * n,
+            &shape,
             &format!("input {:?}", input.name),
         )?;
-        let mut shape = vec![n];
-        shape.extend(rest);
         let t = Tensor::new(input.dtype, shape, data)
             .map_err(|e| ApiError::InvalidInput(e.to_string()))?;
         named.push((input.name.clone(), t));

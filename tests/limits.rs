@@ -1,0 +1,243 @@
+//! Hostile and malformed input that used to be answered wrongly or at a cost out of proportion
+//! to its size (issue 13): each case must get a clear 4xx (or a startup error), fast.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use serde_json::{json, Value};
+
+const MODELS: &str = "models:
+  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}
+  - name: img
+    path: cnn.onnx
+    devices: cpu
+    batching: {max_batch_size: 4}
+    image: {size: [64, 64], resize_shorter: 72, max_pixels: 1000000}
+    classification: {top_k: 3}";
+
+fn encoded(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+async fn post(router: &axum::Router, uri: &str, ctype: &str, body: Vec<u8>) -> Reply {
+    let req = Request::post(uri)
+        .header("content-type", ctype)
+        .body(Body::from(body))
+        .unwrap();
+    send(router, req).await
+}
+
+fn error_type(reply: &Reply) -> String {
+    reply.json()["error_type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extreme_aspect_ratio_is_refused_before_resizing() {
+    let (_s, router) = start(MODELS).await;
+    // 1 × 5000: decoding is 5,000 pixels, but the shorter side to 72 makes 72 × 360,000
+    // = 25.9 M pixels, over max_pixels (1 M). (1 × 100,000 at 256 asked for 19.6 GB.)
+    let thin = image::RgbImage::from_fn(1, 5000, |_, y| image::Rgb([y as u8, 0, 9]));
+    let reply = post(
+        &router,
+        "/v1/models/img:predict",
+        "image/png",
+        encoded(&thin, image::ImageFormat::Png),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_pixels"),
+        "{}",
+        reply.json()
+    );
+    // A panorama well inside the limit still works.
+    let wide = image::RgbImage::from_fn(600, 100, |x, _| image::Rgb([x as u8, 50, 9]));
+    let reply = post(
+        &router,
+        "/v1/models/img:predict",
+        "image/png",
+        encoded(&wide, image::ImageFormat::Png),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_outputs_are_refused() {
+    let (_s, router) = start(MODELS).await;
+    let body = json!({
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],
+        "outputs": [{"name": "logits"}, {"name": "logits"}],
+    });
+    let reply = post_json(&router, "/v2/models/mlp/infer", &body).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than once"),
+        "{}",
+        reply.json()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ragged_or_out_of_range_data_is_refused() {
+    let (_s, router) = start(MODELS).await;
+    let infer = |shape: Value, datatype: &str, data: Value| json!({"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}]});
+    let cases = [
+        (
+            "ragged rows",
+            infer(json!([2, 4]), "FP32", json!([[1, 2, 3], [4, 5, 6, 7, 8]])),
+        ),
+        (
+            "rows too long",
+            infer(json!([2, 4]), "FP32", json!([[1, 2, 3, 4, 5, 6, 7, 8], []])),
+        ),
+        (
+            "over FP32's range",
+            infer(json!([1, 4]), "FP32", json!([1, 2, 3, 1e39])),
+        ),
+    ];
+    for (what, body) in cases {
+        let reply = post_json(&router, "/v2/models/mlp/infer", &body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{what}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    // Nested as the shape says, or flat: both fine.
+    for data in [
+        json!([[1, 2, 3, 4], [5, 6, 7, 8]]),
+        json!([1, 2, 3, 4, 5, 6, 7, 8]),
+    ] {
+        let reply = post_json(
+            &router,
+            "/v2/models/mlp/infer",
+            &infer(json!([2, 4]), "FP32", data),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_jpeg_is_refused() {
+    let (_s, router) = start(MODELS).await;
+    let img = image::RgbImage::from_fn(96, 80, |x, y| image::Rgb([x as u8 * 2, y as u8 * 3, 40]));
+    let jpeg = encoded(&img, image::ImageFormat::Jpeg);
+    let whole = post(
+        &router,
+        "/v1/models/img:predict",
+        "image/jpeg",
+        jpeg.clone(),
+    )
+    .await;
+    assert_eq!(
+        whole.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&whole.body)
+    );
+    let cut = jpeg[..jpeg.len() * 2 / 3].to_vec();
+    let reply = post(&router, "/v1/models/img:predict", "image/jpeg", cut).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(error_type(&reply), "invalid_input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classifier_over_a_non_float_output_is_a_startup_error() {
+    let c = config(
+        "models: [{name: g, path: int64_gather.onnx, devices: cpu, classification: {output: next}}]",
+    );
+    let err = ortserve::start(&c).await.err().expect("refused at startup");
+    assert!(err.to_string().contains("next"), "{err}");
+    assert!(err.to_string().contains("FP32"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_that_could_forge_log_fields_are_replaced() {
+    let (_s, router) = start(MODELS).await;
+    let with_id = |id: &str| {
+        Request::get("/v2/health/live")
+            .header("x-request-id", id)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let kept = send(&router, with_id("client-42.a:b")).await;
+    assert_eq!(kept.headers["x-request-id"], "client-42.a:b");
+    let long = "x".repeat(300);
+    for hostile in ["abc method=DELETE path=/admin", "a\"b", long.as_str()] {
+        let reply = send(&router, with_id(hostile)).await;
+        let id = reply.headers["x-request-id"].to_str().unwrap();
+        assert_ne!(id, hostile);
+        assert!(uuid_like(id), "{id}");
+    }
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_has_the_json_body() {
+    let (_s, router) = start(MODELS).await;
+    let wrong_method = get(&router, "/v2/models/mlp/infer").await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_type(&wrong_method), "method_not_allowed");
+    let png = encoded(&image::RgbImage::new(64, 64), image::ImageFormat::Png);
+    let bad_query = post(
+        &router,
+        "/v1/models/img:predict?raw=maybe",
+        "image/png",
+        png,
+    )
+    .await;
+    assert_eq!(bad_query.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_type(&bad_query), "malformed_body");
+    let bad_path = get(&router, "/v2/models/%FF%FE/ready").await;
+    assert_eq!(
+        bad_path.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&bad_path.body)
+    );
+    assert_eq!(error_type(&bad_path), "malformed_body");
+}
