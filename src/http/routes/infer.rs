@@ -50,9 +50,10 @@ async fn handle(
 }
 
 /// Reads a binary-extension body as it streams in: the first `header_len` bytes into the JSON
-/// header, the rest into one buffer sized from Content-Length. The tensor bytes are copied once,
-/// from the connection's buffers into the buffer the tensor will own (see [`v2::parse_parts`]).
-/// Same limits as [`read_body`].
+/// header, the rest into the buffer the tensor will own (see [`v2::parse_parts`]), so the tensor
+/// bytes are copied once, from the connection's buffers. Both buffers grow with what has
+/// arrived: neither Content-Length nor the header length is trusted to size them (a client could
+/// declare 16 MiB and send 11 bytes). Same limits as [`read_body`].
 async fn read_binary_body(
     app: &AppState,
     headers: &HeaderMap,
@@ -61,10 +62,9 @@ async fn read_binary_body(
 ) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
     use http_body_util::BodyExt;
     let limit = app.max_body_bytes;
-    // Sized from the declared length, which is within the limit; never trusted beyond it.
-    let expected = declared_length(headers, limit)?.map_or(0, |n| n as usize);
-    let mut json = Vec::with_capacity(header_len.min(expected));
-    let mut binary = Vec::with_capacity(expected.saturating_sub(header_len));
+    declared_length(headers, limit)?;
+    let mut json = Vec::new();
+    let mut binary = Vec::new();
     let mut body = body;
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
@@ -123,26 +122,23 @@ async fn multipart_images(
     cfg: &ImageConfig,
     req: Request,
 ) -> Result<Vec<Bytes>, ApiError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > app.max_body_bytes) {
-        return Err(ApiError::PayloadTooLarge {
-            limit: app.max_body_bytes,
-        });
-    }
+    let limit = app.max_body_bytes;
+    extract::declared_length(req.headers(), limit)?;
+    // Every byte of the body counts, whatever part it is in (or before the first boundary, or
+    // in a part's headers): the parser reads through a body that ends in an error past `limit`.
+    let req = req.map(|b| Body::new(http_body_util::Limited::new(b, limit as usize)));
+    let multipart_error = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::MalformedBody(format!("multipart body: {}", e.body_text()))
+        }
+    };
     let mut form = Multipart::from_request(req, &())
         .await
         .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?;
     let mut images = Vec::new();
-    let mut total = 0u64;
-    while let Some(mut field) = form
-        .next_field()
-        .await
-        .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?
-    {
+    while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         if field.name() != Some("image") {
             continue;
         }
@@ -153,17 +149,7 @@ async fn multipart_images(
             )));
         }
         let mut data = Vec::new();
-        while let Some(chunk) = field
-            .chunk()
-            .await
-            .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?
-        {
-            total += chunk.len() as u64;
-            if total > app.max_body_bytes {
-                return Err(ApiError::PayloadTooLarge {
-                    limit: app.max_body_bytes,
-                });
-            }
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
             if (data.len() + chunk.len()) as u64 > cfg.max_image_bytes.0 {
                 return Err(ApiError::ImageTooLarge(format!(
                     "image {} is larger than the limit of {} bytes",
