@@ -3,7 +3,7 @@
 //! the metrics text. `http` calls only this (and the leaves `config`, `tensor`, `metrics`); it
 //! never names dispatch, device or tuning types.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -15,7 +15,7 @@ use crate::classify::{Class, Classifier};
 use crate::config::ImageConfig;
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
-use crate::preprocess::{Pool, PreprocessError};
+use crate::preprocess::{finished, Pool, PreprocessError};
 use crate::tensor::{DataType, Tensor};
 use crate::tuning::DeviceTuning;
 
@@ -109,6 +109,12 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
+    /// The default deadline of a request, from its arrival.
+    pub request_timeout: std::time::Duration,
+    /// The most a body may take to arrive, from the request's arrival.
+    pub body_timeout: std::time::Duration,
+    /// Body bytes that may be held at once over all requests (one permit per byte).
+    pub body_memory: Arc<tokio::sync::Semaphore>,
     /// Decoding and resizing of uploaded images.
     pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.
@@ -121,14 +127,24 @@ impl AppState {
     /// A state whose models are still loading: health answers, readiness is 503.
     pub(crate) fn loading(
         metrics: Arc<Metrics>,
-        max_body_bytes: u64,
+        server: &crate::config::ServerConfig,
         preprocess_threads: usize,
-        tokens: Vec<String>,
     ) -> AppState {
+        let tokens = server
+            .auth
+            .as_ref()
+            .map(|a| a.tokens.clone())
+            .unwrap_or_default();
+        let body_memory = usize::try_from(server.body_memory())
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         AppState {
             models: OnceLock::new(),
             metrics,
-            max_body_bytes,
+            max_body_bytes: server.max_body_bytes.0,
+            request_timeout: server.request_timeout.0,
+            body_timeout: server.body_timeout.0,
+            body_memory: Arc::new(tokio::sync::Semaphore::new(body_memory)),
             pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
             tokens,
@@ -188,28 +204,37 @@ impl AppState {
             .metrics
             .preprocess_duration
             .with_label_values(&[m.name()]);
-        let jobs = images.into_iter().enumerate().map(|(i, bytes)| {
-            let cfg = cfg.clone();
-            let timer = timer.clone();
-            async move {
-                let rows = self
-                    .pool
-                    .run(move || {
-                        let t = Instant::now();
-                        let r = crate::preprocess::preprocess(&bytes, &cfg);
-                        timer.observe(t.elapsed().as_secs_f64());
-                        r
-                    })
-                    .await;
-                rows.map_err(|e| match e {
-                    PreprocessError::TooLarge(msg) => {
-                        InferError::ImageTooLarge(format!("image {i}: {msg}"))
-                    }
-                    other => InferError::InvalidImage(format!("image {i}: {other}")),
-                })
-            }
-        });
-        let rows = futures_util::future::try_join_all(jobs).await?;
+        // Bounded in time by the request's deadline (waiting for a slot and decoding), and in
+        // work by `max_request_pixels` over all its images.
+        let deadline = call.deadline(self.request_timeout);
+        let budget = Arc::new(AtomicU64::new(cfg.max_request_pixels));
+        let mut started = Vec::with_capacity(images.len());
+        for bytes in images {
+            let (cfg, timer, budget) = (cfg.clone(), timer.clone(), budget.clone());
+            let job = self.pool.start(move || {
+                let t = Instant::now();
+                let r = crate::preprocess::preprocess_within(&bytes, &cfg, Some(&budget));
+                timer.observe(t.elapsed().as_secs_f64());
+                r
+            });
+            started.push(
+                tokio::time::timeout_at(deadline, job)
+                    .await
+                    .map_err(|_| InferError::DeadlineExceeded)?,
+            );
+        }
+        let mut rows = Vec::with_capacity(started.len());
+        for (i, job) in started.into_iter().enumerate() {
+            let done = tokio::time::timeout_at(deadline, job)
+                .await
+                .map_err(|_| InferError::DeadlineExceeded)?;
+            rows.push(finished(done).map_err(|e| match e {
+                PreprocessError::TooLarge(msg) => {
+                    InferError::ImageTooLarge(format!("image {i}: {msg}"))
+                }
+                other => InferError::InvalidImage(format!("image {i}: {other}")),
+            })?);
+        }
         let refs: Vec<&Tensor> = rows.iter().collect();
         let batch = Tensor::concat(&refs).map_err(|e| InferError::InvalidImage(e.to_string()))?;
         let n = rows.len();
@@ -236,6 +261,19 @@ impl AppState {
                 ImagePrediction { classes, output }
             })
             .collect())
+    }
+
+    /// Runs `job` (decoding a big request body) on the preprocessing pool, so the async
+    /// workers stay free for small requests and probes; waits for a slot until `deadline`.
+    pub async fn off_workers<T: Send + 'static>(
+        &self,
+        deadline: tokio::time::Instant,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, InferError> {
+        let job = tokio::time::timeout_at(deadline, self.pool.start(job))
+            .await
+            .map_err(|_| InferError::DeadlineExceeded)?;
+        Ok(finished(job.await))
     }
 
     /// The Prometheus text, with device health, rows in flight and (on GPU hosts) NVML memory

@@ -106,11 +106,17 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
                     .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
                     .map_err(|e| e.to_string())
             });
+            let tuned_latency = result
+                .probes
+                .iter()
+                .find(|p| p.batch == result.chosen && p.latency_ms > 0.0)
+                .map(|p| std::time::Duration::from_secs_f64(p.latency_ms / 1000.0));
             runners.push(DeviceRunner {
                 name,
                 max_batch: result.chosen,
                 runner: Box::new(runner),
                 rebuild: Some(rebuild),
+                run_timeout: m.health.run_timeout_for(tuned_latency),
             });
             results.push(result);
         }
@@ -294,17 +300,10 @@ fn preprocess_threads(config: &Config) -> usize {
 /// The state every way of serving starts from: metrics, limits, tokens and the image pool,
 /// with no model yet (readiness is 503 until [`AppState::install`]).
 fn new_state(config: &Config) -> Arc<AppState> {
-    let tokens = config
-        .server
-        .auth
-        .as_ref()
-        .map(|a| a.tokens.clone())
-        .unwrap_or_default();
     Arc::new(AppState::loading(
         Arc::new(Metrics::new()),
-        config.server.max_body_bytes.0,
+        &config.server,
         preprocess_threads(config),
-        tokens,
     ))
 }
 
@@ -415,7 +414,7 @@ async fn serve_until(
         tracing::info!("no longer accepting connections");
         let _ = drained_tx.send(());
     };
-    let http = crate::http::serve(state, listener, graceful);
+    let http = crate::http::serve(state, server, listener, graceful);
     let shutdown_timeout = server.shutdown_timeout.0;
     let overdue = async move {
         if drained_rx.await.is_ok() {
@@ -449,17 +448,12 @@ mod tests {
     /// goes on for exactly `drain_delay`, then it ends (no connection is open to wait for).
     #[tokio::test(start_paused = true)]
     async fn serving_goes_on_for_the_drain_delay_after_the_signal_then_ends() {
-        let state = Arc::new(AppState::loading(
-            Arc::new(Metrics::new()),
-            1 << 20,
-            1,
-            Vec::new(),
-        ));
-        state.install(Vec::new());
         let server = ServerConfig {
             drain_delay: Dur(Duration::from_secs(5)),
             ..ServerConfig::default()
         };
+        let state = Arc::new(AppState::loading(Arc::new(Metrics::new()), &server, 1));
+        state.install(Vec::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn({

@@ -28,7 +28,11 @@ pub fn serve_runners(
     let (handle, owner): (ModelHandle, ModelOwner) =
         ModelHandle::start(name, "1", info, policy, settings, runners, metrics.clone())
             .expect("device threads start");
-    let state = Arc::new(AppState::loading(metrics, 1 << 20, 1, Vec::new()));
+    let server = crate::config::ServerConfig {
+        max_body_bytes: crate::config::ByteSize(1 << 20),
+        ..Default::default()
+    };
+    let state = Arc::new(AppState::loading(metrics, &server, 1));
     state.install(vec![Model::new(handle, None, None, Vec::new())]);
     (state, owner)
 }

@@ -150,6 +150,7 @@ impl ModelRunner for Paced {
 async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
     let runners = [("fast", 1), ("slow", 4)]
         .map(|(name, ms)| DeviceRunner {
+            run_timeout: std::time::Duration::from_secs(30),
             name: name.into(),
             max_batch: 4,
             runner: Box::new(Paced {

@@ -40,6 +40,7 @@ fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
     let fault = Arc::new(AtomicBool::new(false));
     let runners = vec![
         DeviceRunner {
+            run_timeout: std::time::Duration::from_secs(30),
             name: "cpu:0".into(),
             max_batch: 8,
             runner: Box::new(Flaky {
@@ -48,6 +49,7 @@ fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
             rebuild: None,
         },
         DeviceRunner {
+            run_timeout: std::time::Duration::from_secs(30),
             name: "cpu:1".into(),
             max_batch: 8,
             runner: Box::new(Flaky {
@@ -197,6 +199,7 @@ async fn a_panicking_session_is_rebuilt_and_the_server_keeps_serving() {
     let built = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = built.clone();
     let runner = DeviceRunner {
+        run_timeout: std::time::Duration::from_secs(30),
         name: "cpu:0".into(),
         max_batch: 4,
         runner: Box::new(Panicky),
@@ -229,4 +232,95 @@ async fn a_panicking_session_is_rebuilt_and_the_server_keeps_serving() {
     let ok = post_json(&router, uri, &one(7.0)).await;
     assert_eq!(ok.status, StatusCode::OK);
     assert_eq!(outputs(&ok)[0].3, vec![7.0]);
+}
+
+/// A run that does not return: its request is answered 504 at its deadline and frees its place
+/// in the queue; the watchdog takes the device out, and batches go to the other device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_run_is_answered_at_the_deadline_and_the_watchdog_takes_its_device_out() {
+    let timed = |timeout_ms: u64, v: f32| {
+        axum::http::Request::post("/v2/models/gated/infer")
+            .header("x-timeout-ms", timeout_ms)
+            .body(axum::body::Body::from(one(v).to_string()))
+            .unwrap()
+    };
+    // A 2.5 s batch (here: one that waits for the gate) and a 300 ms deadline.
+    let (_state, router, open) = gated_server(4);
+    let t = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(5), send(&router, timed(300, 1.0)))
+        .await
+        .expect("answered while the run goes on");
+    let took = t.elapsed();
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{:?}",
+        reply.json()
+    );
+    assert_eq!(reply.json()["error_type"], "deadline_exceeded");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(500),
+        "answered after {took:?}"
+    );
+    // Its place is free: four more fit in the queue of four (none is refused with 429).
+    let more: Vec<_> = (0..4)
+        .map(|i| {
+            let r = router.clone();
+            tokio::spawn(async move { send(&r, timed(200, i as f32)).await.status })
+        })
+        .collect();
+    for m in more {
+        assert_eq!(m.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    drop(open);
+
+    // Two devices: cpu:0 never returns, cpu:1 answers at once. Watchdog at 300 ms.
+    let (stuck, _gate) = gated_runner("cpu:0", Duration::from_millis(300));
+    let fine = DeviceRunner {
+        run_timeout: Duration::from_millis(300),
+        name: "cpu:1".into(),
+        max_batch: 1,
+        runner: Box::new(Flaky {
+            fault: Arc::new(AtomicBool::new(false)),
+        }),
+        rebuild: None,
+    };
+    let mut settings = BatchSettings::new(Duration::ZERO, 16, Duration::from_secs(30));
+    settings.reprobe_interval = Duration::from_millis(100);
+    let (state, router) = fake_server(
+        "gated",
+        1,
+        vec![stuck, fine],
+        DispatchPolicy::LeastLoaded,
+        settings,
+    );
+    let t = Instant::now();
+    let first = send(&router, timed(2000, 1.0)).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT, "it ran on cpu:0");
+    assert!(!state.devices()[0].healthy, "the watchdog took cpu:0 out");
+    assert!(t.elapsed() < Duration::from_millis(2500));
+    for i in 0..20 {
+        let r = send(&router, timed(2000, i as f32)).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    }
+    let devices = state.devices();
+    assert_eq!(devices[1].rows_run, 20, "every later batch ran on cpu:1");
+    assert!(
+        !devices[0].healthy,
+        "a stuck device does not pass its probe"
+    );
+    assert_eq!(
+        get(&router, "/v2/health/ready").await.status,
+        StatusCode::OK
+    );
+    let metrics = get(&router, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metric(
+            &text,
+            "ortserve_device_failures_total",
+            &[("device", "cpu:0")]
+        ) >= 1.0,
+        "{text}"
+    );
 }

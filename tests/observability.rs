@@ -108,6 +108,7 @@ async fn the_request_id_is_on_the_log_lines_of_the_request_across_threads() {
         .with_writer(move || sink.clone())
         .init();
     let runner = DeviceRunner {
+        run_timeout: std::time::Duration::from_secs(30),
         name: "cpu:0".into(),
         max_batch: 4,
         runner: Box::new(Broken),

@@ -74,6 +74,7 @@ pub(super) async fn run(
         while let Ok(e) = retry_rx.try_recv() {
             alone.push_back(e);
         }
+        watchdog(&pool, &ctx);
         if Instant::now() >= next_probe {
             next_probe = Instant::now() + settings.reprobe_interval;
             if let Some(sample) = &sample {
@@ -205,6 +206,26 @@ pub(super) async fn run(
     }
 }
 
+/// Marks unhealthy every healthy device whose current run has gone on past its `run_timeout`,
+/// so the dispatcher sends new batches elsewhere. The batcher looks at least every
+/// `4 × SWEEP`. The stuck run's requests are answered 504 at their deadlines by their
+/// handlers; when it returns at last, the device stays out until it passes a probe.
+fn watchdog(pool: &DevicePool, ctx: &Ctx) {
+    for d in pool.devices() {
+        if !d.is_healthy() {
+            continue;
+        }
+        if let Some(took) = d.stalled() {
+            d.set_healthy(false);
+            ctx.metrics
+                .device_failures
+                .with_label_values(&[ctx.model.as_str(), d.name.as_str()])
+                .inc();
+            tracing::error!(model = %ctx.model, device = %d.name, running_for = ?took, limit = ?d.run_timeout, "a run did not return within the watchdog limit: device unhealthy");
+        }
+    }
+}
+
 /// Sends a one-row probe to every unhealthy device with a free slot; one that runs it turns
 /// healthy again.
 fn probe_unhealthy(pool: &DevicePool, sample: &[Tensor], ctx: &Ctx) {
@@ -232,6 +253,7 @@ fn probe_unhealthy(pool: &DevicePool, sample: &[Tensor], ctx: &Ctx) {
             parts: vec![sample.to_vec()],
             span,
             done,
+            clock: d.running.clone(),
         };
         if d.sender().try_send(DeviceCommand::Run(job)).is_err() {
             tracing::warn!(device = %d.name, "could not send a probe");
@@ -327,7 +349,12 @@ fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx, rea
             }
         }
     });
-    let job = RunJob { parts, span, done };
+    let job = RunJob {
+        parts,
+        span,
+        done,
+        clock: slot.running.clone(),
+    };
     if let Err(err) = slot.sender().try_send(DeviceCommand::Run(job)) {
         // The device's job slots make a full channel impossible; a closed one means its worker
         // thread is gone.

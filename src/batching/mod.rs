@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::device::{DeviceWorker, ModelRunner, RunError};
@@ -75,6 +75,26 @@ pub struct Call {
     pub timeout: Option<Duration>,
     /// The request's `x-request-id`, carried to the device's log lines.
     pub request_id: Option<String>,
+    /// When the request arrived: its deadline counts from here, through reading the body,
+    /// preprocessing, the queue and the run. `None` counts from when the core first sees it.
+    pub started: Option<Instant>,
+}
+
+impl Call {
+    /// A call that arrived now.
+    pub fn arrived_now() -> Call {
+        Call {
+            started: Some(Instant::now()),
+            ..Call::default()
+        }
+    }
+
+    /// When the request must be answered: its arrival plus its timeout, which can only
+    /// shorten `default`.
+    pub fn deadline(&self, default: Duration) -> Instant {
+        let timeout = self.timeout.map_or(default, |t| t.min(default));
+        self.started.unwrap_or_else(Instant::now) + timeout
+    }
 }
 
 /// A queued part of a request.
@@ -87,8 +107,6 @@ pub(crate) struct Entry {
     /// Batcher (or device worker) → the waiting handler. Closed when the client left.
     pub reply: oneshot::Sender<Result<Vec<Tensor>, InferError>>,
     pub span: tracing::Span,
-    /// The part's place in the model's queue; released (dropped) when the part is answered.
-    pub _admission: OwnedSemaphorePermit,
     /// Set when the part failed on that device and is being run once more elsewhere.
     pub failed_on: Option<usize>,
     /// The error of the part's last run, answered if it cannot run again.
@@ -162,8 +180,9 @@ struct Shared {
     /// Handlers → batcher, weak: only the [`ModelOwner`] holds the strong sender. A request
     /// upgrades it for as long as it sends its parts; once the owner lets go, upgrades fail
     /// (`ShuttingDown`) and the channel closes when the last in-progress request has sent, so
-    /// the batcher runs everything sent and exits. Sized to the admission count: sends never
-    /// find it full.
+    /// the batcher runs everything sent and exits. Sized to the admission count; a request
+    /// answered early frees its places before the batcher has taken its parts, so a send can
+    /// find it full, which answers 429 like a full queue.
     tx: mpsc::WeakSender<Entry>,
     /// Set by the owner when it stops the model: readiness turns false.
     stopping: AtomicBool,
@@ -206,6 +225,9 @@ pub struct DeviceRunner {
     pub runner: Box<dyn ModelRunner>,
     /// Builds a fresh runner after a panic; `None` keeps the old one.
     pub rebuild: Option<crate::device::Rebuild>,
+    /// The watchdog: a run that has not returned after this long marks the device unhealthy,
+    /// so new batches go to other devices (or are refused with 503 when there is none).
+    pub run_timeout: Duration,
 }
 
 impl ModelHandle {
@@ -230,7 +252,7 @@ impl ModelHandle {
                 crate::dispatch::DEVICE_DEPTH,
             )?;
             let max = if batchable { r.max_batch } else { 1 };
-            pool.add(r.name.clone(), max, worker.sender());
+            pool.add(r.name.clone(), max, r.run_timeout, worker.sender());
             // Every per-device series exists from the start, at zero.
             let labels = [name, r.name.as_str()];
             metrics.device_failures.with_label_values(&labels);
@@ -343,16 +365,18 @@ impl ModelHandle {
                 max: max_rows,
             });
         }
-        let mut permit = s
+        // The request's places in the queue, held here: they are free again as soon as this
+        // request is answered, including with 504 while its batch is still running.
+        let _admission = s
             .admission
-            .clone()
-            .try_acquire_many_owned(parts as u32)
+            .try_acquire_many(parts as u32)
             .map_err(|_| InferError::QueueFull(s.name.clone()))?;
         let tx = s.tx.upgrade().ok_or(InferError::ShuttingDown)?;
         let now = Instant::now();
-        let timeout = call.timeout.map_or(s.settings.default_timeout, |t| {
-            t.min(s.settings.default_timeout)
-        });
+        let deadline = call.deadline(s.settings.default_timeout);
+        if deadline <= now {
+            return Err(InferError::DeadlineExceeded);
+        }
         let key = ShapeKey::of(&inputs);
         let span = tracing::Span::current();
         let mut waiting = Vec::with_capacity(parts);
@@ -375,10 +399,9 @@ impl ModelHandle {
                 rows: n,
                 key: key.clone(),
                 enqueued: now,
-                deadline: now + timeout,
+                deadline,
                 reply,
                 span: span.clone(),
-                _admission: permit.split(1).expect("one permit per part"),
                 failed_on: None,
                 last_error: None,
                 request_id: call.request_id.clone(),
@@ -394,8 +417,13 @@ impl ModelHandle {
         // Sent: the batcher may now see the channel close once the owner has let go.
         drop(tx);
         let mut results = Vec::with_capacity(parts);
+        // The deadline holds while the batch runs too: at the deadline the answer is 504 and the
+        // run's result, when it comes, is dropped.
         for rx in waiting {
-            results.push(rx.await.map_err(|_| InferError::ShuttingDown)??);
+            let reply = tokio::time::timeout_at(deadline, rx)
+                .await
+                .map_err(|_| InferError::DeadlineExceeded)?;
+            results.push(reply.map_err(|_| InferError::ShuttingDown)??);
         }
         if results.len() == 1 {
             return Ok(results.pop().unwrap_or_default());

@@ -47,6 +47,7 @@ fn gated(
     let metrics = Arc::new(Metrics::new());
     let settings = BatchSettings::new(max_queue_delay, 16, Duration::from_secs(30));
     let runner = DeviceRunner {
+        run_timeout: std::time::Duration::from_secs(30),
         name: "cpu:0".into(),
         max_batch,
         runner: Box::new(Gated(Mutex::new(gate))),
@@ -101,6 +102,9 @@ async fn a_busy_devices_next_batch_closes_after_max_queue_delay() {
     );
     let closed = |reason: &str| metrics.batches.with_label_values(&["m", reason]).get();
     assert_eq!((closed("idle"), closed("delay"), closed("full")), (1, 1, 0));
+    // From here the device thread runs for real; the paused clock would jump to the
+    // handlers' deadlines while the runtime waits for it.
+    tokio::time::resume();
     drop(open);
     for (task, want) in [(a, 1.0), (b, 2.0), (c, 3.0)] {
         let out = task.await.unwrap().expect("answered");
@@ -117,7 +121,7 @@ async fn a_queued_request_past_its_deadline_is_answered_504_without_running() {
         let h = handle.clone();
         let call = Call {
             timeout,
-            request_id: None,
+            ..Call::default()
         };
         tokio::spawn(async move { h.infer(row(v), &call).await })
     };
@@ -137,6 +141,9 @@ async fn a_queued_request_past_its_deadline_is_answered_504_without_running() {
         waited >= Duration::from_millis(250) && waited <= Duration::from_millis(300),
         "answered after {waited:?}"
     );
+    // From here the device thread runs for real; the paused clock would jump to the
+    // handlers' deadlines while the runtime waits for it.
+    tokio::time::resume();
     drop(open);
     for task in held {
         task.await.unwrap().expect("answered");
@@ -146,5 +153,64 @@ async fn a_queued_request_past_its_deadline_is_answered_504_without_running() {
         2,
         "the expired request never ran"
     );
+    owner.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_request_past_its_deadline_is_answered_504_and_frees_its_place() {
+    let (handle, owner, open, _) = gated(1, Duration::ZERO);
+    let start = Instant::now();
+    let call = Call {
+        timeout: Some(Duration::from_millis(300)),
+        started: Some(start),
+        ..Call::default()
+    };
+    let task = tokio::spawn({
+        let h = handle.clone();
+        async move { h.infer(row(1.0), &call).await }
+    });
+    until("running", || handle.devices()[0].inflight_rows == 1).await;
+    let answer = task.await.unwrap();
+    let took = start.elapsed();
+    assert!(
+        matches!(answer, Err(InferError::DeadlineExceeded)),
+        "{answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took <= Duration::from_millis(301),
+        "answered after {took:?}"
+    );
+    assert_eq!(
+        handle.0.admission.available_permits(),
+        16,
+        "its place in the queue is free while the run goes on"
+    );
+    assert_eq!(
+        handle.devices()[0].inflight_rows,
+        1,
+        "the run itself goes on"
+    );
+    drop(open);
+    owner.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_counts_from_arrival() {
+    let (handle, owner, open, _) = gated(1, Duration::ZERO);
+    // Arrived 400 ms ago (reading its body, preprocessing) with a 300 ms deadline.
+    let started = Instant::now();
+    tokio::time::advance(Duration::from_millis(400)).await;
+    let call = Call {
+        timeout: Some(Duration::from_millis(300)),
+        started: Some(started),
+        ..Call::default()
+    };
+    let answer = handle.infer(row(1.0), &call).await;
+    assert!(
+        matches!(answer, Err(InferError::DeadlineExceeded)),
+        "{answer:?}"
+    );
+    assert_eq!(handle.devices()[0].rows_run, 0, "it never ran");
+    drop(open);
     owner.shutdown().await;
 }

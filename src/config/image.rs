@@ -78,6 +78,10 @@ pub struct ImageConfig {
     /// Most images in one request (413 above).
     #[serde(default = "default_images")]
     pub max_images: usize,
+    /// Most pixels (width × height, from the headers) of all the images of one request
+    /// together, which bounds the decoding work one request can ask for (413 above).
+    #[serde(default = "default_request_pixels")]
+    pub max_request_pixels: u64,
 }
 
 fn zeros() -> [f32; 3] {
@@ -94,6 +98,9 @@ fn default_pixels() -> u64 {
 }
 fn default_images() -> usize {
     32
+}
+fn default_request_pixels() -> u64 {
+    64_000_000
 }
 
 /// Turning a model's scores into labels.
@@ -137,6 +144,7 @@ impl ImageConfig {
             max_image_bytes: default_image_bytes(),
             max_pixels: default_pixels(),
             max_images: default_images(),
+            max_request_pixels: default_request_pixels(),
         }
     }
 
@@ -176,10 +184,14 @@ impl ImageConfig {
                 "uint8 inputs take raw pixels: leave mean at 0 and std at 1",
             ));
         }
-        if self.max_pixels == 0 || self.max_images == 0 || self.max_image_bytes.0 == 0 {
+        if self.max_pixels == 0
+            || self.max_images == 0
+            || self.max_image_bytes.0 == 0
+            || self.max_request_pixels == 0
+        {
             return Err(invalid(
                 key,
-                "max_pixels, max_images and max_image_bytes must be at least 1",
+                "max_pixels, max_request_pixels, max_images and max_image_bytes must be at least 1",
             ));
         }
         Ok(())

@@ -78,6 +78,26 @@ pub struct ServerConfig {
     /// After the drain delay: how long accepted work may take to finish before the process exits.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Dur,
+    /// A request's head (request line and headers) must be complete within this once its first
+    /// byte has arrived; otherwise the connection is closed (slow-header clients).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Dur,
+    /// A keep-alive connection with no request is closed after this. Keep it above the load
+    /// balancer's idle timeout, so the balancer closes first (AWS ALB: 60 s).
+    #[serde(default = "default_keep_alive_timeout")]
+    pub keep_alive_timeout: Dur,
+    /// A request's body must have arrived within this from the request's start (408 after), or
+    /// by its deadline when that is sooner.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: Dur,
+    /// Most connections open at once; more wait in the listen backlog until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most request-body bytes held at once over all requests being read; a body that would
+    /// go over waits for others to finish (until its deadline: 408). At least
+    /// `max_body_bytes`. Default: 16 × `max_body_bytes` (256 MiB with the default).
+    #[serde(default)]
+    pub max_body_memory: Option<ByteSize>,
     /// `text` for people, `json` for log collectors. Env: `ORTSERVE_LOG_FORMAT`.
     #[serde(default = "default_log_format")]
     pub log_format: LogFormat,
@@ -110,6 +130,11 @@ impl Default for ServerConfig {
             request_timeout: default_request_timeout(),
             drain_delay: default_drain_delay(),
             shutdown_timeout: default_shutdown_timeout(),
+            header_timeout: default_header_timeout(),
+            keep_alive_timeout: default_keep_alive_timeout(),
+            body_timeout: default_body_timeout(),
+            max_connections: default_max_connections(),
+            max_body_memory: None,
             log_format: default_log_format(),
             auth: None,
         }
@@ -131,6 +156,27 @@ fn default_drain_delay() -> Dur {
 fn default_shutdown_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(25))
 }
+fn default_header_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn default_keep_alive_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(75))
+}
+fn default_body_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+fn default_max_connections() -> usize {
+    1024
+}
+
+impl ServerConfig {
+    /// `max_body_memory`, or its default.
+    pub fn body_memory(&self) -> u64 {
+        self.max_body_memory
+            .map_or(self.max_body_bytes.0.saturating_mul(16), |b| b.0)
+    }
+}
+
 fn default_log_format() -> LogFormat {
     LogFormat::Text
 }
@@ -251,6 +297,12 @@ pub struct HealthConfig {
     /// How often an unhealthy device gets a one-row probe; it is healthy again when it passes.
     #[serde(default = "default_reprobe")]
     pub reprobe_interval: Dur,
+    /// The watchdog: a run that has not returned after this long marks its device unhealthy, so
+    /// batches go to the other devices (503 when none is left) and readiness reflects it.
+    /// Default: 20 × the tuned latency of the device's chosen batch size, at least 10 s (30 s
+    /// when that latency is unknown).
+    #[serde(default)]
+    pub run_timeout: Option<Dur>,
 }
 
 impl Default for HealthConfig {
@@ -258,6 +310,22 @@ impl Default for HealthConfig {
         HealthConfig {
             failure_threshold: default_threshold(),
             reprobe_interval: default_reprobe(),
+            run_timeout: None,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The watchdog limit for a device whose chosen batch size took `tuned_latency` (when known).
+    pub fn run_timeout_for(
+        &self,
+        tuned_latency: Option<std::time::Duration>,
+    ) -> std::time::Duration {
+        use std::time::Duration;
+        match (self.run_timeout, tuned_latency) {
+            (Some(d), _) => d.0,
+            (None, Some(l)) => (l * 20).max(Duration::from_secs(10)),
+            (None, None) => Duration::from_secs(30),
         }
     }
 }
@@ -545,6 +613,28 @@ impl Config {
             return Err(invalid(
                 "server.max_body_bytes",
                 format!("must be at least 1KiB, got {}", s.max_body_bytes.0),
+            ));
+        }
+        for (key, d) in [
+            ("server.header_timeout", s.header_timeout),
+            ("server.keep_alive_timeout", s.keep_alive_timeout),
+            ("server.body_timeout", s.body_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(key, "must be more than 0"));
+            }
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.body_memory() < s.max_body_bytes.0 {
+            return Err(invalid(
+                "server.max_body_memory",
+                format!(
+                    "must be at least max_body_bytes ({}), got {}",
+                    s.max_body_bytes.0,
+                    s.body_memory()
+                ),
             ));
         }
         if s.request_timeout.0.is_zero() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DispatchPolicy;
-use crate::device::DeviceCommand;
+use crate::device::{DeviceCommand, RunClock};
 
 /// Jobs a device may hold at once: one running and one ready to start.
 pub(crate) const DEVICE_DEPTH: usize = 2;
@@ -23,6 +23,10 @@ pub(crate) struct DeviceSlot {
     pub name: String,
     /// Most rows one batch on this device may have.
     pub max_batch: usize,
+    /// The watchdog's limit on one run (see [`DeviceSlot::stalled`]).
+    pub run_timeout: Duration,
+    /// When the run now on the device started, shared with the device worker, which sets it.
+    pub running: Arc<RunClock>,
     healthy: AtomicBool,
     inflight_rows: AtomicUsize,
     /// Measured rows/s (EWMA) as f64 bits; 0 until the first batch finishes.
@@ -84,6 +88,12 @@ impl DeviceSlot {
 
     pub(crate) fn sender(&self) -> &mpsc::Sender<DeviceCommand> {
         &self.tx
+    }
+
+    /// How long the run now on the device has taken, when that is more than its
+    /// `run_timeout`.
+    pub(crate) fn stalled(&self) -> Option<Duration> {
+        self.running.running_for().filter(|&t| t > self.run_timeout)
     }
 }
 
@@ -158,11 +168,14 @@ impl DevicePool {
         &mut self,
         name: String,
         max_batch: usize,
+        run_timeout: Duration,
         tx: mpsc::Sender<DeviceCommand>,
     ) -> Arc<DeviceSlot> {
         let slot = Arc::new(DeviceSlot {
             name,
             max_batch: max_batch.max(1),
+            run_timeout,
+            running: Arc::new(RunClock::default()),
             healthy: AtomicBool::new(true),
             inflight_rows: AtomicUsize::new(0),
             rate_bits: AtomicU64::new(0),
@@ -287,7 +300,7 @@ mod tests {
         let mut rxs = Vec::new();
         for i in 0..n {
             let (tx, rx) = mpsc::channel(4);
-            p.add(format!("cpu:{i}"), 8, tx);
+            p.add(format!("cpu:{i}"), 8, Duration::from_secs(30), tx);
             rxs.push(rx);
         }
         (p, rxs)

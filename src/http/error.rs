@@ -20,6 +20,8 @@ pub(crate) enum ApiError {
     NotFound(String),
     /// The route exists, for other methods.
     MethodNotAllowed,
+    /// The body did not arrive within `body_timeout` (or the request's deadline).
+    RequestTimeout(String),
     ModelNotFound(String),
     VersionNotFound {
         model: String,
@@ -49,6 +51,7 @@ impl ApiError {
             | ApiError::ModelNotFound(_)
             | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -67,6 +70,7 @@ impl ApiError {
             ApiError::InvalidInput(_) => "invalid_input",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Unauthorized => "unauthorized",
             ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => "model_not_found",
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => "payload_too_large",
@@ -93,6 +97,7 @@ impl ApiError {
                 format!("request body is larger than the limit of {limit} bytes")
             }
             ApiError::QueueFull(m) => m.clone(),
+            ApiError::RequestTimeout(m) => m.clone(),
             ApiError::Unavailable(m) => m.clone(),
             ApiError::Unauthorized => {
                 "a valid `Authorization: Bearer <token>` header is required".into()
@@ -164,6 +169,7 @@ mod tests {
             (ApiError::Unauthorized, 401, "unauthorized"),
             (ApiError::NotFound("x".into()), 404, "not_found"),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
+            (ApiError::RequestTimeout("x".into()), 408, "request_timeout"),
             (ApiError::ModelNotFound("m".into()), 404, "model_not_found"),
             (
                 ApiError::VersionNotFound {

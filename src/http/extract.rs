@@ -1,32 +1,115 @@
 //! What the routes read from a request besides their own body format: the body within the
 //! limit, the content type, the request id and the client's deadline.
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
+use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::app::Call;
 use crate::http::ApiError;
 
-/// Reads the whole body, refusing more than the limit (by Content-Length first, then as it streams).
+/// Body bytes a request holds against the server's `max_body_memory`; released on drop (when
+/// the handler is done with the body).
+#[derive(Default)]
+pub(crate) struct BodyMemory(Option<tokio::sync::OwnedSemaphorePermit>);
+
+impl BodyMemory {
+    /// Takes `n` more bytes of the budget, waiting for other bodies to finish until `until`.
+    async fn take(&mut self, app: &AppState, n: usize, until: Instant) -> Result<(), ApiError> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let sem = app.body_memory.clone();
+        let permit = match sem.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => tokio::time::timeout_at(until, sem.acquire_many_owned(n))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .ok_or_else(|| {
+                    ApiError::Unavailable(
+                        "the server is holding as many request bodies as it may; retry".into(),
+                    )
+                })?,
+        };
+        match &mut self.0 {
+            Some(held) => held.merge(permit),
+            None => self.0 = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+/// When the body must have arrived: `body_timeout` after the request's start, or its deadline
+/// when that is sooner.
+fn body_deadline(app: &AppState, call: &Call) -> Instant {
+    let start = call.started.unwrap_or_else(Instant::now);
+    call.deadline(app.request_timeout)
+        .min(start + app.body_timeout)
+}
+
+/// Reads the body frame by frame into `sink`: within the limit (by Content-Length first, then
+/// as it streams), by its deadline (408 after; a client sending slowly holds nothing for
+/// longer), and within the server's body memory.
+pub(crate) async fn read_frames(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    call: &Call,
+    mut sink: impl FnMut(Bytes),
+) -> Result<BodyMemory, ApiError> {
+    use http_body_util::BodyExt;
+    let limit = app.max_body_bytes;
+    declared_length(headers, limit)?;
+    let until = body_deadline(app, call);
+    let mut held = BodyMemory::default();
+    let mut seen: u64 = 0;
+    let mut body = body;
+    loop {
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} ms",
+                    until
+                        .saturating_duration_since(call.started.unwrap_or(until))
+                        .as_millis()
+                )))
+            }
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(unreadable)?,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        held.take(app, chunk.len(), until).await?;
+        sink(chunk);
+    }
+    Ok(held)
+}
+
+/// Reads the whole body (see [`read_frames`]). A body that came in one frame is not copied.
 pub(crate) async fn read_body(
     app: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<axum::body::Bytes, ApiError> {
-    let limit = app.max_body_bytes;
-    declared_length(headers, limit)?;
-    axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                unreadable(e)
+    call: &Call,
+) -> Result<(Bytes, BodyMemory), ApiError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest = bytes::BytesMut::new();
+    let held = read_frames(app, headers, body, call, |chunk| match &first {
+        None if rest.is_empty() => first = Some(chunk),
+        _ => {
+            if let Some(f) = first.take() {
+                rest.extend_from_slice(&f);
             }
-        })
+            rest.extend_from_slice(&chunk);
+        }
+    })
+    .await?;
+    Ok((first.unwrap_or_else(|| rest.freeze()), held))
 }
 
 /// The Content-Length, refused at once when it is over `limit`.
@@ -75,6 +158,7 @@ pub(crate) fn call(headers: &HeaderMap) -> Result<Call, ApiError> {
     Ok(Call {
         timeout: header_timeout(headers)?,
         request_id: request_id(headers),
+        started: Some(tokio::time::Instant::now()),
     })
 }
 

@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod extract;
 mod routes;
+mod serve;
 pub(crate) mod v2;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,6 +100,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(models)
         .fallback(routes::health::not_found)
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            close_when_draining,
+        ))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::middleware::map_response(json_errors))
@@ -179,16 +184,32 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
     out
 }
 
-/// Serves the router on `listener` until `stop` resolves; then stops accepting and lets the
-/// open connections finish their requests before it returns.
+/// Serves the router on `listener` with the connection limits of `server` until `stop`
+/// resolves; then stops accepting and lets the open connections finish their requests before
+/// it returns.
 pub(crate) async fn serve(
     state: Arc<AppState>,
+    server: &crate::config::ServerConfig,
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await
+    serve::serve(router(state), listener, serve::ConnLimits::of(server), stop).await
+}
+
+/// From SIGTERM on, every response carries `Connection: close`, so a keep-alive client opens
+/// its next request on a new connection (to another pod) instead of writing it on one this
+/// server is about to close.
+async fn close_when_draining(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    mut resp: axum::response::Response,
+) -> axum::response::Response {
+    if state.is_draining() {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 #[cfg(test)]

@@ -217,16 +217,6 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
     })
 }
 
-/// Converts a JSON value (TF-Serving instances) into little-endian bytes of `dtype`.
-pub(crate) fn json_data(
-    v: &Value,
-    dtype: DataType,
-    shape: &[usize],
-    what: &str,
-) -> Result<Vec<u8>, ApiError> {
-    json_data_text(&v.to_string(), dtype, shape, what)
-}
-
 /// Parses the text of a JSON array of numbers or booleans, flat or nested (row-major), straight
 /// into little-endian bytes of `dtype`, checking the count, every value's range and, when
 /// nested, that every array has the length the shape gives it (so `[[1,2,3],[4,5,6,7,8]]` is

@@ -5,6 +5,7 @@
 mod pool;
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use fast_image_resize as fr;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
@@ -13,7 +14,7 @@ use thiserror::Error;
 use crate::config::{ChannelOrder, ImageConfig, ImageDtype, Interpolation, Layout};
 use crate::tensor::{DataType, Tensor};
 
-pub(crate) use pool::Pool;
+pub(crate) use pool::{finished, Pool};
 
 /// Why an image was refused. `TooLarge` answers 413, the rest 400.
 #[derive(Debug, Error, PartialEq)]
@@ -29,7 +30,18 @@ pub enum PreprocessError {
 }
 
 /// Decodes one image to RGB, refusing oversize files and headers before decoding pixels.
+#[cfg(test)]
 pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
+    decode_within(bytes, cfg, None)
+}
+
+/// [`decode`], also taking the image's pixels from `budget` (what is left of its request's
+/// `max_request_pixels`) before decoding them.
+fn decode_within(
+    bytes: &[u8],
+    cfg: &ImageConfig,
+    budget: Option<&AtomicU64>,
+) -> Result<RgbImage, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -67,6 +79,17 @@ pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, Prepro
     }
     if pixels == 0 {
         return Err(PreprocessError::Empty);
+    }
+    if let Some(left) = budget {
+        left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+            l.checked_sub(pixels)
+        })
+        .map_err(|_| {
+            PreprocessError::TooLarge(format!(
+                "the request's images together have more than max_request_pixels ({}) pixels",
+                cfg.max_request_pixels
+            ))
+        })?;
     }
     // The decoder may allocate the decoded frame plus working memory; nothing near a bomb's size.
     let mut limits = image::Limits::default();
@@ -197,7 +220,17 @@ pub(crate) fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
 
 /// Decode, resize, normalize: one image into one model input row.
 pub fn preprocess(bytes: &[u8], cfg: &ImageConfig) -> Result<Tensor, PreprocessError> {
-    let img = decode(bytes, cfg)?;
+    preprocess_within(bytes, cfg, None)
+}
+
+/// [`preprocess`] for one of a request's images, taking its pixels from what is left of the
+/// request's `budget` before decoding.
+pub(crate) fn preprocess_within(
+    bytes: &[u8],
+    cfg: &ImageConfig,
+    budget: Option<&AtomicU64>,
+) -> Result<Tensor, PreprocessError> {
+    let img = decode_within(bytes, cfg, budget)?;
     let img = resize(&img, cfg)?;
     Ok(to_tensor(&img, cfg))
 }

@@ -18,25 +18,31 @@ impl Pool {
         }
     }
 
-    /// Runs `job` on a blocking thread once a slot is free.
-    pub(crate) async fn run<T: Send + 'static>(
+    /// Waits for a free slot, then starts `job` on a blocking thread and returns its handle.
+    /// A request with several jobs starts them one after another, so its later jobs queue
+    /// behind jobs other requests asked for meanwhile (the semaphore is first come, first
+    /// served): requests share the slots instead of one taking them all.
+    pub(crate) async fn start<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
+    ) -> tokio::task::JoinHandle<T> {
         let permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
             .expect("the pool's semaphore is never closed");
-        let result = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _slot = permit;
             job()
         })
-        .await;
-        match result {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+    }
+}
+
+/// A job's result; a panic in the job goes on in the caller.
+pub(crate) fn finished<T>(r: Result<T, tokio::task::JoinError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }

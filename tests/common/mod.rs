@@ -373,15 +373,7 @@ pub fn fake_server(
 
 /// One device that holds each batch until the returned sender sends a token (or is dropped).
 pub fn gated_server(queue_capacity: usize) -> (Served, axum::Router, mpsc::Sender<()>) {
-    let (open, gate) = mpsc::channel();
-    let runner = DeviceRunner {
-        name: "cpu:0".into(),
-        max_batch: 1,
-        runner: Box::new(Gated {
-            gate: Arc::new(Mutex::new(gate)),
-        }),
-        rebuild: None,
-    };
+    let (runner, open) = gated_runner("cpu:0", Duration::from_secs(30));
     let settings = BatchSettings::new(Duration::ZERO, queue_capacity, Duration::from_secs(30));
     let (state, router) = fake_server(
         "gated",
@@ -391,6 +383,22 @@ pub fn gated_server(queue_capacity: usize) -> (Served, axum::Router, mpsc::Sende
         settings,
     );
     (state, router, open)
+}
+
+/// A device of one-row batches that holds each batch until the returned sender sends a token
+/// (or is dropped), with the watchdog at `run_timeout`.
+pub fn gated_runner(name: &str, run_timeout: Duration) -> (DeviceRunner, mpsc::Sender<()>) {
+    let (open, gate) = mpsc::channel();
+    let runner = DeviceRunner {
+        run_timeout,
+        name: name.into(),
+        max_batch: 1,
+        runner: Box::new(Gated {
+            gate: Arc::new(Mutex::new(gate)),
+        }),
+        rebuild: None,
+    };
+    (runner, open)
 }
 
 /// A one-row request for the gated server.

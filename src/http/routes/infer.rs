@@ -9,7 +9,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
-use crate::http::extract::{self, declared_length, read_body, unreadable};
+use crate::app::Call;
+use crate::http::extract::{self, read_body, read_frames, BodyMemory};
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
 
@@ -59,33 +60,22 @@ async fn read_binary_body(
     headers: &HeaderMap,
     body: Body,
     header_len: usize,
-) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
-    use http_body_util::BodyExt;
-    let limit = app.max_body_bytes;
-    declared_length(headers, limit)?;
+    call: &Call,
+) -> Result<(Vec<u8>, Vec<u8>, BodyMemory), ApiError> {
     let mut json = Vec::new();
     let mut binary = Vec::new();
-    let mut body = body;
-    let mut seen: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(unreadable)?;
-        let Ok(mut chunk) = frame.into_data() else {
-            continue;
-        };
-        seen += chunk.len() as u64;
-        if seen > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
+    let held = read_frames(app, headers, body, call, |mut chunk| {
         if json.len() < header_len {
             let take = (header_len - json.len()).min(chunk.len());
             json.extend_from_slice(&chunk.split_to(take));
         }
         binary.extend_from_slice(&chunk);
-    }
+    })
+    .await?;
     if json.len() < header_len {
         return Err(v2::header_too_long(header_len, json.len()));
     }
-    Ok((json, binary))
+    Ok((json, binary, held))
 }
 
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
@@ -124,15 +114,16 @@ async fn run(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let mut call = extract::call(headers)?;
     let m = lookup(app, model, version)?;
-    let parsed = match header_len(headers)? {
+    let (parsed, _held) = match header_len(headers)? {
         None => {
-            let bytes = read_body(app, headers, body).await?;
-            v2::parse_parts(&bytes, Vec::new())?
+            let (bytes, held) = read_body(app, headers, body, &call).await?;
+            (v2::parse_parts(&bytes, Vec::new())?, held)
         }
         Some(n) => {
-            let (json, binary) = read_binary_body(app, headers, body, n).await?;
-            v2::parse_parts(&json, binary)?
+            let (json, binary, held) = read_binary_body(app, headers, body, n, &call).await?;
+            (v2::parse_parts(&json, binary)?, held)
         }
     };
     // Resolve the requested outputs before running, so a typo costs no inference.
@@ -152,7 +143,6 @@ async fn run(
             })
             .collect::<Result<_, ApiError>>()?,
     };
-    let mut call = extract::call(headers)?;
     call.timeout = parsed.timeout.or(call.timeout);
     let outputs = m.infer(parsed.inputs, &call).await?;
     let chosen: Vec<(&str, &crate::tensor::Tensor, bool)> = selected

@@ -11,13 +11,16 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 
 use crate::app::{AppState, Call, ImagePrediction, Model};
 use crate::config::ImageConfig;
 use crate::http::extract::{self, read_body};
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
+use crate::model::ModelInfo;
 use crate::tensor::Tensor;
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,12 +30,18 @@ pub(crate) struct PredictQuery {
     raw: bool,
 }
 
+/// The body as the parser first sees it: `instances` stays text (no JSON tree is built), to be
+/// read as images or straight into tensor bytes.
 #[derive(Deserialize)]
-struct PredictBody {
-    instances: Vec<Value>,
+struct PredictBody<'a> {
+    #[serde(borrow)]
+    instances: &'a RawValue,
     #[serde(default)]
     raw: bool,
 }
+
+/// Bodies from this size on are decoded on the preprocessing pool, not on an async worker.
+const BIG_BODY: usize = 256 << 10;
 
 pub(crate) async fn predict(
     State(app): State<Arc<AppState>>,
@@ -76,21 +85,23 @@ async fn run(
                 )));
             }
             let (parts, body) = req.into_parts();
-            let body = read_limited(app, &parts.headers, body, cfg.max_image_bytes.0).await?;
+            let (body, _held) = read_limited(app, &parts.headers, body, cfg.max_image_bytes.0, &call).await?;
             predict_images(app, m, vec![body], query.raw, &call).await
         }
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), _) => {
             let (parts, body) = req.into_parts();
-            let bytes = read_body(app, &parts.headers, body).await?;
-            let body: PredictBody = serde_json::from_slice(&bytes)
-                .map_err(|e| ApiError::MalformedBody(format!("expected {{\"instances\": [...]}}: {e}")))?;
-            let raw = query.raw || body.raw;
+            let (bytes, _held) = read_body(app, &parts.headers, body, &call).await?;
             match image {
                 Some(cfg) => {
-                    let images = b64_instances(cfg, &body.instances)?;
-                    predict_images(app, m, images, raw, &call).await
+                    let cfg = cfg.clone();
+                    let (images, raw) = decode(app, &call, bytes, move |b| b64_instances(&cfg, b)).await?;
+                    predict_images(app, m, images, query.raw || raw, &call).await
                 }
-                None => predict_tensors(m, body.instances, &call).await,
+                None => {
+                    let (info, name) = (m.info().clone(), m.name().to_string());
+                    let (named, n) = decode(app, &call, bytes, move |b| tensor_instances(&info, &name, b)).await?;
+                    predict_tensors(m, named, n, &call).await
+                }
             }
         }
         (Some(t), _) => Err(ApiError::UnsupportedMediaType(match image {
@@ -106,15 +117,44 @@ async fn read_limited(
     headers: &axum::http::HeaderMap,
     body: Body,
     limit: u64,
-) -> Result<Bytes, ApiError> {
-    let bytes = read_body(app, headers, body).await?;
+    call: &Call,
+) -> Result<(Bytes, extract::BodyMemory), ApiError> {
+    let (bytes, held) = read_body(app, headers, body, call).await?;
     if bytes.len() as u64 > limit {
         return Err(ApiError::ImageTooLarge(format!(
             "the image has {} bytes; the limit is {limit}",
             bytes.len()
         )));
     }
-    Ok(bytes)
+    Ok((bytes, held))
+}
+
+/// Runs `parse` over the body: on the preprocessing pool for a big body (so a 16 MiB body does
+/// not hold an async worker, or the health probes behind it), inline otherwise.
+async fn decode<T: Send + 'static>(
+    app: &AppState,
+    call: &Call,
+    bytes: Bytes,
+    parse: impl FnOnce(&[u8]) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if bytes.len() < BIG_BODY {
+        return parse(&bytes);
+    }
+    app.off_workers(call.deadline(app.request_timeout), move || parse(&bytes))
+        .await?
+}
+
+/// The body's `instances` as a list of raw JSON texts, and its `raw` flag.
+fn instances(body: &[u8]) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError> {
+    let expected = |e: serde_json::Error| {
+        ApiError::MalformedBody(format!("expected {{\"instances\": [...]}}: {e}"))
+    };
+    let body: PredictBody = serde_json::from_slice(body).map_err(expected)?;
+    let list: Vec<&RawValue> = serde_json::from_str(body.instances.get()).map_err(expected)?;
+    if list.is_empty() {
+        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+    }
+    Ok((body.instances, list, body.raw))
 }
 
 async fn multipart_images(
@@ -169,25 +209,31 @@ async fn multipart_images(
     Ok(images)
 }
 
-fn b64_instances(cfg: &ImageConfig, instances: &[Value]) -> Result<Vec<Bytes>, ApiError> {
-    if instances.is_empty() {
-        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+/// `{"instances": [{"b64": "..."}, ...]}`: the decoded image bytes, and the `raw` flag.
+fn b64_instances(cfg: &ImageConfig, body: &[u8]) -> Result<(Vec<Bytes>, bool), ApiError> {
+    #[derive(Deserialize)]
+    struct B64<'a> {
+        #[serde(borrow)]
+        b64: std::borrow::Cow<'a, str>,
     }
-    if instances.len() > cfg.max_images {
+    let (_, list, raw) = instances(body)?;
+    if list.len() > cfg.max_images {
         return Err(ApiError::ImageTooLarge(format!(
             "more than {} images in one request",
             cfg.max_images
         )));
     }
-    instances
+    let images = list
         .iter()
         .enumerate()
         .map(|(i, inst)| {
-            let text = inst.get("b64").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::MalformedBody(format!(
-                    "instance {i}: an image model takes {{\"b64\": \"<base64 image>\"}}"
-                ))
-            })?;
+            let text = serde_json::from_str::<B64>(inst.get())
+                .map_err(|_| {
+                    ApiError::MalformedBody(format!(
+                        "instance {i}: an image model takes {{\"b64\": \"<base64 image>\"}}"
+                    ))
+                })?
+                .b64;
             // Base64 is 4/3 of the bytes: refuse before decoding what would be too large.
             if text.len() as u64 / 4 * 3 > cfg.max_image_bytes.0 + 3 {
                 return Err(ApiError::ImageTooLarge(format!(
@@ -200,7 +246,8 @@ fn b64_instances(cfg: &ImageConfig, instances: &[Value]) -> Result<Vec<Bytes>, A
                 .map(Bytes::from)
                 .map_err(|e| ApiError::MalformedBody(format!("instance {i}: invalid base64: {e}")))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((images, raw))
 }
 
 /// Images through the core (preprocessing, batching, classification), answered as
@@ -256,55 +303,80 @@ fn nested(row: &Tensor) -> Value {
     build(&flat, row.shape.get(1..).unwrap_or_default())
 }
 
-/// Instances of a tensor model: one row each; an object by input name when the model has
-/// several inputs, else the row itself.
-async fn predict_tensors(
-    m: &Model,
-    instances: Vec<Value>,
-    call: &Call,
-) -> Result<Response, ApiError> {
-    if instances.is_empty() {
-        return Err(ApiError::MalformedBody("`instances` is empty".into()));
-    }
-    let n = instances.len();
-    let info = m.info();
+/// Instances of a tensor model, one row each, straight from their text into tensor bytes: the
+/// rows themselves when the model has one input, else an object by input name per row.
+fn tensor_instances(
+    info: &ModelInfo,
+    model: &str,
+    body: &[u8],
+) -> Result<(Vec<(String, Tensor)>, usize), ApiError> {
+    let (all, list, _) = instances(body)?;
+    let n = list.len();
+    let objects: Option<Vec<BTreeMap<String, &RawValue>>> = if info.inputs.len() == 1
+        && !list.iter().any(|r| r.get().starts_with('{'))
+    {
+        None
+    } else {
+        Some(
+            list.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    serde_json::from_str(r.get()).map_err(|_| {
+                        ApiError::MalformedBody(format!(
+                            "instance {i}: the model has several inputs; send an object by input name"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        )
+    };
     let mut named = Vec::with_capacity(info.inputs.len());
     for input in &info.inputs {
         let rest = input.dims.get(1..).unwrap_or_default();
         if rest.iter().any(|&d| d < 0) {
             return Err(ApiError::InvalidInput(format!(
-                "input {:?} has dynamic dims {:?}; send it through /v2/models/{}/infer with a shape",
-                input.name,
-                input.dims,
-                m.name()
+                "input {:?} has dynamic dims {:?}; send it through /v2/models/{model}/infer with a shape",
+                input.name, input.dims
             )));
         }
-        let rest: Vec<usize> = rest.iter().map(|&d| d as usize).collect();
-        let values: Vec<Value> = instances
-            .iter()
-            .enumerate()
-            .map(|(i, inst)| match (info.inputs.len(), inst) {
-                (1, v) if !v.is_object() => Ok(v.clone()),
-                (_, Value::Object(o)) => o.get(&input.name).cloned().ok_or_else(|| {
-                    ApiError::InvalidInput(format!("instance {i} has no input {:?}", input.name))
-                }),
-                _ => Err(ApiError::MalformedBody(format!(
-                    "instance {i}: the model has several inputs; send an object by input name"
-                ))),
-            })
-            .collect::<Result<_, _>>()?;
         let mut shape = vec![n];
-        shape.extend(rest);
-        let data = v2::json_data(
-            &Value::Array(values),
-            input.dtype,
-            &shape,
-            &format!("input {:?}", input.name),
-        )?;
+        shape.extend(rest.iter().map(|&d| d as usize));
+        let what = format!("input {:?}", input.name);
+        let data = match &objects {
+            None => v2::json_data_text(all.get(), input.dtype, &shape, &what)?,
+            Some(rows) => {
+                let mut text = String::from("[");
+                for (i, row) in rows.iter().enumerate() {
+                    let v = row.get(&input.name).ok_or_else(|| {
+                        ApiError::InvalidInput(format!(
+                            "instance {i} has no input {:?}",
+                            input.name
+                        ))
+                    })?;
+                    if i > 0 {
+                        text.push(',');
+                    }
+                    text.push_str(v.get());
+                }
+                text.push(']');
+                v2::json_data_text(&text, input.dtype, &shape, &what)?
+            }
+        };
         let t = Tensor::new(input.dtype, shape, data)
             .map_err(|e| ApiError::InvalidInput(e.to_string()))?;
         named.push((input.name.clone(), t));
     }
+    Ok((named, n))
+}
+
+/// Runs a tensor model's instances and answers TF-Serving predictions.
+async fn predict_tensors(
+    m: &Model,
+    named: Vec<(String, Tensor)>,
+    n: usize,
+    call: &Call,
+) -> Result<Response, ApiError> {
+    let info = m.info();
     let outputs = m.infer(named, call).await?;
     let predictions: Vec<Value> = (0..n)
         .map(|i| {

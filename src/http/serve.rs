@@ -1,0 +1,235 @@
+//! The accept loop and each connection's limits, in place of a bare `axum::serve`:
+//! at most `max_connections` open (more wait in the listen backlog), a request head must be
+//! complete within `header_timeout` of its first byte, an idle keep-alive connection closes
+//! after `keep_alive_timeout`, and on shutdown every connection finishes its request and closes.
+//! Body deadlines (408) are the handlers' (see `extract::read_body`); `Connection: close` on
+//! every response from SIGTERM on is the router's (see `close_when_draining`).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use crate::config::ServerConfig;
+
+/// The connection limits of [`ServerConfig`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+}
+
+impl ConnLimits {
+    pub(crate) fn of(server: &ServerConfig) -> ConnLimits {
+        ConnLimits {
+            max_connections: server.max_connections,
+            header_timeout: server.header_timeout.0,
+            keep_alive_timeout: server.keep_alive_timeout.0,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` resolves; then stops accepting, lets every open
+/// connection finish the request it is on (idle ones close at once) and returns when all are
+/// closed.
+pub(crate) async fn serve(
+    app: Router,
+    listener: TcpListener,
+    limits: ConnLimits,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (closing_tx, closing) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = open.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
+            () = &mut stop => break,
+        };
+        let tcp = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        conns.spawn(connection(
+            tcp,
+            app.clone(),
+            limits,
+            closing.clone(),
+            permit,
+        ));
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Microseconds since a process-wide origin, never 0 or `u64::MAX`.
+fn now_us() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    (origin.elapsed().as_micros() as u64).clamp(1, u64::MAX - 1)
+}
+
+/// Where a connection is between requests: idle (0), reading a request head since a moment
+/// (microseconds from [`now_us`]), or handling a request (`u64::MAX`).
+#[derive(Default)]
+struct Phase(AtomicU64);
+
+const IDLE: u64 = 0;
+const BUSY: u64 = u64::MAX;
+
+impl Phase {
+    /// Bytes came in: if the connection was idle, a request head has started.
+    fn bytes_arrived(&self) {
+        let _ = self
+            .0
+            .compare_exchange(IDLE, now_us(), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Release);
+    }
+
+    /// How long the current request head has been arriving.
+    fn head_for(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Acquire) {
+            IDLE | BUSY => None,
+            since => Some(Duration::from_micros(now_us().saturating_sub(since))),
+        }
+    }
+}
+
+/// The socket, noting when bytes arrive on an idle connection.
+struct Watched {
+    tcp: TcpStream,
+    phase: Arc<Phase>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.phase.bytes_arrived();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// One HTTP/1.1 connection until it closes: by the client, by a timeout, or gracefully once
+/// `closing` turns true.
+async fn connection(
+    tcp: TcpStream,
+    app: Router,
+    limits: ConnLimits,
+    mut closing: watch::Receiver<bool>,
+    _open: OwnedSemaphorePermit,
+) {
+    let phase = Arc::new(Phase::default());
+    let io = TokioIo::new(Watched {
+        tcp,
+        phase: phase.clone(),
+    });
+    let service = hyper::service::service_fn({
+        let phase = phase.clone();
+        move |req: hyper::Request<Incoming>| {
+            phase.set(BUSY);
+            let answer = app.clone().oneshot(req.map(Body::new));
+            let phase = phase.clone();
+            async move {
+                let response = answer.await;
+                phase.set(IDLE);
+                response
+            }
+        }
+    });
+    // hyper's header timer runs from the end of one response to the end of the next request's
+    // head: it is the idle keep-alive limit. The head alone is held to `header_timeout` below.
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(limits.keep_alive_timeout)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(
+        (limits.header_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = closing.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick() => {
+                if phase.head_for().is_some_and(|t| t > limits.header_timeout) {
+                    tracing::debug!(header_timeout = ?limits.header_timeout, "closing a connection whose request head did not arrive in time");
+                    return;
+                }
+            }
+        }
+    }
+}
