@@ -12,13 +12,14 @@ use common::*;
 use serde_json::json;
 
 /// Every (status, error_type) the server documents.
-const TABLE: [(u16, &str); 12] = [
+const TABLE: [(u16, &str); 13] = [
     (400, "malformed_body"),
     (400, "invalid_input"),
     (401, "unauthorized"),
     (404, "not_found"),
     (404, "model_not_found"),
     (405, "method_not_allowed"),
+    (408, "request_timeout"),
     (413, "payload_too_large"),
     (415, "unsupported_media_type"),
     (429, "queue_full"),
@@ -30,7 +31,7 @@ const TABLE: [(u16, &str); 12] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_status_table_row_through_http() {
     let (_s, router) = start(
-        "server: {max_body_bytes: 2KiB}
+        "server: {max_body_bytes: 2KiB, body_timeout: 300ms}
 models:
   - {name: mlp, path: mlp.onnx, devices: cpu}
   - {name: int64_gather, path: int64_gather.onnx, devices: cpu}",
@@ -178,6 +179,26 @@ models:
         "method_not_allowed",
         "Allow",
     );
+    // 408: a body that stops arriving.
+    let stalled = Body::from_stream(futures_util::stream::unfold(0, |n| async move {
+        if n == 0 {
+            Some((
+                Ok::<_, std::io::Error>(axum::body::Bytes::from("{\"inputs\": [")),
+                1,
+            ))
+        } else {
+            std::future::pending().await
+        }
+    }));
+    let t = std::time::Instant::now();
+    check(
+        "body too slow",
+        send(&router, Request::post(mlp).body(stalled).unwrap()).await,
+        408,
+        "request_timeout",
+        "did not arrive within 300 ms",
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     // 413, with and without a Content-Length that tells in advance.
     let big = "x".repeat(4096);
     let with_len = Request::post(mlp)

@@ -79,11 +79,34 @@ pub(crate) async fn serve(
             app.clone(),
             limits,
             closing.clone(),
-            permit,
+            Some(permit),
         ));
         while conns.try_join_next().is_some() {}
     }
-    drop(listener);
+    // A client whose handshake completed is in the listen backlog; closing the listener would
+    // reset its connection after it wrote its request. Take those too: they are answered with
+    // `Connection: close`.
+    // Accept with system calls until the queue is empty: tokio's `accept` would only try once
+    // its reactor has seen the listener readable.
+    if let Ok(listener) = listener.into_std() {
+        while let Ok((tcp, _)) = listener.accept() {
+            let Ok(tcp) = tcp
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(tcp))
+            else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let permit = open.clone().try_acquire_owned().ok();
+            conns.spawn(connection(
+                tcp,
+                app.clone(),
+                limits,
+                closing.clone(),
+                permit,
+            ));
+        }
+    }
     let _ = closing_tx.send(true);
     while conns.join_next().await.is_some() {}
     Ok(())
@@ -99,7 +122,11 @@ fn now_us() -> u64 {
 /// Where a connection is between requests: idle (0), reading a request head since a moment
 /// (microseconds from [`now_us`]), or handling a request (`u64::MAX`).
 #[derive(Default)]
-struct Phase(AtomicU64);
+struct Phase {
+    state: AtomicU64,
+    /// Requests this connection has started.
+    requests: AtomicU64,
+}
 
 const IDLE: u64 = 0;
 const BUSY: u64 = u64::MAX;
@@ -108,17 +135,17 @@ impl Phase {
     /// Bytes came in: if the connection was idle, a request head has started.
     fn bytes_arrived(&self) {
         let _ = self
-            .0
+            .state
             .compare_exchange(IDLE, now_us(), Ordering::AcqRel, Ordering::Acquire);
     }
 
     fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Release);
+        self.state.store(v, Ordering::Release);
     }
 
     /// How long the current request head has been arriving.
     fn head_for(&self) -> Option<Duration> {
-        match self.0.load(Ordering::Acquire) {
+        match self.state.load(Ordering::Acquire) {
             IDLE | BUSY => None,
             since => Some(Duration::from_micros(now_us().saturating_sub(since))),
         }
@@ -179,8 +206,9 @@ async fn connection(
     app: Router,
     limits: ConnLimits,
     mut closing: watch::Receiver<bool>,
-    _open: OwnedSemaphorePermit,
+    _open: Option<OwnedSemaphorePermit>,
 ) {
+    let born = Instant::now();
     let phase = Arc::new(Phase::default());
     let io = TokioIo::new(Watched {
         tcp,
@@ -190,6 +218,7 @@ async fn connection(
         let phase = phase.clone();
         move |req: hyper::Request<Incoming>| {
             phase.set(BUSY);
+            phase.requests.fetch_add(1, Ordering::AcqRel);
             let answer = app.clone().oneshot(req.map(Body::new));
             let phase = phase.clone();
             async move {
@@ -212,6 +241,11 @@ async fn connection(
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = false;
+    // A connection opened moments before the listener closed has a request on its way; it gets
+    // up to a second to send it (answered with `Connection: close`) before it is closed.
+    let linger = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(linger);
+    let mut lingering = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -222,6 +256,16 @@ async fn connection(
             }
             _ = closing.changed(), if !stopping => {
                 stopping = true;
+                let fresh = born.elapsed() < Duration::from_secs(1)
+                    && phase.requests.load(Ordering::Acquire) == 0;
+                if fresh {
+                    lingering = true;
+                } else {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            () = &mut linger, if lingering => {
+                lingering = false;
                 conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick() => {

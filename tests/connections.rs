@@ -1,0 +1,281 @@
+//! The server on a loopback socket (127.0.0.1): slow clients are closed within the configured
+//! timeouts while a normal client stays fast, and keep-alive clients lose no request when the
+//! server drains (issue 13, findings 8 and 9). Every loop is bounded.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const BODY: &str =
+    r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+
+fn request() -> Vec<u8> {
+    format!(
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    )
+    .into_bytes()
+}
+
+/// Starts the server on 127.0.0.1:0; returns its address, a trigger for SIGTERM's part, and the
+/// serving task.
+async fn serve(
+    server_yaml: &str,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let config = config(&format!(
+        "server: {server_yaml}\nmodels: [{{name: mlp, path: mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
+    ));
+    let server = ortserve::start(&config).await.expect("server starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}
+
+/// One response: status, whether it said `Connection: close`, and its body.
+async fn read_response(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> std::io::Result<(u16, bool, Vec<u8>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let l = line.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if l == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0; length];
+    r.read_exact(&mut body).await?;
+    Ok((status, close, body))
+}
+
+/// Reads until the server closes the connection (or `limit` passes); returns how long it took.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((t + limit).into(), stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(t.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// One request on a fresh connection; the status and how long it took.
+async fn one_request(addr: std::net::SocketAddr) -> (u16, Duration) {
+    let t = Instant::now();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(&request()).await.unwrap();
+    let (status, _, _) = read_response(&mut BufReader::new(r)).await.unwrap();
+    (status, t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_in_time_and_others_stay_fast() {
+    let (addr, stop, task) = serve(
+        "{header_timeout: 300ms, keep_alive_timeout: 800ms, body_timeout: 500ms, drain_delay: 0s}",
+    )
+    .await;
+
+    // Slowloris: a request head that never ends, a header line every 100 ms.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let dribble = tokio::spawn(async move {
+        for i in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow
+                .write_all(format!("X-{i}: y\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return Some(t.elapsed());
+            }
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await
+            {
+                return Some(t.elapsed());
+            }
+        }
+        None
+    });
+    // Meanwhile a normal client is answered at once.
+    for _ in 0..5 {
+        let (status, took) = one_request(addr).await;
+        assert_eq!(status, 200);
+        assert!(
+            took < Duration::from_millis(250),
+            "normal request took {took:?}"
+        );
+    }
+    let closed = dribble
+        .await
+        .unwrap()
+        .expect("the slow head's connection was closed");
+    assert!(
+        closed < Duration::from_millis(900),
+        "closed after {closed:?}; header_timeout is 300 ms"
+    );
+
+    // An idle keep-alive connection closes after keep_alive_timeout.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    w.write_all(&request()).await.unwrap();
+    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    let mut stream = r.into_inner().reunite(w).unwrap();
+    let idle = closed_within(&mut stream, Duration::from_secs(3))
+        .await
+        .expect("the idle connection was closed");
+    assert!(
+        idle >= Duration::from_millis(600) && idle < Duration::from_millis(2000),
+        "closed after {idle:?}; keep_alive_timeout is 800 ms"
+    );
+
+    // A body that stops arriving is answered 408 at body_timeout.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let t = Instant::now();
+    w.write_all(
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"inputs\":",
+    )
+    .await
+    .unwrap();
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(3),
+        read_response(&mut BufReader::new(r)),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_clients_lose_no_request_when_the_server_drains() {
+    let (addr, stop, task) = serve("{drain_delay: 1s, shutdown_timeout: 5s}").await;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let broken = Arc::new(AtomicUsize::new(0));
+    let told_to_close = Arc::new(AtomicUsize::new(0));
+    let signalled = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (ok, broken, told, signalled) = (
+                ok.clone(),
+                broken.clone(),
+                told_to_close.clone(),
+                signalled.clone(),
+            );
+            tokio::spawn(async move {
+                let mut closes_after_signal = 0;
+                // Bounded: 20 s of requests at most.
+                let end = Instant::now() + Duration::from_secs(20);
+                'connect: while Instant::now() < end {
+                    // Refused: the server no longer listens (a client would go to another pod).
+                    let Ok(stream) = TcpStream::connect(addr).await else {
+                        break;
+                    };
+                    let (r, mut w) = stream.into_split();
+                    let mut r = BufReader::new(r);
+                    while Instant::now() < end {
+                        let after_signal = signalled.load(Ordering::Acquire);
+                        if w.write_all(&request()).await.is_err() {
+                            // Nothing was accepted on this connection; try a new one.
+                            continue 'connect;
+                        }
+                        match read_response(&mut r).await {
+                            Ok((200, close, _)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if close {
+                                    if after_signal {
+                                        closes_after_signal += 1;
+                                    }
+                                    continue 'connect;
+                                }
+                            }
+                            Ok((status, _, body)) => {
+                                panic!("{status}: {}", String::from_utf8_lossy(&body))
+                            }
+                            Err(e) => {
+                                broken.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("a written request got no answer: {e}");
+                                continue 'connect;
+                            }
+                        }
+                    }
+                }
+                if closes_after_signal > 0 {
+                    told.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    signalled.store(true, Ordering::Release);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let served = ok.load(Ordering::Relaxed);
+    assert!(before > 0 && served > before, "{before} then {served}");
+    assert_eq!(
+        broken.load(Ordering::Relaxed),
+        0,
+        "requests lost over the drain"
+    );
+    assert_eq!(
+        told_to_close.load(Ordering::Relaxed),
+        16,
+        "every client got Connection: close after the signal"
+    );
+}
