@@ -241,3 +241,172 @@ async fn every_error_has_the_json_body() {
     );
     assert_eq!(error_type(&bad_path), "malformed_body");
 }
+
+/// The decoding one request can ask for is bounded by `max_request_pixels` over all its images
+/// (eight small files that each declare the most pixels allowed used to hold the only slot for
+/// 38 s), and requests share the slots: a one-image request is not queued behind all of another
+/// request's images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preprocessing_is_bounded_per_request_and_shared() {
+    let (_s, router) = start(
+        "runtime: {preprocess_threads: 1}
+models:
+  - name: img
+    path: cnn.onnx
+    devices: cpu
+    batching: {max_batch_size: 8}
+    image: {size: [64, 64], max_pixels: 4000000, max_request_pixels: 2000000, max_images: 8}",
+    )
+    .await;
+    let big = encoded(
+        &image::RgbImage::from_fn(1200, 1200, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (y * 3) as u8])
+        }),
+        image::ImageFormat::Png,
+    );
+    let multipart = |n: usize| {
+        let mut body = Vec::new();
+        for _ in 0..n {
+            body.extend_from_slice(b"--XYZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n");
+            body.extend_from_slice(&big);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--XYZ--\r\n");
+        body
+    };
+    // Two images of 1.44 M pixels: each within max_pixels, together over max_request_pixels.
+    let reply = post(
+        &router,
+        "/v1/models/img:predict",
+        "multipart/form-data; boundary=XYZ",
+        multipart(2),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_request_pixels"),
+        "{}",
+        reply.json()
+    );
+
+    // Sharing: with one slot, a one-image request sent while a five-image request is being
+    // decoded finishes first.
+    let (_s, router) = start(
+        "runtime: {preprocess_threads: 1}
+models:
+  - name: img
+    path: cnn.onnx
+    devices: cpu
+    batching: {max_batch_size: 8}
+    image: {size: [64, 64], max_images: 8}",
+    )
+    .await;
+    let many = multipart(5);
+    let first = tokio::spawn({
+        let r = router.clone();
+        async move {
+            let reply = post(
+                &r,
+                "/v1/models/img:predict",
+                "multipart/form-data; boundary=XYZ",
+                many,
+            )
+            .await;
+            (reply.status, std::time::Instant::now())
+        }
+    });
+    // Once the first of its images is decoded (its body has arrived), send the other request.
+    for _ in 0..2000 {
+        let text = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
+        if metric(
+            &text,
+            "ortserve_preprocess_duration_seconds_count",
+            &[("model", "img")],
+        ) >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let (status, one_done) = {
+        let reply = post(&router, "/v1/models/img:predict", "image/png", big.clone()).await;
+        (reply.status, std::time::Instant::now())
+    };
+    let (many_status, many_done) = first.await.unwrap();
+    assert_eq!((status, many_status), (StatusCode::OK, StatusCode::OK));
+    assert!(
+        one_done < many_done,
+        "the one-image request waited for all five images of the other"
+    );
+}
+
+/// A big JSON body is decoded off the async workers: with one worker, the liveness probe is
+/// answered while a 13 MB `instances` body is being parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_big_json_body_does_not_hold_the_health_probe() {
+    let (_s, router) = start(
+        "server: {max_body_bytes: 16MiB}
+models: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}]",
+    )
+    .await;
+    let row = "[0.123456789,1.23456789,2.3456789,3.456789]";
+    let mut body = String::from("{\"instances\":[");
+    for i in 0..300_000 {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(row);
+    }
+    body.push_str("]}");
+    assert!(body.len() > 12_000_000);
+    // The probe runs as a task, on the one worker with the request (the test's own thread is
+    // not a worker); a late wake-up from its 5 ms sleep counts against it too.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = tokio::spawn({
+        let (r, done) = (router.clone(), done.clone());
+        async move {
+            let (mut slowest, mut probes) = (std::time::Duration::ZERO, 0);
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let t = std::time::Instant::now();
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                assert_eq!(get(&r, "/v2/health/live").await.status, StatusCode::OK);
+                slowest = slowest.max(
+                    t.elapsed()
+                        .saturating_sub(std::time::Duration::from_millis(5)),
+                );
+                probes += 1;
+            }
+            (slowest, probes)
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let big = tokio::spawn(async move {
+        let status = post(
+            &router,
+            "/v1/models/mlp:predict",
+            "application/json",
+            body.into_bytes(),
+        )
+        .await
+        .status;
+        done.store(true, std::sync::atomic::Ordering::Release);
+        status
+    });
+    let status = big.await.unwrap();
+    let (slowest, probes) = probe.await.unwrap();
+    eprintln!("slowest of {probes} probes: {slowest:?}");
+    // 300,000 rows are more than the model's queue takes: refused after parsing.
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        slowest < std::time::Duration::from_millis(100),
+        "the liveness probe took {slowest:?} while the body was parsed"
+    );
+}
