@@ -11,8 +11,9 @@
 //! `model` are leaves. `http` calls the core only through `app`.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
-//! - [`http`]: the axum router, tower layers, extractors, the V2 codec and the status table. The
-//!   only module that imports axum and tower-http.
+//! - [`http`]: the axum router, tower layers, the accept loop with its connection limits,
+//!   extractors (body deadlines and memory), the V2 codec and the status table. The only module
+//!   that imports axum, tower-http and hyper.
 //! - [`app`]: the façade `http` calls: models (infer tensors, status, tuning), image prediction
 //!   (preprocessing → batching → classification), readiness, the metrics text.
 //! - `startup`: loading, tuning and serving; the drain sequence on shutdown ([`run`], [`start`],
