@@ -36,7 +36,7 @@ pub enum InferError {
     TooManyRows { rows: usize, max: usize },
     #[error("model {0:?} is at its queue capacity; retry later")]
     QueueFull(String),
-    #[error("the request's deadline passed before it could run")]
+    #[error("the request's deadline passed before it could be answered")]
     DeadlineExceeded,
     #[error("model {0:?} has no healthy device")]
     NoHealthyDevice(String),

@@ -68,8 +68,9 @@ pub struct ServerConfig {
     /// Largest request body accepted; larger ones get 413. Raise it for big binary tensors.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: ByteSize,
-    /// Default deadline of an inference request, from arrival to its batch starting to run (504
-    /// after). A V2 request can ask for less with `parameters.timeout` (microseconds).
+    /// Default deadline of an inference request, from its arrival to its answer, through body
+    /// read, preprocessing, queue and run (504 after). A request can ask for less with
+    /// `X-Timeout-Ms` or, on V2, `parameters.timeout` (microseconds).
     #[serde(default = "default_request_timeout")]
     pub request_timeout: Dur,
     /// After SIGTERM: how long to keep serving with readiness at 503 so load balancers deregister.

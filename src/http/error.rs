@@ -106,7 +106,7 @@ impl ApiError {
                 "this route does not take that method; the Allow header lists those it takes".into()
             }
             ApiError::DeadlineExceeded => {
-                "the request's deadline passed before its batch ran".into()
+                "the request's deadline passed before it could be answered".into()
             }
             ApiError::Internal => {
                 "the model run failed; the server log has details under this request's x-request-id"
