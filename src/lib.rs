@@ -7,8 +7,8 @@
 //! # Layout
 //!
 //! Arrows point one way: `http` → `app` → (`preprocess`, `batching`) → `dispatch` → `device`;
-//! `startup` → everything below `http`; `tuning` → `device`. `config`, `metrics`, `tensor` and
-//! `model` are leaves. `http` calls the core only through `app`.
+//! `startup` → everything below `http`; `tuning` → `device`. `config`, `metrics`, `tensor`,
+//! `model` and `stamp` are leaves. `http` calls the core only through `app`.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
 //! - [`http`]: the axum router, tower layers, the accept loop with its connection limits,
@@ -28,6 +28,7 @@
 //! - [`preprocess`]: uploaded images into model input rows, on a bounded CPU pool.
 //! - `classify`: labels, softmax and top-k for classification outputs.
 //! - `metrics`: the Prometheus registry.
+//! - `stamp`: a moment in one atomic (device run start, request head start).
 //! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`shutdown`]: the signals that start the drain.
 //! - `testing` (hidden; for the integration tests): a model served by any runner, device health
@@ -49,6 +50,7 @@ mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod shutdown;
+mod stamp;
 mod startup;
 pub mod tensor;
 #[doc(hidden)]

@@ -75,12 +75,7 @@ models:
         .body(Body::from(&b"{\"inputs\":["[..]))
         .unwrap();
     let (reply, largest) = measured(&router, req).await;
-    assert_eq!(
-        reply.status,
-        400,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(400);
     assert!(
         largest < MIB,
         "an 11-byte binary body made a {largest}-byte allocation"
@@ -93,12 +88,7 @@ models:
         ))
         .unwrap();
     let (reply, largest) = measured(&router, req).await;
-    assert_eq!(
-        reply.status,
-        400,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(400);
     assert!(
         largest < MIB,
         "a 100-byte JSON body made a {largest}-byte allocation"
@@ -119,12 +109,7 @@ models:
         .body(frames(64, 64 * 1024, b'a'))
         .unwrap();
     let (reply, largest) = measured(&small, req).await;
-    assert_eq!(
-        reply.status,
-        413,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(413);
     assert!(
         largest < 4 * MIB,
         "4 MiB without a boundary made a {largest}-byte allocation"

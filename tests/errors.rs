@@ -266,12 +266,7 @@ models:
         frames(vec![a.to_vec(), tail, tensor[5..].to_vec()]),
     );
     let reply = send(&router, split).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let same = post_json(
         &router,
         mlp,

@@ -103,12 +103,7 @@ async fn real_photos_through_every_upload_form_and_as_a_tensor() {
         multipart(&[("image", &chelsea), ("note", b"hello"), ("image", &coffee)]),
     )
     .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::OK.as_u16());
     let multi = reply.json();
     check_photos(&multi["predictions"], "multipart");
 
@@ -424,12 +419,7 @@ async fn tensor_models_take_tf_serving_instances() {
         &json!({"instances": rows}),
     )
     .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::OK.as_u16());
     let got = reply.json();
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     let x = ortserve::tensor::Tensor::from_f32(vec![2, 4], &flat).unwrap();

@@ -51,12 +51,7 @@ async fn an_extreme_aspect_ratio_is_refused_before_resizing() {
         encoded(&thin, image::ImageFormat::Png),
     )
     .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::PAYLOAD_TOO_LARGE.as_u16());
     assert!(
         reply.json()["error"]
             .as_str()
@@ -74,12 +69,7 @@ async fn an_extreme_aspect_ratio_is_refused_before_resizing() {
         encoded(&wide, image::ImageFormat::Png),
     )
     .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::OK.as_u16());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,12 +80,7 @@ async fn duplicate_outputs_are_refused() {
         "outputs": [{"name": "logits"}, {"name": "logits"}],
     });
     let reply = post_json(&router, "/v2/models/mlp/infer", &body).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::BAD_REQUEST,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::BAD_REQUEST.as_u16());
     assert!(
         reply.json()["error"]
             .as_str()
@@ -144,12 +129,7 @@ async fn ragged_or_out_of_range_data_is_refused() {
             &infer(json!([2, 4]), "FP32", data),
         )
         .await;
-        assert_eq!(
-            reply.status,
-            StatusCode::OK,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(StatusCode::OK.as_u16());
     }
 }
 
@@ -173,12 +153,7 @@ async fn a_truncated_jpeg_is_refused() {
     );
     let cut = jpeg[..jpeg.len() * 2 / 3].to_vec();
     let reply = post(&router, "/v1/models/img:predict", "image/jpeg", cut).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::BAD_REQUEST,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::BAD_REQUEST.as_u16());
     assert_eq!(error_type(&reply), "invalid_input");
 }
 
@@ -282,12 +257,7 @@ models:
         multipart(2),
     )
     .await;
-    assert_eq!(
-        reply.status,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(StatusCode::PAYLOAD_TOO_LARGE.as_u16());
     assert!(
         reply.json()["error"]
             .as_str()

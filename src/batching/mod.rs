@@ -81,14 +81,6 @@ pub struct Call {
 }
 
 impl Call {
-    /// A call that arrived now.
-    pub fn arrived_now() -> Call {
-        Call {
-            started: Some(Instant::now()),
-            ..Call::default()
-        }
-    }
-
     /// When the request must be answered: its arrival plus its timeout, which can only
     /// shorten `default`.
     pub fn deadline(&self, default: Duration) -> Instant {

@@ -2,13 +2,13 @@
 //! loops on `blocking_recv` over [`DeviceCommand`]s.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::stamp::Stamp;
 use crate::tensor::Tensor;
 
 use super::{ModelRunner, RunError};
@@ -26,8 +26,9 @@ pub(crate) struct RunJob {
     /// The batch's span, entered on the worker so its log lines carry the request ids.
     pub span: tracing::Span,
     pub done: RunDone,
-    /// The device's run clock, set while this job runs (the batcher's watchdog reads it).
-    pub clock: Arc<RunClock>,
+    /// When the device's current run started: set while this job runs (the batcher's watchdog
+    /// reads it).
+    pub clock: Arc<Stamp>,
 }
 
 pub(crate) enum DeviceCommand {
@@ -36,38 +37,6 @@ pub(crate) enum DeviceCommand {
     Stop,
 }
 
-/// When a device's current run started, as microseconds since a process-wide origin (0: no run).
-/// The device worker sets it around each run; the batcher's watchdog reads it.
-#[derive(Debug, Default)]
-pub(crate) struct RunClock(AtomicU64);
-
-fn origin() -> std::time::Instant {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *ORIGIN.get_or_init(std::time::Instant::now)
-}
-
-impl RunClock {
-    pub(crate) fn start(&self) {
-        let us = origin().elapsed().as_micros() as u64;
-        self.0.store(us.max(1), Ordering::Release);
-    }
-
-    pub(crate) fn stop(&self) {
-        self.0.store(0, Ordering::Release);
-    }
-
-    /// How long the current run has taken; `None` between runs.
-    pub(crate) fn running_for(&self) -> Option<Duration> {
-        match self.0.load(Ordering::Acquire) {
-            0 => None,
-            since => Some(
-                origin()
-                    .elapsed()
-                    .saturating_sub(Duration::from_micros(since)),
-            ),
-        }
-    }
-}
 /// Handle to a running worker thread.
 pub(crate) struct DeviceWorker {
     /// Batcher → worker. The worker exits on [`DeviceCommand::Stop`] or when every sender is gone.
@@ -117,7 +86,7 @@ fn worker_loop(
         // `Stop` or a closed channel ends the loop.
         let _entered = job.span.enter();
         let started = Instant::now();
-        job.clock.start();
+        job.clock.set();
         let rows: Vec<usize> = job
             .parts
             .iter()
@@ -146,7 +115,7 @@ fn worker_loop(
         }
         .and_then(|outputs| split_outputs(outputs, &rows));
         let elapsed = started.elapsed();
-        job.clock.stop();
+        job.clock.clear();
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "batch failed");
         }

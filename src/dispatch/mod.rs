@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DispatchPolicy;
-use crate::device::{DeviceCommand, RunClock};
+use crate::device::DeviceCommand;
+use crate::stamp::Stamp;
 
 /// Jobs a device may hold at once: one running and one ready to start.
 pub(crate) const DEVICE_DEPTH: usize = 2;
@@ -26,7 +27,7 @@ pub(crate) struct DeviceSlot {
     /// The watchdog's limit on one run (see [`DeviceSlot::stalled`]).
     pub run_timeout: Duration,
     /// When the run now on the device started, shared with the device worker, which sets it.
-    pub running: Arc<RunClock>,
+    pub running: Arc<Stamp>,
     healthy: AtomicBool,
     inflight_rows: AtomicUsize,
     /// Measured rows/s (EWMA) as f64 bits; 0 until the first batch finishes.
@@ -93,7 +94,7 @@ impl DeviceSlot {
     /// How long the run now on the device has taken, when that is more than its
     /// `run_timeout`.
     pub(crate) fn stalled(&self) -> Option<Duration> {
-        self.running.running_for().filter(|&t| t > self.run_timeout)
+        self.running.elapsed().filter(|&t| t > self.run_timeout)
     }
 }
 
@@ -175,7 +176,7 @@ impl DevicePool {
             name,
             max_batch: max_batch.max(1),
             run_timeout,
-            running: Arc::new(RunClock::default()),
+            running: Arc::new(Stamp::default()),
             healthy: AtomicBool::new(true),
             inflight_rows: AtomicUsize::new(0),
             rate_bits: AtomicU64::new(0),

@@ -112,6 +112,24 @@ pub(crate) async fn read_body(
     Ok((first.unwrap_or_else(|| rest.freeze()), held))
 }
 
+/// Bodies from this size on are decoded on the preprocessing pool, not on an async worker.
+const BIG_BODY: usize = 256 << 10;
+
+/// Runs `parse` over a body of `len` bytes: on the preprocessing pool for a big body (so a
+/// 16 MiB body does not hold an async worker, or the health probes behind it), inline otherwise.
+pub(crate) async fn decode<T: Send + 'static>(
+    app: &AppState,
+    call: &Call,
+    len: usize,
+    parse: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if len < BIG_BODY {
+        return parse();
+    }
+    app.off_workers(call.deadline(app.request_timeout), parse)
+        .await?
+}
+
 /// The Content-Length, refused at once when it is over `limit`.
 pub(crate) fn declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, ApiError> {
     let declared = headers

@@ -8,8 +8,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
+use crate::stamp::Stamp;
 
 /// The connection limits of [`ServerConfig`].
 #[derive(Debug, Clone, Copy)]
@@ -112,43 +113,33 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Microseconds since a process-wide origin, never 0 or `u64::MAX`.
-fn now_us() -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(Instant::now);
-    (origin.elapsed().as_micros() as u64).clamp(1, u64::MAX - 1)
-}
-
-/// Where a connection is between requests: idle (0), reading a request head since a moment
-/// (microseconds from [`now_us`]), or handling a request (`u64::MAX`).
+/// Where a connection is between requests: handling one (`busy`), or not, with the moment the
+/// next request's head started arriving (`head`, unset while idle).
 #[derive(Default)]
 struct Phase {
-    state: AtomicU64,
+    busy: AtomicBool,
+    head: Stamp,
     /// Requests this connection has started.
     requests: AtomicU64,
 }
 
-const IDLE: u64 = 0;
-const BUSY: u64 = u64::MAX;
-
 impl Phase {
-    /// Bytes came in: if the connection was idle, a request head has started.
+    /// Bytes came in: if no request is being handled, a request head has started. (Socket
+    /// reads and the service run in the connection's one task, so these never race.)
     fn bytes_arrived(&self) {
-        let _ = self
-            .state
-            .compare_exchange(IDLE, now_us(), Ordering::AcqRel, Ordering::Acquire);
-    }
-
-    fn set(&self, v: u64) {
-        self.state.store(v, Ordering::Release);
-    }
-
-    /// How long the current request head has been arriving.
-    fn head_for(&self) -> Option<Duration> {
-        match self.state.load(Ordering::Acquire) {
-            IDLE | BUSY => None,
-            since => Some(Duration::from_micros(now_us().saturating_sub(since))),
+        if !self.busy.load(Ordering::Acquire) {
+            self.head.set_if_unset();
         }
+    }
+
+    fn request_started(&self) {
+        self.busy.store(true, Ordering::Release);
+        self.head.clear();
+        self.requests.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn request_answered(&self) {
+        self.busy.store(false, Ordering::Release);
     }
 }
 
@@ -217,13 +208,12 @@ async fn connection(
     let service = hyper::service::service_fn({
         let phase = phase.clone();
         move |req: hyper::Request<Incoming>| {
-            phase.set(BUSY);
-            phase.requests.fetch_add(1, Ordering::AcqRel);
+            phase.request_started();
             let answer = app.clone().oneshot(req.map(Body::new));
             let phase = phase.clone();
             async move {
                 let response = answer.await;
-                phase.set(IDLE);
+                phase.request_answered();
                 response
             }
         }
@@ -269,7 +259,7 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick() => {
-                if phase.head_for().is_some_and(|t| t > limits.header_timeout) {
+                if phase.head.elapsed().is_some_and(|t| t > limits.header_timeout) {
                     tracing::debug!(header_timeout = ?limits.header_timeout, "closing a connection whose request head did not arrive in time");
                     return;
                 }

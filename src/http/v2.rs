@@ -185,14 +185,14 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
         )));
     }
     if let Some(list) = &req.outputs {
-        // Each output once: a repeated name would repeat its tensor in the response.
-        for (i, o) in list.iter().enumerate() {
-            if list[..i].iter().any(|p| p.name == o.name) {
-                return Err(ApiError::MalformedBody(format!(
-                    "output {:?} is requested more than once",
-                    o.name
-                )));
-            }
+        // Each output once: a repeated name would repeat its tensor in the response. A set, not
+        // a pairwise scan: the list is as long as the client makes it.
+        let mut seen = std::collections::HashSet::with_capacity(list.len());
+        if let Some(o) = list.iter().find(|o| !seen.insert(o.name.as_str())) {
+            return Err(ApiError::MalformedBody(format!(
+                "output {:?} is requested more than once",
+                o.name
+            )));
         }
     }
     let outputs = match req.outputs {

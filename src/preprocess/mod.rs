@@ -29,15 +29,10 @@ pub enum PreprocessError {
     Corrupt(String),
 }
 
-/// Decodes one image to RGB, refusing oversize files and headers before decoding pixels.
-#[cfg(test)]
-pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
-    decode_within(bytes, cfg, None)
-}
-
-/// [`decode`], also taking the image's pixels from `budget` (what is left of its request's
-/// `max_request_pixels`) before decoding them.
-fn decode_within(
+/// Decodes one image to RGB, refusing oversize files and headers before decoding pixels, and
+/// taking the image's pixels from `budget` (what is left of its request's `max_request_pixels`)
+/// when there is one.
+pub(crate) fn decode(
     bytes: &[u8],
     cfg: &ImageConfig,
     budget: Option<&AtomicU64>,
@@ -230,7 +225,7 @@ pub(crate) fn preprocess_within(
     cfg: &ImageConfig,
     budget: Option<&AtomicU64>,
 ) -> Result<Tensor, PreprocessError> {
-    let img = decode_within(bytes, cfg, budget)?;
+    let img = decode(bytes, cfg, budget)?;
     let img = resize(&img, cfg)?;
     Ok(to_tensor(&img, cfg))
 }

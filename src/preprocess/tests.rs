@@ -88,7 +88,7 @@ fn exif_orientation_is_applied() {
     let mut with_exif = png[..idat].to_vec();
     with_exif.extend(chunk(b"eXIf", &exif));
     with_exif.extend_from_slice(&png[idat..]);
-    let img = decode(&with_exif, &cfg()).unwrap();
+    let img = decode(&with_exif, &cfg(), None).unwrap();
     assert_eq!(img.dimensions(), (20, 40), "rotated to portrait");
     // The left column (x = 0, red 0) is now the top row.
     assert_eq!(img.get_pixel(10, 0)[0], 0);
@@ -99,13 +99,13 @@ fn exif_orientation_is_applied() {
 fn bad_images_are_refused() {
     let c = cfg();
     let png = encode(&photo(), ImageFormat::Png);
-    assert_eq!(decode(&[], &c).unwrap_err(), PreprocessError::Empty);
+    assert_eq!(decode(&[], &c, None).unwrap_err(), PreprocessError::Empty);
     assert_eq!(
-        decode(b"hello, not an image", &c).unwrap_err(),
+        decode(b"hello, not an image", &c, None).unwrap_err(),
         PreprocessError::NotAnImage
     );
     assert!(matches!(
-        decode(&png[..png.len() / 2], &c),
+        decode(&png[..png.len() / 2], &c, None),
         Err(PreprocessError::Corrupt(_))
     ));
     let mut garbled = png.clone();
@@ -113,13 +113,13 @@ fn bad_images_are_refused() {
         *b ^= 0x5a;
     }
     assert!(matches!(
-        decode(&garbled, &c),
+        decode(&garbled, &c, None),
         Err(PreprocessError::Corrupt(_))
     ));
     let mut small = c.clone();
     small.max_image_bytes = ByteSize(100);
     assert!(
-        matches!(decode(&png, &small), Err(PreprocessError::TooLarge(m)) if m.contains("bytes"))
+        matches!(decode(&png, &small, None), Err(PreprocessError::TooLarge(m)) if m.contains("bytes"))
     );
 }
 
@@ -143,7 +143,7 @@ fn a_decompression_bomb_is_refused_from_its_header() {
     let bomb = bomb_png(50_000, 50_000);
     assert!(bomb.len() < 100);
     let before = crate::tuning::process_rss().unwrap();
-    let err = decode(&bomb, &cfg()).unwrap_err();
+    let err = decode(&bomb, &cfg(), None).unwrap_err();
     let after = crate::tuning::process_rss().unwrap();
     assert!(
         matches!(&err, PreprocessError::TooLarge(m) if m.contains("50000 × 50000")),

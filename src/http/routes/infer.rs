@@ -117,13 +117,21 @@ async fn run(
     let mut call = extract::call(headers)?;
     let m = lookup(app, model, version)?;
     let (parsed, _held) = match header_len(headers)? {
+        // The JSON is parsed off the async workers when it is big (the binary tail is taken
+        // whole, not parsed).
         None => {
             let (bytes, held) = read_body(app, headers, body, &call).await?;
-            (v2::parse_parts(&bytes, Vec::new())?, held)
+            let parsed = extract::decode(app, &call, bytes.len(), move || {
+                v2::parse_parts(&bytes, Vec::new())
+            });
+            (parsed.await?, held)
         }
         Some(n) => {
             let (json, binary, held) = read_binary_body(app, headers, body, n, &call).await?;
-            (v2::parse_parts(&json, binary)?, held)
+            let parsed = extract::decode(app, &call, json.len(), move || {
+                v2::parse_parts(&json, binary)
+            });
+            (parsed.await?, held)
         }
     };
     // Resolve the requested outputs before running, so a typo costs no inference.

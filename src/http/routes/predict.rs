@@ -40,9 +40,6 @@ struct PredictBody<'a> {
     raw: bool,
 }
 
-/// Bodies from this size on are decoded on the preprocessing pool, not on an async worker.
-const BIG_BODY: usize = 256 << 10;
-
 pub(crate) async fn predict(
     State(app): State<Arc<AppState>>,
     Path(target): Path<String>,
@@ -75,7 +72,10 @@ async fn run(
     let ctype = extract::content_type(req.headers());
     match (ctype.as_deref(), &image) {
         (Some("multipart/form-data"), Some(cfg)) => {
-            let images = multipart_images(app, cfg, req).await?;
+            // Read like every other body (limit, deadline, body memory), then parsed.
+            let (parts, body) = req.into_parts();
+            let (bytes, _held) = read_body(app, &parts.headers, body, &call).await?;
+            let images = multipart_images(cfg, Request::from_parts(parts, Body::from(bytes))).await?;
             predict_images(app, m, images, query.raw, &call).await
         }
         (Some(t), Some(cfg)) if t.starts_with("image/") => {
@@ -94,12 +94,12 @@ async fn run(
             match image {
                 Some(cfg) => {
                     let cfg = cfg.clone();
-                    let (images, raw) = decode(app, &call, bytes, move |b| b64_instances(&cfg, b)).await?;
+                    let (images, raw) = extract::decode(app, &call, bytes.len(), move || b64_instances(&cfg, &bytes)).await?;
                     predict_images(app, m, images, query.raw || raw, &call).await
                 }
                 None => {
                     let (info, name) = (m.info().clone(), m.name().to_string());
-                    let (named, n) = decode(app, &call, bytes, move |b| tensor_instances(&info, &name, b)).await?;
+                    let (named, n) = extract::decode(app, &call, bytes.len(), move || tensor_instances(&info, &name, &bytes)).await?;
                     predict_tensors(m, named, n, &call).await
                 }
             }
@@ -129,21 +129,6 @@ async fn read_limited(
     Ok((bytes, held))
 }
 
-/// Runs `parse` over the body: on the preprocessing pool for a big body (so a 16 MiB body does
-/// not hold an async worker, or the health probes behind it), inline otherwise.
-async fn decode<T: Send + 'static>(
-    app: &AppState,
-    call: &Call,
-    bytes: Bytes,
-    parse: impl FnOnce(&[u8]) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    if bytes.len() < BIG_BODY {
-        return parse(&bytes);
-    }
-    app.off_workers(call.deadline(app.request_timeout), move || parse(&bytes))
-        .await?
-}
-
 /// The body's `instances` as a list of raw JSON texts, and its `raw` flag.
 fn instances(body: &[u8]) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError> {
     let expected = |e: serde_json::Error| {
@@ -157,22 +142,9 @@ fn instances(body: &[u8]) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError>
     Ok((body.instances, list, body.raw))
 }
 
-async fn multipart_images(
-    app: &AppState,
-    cfg: &ImageConfig,
-    req: Request,
-) -> Result<Vec<Bytes>, ApiError> {
-    let limit = app.max_body_bytes;
-    extract::declared_length(req.headers(), limit)?;
-    // Every byte of the body counts, whatever part it is in (or before the first boundary, or
-    // in a part's headers): the parser reads through a body that ends in an error past `limit`.
-    let req = req.map(|b| Body::new(http_body_util::Limited::new(b, limit as usize)));
+async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>, ApiError> {
     let multipart_error = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::MalformedBody(format!("multipart body: {}", e.body_text()))
-        }
+        ApiError::MalformedBody(format!("multipart body: {}", e.body_text()))
     };
     let mut form = Multipart::from_request(req, &())
         .await
