@@ -65,7 +65,13 @@ pub(crate) async fn read_frames(
     let mut seen: u64 = 0;
     let mut body = body;
     loop {
-        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+        // A frame already there needs no timer (the common small body: its only frame and its
+        // end are in hand at once).
+        let next = match futures_util::FutureExt::now_or_never(body.frame()) {
+            Some(ready) => Ok(ready),
+            None => tokio::time::timeout_at(until, body.frame()).await,
+        };
+        let frame = match next {
             Err(_) => {
                 return Err(ApiError::RequestTimeout(format!(
                     "the request body did not arrive within {} ms",

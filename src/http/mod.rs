@@ -2,6 +2,7 @@
 //! that imports axum and tower-http.
 
 mod auth;
+mod edge;
 mod error;
 mod extract;
 mod routes;
@@ -100,14 +101,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(models)
         .fallback(routes::health::not_found)
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::map_response_with_state(
-            state.clone(),
-            close_when_draining,
-        ))
         .layer(
             ServiceBuilder::new()
-                .layer(axum::middleware::map_response(json_errors))
-                .layer(axum::middleware::map_request(drop_unusable_request_id))
+                .layer(edge::EdgeLayer(state.clone()))
                 .layer(SetRequestIdLayer::new(REQUEST_ID, CountedIds::new()))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                     let id = req
@@ -127,63 +123,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Longest `x-request-id` taken from a client; a longer one is replaced by a generated id.
-const MAX_REQUEST_ID: usize = 128;
-
-/// Removes a client's `x-request-id` that is too long or has characters that could forge or
-/// break log fields (spaces, quotes, `=` after a space, control characters), so the request-id
-/// layer generates one instead. Ids of letters, digits and `-_.:/+=@~` up to 128 bytes are kept.
-async fn drop_unusable_request_id(mut req: Request<axum::body::Body>) -> Request<axum::body::Body> {
-    let usable = |v: &HeaderValue| {
-        let b = v.as_bytes();
-        !b.is_empty()
-            && b.len() <= MAX_REQUEST_ID
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@~".contains(c))
-    };
-    if req.headers().get(REQUEST_ID).is_some_and(|v| !usable(v)) {
-        req.headers_mut().remove(REQUEST_ID);
-    }
-    req
-}
-
-/// Gives every error answer the JSON body of the status table, including those written by axum
-/// itself before a handler runs: 405 for a known route with another method, and 400 for a path
-/// that is not UTF-8 or a query that does not parse (plain text otherwise).
-async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 4096)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-        .unwrap_or_default();
-    let error = match status.as_u16() {
-        405 => ApiError::MethodNotAllowed,
-        404 => ApiError::NotFound(text),
-        415 => ApiError::UnsupportedMediaType(text),
-        400 | 422 => ApiError::MalformedBody(text),
-        // Nothing else writes plain-text errors today; keep such an answer as it is.
-        _ => {
-            return axum::response::Response::from_parts(parts, axum::body::Body::from(text));
-        }
-    };
-    let mut out = axum::response::IntoResponse::into_response(error);
-    // Keep what the original answer said besides its body (`Allow` on a 405).
-    for (name, value) in &parts.headers {
-        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
-            out.headers_mut().insert(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
 /// Serves the router on `listener` with the connection limits of `server` until `stop`
 /// resolves; then stops accepting and lets the open connections finish their requests before
 /// it returns.
@@ -194,22 +133,6 @@ pub(crate) async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     serve::serve(router(state), listener, serve::ConnLimits::of(server), stop).await
-}
-
-/// From SIGTERM on, every response carries `Connection: close`, so a keep-alive client opens
-/// its next request on a new connection (to another pod) instead of writing it on one this
-/// server is about to close.
-async fn close_when_draining(
-    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
-    mut resp: axum::response::Response,
-) -> axum::response::Response {
-    if state.is_draining() {
-        resp.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            HeaderValue::from_static("close"),
-        );
-    }
-    resp
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! complete within `header_timeout` of its first byte, an idle keep-alive connection closes
 //! after `keep_alive_timeout`, and on shutdown every connection finishes its request and closes.
 //! Body deadlines (408) are the handlers' (see `extract::read_body`); `Connection: close` on
-//! every response from SIGTERM on is the router's (see `close_when_draining`).
+//! every response from SIGTERM on is the outermost layer's (see `edge`).
 
 use std::future::Future;
 use std::io;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -114,11 +114,13 @@ pub(crate) async fn serve(
 }
 
 /// Where a connection is between requests: handling one (`busy`), or not, with the moment the
-/// next request's head started arriving (`head`, unset while idle).
+/// next request's head started arriving (`head`, unset while idle) and the moment it last
+/// turned idle (`idle`).
 #[derive(Default)]
 struct Phase {
     busy: AtomicBool,
     head: Stamp,
+    idle: Stamp,
     /// Requests this connection has started.
     requests: AtomicU64,
 }
@@ -140,6 +142,15 @@ impl Phase {
 
     fn request_answered(&self) {
         self.busy.store(false, Ordering::Release);
+        self.idle.set();
+    }
+
+    /// How long the connection has been idle: no request being handled, none arriving.
+    fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.busy.load(Ordering::Acquire) || self.head.elapsed().is_some() {
+            return None;
+        }
+        self.idle.elapsed()
     }
 }
 
@@ -201,6 +212,7 @@ async fn connection(
 ) {
     let born = Instant::now();
     let phase = Arc::new(Phase::default());
+    phase.idle.set();
     let io = TokioIo::new(Watched {
         tcp,
         phase: phase.clone(),
@@ -218,16 +230,15 @@ async fn connection(
             }
         }
     });
-    // hyper's header timer runs from the end of one response to the end of the next request's
-    // head: it is the idle keep-alive limit. The head alone is held to `header_timeout` below.
+    // Both timeouts are checked on the connection's own tick below, not with hyper's header
+    // timer, which would set a timer for every request.
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(limits.keep_alive_timeout)
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(
-        (limits.header_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        (limits.header_timeout.min(limits.keep_alive_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1)),
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = false;
@@ -262,6 +273,10 @@ async fn connection(
                 if phase.head.elapsed().is_some_and(|t| t > limits.header_timeout) {
                     tracing::debug!(header_timeout = ?limits.header_timeout, "closing a connection whose request head did not arrive in time");
                     return;
+                }
+                if !stopping && phase.idle_for().is_some_and(|t| t > limits.keep_alive_timeout) {
+                    stopping = true;
+                    conn.as_mut().graceful_shutdown();
                 }
             }
         }

@@ -1,0 +1,153 @@
+//! The outermost layer, one unboxed service for what every request and answer passes through:
+//! a client's unusable `x-request-id` is dropped (so one is generated), every error answer gets
+//! the JSON body of the status table (axum writes 405 and extractor rejections as plain text),
+//! and from SIGTERM on every answer says `Connection: close`. Three `axum::middleware` layers
+//! did this before, each boxing a future per request; on the tiny-model path that cost about
+//! 15% of requests per second (docs/BENCHMARKS.md).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Request};
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use tower::{Layer, Service};
+
+use crate::app::AppState;
+use crate::http::{ApiError, REQUEST_ID};
+
+/// Longest `x-request-id` taken from a client; a longer one is replaced by a generated id.
+const MAX_REQUEST_ID: usize = 128;
+
+#[derive(Clone)]
+pub(crate) struct EdgeLayer(pub(crate) Arc<AppState>);
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge {
+            inner,
+            state: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Edge<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S, B> Service<Request<Body>> for Edge<S>
+where
+    S: Service<Request<Body>, Response = axum::http::Response<B>>,
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = EdgeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        drop_unusable_request_id(&mut req);
+        EdgeFuture {
+            inner: self.inner.call(req),
+            state: self.state.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub(crate) struct EdgeFuture<F> {
+        #[pin]
+        inner: F,
+        state: Arc<AppState>,
+    }
+}
+
+impl<F, B, E> Future for EdgeFuture<F>
+where
+    F: Future<Output = Result<axum::http::Response<B>, E>>,
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = match this.inner.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(resp)) => resp,
+        };
+        // The one conversion to axum's body, as the router would make.
+        let mut resp = json_errors(resp.map(Body::new));
+        if this.state.is_draining() {
+            // A keep-alive client opens its next request on a new connection (to another pod)
+            // instead of writing it on one this server is about to close.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Poll::Ready(Ok(resp))
+    }
+}
+
+/// Removes a client's `x-request-id` that is too long or has characters that could forge or
+/// break log fields (spaces, quotes, `=` after a space, control characters), so the request-id
+/// layer generates one instead. Ids of letters, digits and `-_.:/+=@~` up to 128 bytes are kept.
+fn drop_unusable_request_id(req: &mut Request<Body>) {
+    let usable = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= MAX_REQUEST_ID
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@~".contains(c))
+    };
+    if req.headers().get(REQUEST_ID).is_some_and(|v| !usable(v)) {
+        req.headers_mut().remove(REQUEST_ID);
+    }
+}
+
+/// Gives an error answer that is not JSON the JSON body of the status table: 405 for a known
+/// route with another method, and 400 for a path that is not UTF-8 or a query that does not
+/// parse (axum writes those as plain text before a handler runs).
+fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // axum's plain-text errors are in memory: their body is ready at the first poll.
+    let text = axum::body::to_bytes(body, 4096)
+        .now_or_never()
+        .and_then(Result::ok)
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let error = match status.as_u16() {
+        405 => ApiError::MethodNotAllowed,
+        404 => ApiError::NotFound(text),
+        415 => ApiError::UnsupportedMediaType(text),
+        400 | 422 => ApiError::MalformedBody(text),
+        // Nothing else writes plain-text errors today; keep such an answer as it is.
+        _ => return Response::from_parts(parts, Body::from(text)),
+    };
+    let mut out = error.into_response();
+    // Keep what the original answer said besides its body (`Allow` on a 405).
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
