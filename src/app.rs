@@ -113,8 +113,8 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// The most a body may take to arrive, from the request's arrival.
     pub body_timeout: std::time::Duration,
-    /// Body bytes that may be held at once over all requests (one permit per byte).
-    pub body_memory: Arc<tokio::sync::Semaphore>,
+    /// Body bytes that may be held at once over all requests.
+    pub(crate) body_memory: crate::budget::Budget,
     /// Decoding and resizing of uploaded images.
     pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.
@@ -135,16 +135,15 @@ impl AppState {
             .as_ref()
             .map(|a| a.tokens.clone())
             .unwrap_or_default();
-        let body_memory = usize::try_from(server.body_memory())
-            .unwrap_or(usize::MAX)
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
         AppState {
             models: OnceLock::new(),
             metrics,
             max_body_bytes: server.max_body_bytes.0,
             request_timeout: server.request_timeout.0,
             body_timeout: server.body_timeout.0,
-            body_memory: Arc::new(tokio::sync::Semaphore::new(body_memory)),
+            body_memory: crate::budget::Budget::new(
+                usize::try_from(server.body_memory()).unwrap_or(usize::MAX),
+            ),
             pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
             tokens,

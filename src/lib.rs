@@ -8,7 +8,7 @@
 //!
 //! Arrows point one way: `http` → `app` → (`preprocess`, `batching`) → `dispatch` → `device`;
 //! `startup` → everything below `http`; `tuning` → `device`. `config`, `metrics`, `tensor`,
-//! `model` and `stamp` are leaves. `http` calls the core only through `app`.
+//! `model`, `stamp` and `budget` are leaves. `http` calls the core only through `app`.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
 //! - [`http`]: the axum router, tower layers, the accept loop with its connection limits,
@@ -29,6 +29,7 @@
 //! - `classify`: labels, softmax and top-k for classification outputs.
 //! - `metrics`: the Prometheus registry.
 //! - `stamp`: a moment in one atomic (device run start, request head start).
+//! - `budget`: a lock-free count taken and given back (queue places, body bytes).
 //! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`shutdown`]: the signals that start the drain.
 //! - `testing` (hidden; for the integration tests): a model served by any runner, device health
@@ -41,6 +42,7 @@
 
 pub mod app;
 mod batching;
+mod budget;
 mod classify;
 pub mod config;
 pub mod device;

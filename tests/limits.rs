@@ -380,3 +380,63 @@ models: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}
         "the liveness probe took {slowest:?} while the body was parsed"
     );
 }
+
+/// Body bytes held at once over all requests are bounded by `max_body_memory`: a body that
+/// would go over is answered 503 at once, and the budget comes back when a request ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_memory_is_shared_and_shed_not_queued() {
+    let (_s, router) = start(
+        "server: {max_body_bytes: 1KiB, max_body_memory: 1KiB, body_timeout: 400ms}
+models: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}]",
+    )
+    .await;
+    // 800 bytes of a body, then nothing: held until its body_timeout.
+    let stalled = Body::from_stream(futures_util::stream::unfold(0, |n| async move {
+        if n == 0 {
+            Some((
+                Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![b' '; 800])),
+                1,
+            ))
+        } else {
+            std::future::pending().await
+        }
+    }));
+    let slow = tokio::spawn({
+        let r = router.clone();
+        async move {
+            send(
+                &r,
+                Request::post("/v2/models/mlp/infer").body(stalled).unwrap(),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let body = format!(
+        "{}{}",
+        " ".repeat(700),
+        json!({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]})
+    );
+    let t = std::time::Instant::now();
+    let shed = post(
+        &router,
+        "/v2/models/mlp/infer",
+        "application/json",
+        body.clone().into_bytes(),
+    )
+    .await;
+    shed.assert_status(503);
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(200),
+        "shed at once"
+    );
+    slow.await.unwrap().assert_status(408);
+    post(
+        &router,
+        "/v2/models/mlp/infer",
+        "application/json",
+        body.into_bytes(),
+    )
+    .await
+    .assert_status(200);
+}

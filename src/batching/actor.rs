@@ -48,7 +48,7 @@ struct Ctx {
 }
 
 pub(super) async fn run(
-    mut rx: mpsc::Receiver<Entry>,
+    mut rx: mpsc::UnboundedReceiver<Entry>,
     pool: Arc<DevicePool>,
     settings: Settings,
     metrics: Arc<Metrics>,

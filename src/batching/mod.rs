@@ -15,7 +15,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::budget::Budget;
 use tokio::task::JoinHandle;
 
 use crate::device::{DeviceWorker, ModelRunner, RunError};
@@ -155,8 +157,8 @@ impl BatchSettings {
 }
 
 /// A served model as requests see it: cheap to clone, and nothing on its request path takes
-/// a lock (admission is a semaphore's atomic count, the queue a weak sender upgraded per
-/// request). Stopping and joining belong to its [`ModelOwner`].
+/// a lock (admission is one atomic count, the queue an unbounded channel behind a weak sender
+/// upgraded per request). Stopping and joining belong to its [`ModelOwner`].
 #[derive(Clone)]
 pub(crate) struct ModelHandle(Arc<Shared>);
 
@@ -168,14 +170,14 @@ struct Shared {
     batchable: bool,
     settings: BatchSettings,
     /// Free places in this model's queue; a request part takes one until it is answered.
-    admission: Arc<Semaphore>,
+    admission: Budget,
     /// Handlers → batcher, weak: only the [`ModelOwner`] holds the strong sender. A request
     /// upgrades it for as long as it sends its parts; once the owner lets go, upgrades fail
     /// (`ShuttingDown`) and the channel closes when the last in-progress request has sent, so
-    /// the batcher runs everything sent and exits. Sized to the admission count; a request
-    /// answered early frees its places before the batcher has taken its parts, so a send can
-    /// find it full, which answers 429 like a full queue.
-    tx: mpsc::WeakSender<Entry>,
+    /// the batcher runs everything sent and exits. Unbounded (lock-free) because admission
+    /// bounds it: a request sends only the parts it holds places for, and the parts of a
+    /// request answered early are swept by the batcher on its next turn.
+    tx: mpsc::WeakUnboundedSender<Entry>,
     /// Set by the owner when it stops the model: readiness turns false.
     stopping: AtomicBool,
 }
@@ -187,7 +189,7 @@ struct Shared {
 pub struct ModelOwner {
     handle: ModelHandle,
     /// The one strong handlers → batcher sender (see [`Shared::tx`]); dropped to stop.
-    tx: Option<mpsc::Sender<Entry>>,
+    tx: Option<mpsc::UnboundedSender<Entry>>,
     batcher: Option<JoinHandle<()>>,
     workers: Vec<DeviceWorker>,
 }
@@ -254,7 +256,7 @@ impl ModelHandle {
             workers.push(worker);
         }
         let pool = Arc::new(pool);
-        let (tx, rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(actor::run(
             rx,
             pool.clone(),
@@ -274,7 +276,7 @@ impl ModelHandle {
             info,
             pool,
             batchable,
-            admission: Arc::new(Semaphore::new(settings.queue_capacity)),
+            admission: Budget::new(settings.queue_capacity),
             settings,
             tx: tx.downgrade(),
             stopping: AtomicBool::new(false),
@@ -332,8 +334,8 @@ impl ModelHandle {
     }
 
     /// Runs one request: named input tensors in, every model output (model order) out.
-    /// The path takes no lock: an atomic admission count, a weak-sender upgrade, `try_send`s
-    /// into a channel that cannot be full, and oneshot replies.
+    /// The path takes no lock: an atomic admission count, a weak-sender upgrade, sends into an
+    /// unbounded (lock-free) channel, and oneshot replies awaited with the deadline's timer.
     pub(crate) async fn infer(
         &self,
         named: Vec<(String, Tensor)>,
@@ -361,8 +363,8 @@ impl ModelHandle {
         // request is answered, including with 504 while its batch is still running.
         let _admission = s
             .admission
-            .try_acquire_many(parts as u32)
-            .map_err(|_| InferError::QueueFull(s.name.clone()))?;
+            .try_take(parts)
+            .ok_or_else(|| InferError::QueueFull(s.name.clone()))?;
         let tx = s.tx.upgrade().ok_or(InferError::ShuttingDown)?;
         let now = Instant::now();
         let deadline = call.deadline(s.settings.default_timeout);
@@ -398,12 +400,7 @@ impl ModelHandle {
                 last_error: None,
                 request_id: call.request_id.clone(),
             };
-            tx.try_send(entry).map_err(|e| match e {
-                // Cannot happen (the channel holds as many entries as there are permits); if
-                // it did, the queue is what is full.
-                mpsc::error::TrySendError::Full(_) => InferError::QueueFull(s.name.clone()),
-                mpsc::error::TrySendError::Closed(_) => InferError::ShuttingDown,
-            })?;
+            tx.send(entry).map_err(|_| InferError::ShuttingDown)?;
             waiting.push(rx);
         }
         // Sent: the batcher may now see the channel close once the owner has let go.

@@ -181,7 +181,7 @@ async fn a_running_request_past_its_deadline_is_answered_504_and_frees_its_place
         "answered after {took:?}"
     );
     assert_eq!(
-        handle.0.admission.available_permits(),
+        handle.0.admission.free(),
         16,
         "its place in the queue is free while the run goes on"
     );

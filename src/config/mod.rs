@@ -94,9 +94,9 @@ pub struct ServerConfig {
     /// Most connections open at once; more wait in the listen backlog until one closes.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Most request-body bytes held at once over all requests being read; a body that would
-    /// go over waits for others to finish (until its deadline: 408). At least
-    /// `max_body_bytes`. Default: 16 × `max_body_bytes` (256 MiB with the default).
+    /// Most request-body bytes held at once over all requests; a body that would go over is
+    /// answered 503 at once (load is shed, not queued). At least `max_body_bytes`. Default:
+    /// 16 × `max_body_bytes` (256 MiB with the default).
     #[serde(default)]
     pub max_body_memory: Option<ByteSize>,
     /// `text` for people, `json` for log collectors. Env: `ORTSERVE_LOG_FORMAT`.

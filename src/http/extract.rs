@@ -9,33 +9,28 @@ use crate::app::AppState;
 use crate::app::Call;
 use crate::http::ApiError;
 
-/// Body bytes a request holds against the server's `max_body_memory`; released on drop (when
+/// Body bytes a request holds against the server's `max_body_memory`; given back on drop (when
 /// the handler is done with the body).
-#[derive(Default)]
-pub(crate) struct BodyMemory(Option<tokio::sync::OwnedSemaphorePermit>);
+pub(crate) struct BodyMemory<'a>(Option<crate::budget::Taken<'a>>);
 
-impl BodyMemory {
-    /// Takes `n` more bytes of the budget, waiting for other bodies to finish until `until`.
-    async fn take(&mut self, app: &AppState, n: usize, until: Instant) -> Result<(), ApiError> {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let sem = app.body_memory.clone();
-        let permit = match sem.clone().try_acquire_many_owned(n) {
-            Ok(p) => p,
-            Err(_) => tokio::time::timeout_at(until, sem.acquire_many_owned(n))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .ok_or_else(|| {
-                    ApiError::Unavailable(
-                        "the server is holding as many request bodies as it may; retry".into(),
-                    )
-                })?,
+impl<'a> BodyMemory<'a> {
+    /// Takes `n` more bytes of the budget; 503 when the server already holds as many body bytes
+    /// as it may (load is shed at once rather than queued).
+    fn take(&mut self, app: &'a AppState, n: usize) -> Result<(), ApiError> {
+        let taken = match &mut self.0 {
+            Some(held) => held.grow(n),
+            None => {
+                self.0 = app.body_memory.try_take(n);
+                self.0.is_some()
+            }
         };
-        match &mut self.0 {
-            Some(held) => held.merge(permit),
-            None => self.0 = Some(permit),
+        if taken {
+            Ok(())
+        } else {
+            Err(ApiError::Unavailable(
+                "the server is holding as many request bodies as it may; retry".into(),
+            ))
         }
-        Ok(())
     }
 }
 
@@ -50,18 +45,18 @@ fn body_deadline(app: &AppState, call: &Call) -> Instant {
 /// Reads the body frame by frame into `sink`: within the limit (by Content-Length first, then
 /// as it streams), by its deadline (408 after; a client sending slowly holds nothing for
 /// longer), and within the server's body memory.
-pub(crate) async fn read_frames(
-    app: &AppState,
+pub(crate) async fn read_frames<'a>(
+    app: &'a AppState,
     headers: &HeaderMap,
     body: Body,
     call: &Call,
     mut sink: impl FnMut(Bytes),
-) -> Result<BodyMemory, ApiError> {
+) -> Result<BodyMemory<'a>, ApiError> {
     use http_body_util::BodyExt;
     let limit = app.max_body_bytes;
     declared_length(headers, limit)?;
     let until = body_deadline(app, call);
-    let mut held = BodyMemory::default();
+    let mut held = BodyMemory(None);
     let mut seen: u64 = 0;
     let mut body = body;
     loop {
@@ -90,19 +85,19 @@ pub(crate) async fn read_frames(
         if seen > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        held.take(app, chunk.len(), until).await?;
+        held.take(app, chunk.len())?;
         sink(chunk);
     }
     Ok(held)
 }
 
 /// Reads the whole body (see [`read_frames`]). A body that came in one frame is not copied.
-pub(crate) async fn read_body(
-    app: &AppState,
+pub(crate) async fn read_body<'a>(
+    app: &'a AppState,
     headers: &HeaderMap,
     body: Body,
     call: &Call,
-) -> Result<(Bytes, BodyMemory), ApiError> {
+) -> Result<(Bytes, BodyMemory<'a>), ApiError> {
     let mut first: Option<Bytes> = None;
     let mut rest = bytes::BytesMut::new();
     let held = read_frames(app, headers, body, call, |chunk| match &first {

@@ -55,13 +55,13 @@ async fn handle(
 /// bytes are copied once, from the connection's buffers. Both buffers grow with what has
 /// arrived: neither Content-Length nor the header length is trusted to size them (a client could
 /// declare 16 MiB and send 11 bytes). Same limits as [`read_body`].
-async fn read_binary_body(
-    app: &AppState,
+async fn read_binary_body<'a>(
+    app: &'a AppState,
     headers: &HeaderMap,
     body: Body,
     header_len: usize,
     call: &Call,
-) -> Result<(Vec<u8>, Vec<u8>, BodyMemory), ApiError> {
+) -> Result<(Vec<u8>, Vec<u8>, BodyMemory<'a>), ApiError> {
     let mut json = Vec::new();
     let mut binary = Vec::new();
     let held = read_frames(app, headers, body, call, |mut chunk| {

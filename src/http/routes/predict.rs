@@ -112,13 +112,13 @@ async fn run(
 }
 
 /// Reads a body of at most `limit` bytes (and the server's body limit).
-async fn read_limited(
-    app: &AppState,
+async fn read_limited<'a>(
+    app: &'a AppState,
     headers: &axum::http::HeaderMap,
     body: Body,
     limit: u64,
     call: &Call,
-) -> Result<(Bytes, extract::BodyMemory), ApiError> {
+) -> Result<(Bytes, extract::BodyMemory<'a>), ApiError> {
     let (bytes, held) = read_body(app, headers, body, call).await?;
     if bytes.len() as u64 > limit {
         return Err(ApiError::ImageTooLarge(format!(
