@@ -29,17 +29,22 @@ from collections import Counter
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 
 
-def rss_kib(pid):
+def status_kib(pid, field):
+    """A KiB field of /proc/PID/status (VmRSS, VmHWM)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
 
-def request(port, method, path, body=b"", headers=None, timeout=30):
-    """One request on a fresh connection. Returns (status, seconds) or raises ConnectionRefusedError
-    (not accepted) / OSError (dropped after connecting)."""
+def rss_kib(pid):
+    return status_kib(pid, "VmRSS")
+
+
+def exchange(port, method, path, body=b"", headers=None, timeout=30):
+    """One request on a fresh connection. Returns (status, head, body, seconds) or raises
+    ConnectionRefusedError (not accepted) / OSError (dropped after connecting)."""
     head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}", "Connection: close"]
     for k, v in (headers or {}).items():
         head.append(f"{k}: {v}")
@@ -57,7 +62,14 @@ def request(port, method, path, body=b"", headers=None, timeout=30):
         s.close()
     if not data.startswith(b"HTTP/1.1 "):
         raise OSError("connection closed without a response")
-    return int(data[9:12]), time.perf_counter() - t0
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(data[9:12]), head.decode("latin-1").lower(), rest, time.perf_counter() - t0
+
+
+def request(port, method, path, body=b"", headers=None, timeout=30):
+    """`exchange`, returning (status, seconds)."""
+    status, _, _, secs = exchange(port, method, path, body, headers, timeout)
+    return status, secs
 
 
 def cnn_binary(rows, seed):

@@ -3,7 +3,7 @@
 //! the metrics text. `http` calls only this (and the leaves `config`, `tensor`, `metrics`); it
 //! never names dispatch, device or tuning types.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -59,6 +59,11 @@ impl Model {
     /// The image preprocessing, for models that take uploaded images.
     pub fn image(&self) -> Option<&ImageConfig> {
         self.image.as_ref()
+    }
+
+    /// The most rows one request may have (its batches must fit the queue at once).
+    pub fn max_rows(&self) -> usize {
+        self.handle.max_rows()
     }
 
     /// Takes requests and has a healthy device.
@@ -204,15 +209,27 @@ impl AppState {
             .preprocess_duration
             .with_label_values(&[m.name()]);
         // Bounded in time by the request's deadline (waiting for a slot and decoding), and in
-        // work by `max_request_pixels` over all its images.
+        // work by `max_request_pixels` over all its images, checked from their headers before
+        // any is decoded (one image is checked by its own decode against `max_pixels`).
         let deadline = call.deadline(self.request_timeout);
-        let budget = Arc::new(AtomicU64::new(cfg.max_request_pixels));
+        let refused = |i: usize, e: PreprocessError| match e {
+            PreprocessError::TooLarge(msg) => {
+                InferError::ImageTooLarge(format!("image {i}: {msg}"))
+            }
+            other => InferError::InvalidImage(format!("image {i}: {other}")),
+        };
+        if images.len() > 1 {
+            let (all, c) = (images.clone(), cfg.clone());
+            self.off_workers(deadline, move || crate::preprocess::check_request(&all, &c))
+                .await?
+                .map_err(|(i, e)| refused(i, e))?;
+        }
         let mut started = Vec::with_capacity(images.len());
         for bytes in images {
-            let (cfg, timer, budget) = (cfg.clone(), timer.clone(), budget.clone());
+            let (cfg, timer) = (cfg.clone(), timer.clone());
             let job = self.pool.start(move || {
                 let t = Instant::now();
-                let r = crate::preprocess::preprocess_within(&bytes, &cfg, Some(&budget));
+                let r = crate::preprocess::preprocess(&bytes, &cfg);
                 timer.observe(t.elapsed().as_secs_f64());
                 r
             });
@@ -227,12 +244,7 @@ impl AppState {
             let done = tokio::time::timeout_at(deadline, job)
                 .await
                 .map_err(|_| InferError::DeadlineExceeded)?;
-            rows.push(finished(done).map_err(|e| match e {
-                PreprocessError::TooLarge(msg) => {
-                    InferError::ImageTooLarge(format!("image {i}: {msg}"))
-                }
-                other => InferError::InvalidImage(format!("image {i}: {other}")),
-            })?);
+            rows.push(finished(done).map_err(|e| refused(i, e))?);
         }
         let refs: Vec<&Tensor> = rows.iter().collect();
         let batch = Tensor::concat(&refs).map_err(|e| InferError::InvalidImage(e.to_string()))?;

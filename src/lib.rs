@@ -48,6 +48,7 @@ pub mod config;
 pub mod device;
 mod dispatch;
 pub mod http;
+pub mod memory;
 mod metrics;
 pub mod model;
 pub mod preprocess;

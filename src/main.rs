@@ -5,12 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc for the server's own (Rust) allocations: request bodies and tensors are allocated on
-/// the HTTP threads and freed on device threads and the other way round, where glibc's malloc
-/// spent about a tenth of the HTTP threads' time (see docs/BENCHMARKS.md). ONNX Runtime keeps its
-/// own allocator.
+/// See `ortserve::memory`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: ortserve::memory::Allocator = ortserve::memory::Allocator {};
 use ortserve::config::{Config, LogFormat};
 
 #[derive(Parser)]
@@ -99,6 +96,7 @@ fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    ortserve::memory::return_freed_memory_promptly();
     let result = match Cli::parse().command {
         Command::CheckConfig { config } => load_config(&config).map(|c| {
             println!("{}: valid", config.display());

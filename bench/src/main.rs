@@ -66,7 +66,12 @@ fn bench(opts: &scenarios::Options, repeat: usize) -> Result<(), String> {
     scenarios::write_results(&opts.out_dir, &runs, &summary)
 }
 
+/// The server's allocator, set up as the server sets it up, so the numbers are the shipped ones.
+#[global_allocator]
+static ALLOCATOR: ortserve::memory::Allocator = ortserve::memory::Allocator {};
+
 fn main() -> ExitCode {
+    ortserve::memory::return_freed_memory_promptly();
     let cli = Cli::parse();
     // The server's own log at warn, ONNX Runtime's as the server keeps it.
     let filter = format!("warn,{}", ortserve::device::RUNTIME_LOG_QUIET);

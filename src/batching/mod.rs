@@ -294,6 +294,17 @@ impl ModelHandle {
         &self.0.name
     }
 
+    /// The most rows one request may have: its batches must fit the queue at once. A model that
+    /// cannot batch runs each request whole, so any count fits.
+    pub(crate) fn max_rows(&self) -> usize {
+        let s = &*self.0;
+        if s.batchable {
+            s.settings.queue_capacity * s.pool.chunk_rows()
+        } else {
+            usize::MAX
+        }
+    }
+
     pub(crate) fn version(&self) -> &str {
         &self.0.version
     }
@@ -352,11 +363,10 @@ impl ModelHandle {
             rows.max(1)
         };
         let parts = rows.div_ceil(chunk);
-        let max_rows = s.settings.queue_capacity * chunk;
         if parts > s.settings.queue_capacity {
             return Err(InferError::TooManyRows {
                 rows,
-                max: max_rows,
+                max: self.max_rows(),
             });
         }
         // The request's places in the queue, held here: they are free again as soon as this

@@ -5,9 +5,9 @@
 mod pool;
 
 use std::io::Cursor;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use fast_image_resize as fr;
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use thiserror::Error;
 
@@ -29,14 +29,12 @@ pub enum PreprocessError {
     Corrupt(String),
 }
 
-/// Decodes one image to RGB, refusing oversize files and headers before decoding pixels, and
-/// taking the image's pixels from `budget` (what is left of its request's `max_request_pixels`)
-/// when there is one.
-pub(crate) fn decode(
-    bytes: &[u8],
+/// Opens one image and reads its header, refusing oversize files and dimensions before any pixel
+/// is decoded. Returns the decoder and the image's pixel count.
+fn open<'a>(
+    bytes: &'a [u8],
     cfg: &ImageConfig,
-    budget: Option<&AtomicU64>,
-) -> Result<RgbImage, PreprocessError> {
+) -> Result<(Box<dyn ImageDecoder + 'a>, u64), PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -61,7 +59,7 @@ pub(crate) fn decode(
         }
         Some(_) => {}
     }
-    let mut decoder = reader
+    let decoder = reader
         .into_decoder()
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
     let (w, h) = decoder.dimensions();
@@ -75,17 +73,67 @@ pub(crate) fn decode(
     if pixels == 0 {
         return Err(PreprocessError::Empty);
     }
-    if let Some(left) = budget {
-        left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
-            l.checked_sub(pixels)
-        })
-        .map_err(|_| {
-            PreprocessError::TooLarge(format!(
-                "the request's images together have more than max_request_pixels ({}) pixels",
-                cfg.max_request_pixels
-            ))
-        })?;
+    Ok((Box::new(decoder), pixels))
+}
+
+/// Checks a request's images from their headers alone, before any is decoded: each within the
+/// per-image limits and all of them together within `max_request_pixels`. Returns the index of
+/// the image that fails and why.
+pub(crate) fn check_request<B: AsRef<[u8]>>(
+    images: &[B],
+    cfg: &ImageConfig,
+) -> Result<(), (usize, PreprocessError)> {
+    let mut total = 0u64;
+    for (i, bytes) in images.iter().enumerate() {
+        let (_, pixels) = open(bytes.as_ref(), cfg).map_err(|e| (i, e))?;
+        total += pixels;
+        if total > cfg.max_request_pixels {
+            return Err((
+                i,
+                PreprocessError::TooLarge(format!(
+                    "the request's images together have more than max_request_pixels ({}) pixels",
+                    cfg.max_request_pixels
+                )),
+            ));
+        }
     }
+    Ok(())
+}
+
+/// A decoded image in the pixel format it was stored in, its EXIF orientation not yet applied:
+/// both are applied after resizing, to the small frame, so a big image is held once.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    img: DynamicImage,
+    orientation: Orientation,
+}
+
+impl Decoded {
+    /// Whether the orientation swaps width and height.
+    fn turned(&self) -> bool {
+        matches!(
+            self.orientation,
+            Orientation::Rotate90
+                | Orientation::Rotate270
+                | Orientation::Rotate90FlipH
+                | Orientation::Rotate270FlipH
+        )
+    }
+
+    /// Width and height as displayed.
+    pub(crate) fn dimensions(&self) -> (u32, u32) {
+        let (w, h) = (self.img.width(), self.img.height());
+        if self.turned() {
+            (h, w)
+        } else {
+            (w, h)
+        }
+    }
+}
+
+/// Decodes one image, refusing oversize files and headers before decoding pixels.
+pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<Decoded, PreprocessError> {
+    let (mut decoder, _) = open(bytes, cfg)?;
     // The decoder may allocate the decoded frame plus working memory; nothing near a bomb's size.
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(cfg.max_pixels.saturating_mul(16).max(64 << 20));
@@ -95,10 +143,9 @@ pub(crate) fn decode(
     let orientation = decoder
         .orientation()
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    let mut img =
+    let img =
         DynamicImage::from_decoder(decoder).map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    img.apply_orientation(orientation);
-    Ok(img.into_rgb8())
+    Ok(Decoded { img, orientation })
 }
 
 /// Whether the end-of-image marker (FF D9) is in the last 1 KiB of a JPEG.
@@ -116,10 +163,13 @@ fn algorithm(i: Interpolation) -> fr::ResizeAlg {
     }
 }
 
-/// Resizes (shorter side then centre crop, or straight to size) to `cfg.size`.
-pub(crate) fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
+/// Resizes (shorter side then centre crop, or straight to size) to `cfg.size`, in the image's
+/// own 8-bit pixel format (other formats are converted to RGB first), then orients the small
+/// frame and converts it to RGB. Resizing commutes with rotating and flipping, so only the
+/// resize's output, never the decoded frame, is copied.
+pub(crate) fn resize(decoded: Decoded, cfg: &ImageConfig) -> Result<RgbImage, PreprocessError> {
     let [out_h, out_w] = cfg.size;
-    let (w, h) = img.dimensions();
+    let (w, h) = decoded.dimensions();
     let (rw, rh) = match cfg.resize_shorter {
         // Shorter side to `s`, rounded like torchvision and PIL-based pipelines.
         Some(s) if w <= h => (
@@ -141,18 +191,38 @@ pub(crate) fn resize(img: &RgbImage, cfg: &ImageConfig) -> Result<RgbImage, Prep
             cfg.max_pixels
         )));
     }
-    let src = fr::images::Image::from_vec_u8(w, h, img.as_raw().clone(), fr::PixelType::U8x3)
-        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    let mut dst = fr::images::Image::new(rw, rh, fr::PixelType::U8x3);
+    let (sw, sh) = if decoded.turned() { (rh, rw) } else { (rw, rh) };
+    let corrupt = |e: &dyn std::fmt::Display| PreprocessError::Corrupt(format!("resize: {e}"));
+    let (iw, ih) = (decoded.img.width(), decoded.img.height());
+    let (pixel, raw) = match decoded.img {
+        DynamicImage::ImageLuma8(b) => (fr::PixelType::U8, b.into_raw()),
+        DynamicImage::ImageLumaA8(b) => (fr::PixelType::U8x2, b.into_raw()),
+        DynamicImage::ImageRgb8(b) => (fr::PixelType::U8x3, b.into_raw()),
+        DynamicImage::ImageRgba8(b) => (fr::PixelType::U8x4, b.into_raw()),
+        other => (fr::PixelType::U8x3, other.into_rgb8().into_raw()),
+    };
+    let src = fr::images::Image::from_vec_u8(iw, ih, raw, pixel).map_err(|e| corrupt(&e))?;
+    let mut dst = fr::images::Image::new(sw, sh, pixel);
+    // Alpha is dropped afterwards, as converting to RGB first would: no premultiplying.
+    let options = fr::ResizeOptions::new()
+        .resize_alg(algorithm(cfg.interpolation))
+        .use_alpha(false);
     fr::Resizer::new()
-        .resize(
-            &src,
-            &mut dst,
-            &fr::ResizeOptions::new().resize_alg(algorithm(cfg.interpolation)),
-        )
-        .map_err(|e| PreprocessError::Corrupt(format!("resize: {e}")))?;
-    let resized = RgbImage::from_raw(rw, rh, dst.into_vec())
-        .ok_or_else(|| PreprocessError::Corrupt("resize".into()))?;
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| corrupt(&e))?;
+    drop(src);
+    let small = dst.into_vec();
+    let mut img = match pixel {
+        fr::PixelType::U8 => image::GrayImage::from_raw(sw, sh, small).map(DynamicImage::from),
+        fr::PixelType::U8x2 => {
+            image::GrayAlphaImage::from_raw(sw, sh, small).map(DynamicImage::from)
+        }
+        fr::PixelType::U8x4 => image::RgbaImage::from_raw(sw, sh, small).map(DynamicImage::from),
+        _ => RgbImage::from_raw(sw, sh, small).map(DynamicImage::from),
+    }
+    .ok_or_else(|| corrupt(&"the resized frame has the wrong size"))?;
+    img.apply_orientation(decoded.orientation);
+    let resized = img.into_rgb8();
     if (rw, rh) == (out_w, out_h) {
         return Ok(resized);
     }
@@ -215,18 +285,7 @@ pub(crate) fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
 
 /// Decode, resize, normalize: one image into one model input row.
 pub fn preprocess(bytes: &[u8], cfg: &ImageConfig) -> Result<Tensor, PreprocessError> {
-    preprocess_within(bytes, cfg, None)
-}
-
-/// [`preprocess`] for one of a request's images, taking its pixels from what is left of the
-/// request's `budget` before decoding.
-pub(crate) fn preprocess_within(
-    bytes: &[u8],
-    cfg: &ImageConfig,
-    budget: Option<&AtomicU64>,
-) -> Result<Tensor, PreprocessError> {
-    let img = decode(bytes, cfg, budget)?;
-    let img = resize(&img, cfg)?;
+    let img = resize(decode(bytes, cfg)?, cfg)?;
     Ok(to_tensor(&img, cfg))
 }
 

@@ -88,24 +88,84 @@ fn exif_orientation_is_applied() {
     let mut with_exif = png[..idat].to_vec();
     with_exif.extend(chunk(b"eXIf", &exif));
     with_exif.extend_from_slice(&png[idat..]);
-    let img = decode(&with_exif, &cfg(), None).unwrap();
-    assert_eq!(img.dimensions(), (20, 40), "rotated to portrait");
+    let mut c = cfg();
+    c.resize_shorter = None;
+    c.size = [40, 20];
+    c.dtype = ImageDtype::Uint8;
+    assert_eq!(decode(&with_exif, &c).unwrap().dimensions(), (20, 40));
+    let t = preprocess(&with_exif, &c).unwrap();
+    assert_eq!(t.shape, vec![1, 3, 40, 20], "rotated to portrait");
     // The left column (x = 0, red 0) is now the top row.
-    assert_eq!(img.get_pixel(10, 0)[0], 0);
-    assert_eq!(img.get_pixel(10, 39)[0], 39 * 6);
+    let red = |x: usize, y: usize| t.data[y * 20 + x];
+    assert_eq!((red(10, 0), red(10, 39)), (0, 39 * 6));
+}
+
+#[test]
+fn every_pixel_format_is_resized_as_rgb_would_be() {
+    // Grey, grey with alpha and RGBA are resized in their own format and converted afterwards;
+    // the rows match converting to RGB first (alpha dropped, not premultiplied).
+    let rgb = photo();
+    let rgba = image::RgbaImage::from_fn(60, 45, |x, y| {
+        let p = rgb.get_pixel(x, y).0;
+        image::Rgba([p[0], p[1], p[2], ((x * 17 + y) % 256) as u8])
+    });
+    let grey = DynamicImage::ImageRgb8(rgb.clone()).into_luma8();
+    let grey_alpha = DynamicImage::ImageRgba8(rgba.clone()).into_luma_alpha8();
+    let cases: [(&str, DynamicImage); 3] = [
+        ("rgba", rgba.into()),
+        ("grey", grey.into()),
+        ("grey+alpha", grey_alpha.into()),
+    ];
+    for (name, img) in cases {
+        let mut bytes = Cursor::new(Vec::new());
+        img.write_to(&mut bytes, ImageFormat::Png).unwrap();
+        let got = preprocess(bytes.get_ref(), &cfg()).unwrap().to_f32();
+        let want = preprocess(&encode(&img.to_rgb8(), ImageFormat::Png), &cfg())
+            .unwrap()
+            .to_f32();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1.0 / 128.0 + 1e-6,
+            "{name}: largest difference {worst}"
+        );
+    }
+}
+
+#[test]
+fn a_request_is_checked_from_its_headers_before_any_image_is_decoded() {
+    let mut c = cfg();
+    c.max_request_pixels = 3000;
+    let fine = encode(&photo(), ImageFormat::Png); // 2700 pixels
+    let truncated = &fine[..fine.len() / 2];
+    // The first image's pixels are cut short, but the second one's header already puts the
+    // request over its budget: refused as too large, naming the second image, nothing decoded.
+    let err = check_request(&[truncated, &fine], &c).unwrap_err();
+    assert!(
+        matches!(&err, (1, PreprocessError::TooLarge(m)) if m.contains("max_request_pixels")),
+        "{err:?}"
+    );
+    assert_eq!(
+        check_request(&[&fine[..], b"not an image"], &c).unwrap_err(),
+        (1, PreprocessError::NotAnImage)
+    );
+    check_request(&[&fine], &c).unwrap();
 }
 
 #[test]
 fn bad_images_are_refused() {
     let c = cfg();
     let png = encode(&photo(), ImageFormat::Png);
-    assert_eq!(decode(&[], &c, None).unwrap_err(), PreprocessError::Empty);
+    assert_eq!(decode(&[], &c).unwrap_err(), PreprocessError::Empty);
     assert_eq!(
-        decode(b"hello, not an image", &c, None).unwrap_err(),
+        decode(b"hello, not an image", &c).unwrap_err(),
         PreprocessError::NotAnImage
     );
     assert!(matches!(
-        decode(&png[..png.len() / 2], &c, None),
+        decode(&png[..png.len() / 2], &c),
         Err(PreprocessError::Corrupt(_))
     ));
     let mut garbled = png.clone();
@@ -113,13 +173,13 @@ fn bad_images_are_refused() {
         *b ^= 0x5a;
     }
     assert!(matches!(
-        decode(&garbled, &c, None),
+        decode(&garbled, &c),
         Err(PreprocessError::Corrupt(_))
     ));
     let mut small = c.clone();
     small.max_image_bytes = ByteSize(100);
     assert!(
-        matches!(decode(&png, &small, None), Err(PreprocessError::TooLarge(m)) if m.contains("bytes"))
+        matches!(decode(&png, &small), Err(PreprocessError::TooLarge(m)) if m.contains("bytes"))
     );
 }
 
@@ -143,7 +203,7 @@ fn a_decompression_bomb_is_refused_from_its_header() {
     let bomb = bomb_png(50_000, 50_000);
     assert!(bomb.len() < 100);
     let before = crate::tuning::process_rss().unwrap();
-    let err = decode(&bomb, &cfg(), None).unwrap_err();
+    let err = decode(&bomb, &cfg()).unwrap_err();
     let after = crate::tuning::process_rss().unwrap();
     assert!(
         matches!(&err, PreprocessError::TooLarge(m) if m.contains("50000 × 50000")),

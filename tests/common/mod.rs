@@ -103,6 +103,15 @@ impl Reply {
         );
     }
 
+    /// Asserts the status and that the JSON error message contains `says`.
+    #[track_caller]
+    pub fn assert_error(&self, want: u16, says: &str) {
+        self.assert_status(want);
+        let body = self.json();
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "expected {says:?} in {body}");
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))

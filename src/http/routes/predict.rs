@@ -98,8 +98,8 @@ async fn run(
                     predict_images(app, m, images, query.raw || raw, &call).await
                 }
                 None => {
-                    let (info, name) = (m.info().clone(), m.name().to_string());
-                    let (named, n) = extract::decode(app, &call, bytes.len(), move || tensor_instances(&info, &name, &bytes)).await?;
+                    let (info, name, max) = (m.info().clone(), m.name().to_string(), m.max_rows());
+                    let (named, n) = extract::decode(app, &call, bytes.len(), move || tensor_instances(&info, &name, max, &bytes)).await?;
                     predict_tensors(m, named, n, &call).await
                 }
             }
@@ -129,17 +129,63 @@ async fn read_limited<'a>(
     Ok((bytes, held))
 }
 
-/// The body's `instances` as a list of raw JSON texts, and its `raw` flag.
-fn instances(body: &[u8]) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError> {
+/// The body's `instances` as a list of raw JSON texts, and its `raw` flag. More than `max`
+/// instances is refused with `too_many(max)` as soon as the parser reaches one more, so a big
+/// list costs no more than `max` entries.
+fn instances(
+    body: &[u8],
+    max: usize,
+    too_many: impl FnOnce(usize) -> ApiError,
+) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError> {
     let expected = |e: serde_json::Error| {
         ApiError::MalformedBody(format!("expected {{\"instances\": [...]}}: {e}"))
     };
     let body: PredictBody = serde_json::from_slice(body).map_err(expected)?;
-    let list: Vec<&RawValue> = serde_json::from_str(body.instances.get()).map_err(expected)?;
+    let over = std::cell::Cell::new(false);
+    let mut parser = serde_json::Deserializer::from_str(body.instances.get());
+    let list = serde::de::DeserializeSeed::deserialize(AtMost { max, over: &over }, &mut parser);
+    if over.get() {
+        return Err(too_many(max));
+    }
+    let list = list.map_err(expected)?;
     if list.is_empty() {
         return Err(ApiError::MalformedBody("`instances` is empty".into()));
     }
     Ok((body.instances, list, body.raw))
+}
+
+/// A JSON array's elements as raw texts, at most `max` of them (`over` is set past that).
+struct AtMost<'c> {
+    max: usize,
+    over: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for AtMost<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for AtMost<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut list = Vec::new();
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if list.len() == self.max {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many instances"));
+            }
+            list.push(item);
+        }
+        Ok(list)
+    }
 }
 
 async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>, ApiError> {
@@ -188,13 +234,9 @@ fn b64_instances(cfg: &ImageConfig, body: &[u8]) -> Result<(Vec<Bytes>, bool), A
         #[serde(borrow)]
         b64: std::borrow::Cow<'a, str>,
     }
-    let (_, list, raw) = instances(body)?;
-    if list.len() > cfg.max_images {
-        return Err(ApiError::ImageTooLarge(format!(
-            "more than {} images in one request",
-            cfg.max_images
-        )));
-    }
+    let (_, list, raw) = instances(body, cfg.max_images, |max| {
+        ApiError::ImageTooLarge(format!("more than {max} images in one request"))
+    })?;
     let images = list
         .iter()
         .enumerate()
@@ -280,9 +322,14 @@ fn nested(row: &Tensor) -> Value {
 fn tensor_instances(
     info: &ModelInfo,
     model: &str,
+    max_rows: usize,
     body: &[u8],
 ) -> Result<(Vec<(String, Tensor)>, usize), ApiError> {
-    let (all, list, _) = instances(body)?;
+    let (all, list, _) = instances(body, max_rows, |max| {
+        ApiError::InvalidInput(format!(
+            "the request has more than {max} instances; this model takes at most {max} rows per request"
+        ))
+    })?;
     let n = list.len();
     let objects: Option<Vec<BTreeMap<String, &RawValue>>> = if info.inputs.len() == 1
         && !list.iter().any(|r| r.get().starts_with('{'))

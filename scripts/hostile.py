@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Hostile input against the release binary, while a normal client and a liveness probe measure.
+Bounded in time, 127.0.0.1 only, standard library only.
+
+  python3 scripts/hostile.py --binary target/release/ortserve [--phase 5] [--all 15]
+
+It starts `ortserve serve` with a config of its own (EfficientNet-Lite0 from .ortserve/models and
+the MLP fixture, on CPU, fixed batch sizes so nothing is tuned; header and body timeouts of 3 s so
+slow clients are judged within a phase). Then:
+  1. a baseline: only the normal client (one keep-alive connection, MLP, one request every 5 ms)
+     and the liveness probe (a fresh connection to /v2/health/live every 50 ms, as a kubelet);
+  2. every class of hostile input alone for --phase seconds, the normal client still running;
+  3. every class at once for --all seconds.
+For each phase it prints the statuses the hostile requests got, the server's peak RSS over the
+phase (VmHWM, reset at the phase's start through /proc/PID/clear_refs) minus its RSS after the
+baseline, whether the server was still alive and live afterwards, the normal client's p99 and
+the probe's worst latency. The normal client and the probe run in their own processes, so the
+attackers' Python threads do not delay their clocks.
+
+Exit status 0 when every class got only the answers it should, the server survived every phase,
+peak RSS growth stayed under 256 MiB, the normal client's p99 under 50 ms and every probe under
+100 ms (the last three judged in every phase, all-at-once included).
+"""
+import argparse
+import base64
+import json
+import multiprocessing
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from soak import exchange, rss_kib, status_kib  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- payloads
+
+
+def png(width, height):
+    """An 8-bit grey PNG of zeros: a few hundred bytes that declare width x height pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" * (width + 1)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def multipart(parts, boundary="hostileboundary"):
+    body = b""
+    for name, ctype, data in parts:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n"
+                 f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def v2(inputs, **extra):
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+MLP_ROW = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+JSON = {"Content-Type": "application/json"}
+
+
+# ---------------------------------------------------------------- one-shot classes
+# Each returns the outcome of one attack: an HTTP status, or a word for what the connection did.
+
+
+def one(port, method, path, body, headers, timeout=30):
+    try:
+        return exchange(port, method, path, body, headers, timeout)[0]
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "dropped"
+
+
+def simple(method, path, body, headers):
+    return lambda port, p: one(port, method, path, body, headers)
+
+
+def hostile_request_id(port, p):
+    # A forged log field, then an id of 64 KiB: both must be replaced by a generated one.
+    forged = 'abc" level=ERROR msg="forged'
+    out = []
+    for rid in (forged, "x" * 65536):
+        try:
+            status, head, _, _ = exchange(port, "POST", "/v2/models/mlp/infer", v2([MLP_ROW]),
+                                          {**JSON, "X-Request-Id": rid})
+        except OSError:
+            return "dropped"
+        echoed = f"x-request-id: {rid.lower()}" in head
+        out.append(f"{status}-{'echoed' if echoed else 'replaced'}")
+    return out[0] if out[0] == out[1] else "+".join(out)
+
+
+def json_error_bodies(port, p):
+    # A non-UTF-8 path, a query that does not parse, a wrong method: JSON error bodies.
+    out = []
+    for method, path in (("GET", "/v2/models/%FF%FE/ready"), ("POST", "/v1/models/mlp:predict?raw=maybe"),
+                         ("DELETE", "/v2/models/mlp/infer")):
+        try:
+            status, head, body, _ = exchange(port, method, path, b'{"instances":[[1,2,3,4]]}', JSON)
+        except OSError:
+            return "dropped"
+        try:
+            ok = "error_type" in json.loads(body)
+        except ValueError:
+            ok = False
+        out.append(f"{status}-{'json' if ok else 'not-json'}")
+    return "+".join(out)
+
+
+def streamed(port, path, ctype, first, filler, cap):
+    """A chunked body: `first`, then `filler` repeated until the server answers or `cap` bytes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                   "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode())
+        sent = 0
+        sel = selectors.DefaultSelector()
+        sel.register(s, selectors.EVENT_READ)
+        piece = first
+        try:
+            while sent < cap and not sel.select(0):
+                s.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += len(piece)
+                piece = filler
+            if sent >= cap:
+                s.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server stopped reading: its answer is what counts
+        data = b""
+        try:
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                data += c
+        except OSError:
+            pass
+        return int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else "closed-without-answer"
+    except OSError:
+        return "dropped"
+    finally:
+        s.close()
+
+
+def no_boundary(port, p):
+    return streamed(port, "/v1/models/efficientnet_lite0:predict", "multipart/form-data",
+                    b"--x\r\n", b"y" * 65536, 64 * MIB)
+
+
+def endless_part_header(port, p):
+    return streamed(port, "/v1/models/efficientnet_lite0:predict", "multipart/form-data; boundary=b",
+                    b"--b\r\nContent-Disposition: form-data; name=\"image\"; x=\"", b"z" * 65536, 64 * MIB)
+
+
+def big_non_image_part(port, p):
+    return streamed(port, "/v1/models/efficientnet_lite0:predict", "multipart/form-data; boundary=b",
+                    b"--b\r\nContent-Disposition: form-data; name=\"notes\"\r\nContent-Type: text/plain\r\n\r\n",
+                    b"w" * 65536, 300 * MIB)
+
+
+# ---------------------------------------------------------------- slow connections
+
+
+def slow_wave(port, count, head, drip, limit):
+    """Opens `count` connections, sends `head`, then `drip` on each every second. Returns the
+    outcome per connection: its status, `closed` (closed without an answer) or `still-open`
+    after `limit` seconds, and how long the server took to end each one."""
+    socks, outcomes, ended = [], Counter(), []
+    sel = selectors.DefaultSelector()
+    t0 = time.time()
+    for _ in range(count):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(head)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, b"")
+            socks.append(s)
+        except OSError:
+            outcomes["not-connected"] += 1
+    open_ = set(socks)
+    next_drip = time.time() + 1
+    while open_ and time.time() < t0 + limit:
+        for key, _ in sel.select(0.1):
+            s = key.fileobj
+            try:
+                c = s.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                c = b""
+            data = key.data + c
+            if c and len(data) < 12:
+                sel.modify(s, selectors.EVENT_READ, data)
+                continue
+            outcomes[int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else "closed"] += 1
+            ended.append(time.time() - t0)
+            sel.unregister(s)
+            s.close()
+            open_.discard(s)
+        if drip and time.time() >= next_drip:
+            next_drip += 1
+            for s in list(open_):
+                try:
+                    s.send(drip)
+                except OSError:
+                    pass
+    if open_:
+        outcomes["still-open"] += len(open_)
+    for s in open_:
+        s.close()
+    return outcomes, max(ended) if ended else None
+
+
+def slow_class(count, head, drip):
+    def run(port, p):
+        outcomes, last = slow_wave(port, count, head, drip, p.header_timeout + p.body_timeout + 6)
+        return outcomes, last
+    run.wave = True
+    return run
+
+
+# ---------------------------------------------------------------- the classes
+
+
+def classes(p):
+    chelsea = open(os.path.join(ROOT, ".ortserve", "data", "chelsea.png"), "rb").read()
+    strip = png(100000, 1)                 # 1 x 100000: resize_shorter would make 256 x 25.6M
+    huge = png(6000, 6000)                 # 36 MP of zeros in ~35 KB
+    eight_huge, eight_ct = multipart([("image", "image/png", huge)] * 8)
+    sixteen, sixteen_ct = multipart([("image", "image/png", chelsea)] * 16)
+    rows = 13 * MIB // len(b"[1.5,2.5,3.5,4.5],")
+    instances = b'{"instances":[' + b",".join([b"[1.5,2.5,3.5,4.5]"] * rows) + b"]}"
+    dup = v2([MLP_ROW], outputs=[{"name": "logits"}] * 60000)
+    declared = v2([{"name": "input", "shape": [268435456, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}])
+    ragged = v2([{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3], [4, 5, 6, 7, 8]]}])
+    out_of_range = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1e39,0,0,0]}]}'
+    b64 = json.dumps({"instances": [{"b64": base64.b64encode(strip).decode()}]}).encode()
+    return [
+        # name, attack, outcomes it may get, how many attackers at once
+        ("extreme_aspect_png_1x100000", simple("POST", "/v1/models/efficientnet_lite0:predict", strip,
+                                               {"Content-Type": "image/png"}), {413}, 1),
+        ("extreme_aspect_png_as_b64", simple("POST", "/v1/models/efficientnet_lite0:predict", b64, JSON), {413}, 1),
+        ("tiny_but_huge_pngs_8x36MP", simple("POST", "/v1/models/efficientnet_lite0:predict", eight_huge,
+                                             {"Content-Type": eight_ct}), {413}, 1),
+        ("tiny_but_huge_png_1x36MP", simple("POST", "/v1/models/efficientnet_lite0:predict", huge,
+                                            {"Content-Type": "image/png"}), {200, 504}, 1),
+        ("truncated_png", simple("POST", "/v1/models/efficientnet_lite0:predict", chelsea[: len(chelsea) // 2],
+                                 {"Content-Type": "image/png"}), {400}, 1),
+        ("duplicate_outputs_60000", simple("POST", "/v2/models/mlp/infer", dup, JSON), {400}, 1),
+        ("declared_shape_268Mx4_in_100_bytes", simple("POST", "/v2/models/mlp/infer", declared, JSON), {400}, 1),
+        ("ragged_nested_data", simple("POST", "/v2/models/mlp/infer", ragged, JSON), {400}, 1),
+        ("fp32_out_of_range", simple("POST", "/v2/models/mlp/infer", out_of_range, JSON), {400}, 1),
+        ("instances_json_13MiB_x4", simple("POST", "/v1/models/mlp:predict", instances, JSON), {400}, 4),
+        ("deadline_50ms_16_images", simple("POST", "/v1/models/efficientnet_lite0:predict", sixteen,
+                                           {"Content-Type": sixteen_ct, "X-Timeout-Ms": "50"}), {504}, 1),
+        ("chunked_multipart_no_boundary", no_boundary, {400, 413}, 1),
+        ("chunked_multipart_endless_part_header", endless_part_header, {413}, 1),
+        ("chunked_multipart_300MiB_text_part", big_non_image_part, {413}, 1),
+        ("hostile_request_id", hostile_request_id, {"200-replaced"}, 1),
+        ("non_json_error_routes", json_error_bodies, {"400-json+400-json+405-json"}, 1),
+        # Slow connections: one wave each per phase.
+        ("content_length_lie_16MiB_x200", slow_class(
+            200, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n"
+                 b"Inference-Header-Content-Length: 11\r\nContent-Length: 16777216\r\n\r\n{\"inputs\":[", None),
+         {408}, 1),
+        ("slowloris_x200", slow_class(200, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\n", b"X-a: b\r\n"),
+         {"closed"}, 1),
+        ("body_at_1KBps_x20", slow_class(
+            20, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n", b" " * 1024), {408}, 1),
+    ]
+
+
+# ---------------------------------------------------------------- the measuring processes
+
+
+def normal_client(port, path, stop):
+    """One keep-alive connection, MLP JSON, one request every 5 ms. Lines: time, ms, status."""
+    import http.client
+    body = v2([MLP_ROW])
+    conn = None
+    with open(path, "w") as out:
+        while time.time() < stop:
+            t0 = time.time()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", "/v2/models/mlp/infer", body, JSON)
+                r = conn.getresponse()
+                r.read()
+                status = r.status
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except OSError as e:
+                status = type(e).__name__
+                conn = None
+            out.write(f"{t0:.6f} {1000 * (time.time() - t0):.3f} {status}\n")
+            time.sleep(0.005)
+
+
+def live_probe(port, path, stop):
+    """A fresh connection to /v2/health/live every 50 ms, as a kubelet probes."""
+    with open(path, "w") as out:
+        while time.time() < stop:
+            t0 = time.time()
+            status = one(port, "GET", "/v2/health/live", b"", {}, timeout=5)
+            out.write(f"{t0:.6f} {1000 * (time.time() - t0):.3f} {status}\n")
+            time.sleep(0.05)
+
+
+def window(path, start, end):
+    lat, bad = [], Counter()
+    with open(path) as f:
+        for line in f:
+            t, ms, status = line.split()
+            if start <= float(t) < end:
+                lat.append(float(ms))
+                if status != "200":
+                    bad[status] += 1
+    lat.sort()
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None
+    return {"count": len(lat), "p50_ms": lat[len(lat) // 2] if lat else None, "p99_ms": p99,
+            "max_ms": lat[-1] if lat else None, "not_200": dict(bad)}
+
+
+# ---------------------------------------------------------------- main
+
+
+def hwm_reset(pid):
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def hwm_kib(pid):
+    return status_kib(pid, "VmHWM")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--port", type=int, default=18113)
+    ap.add_argument("--phase", type=float, default=5, help="seconds per class alone")
+    ap.add_argument("--all", type=float, default=15, help="seconds of every class at once")
+    ap.add_argument("--only", help="comma-separated class names (default: all)")
+    a = ap.parse_args()
+    a.header_timeout, a.body_timeout = 3, 3
+
+    work = tempfile.mkdtemp()
+    cfg = os.path.join(work, "hostile.yaml")
+    models = os.path.join(ROOT, ".ortserve", "models")
+    with open(cfg, "w") as f:
+        f.write(f"""server:
+  http_addr: "127.0.0.1:{a.port}"
+  header_timeout: {a.header_timeout}s
+  body_timeout: {a.body_timeout}s
+  request_timeout: 10s
+  drain_delay: 0s
+models:
+  - name: efficientnet_lite0
+    path: {models}/efficientnet_lite0.onnx
+    devices: cpu
+    batching: {{max_batch_size: 8, max_queue_delay: 2ms, queue_capacity: 64}}
+    image:
+      size: [224, 224]
+      resize_shorter: 256
+      mean: [127, 127, 127]
+      std: [128, 128, 128]
+      max_image_bytes: 10MiB
+      max_pixels: 40000000
+      max_images: 32
+    classification: {{labels: {models}/imagenet_labels.txt, softmax: true, top_k: 5}}
+  - name: mlp
+    path: {ROOT}/tests/fixtures/mlp.onnx
+    devices: cpu
+    batching: {{max_batch_size: 64, max_queue_delay: 1ms, queue_capacity: 1024}}
+""")
+    print("building payloads ...", file=sys.stderr)
+    all_classes = classes(a)
+    if a.only:
+        keep = set(a.only.split(","))
+        all_classes = [c for c in all_classes if c[0] in keep]
+    log = open(os.path.join(work, "server.log"), "w")
+    server = subprocess.Popen([a.binary, "serve", "--config", cfg], stdout=log, stderr=log)
+    for _ in range(600):
+        if one(a.port, "GET", "/v2/health/ready", b"", {}, timeout=2) == 200:
+            break
+        if server.poll() is not None:
+            sys.exit(f"server exited {server.returncode}; log: {log.name}")
+        time.sleep(0.1)
+    else:
+        sys.exit("server did not become ready")
+
+    total = 3 + len(all_classes) * (a.phase + 1) + a.all + 120
+    stop_probes = time.time() + total
+    normal_log, live_log = os.path.join(work, "normal.txt"), os.path.join(work, "live.txt")
+    probes = [multiprocessing.Process(target=normal_client, args=(a.port, normal_log, stop_probes), daemon=True),
+              multiprocessing.Process(target=live_probe, args=(a.port, live_log, stop_probes), daemon=True)]
+    for pr in probes:
+        pr.start()
+
+    # Warm-up: full batches of real images and of the MLP, so the sessions' working memory is
+    # part of the baseline; growth is what hostile input adds beyond serving normal traffic.
+    chelsea = open(os.path.join(ROOT, ".ortserve", "data", "chelsea.png"), "rb").read()
+    full, full_ct = multipart([("image", "image/png", chelsea)] * 16)
+    rows = v2([{"name": "input", "shape": [64, 4], "datatype": "FP32", "data": [0.5] * 256}])
+    warm = [threading.Thread(target=lambda: [
+        (one(a.port, "POST", "/v1/models/efficientnet_lite0:predict", full, {"Content-Type": full_ct}),
+         one(a.port, "POST", "/v2/models/mlp/infer", rows, JSON)) for _ in range(4)]) for _ in range(3)]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
+    # The allocator hands freed memory back over a few seconds (idle blocking threads exit after
+    # 10 s): the baseline is the RSS once it has stopped falling.
+    base_rss, settle_until = rss_kib(server.pid), time.time() + 20
+    while time.time() < settle_until:
+        time.sleep(1)
+        now = rss_kib(server.pid)
+        if abs(now - base_rss) < 1024 and time.time() > settle_until - 8:
+            break
+        base_rss = now
+    phases = []
+
+    def run_phase(name, members, seconds):
+        hwm_reset(server.pid)
+        rss_at_start = rss_kib(server.pid)
+        start = time.time()
+        stop = start + seconds
+        outcomes = {n: Counter() for n, _, _, _ in members}
+        slow_last = {}
+        lock = threading.Lock()
+
+        def attacker(n, attack):
+            if getattr(attack, "wave", False):
+                got, last = attack(a.port, a)
+                with lock:
+                    outcomes[n].update(got)
+                    slow_last[n] = last
+                return
+            while time.time() < stop:
+                o = attack(a.port, a)
+                with lock:
+                    outcomes[n][o] += 1
+
+        threads = [threading.Thread(target=attacker, args=(n, atk), daemon=True)
+                   for n, atk, _, k in members for _ in range(k)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=max(0, stop - time.time()) + a.header_timeout + a.body_timeout + 40)
+        end = time.time()
+        alive = server.poll() is None
+        live_after = one(a.port, "GET", "/v2/health/live", b"", {}, timeout=5) if alive else "dead"
+        peak = hwm_kib(server.pid) if alive else None
+        rec = {
+            "phase": name,
+            "seconds": round(end - start, 1),
+            "outcomes": {n: {str(k): v for k, v in sorted(c.items(), key=str)} for n, c in outcomes.items()},
+            "expected": {n: sorted(map(str, exp)) for n, _, exp, _ in members},
+            "slow_connections_all_ended_after_s": {n: round(v, 2) if v else v for n, v in slow_last.items()},
+            "attackers_still_running": sum(t.is_alive() for t in threads),
+            "peak_rss_growth_mib": round((peak - base_rss) / 1024, 1) if peak else None,
+            "rss_at_start_mib": round(rss_at_start / 1024, 1),
+            "survived": alive and live_after == 200,
+            "window": (start, end),
+        }
+        phases.append(rec)
+        print(f"{name}: {json.dumps(rec['outcomes'])} start {rec['rss_at_start_mib']} MiB, "
+              f"peak +{rec['peak_rss_growth_mib']} MiB over the baseline "
+              f"survived={rec['survived']}", file=sys.stderr)
+        return alive
+
+    base_start = time.time()
+    time.sleep(3)
+    phases.append({"phase": "baseline", "outcomes": {}, "expected": {}, "survived": server.poll() is None,
+                   "peak_rss_growth_mib": 0.0, "window": (base_start, time.time()),
+                   "slow_connections_all_ended_after_s": {}, "attackers_still_running": 0})
+    alive = True
+    for c in all_classes:
+        if alive:
+            alive = run_phase(c[0], [c], a.phase)
+    if alive:
+        run_phase("all_at_once", all_classes, a.all)
+    time.sleep(1)
+    for pr in probes:
+        pr.terminate()
+    end_rss = rss_kib(server.pid) if server.poll() is None else None
+
+    failures = []
+    for rec in phases:
+        start, end = rec.pop("window")
+        rec["normal_client"] = window(normal_log, start, end)
+        rec["live_probe"] = window(live_log, start, end)
+        name = rec["phase"]
+        for n, got in rec["outcomes"].items():
+            extra = set(got) - set(rec["expected"][n])
+            if extra:
+                failures.append(f"{name}: {n} got {sorted(extra)}")
+        if not rec["survived"]:
+            failures.append(f"{name}: server did not survive")
+        if rec["attackers_still_running"]:
+            failures.append(f"{name}: {rec['attackers_still_running']} attackers never got an answer")
+        if rec["peak_rss_growth_mib"] is not None and rec["peak_rss_growth_mib"] >= 256:
+            failures.append(f"{name}: peak RSS growth {rec['peak_rss_growth_mib']} MiB")
+        nc, lp = rec["normal_client"], rec["live_probe"]
+        if nc["p99_ms"] is None or nc["p99_ms"] >= 50 or nc["not_200"]:
+            failures.append(f"{name}: normal client p99 {nc['p99_ms']} ms, not 200: {nc['not_200']}")
+        if lp["max_ms"] is None or lp["max_ms"] >= 100 or lp["not_200"]:
+            failures.append(f"{name}: live probe max {lp['max_ms']} ms, not 200: {lp['not_200']}")
+    if server.poll() is None:
+        server.terminate()
+        server.wait(timeout=30)
+    print(json.dumps({"base_rss_mib": round(base_rss / 1024, 1),
+                      "end_rss_mib": round(end_rss / 1024, 1) if end_rss else None,
+                      "cpus": os.cpu_count(), "config": cfg, "server_log": log.name,
+                      "phases": phases, "failures": failures}, indent=1))
+    print("RESULT:", "pass" if not failures else "FAIL")
+    sys.exit(0 if not failures else 1)
+
+
+if __name__ == "__main__":
+    main()
