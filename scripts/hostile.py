@@ -10,7 +10,9 @@ slow clients are judged within a phase). Then:
   1. a baseline: only the normal client (one keep-alive connection, MLP, one request every 5 ms)
      and the liveness probe (a fresh connection to /v2/health/live every 50 ms, as a kubelet);
   2. every class of hostile input alone for --phase seconds, the normal client still running;
-  3. every class at once for --all seconds.
+  3. every class at once for --all seconds;
+  4. a rollout: 16 keep-alive clients, then SIGTERM (no request lost, every answer from then on
+     with `Connection: close`, exit 0).
 For each phase it prints the statuses the hostile requests got, the server's peak RSS over the
 phase (VmHWM, reset at the phase's start through /proc/PID/clear_refs) minus its RSS after the
 baseline, whether the server was still alive and live afterwards, the normal client's p99 and
@@ -27,6 +29,7 @@ import json
 import multiprocessing
 import os
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -268,7 +271,7 @@ def classes(p):
         ("fp32_out_of_range", simple("POST", "/v2/models/mlp/infer", out_of_range, JSON), {400}, 1),
         ("instances_json_13MiB_x4", simple("POST", "/v1/models/mlp:predict", instances, JSON), {400}, 4),
         ("deadline_50ms_16_images", simple("POST", "/v1/models/efficientnet_lite0:predict", sixteen,
-                                           {"Content-Type": sixteen_ct, "X-Timeout-Ms": "50"}), {504}, 1),
+                                           {"Content-Type": sixteen_ct, "X-Timeout-Ms": "50"}), {408, 504}, 1),
         ("chunked_multipart_no_boundary", no_boundary, {400, 413}, 1),
         ("chunked_multipart_endless_part_header", endless_part_header, {413}, 1),
         ("chunked_multipart_300MiB_text_part", big_non_image_part, {413}, 1),
@@ -295,7 +298,7 @@ def normal_client(port, path, stop):
     import http.client
     body = v2([MLP_ROW])
     conn = None
-    with open(path, "w") as out:
+    with open(path, "w", buffering=1) as out:  # line by line: the process is terminated
         while time.time() < stop:
             t0 = time.time()
             try:
@@ -317,7 +320,7 @@ def normal_client(port, path, stop):
 
 def live_probe(port, path, stop):
     """A fresh connection to /v2/health/live every 50 ms, as a kubelet probes."""
-    with open(path, "w") as out:
+    with open(path, "w", buffering=1) as out:  # line by line: the process is terminated
         while time.time() < stop:
             t0 = time.time()
             status = one(port, "GET", "/v2/health/live", b"", {}, timeout=5)
@@ -340,7 +343,88 @@ def window(path, start, end):
             "max_ms": lat[-1] if lat else None, "not_200": dict(bad)}
 
 
+def sigterm_under_keep_alive(server, port, clients=16):
+    """Finding 9: 16 keep-alive clients on MLP (as through a Kubernetes Service), SIGTERM after a
+    second. Every request sent from 20 ms after SIGTERM on must be answered with
+    `Connection: close`, no request written on
+    a connection may be lost (`broken`: the connection failed with the request written and no
+    answer), and the server must exit 0. A refused reconnection is not a loss."""
+    import http.client
+    body = v2([MLP_ROW])
+    counts = Counter()
+    lock = threading.Lock()
+    sigterm = [None]
+
+    def client():
+        conn = None
+        while True:
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+                    conn.connect()
+            except OSError:
+                return  # refused: the listener is closed
+            sent = time.time()
+            try:
+                conn.request("POST", "/v2/models/mlp/infer", body, JSON)
+                r = conn.getresponse()
+                r.read()
+            except OSError as e:
+                with lock:
+                    counts["broken"] += 1
+                    counts[f"broken:{type(e).__name__}"] += 1
+                return
+            close = r.getheader("connection", "").lower() == "close"
+            with lock:
+                counts[f"status:{r.status}"] += 1
+                if sigterm[0] is not None and time.time() > sigterm[0]:
+                    counts["answered_after_sigterm"] += 1
+                    counts["answered_after_sigterm_without_close"] += not close
+                # Judged: requests sent 20 ms or more after the signal, when the server has
+                # surely seen it (an answer already on its way when it landed cannot say close).
+                if sigterm[0] is not None and sent > sigterm[0] + 0.02:
+                    counts["sent_after_sigterm"] += 1
+                    counts["with_connection_close"] += close
+            if close:
+                conn.close()
+                conn = None
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    sigterm[0] = time.time()
+    server.send_signal(signal.SIGTERM)
+    try:
+        code = server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        code = "killed after 30 s"
+    exited = time.time() - sigterm[0]
+    for t in threads:
+        t.join(timeout=20)
+    out = {k: v for k, v in sorted(counts.items())}
+    out.setdefault("broken", 0)
+    for k in ("answered_after_sigterm", "answered_after_sigterm_without_close", "sent_after_sigterm",
+              "with_connection_close"):
+        out.setdefault(k, 0)
+    out.update({"exit_code": code, "exit_after_s": round(exited, 2)})
+    return out
+
+
 # ---------------------------------------------------------------- main
+
+
+def listen_drops():
+    """The kernel's count of connections dropped because a listen queue was full (this network
+    namespace, every listener)."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for head, values in zip(lines[::2], lines[1::2]):
+        if head.startswith("TcpExt:"):
+            row = dict(zip(head.split()[1:], values.split()[1:]))
+            return int(row.get("ListenDrops", 0))
+    return 0
 
 
 def hwm_reset(pid):
@@ -371,7 +455,8 @@ def main():
   header_timeout: {a.header_timeout}s
   body_timeout: {a.body_timeout}s
   request_timeout: 10s
-  drain_delay: 0s
+  drain_delay: 1s
+  shutdown_timeout: 10s
 models:
   - name: efficientnet_lite0
     path: {models}/efficientnet_lite0.onnx
@@ -441,6 +526,7 @@ models:
     def run_phase(name, members, seconds):
         hwm_reset(server.pid)
         rss_at_start = rss_kib(server.pid)
+        drops_at_start = listen_drops()
         start = time.time()
         stop = start + seconds
         outcomes = {n: Counter() for n, _, _, _ in members}
@@ -478,12 +564,14 @@ models:
             "attackers_still_running": sum(t.is_alive() for t in threads),
             "peak_rss_growth_mib": round((peak - base_rss) / 1024, 1) if peak else None,
             "rss_at_start_mib": round(rss_at_start / 1024, 1),
+            "listen_queue_drops": listen_drops() - drops_at_start,
             "survived": alive and live_after == 200,
             "window": (start, end),
         }
         phases.append(rec)
         print(f"{name}: {json.dumps(rec['outcomes'])} start {rec['rss_at_start_mib']} MiB, "
-              f"peak +{rec['peak_rss_growth_mib']} MiB over the baseline "
+              f"peak +{rec['peak_rss_growth_mib']} MiB over the baseline, "
+              f"listen drops {rec['listen_queue_drops']} "
               f"survived={rec['survived']}", file=sys.stderr)
         return alive
 
@@ -524,11 +612,15 @@ models:
             failures.append(f"{name}: normal client p99 {nc['p99_ms']} ms, not 200: {nc['not_200']}")
         if lp["max_ms"] is None or lp["max_ms"] >= 100 or lp["not_200"]:
             failures.append(f"{name}: live probe max {lp['max_ms']} ms, not 200: {lp['not_200']}")
-    if server.poll() is None:
-        server.terminate()
-        server.wait(timeout=30)
+    rollout = sigterm_under_keep_alive(server, a.port) if server.poll() is None else None
+    if rollout is None:
+        failures.append("rollout: the server was not running for the SIGTERM")
+    elif rollout["broken"] or rollout["exit_code"] != 0 or not rollout["sent_after_sigterm"] \
+            or rollout["sent_after_sigterm"] != rollout["with_connection_close"]:
+        failures.append(f"rollout: {rollout}")
     print(json.dumps({"base_rss_mib": round(base_rss / 1024, 1),
                       "end_rss_mib": round(end_rss / 1024, 1) if end_rss else None,
+                      "rollout_sigterm_16_keep_alive_clients": rollout,
                       "cpus": os.cpu_count(), "config": cfg, "server_log": log.name,
                       "phases": phases, "failures": failures}, indent=1))
     print("RESULT:", "pass" if not failures else "FAIL")

@@ -25,9 +25,20 @@ struct Cli {
 enum Command {
     /// Load the models and serve HTTP until SIGTERM or SIGINT.
     Serve {
-        /// The YAML configuration file.
-        #[arg(long, env = "ORTSERVE_CONFIG")]
-        config: PathBuf,
+        /// The YAML configuration file (optional with --model-dir).
+        #[arg(long, env = "ORTSERVE_CONFIG", required_unless_present = "model_dir")]
+        config: Option<PathBuf>,
+        /// A folder of models, as KServe fills /mnt/models: one .onnx file, or NAME/model.onnx
+        /// folders, each with an optional labels.txt and ortserve.yaml (that model's settings).
+        /// Added to the config file's models, or served alone.
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
+        /// The name to serve a one-file --model-dir as; in a folder of models, the one to serve.
+        #[arg(long, requires = "model_dir")]
+        model_name: Option<String>,
+        /// Serve on this port (the config's address keeps its host).
+        #[arg(long)]
+        http_port: Option<u16>,
     },
     /// Probe every (model, device) batch size without serving: print the tables, write an SVG plot.
     Tune {
@@ -111,7 +122,25 @@ fn main() -> ExitCode {
         } => {
             load_config(&config).and_then(|config| tune(config, &plot, use_cache, json.as_deref()))
         }
-        Command::Serve { config } => load_config(&config).and_then(serve),
+        Command::Serve {
+            config,
+            model_dir,
+            model_name,
+            http_port,
+        } => Config::for_serve(
+            config.as_deref(),
+            model_dir.as_deref(),
+            model_name.as_deref(),
+            http_port,
+        )
+        .map_err(|e| {
+            match &config {
+                Some(path) => eprintln!("{}: {e}", path.display()),
+                None => eprintln!("ortserve: {e}"),
+            }
+            ExitCode::from(2)
+        })
+        .and_then(serve),
         Command::Probe { url } => Ok(probe(&url)),
     };
     result.unwrap_or_else(|code| code)
@@ -121,7 +150,8 @@ fn serve(config: Config) -> Result<ExitCode, ExitCode> {
     init_tracing(config.server.log_format, "info");
     let runtime = async_runtime()?;
     Ok(runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(&config.server.http_addr).await {
+        let server = &config.server;
+        let listener = match ortserve::http::bind(&server.http_addr, server.listen_backlog).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(addr = %config.server.http_addr, error = %e, "cannot bind");

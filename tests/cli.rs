@@ -125,14 +125,55 @@ impl Drop for Server {
     }
 }
 
-/// Starts `ortserve serve` on a free loopback port with `server` settings and the MLP; returns
-/// once readiness is 200.
-fn serve_mlp(server_settings: &str) -> (Server, u16, tempfile::TempDir) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// Starts the binary with `args` (and `env`) and returns once readiness on `port` is 200.
+fn start_ready(args: &[String], env: &[(&str, &str)], port: u16) -> Server {
+    start_ready_in(args, env, port, std::path::Path::new("."))
+}
+
+/// [`start_ready`] in the working folder `cwd`.
+fn start_ready_in(
+    args: &[String],
+    env: &[(&str, &str)],
+    port: u16,
+    cwd: &std::path::Path,
+) -> Server {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(cwd)
+        .args(args)
+        .env_remove("ORT_DYLIB_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut server = Server(cmd.spawn().unwrap());
+    let started = Instant::now();
+    while !matches!(http(port, "GET", "/v2/health/ready", ""), Ok((200, _))) {
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "the server exited: {args:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+/// Starts `ortserve serve` on a free loopback port with `server` settings and the MLP; returns
+/// once readiness is 200.
+fn serve_mlp(server_settings: &str) -> (Server, u16, tempfile::TempDir) {
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         &dir,
@@ -140,30 +181,133 @@ fn serve_mlp(server_settings: &str) -> (Server, u16, tempfile::TempDir) {
             "server: {{http_addr: '127.0.0.1:{port}', {server_settings}}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
         ),
     );
-    let server = Server(
-        Command::new(BIN)
-            .args(["serve", "--config", cfg.to_str().unwrap()])
-            .env_remove("ORT_DYLIB_PATH")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while !matches!(http(port, "GET", "/v2/health/ready", ""), Ok((200, _))) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
+    (start_ready(&args, &[], port), port, dir)
+}
+
+const MLP_ROW: &str =
+    r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+
+/// A folder laid out as KServe fills `/mnt/models`: (path, fixture to copy or text to write).
+fn model_folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, content) in files {
+        let to = dir.path().join(path);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        match content.strip_prefix("fixture:") {
+            Some(f) => std::fs::copy(common::fixtures().join(f), &to).map(drop),
+            None => std::fs::write(&to, content),
+        }
+        .unwrap();
     }
-    (server, port, dir)
+    dir
+}
+
+/// KServe's ServingRuntime starts the container with `args` after substituting `{{.Name}}`.
+/// Rendered the same way (with the folder and the port moved for a test on this host, and the
+/// address kept on loopback), they serve the folder's model under the InferenceService's name.
+#[test]
+fn the_kserve_runtime_args_serve_a_model_folder() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/kserve/servingruntime.yaml"),
+    )
+    .unwrap();
+    let runtime: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let args: Vec<&str> = runtime["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let mnt = model_folder(&[
+        ("mlp.onnx", "fixture:mlp.onnx"),
+        (
+            "ortserve.yaml",
+            "devices: cpu\nbatching: {max_batch_size: 8}\n",
+        ),
+    ]);
+    let port = free_port();
+    let rendered: Vec<String> = args
+        .iter()
+        .map(|a| {
+            a.replace("{{.Name}}", "mlp-v1")
+                .replace("/mnt/models", mnt.path().to_str().unwrap())
+                .replace("--http-port=8080", &format!("--http-port={port}"))
+        })
+        .collect();
+    assert!(
+        rendered.contains(&format!("--http-port={port}"))
+            && rendered.contains(&"--model-name=mlp-v1".to_string()),
+        "the runtime's args changed shape: {args:?}"
+    );
+    let _server = start_ready(&rendered, &[("ORTSERVE_HTTP_ADDR", "127.0.0.1:1")], port);
+    let (status, reply) = http(port, "POST", "/v2/models/mlp-v1/infer", MLP_ROW).unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 3]));
+}
+
+/// A repository folder serves a model per `NAME/model.onnx`; a folder with no model is a clear
+/// startup error (exit 2).
+#[test]
+fn a_model_repository_folder_serves_every_model_and_a_bad_one_is_refused() {
+    let repo = model_folder(&[
+        ("mlp/model.onnx", "fixture:mlp.onnx"),
+        (
+            "mlp/ortserve.yaml",
+            "devices: cpu\nbatching: {max_batch_size: 8}\n",
+        ),
+        ("cnn/model.onnx", "fixture:cnn.onnx"),
+        (
+            "cnn/ortserve.yaml",
+            "devices: cpu\nbatching: {max_batch_size: 4}\n",
+        ),
+    ]);
+    let port = free_port();
+    // A relative folder, as a user types it.
+    let (parent, folder) = (
+        repo.path().parent().unwrap(),
+        repo.path().file_name().unwrap(),
+    );
+    let args = [
+        "serve",
+        "--model-dir",
+        folder.to_str().unwrap(),
+        "--http-port",
+        &port.to_string(),
+    ]
+    .map(String::from);
+    let env = [("ORTSERVE_HTTP_ADDR", "127.0.0.1:1")];
+    let server = start_ready_in(&args, &env, port, parent);
+    for m in ["mlp", "cnn"] {
+        let (status, body) = http(port, "GET", &format!("/v2/models/{m}/ready"), "").unwrap();
+        assert_eq!(status, 200, "{m}: {body}");
+    }
+    assert_eq!(
+        http(port, "POST", "/v2/models/mlp/infer", MLP_ROW)
+            .unwrap()
+            .0,
+        200
+    );
+    drop(server);
+
+    let empty = tempfile::tempdir().unwrap();
+    let out = ortserve(
+        &["serve", "--model-dir", empty.path().to_str().unwrap()],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&empty.path().display().to_string()) && stderr.contains("no model"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn serves_over_a_real_socket_and_drains_on_sigterm() {
     let (mut server, port, _dir) = serve_mlp("drain_delay: 600ms, shutdown_timeout: 5s");
-    let body = r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+    let body = MLP_ROW;
     let (status, reply) = http(port, "POST", "/v2/models/mlp/infer", body).unwrap();
     assert_eq!(status, 200, "{reply}");
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();

@@ -36,7 +36,7 @@ async fn serve(
         "server: {server_yaml}\nmodels: [{{name: mlp, path: mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
     ));
     let server = ortserve::start(&config).await.expect("server starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = ortserve::http::bind("127.0.0.1:0", 4096).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(listener, async {
@@ -278,4 +278,32 @@ async fn keep_alive_clients_lose_no_request_when_the_server_drains() {
         16,
         "every client got Connection: close after the signal"
     );
+}
+
+/// A burst of connections bigger than tokio's default listen backlog (128) all complete their
+/// handshakes before the server accepts one: none waits a second for a dropped SYN to be sent
+/// again (a liveness probe took 1.04 s under `scripts/hostile.py` before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_fits_the_listen_backlog() {
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    let burst = 300.min(somaxconn);
+    let listener = ortserve::http::bind("127.0.0.1:0", 4096).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Nothing accepts: every connection waits in the backlog.
+    let connected = tokio::task::spawn_blocking(move || {
+        (0..burst)
+            .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let failed = connected.iter().filter(|c| c.is_err()).count();
+    assert_eq!(
+        failed, 0,
+        "{failed} of {burst} connections did not complete"
+    );
+    drop(listener);
 }

@@ -6,6 +6,7 @@
 
 mod devices;
 mod image;
+mod model_dir;
 mod units;
 
 use std::collections::HashSet;
@@ -19,6 +20,7 @@ pub use devices::{DeviceEntry, DeviceSpec, Devices};
 pub use image::{
     ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout,
 };
+pub use model_dir::{models_in_dir, LABELS_FILE, MODEL_FILE, SETTINGS_FILE};
 pub use units::{ByteSize, Dur};
 
 #[derive(Debug, Error)]
@@ -32,6 +34,9 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
+    /// A `--model-dir` folder, or a file in it, that cannot be served.
+    #[error("{path}: {message}")]
+    ModelDir { path: PathBuf, message: String },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -94,6 +99,11 @@ pub struct ServerConfig {
     /// Most connections open at once; more wait in the listen backlog until one closes.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// The listen backlog: connections the kernel completes before the server accepts them.
+    /// A burst of new connections bigger than this has its extra handshakes dropped, and those
+    /// clients retry a second later. The kernel caps it at `net.core.somaxconn`.
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
     /// Most request-body bytes held at once over all requests; a body that would go over is
     /// answered 503 at once (load is shed, not queued). At least `max_body_bytes`. Default:
     /// 16 × `max_body_bytes` (256 MiB with the default).
@@ -135,6 +145,7 @@ impl Default for ServerConfig {
             keep_alive_timeout: default_keep_alive_timeout(),
             body_timeout: default_body_timeout(),
             max_connections: default_max_connections(),
+            listen_backlog: default_listen_backlog(),
             max_body_memory: None,
             log_format: default_log_format(),
             auth: None,
@@ -168,6 +179,9 @@ fn default_body_timeout() -> Dur {
 }
 fn default_max_connections() -> usize {
     1024
+}
+fn default_listen_backlog() -> u32 {
+    4096
 }
 
 impl ServerConfig {
@@ -456,12 +470,67 @@ fn default_queue_capacity() -> usize {
     1024
 }
 
+/// Parses YAML text into `T`, naming the key path of the first problem.
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+        .map_err(path_error)
+}
+
+/// [`parse_yaml`] for YAML already parsed (no line numbers: they would not be the file's).
+fn parse_value<T: serde::de::DeserializeOwned>(
+    value: serde_yaml_ng::Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(path_error)
+}
+
+fn path_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> ConfigError {
+    let path = match e.path().to_string() {
+        p if p == "." => "config".to_string(),
+        p => p,
+    };
+    // serde_yaml_ng starts its message with the part of the path it knows; drop it.
+    let inner = e.into_inner().to_string();
+    let message = match inner.split_once(": ") {
+        Some((prefix, rest)) if !prefix.contains(' ') && path.starts_with(prefix) => {
+            rest.to_string()
+        }
+        _ => inner,
+    };
+    ConfigError::Parse { path, message }
+}
+
+impl ModelConfig {
+    /// Makes its relative paths (model, labels, tuning cache) relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.path.is_relative() {
+            self.path = base.join(&self.path);
+        }
+        if let Some(labels) = self.classification.as_mut().and_then(|c| c.labels.as_mut()) {
+            if labels.is_relative() {
+                *labels = base.join(&*labels);
+            }
+        }
+        if let Some(dir) = &mut self.tuning.cache_dir {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+    }
+}
+
 /// The most rows a batch may hold, whatever the config says.
 pub const MAX_BATCH_LIMIT: usize = 65_536;
 
 impl Config {
     /// Reads, applies environment overrides, resolves paths and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Config::read(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] without the validation.
+    fn read(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -470,28 +539,55 @@ impl Config {
         config.apply_env(|k| std::env::var_os(k).map(PathBuf::from));
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.load_tokens(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    /// What `serve` runs: the config file (or, with none, the defaults), plus the models of a
+    /// `--model-dir` folder (KServe's `/mnt/models`, see [`models_in_dir`]), on `--http-port`.
+    pub fn for_serve(
+        file: Option<&Path>,
+        model_dir: Option<&Path>,
+        model_name: Option<&str>,
+        http_port: Option<u16>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => Config::read(path)?,
+            None => {
+                let mut c = Config::from_yaml("models: []")?;
+                c.apply_env(|k| std::env::var_os(k).map(PathBuf::from));
+                c
+            }
+        };
+        if let Some(dir) = model_dir {
+            for m in models_in_dir(dir, model_name)? {
+                if config.models.iter().any(|x| x.name == m.name) {
+                    return Err(invalid(
+                        "models",
+                        format!(
+                            "{:?} is both in the config file and in {}",
+                            m.name,
+                            dir.display()
+                        ),
+                    ));
+                }
+                config.models.push(m);
+            }
+        }
+        if let Some(port) = http_port {
+            let host = config
+                .server
+                .http_addr
+                .rsplit_once(':')
+                .map_or("0.0.0.0", |(host, _)| host);
+            config.server.http_addr = format!("{host}:{port}");
+        }
         config.validate()?;
         Ok(config)
     }
 
     /// Parses YAML text (no environment, no validation).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = match e.path().to_string() {
-                p if p == "." => "config".to_string(),
-                p => p,
-            };
-            // serde_yaml_ng starts its message with the part of the path it knows; drop it.
-            let inner = e.into_inner().to_string();
-            let message = match inner.split_once(": ") {
-                Some((prefix, rest)) if !prefix.contains(' ') && path.starts_with(prefix) => {
-                    rest.to_string()
-                }
-                _ => inner,
-            };
-            ConfigError::Parse { path, message }
-        })
+        parse_yaml(text)
     }
 
     /// Environment overrides with the `ORTSERVE_` prefix, and `ORT_DYLIB_PATH`.
@@ -567,19 +663,7 @@ impl Config {
     /// Makes relative model and library paths relative to `base` (the config file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
         for m in &mut self.models {
-            if m.path.is_relative() {
-                m.path = base.join(&m.path);
-            }
-            if let Some(labels) = m.classification.as_mut().and_then(|c| c.labels.as_mut()) {
-                if labels.is_relative() {
-                    *labels = base.join(&*labels);
-                }
-            }
-            if let Some(dir) = &mut m.tuning.cache_dir {
-                if dir.is_relative() {
-                    *dir = base.join(&*dir);
-                }
-            }
+            m.resolve_paths(base);
         }
         if let Some(f) = self
             .server
@@ -627,6 +711,9 @@ impl Config {
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.listen_backlog == 0 {
+            return Err(invalid("server.listen_backlog", "must be at least 1"));
         }
         if s.body_memory() < s.max_body_bytes.0 {
             return Err(invalid(

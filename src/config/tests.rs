@@ -178,3 +178,139 @@ fn env_overrides_and_relative_paths() {
     );
     assert_eq!(c.models[0].path, PathBuf::from("/etc/ortserve/m.onnx"));
 }
+
+/// A folder laid out like KServe's `/mnt/models`: `files` are (path, content), where content
+/// `MLP` copies the MLP fixture.
+fn model_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, content) in files {
+        let to = dir.path().join(path);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        if *content == "MLP" {
+            std::fs::copy(fixture("mlp.onnx"), &to).unwrap();
+        } else {
+            std::fs::write(&to, content).unwrap();
+        }
+    }
+    dir
+}
+
+#[test]
+fn a_model_dir_with_one_file_is_one_model() {
+    let dir = model_dir(&[("mlp.onnx", "MLP"), ("labels.txt", "a\nb\nc\n")]);
+    let named = models_in_dir(dir.path(), Some("classifier")).unwrap();
+    assert_eq!(named.len(), 1);
+    assert_eq!(named[0].name, "classifier");
+    assert_eq!(named[0].path, dir.path().join("mlp.onnx"));
+    let labels = named[0].classification.as_ref().unwrap().labels.as_ref();
+    assert_eq!(labels, Some(&dir.path().join("labels.txt")));
+    // Without a name, the file's stem.
+    assert_eq!(models_in_dir(dir.path(), None).unwrap()[0].name, "mlp");
+}
+
+#[test]
+fn a_model_dir_repository_has_a_model_per_folder_with_its_settings() {
+    let dir = model_dir(&[
+        ("a/model.onnx", "MLP"),
+        (
+            "a/ortserve.yaml",
+            "devices: cpu\nbatching: {max_batch_size: 4}\ntuning: {cache_dir: cache}\n",
+        ),
+        ("b/model.onnx", "MLP"),
+        ("b/labels.txt", "x\ny\nz\n"),
+        ("b/ortserve.yaml", "classification: {top_k: 2}\n"),
+        ("notes/readme.txt", "not a model"),
+    ]);
+    let all = models_in_dir(dir.path(), None).unwrap();
+    let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(matches!(all[0].batching.max_batch_size, MaxBatch::Fixed(4)));
+    assert_eq!(all[0].tuning.cache_dir, Some(dir.path().join("a/cache")));
+    let b = all[1].classification.as_ref().unwrap();
+    assert_eq!(
+        (b.top_k, b.labels.clone()),
+        (2, Some(dir.path().join("b/labels.txt")))
+    );
+    // --model-name picks one.
+    let one = models_in_dir(dir.path(), Some("b")).unwrap();
+    assert_eq!((one.len(), one[0].name.as_str()), (1, "b"));
+    let err = models_in_dir(dir.path(), Some("c"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no model named \"c\"") && err.contains("a, b"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_model_dirs_say_which_file_and_what() {
+    let empty = model_dir(&[]);
+    let err = models_in_dir(empty.path(), None).unwrap_err().to_string();
+    assert!(err.contains("no model"), "{err}");
+
+    let two = model_dir(&[("a.onnx", "MLP"), ("b.onnx", "MLP")]);
+    let err = models_in_dir(two.path(), Some("m"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 .onnx files (a.onnx, b.onnx)"), "{err}");
+
+    let both = model_dir(&[("a.onnx", "MLP"), ("m/model.onnx", "MLP")]);
+    let err = models_in_dir(both.path(), None).unwrap_err().to_string();
+    assert!(err.contains("keep one layout"), "{err}");
+
+    let bad_key = model_dir(&[
+        ("m/model.onnx", "MLP"),
+        ("m/ortserve.yaml", "batching: {max_batch: 4}\n"),
+    ]);
+    let err = models_in_dir(bad_key.path(), None).unwrap_err().to_string();
+    let file = bad_key.path().join("m/ortserve.yaml");
+    assert!(
+        err.starts_with(&format!("{}: batching", file.display())) && err.contains("max_batch"),
+        "{err}"
+    );
+
+    let named = model_dir(&[
+        ("m/model.onnx", "MLP"),
+        ("m/ortserve.yaml", "name: other\n"),
+    ]);
+    let err = models_in_dir(named.path(), None).unwrap_err().to_string();
+    assert!(err.contains("name: comes from the folder"), "{err}");
+}
+
+#[test]
+fn serve_takes_a_model_dir_alone_or_on_top_of_a_config_file() {
+    let dir = model_dir(&[("m/model.onnx", "MLP")]);
+    let c = Config::for_serve(None, Some(dir.path()), None, Some(9123)).unwrap();
+    assert_eq!(c.server.http_addr, "0.0.0.0:9123");
+    assert_eq!(c.models.len(), 1);
+
+    let file = dir.path().join("config.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{http_addr: '127.0.0.1:8000'}}\nmodels: [{{name: m, path: {}}}]\n",
+            fixture("mlp.onnx")
+        ),
+    )
+    .unwrap();
+    let err = Config::for_serve(Some(&file), Some(dir.path()), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"m\" is both in the config file and in"),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{http_addr: '127.0.0.1:8000'}}\nmodels: [{{name: other, path: {}}}]\n",
+            fixture("mlp.onnx")
+        ),
+    )
+    .unwrap();
+    let c = Config::for_serve(Some(&file), Some(dir.path()), None, Some(9124)).unwrap();
+    assert_eq!(c.server.http_addr, "127.0.0.1:9124");
+    let names: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["other", "m"]);
+}

@@ -26,6 +26,7 @@ use tower_http::trace::TraceLayer;
 use crate::app::AppState;
 
 pub(crate) use error::ApiError;
+pub use serve::bind;
 
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
