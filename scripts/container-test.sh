@@ -52,11 +52,19 @@ if ! podman image exists rust:1.95-bookworm; then
   step "rust:1.95-bookworm from debian:bookworm-slim and $(rustc --version)"
   rm -rf "$work/rust" && mkdir -p "$work/rust"
   cp -a "$sysroot" "$work/rust/toolchain"
+  # This host reaches the package registries through an egress proxy whose CA certificates are
+  # in /usr/local/share/ca-certificates; the build image trusts them as the host does (so cargo
+  # and pip in the Dockerfile's build stage can download). An image built behind any such
+  # proxy needs the same; the Dockerfile itself is unchanged.
+  mkdir -p "$work/rust/ca"
+  cp /usr/local/share/ca-certificates/*.crt "$work/rust/ca/" 2>/dev/null || true
   cat >"$work/rust/Containerfile" <<'EOF'
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev make pkg-config git \
  && rm -rf /var/lib/apt/lists/*
+COPY ca/ /usr/local/share/ca-certificates/
+RUN update-ca-certificates
 COPY toolchain /usr/local/rust
 ENV PATH=/usr/local/rust/bin:$PATH CARGO_HOME=/usr/local/cargo
 EOF

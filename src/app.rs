@@ -61,6 +61,15 @@ impl Model {
         self.image.as_ref()
     }
 
+    /// Rows admitted and not yet answered (queued or running) over the rows its devices run at
+    /// once (the sum of their batch sizes). 1.0: a full batch waits or runs for every device;
+    /// above it, requests queue behind full batches. The autoscaling signal
+    /// (`ortserve_saturation`, docs/DEPLOY.md).
+    pub fn saturation(&self) -> f64 {
+        let capacity: usize = self.devices().iter().map(|d| d.max_batch).sum();
+        self.handle.outstanding_rows() as f64 / capacity.max(1) as f64
+    }
+
     /// The most rows one request may have (its batches must fit the queue at once).
     pub fn max_rows(&self) -> usize {
         self.handle.max_rows()
@@ -292,6 +301,10 @@ impl AppState {
     pub async fn render_metrics(&self) -> String {
         let mut on_gpu = false;
         for m in self.models() {
+            self.metrics
+                .saturation
+                .with_label_values(&[m.name()])
+                .set(m.saturation());
             for d in m.devices() {
                 let labels = [m.name(), d.name.as_str()];
                 self.metrics

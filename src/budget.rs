@@ -26,7 +26,6 @@ impl Budget {
     }
 
     /// What is free now.
-    #[cfg(test)]
     pub(crate) fn free(&self) -> usize {
         self.free.load(Ordering::Acquire)
     }

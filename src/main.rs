@@ -50,7 +50,8 @@ enum Command {
         /// Use a cached result where one matches instead of probing again.
         #[arg(long)]
         use_cache: bool,
-        /// Also write every result as JSON (as `GET /v1/models/{m}/tuning` serves it) to this file.
+        /// Also write every result with its key to this JSON file, for other pods to reuse
+        /// through `tuning.results_file` (a ConfigMap or a volume).
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -201,7 +202,19 @@ fn tune(
         })
     };
     if let Some(path) = json {
-        write(path, serde_json::json!(tuning).to_string())?;
+        // What `tuning.results_file` reads back: every probed or cached result with its key.
+        let shared: Vec<ortserve::tuning::SharedResult> = all
+            .iter()
+            .filter_map(|(model, r)| {
+                Some(ortserve::tuning::SharedResult {
+                    model: model.clone(),
+                    key: r.key.clone()?,
+                    result: r.clone(),
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&shared).unwrap_or_default();
+        write(path, text)?;
     }
     let svg = ortserve::tuning::plot::svg(&all).map_err(|e| {
         eprintln!("ortserve tune: plotting: {e}");

@@ -2,8 +2,8 @@
 //! Names carry the `ortserve_` prefix and a unit suffix.
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -34,6 +34,7 @@ pub struct Metrics {
     pub batches: IntCounterVec,
     /// Rows queued or running on a device, by model and device (read at scrape time).
     pub inflight_rows: IntGaugeVec,
+    pub saturation: GaugeVec,
     /// GPU memory and utilisation from NVML, by GPU index (read at scrape time on GPU hosts).
     pub gpu_memory_used: IntGaugeVec,
     pub gpu_memory_total: IntGaugeVec,
@@ -134,6 +135,18 @@ impl Metrics {
             &["model", "device"],
         )
         .expect("valid metric");
+        let saturation = GaugeVec::new(
+            Opts::new(
+                "ortserve_saturation",
+                "Rows admitted and not answered (queued or running) over the rows the model's \
+                 devices run at once; above 1, requests wait behind full batches",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(saturation.clone()))
+            .expect("unique metric");
         let gpu = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["gpu"]).expect("valid metric")
         };
@@ -198,6 +211,7 @@ impl Metrics {
             queue_duration,
             batches,
             inflight_rows,
+            saturation,
             gpu_memory_used,
             gpu_memory_total,
             gpu_utilization,

@@ -214,6 +214,7 @@ fn open_and_tune(
             probes: Vec::new(),
             baseline_memory_bytes: 0,
             duration_ms: 0.0,
+            key: None,
         },
     };
     Ok((runner, result))

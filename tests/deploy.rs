@@ -68,7 +68,8 @@ fn layout(dest: &Path) {
     );
 }
 
-fn http_status(port: u16, path: &str) -> Option<u16> {
+/// GET `path`: the status and the body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(
@@ -78,7 +79,43 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
-    text.get(9..12)?.parse().ok()
+    let status = text.get(9..12)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(status, _)| status)
+}
+
+/// Every `ortserve_*` metric named in `text` (a manifest), with the label names its selectors
+/// and `by (...)` clauses use.
+fn metrics_named(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut rest = text;
+    while let Some(at) = rest.find("ortserve_") {
+        let tail = &rest[at..];
+        let name: String = tail.chars().take_while(|&c| word(c)).collect();
+        let mut labels = Vec::new();
+        if let Some(sel) = tail[name.len()..].strip_prefix('{') {
+            for m in sel.split('}').next().unwrap_or("").split(',') {
+                let label: String = m.trim().chars().take_while(|&c| word(c)).collect();
+                if !label.is_empty() {
+                    labels.push(label);
+                }
+            }
+        }
+        // A `by (...)` clause just before the metric groups by its labels.
+        if let Some(by) = rest[..at].rfind("by (") {
+            let group = &rest[by + 4..at];
+            if let Some(end) = group.find(')') {
+                labels.extend(group[..end].split(',').map(|l| l.trim().to_string()));
+            }
+        }
+        out.push((name.clone(), labels));
+        rest = &tail[name.len()..];
+    }
+    out
 }
 
 #[test]
@@ -227,6 +264,50 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
             assert_eq!(c["image"], "ortserve:cpu");
         }
     }
+    // Autoscaling: the gpu overlay's HPA scales on ortserve_saturation, and every metric the
+    // manifests name (HPA, prometheus-adapter rule, KEDA ScaledObject) is on /metrics, with the
+    // labels they select or group by: its own, or `namespace` and `pod`, which Prometheus's
+    // kubernetes_sd scrape adds.
+    let (_, gpu_docs) = render("gpu");
+    let hpa = kind(&gpu_docs, "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["metrics"][0]["type"], "Pods", "{hpa}");
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["pods"]["metric"]["name"], "ortserve_saturation",
+        "{hpa}"
+    );
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    let mut texts = vec![serde_json::to_string(hpa).unwrap()];
+    for f in [
+        "k8s/autoscaling/prometheus-adapter-rules.yaml",
+        "k8s/autoscaling/keda-scaledobject.yaml",
+    ] {
+        texts.push(std::fs::read_to_string(root().join(f)).unwrap());
+    }
+    let mut checked = 0;
+    for text in &texts {
+        for (name, labels) in metrics_named(text) {
+            let exported: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))
+                })
+                .collect();
+            assert!(
+                !exported.is_empty(),
+                "{name} is not on /metrics:\n{metrics}"
+            );
+            for label in labels {
+                let scrape = ["namespace", "pod"].contains(&label.as_str());
+                assert!(
+                    scrape || exported.iter().any(|l| l.contains(&format!("{label}=\""))),
+                    "{name} has no label {label}: {exported:?}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} metric references found");
+
     let _ = server.kill();
     let _ = server.wait();
     let log = std::fs::read_to_string(&log).unwrap();

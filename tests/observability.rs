@@ -159,3 +159,42 @@ async fn the_request_id_is_on_the_log_lines_of_the_request_across_threads() {
         );
     }
 }
+
+/// The value of `ortserve_saturation{model="gated"}` on `/metrics`.
+async fn saturation(router: &axum::Router) -> f64 {
+    let text = String::from_utf8(get(router, "/metrics").await.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ortserve_saturation{model=\"gated\"} "))
+        .unwrap_or_else(|| panic!("no ortserve_saturation in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// The autoscaling signal: rows admitted and not answered over the rows the devices run at once.
+/// One device of one-row batches held by a gate: three requests make 3.0 (one running, two
+/// queued), and it falls back to 0 as they are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturation_counts_queued_and_running_rows_against_the_devices_batch_sizes() {
+    let (_state, router, open) = gated_server(8);
+    assert_eq!(saturation(&router).await, 0.0);
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            let r = router.clone();
+            tokio::spawn(
+                async move { post_json(&r, "/v2/models/gated/infer", &one(i as f32)).await },
+            )
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    while saturation(&router).await < 3.0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "never reached 3.0");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    for w in waiting {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert_eq!(saturation(&router).await, 0.0);
+}

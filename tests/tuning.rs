@@ -47,8 +47,22 @@ fn tune(dir: &Path, yaml: &str) -> (bool, String, String, Value) {
         .env_remove("ORT_DYLIB_PATH")
         .output()
         .unwrap();
+    // The file is a list of {model, key, result}; grouped here by model.
     let results = std::fs::read_to_string(&json)
-        .map(|t| serde_json::from_str(&t).unwrap())
+        .map(|t| {
+            let mut by_model = serde_json::Map::new();
+            for r in serde_json::from_str::<Vec<Value>>(&t).unwrap() {
+                assert!(
+                    r["key"].as_str().is_some_and(|k| k.contains("ortserve=")),
+                    "{r}"
+                );
+                let list = by_model
+                    .entry(r["model"].as_str().unwrap())
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                list.as_array_mut().unwrap().push(r["result"].clone());
+            }
+            Value::Object(by_model)
+        })
         .unwrap_or(Value::Null);
     (
         out.status.success(),
@@ -415,4 +429,47 @@ fn readiness_waits_for_tuning_the_endpoint_matches_the_log_and_a_restart_uses_th
         .unwrap()
         .iter()
         .all(|d| d["source"] == "probe"));
+}
+
+/// `ortserve tune --json` writes results another pod reuses through `tuning.results_file`: that
+/// start is ready without probing (`source: shared`); a start whose key differs (here a tuning
+/// setting) probes again and says why in its log.
+#[test]
+fn shared_tuning_results_skip_the_probe_when_the_key_matches() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr, results) = tune(dir.path(), &cnn(""));
+    assert!(ok, "{stderr}");
+    let tuned = results["cnn"][0].clone();
+    let shared = dir.path().join("shared.json");
+    std::fs::rename(dir.path().join("tuning.json"), &shared).unwrap();
+    // Another pod: an empty cache of its own, the shared file.
+    let pod = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "models:\n  - name: cnn\n    path: FIXTURES/cnn.onnx\n    devices: cpu\n    tuning: {{cache_dir: CACHE, results_file: {}}}\n",
+        shared.display()
+    );
+    let (_, server, port) = serve_until_ready(pod.path(), &yaml);
+    let (_, body) = http(port, "/v1/models/cnn/tuning").unwrap();
+    drop(server);
+    let served: Value = serde_json::from_str(&body).unwrap();
+    let d = &served["devices"][0];
+    assert_eq!(d["source"], "shared", "{d}");
+    assert_eq!(
+        (&d["chosen"], &d["probes"]),
+        (&tuned["chosen"], &tuned["probes"])
+    );
+
+    let changed = yaml.replace("results_file:", "max_batch_cap: 16, results_file:");
+    let pod = tempfile::tempdir().unwrap();
+    let (_, server, port) = serve_until_ready(pod.path(), &changed);
+    let (_, body) = http(port, "/v1/models/cnn/tuning").unwrap();
+    drop(server);
+    let served: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(served["devices"][0]["source"], "probe", "{served}");
+    let log = std::fs::read_to_string(pod.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("tuning.results_file has no result for this key"),
+        "{log}"
+    );
 }

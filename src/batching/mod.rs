@@ -171,6 +171,9 @@ struct Shared {
     settings: BatchSettings,
     /// Free places in this model's queue; a request part takes one until it is answered.
     admission: Budget,
+    /// Rows admitted and not yet answered (queued or running). It never refuses (its total is
+    /// unbounded); what it has handed out is the numerator of `ortserve_saturation`.
+    rows: Budget,
     /// Handlers → batcher, weak: only the [`ModelOwner`] holds the strong sender. A request
     /// upgrades it for as long as it sends its parts; once the owner lets go, upgrades fail
     /// (`ShuttingDown`) and the channel closes when the last in-progress request has sent, so
@@ -277,6 +280,7 @@ impl ModelHandle {
             pool,
             batchable,
             admission: Budget::new(settings.queue_capacity),
+            rows: Budget::new(usize::MAX),
             settings,
             tx: tx.downgrade(),
             stopping: AtomicBool::new(false),
@@ -292,6 +296,11 @@ impl ModelHandle {
 
     pub(crate) fn name(&self) -> &str {
         &self.0.name
+    }
+
+    /// Rows admitted and not yet answered: queued, or in a batch on a device.
+    pub(crate) fn outstanding_rows(&self) -> usize {
+        usize::MAX - self.0.rows.free()
     }
 
     /// The most rows one request may have: its batches must fit the queue at once. A model that
@@ -375,6 +384,7 @@ impl ModelHandle {
             .admission
             .try_take(parts)
             .ok_or_else(|| InferError::QueueFull(s.name.clone()))?;
+        let _rows = s.rows.try_take(rows);
         let tx = s.tx.upgrade().ok_or(InferError::ShuttingDown)?;
         let now = Instant::now();
         let deadline = call.deadline(s.settings.default_timeout);

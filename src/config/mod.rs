@@ -434,7 +434,13 @@ pub struct TuningConfig {
     /// Unset: `ortserve-tuning` in the system temp folder.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
-    /// Probe even when the cache has a result.
+    /// Results to reuse, shared between pods (a file from a ConfigMap or a volume), written by
+    /// `ortserve tune --json FILE`. A result is used when its key matches this start's: model
+    /// sha256, device (the GPU's name on CUDA, threads on CPU), ONNX Runtime release, ortserve
+    /// version and the tuning settings. Otherwise the device is probed (with a log line).
+    #[serde(default)]
+    pub results_file: Option<PathBuf>,
+    /// Probe even when the cache or `results_file` has a result.
     #[serde(default)]
     pub force: bool,
 }
@@ -449,6 +455,7 @@ impl Default for TuningConfig {
             max_duration: default_max_duration(),
             dims: Default::default(),
             cache_dir: None,
+            results_file: None,
             force: false,
         }
     }
@@ -510,9 +517,12 @@ impl ModelConfig {
                 *labels = base.join(&*labels);
             }
         }
-        if let Some(dir) = &mut self.tuning.cache_dir {
-            if dir.is_relative() {
-                *dir = base.join(&*dir);
+        for path in [&mut self.tuning.cache_dir, &mut self.tuning.results_file]
+            .into_iter()
+            .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
     }

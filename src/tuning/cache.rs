@@ -29,13 +29,14 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-/// The key: model sha256, device name and kind (threads), runtime release, ortserve's version
-/// (the probe may change between versions), and every tuning setting that changes the result.
-/// `None` when the model file cannot be read.
+/// The key: model sha256, device name and kind (threads on CPU; on CUDA the GPU's NVML name,
+/// `gpu`), runtime release, ortserve's version (the probe may change between versions), and
+/// every tuning setting that changes the result. `None` when the model file cannot be read.
 pub(crate) fn cache_key(
     model: &Path,
     device: &str,
     plan: &DevicePlan,
+    gpu: Option<&str>,
     runtime: &str,
     cfg: &TuningConfig,
 ) -> Option<String> {
@@ -49,8 +50,10 @@ pub(crate) fn cache_key(
         "dims": cfg.dims,
     });
     Some(format!(
-        "model={sha} device={device} kind={:?} ort={runtime} settings={settings}",
-        plan.kind
+        "model={sha} device={device} kind={:?} gpu={} ort={runtime} ortserve={} settings={settings}",
+        plan.kind,
+        gpu.unwrap_or("-"),
+        env!("CARGO_PKG_VERSION"),
     ))
 }
 
@@ -68,6 +71,38 @@ fn file(cfg: &TuningConfig, key: &str) -> PathBuf {
 struct Entry {
     key: String,
     result: DeviceTuning,
+}
+
+/// One result of `ortserve tune --json FILE`, as `tuning.results_file` reads it back.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SharedResult {
+    pub model: String,
+    pub key: String,
+    pub result: DeviceTuning,
+}
+
+/// What `tuning.results_file` holds for `key`.
+pub(super) enum Shared {
+    Found(DeviceTuning),
+    /// The file has `entries` results, none for this key.
+    NoMatch {
+        entries: usize,
+    },
+    Unreadable(String),
+}
+
+pub(super) fn shared(path: &Path, key: &str) -> Shared {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return Shared::Unreadable(e.to_string()),
+    };
+    match serde_json::from_str::<Vec<SharedResult>>(&text) {
+        Ok(all) => match all.iter().find(|r| r.key == key) {
+            Some(r) => Shared::Found(r.result.clone()),
+            None => Shared::NoMatch { entries: all.len() },
+        },
+        Err(e) => Shared::Unreadable(format!("not the output of `ortserve tune --json`: {e}")),
+    }
 }
 
 /// The cached result for `key`, if a readable file holds exactly that key.

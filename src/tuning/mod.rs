@@ -17,6 +17,7 @@ use crate::model::ModelInfo;
 use crate::tensor::{DataType, Tensor};
 
 pub(crate) use cache::cache_key;
+pub use cache::SharedResult;
 pub use memory::process_rss;
 pub(crate) use memory::{gpu_readings, CpuMemorySource};
 pub(crate) use probe::{Limits, Target};
@@ -30,6 +31,8 @@ pub enum Source {
     Probe,
     /// Read from the tuning cache (same model, device, runtime and settings).
     Cache,
+    /// Read from `tuning.results_file` (written by `ortserve tune --json`, shared between pods).
+    Shared,
     /// `max_batch_size` is a number in the config.
     Config,
     /// The model's batch dimension is fixed, so there is nothing to choose.
@@ -51,6 +54,9 @@ pub struct DeviceTuning {
     pub baseline_memory_bytes: u64,
     #[serde(default)]
     pub duration_ms: f64,
+    /// What the result was measured for (see `tuning.results_file`); unset when not probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -205,6 +211,19 @@ impl MemoryProbe {
         }
     }
 
+    /// The GPU's model (NVML's name, e.g. "NVIDIA H100 80GB HBM3") on CUDA: part of the
+    /// tuning key, so results are shared only between GPUs of one model.
+    pub(crate) fn gpu_name(&self) -> Option<String> {
+        match self {
+            MemoryProbe::Cpu(_) => None,
+            MemoryProbe::Cuda { nvml, index } => Some(
+                nvml.device_by_index(*index)
+                    .and_then(|d| d.name())
+                    .unwrap_or_else(|e| format!("unknown ({e})")),
+            ),
+        }
+    }
+
     pub(crate) fn name(&self) -> String {
         match self {
             MemoryProbe::Cpu(src) => src.name().to_string(),
@@ -301,20 +320,43 @@ pub(crate) fn tune_device(
             probes: Vec::new(),
             baseline_memory_bytes: 0,
             duration_ms: 0.0,
+            key: None,
         });
     }
     let dims = resolve_dims(req.model, req.info, req.dim_names, req.config)?;
+    let gpu = req.memory.gpu_name();
     let key = cache_key(
         req.model_path,
         req.device,
         req.plan,
+        gpu.as_deref(),
         req.runtime_version,
         req.config,
     );
-    if !req.config.force {
-        if let Some(mut hit) = key.as_ref().and_then(|k| cache::load(req.config, k)) {
+    if let (false, Some(k)) = (req.config.force, &key) {
+        if let Some(path) = &req.config.results_file {
+            match cache::shared(path, k) {
+                cache::Shared::Found(mut hit) => {
+                    hit.source = Source::Shared;
+                    hit.device = req.device.to_string();
+                    hit.key = key.clone();
+                    return Ok(hit);
+                }
+                cache::Shared::NoMatch { entries } => tracing::info!(
+                    file = %path.display(), model = req.model, device = req.device, entries,
+                    "tuning.results_file has no result for this key (model file, device, ONNX \
+                     Runtime, ortserve version or tuning settings differ); probing"
+                ),
+                cache::Shared::Unreadable(e) => tracing::warn!(
+                    file = %path.display(), error = %e,
+                    "tuning.results_file cannot be used; probing"
+                ),
+            }
+        }
+        if let Some(mut hit) = cache::load(req.config, k) {
             hit.source = Source::Cache;
             hit.device = req.device.to_string();
+            hit.key = key.clone();
             return Ok(hit);
         }
     }
@@ -345,6 +387,7 @@ pub(crate) fn tune_device(
         probes: sweep.probes,
         baseline_memory_bytes: sweep.baseline_memory_bytes,
         duration_ms: sweep.duration_ms,
+        key: key.clone(),
     };
     if let Some(k) = &key {
         if let Err(e) = cache::store(req.config, k, &result) {
