@@ -26,3 +26,9 @@ cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 cargo test --locked --workspace --all-targets
+
+# The container image, built and run for real (podman; tens of minutes, needs root): only when
+# asked, as its output belongs in docs/DEPLOY.md rather than in every run.
+if [ "${ORTSERVE_CONTAINER_TEST:-}" = 1 ]; then
+  scripts/container-test.sh
+fi

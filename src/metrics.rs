@@ -35,6 +35,7 @@ pub struct Metrics {
     /// Rows queued or running on a device, by model and device (read at scrape time).
     pub inflight_rows: IntGaugeVec,
     pub saturation: GaugeVec,
+    pub padded_rows: IntCounterVec,
     /// GPU memory and utilisation from NVML, by GPU index (read at scrape time on GPU hosts).
     pub gpu_memory_used: IntGaugeVec,
     pub gpu_memory_total: IntGaugeVec,
@@ -147,6 +148,17 @@ impl Metrics {
         registry
             .register(Box::new(saturation.clone()))
             .expect("unique metric");
+        let padded_rows = IntCounterVec::new(
+            Opts::new(
+                "ortserve_padded_rows_total",
+                "Zero rows added to batches to reach a batch-size bucket (batching.buckets)",
+            ),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(padded_rows.clone()))
+            .expect("unique metric");
         let gpu = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["gpu"]).expect("valid metric")
         };
@@ -212,6 +224,7 @@ impl Metrics {
             batches,
             inflight_rows,
             saturation,
+            padded_rows,
             gpu_memory_used,
             gpu_memory_total,
             gpu_utilization,

@@ -63,7 +63,12 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
                 0 => plan.device.clone(),
                 i => format!("{}#{i}", plan.device),
             };
-            let again = (m.path.clone(), plan.clone(), m.cuda.pinned_inputs);
+            let again = (
+                m.path.clone(),
+                plan.clone(),
+                m.cuda.pinned_inputs,
+                m.cuda.cudnn_conv_algo_search,
+            );
             let job = (
                 m.clone(),
                 plan,
@@ -101,6 +106,7 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
                 let cuda = device::CudaSettings {
                     gpu_mem_limit: None,
                     pinned_inputs: again.2,
+                    conv_search: again.3,
                 };
                 OrtRunner::open_with(&again.0, &again.1, cuda)
                     .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
@@ -114,6 +120,7 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
             runners.push(DeviceRunner {
                 name,
                 max_batch: result.chosen,
+                buckets: result.warmup.iter().map(|w| w.batch).collect(),
                 runner: Box::new(runner),
                 rebuild: Some(rebuild),
                 run_timeout: m.health.run_timeout_for(tuned_latency),
@@ -183,9 +190,10 @@ fn open_and_tune(
     let cuda = device::CudaSettings {
         gpu_mem_limit,
         pinned_inputs: m.cuda.pinned_inputs,
+        conv_search: m.cuda.cudnn_conv_algo_search,
     };
     let mut runner = OrtRunner::open_with(&m.path, &plan, cuda)?;
-    let result = match (m.batching.max_batch_size, memory) {
+    let mut result = match (m.batching.max_batch_size, memory) {
         (MaxBatch::Auto, Some(memory)) => {
             let info = runner.info().clone();
             let dim_names = runner.dim_names().to_vec();
@@ -215,9 +223,46 @@ fn open_and_tune(
             baseline_memory_bytes: 0,
             duration_ms: 0.0,
             key: None,
+            warmup: Vec::new(),
         },
     };
+    let info = runner.info().clone();
+    let sizes = if info.batchable() {
+        m.batching.buckets.sizes(result.chosen, on_cuda)
+    } else {
+        Vec::new()
+    };
+    if !sizes.is_empty() {
+        let device = result.device.clone();
+        result.warmup = warm_up(&mut runner, &m, &info, &sizes, &device)?;
+    }
     Ok((runner, result))
+}
+
+/// Runs every batch-size bucket once, before readiness, so no client request pays for a first
+/// run of its shape (on CUDA, cuDNN's per-shape algorithm search). Returns each bucket's time.
+fn warm_up(
+    runner: &mut OrtRunner,
+    m: &config::ModelConfig,
+    info: &ModelInfo,
+    sizes: &[usize],
+    device: &str,
+) -> Result<Vec<tuning::Warmup>, StartupError> {
+    use device::ModelRunner;
+    let dims = tuning::resolve_dims(&m.name, info, runner.dim_names(), &m.tuning)?;
+    let mut runs = Vec::with_capacity(sizes.len());
+    for (i, &batch) in sizes.iter().enumerate() {
+        let inputs = tuning::synthetic_inputs(info, &dims, batch, i as u64);
+        let started = std::time::Instant::now();
+        runner.run(&[inputs]).map_err(|e| StartupError::Model {
+            model: m.name.clone(),
+            message: format!("{device}: warming up batch size {batch}: {e}"),
+        })?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(model = %m.name, device, batch, ms, "bucket warmed up");
+        runs.push(tuning::Warmup { batch, ms });
+    }
+    Ok(runs)
 }
 
 /// Image preprocessing and labels of a model, checked against what the model takes.

@@ -153,6 +153,7 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
             run_timeout: std::time::Duration::from_secs(30),
             name: name.into(),
             max_batch: 4,
+            buckets: Vec::new(),
             runner: Box::new(Paced {
                 per_batch: std::time::Duration::from_millis(ms),
             }),

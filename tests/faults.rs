@@ -43,6 +43,7 @@ fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
             run_timeout: std::time::Duration::from_secs(30),
             name: "cpu:0".into(),
             max_batch: 8,
+            buckets: Vec::new(),
             runner: Box::new(Flaky {
                 fault: Arc::new(AtomicBool::new(false)),
             }),
@@ -52,6 +53,7 @@ fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
             run_timeout: std::time::Duration::from_secs(30),
             name: "cpu:1".into(),
             max_batch: 8,
+            buckets: Vec::new(),
             runner: Box::new(Flaky {
                 fault: fault.clone(),
             }),
@@ -202,6 +204,7 @@ async fn a_panicking_session_is_rebuilt_and_the_server_keeps_serving() {
         run_timeout: std::time::Duration::from_secs(30),
         name: "cpu:0".into(),
         max_batch: 4,
+        buckets: Vec::new(),
         runner: Box::new(Panicky),
         rebuild: Some(Box::new(move || {
             counter.fetch_add(1, Ordering::SeqCst);
@@ -275,6 +278,7 @@ async fn a_stuck_run_is_answered_at_the_deadline_and_the_watchdog_takes_its_devi
         run_timeout: Duration::from_millis(300),
         name: "cpu:1".into(),
         max_batch: 1,
+        buckets: Vec::new(),
         runner: Box::new(Flaky {
             fault: Arc::new(AtomicBool::new(false)),
         }),

@@ -111,6 +111,7 @@ async fn the_request_id_is_on_the_log_lines_of_the_request_across_threads() {
         run_timeout: std::time::Duration::from_secs(30),
         name: "cpu:0".into(),
         max_batch: 4,
+        buckets: Vec::new(),
         runner: Box::new(Broken),
         rebuild: None,
     };

@@ -219,6 +219,9 @@ pub struct DeviceStatus {
 pub struct DeviceRunner {
     pub name: String,
     pub max_batch: usize,
+    /// The batch sizes the device runs (`batching.buckets`): a batch is padded with zero rows up
+    /// to the next one. Empty: every size runs as it comes.
+    pub buckets: Vec<usize>,
     pub runner: Box<dyn ModelRunner>,
     /// Builds a fresh runner after a panic; `None` keeps the old one.
     pub rebuild: Option<crate::device::Rebuild>,
@@ -242,16 +245,22 @@ impl ModelHandle {
         let mut pool = DevicePool::new(policy);
         let mut workers = Vec::new();
         for r in runners {
+            let labels = [name, r.name.as_str()];
+            let padded = metrics.padded_rows.with_label_values(&labels);
+            let padding = (batchable && !r.buckets.is_empty()).then(|| crate::device::Padding {
+                sizes: r.buckets.clone(),
+                padded,
+            });
             let worker = DeviceWorker::spawn(
                 &format!("{name}-{}", r.name),
                 r.runner,
                 r.rebuild,
+                padding,
                 crate::dispatch::DEVICE_DEPTH,
             )?;
             let max = if batchable { r.max_batch } else { 1 };
             pool.add(r.name.clone(), max, r.run_timeout, worker.sender());
             // Every per-device series exists from the start, at zero.
-            let labels = [name, r.name.as_str()];
             metrics.device_failures.with_label_values(&labels);
             metrics.device_rows.with_label_values(&labels);
             metrics.inflight_rows.with_label_values(&labels);

@@ -50,6 +50,7 @@ fn gated(
         run_timeout: std::time::Duration::from_secs(30),
         name: "cpu:0".into(),
         max_batch,
+        buckets: Vec::new(),
         runner: Box::new(Gated(Mutex::new(gate))),
         rebuild: None,
     };

@@ -360,14 +360,32 @@ pub struct CudaConfig {
     /// the GPU). Turn off only to compare.
     #[serde(default = "yes")]
     pub pinned_inputs: bool,
+    /// How cuDNN picks each convolution's algorithm (the CUDA provider's
+    /// `cudnn_conv_algo_search`): `exhaustive` benchmarks every algorithm on the first run of
+    /// each input shape (ONNX Runtime's default; slow first runs, which `batching.buckets` moves
+    /// before readiness), `heuristic` takes cuDNN's guess, `default` always the same algorithm.
+    /// Not yet measured on a GPU here (issue 16), so ONNX Runtime's default is kept.
+    #[serde(default)]
+    pub cudnn_conv_algo_search: ConvAlgoSearch,
 }
 
 impl Default for CudaConfig {
     fn default() -> Self {
         CudaConfig {
             pinned_inputs: true,
+            cudnn_conv_algo_search: ConvAlgoSearch::Exhaustive,
         }
     }
+}
+
+/// `cuda.cudnn_conv_algo_search`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgoSearch {
+    #[default]
+    Exhaustive,
+    Heuristic,
+    Default,
 }
 
 fn yes() -> bool {
@@ -395,6 +413,12 @@ pub struct BatchingConfig {
     /// Requests waiting for this model (queued plus running); more get 429.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// Batch-size buckets: run only the sizes 1, 2, 4, ... up to the batch size (and that size),
+    /// padding a batch with zero rows up to the next one (the padded outputs are dropped), and
+    /// run every bucket once before readiness. On CUDA the first run of each new input shape is
+    /// slow (cuDNN searches convolution algorithms per shape), so `auto` is on there, off on CPU.
+    #[serde(default)]
+    pub buckets: Buckets,
 }
 
 impl Default for BatchingConfig {
@@ -403,7 +427,34 @@ impl Default for BatchingConfig {
             max_batch_size: MaxBatch::Auto,
             max_queue_delay: default_queue_delay(),
             queue_capacity: default_queue_capacity(),
+            buckets: Buckets::Auto,
         }
+    }
+}
+
+/// `batching.buckets`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Buckets {
+    /// On for CUDA devices, off for CPU ones.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Buckets {
+    /// The sizes a device with batch size `max` runs: powers of two below `max`, and `max`.
+    /// Empty when off (any size runs as it comes).
+    pub fn sizes(self, max: usize, on_cuda: bool) -> Vec<usize> {
+        if self == Buckets::Off || (self == Buckets::Auto && !on_cuda) || max == 0 {
+            return Vec::new();
+        }
+        let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |b| b.checked_mul(2))
+            .take_while(|&b| b < max)
+            .collect();
+        sizes.push(max);
+        sizes
     }
 }
 

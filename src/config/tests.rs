@@ -314,3 +314,22 @@ fn serve_takes_a_model_dir_alone_or_on_top_of_a_config_file() {
     let names: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["other", "m"]);
 }
+
+#[test]
+fn buckets_are_powers_of_two_up_to_the_batch_size_and_auto_is_on_only_on_cuda() {
+    assert_eq!(Buckets::Auto.sizes(8, false), Vec::<usize>::new());
+    assert_eq!(Buckets::Auto.sizes(8, true), [1, 2, 4, 8]);
+    assert_eq!(Buckets::On.sizes(12, false), [1, 2, 4, 8, 12]);
+    assert_eq!(Buckets::On.sizes(1, false), [1]);
+    assert_eq!(Buckets::Off.sizes(64, true), Vec::<usize>::new());
+    let c = parse_ok(&format!(
+        "models: [{{name: m, path: {}, batching: {{buckets: on}}}}]",
+        fixture("mlp.onnx")
+    ));
+    assert_eq!(c.models[0].batching.buckets, Buckets::On);
+    assert!(error_of(&format!(
+        "models: [{{name: m, path: {}, batching: {{buckets: sometimes}}}}]",
+        fixture("mlp.onnx")
+    ))
+    .contains("batching.buckets"));
+}

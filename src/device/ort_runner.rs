@@ -23,6 +23,8 @@ pub(crate) struct CudaSettings {
     /// Assemble each batch in pinned (page-locked) host memory and run through an IoBinding,
     /// so the copy to the GPU is a fast asynchronous DMA.
     pub pinned_inputs: bool,
+    /// The CUDA provider's `cudnn_conv_algo_search`.
+    pub conv_search: crate::config::ConvAlgoSearch,
 }
 
 /// Owns one `ort::Session`. `Session::run` takes `&mut self`, so exactly one thread uses it.
@@ -131,7 +133,20 @@ impl OrtRunner {
                     .map_err(|e| fail(e.to_string()))?
             }
             DeviceKind::Cuda { id } => {
-                let mut ep = ep::CUDA::default().with_device_id(id as i32);
+                let search = match cuda.conv_search {
+                    crate::config::ConvAlgoSearch::Exhaustive => {
+                        ep::cuda::ConvAlgorithmSearch::Exhaustive
+                    }
+                    crate::config::ConvAlgoSearch::Heuristic => {
+                        ep::cuda::ConvAlgorithmSearch::Heuristic
+                    }
+                    crate::config::ConvAlgoSearch::Default => {
+                        ep::cuda::ConvAlgorithmSearch::Default
+                    }
+                };
+                let mut ep = ep::CUDA::default()
+                    .with_device_id(id as i32)
+                    .with_conv_algorithm_search(search);
                 if let Some(limit) = cuda.gpu_mem_limit {
                     ep = ep
                         .with_memory_limit(limit as usize)

@@ -51,12 +51,13 @@ impl DeviceWorker {
         name: &str,
         runner: Box<dyn ModelRunner>,
         rebuild: Option<Rebuild>,
+        padding: Option<Padding>,
         depth: usize,
     ) -> std::io::Result<DeviceWorker> {
         let (tx, rx) = mpsc::channel(depth.max(1));
         let thread = std::thread::Builder::new()
             .name(format!("ortserve-{name}"))
-            .spawn(move || worker_loop(runner, rebuild, rx))?;
+            .spawn(move || worker_loop(runner, rebuild, padding, rx))?;
         Ok(DeviceWorker { tx, thread })
     }
 
@@ -77,22 +78,82 @@ impl DeviceWorker {
 /// unknown state.
 pub type Rebuild = Box<dyn Fn() -> Result<Box<dyn ModelRunner>, String> + Send>;
 
+/// Batch-size buckets for a device: a batch is padded with zero rows up to the next size, so
+/// the session only ever sees those sizes (each one warmed up before readiness).
+pub(crate) struct Padding {
+    /// Ascending; the last is the device's batch size.
+    pub sizes: Vec<usize>,
+    /// `ortserve_padded_rows_total{model,device}`.
+    pub padded: prometheus::IntCounter,
+}
+
+impl Padding {
+    /// Zero rows to add to a batch of `rows` rows.
+    fn extra_rows(&self, rows: usize) -> usize {
+        self.sizes
+            .iter()
+            .find(|&&b| b >= rows)
+            .map_or(0, |b| b - rows)
+    }
+}
+
+/// `rows` rows of zeros shaped like the part `like` (zero bytes are 0, 0.0 or false in every
+/// datatype).
+pub(crate) fn zero_rows(like: &[Tensor], rows: usize) -> Vec<Tensor> {
+    like.iter()
+        .map(|t| {
+            let mut shape = t.shape.clone();
+            let row_bytes = match shape.first() {
+                Some(&n) if n > 0 => t.data.len() / n,
+                _ => 0,
+            };
+            if let Some(first) = shape.first_mut() {
+                *first = rows;
+            }
+            Tensor {
+                dtype: t.dtype,
+                shape,
+                data: vec![0; rows * row_bytes],
+            }
+        })
+        .collect()
+}
+
 fn worker_loop(
     mut runner: Box<dyn ModelRunner>,
     rebuild: Option<Rebuild>,
+    padding: Option<Padding>,
     mut rx: mpsc::Receiver<DeviceCommand>,
 ) {
     while let Some(DeviceCommand::Run(job)) = rx.blocking_recv() {
         // `Stop` or a closed channel ends the loop.
-        let _entered = job.span.enter();
+        let RunJob {
+            mut parts,
+            span,
+            done,
+            clock,
+        } = job;
+        let _entered = span.enter();
         let started = Instant::now();
-        job.clock.set();
-        let rows: Vec<usize> = job
-            .parts
+        clock.set();
+        let mut rows: Vec<usize> = parts
             .iter()
             .map(|p| p.first().and_then(Tensor::rows).unwrap_or(1))
             .collect();
-        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&job.parts))) {
+        // Padding rides along as one more part, whose outputs are dropped.
+        let extra = match (&padding, parts.first()) {
+            (Some(p), Some(first)) => {
+                let extra = p.extra_rows(rows.iter().sum());
+                if extra > 0 {
+                    parts.push(zero_rows(first, extra));
+                    rows.push(extra);
+                    p.padded.inc_by(extra as u64);
+                }
+                extra
+            }
+            _ => 0,
+        };
+        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&parts))) {
             Ok(result) => result,
             Err(panic) => {
                 let what = panic
@@ -113,13 +174,22 @@ fn worker_loop(
                 Err(RunError::Failed(format!("runner panicked: {what}")))
             }
         }
-        .and_then(|outputs| split_outputs(outputs, &rows));
+        .and_then(|outputs| split_outputs(outputs, &rows))
+        .map(|mut split| {
+            if extra > 0 {
+                split.pop();
+            }
+            split
+        });
+        if extra > 0 {
+            parts.pop();
+        }
         let elapsed = started.elapsed();
-        job.clock.clear();
+        clock.clear();
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "batch failed");
         }
-        (job.done)(outcome, elapsed, job.parts);
+        done(outcome, elapsed, parts);
     }
 }
 

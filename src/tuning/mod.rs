@@ -57,6 +57,16 @@ pub struct DeviceTuning {
     /// What the result was measured for (see `tuning.results_file`); unset when not probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// With `batching.buckets`: the sizes the device runs, each run once before readiness.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warmup: Vec<Warmup>,
+}
+
+/// One batch-size bucket's warm-up run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Warmup {
+    pub batch: usize,
+    pub ms: f64,
 }
 
 #[derive(Debug, Error)]
@@ -321,6 +331,7 @@ pub(crate) fn tune_device(
             baseline_memory_bytes: 0,
             duration_ms: 0.0,
             key: None,
+            warmup: Vec::new(),
         });
     }
     let dims = resolve_dims(req.model, req.info, req.dim_names, req.config)?;
@@ -388,6 +399,7 @@ pub(crate) fn tune_device(
         baseline_memory_bytes: sweep.baseline_memory_bytes,
         duration_ms: sweep.duration_ms,
         key: key.clone(),
+        warmup: Vec::new(),
     };
     if let Some(k) = &key {
         if let Err(e) = cache::store(req.config, k, &result) {

@@ -413,6 +413,7 @@ pub fn gated_runner(name: &str, run_timeout: Duration) -> (DeviceRunner, mpsc::S
         run_timeout,
         name: name.into(),
         max_batch: 1,
+        buckets: Vec::new(),
         runner: Box::new(Gated {
             gate: Arc::new(Mutex::new(gate)),
         }),
