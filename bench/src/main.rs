@@ -7,10 +7,12 @@
 //! - `client`: the keep-alive load generator (`sendfile(2)` for large requests).
 //! - `cpu`: where the CPU went during a line, from `/proc`.
 //! - `hello`: a bare axum handler, the HTTP stack's own limit.
+//! - `pin`: `--server-cores` / `--client-cores`.
 
 mod client;
 mod cpu;
 mod hello;
+mod pin;
 mod scenarios;
 
 use std::path::PathBuf;
@@ -45,6 +47,13 @@ struct Cli {
     /// The folder scripts/setup_models.sh fills (EfficientNet-Lite0 and a photo, for scenario e).
     #[arg(long, default_value = ".ortserve")]
     setup_dir: PathBuf,
+    /// Pin the server (every thread it starts) and the in-process ceilings to these cores, e.g.
+    /// `0` or `0-1`; needs --client-cores. Default: nothing is pinned.
+    #[arg(long, requires = "client_cores")]
+    server_cores: Option<String>,
+    /// Pin the load generator to these cores; needs --server-cores.
+    #[arg(long, requires = "server_cores")]
+    client_cores: Option<String>,
 }
 
 /// Runs the scenarios `repeat` times, printing each run's table as it ends, then the summary;
@@ -79,6 +88,15 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+    if let (Some(server), Some(client)) = (&cli.server_cores, &cli.client_cores) {
+        let pinned = pin::parse(server)
+            .and_then(|s| Ok((s, pin::parse(client)?)))
+            .and_then(|(s, c)| pin::set(s, c));
+        if let Err(e) = pinned {
+            eprintln!("ortserve-bench: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let opts = scenarios::Options {
         seconds: cli.seconds,
         warmup: cli.warmup,

@@ -92,7 +92,8 @@ struct Server {
 }
 
 impl Server {
-    /// Binds 127.0.0.1 on a 2-worker runtime (as `ortserve serve` has on this machine) in its own
+    /// Binds 127.0.0.1 on a 2-worker runtime (as `ortserve serve` has on this machine; one per
+    /// server core when pinned) in its own
     /// thread, whose threads count as HTTP threads in the CPU split, and runs `serve` on the
     /// listener until the server is dropped. `serve` gets a sender for an error that stops it
     /// from starting (the address is only handed back once it has started).
@@ -106,8 +107,10 @@ impl Server {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
+            crate::pin::server_thread();
+            // As `ortserve serve` sizes it: a worker per core it may run on.
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(crate::pin::server_cores().unwrap_or(2))
                 .on_thread_start(cpu::register_http_thread)
                 .on_thread_stop(cpu::unregister_http_thread)
                 .enable_all()
@@ -211,6 +214,19 @@ fn ceiling(
     sizes: &[usize],
     per_size: Duration,
 ) -> Result<(Vec<(usize, f64)>, f64), String> {
+    // Pinned: on the server's cores, with no more threads than it has there.
+    let threads = crate::pin::server_cores().map_or(threads, |n| threads.min(n));
+    crate::pin::on_server_cores(|| ceiling_here(model, threads, row, sizes, per_size))
+}
+
+/// [`ceiling`] on the calling thread's cores.
+fn ceiling_here(
+    model: &Path,
+    threads: usize,
+    row: &[Tensor],
+    sizes: &[usize],
+    per_size: Duration,
+) -> Result<(Vec<(usize, f64)>, f64), String> {
     init_runtime(&Default::default()).map_err(|e| e.to_string())?;
     let mut runner = OrtRunner::open(model, &cpu_plan(threads)).map_err(|e| e.to_string())?;
     let mut curve = Vec::new();
@@ -254,42 +270,44 @@ fn parallel_ceiling(
     batch: usize,
     time: Duration,
 ) -> Result<f64, String> {
-    init_runtime(&Default::default()).map_err(|e| e.to_string())?;
-    let refs: Vec<&Tensor> = std::iter::repeat_n(row, batch).collect();
-    let parts = [vec![Tensor::concat(&refs).map_err(|e| e.to_string())?]];
-    let mut runners = (0..sessions)
-        .map(|_| OrtRunner::open(model, &cpu_plan(threads)).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let barrier = std::sync::Barrier::new(sessions);
-    let counts: Vec<Result<(usize, Duration), String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = runners
-            .iter_mut()
-            .map(|runner| {
-                let (parts, barrier) = (&parts, &barrier);
-                s.spawn(move || {
-                    runner.run(parts).map_err(|e| e.to_string())?;
-                    barrier.wait();
-                    let start = Instant::now();
-                    let mut runs = 0;
-                    while start.elapsed() < time {
+    crate::pin::on_server_cores(|| {
+        init_runtime(&Default::default()).map_err(|e| e.to_string())?;
+        let refs: Vec<&Tensor> = std::iter::repeat_n(row, batch).collect();
+        let parts = [vec![Tensor::concat(&refs).map_err(|e| e.to_string())?]];
+        let mut runners = (0..sessions)
+            .map(|_| OrtRunner::open(model, &cpu_plan(threads)).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let barrier = std::sync::Barrier::new(sessions);
+        let counts: Vec<Result<(usize, Duration), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = runners
+                .iter_mut()
+                .map(|runner| {
+                    let (parts, barrier) = (&parts, &barrier);
+                    s.spawn(move || {
                         runner.run(parts).map_err(|e| e.to_string())?;
-                        runs += 1;
-                    }
-                    Ok((runs * batch, start.elapsed()))
+                        barrier.wait();
+                        let start = Instant::now();
+                        let mut runs = 0;
+                        while start.elapsed() < time {
+                            runner.run(parts).map_err(|e| e.to_string())?;
+                            runs += 1;
+                        }
+                        Ok((runs * batch, start.elapsed()))
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
-            .collect()
-    });
-    let mut total = 0.0;
-    for c in counts {
-        let (rows, elapsed) = c?;
-        total += rows as f64 / elapsed.as_secs_f64();
-    }
-    Ok(total)
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+                .collect()
+        });
+        let mut total = 0.0;
+        for c in counts {
+            let (rows, elapsed) = c?;
+            total += rows as f64 / elapsed.as_secs_f64();
+        }
+        Ok(total)
+    })
 }
 
 fn load(
