@@ -136,6 +136,28 @@ models:
         json.len()
     );
 
+    // The binary extension the same way: a 3 MiB tensor tail in 64 KiB frames ends in a 3 MiB
+    // buffer (it grew to 4 MiB before).
+    let header = br#"{"inputs":[{"name":"input","shape":[196608,4],"datatype":"FP32","parameters":{"binary_data_size":3145728}}]}"#;
+    let mut body = header.to_vec();
+    body.resize(header.len() + 3 * MIB, 0);
+    let req = Request::post("/v2/models/mlp/infer")
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", header.len())
+        .header("content-length", body.len())
+        .body(Body::from_stream(futures_util::stream::iter(
+            body.chunks(64 * 1024)
+                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        )))
+        .unwrap();
+    let (reply, largest) = measured(&router, req).await;
+    assert_ne!(reply.status, 413, "{:?}", reply.json());
+    assert!(
+        largest <= 3 * MIB,
+        "a 3 MiB binary tail made a {largest}-byte allocation"
+    );
+
     // 300,000 TF-Serving instances (3 MB of JSON) for a model that takes a few thousand rows per
     // request: refused when the parser reaches one too many, not after listing them all and
     // converting every value (4.8 MB of list and 4.8 MB of tensor).

@@ -110,14 +110,11 @@ pub(crate) async fn read_body<'a>(
         None if rest.is_empty() => first = Some(chunk),
         _ => {
             let held = first.take();
-            let needed = rest.len() + held.as_ref().map_or(0, Bytes::len) + chunk.len();
-            if needed > rest.capacity() {
-                let mut cap = needed.max(2 * rest.capacity()).max(64 << 10);
-                if declared >= needed {
-                    cap = cap.min(declared);
-                }
-                rest.reserve_exact(cap - rest.len());
-            }
+            reserve_for(
+                &mut rest,
+                held.as_ref().map_or(0, Bytes::len) + chunk.len(),
+                declared,
+            );
             if let Some(f) = held {
                 rest.extend_from_slice(&f);
             }
@@ -126,6 +123,20 @@ pub(crate) async fn read_body<'a>(
     })
     .await?;
     Ok((first.unwrap_or_else(|| Bytes::from(rest)), held))
+}
+
+/// Makes room in `buf` for `more` bytes: at least doubling (so copies stay linear in the body's
+/// size), but never past `declared` (the declared length of what `buf` gathers, when that is
+/// at least what has arrived), so a body ends in a buffer of its own size.
+pub(crate) fn reserve_for(buf: &mut Vec<u8>, more: usize, declared: usize) {
+    let needed = buf.len() + more;
+    if needed > buf.capacity() {
+        let mut cap = needed.max(2 * buf.capacity()).max(64 << 10);
+        if declared >= needed {
+            cap = cap.min(declared);
+        }
+        buf.reserve_exact(cap - buf.len());
+    }
 }
 
 /// Bodies from this size on are decoded on the preprocessing pool, not on an async worker.
