@@ -47,6 +47,11 @@ pub fn server_cores() -> Option<usize> {
     CORES.get().map(|c| c.server.len())
 }
 
+/// `threads` for an in-process ceiling: pinned, no more than the server has cores.
+pub fn threads(threads: usize) -> usize {
+    server_cores().map_or(threads, |n| threads.min(n))
+}
+
 /// Moves the calling thread to the server's cores (a no-op when nothing is pinned).
 pub fn server_thread() {
     if let Some(c) = CORES.get() {

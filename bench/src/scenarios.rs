@@ -214,8 +214,7 @@ fn ceiling(
     sizes: &[usize],
     per_size: Duration,
 ) -> Result<(Vec<(usize, f64)>, f64), String> {
-    // Pinned: on the server's cores, with no more threads than it has there.
-    let threads = crate::pin::server_cores().map_or(threads, |n| threads.min(n));
+    let threads = crate::pin::threads(threads);
     crate::pin::on_server_cores(|| ceiling_here(model, threads, row, sizes, per_size))
 }
 
@@ -526,7 +525,8 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             ..Row::in_process(
                 "b",
                 format!(
-                    "in-process ceiling, {name}, 2 threads, best of batch {:?}",
+                    "in-process ceiling, {name}, {} threads, best of batch {:?}",
+                    crate::pin::threads(2),
                     curve.iter().map(|c| c.0).collect::<Vec<_>>()
                 ),
                 best,
@@ -649,7 +649,10 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             reference: Some(format!("{curve:.1?}")),
             ..Row::in_process(
                 "e",
-                "in-process ceiling, EfficientNet-Lite0, 2 threads, best of batch [1, 2, 4, 8], no decoding".into(),
+                format!(
+                    "in-process ceiling, EfficientNet-Lite0, {} threads, best of batch [1, 2, 4, 8], no decoding",
+                    crate::pin::threads(2)
+                ),
                 best,
             )
         });
@@ -845,7 +848,10 @@ fn plot_curve(path: &Path, model: &str, curve: &[(usize, f64)]) -> Result<(), St
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("in-process rows/s against batch size ({model}, 2 threads)"),
+                format!(
+                    "in-process rows/s against batch size ({model}, {} threads)",
+                    crate::pin::threads(2)
+                ),
                 ("sans-serif", 16),
             )
             .margin(10)
