@@ -64,9 +64,9 @@ impl Model {
     /// Rows admitted and not yet answered (queued or running) over the rows its devices run at
     /// once (the sum of their batch sizes). 1.0: a full batch waits or runs for every device;
     /// above it, requests queue behind full batches. The autoscaling signal
-    /// (`ortserve_saturation`, docs/DEPLOY.md).
-    pub fn saturation(&self) -> f64 {
-        let capacity: usize = self.devices().iter().map(|d| d.max_batch).sum();
+    /// (`ortserve_saturation`, docs/DEPLOY.md). `devices` is a reading of [`Model::devices`].
+    fn saturation(&self, devices: &[DeviceStatus]) -> f64 {
+        let capacity: usize = devices.iter().map(|d| d.max_batch).sum();
         self.handle.outstanding_rows() as f64 / capacity.max(1) as f64
     }
 
@@ -301,11 +301,12 @@ impl AppState {
     pub async fn render_metrics(&self) -> String {
         let mut on_gpu = false;
         for m in self.models() {
+            let devices = m.devices();
             self.metrics
                 .saturation
                 .with_label_values(&[m.name()])
-                .set(m.saturation());
-            for d in m.devices() {
+                .set(m.saturation(&devices));
+            for d in devices {
                 let labels = [m.name(), d.name.as_str()];
                 self.metrics
                     .device_healthy

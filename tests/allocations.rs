@@ -67,6 +67,16 @@ async fn peak_growth(router: &axum::Router, req: Request<Body>) -> (Reply, usize
     (reply, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
 
+/// `bytes` as a body that arrives in 64 KiB frames.
+fn in_frames(bytes: &[u8]) -> Body {
+    Body::from_stream(futures_util::stream::iter(
+        bytes
+            .chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    ))
+}
+
 /// A body that arrives in `n` frames of `size` bytes of `byte`.
 fn frames(n: usize, size: usize, byte: u8) -> Body {
     Body::from_stream(futures_util::stream::iter(
@@ -122,11 +132,7 @@ models:
     json.resize(3 * MIB + 1, b' ');
     let req = Request::post("/v2/models/mlp/infer")
         .header("content-length", json.len())
-        .body(Body::from_stream(futures_util::stream::iter(
-            json.chunks(64 * 1024)
-                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
-                .collect::<Vec<_>>(),
-        )))
+        .body(in_frames(&json))
         .unwrap();
     let (reply, largest) = measured(&router, req).await;
     reply.assert_status(200);
@@ -145,11 +151,7 @@ models:
         .header("content-type", "application/octet-stream")
         .header("inference-header-content-length", header.len())
         .header("content-length", body.len())
-        .body(Body::from_stream(futures_util::stream::iter(
-            body.chunks(64 * 1024)
-                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
-                .collect::<Vec<_>>(),
-        )))
+        .body(in_frames(&body))
         .unwrap();
     let (reply, largest) = measured(&router, req).await;
     assert_ne!(reply.status, 413, "{:?}", reply.json());
@@ -201,11 +203,7 @@ models:
     part.extend_from_slice(b"\r\n--XYZ--\r\n");
     let req = Request::post("/v1/models/img:predict")
         .header("content-type", "multipart/form-data; boundary=XYZ")
-        .body(Body::from_stream(futures_util::stream::iter(
-            part.chunks(64 * 1024)
-                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
-                .collect::<Vec<_>>(),
-        )))
+        .body(in_frames(&part))
         .unwrap();
     let reply = send(&small, req).await;
     assert_eq!(
@@ -219,11 +217,7 @@ models:
     head.extend(vec![b'p'; 2 * MIB]);
     let req = Request::post("/v1/models/img:predict")
         .header("content-type", "multipart/form-data; boundary=XYZ")
-        .body(Body::from_stream(futures_util::stream::iter(
-            head.chunks(64 * 1024)
-                .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
-                .collect::<Vec<_>>(),
-        )))
+        .body(in_frames(&head))
         .unwrap();
     let reply = send(&small, req).await;
     assert!(

@@ -99,7 +99,7 @@ impl Padding {
 
 /// `rows` rows of zeros shaped like the part `like` (zero bytes are 0, 0.0 or false in every
 /// datatype).
-pub(crate) fn zero_rows(like: &[Tensor], rows: usize) -> Vec<Tensor> {
+fn zero_rows(like: &[Tensor], rows: usize) -> Vec<Tensor> {
     like.iter()
         .map(|t| {
             let mut shape = t.shape.clone();

@@ -44,17 +44,20 @@ fn body_deadline(app: &AppState, call: &Call) -> Instant {
 
 /// Reads the body frame by frame into `sink`: within the limit (by Content-Length first, then
 /// as it streams), by its deadline (408 after; a client sending slowly holds nothing for
-/// longer), and within the server's body memory.
+/// longer), and within the server's body memory. `sink` also gets the declared length (0 when
+/// there is none), to cap a buffer's growth, never to size it up front.
 pub(crate) async fn read_frames<'a>(
     app: &'a AppState,
     headers: &HeaderMap,
     body: Body,
     call: &Call,
-    mut sink: impl FnMut(Bytes),
+    mut sink: impl FnMut(Bytes, usize),
 ) -> Result<BodyMemory<'a>, ApiError> {
     use http_body_util::BodyExt;
     let limit = app.max_body_bytes;
-    declared_length(headers, limit)?;
+    let declared = declared_length(headers, limit)?
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
     let until = body_deadline(app, call);
     let mut held = BodyMemory(None);
     let mut seen: u64 = 0;
@@ -86,7 +89,7 @@ pub(crate) async fn read_frames<'a>(
             return Err(ApiError::PayloadTooLarge { limit });
         }
         held.take(app, chunk.len())?;
-        sink(chunk);
+        sink(chunk, declared);
     }
     Ok(held)
 }
@@ -101,12 +104,9 @@ pub(crate) async fn read_body<'a>(
     body: Body,
     call: &Call,
 ) -> Result<(Bytes, BodyMemory<'a>), ApiError> {
-    let declared = declared_length(headers, app.max_body_bytes)?
-        .and_then(|n| usize::try_from(n).ok())
-        .unwrap_or(0);
     let mut first: Option<Bytes> = None;
     let mut rest: Vec<u8> = Vec::new();
-    let held = read_frames(app, headers, body, call, |chunk| match &first {
+    let held = read_frames(app, headers, body, call, |chunk, declared| match &first {
         None if rest.is_empty() => first = Some(chunk),
         _ => {
             let held = first.take();

@@ -64,16 +64,17 @@ async fn read_binary_body<'a>(
 ) -> Result<(Vec<u8>, Vec<u8>, BodyMemory<'a>), ApiError> {
     let mut json = Vec::new();
     let mut binary = Vec::new();
-    // The tail's declared size, to stop its buffer growing past it (never to size it up front).
-    let declared = extract::declared_length(headers, app.max_body_bytes)?
-        .and_then(|n| usize::try_from(n).ok())
-        .map_or(0, |n| n.saturating_sub(header_len));
-    let held = read_frames(app, headers, body, call, |mut chunk| {
+    let held = read_frames(app, headers, body, call, |mut chunk, declared| {
         if json.len() < header_len {
             let take = (header_len - json.len()).min(chunk.len());
             json.extend_from_slice(&chunk.split_to(take));
         }
-        extract::reserve_for(&mut binary, chunk.len(), declared);
+        // The tail's declared size caps its buffer's growth.
+        extract::reserve_for(
+            &mut binary,
+            chunk.len(),
+            declared.saturating_sub(header_len),
+        );
         binary.extend_from_slice(&chunk);
     })
     .await?;
