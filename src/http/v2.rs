@@ -10,33 +10,12 @@ use serde_json::{Map, Value};
 use crate::tensor::{element_count, DataType, Tensor};
 
 use super::error::ApiError;
+use super::json::Reader;
 
-/// Nesting deeper than this in `data` is refused (a model input rarely has more than 8 dims).
-const MAX_DATA_DEPTH: usize = 32;
+/// What a syntax error in a V2 body starts with.
+const SYNTAX: &str = "invalid inference request JSON";
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct InferRequest {
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub parameters: Option<Map<String, Value>>,
-    pub inputs: Vec<RequestInput>,
-    #[serde(default)]
-    pub outputs: Option<Vec<RequestOutput>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct RequestInput {
-    pub name: String,
-    pub shape: Vec<i64>,
-    pub datatype: String,
-    #[serde(default)]
-    pub parameters: Option<Map<String, Value>>,
-    /// Kept as text and parsed straight into the tensor's bytes.
-    #[serde(default)]
-    pub data: Option<Box<serde_json::value::RawValue>>,
-}
-
+/// An output the client asks for; typed by serde_json from its text (see [`Reader`]).
 #[derive(Debug, Deserialize)]
 pub(crate) struct RequestOutput {
     pub name: String,
@@ -104,40 +83,21 @@ pub(crate) fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
 pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, ApiError> {
     let total = binary.len();
     let mut offset = 0usize;
-    let req: InferRequest = serde_json::from_slice(json)
-        .map_err(|e| ApiError::MalformedBody(format!("invalid inference request JSON: {e}")))?;
+    let req = read_request(json)?;
     let timeout = param_u64(&req.parameters, "timeout", "request")?.map(Duration::from_micros);
     let binary_default = param_bool(&req.parameters, "binary_data_output")?.unwrap_or(false);
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
-        let what = format!("input {:?}", input.name);
-        let dtype = DataType::from_v2_name(&input.datatype).ok_or_else(|| {
-            ApiError::InvalidInput(format!(
-                "{what}: unsupported datatype {:?}; use one of {}",
-                input.datatype,
-                DataType::ALL.map(DataType::v2_name).join(", ")
-            ))
-        })?;
-        let shape = input
-            .shape
-            .iter()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<usize>, _>>()
-            .map_err(|_| {
-                ApiError::InvalidInput(format!(
-                    "{what}: shape {:?} has a negative dimension",
-                    input.shape
-                ))
-            })?;
-        let count = element_count(&shape)
-            .filter(|n| n.checked_mul(dtype.size()).is_some())
-            .ok_or_else(|| {
-                ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large"))
-            })?;
-        let data = match (
-            param_u64(&input.parameters, "binary_data_size", &what)?,
-            input.data,
-        ) {
+        let Input {
+            name,
+            what,
+            dtype,
+            shape,
+            count,
+            parameters,
+            data,
+        } = input;
+        let data = match (param_u64(&parameters, "binary_data_size", &what)?, data) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::MalformedBody(format!(
                     "{what} has both `data` and `binary_data_size`"
@@ -167,7 +127,7 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
                 offset += size;
                 mine
             }
-            (None, Some(raw)) => json_data_text(raw.get(), dtype, &shape, &what)?,
+            (None, Some(data)) => data,
             (None, None) => {
                 return Err(ApiError::MalformedBody(format!(
                     "{what} has neither `data` nor `binary_data_size`"
@@ -176,7 +136,7 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
         };
         let tensor = Tensor::new(dtype, shape, data)
             .map_err(|e| ApiError::InvalidInput(format!("{what}: {e}")))?;
-        inputs.push((input.name, tensor));
+        inputs.push((name, tensor));
     }
     if offset < total {
         return Err(ApiError::MalformedBody(format!(
@@ -217,150 +177,186 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
     })
 }
 
-/// Parses the text of a JSON array of numbers or booleans, flat or nested (row-major), straight
-/// into little-endian bytes of `dtype`, checking the count, every value's range and, when
-/// nested, that every array has the length the shape gives it (so `[[1,2,3],[4,5,6,7,8]]` is
-/// not read as two rows of 4). No JSON tree is built: the text was already checked as JSON by
-/// the request's parser.
+/// A V2 request as read from its JSON, each input's data already in tensor bytes.
+struct Request {
+    id: Option<String>,
+    parameters: Option<Map<String, Value>>,
+    inputs: Vec<Input>,
+    outputs: Option<Vec<RequestOutput>>,
+}
+
+struct Input {
+    name: String,
+    /// `input "name"`, as errors about it start.
+    what: String,
+    dtype: DataType,
+    shape: Vec<usize>,
+    count: usize,
+    parameters: Option<Map<String, Value>>,
+    data: Option<Vec<u8>>,
+}
+
+/// Sets a member read from the body, refusing one that comes twice.
+fn once<T>(r: &Reader, slot: &mut Option<T>, key: &str, value: T) -> Result<(), ApiError> {
+    if slot.is_some() {
+        return Err(r.error(r.position(), format!("duplicate field `{key}`")));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn missing(r: &Reader, at: usize, key: &str) -> ApiError {
+    r.error(at, format!("missing field `{key}`"))
+}
+
+/// Reads a V2 request body in one pass (see [`Reader`]).
+fn read_request(text: &[u8]) -> Result<Request, ApiError> {
+    let mut r = Reader::new(text, SYNTAX);
+    let (mut id, mut parameters, mut inputs, mut outputs) = (None, None, None, None);
+    r.object(|r, key| match &*key {
+        "id" => {
+            let v = r.value::<Option<String>>()?;
+            once(r, &mut id, "id", v)
+        }
+        "parameters" => {
+            let v = r.value::<Option<Map<String, Value>>>()?;
+            once(r, &mut parameters, "parameters", v)
+        }
+        "inputs" => {
+            let mut list = Vec::new();
+            r.array(|r| {
+                list.push(read_input(r)?);
+                Ok(())
+            })?;
+            once(r, &mut inputs, "inputs", list)
+        }
+        "outputs" => {
+            let v = r.value::<Option<Vec<RequestOutput>>>()?;
+            once(r, &mut outputs, "outputs", v)
+        }
+        _ => r.ignore(),
+    })?;
+    let Some(inputs) = inputs else {
+        return Err(missing(&r, text.len(), "inputs"));
+    };
+    r.end()?;
+    Ok(Request {
+        id: id.flatten(),
+        parameters: parameters.flatten(),
+        inputs,
+        outputs: outputs.flatten(),
+    })
+}
+
+/// One input object. Its data is read as soon as the name, shape and datatype are known, as
+/// clients send them first; data that comes before them is passed over by its brackets and read
+/// at the object's end.
+fn read_input(r: &mut Reader) -> Result<Input, ApiError> {
+    let (mut name, mut shape, mut datatype, mut parameters) = (None, None, None, None);
+    let mut layout: Option<(String, DataType, Vec<usize>, usize)> = None;
+    let mut data: Option<Vec<u8>> = None;
+    // Where data that came early starts and ends.
+    let mut later: Option<(usize, usize)> = None;
+    r.object(|r, key| {
+        match &*key {
+            "name" => {
+                let v = r.value::<String>()?;
+                once(r, &mut name, "name", v)?;
+            }
+            "shape" => {
+                let v = r.value::<Vec<i64>>()?;
+                once(r, &mut shape, "shape", v)?;
+            }
+            "datatype" => {
+                let v = r.value::<String>()?;
+                once(r, &mut datatype, "datatype", v)?;
+            }
+            "parameters" => {
+                let v = r.value::<Option<Map<String, Value>>>()?;
+                once(r, &mut parameters, "parameters", v)?;
+            }
+            "data" => {
+                if data.is_some() || later.is_some() {
+                    return Err(r.error(r.position(), "duplicate field `data`"));
+                }
+                if let (Some(n), Some(s), Some(d)) = (&name, &shape, &datatype) {
+                    let l = layout.insert(input_layout(n, s, d)?);
+                    data = Some(r.tensor_data(l.1, &l.2, &l.0)?);
+                } else {
+                    r.peek();
+                    let start = r.position();
+                    r.skip()?;
+                    later = Some((start, r.position()));
+                }
+            }
+            _ => r.ignore()?,
+        }
+        Ok(())
+    })?;
+    let end = r.position();
+    let name = name.ok_or_else(|| missing(r, end, "name"))?;
+    let shape = shape.ok_or_else(|| missing(r, end, "shape"))?;
+    let datatype = datatype.ok_or_else(|| missing(r, end, "datatype"))?;
+    let (what, dtype, shape, count) = match layout {
+        Some(l) => l,
+        None => input_layout(&name, &shape, &datatype)?,
+    };
+    if let Some((start, stop)) = later {
+        let mut again = r.at(start);
+        data = Some(again.tensor_data(dtype, &shape, &what)?);
+        if again.position() != stop {
+            return Err(again.error(again.position(), "expected `,` or `}`"));
+        }
+    }
+    Ok(Input {
+        name,
+        what,
+        dtype,
+        shape,
+        count,
+        parameters: parameters.flatten(),
+        data,
+    })
+}
+
+/// An input's datatype and shape checked: (`input "name"`, type, shape, element count).
+fn input_layout(
+    name: &str,
+    shape: &[i64],
+    datatype: &str,
+) -> Result<(String, DataType, Vec<usize>, usize), ApiError> {
+    let what = format!("input {name:?}");
+    let dtype = DataType::from_v2_name(datatype).ok_or_else(|| {
+        ApiError::InvalidInput(format!(
+            "{what}: unsupported datatype {datatype:?}; use one of {}",
+            DataType::ALL.map(DataType::v2_name).join(", ")
+        ))
+    })?;
+    let dims = shape
+        .iter()
+        .map(|&d| usize::try_from(d))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| {
+            ApiError::InvalidInput(format!("{what}: shape {shape:?} has a negative dimension"))
+        })?;
+    let count = element_count(&dims)
+        .filter(|n| n.checked_mul(dtype.size()).is_some())
+        .ok_or_else(|| ApiError::InvalidInput(format!("{what}: shape {dims:?} is too large")))?;
+    Ok((what, dtype, dims, count))
+}
+
+/// Tensor data given as JSON text on its own (see [`Reader::tensor_data`]); only whitespace may
+/// follow it.
 pub(crate) fn json_data_text(
     text: &str,
     dtype: DataType,
     shape: &[usize],
     what: &str,
 ) -> Result<Vec<u8>, ApiError> {
-    let count = element_count(shape)
-        .ok_or_else(|| ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large")))?;
-    let bytes = text.as_bytes();
-    // Every element takes at least one character and a separator: the text bounds what can
-    // arrive, whatever the shape claims.
-    let most = count.min(bytes.len() / 2 + 1);
-    let mut out = Vec::with_capacity(most.saturating_mul(dtype.size()));
-    // Per open array, the elements (values or arrays) seen in it so far.
-    let mut open: Vec<usize> = Vec::new();
-    // How deep the values sit; 1 is flat.
-    let mut leaf_depth: Option<usize> = None;
-    let (mut n, mut i) = (0usize, 0usize);
-    let nesting = |detail: String| {
-        ApiError::InvalidInput(format!(
-            "{what}: data is nested in a way that does not match shape {shape:?}: {detail}"
-        ))
-    };
-    while i < bytes.len() {
-        match bytes[i] {
-            b'[' => {
-                if let Some(c) = open.last_mut() {
-                    *c += 1;
-                }
-                open.push(0);
-                if open.len() > MAX_DATA_DEPTH {
-                    return Err(ApiError::MalformedBody(format!(
-                        "{what}: data is nested more than {MAX_DATA_DEPTH} levels deep"
-                    )));
-                }
-                i += 1;
-            }
-            b']' => {
-                let depth = open.len();
-                let Some(len) = open.pop() else {
-                    return Err(ApiError::MalformedBody(format!(
-                        "{what}: data has an unmatched `]`"
-                    )));
-                };
-                if let Some(leaf) = leaf_depth.filter(|&l| l > 1) {
-                    // Above the values an array has one dim's length; holding the values, the
-                    // product of the dims left.
-                    let want = if depth < leaf {
-                        shape.get(depth - 1).copied()
-                    } else {
-                        shape.get(depth - 1..).and_then(element_count)
-                    };
-                    if want != Some(len) {
-                        return Err(nesting(format!(
-                            "an array at depth {depth} has {len} elements, not {}",
-                            want.map_or_else(|| "any".to_string(), |w| w.to_string())
-                        )));
-                    }
-                }
-                i += 1;
-            }
-            b',' | b' ' | b'\n' | b'\r' | b'\t' => i += 1,
-            _ => {
-                let end = bytes[i..]
-                    .iter()
-                    .position(|b| matches!(b, b',' | b']' | b' ' | b'\n' | b'\r' | b'\t'))
-                    .map_or(bytes.len(), |p| i + p);
-                let token = &text[i..end];
-                i = end;
-                if let Some(c) = open.last_mut() {
-                    *c += 1;
-                }
-                match leaf_depth {
-                    None => leaf_depth = Some(open.len()),
-                    Some(l) if l != open.len() => {
-                        return Err(nesting(format!("values at depths {l} and {}", open.len())))
-                    }
-                    Some(_) => {}
-                }
-                if n < count {
-                    push_element(&mut out, token, dtype).ok_or_else(|| {
-                        let shown: String = token.chars().take(40).collect();
-                        ApiError::InvalidInput(format!(
-                            "{what}: element {n} ({shown}) is not a valid {dtype}"
-                        ))
-                    })?;
-                }
-                n += 1;
-            }
-        }
-    }
-    if n != count {
-        return Err(ApiError::InvalidInput(format!(
-            "{what}: shape needs {count} elements, data has {n}"
-        )));
-    }
-    Ok(out)
-}
-
-/// Appends one JSON scalar (`token`) as `dtype`; `None` when it is not a valid value of it.
-fn push_element(out: &mut Vec<u8>, token: &str, dtype: DataType) -> Option<()> {
-    macro_rules! int {
-        ($t:ty) => {{
-            let n: $t = <$t>::try_from(token.parse::<i128>().ok()?).ok()?;
-            out.extend_from_slice(&n.to_le_bytes());
-        }};
-    }
-    let float = || -> Option<f64> {
-        // JSON numbers only (no `inf`, `nan` or quoted values), and finite in f64.
-        let first = *token.as_bytes().first()?;
-        let v = (first == b'-' || first.is_ascii_digit()).then(|| token.parse::<f64>().ok())??;
-        v.is_finite().then_some(v)
-    };
-    match dtype {
-        DataType::Bool => out.push(match token {
-            "true" => 1,
-            "false" => 0,
-            _ => return None,
-        }),
-        DataType::U8 => int!(u8),
-        DataType::U16 => int!(u16),
-        DataType::U32 => int!(u32),
-        DataType::U64 => int!(u64),
-        DataType::I8 => int!(i8),
-        DataType::I16 => int!(i16),
-        DataType::I32 => int!(i32),
-        DataType::I64 => int!(i64),
-        // Out of the type's range is an error, not infinity.
-        DataType::F16 => {
-            let v = half::f16::from_f64(float()?);
-            out.extend_from_slice(&v.is_finite().then_some(v)?.to_le_bytes());
-        }
-        DataType::F32 => {
-            let v = float()? as f32;
-            out.extend_from_slice(&v.is_finite().then_some(v)?.to_le_bytes());
-        }
-        DataType::F64 => out.extend_from_slice(&float()?.to_le_bytes()),
-    }
-    Some(())
+    let mut r = Reader::new(text.as_bytes(), SYNTAX);
+    let data = r.tensor_data(dtype, shape, what)?;
+    r.end()?;
+    Ok(data)
 }
 
 /// Serializes a tensor's elements as a flat JSON array straight from its bytes.

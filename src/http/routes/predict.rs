@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use crate::app::{AppState, Call, ImagePrediction, Model};
 use crate::config::ImageConfig;
 use crate::http::extract::{self, read_body};
+use crate::http::json::Reader;
 use crate::http::routes::models::lookup;
 use crate::http::{v2, ApiError};
 use crate::model::ModelInfo;
@@ -29,6 +30,9 @@ pub(crate) struct PredictQuery {
     #[serde(default)]
     raw: bool,
 }
+
+/// What a syntax error in a predict body starts with.
+const EXPECTED: &str = "expected {\"instances\": [...]}";
 
 /// The body as the parser first sees it: `instances` stays text (no JSON tree is built), to be
 /// read as images or straight into tensor bytes.
@@ -137,9 +141,7 @@ fn instances(
     max: usize,
     too_many: impl FnOnce(usize) -> ApiError,
 ) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError> {
-    let expected = |e: serde_json::Error| {
-        ApiError::MalformedBody(format!("expected {{\"instances\": [...]}}: {e}"))
-    };
+    let expected = |e: serde_json::Error| ApiError::MalformedBody(format!("{EXPECTED}: {e}"));
     let body: PredictBody = serde_json::from_slice(body).map_err(expected)?;
     let over = std::cell::Cell::new(false);
     let mut parser = serde_json::Deserializer::from_str(body.instances.get());
@@ -325,11 +327,17 @@ fn tensor_instances(
     max_rows: usize,
     body: &[u8],
 ) -> Result<(Vec<(String, Tensor)>, usize), ApiError> {
-    let (all, list, _) = instances(body, max_rows, |max| {
+    let too_many = |max: usize| {
         ApiError::InvalidInput(format!(
             "the request has more than {max} instances; this model takes at most {max} rows per request"
         ))
-    })?;
+    };
+    if let [input] = info.inputs.as_slice() {
+        if let Some(rows) = one_input_rows(input, model, max_rows, &too_many, body)? {
+            return Ok(rows);
+        }
+    }
+    let (all, list, _) = instances(body, max_rows, too_many)?;
     let n = list.len();
     let objects: Option<Vec<BTreeMap<String, &RawValue>>> = if info.inputs.len() == 1
         && !list.iter().any(|r| r.get().starts_with('{'))
@@ -351,15 +359,8 @@ fn tensor_instances(
     };
     let mut named = Vec::with_capacity(info.inputs.len());
     for input in &info.inputs {
-        let rest = input.dims.get(1..).unwrap_or_default();
-        if rest.iter().any(|&d| d < 0) {
-            return Err(ApiError::InvalidInput(format!(
-                "input {:?} has dynamic dims {:?}; send it through /v2/models/{model}/infer with a shape",
-                input.name, input.dims
-            )));
-        }
         let mut shape = vec![n];
-        shape.extend(rest.iter().map(|&d| d as usize));
+        shape.extend(row_shape(input, model)?);
         let what = format!("input {:?}", input.name);
         let data = match &objects {
             None => v2::json_data_text(all.get(), input.dtype, &shape, &what)?,
@@ -386,6 +387,75 @@ fn tensor_instances(
         named.push((input.name.clone(), t));
     }
     Ok((named, n))
+}
+
+/// The dims of one row of `input` (all but the first), which must be fixed.
+fn row_shape(input: &crate::model::TensorInfo, model: &str) -> Result<Vec<usize>, ApiError> {
+    let rest = input.dims.get(1..).unwrap_or_default();
+    if rest.iter().any(|&d| d < 0) {
+        return Err(ApiError::InvalidInput(format!(
+            "input {:?} has dynamic dims {:?}; send it through /v2/models/{model}/infer with a shape",
+            input.name, input.dims
+        )));
+    }
+    Ok(rest.iter().map(|&d| d as usize).collect())
+}
+
+/// The common case of a one-input model whose instances are its rows: read in one pass, straight
+/// into the tensor's bytes. `None` when the instances are objects by input name (read by
+/// [`tensor_instances`]' general path).
+fn one_input_rows(
+    input: &crate::model::TensorInfo,
+    model: &str,
+    max_rows: usize,
+    too_many: &dyn Fn(usize) -> ApiError,
+    body: &[u8],
+) -> Result<Option<(Vec<(String, Tensor)>, usize)>, ApiError> {
+    let rest = row_shape(input, model)?;
+    let what = format!("input {:?}", input.name);
+    let mut r = Reader::new(body, EXPECTED);
+    let mut rows = None;
+    let mut objects = false;
+    r.object(|r, key| {
+        match &*key {
+            "instances" => {
+                if rows.is_some() || objects {
+                    return Err(r.error(r.position(), "duplicate field `instances`"));
+                }
+                if r.peek() != Some(b'[') {
+                    return Err(r.error(r.position(), "invalid type: expected an array"));
+                }
+                if r.at(r.position() + 1).peek() == Some(b'{') {
+                    objects = true;
+                    r.skip()?;
+                } else {
+                    rows = Some(r.tensor_rows(input.dtype, &rest, max_rows, too_many, &what)?);
+                }
+            }
+            "raw" => {
+                r.value::<bool>()?;
+            }
+            _ => r.ignore()?,
+        }
+        Ok(())
+    })?;
+    r.end()?;
+    if objects {
+        return Ok(None);
+    }
+    let Some((data, n)) = rows else {
+        return Err(ApiError::MalformedBody(format!(
+            "{EXPECTED}: missing field `instances`"
+        )));
+    };
+    if n == 0 {
+        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+    }
+    let mut shape = vec![n];
+    shape.extend(rest);
+    let t =
+        Tensor::new(input.dtype, shape, data).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
+    Ok(Some((vec![(input.name.clone(), t)], n)))
 }
 
 /// Runs a tensor model's instances and answers TF-Serving predictions.

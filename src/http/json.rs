@@ -1,0 +1,675 @@
+//! A one-pass JSON reader for request bodies. Tensor data (V2 `data`, TF-Serving `instances`) is
+//! read once, straight from the text into the tensor's little-endian bytes: the reader checks
+//! the JSON grammar of each number as it finds the number's end, and parses it with a correctly
+//! rounded parser (Eisel-Lemire, `fast-float2`). No JSON tree is built and nothing is validated
+//! first and parsed again. The small members around the data (names, shapes, parameters) are
+//! cut out by their brackets and handed to serde_json, which checks and types them.
+
+use std::borrow::Cow;
+use std::fmt::Display;
+
+use serde::de::{DeserializeOwned, IgnoredAny};
+
+use crate::tensor::{element_count, DataType};
+
+use super::error::ApiError;
+
+/// Nesting deeper than this in tensor data is refused (a model input rarely has more than 8
+/// dims).
+pub(crate) const MAX_DATA_DEPTH: usize = 32;
+
+/// A cursor over one JSON text. Syntax errors are `MalformedBody`, worded `{context}: {what} at
+/// line L column C`.
+pub(crate) struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    context: &'static str,
+}
+
+#[inline(always)]
+fn is_ws(c: u8) -> bool {
+    matches!(c, b' ' | b'\n' | b'\r' | b'\t')
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(text: &'a [u8], context: &'static str) -> Self {
+        Reader {
+            b: text,
+            pos: 0,
+            context,
+        }
+    }
+
+    /// The cursor's byte offset.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// A reader of the same text with its cursor at `pos`.
+    pub(crate) fn at(&self, pos: usize) -> Self {
+        Reader {
+            b: self.b,
+            pos,
+            context: self.context,
+        }
+    }
+
+    /// A syntax error at byte `at`.
+    pub(crate) fn error(&self, at: usize, what: impl Display) -> ApiError {
+        let before = &self.b[..at.min(self.b.len())];
+        let line = before.iter().filter(|&&c| c == b'\n').count() + 1;
+        let column = before.len()
+            - before
+                .iter()
+                .rposition(|&c| c == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        ApiError::MalformedBody(format!(
+            "{}: {what} at line {line} column {column}",
+            self.context
+        ))
+    }
+
+    #[inline(always)]
+    fn ws(&mut self) {
+        while self.b.get(self.pos).is_some_and(|&c| is_ws(c)) {
+            self.pos += 1;
+        }
+    }
+
+    /// The next byte that is not whitespace, the cursor on it.
+    pub(crate) fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.pos).copied()
+    }
+
+    fn unexpected(&self, expected: &str) -> ApiError {
+        match self.b.get(self.pos) {
+            None => self.error(self.pos, format!("EOF while parsing {expected}")),
+            Some(_) => self.error(self.pos, format!("expected {expected}")),
+        }
+    }
+
+    fn eat(&mut self, c: u8, expected: &str) -> Result<(), ApiError> {
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.unexpected(expected))
+        }
+    }
+
+    /// The end of the text: only whitespace may follow.
+    pub(crate) fn end(mut self) -> Result<(), ApiError> {
+        self.ws();
+        if self.pos < self.b.len() {
+            return Err(self.error(self.pos, "trailing characters"));
+        }
+        Ok(())
+    }
+
+    /// `{"key": value, ...}`: `each` gets every key with the cursor on its value, and must read
+    /// the value.
+    pub(crate) fn object(
+        &mut self,
+        mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        self.eat(b'{', "an object")?;
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(self.unexpected("a string key"));
+            }
+            let key = self.string()?;
+            self.eat(b':', "`:`")?;
+            self.ws();
+            each(self, key)?;
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.unexpected("`,` or `}`")),
+            }
+        }
+    }
+
+    /// `[value, ...]`: `each` gets the cursor on every element, and must read it.
+    pub(crate) fn array(
+        &mut self,
+        mut each: impl FnMut(&mut Self) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        self.eat(b'[', "an array")?;
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            each(self)?;
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.unexpected("`,` or `]`")),
+            }
+        }
+    }
+
+    /// The string at the cursor, unescaped.
+    fn string(&mut self) -> Result<Cow<'a, str>, ApiError> {
+        let start = self.pos;
+        self.skip_string()?;
+        let inner = &self.b[start + 1..self.pos - 1];
+        if !inner.iter().any(|&c| c == b'\\' || c < 0x20) {
+            if let Ok(s) = std::str::from_utf8(inner) {
+                return Ok(Cow::Borrowed(s));
+            }
+        }
+        serde_json::from_slice::<String>(&self.b[start..self.pos])
+            .map(Cow::Owned)
+            .map_err(|e| self.serde_error(start, e))
+    }
+
+    /// Moves past the string whose opening quote is at the cursor.
+    fn skip_string(&mut self) -> Result<(), ApiError> {
+        let mut i = self.pos + 1;
+        loop {
+            match self.b.get(i) {
+                None => return Err(self.error(i, "EOF while parsing a string")),
+                Some(b'"') => break,
+                Some(b'\\') => i += 2,
+                Some(_) => i += 1,
+            }
+        }
+        self.pos = i + 1;
+        Ok(())
+    }
+
+    /// Moves past one value and returns its text, matching only its brackets and strings: the
+    /// text is checked by whoever reads it.
+    pub(crate) fn skip(&mut self) -> Result<&'a [u8], ApiError> {
+        self.ws();
+        let start = self.pos;
+        let mut depth = 0usize;
+        while let Some(&c) = self.b.get(self.pos) {
+            match c {
+                b'"' => self.skip_string()?,
+                b'[' | b'{' => {
+                    depth += 1;
+                    self.pos += 1;
+                }
+                b']' | b'}' if depth == 0 => break,
+                b']' | b'}' => {
+                    depth -= 1;
+                    self.pos += 1;
+                }
+                b',' | b':' if depth == 0 => break,
+                c if depth == 0 && is_ws(c) => break,
+                _ => self.pos += 1,
+            }
+            if depth == 0 && matches!(c, b'"' | b']' | b'}') {
+                break;
+            }
+        }
+        if depth > 0 {
+            return Err(self.error(self.pos, "EOF while parsing a value"));
+        }
+        if self.pos == start {
+            return Err(self.unexpected("a value"));
+        }
+        Ok(&self.b[start..self.pos])
+    }
+
+    /// The value at the cursor, checked and typed by serde_json.
+    pub(crate) fn value<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+        self.ws();
+        let start = self.pos;
+        let text = self.skip()?;
+        serde_json::from_slice(text).map_err(|e| self.serde_error(start, e))
+    }
+
+    /// Moves past a value nobody reads, checking that it is JSON.
+    pub(crate) fn ignore(&mut self) -> Result<(), ApiError> {
+        self.value::<IgnoredAny>().map(|_| ())
+    }
+
+    /// serde_json's error about the text from `start`, its place given in the whole text.
+    fn serde_error(&self, start: usize, e: serde_json::Error) -> ApiError {
+        let full = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let what = full.strip_suffix(&suffix).unwrap_or(&full);
+        let text = &self.b[start..];
+        let line_start = text
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c == b'\n')
+            .nth(e.line().saturating_sub(2))
+            .filter(|_| e.line() > 1)
+            .map_or(0, |(p, _)| p + 1);
+        self.error(start + line_start + e.column().saturating_sub(1), what)
+    }
+
+    /// Tensor data at the cursor: a JSON array of numbers or booleans, flat or nested
+    /// (row-major), or one bare value for a shape of no dims, read into little-endian bytes of
+    /// `dtype`. Checked: the count, every value's range, and, when nested, that every array has
+    /// the length the shape gives it (so `[[1,2,3],[4,5,6,7,8]]` is not read as two rows of 4).
+    pub(crate) fn tensor_data(
+        &mut self,
+        dtype: DataType,
+        shape: &[usize],
+        what: &str,
+    ) -> Result<Vec<u8>, ApiError> {
+        let rows = Rows::Given;
+        self.data(dtype, shape, rows, what).map(|(bytes, _)| bytes)
+    }
+
+    /// Rows of tensor data (TF-Serving `instances`), each of shape `rest`: the bytes and the
+    /// number of rows. More than `max` rows is `too_many(max)`, as soon as the reader meets one
+    /// more.
+    pub(crate) fn tensor_rows(
+        &mut self,
+        dtype: DataType,
+        rest: &[usize],
+        max: usize,
+        too_many: &dyn Fn(usize) -> ApiError,
+        what: &str,
+    ) -> Result<(Vec<u8>, usize), ApiError> {
+        let mut shape = Vec::with_capacity(rest.len() + 1);
+        shape.push(max);
+        shape.extend_from_slice(rest);
+        self.data(dtype, &shape, Rows::Counted { too_many }, what)
+    }
+
+    fn data(
+        &mut self,
+        dtype: DataType,
+        shape: &[usize],
+        rows: Rows,
+        what: &str,
+    ) -> Result<(Vec<u8>, usize), ApiError> {
+        match dtype {
+            DataType::Bool => self.data_of::<Bool>(dtype, shape, rows, what),
+            DataType::U8 => self.data_of::<u8>(dtype, shape, rows, what),
+            DataType::U16 => self.data_of::<u16>(dtype, shape, rows, what),
+            DataType::U32 => self.data_of::<u32>(dtype, shape, rows, what),
+            DataType::U64 => self.data_of::<u64>(dtype, shape, rows, what),
+            DataType::I8 => self.data_of::<i8>(dtype, shape, rows, what),
+            DataType::I16 => self.data_of::<i16>(dtype, shape, rows, what),
+            DataType::I32 => self.data_of::<i32>(dtype, shape, rows, what),
+            DataType::I64 => self.data_of::<i64>(dtype, shape, rows, what),
+            DataType::F16 => self.data_of::<half::f16>(dtype, shape, rows, what),
+            DataType::F32 => self.data_of::<f32>(dtype, shape, rows, what),
+            DataType::F64 => self.data_of::<f64>(dtype, shape, rows, what),
+        }
+    }
+
+    /// The reader of [`Self::tensor_data`] and [`Self::tensor_rows`], for one element type.
+    fn data_of<E: Element>(
+        &mut self,
+        dtype: DataType,
+        shape: &[usize],
+        rows: Rows,
+        what: &str,
+    ) -> Result<(Vec<u8>, usize), ApiError> {
+        let too_large = || ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large"));
+        let per_row = match rows {
+            Rows::Given => 1,
+            Rows::Counted { .. } => element_count(&shape[1..]).ok_or_else(too_large)?,
+        };
+        // Given rows: the count the shape names; counted rows: the most that may come.
+        let limit = element_count(shape).ok_or_else(too_large)?;
+        let b = self.b;
+        // Every element takes at least one character and a separator: the text bounds what can
+        // arrive, whatever the shape claims.
+        let most = limit.min((b.len() - self.pos) / 2 + 1);
+        let mut out = Vec::with_capacity(most.saturating_mul(E::SIZE));
+        // Per open array, the elements (values or arrays) seen in it so far.
+        let mut open: Vec<usize> = Vec::with_capacity(8);
+        // How deep the values sit; 1 is flat.
+        let mut leaf: Option<usize> = None;
+        let mut n = 0usize;
+        // The length of the array closed last: at the end, the outer array's (the rows).
+        let mut outer = 0usize;
+        let mut i = self.pos;
+        let nesting = |detail: String| {
+            ApiError::InvalidInput(format!(
+                "{what}: data is nested in a way that does not match shape {shape:?}: {detail}"
+            ))
+        };
+        // One more element in the innermost open array; a row when that array is the outer one.
+        let counted = |open: &mut Vec<usize>| -> Result<(), ApiError> {
+            let depth = open.len();
+            if let Some(c) = open.last_mut() {
+                *c += 1;
+                if let (Rows::Counted { too_many }, 1) = (rows, depth) {
+                    if *c > shape[0] {
+                        return Err(too_many(shape[0]));
+                    }
+                }
+            }
+            Ok(())
+        };
+        // The innermost array closes with `len` elements.
+        let close = |open: &mut Vec<usize>, leaf: Option<usize>| -> Result<usize, ApiError> {
+            let depth = open.len();
+            let len = open.pop().unwrap_or(0);
+            if let Some(leaf) = leaf.filter(|&l| l > 1) {
+                if depth == 1 && matches!(rows, Rows::Counted { .. }) {
+                    return Ok(len);
+                }
+                // Above the values an array has one dim's length; holding the values, the
+                // product of the dims left.
+                let want = if depth < leaf {
+                    shape.get(depth - 1).copied()
+                } else {
+                    shape.get(depth - 1..).and_then(element_count)
+                };
+                if want != Some(len) {
+                    return Err(nesting(format!(
+                        "an array at depth {depth} has {len} elements, not {}",
+                        want.map_or_else(|| "any".to_string(), |w| w.to_string())
+                    )));
+                }
+            }
+            Ok(len)
+        };
+        'value: loop {
+            while b.get(i).is_some_and(|&c| is_ws(c)) {
+                i += 1;
+            }
+            match b.get(i) {
+                None => {
+                    self.pos = i;
+                    return Err(self.unexpected("a value"));
+                }
+                Some(b'[') => {
+                    counted(&mut open)?;
+                    open.push(0);
+                    if open.len() > MAX_DATA_DEPTH {
+                        return Err(ApiError::MalformedBody(format!(
+                            "{what}: data is nested more than {MAX_DATA_DEPTH} levels deep"
+                        )));
+                    }
+                    i += 1;
+                    while b.get(i).is_some_and(|&c| is_ws(c)) {
+                        i += 1;
+                    }
+                    if b.get(i) != Some(&b']') {
+                        continue 'value;
+                    }
+                    outer = close(&mut open, leaf)?;
+                    i += 1;
+                }
+                Some(_) => {
+                    counted(&mut open)?;
+                    match leaf {
+                        None => leaf = Some(open.len()),
+                        Some(l) if l != open.len() => {
+                            return Err(nesting(format!("values at depths {l} and {}", open.len())))
+                        }
+                        Some(_) => {}
+                    }
+                    match E::read(b, i) {
+                        Ok((v, end)) => {
+                            if n < limit {
+                                v.put(&mut out);
+                            }
+                            i = end;
+                        }
+                        Err(Bad::Syntax(at)) => return Err(self.error(at, "invalid number")),
+                        Err(Bad::Value) => {
+                            let shown = shown(&b[i..]);
+                            return Err(ApiError::InvalidInput(format!(
+                                "{what}: element {n} ({shown}) is not a valid {dtype}"
+                            )));
+                        }
+                    }
+                    n += 1;
+                }
+            }
+            // After a value: commas and closing brackets until the next value or the end.
+            loop {
+                if open.is_empty() {
+                    break 'value;
+                }
+                while b.get(i).is_some_and(|&c| is_ws(c)) {
+                    i += 1;
+                }
+                match b.get(i) {
+                    Some(b',') => {
+                        i += 1;
+                        continue 'value;
+                    }
+                    Some(b']') => {
+                        outer = close(&mut open, leaf)?;
+                        i += 1;
+                    }
+                    _ => {
+                        self.pos = i;
+                        return Err(self.unexpected("`,` or `]`"));
+                    }
+                }
+            }
+        }
+        self.pos = i;
+        let count = match rows {
+            Rows::Given => limit,
+            Rows::Counted { .. } => outer * per_row,
+        };
+        if n != count {
+            return Err(ApiError::InvalidInput(format!(
+                "{what}: shape needs {count} elements, data has {n}"
+            )));
+        }
+        Ok((out, outer))
+    }
+}
+
+/// Whether the outer dim of tensor data is given by the shape or counted as it is read.
+#[derive(Clone, Copy)]
+enum Rows<'f> {
+    Given,
+    Counted {
+        too_many: &'f dyn Fn(usize) -> ApiError,
+    },
+}
+
+/// The start of a value that is not a valid element, as an error message shows it.
+fn shown(text: &[u8]) -> String {
+    let end = text
+        .iter()
+        .position(|&c| matches!(c, b',' | b']' | b'}') || is_ws(c))
+        .unwrap_or(text.len())
+        .clamp(1, 160.min(text.len()));
+    String::from_utf8_lossy(&text[..end])
+        .chars()
+        .take(40)
+        .collect()
+}
+
+/// Why an element could not be read: the text is not a JSON number (a syntax error at that
+/// byte), or it is not a value of the element type.
+enum Bad {
+    Syntax(usize),
+    Value,
+}
+
+/// The end of the JSON number at `i`, and whether it is an integer (no fraction or exponent);
+/// `Err(Syntax)` where the grammar breaks, `Err(Value)` when no number starts there.
+#[inline(always)]
+fn number_end(b: &[u8], mut i: usize) -> Result<(usize, bool), Bad> {
+    let digit = |b: &[u8], i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+        if !digit(b, i) {
+            return Err(Bad::Syntax(i));
+        }
+    }
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            i += 1;
+            while digit(b, i) {
+                i += 1;
+            }
+        }
+        _ => return Err(Bad::Value),
+    }
+    let mut integer = true;
+    if b.get(i) == Some(&b'.') {
+        integer = false;
+        i += 1;
+        if !digit(b, i) {
+            return Err(Bad::Syntax(i));
+        }
+        while digit(b, i) {
+            i += 1;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        integer = false;
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digit(b, i) {
+            return Err(Bad::Syntax(i));
+        }
+        while digit(b, i) {
+            i += 1;
+        }
+    }
+    Ok((i, integer))
+}
+
+/// An element type of tensor data: reads one JSON value into itself.
+trait Element: Sized {
+    const SIZE: usize;
+    fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad>;
+    fn put(self, out: &mut Vec<u8>);
+}
+
+/// A JSON float, correctly rounded to `T`; out of `T`'s range is an error, not infinity.
+#[inline(always)]
+fn float<T: fast_float2::FastFloat>(b: &[u8], i: usize) -> Result<(T, usize), Bad> {
+    let (end, _) = number_end(b, i)?;
+    let v: T = fast_float2::parse(&b[i..end]).map_err(|_| Bad::Value)?;
+    Ok((v, end))
+}
+
+impl Element for f32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
+        let (v, end) = float::<f32>(b, i)?;
+        if v.is_finite() {
+            Ok((v, end))
+        } else {
+            Err(Bad::Value)
+        }
+    }
+    #[inline(always)]
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Element for f64 {
+    const SIZE: usize = 8;
+    #[inline(always)]
+    fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
+        let (v, end) = float::<f64>(b, i)?;
+        if v.is_finite() {
+            Ok((v, end))
+        } else {
+            Err(Bad::Value)
+        }
+    }
+    #[inline(always)]
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Element for half::f16 {
+    const SIZE: usize = 2;
+    fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
+        let (v, end) = float::<f64>(b, i)?;
+        let v = half::f16::from_f64(v);
+        if v.is_finite() {
+            Ok((v, end))
+        } else {
+            Err(Bad::Value)
+        }
+    }
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// `true` or `false`, as one byte.
+struct Bool(u8);
+
+impl Element for Bool {
+    const SIZE: usize = 1;
+    fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
+        let rest = &b[i..];
+        if rest.starts_with(b"true") {
+            Ok((Bool(1), i + 4))
+        } else if rest.starts_with(b"false") {
+            Ok((Bool(0), i + 5))
+        } else {
+            // A number is a valid JSON value but not a boolean; anything else is shown too.
+            number_end(b, i)?;
+            Err(Bad::Value)
+        }
+    }
+    fn put(self, out: &mut Vec<u8>) {
+        out.push(self.0);
+    }
+}
+
+macro_rules! integer {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            const SIZE: usize = std::mem::size_of::<$t>();
+            #[inline(always)]
+            fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
+                let (end, integer) = number_end(b, i)?;
+                if !integer {
+                    return Err(Bad::Value);
+                }
+                let (negative, digits) = match b[i] {
+                    b'-' => (true, &b[i + 1..end]),
+                    _ => (false, &b[i..end]),
+                };
+                let mut magnitude: u64 = 0;
+                for &d in digits {
+                    magnitude = magnitude
+                        .checked_mul(10)
+                        .and_then(|m| m.checked_add(u64::from(d - b'0')))
+                        .ok_or(Bad::Value)?;
+                }
+                let wide = if negative {
+                    -i128::from(magnitude)
+                } else {
+                    i128::from(magnitude)
+                };
+                <$t>::try_from(wide).map(|v| (v, end)).map_err(|_| Bad::Value)
+            }
+            #[inline(always)]
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+    )*};
+}
+
+integer!(u8, u16, u32, u64, i8, i16, i32, i64);
