@@ -385,7 +385,7 @@ impl<'a> Reader<'a> {
                 i += 1;
             }
             match b.get(i) {
-                None => {
+                None | Some(b',' | b']') => {
                     self.pos = i;
                     return Err(self.unexpected("a value"));
                 }
@@ -416,22 +416,39 @@ impl<'a> Reader<'a> {
                         }
                         Some(_) => {}
                     }
-                    match E::read(b, i) {
-                        Ok((v, end)) => {
-                            if n < limit {
-                                v.put(&mut out);
+                    // A run of values in one array, the common case, without the general
+                    // loop's bookkeeping between them.
+                    loop {
+                        match E::read(b, i) {
+                            Ok((v, end)) => {
+                                if n < limit {
+                                    v.put(&mut out);
+                                }
+                                i = end;
                             }
-                            i = end;
+                            Err(Bad::Syntax(at)) => return Err(self.error(at, "invalid number")),
+                            Err(Bad::Value) => {
+                                let shown = shown(&b[i..]);
+                                return Err(ApiError::InvalidInput(format!(
+                                    "{what}: element {n} ({shown}) is not a valid {dtype}"
+                                )));
+                            }
                         }
-                        Err(Bad::Syntax(at)) => return Err(self.error(at, "invalid number")),
-                        Err(Bad::Value) => {
-                            let shown = shown(&b[i..]);
-                            return Err(ApiError::InvalidInput(format!(
-                                "{what}: element {n} ({shown}) is not a valid {dtype}"
-                            )));
+                        n += 1;
+                        if b.get(i) != Some(&b',') {
+                            break;
                         }
+                        let mut j = i + 1;
+                        while b.get(j).is_some_and(|&c| is_ws(c)) {
+                            j += 1;
+                        }
+                        if matches!(b.get(j), None | Some(b'[' | b']' | b',')) {
+                            // Not a value of this run: the general loop says what it is.
+                            break;
+                        }
+                        i = j;
+                        counted(&mut open)?;
                     }
-                    n += 1;
                 }
             }
             // After a value: commas and closing brackets until the next value or the end.
@@ -520,7 +537,7 @@ fn number_end(b: &[u8], mut i: usize) -> Result<(usize, bool), Bad> {
                 i += 1;
             }
         }
-        _ => return Err(Bad::Value),
+        _ => return Err(not_a_number(b, i)),
     }
     let mut integer = true;
     if b.get(i) == Some(&b'.') {
@@ -549,6 +566,15 @@ fn number_end(b: &[u8], mut i: usize) -> Result<(usize, bool), Bad> {
     Ok((i, integer))
 }
 
+/// Where no number starts: another JSON value (a string, `true`, `false`, `null`, an object) is
+/// a value of the wrong type; any other byte breaks the grammar.
+fn not_a_number(b: &[u8], i: usize) -> Bad {
+    match b.get(i) {
+        Some(b'"' | b't' | b'f' | b'n' | b'{') => Bad::Value,
+        _ => Bad::Syntax(i),
+    }
+}
+
 /// An element type of tensor data: reads one JSON value into itself.
 trait Element: Sized {
     const SIZE: usize;
@@ -556,19 +582,137 @@ trait Element: Sized {
     fn put(self, out: &mut Vec<u8>);
 }
 
-/// A JSON float, correctly rounded to `T`; out of `T`'s range is an error, not infinity.
+/// A JSON number's parts, read in the pass that checks its grammar: `negative`, the decimal
+/// significand `digits` (`None` past 19 digits) and the power of ten it is scaled by.
+struct Decimal {
+    end: usize,
+    negative: bool,
+    digits: Option<u64>,
+    exponent: i64,
+}
+
+/// Powers of ten that f64 holds exactly.
+const EXACT_POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Reads the JSON number at `i` (see [`number_end`] for the errors).
 #[inline(always)]
-fn float<T: fast_float2::FastFloat>(b: &[u8], i: usize) -> Result<(T, usize), Bad> {
-    let (end, _) = number_end(b, i)?;
-    let v: T = fast_float2::parse(&b[i..end]).map_err(|_| Bad::Value)?;
-    Ok((v, end))
+fn decimal(b: &[u8], mut i: usize) -> Result<Decimal, Bad> {
+    let negative = b.get(i) == Some(&b'-');
+    if negative {
+        i += 1;
+    }
+    let mut m: u64 = 0;
+    let mut count = 0u32;
+    let mut exponent: i64 = 0;
+    let digit = |i: usize| b.get(i).filter(|c| c.is_ascii_digit()).map(|c| c - b'0');
+    match digit(i) {
+        Some(0) => i += 1,
+        Some(_) => {
+            while let Some(d) = digit(i) {
+                m = m.wrapping_mul(10).wrapping_add(u64::from(d));
+                count += 1;
+                i += 1;
+            }
+        }
+        None if negative => return Err(Bad::Syntax(i)),
+        None => return Err(not_a_number(b, i)),
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let first = i;
+        while let Some(d) = digit(i) {
+            // Leading zeros of a fraction (0.0001) add no significant digit.
+            if m != 0 || d != 0 {
+                m = m.wrapping_mul(10).wrapping_add(u64::from(d));
+                count += 1;
+            }
+            i += 1;
+        }
+        if i == first {
+            return Err(Bad::Syntax(i));
+        }
+        exponent -= (i - first) as i64;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        let sign = match b.get(i) {
+            Some(b'-') => {
+                i += 1;
+                -1
+            }
+            Some(b'+') => {
+                i += 1;
+                1
+            }
+            _ => 1,
+        };
+        let first = i;
+        let mut e: i64 = 0;
+        while let Some(d) = digit(i) {
+            e = (e * 10 + i64::from(d)).min(1 << 40);
+            i += 1;
+        }
+        if i == first {
+            return Err(Bad::Syntax(i));
+        }
+        exponent += sign * e;
+    }
+    Ok(Decimal {
+        end: i,
+        negative,
+        digits: (count <= 19).then_some(m),
+        exponent,
+    })
+}
+
+/// The f64 nearest to `d` when Clinger's fast path gives it exactly: the significand fits in 53
+/// bits and the power of ten is exact (short numbers, as serializers of f32 write them).
+#[inline(always)]
+fn clinger(d: &Decimal) -> Option<f64> {
+    let m = d.digits.filter(|&m| m <= 1 << 53)?;
+    if !(-22..=22).contains(&d.exponent) {
+        return None;
+    }
+    let p = EXACT_POW10[d.exponent.unsigned_abs() as usize];
+    let v = if d.exponent < 0 {
+        m as f64 / p
+    } else {
+        m as f64 * p
+    };
+    Some(if d.negative { -v } else { v })
+}
+
+/// The JSON number at `i` as the f64 nearest to it, and its end: by [`clinger`], else by
+/// fast-float2 (Eisel-Lemire).
+#[inline(always)]
+fn float64(b: &[u8], i: usize) -> Result<(f64, usize), Bad> {
+    let d = decimal(b, i)?;
+    match clinger(&d) {
+        Some(v) => Ok((v, d.end)),
+        None => Ok((
+            fast_float2::parse(&b[i..d.end]).map_err(|_| Bad::Value)?,
+            d.end,
+        )),
+    }
 }
 
 impl Element for f32 {
     const SIZE: usize = 4;
     #[inline(always)]
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
-        let (v, end) = float::<f32>(b, i)?;
+        let d = decimal(b, i)?;
+        let end = d.end;
+        // The f64 nearest the number rounds to the f32 nearest it unless it sits exactly half
+        // way between two f32s (f32's halfway points are f64s): then the text decides. A
+        // fast-path value lies in 1e-22..1e38, where f32s are normal and the halfway bits are
+        // these.
+        let v = match clinger(&d) {
+            Some(wide) if wide.to_bits() & 0x1FFF_FFFF != 0x1000_0000 => wide as f32,
+            _ => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
+        };
         if v.is_finite() {
             Ok((v, end))
         } else {
@@ -585,7 +729,7 @@ impl Element for f64 {
     const SIZE: usize = 8;
     #[inline(always)]
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
-        let (v, end) = float::<f64>(b, i)?;
+        let (v, end) = float64(b, i)?;
         if v.is_finite() {
             Ok((v, end))
         } else {
@@ -601,7 +745,7 @@ impl Element for f64 {
 impl Element for half::f16 {
     const SIZE: usize = 2;
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
-        let (v, end) = float::<f64>(b, i)?;
+        let (v, end) = float64(b, i)?;
         let v = half::f16::from_f64(v);
         if v.is_finite() {
             Ok((v, end))
@@ -673,3 +817,244 @@ macro_rules! integer {
 }
 
 integer!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn flat(text: &str, dtype: DataType, count: usize) -> Result<Vec<u8>, ApiError> {
+        let mut r = Reader::new(text.as_bytes(), "test");
+        let data = r.tensor_data(dtype, &[count], "x")?;
+        r.end()?;
+        Ok(data)
+    }
+
+    /// What the standard library makes of one number, as `dtype`'s bytes; `None` where it is
+    /// not a value of the type (out of range, or not an integer for an integer type).
+    fn std_value(token: &str, dtype: DataType) -> Option<Vec<u8>> {
+        macro_rules! int {
+            ($t:ty) => {
+                <$t>::try_from(token.parse::<i128>().ok()?)
+                    .ok()
+                    .map(|v| v.to_le_bytes().to_vec())
+            };
+        }
+        match dtype {
+            DataType::F32 => {
+                let v = token.parse::<f32>().ok()?;
+                v.is_finite().then(|| v.to_le_bytes().to_vec())
+            }
+            DataType::F64 => {
+                let v = token.parse::<f64>().ok()?;
+                v.is_finite().then(|| v.to_le_bytes().to_vec())
+            }
+            DataType::F16 => {
+                let v = half::f16::from_f64(token.parse::<f64>().ok()?);
+                v.is_finite().then(|| v.to_le_bytes().to_vec())
+            }
+            DataType::U8 => int!(u8),
+            DataType::I8 => int!(i8),
+            DataType::U16 => int!(u16),
+            DataType::I16 => int!(i16),
+            DataType::U32 => int!(u32),
+            DataType::I32 => int!(i32),
+            DataType::U64 => int!(u64),
+            DataType::I64 => int!(i64),
+            DataType::Bool => match token {
+                "true" => Some(vec![1]),
+                "false" => Some(vec![0]),
+                _ => None,
+            },
+        }
+    }
+
+    /// JSON numbers of every form: integers of up to 25 digits, fractions with leading zeros,
+    /// exponents far past every type's range, and the shortest and 17-digit forms of random
+    /// f32 and f64 bit patterns.
+    fn json_number() -> impl Strategy<Value = String> {
+        let digits = |n: std::ops::RangeInclusive<usize>| {
+            proptest::collection::vec(0u8..10, n)
+                .prop_map(|d| d.iter().map(|d| char::from(b'0' + d)).collect::<String>())
+        };
+        prop_oneof![
+            (
+                any::<bool>(),
+                digits(1..=25),
+                proptest::option::of(digits(1..=25)),
+                proptest::option::of((any::<bool>(), 0i32..400))
+            )
+                .prop_map(|(neg, int, frac, exp)| {
+                    let int = int.trim_start_matches('0');
+                    let mut s = String::from(if neg { "-" } else { "" });
+                    s.push_str(if int.is_empty() { "0" } else { int });
+                    if let Some(f) = frac {
+                        s.push('.');
+                        s.push_str(&f);
+                    }
+                    if let Some((neg, e)) = exp {
+                        s.push_str(if neg { "e-" } else { "E+" });
+                        s.push_str(&e.to_string());
+                    }
+                    s
+                }),
+            any::<f32>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(|v| serde_json::to_string(&v).unwrap()),
+            any::<f64>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(|v| serde_json::to_string(&v).unwrap()),
+            any::<f64>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(|v| format!("{v:.17e}")),
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<u64>().prop_map(|v| v.to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Every number reads bit for bit as `str::parse` reads it, or is refused where that
+        /// finds no value of the type.
+        #[test]
+        fn numbers_read_as_the_standard_library_reads_them(token in json_number()) {
+            for dtype in DataType::ALL {
+                let want = std_value(&token, dtype);
+                let got = flat(&format!("[{token}]"), dtype, 1).ok();
+                prop_assert_eq!(&got, &want, "{} as {}", token, dtype);
+                // Alone and in the middle of others too.
+                let got = flat(&format!("[0, {token} ,1]"), dtype, 3)
+                    .ok()
+                    .map(|b| b[dtype.size()..2 * dtype.size()].to_vec());
+                if dtype != DataType::Bool {
+                    prop_assert_eq!(&got, &want, "{} as {} among others", token, dtype);
+                }
+            }
+        }
+
+        /// Text that is not a JSON array of numbers is never read as one: a valid array of
+        /// numbers is read as its tokens parse one by one, anything else is refused. The texts
+        /// are arrays with one character inserted, deleted or changed.
+        #[test]
+        fn only_json_arrays_of_numbers_are_read(
+            values in proptest::collection::vec(json_number(), 1..6),
+            edit in proptest::option::of((any::<prop::sample::Index>(), 0u8..3, prop::sample::select(
+                b"0123456789-+.eE[]{},: \"tn".to_vec()))),
+        ) {
+            let mut text = format!("[{}]", values.join(", ")).into_bytes();
+            if let Some((at, kind, c)) = edit {
+                let i = at.index(text.len() + 1);
+                match kind {
+                    0 => text.insert(i, c),
+                    1 if i < text.len() => { text.remove(i); }
+                    _ if i < text.len() => text[i] = c,
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8(text).unwrap();
+            let tokens: Option<Vec<String>> = serde_json::from_str::<Vec<serde_json::Value>>(&text)
+                .ok()
+                .filter(|v| v.iter().all(serde_json::Value::is_number))
+                .map(|_| {
+                    text.trim().trim_start_matches('[').trim_end_matches(']')
+                        .split(',').map(|t| t.trim().to_string()).collect()
+                });
+            for dtype in [DataType::F32, DataType::I64] {
+                let got = tokens.as_ref().map_or(1, Vec::len);
+                let got = flat(&text, dtype, got);
+                let want: Option<Vec<u8>> = tokens.as_ref().and_then(|t| {
+                    t.iter().map(|t| std_value(t, dtype)).collect::<Option<Vec<_>>>()
+                        .map(|v| v.concat())
+                });
+                match want {
+                    Some(want) => prop_assert_eq!(got.ok(), Some(want), "{:?}", text),
+                    None => prop_assert!(got.is_err(), "{:?} read as {:?}", text, got),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn halfway_between_two_f32s_the_text_decides() {
+        // 1 + 2^-24 is exactly half way between 1 and the next f32; the f64 nearest each of
+        // these texts is that halfway point, and only the digits after it tell which way.
+        for text in [
+            "1.000000059604644775390625",
+            "1.000000059604644775390624",
+            "1.000000059604644775390626",
+            "1.0000000596046448",
+        ] {
+            let got = flat(&format!("[{text}]"), DataType::F32, 1).unwrap();
+            let want = text.parse::<f32>().unwrap().to_le_bytes();
+            assert_eq!(got, want, "{text}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_say_where() {
+        let e = flat("[1,\n 2,,3]", DataType::F32, 3).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::MalformedBody(m) if m.ends_with("expected a value at line 2 column 4")),
+            "{e:?}"
+        );
+        for bad in [
+            "[1.]", "[-]", "[1e]", "[01]", "[1 2]", "[1,]", "[", "[1", "[1]]", "[+1]",
+        ] {
+            let e = flat(bad, DataType::F32, 1).unwrap_err();
+            assert!(matches!(&e, ApiError::MalformedBody(_)), "{bad}: {e:?}");
+        }
+        // A JSON value that is not a number of the type is the input's fault, not the body's.
+        for bad in ["[true]", "[null]", "[\"1\"]", "[{}]"] {
+            let e = flat(bad, DataType::F32, 1).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidInput(m) if m.contains("element 0")),
+                "{bad}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn counted_rows_stop_one_past_the_most() {
+        let too_many = |max: usize| ApiError::InvalidInput(format!("more than {max}"));
+        let rows = |text: &str| {
+            Reader::new(text.as_bytes(), "test").tensor_rows(DataType::I32, &[2], 3, &too_many, "x")
+        };
+        let (bytes, n) = rows("[[1,2],[3,4]]").unwrap();
+        assert_eq!((bytes.len(), n), (16, 2));
+        let e = rows("[[1,2],[3,4],[5,6],[7,8]]").unwrap_err();
+        assert!(
+            matches!(&e, ApiError::InvalidInput(m) if m == "more than 3"),
+            "{e:?}"
+        );
+        // Rows of the wrong length, and a flat list of values that are not rows.
+        assert!(rows("[[1,2],[3]]").is_err());
+        assert!(rows("[1,2]").is_err());
+    }
+
+    #[test]
+    fn skipped_values_end_where_they_end() {
+        let text = br#"{"a": [1, {"b": "]\""}], "c": "x,y", "d": -1.5e3, "e": {}}"#;
+        let mut r = Reader::new(text, "test");
+        let mut seen = Vec::new();
+        r.object(|r, key| {
+            seen.push((
+                key.to_string(),
+                String::from_utf8(r.skip()?.to_vec()).unwrap(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+        r.end().unwrap();
+        let want = [
+            ("a", r#"[1, {"b": "]\""}]"#),
+            ("c", r#""x,y""#),
+            ("d", "-1.5e3"),
+            ("e", "{}"),
+        ];
+        assert_eq!(
+            seen,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+    }
+}

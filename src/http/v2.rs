@@ -476,6 +476,93 @@ mod tests {
     }
 
     #[test]
+    fn data_may_come_before_the_shape_and_datatype() {
+        let first =
+            br#"{"inputs":[{"data":[[1,2],[3,4.5]],"name":"x","shape":[2,2],"datatype":"FP32"}]}"#;
+        let last =
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4.5]]}]}"#;
+        let middle =
+            br#"{"inputs":[{"name":"x","data":[[1,2],[3,4.5]],"datatype":"FP32","shape":[2,2]}]}"#;
+        let want = parse_request(last, None).unwrap().inputs;
+        assert_eq!(parse_request(first, None).unwrap().inputs, want);
+        assert_eq!(parse_request(middle, None).unwrap().inputs, want);
+        // Early data is checked as strictly as data in its usual place.
+        let bad = br#"{"inputs":[{"data":[1,2,3,],"name":"x","shape":[3],"datatype":"FP32"}]}"#;
+        let e = parse_request(bad, None).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::MalformedBody(m) if m.contains("expected a value at line 1 column 27")),
+            "{e:?}"
+        );
+        let nested =
+            br#"{"inputs":[{"data":[[1,2],[3]],"name":"x","shape":[2,2],"datatype":"FP32"}]}"#;
+        let e = parse_request(nested, None).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::InvalidInput(m) if m.contains("nested")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_requests_are_refused_with_where() {
+        for (body, says) in [
+            (
+                &br#"{"inputs":[], "inputs":[]}"#[..],
+                "duplicate field `inputs`",
+            ),
+            (
+                br#"{"inputs":[{"name":"x","name":"y","shape":[1],"datatype":"FP32","data":[1]}]}"#,
+                "duplicate field `name`",
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1],"data":[2]}]}"#,
+                "duplicate field `data`",
+            ),
+            (
+                br#"{"inputs":[]} x"#,
+                "trailing characters at line 1 column 15",
+            ),
+            (br#"{"outputs":[]}"#, "missing field `inputs`"),
+            (
+                br#"{"inputs":[{"shape":[1],"datatype":"FP32","data":[1]}]}"#,
+                "missing field `name`",
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"data":[1]}]}"#,
+                "missing field `datatype`",
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":"1","datatype":"FP32","data":[1]}]}"#,
+                "invalid type: string \"1\", expected a sequence at line 1 column 34",
+            ),
+            // Members nobody reads are still JSON.
+            (br#"{"inputs":[], "extra": [1, 2,]}"#, "at line 1 column 30"),
+            (
+                b"{\"inputs\":[],\n \"id\": 7}",
+                "invalid type: integer `7`, expected a string at line 2 column 8",
+            ),
+            (b"[]", "expected an object at line 1 column 1"),
+            (b"", "EOF while parsing an object at line 1 column 1"),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]"#,
+                "EOF while parsing `,` or `}`",
+            ),
+        ] {
+            let e = parse_request(body, None).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::MalformedBody(m) if m.starts_with(SYNTAX) && m.contains(says)),
+                "{}: {e:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Keys are JSON strings: escapes count, unknown members are passed over.
+        let escaped = br#"{"inputs":[{"n\u0061me":"x","shape":[1],"datatype":"FP32","d\u0061ta":[1.5],"other":{"a":[]}}],"more":null}"#;
+        assert_eq!(
+            parse_request(escaped, None).unwrap().inputs[0].1.to_f32(),
+            vec![1.5]
+        );
+    }
+
+    #[test]
     fn float_values_out_of_their_types_range_are_refused() {
         for (dtype, value) in [("FP16", "70000"), ("FP32", "1e39"), ("FP64", "1e400")] {
             let body = format!(

@@ -326,7 +326,7 @@ fn tensor_instances(
     model: &str,
     max_rows: usize,
     body: &[u8],
-) -> Result<(Vec<(String, Tensor)>, usize), ApiError> {
+) -> Result<Rows, ApiError> {
     let too_many = |max: usize| {
         ApiError::InvalidInput(format!(
             "the request has more than {max} instances; this model takes at most {max} rows per request"
@@ -389,6 +389,9 @@ fn tensor_instances(
     Ok((named, n))
 }
 
+/// Named input tensors and how many rows they hold.
+type Rows = (Vec<(String, Tensor)>, usize);
+
 /// The dims of one row of `input` (all but the first), which must be fixed.
 fn row_shape(input: &crate::model::TensorInfo, model: &str) -> Result<Vec<usize>, ApiError> {
     let rest = input.dims.get(1..).unwrap_or_default();
@@ -410,7 +413,7 @@ fn one_input_rows(
     max_rows: usize,
     too_many: &dyn Fn(usize) -> ApiError,
     body: &[u8],
-) -> Result<Option<(Vec<(String, Tensor)>, usize)>, ApiError> {
+) -> Result<Option<Rows>, ApiError> {
     let rest = row_shape(input, model)?;
     let what = format!("input {:?}", input.name);
     let mut r = Reader::new(body, EXPECTED);
