@@ -566,7 +566,16 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 let (r, mb) = load_server(&rt, server.addr, json, 32, o);
                 let mut line = row("b", "ortserve V2 JSON, cnn", 32, 1, &r).with_batch(mb);
                 line.ratio = Some(line.rows_per_second / best);
-                line.reference = Some("in-process ceiling".into());
+                // The HTTP threads' CPU per number of the body (issue 15's measure of the JSON
+                // path: reading, parsing and answering, over the numbers sent).
+                let numbers = line.requests_per_second * x.element_count() as f64;
+                line.reference = Some(match &line.cpu {
+                    Some(c) if numbers > 0.0 => format!(
+                        "in-process ceiling; HTTP threads {:.1} ns per number",
+                        c.http / numbers * 1e9
+                    ),
+                    _ => "in-process ceiling".into(),
+                });
                 rows.push(line);
             }
         }
