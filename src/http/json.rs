@@ -732,6 +732,48 @@ fn clinger(d: &Decimal) -> Option<f64> {
     Some(if d.negative { -v } else { v })
 }
 
+/// Whether `wide` (in 1e-22..1e38, where f32s are normal) lies exactly half way between two
+/// f32s: the bits below f32's 24 are a one and 28 zeros.
+#[inline(always)]
+fn f32_halfway(wide: f64) -> bool {
+    wide.to_bits() & 0x1FFF_FFFF == 0x1000_0000
+}
+
+/// The f32 nearest to `d` when its significand has 16 to 19 digits, as f32s widened to f64 are
+/// written (`0.18999999761581421`, numpy's `tolist()`): the significand cut to 15 digits and
+/// that plus one bound the number, both bounds are exact by [`clinger`], and where they round
+/// to the same f32 (neither on a halfway point), so does every number between them. `None`
+/// (rare: the number is within 1e-15 of a halfway point) leaves it to the full parser.
+#[inline(always)]
+fn f32_between(d: &Decimal) -> Option<f32> {
+    const POW10: [u64; 6] = [1, 10, 100, 1_000, 10_000, 100_000];
+    let m = d.digits.filter(|&m| m > 1 << 53)?;
+    // 2^53 has 16 digits; cut down to 15.
+    let cut = 1 + [
+        10_000_000_000_000_000,
+        100_000_000_000_000_000,
+        1_000_000_000_000_000_000,
+        10_000_000_000_000_000_000,
+    ]
+    .iter()
+    .take_while(|&&p| m >= p)
+    .count();
+    let low = m / POW10[cut];
+    let exponent = d.exponent + cut as i64;
+    let bound = |m: u64| {
+        clinger(&Decimal {
+            end: d.end,
+            negative: false,
+            digits: Some(m),
+            exponent,
+        })
+        .filter(|&w| !f32_halfway(w))
+        .map(|w| w as f32)
+    };
+    let (a, b) = (bound(low)?, bound(low + 1)?);
+    (a == b).then_some(if d.negative { -a } else { a })
+}
+
 /// The JSON number at `i` as the f64 nearest to it, and its end: by [`clinger`], else by
 /// fast-float2 (Eisel-Lemire).
 #[inline(always)]
@@ -757,8 +799,12 @@ impl Element for f32 {
         // fast-path value lies in 1e-22..1e38, where f32s are normal and the halfway bits are
         // these.
         let v = match clinger(&d) {
-            Some(wide) if wide.to_bits() & 0x1FFF_FFFF != 0x1000_0000 => wide as f32,
-            _ => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
+            Some(wide) if !f32_halfway(wide) => wide as f32,
+            Some(_) => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
+            None => match f32_between(&d) {
+                Some(v) => v,
+                None => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
+            },
         };
         if v.is_finite() {
             Ok((v, end))
@@ -948,6 +994,11 @@ mod tests {
             any::<f32>()
                 .prop_filter("finite", |v| v.is_finite())
                 .prop_map(|v| serde_json::to_string(&v).unwrap()),
+            // f32s widened to f64, as Python clients send them.
+            any::<f32>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(|v| serde_json::to_string(&f64::from(v)).unwrap()),
+            (-1.0e6f32..1.0e6).prop_map(|v| serde_json::to_string(&f64::from(v)).unwrap()),
             any::<f64>()
                 .prop_filter("finite", |v| v.is_finite())
                 .prop_map(|v| serde_json::to_string(&v).unwrap()),
