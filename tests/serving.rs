@@ -213,3 +213,95 @@ models:
     );
     drop(state);
 }
+
+/// TF-Serving `instances` for tensor models: rows of a one-input model are read in one pass
+/// (any member order, nested or not), rows as objects by input name take the general path, and
+/// both give what the same rows give over V2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tf_serving_instances_in_every_form_match_v2() {
+    let (_state, router) = start(
+        "models: [{name: mlp, path: mlp.onnx, devices: cpu}, {name: two_input, path: two_input.onnx, devices: cpu}]",
+    )
+    .await;
+    let rows = [[1.0f32, 2.0, 3.0, 4.0], [0.5, 0.1, -1.0, 2.0]];
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    let x = Tensor::from_f32(vec![2, 4], &flat).unwrap();
+    let want = outputs(
+        &post_json(
+            &router,
+            "/v2/models/mlp/infer",
+            &v2_json(&[("input", &x)], false),
+        )
+        .await,
+    )[0]
+    .3
+    .clone();
+    let predictions = |reply: &Reply| -> Vec<f64> {
+        reply.json()["predictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.as_array().unwrap().iter().map(as_f64))
+            .collect()
+    };
+    let post = |uri: &'static str, body: &str| {
+        let req = Request::post(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        send(&router, req)
+    };
+    let rows_first =
+        r#"{"instances": [[1, 2, 3, 4], [0.5, 0.1, -1, 2]], "signature_name": "serving_default"}"#;
+    let rows_last =
+        r#"{"signature_name": {"a": [1, "]"]}, "instances": [ [1,2,3,4] ,[0.5,0.1,-1,2] ] }"#;
+    let as_objects = r#"{"instances": [{"input": [1, 2, 3, 4]}, {"input": [0.5, 0.1, -1, 2]}]}"#;
+    for body in [rows_first, rows_last, as_objects] {
+        let reply = post("/v1/models/mlp:predict", body).await;
+        reply.assert_status(200);
+        let got = predictions(&reply);
+        assert_eq!(got.len(), want.len(), "{body}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{body}: {got:?} vs {want:?}");
+        }
+    }
+    // A two-input model's rows are objects by input name.
+    let reply = post(
+        "/v1/models/two_input:predict",
+        r#"{"instances": [{"a": [1, 2, 3, 4], "b": [0.5, 0.5, 2, -1]}]}"#,
+    )
+    .await;
+    reply.assert_status(200);
+    assert_eq!(
+        reply.json()["predictions"][0]["sum"],
+        json!([1.5, 2.5, 5.0, 3.0])
+    );
+    // Refused, each with what is wrong.
+    for (body, status, says) in [
+        (r#"{"instances": [[1, 2, 3, 4], [1, 2, 3]]}"#, 400, "nested"),
+        (r#"{"instances": [1, 2, 3, 4]}"#, 400, "elements"),
+        (r#"{"instances": []}"#, 400, "empty"),
+        (
+            r#"{"instances": [[1, 2, 3, 4]], "instances": [[1, 2, 3, 4]]}"#,
+            400,
+            "duplicate field `instances`",
+        ),
+        (
+            r#"{"instances": [[1, 2, 3, 4],]}"#,
+            400,
+            "expected a value at line 1 column 29",
+        ),
+        (r#"{"instances": 5}"#, 400, "expected an array"),
+        (
+            r#"{"rows": [[1, 2, 3, 4]]}"#,
+            400,
+            "missing field `instances`",
+        ),
+        (r#"{"instances": [["1", 2, 3, 4]]}"#, 400, "element 0"),
+    ] {
+        let reply = post("/v1/models/mlp:predict", body).await;
+        assert_eq!(reply.status.as_u16(), status, "{body}");
+        let text = String::from_utf8_lossy(&reply.body).to_string();
+        assert!(text.contains(says), "{body}: {text}");
+    }
+}

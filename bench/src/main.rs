@@ -21,7 +21,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute), c (scaling), d (batching on and
-/// off), e (JPEG uploads), each next to the in-process ceiling measured in the same run.
+/// off), e (JPEG uploads), f (small requests beside multi-MB bodies), each next to its
+/// reference measured in the same run.
 #[derive(Parser)]
 #[command(name = "ortserve-bench", version)]
 struct Cli {
@@ -31,8 +32,8 @@ struct Cli {
     /// Seconds of load before each measured line (not counted).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Which scenarios, e.g. `abcde`.
-    #[arg(long, default_value = "abcde")]
+    /// Which scenarios, e.g. `abcdef`.
+    #[arg(long, default_value = "abcdef")]
     scenarios: String,
     /// Folder for results.json and the SVG plots.
     #[arg(long, default_value = "bench-out")]

@@ -504,6 +504,71 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         }
     }
 
+    if o.scenarios.contains(&'f') {
+        // (f) big bodies beside small ones: the tiny MLP's p99 over V2 JSON, alone and with two
+        // clients posting 16-row CNN bodies of several MB (parsed on the preprocessing pool, not
+        // on the async workers the small requests need).
+        let server = Server::start(
+            "server: {drain_delay: 0s, max_body_bytes: 16MiB}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 32, max_queue_delay: 0ms}}, {name: cnn, path: cnn.onnx, devices: cpu, batching: {max_batch_size: 16, max_queue_delay: 1ms}}]",
+            &o.fixtures,
+        )?;
+        let x = Tensor::from_f32(vec![1, 4], &[0.5, -1.0, 2.0, 0.25]).expect("shape");
+        let small = client::request(
+            "POST",
+            "/v2/models/mlp/infer",
+            &[],
+            &v2_json_body("input", &x),
+        );
+        let one = cnn_row();
+        let big = Tensor::concat(&[&one; 16]).map_err(|e| e.to_string())?;
+        let big_body = v2_json_body("input", &big);
+        let mb = big_body.len() as f64 / 1e6;
+        let big = client::request("POST", "/v2/models/cnn/infer", &[], &big_body);
+        let alone = load(&rt, server.addr, small.clone(), 8, o);
+        let mut line = row("f", "ortserve V2 JSON, mlp, alone", 8, 1, &alone);
+        line.reference = Some("-".into());
+        rows.push(line);
+        let (addr, warmup, seconds) = (server.addr, o.warmup, o.seconds);
+        let background = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            // Starts with the small load's warm-up and outlasts its measured time.
+            rt.block_on(client::run(
+                addr,
+                Arc::new(big),
+                2,
+                Duration::ZERO,
+                Duration::from_secs_f64(warmup + seconds + 0.5),
+            ))
+        });
+        let mixed = load(&rt, server.addr, small, 8, o);
+        let big = background
+            .join()
+            .map_err(|_| "the big-body load panicked")?;
+        let mut line = row(
+            "f",
+            &format!("ortserve V2 JSON, mlp, with 2 clients posting {mb:.1} MB CNN JSON"),
+            8,
+            1,
+            &mixed,
+        );
+        line.reference = Some(format!(
+            "big bodies: {:.1} req/s, {} not 200, p50 {:.0} ms; ratio: small p99 / alone",
+            big.requests_per_second(),
+            big.statuses
+                .iter()
+                .filter(|(s, _)| **s != 200)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+                + big.errors,
+            big.percentile_ms(0.5),
+        ));
+        line.ratio = Some(mixed.percentile_ms(0.99) / alone.percentile_ms(0.99).max(1e-9));
+        rows.push(line);
+    }
+
     let x = cnn_row();
     // The CNN fixture (0.4 M multiply-adds per row: moving its 48 KiB input costs more than
     // running it) and `cnn_wide` (same input, about 20 M: compute-bound).
