@@ -6,7 +6,11 @@
 //! the thread that owns it allocates again, so a burst of big bodies or images left the process's
 //! resident memory hundreds of MiB high long after it was freed (scripts/hostile.py: +295 MiB
 //! with every hostile class at once, +201 MiB with prompt purging). A pod's memory limit counts
-//! that memory, so the server purges at once unless `MIMALLOC_PURGE_DELAY` says otherwise.
+//! that memory. Purging at once (0 ms) costs every request page faults instead: its body and
+//! tensor buffers are handed back and faulted in again, about a quarter of the HTTP threads' CPU
+//! for a 49 KB binary request. The server purges after 10 ms: the binary CNN bench runs 16%
+//! faster than at 0, and every hostile class at once peaks at +199 MiB against +171 MiB at 0
+//! (docs/BENCHMARKS.md). `MIMALLOC_PURGE_DELAY` overrides it.
 
 /// The allocator for `#[global_allocator]` in the server and the bench.
 pub type Allocator = mimalloc::MiMalloc;
@@ -15,12 +19,15 @@ pub type Allocator = mimalloc::MiMalloc;
 /// Cargo.toml because this number is only valid for that header).
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Hands freed memory back to the OS at once, unless `MIMALLOC_PURGE_DELAY` is set. Call it
-/// first thing in `main`.
+/// How long freed memory is kept for reuse before it goes back to the OS.
+pub const PURGE_DELAY_MS: std::ffi::c_long = 10;
+
+/// Hands freed memory back to the OS after [`PURGE_DELAY_MS`], unless `MIMALLOC_PURGE_DELAY` is
+/// set. Call it first thing in `main`.
 pub fn return_freed_memory_promptly() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets one of mimalloc's option values; any value is valid for this option.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) }
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS) }
     }
 }
 
@@ -38,6 +45,6 @@ mod tests {
         // mimalloc 3's default for purge_delay is 1000 ms: the number names that option.
         assert_eq!(super::purge_delay_ms(), 1000);
         super::return_freed_memory_promptly();
-        assert_eq!(super::purge_delay_ms(), 0);
+        assert_eq!(super::purge_delay_ms(), i64::from(super::PURGE_DELAY_MS));
     }
 }
