@@ -41,6 +41,7 @@ pub fn purge_delay_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     #[test]
+    #[allow(clippy::useless_conversion)] // c_long is i64 here, i32 on some platforms
     fn the_purge_delay_option_is_the_one_named_and_is_set() {
         // mimalloc 3's default for purge_delay is 1000 ms: the number names that option.
         assert_eq!(super::purge_delay_ms(), 1000);
