@@ -788,6 +788,26 @@ fn float64(b: &[u8], i: usize) -> Result<(f64, usize), Bad> {
     }
 }
 
+/// A float read, or `Value` when it is out of its type's range (infinite).
+#[inline(always)]
+fn finite<T>(v: T, ok: bool, end: usize) -> Result<(T, usize), Bad> {
+    if ok {
+        Ok((v, end))
+    } else {
+        Err(Bad::Value)
+    }
+}
+
+/// [`Element::put`] for a number type: its little-endian bytes.
+macro_rules! put_le_bytes {
+    () => {
+        #[inline(always)]
+        fn put(self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.to_le_bytes());
+        }
+    };
+}
+
 impl Element for f32 {
     const SIZE: usize = 4;
     #[inline(always)]
@@ -806,16 +826,9 @@ impl Element for f32 {
                 None => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
             },
         };
-        if v.is_finite() {
-            Ok((v, end))
-        } else {
-            Err(Bad::Value)
-        }
+        finite(v, v.is_finite(), end)
     }
-    #[inline(always)]
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
+    put_le_bytes!();
 }
 
 impl Element for f64 {
@@ -823,16 +836,9 @@ impl Element for f64 {
     #[inline(always)]
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
         let (v, end) = float64(b, i)?;
-        if v.is_finite() {
-            Ok((v, end))
-        } else {
-            Err(Bad::Value)
-        }
+        finite(v, v.is_finite(), end)
     }
-    #[inline(always)]
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
+    put_le_bytes!();
 }
 
 impl Element for half::f16 {
@@ -840,15 +846,9 @@ impl Element for half::f16 {
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
         let (v, end) = float64(b, i)?;
         let v = half::f16::from_f64(v);
-        if v.is_finite() {
-            Ok((v, end))
-        } else {
-            Err(Bad::Value)
-        }
+        finite(v, v.is_finite(), end)
     }
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
+    put_le_bytes!();
 }
 
 /// `true` or `false`, as one byte.
@@ -901,10 +901,7 @@ macro_rules! integer {
                 };
                 <$t>::try_from(wide).map(|v| (v, end)).map_err(|_| Bad::Value)
             }
-            #[inline(always)]
-            fn put(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
+            put_le_bytes!();
         }
     )*};
 }
