@@ -16,7 +16,7 @@ use super::error::ApiError;
 
 /// Nesting deeper than this in tensor data is refused (a model input rarely has more than 8
 /// dims).
-pub(crate) const MAX_DATA_DEPTH: usize = 32;
+const MAX_DATA_DEPTH: usize = 32;
 
 /// A cursor over one JSON text. Syntax errors are `MalformedBody`, worded `{context}: {what} at
 /// line L column C`.
@@ -114,37 +114,40 @@ impl<'a> Reader<'a> {
         &mut self,
         mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), ApiError>,
     ) -> Result<(), ApiError> {
-        self.eat(b'{', "an object")?;
-        if self.peek() == Some(b'}') {
-            self.pos += 1;
-            return Ok(());
-        }
-        loop {
-            if self.peek() != Some(b'"') {
-                return Err(self.unexpected("a string key"));
+        self.members(b'{', b'}', |r| {
+            if r.peek() != Some(b'"') {
+                return Err(r.unexpected("a string key"));
             }
-            let key = self.string()?;
-            self.eat(b':', "`:`")?;
-            self.ws();
-            each(self, key)?;
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.unexpected("`,` or `}`")),
-            }
-        }
+            let key = r.string()?;
+            r.eat(b':', "`:`")?;
+            r.ws();
+            each(r, key)
+        })
     }
 
     /// `[value, ...]`: `each` gets the cursor on every element, and must read it.
     pub(crate) fn array(
         &mut self,
+        each: impl FnMut(&mut Self) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        self.members(b'[', b']', each)
+    }
+
+    /// The members of an object or array between `open` and `close`, separated by commas:
+    /// `each` reads one, from the cursor after the separator.
+    fn members(
+        &mut self,
+        open: u8,
+        close: u8,
         mut each: impl FnMut(&mut Self) -> Result<(), ApiError>,
     ) -> Result<(), ApiError> {
-        self.eat(b'[', "an array")?;
-        if self.peek() == Some(b']') {
+        let (opening, after) = if open == b'{' {
+            ("an object", "`,` or `}`")
+        } else {
+            ("an array", "`,` or `]`")
+        };
+        self.eat(open, opening)?;
+        if self.peek() == Some(close) {
             self.pos += 1;
             return Ok(());
         }
@@ -153,11 +156,11 @@ impl<'a> Reader<'a> {
             each(self)?;
             match self.peek() {
                 Some(b',') => self.pos += 1,
-                Some(b']') => {
+                Some(c) if c == close => {
                     self.pos += 1;
                     return Ok(());
                 }
-                _ => return Err(self.unexpected("`,` or `]`")),
+                _ => return Err(self.unexpected(after)),
             }
         }
     }
@@ -534,54 +537,6 @@ enum Bad {
     Value,
 }
 
-/// The end of the JSON number at `i`, and whether it is an integer (no fraction or exponent);
-/// `Err(Syntax)` where the grammar breaks, `Err(Value)` when no number starts there.
-#[inline(always)]
-fn number_end(b: &[u8], mut i: usize) -> Result<(usize, bool), Bad> {
-    let digit = |b: &[u8], i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
-    if b.get(i) == Some(&b'-') {
-        i += 1;
-        if !digit(b, i) {
-            return Err(Bad::Syntax(i));
-        }
-    }
-    match b.get(i) {
-        Some(b'0') => i += 1,
-        Some(b'1'..=b'9') => {
-            i += 1;
-            while digit(b, i) {
-                i += 1;
-            }
-        }
-        _ => return Err(not_a_number(b, i)),
-    }
-    let mut integer = true;
-    if b.get(i) == Some(&b'.') {
-        integer = false;
-        i += 1;
-        if !digit(b, i) {
-            return Err(Bad::Syntax(i));
-        }
-        while digit(b, i) {
-            i += 1;
-        }
-    }
-    if matches!(b.get(i), Some(b'e' | b'E')) {
-        integer = false;
-        i += 1;
-        if matches!(b.get(i), Some(b'+' | b'-')) {
-            i += 1;
-        }
-        if !digit(b, i) {
-            return Err(Bad::Syntax(i));
-        }
-        while digit(b, i) {
-            i += 1;
-        }
-    }
-    Ok((i, integer))
-}
-
 /// Where no number starts: another JSON value (a string, `true`, `false`, `null`, an object) is
 /// a value of the wrong type; any other byte breaks the grammar.
 fn not_a_number(b: &[u8], i: usize) -> Bad {
@@ -599,10 +554,12 @@ trait Element: Sized {
 }
 
 /// A JSON number's parts, read in the pass that checks its grammar: `negative`, the decimal
-/// significand `digits` (`None` past 19 digits) and the power of ten it is scaled by.
+/// significand `digits` (`None` past 19 digits), the power of ten it is scaled by, and whether
+/// it was written as an integer (no fraction or exponent).
 struct Decimal {
     end: usize,
     negative: bool,
+    integer: bool,
     digits: Option<u64>,
     exponent: i64,
 }
@@ -649,7 +606,8 @@ const EXACT_POW10: [f64; 23] = [
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
 
-/// Reads the JSON number at `i` (see [`number_end`] for the errors).
+/// Reads the JSON number at `i`: `Err(Syntax)` where the grammar breaks, `Err(Value)` where
+/// another JSON value starts (see [`not_a_number`]).
 #[inline(always)]
 fn decimal(b: &[u8], mut i: usize) -> Result<Decimal, Bad> {
     let negative = b.get(i) == Some(&b'-');
@@ -660,6 +618,7 @@ fn decimal(b: &[u8], mut i: usize) -> Result<Decimal, Bad> {
     // Digits taken into `m` (past 19 it has wrapped, and the slow parser decides).
     let mut count = 0usize;
     let mut exponent: i64 = 0;
+    let mut integer = true;
     let digit = |i: usize| b.get(i).filter(|c| c.is_ascii_digit()).map(|c| c - b'0');
     match digit(i) {
         Some(0) => i += 1,
@@ -682,8 +641,10 @@ fn decimal(b: &[u8], mut i: usize) -> Result<Decimal, Bad> {
         // sends a rare long number to the slow parser.
         count += i - first;
         exponent -= (i - first) as i64;
+        integer = false;
     }
     if matches!(b.get(i), Some(b'e' | b'E')) {
+        integer = false;
         i += 1;
         let sign = match b.get(i) {
             Some(b'-') => {
@@ -710,6 +671,7 @@ fn decimal(b: &[u8], mut i: usize) -> Result<Decimal, Bad> {
     Ok(Decimal {
         end: i,
         negative,
+        integer,
         digits: (count <= 19).then_some(m),
         exponent,
     })
@@ -764,6 +726,7 @@ fn f32_between(d: &Decimal) -> Option<f32> {
         clinger(&Decimal {
             end: d.end,
             negative: false,
+            integer: false,
             digits: Some(m),
             exponent,
         })
@@ -864,7 +827,7 @@ impl Element for Bool {
             Ok((Bool(0), i + 5))
         } else {
             // A number is a valid JSON value but not a boolean; anything else is shown too.
-            number_end(b, i)?;
+            decimal(b, i)?;
             Err(Bad::Value)
         }
     }
@@ -879,27 +842,25 @@ macro_rules! integer {
             const SIZE: usize = std::mem::size_of::<$t>();
             #[inline(always)]
             fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
-                let (end, integer) = number_end(b, i)?;
-                if !integer {
+                let d = decimal(b, i)?;
+                if !d.integer {
                     return Err(Bad::Value);
                 }
-                let (negative, digits) = match b[i] {
-                    b'-' => (true, &b[i + 1..end]),
-                    _ => (false, &b[i..end]),
+                // Past 19 digits only a few u64s fit: counted again, with overflow checked.
+                let magnitude = match d.digits {
+                    Some(m) => m,
+                    None => b[i..d.end]
+                        .iter()
+                        .filter(|c| c.is_ascii_digit())
+                        .try_fold(0u64, |m, &c| m.checked_mul(10)?.checked_add(u64::from(c - b'0')))
+                        .ok_or(Bad::Value)?,
                 };
-                let mut magnitude: u64 = 0;
-                for &d in digits {
-                    magnitude = magnitude
-                        .checked_mul(10)
-                        .and_then(|m| m.checked_add(u64::from(d - b'0')))
-                        .ok_or(Bad::Value)?;
-                }
-                let wide = if negative {
+                let wide = if d.negative {
                     -i128::from(magnitude)
                 } else {
                     i128::from(magnitude)
                 };
-                <$t>::try_from(wide).map(|v| (v, end)).map_err(|_| Bad::Value)
+                <$t>::try_from(wide).map(|v| (v, d.end)).map_err(|_| Bad::Value)
             }
             put_le_bytes!();
         }

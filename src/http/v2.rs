@@ -283,10 +283,8 @@ fn read_input(r: &mut Reader) -> Result<Input, ApiError> {
                     let l = layout.insert(input_layout(n, s, d)?);
                     data = Some(r.tensor_data(l.1, &l.2, &l.0)?);
                 } else {
-                    r.peek();
-                    let start = r.position();
-                    r.skip()?;
-                    later = Some((start, r.position()));
+                    let text = r.skip()?;
+                    later = Some((r.position() - text.len(), r.position()));
                 }
             }
             _ => r.ignore()?,
