@@ -15,7 +15,7 @@ use crate::classify::{Class, Classifier};
 use crate::config::ImageConfig;
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
-use crate::preprocess::{finished, Pool, PreprocessError};
+use crate::preprocess::{finished, Pool, PreprocessError, Priority};
 use crate::tensor::{DataType, Tensor};
 use crate::tuning::DeviceTuning;
 
@@ -236,7 +236,7 @@ impl AppState {
         let mut started = Vec::with_capacity(images.len());
         for bytes in images {
             let (cfg, timer) = (cfg.clone(), timer.clone());
-            let job = self.pool.start(move || {
+            let job = self.pool.start(Priority::Normal, move || {
                 let t = Instant::now();
                 let r = crate::preprocess::preprocess(&bytes, &cfg);
                 timer.observe(t.elapsed().as_secs_f64());
@@ -283,14 +283,33 @@ impl AppState {
             .collect())
     }
 
-    /// Runs `job` (decoding a big request body) on the preprocessing pool, so the async
-    /// workers stay free for small requests and probes; waits for a slot until `deadline`.
+    /// Runs `job` (checking a request's images) on the preprocessing pool, so the async
+    /// workers stay free; waits for a slot until `deadline`.
     pub async fn off_workers<T: Send + 'static>(
         &self,
         deadline: tokio::time::Instant,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, InferError> {
-        let job = tokio::time::timeout_at(deadline, self.pool.start(job))
+        self.on_pool(deadline, Priority::Normal, job).await
+    }
+
+    /// Runs `job` (decoding a big request body) on the pool's low-priority threads, so that it
+    /// yields the CPU to small requests and probes; waits for a slot until `deadline`.
+    pub async fn in_background<T: Send + 'static>(
+        &self,
+        deadline: tokio::time::Instant,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, InferError> {
+        self.on_pool(deadline, Priority::Background, job).await
+    }
+
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        deadline: tokio::time::Instant,
+        priority: Priority,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, InferError> {
+        let job = tokio::time::timeout_at(deadline, self.pool.start(priority, job))
             .await
             .map_err(|_| InferError::DeadlineExceeded)?;
         Ok(finished(job.await))

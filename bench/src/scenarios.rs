@@ -679,7 +679,8 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
     }
 
     if o.scenarios.contains(&'e') {
-        let root = o.setup_dir.as_path();
+        // Absolute: the server resolves a config's relative paths against the fixtures folder.
+        let root = std::path::absolute(&o.setup_dir).map_err(|e| e.to_string())?;
         let model = root.join("models/efficientnet_lite0.onnx");
         let photo = root.join("data/coffee.png");
         if !model.exists() || !photo.exists() {

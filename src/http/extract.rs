@@ -142,8 +142,9 @@ pub(crate) fn reserve_for(buf: &mut Vec<u8>, more: usize, declared: usize) {
 /// Bodies from this size on are decoded on the preprocessing pool, not on an async worker.
 const BIG_BODY: usize = 256 << 10;
 
-/// Runs `parse` over a body of `len` bytes: on the preprocessing pool for a big body (so a
-/// 16 MiB body does not hold an async worker, or the health probes behind it), inline otherwise.
+/// Runs `parse` over a body of `len` bytes: for a big body on the preprocessing pool's
+/// low-priority threads (so a 16 MiB body does not hold an async worker, or the health probes
+/// behind it), inline otherwise.
 pub(crate) async fn decode<T: Send + 'static>(
     app: &AppState,
     call: &Call,
@@ -153,7 +154,7 @@ pub(crate) async fn decode<T: Send + 'static>(
     if len < BIG_BODY {
         return parse();
     }
-    app.off_workers(call.deadline(app.request_timeout), parse)
+    app.in_background(call.deadline(app.request_timeout), parse)
         .await?
 }
 

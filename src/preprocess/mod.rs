@@ -14,7 +14,7 @@ use thiserror::Error;
 use crate::config::{ChannelOrder, ImageConfig, ImageDtype, Interpolation, Layout};
 use crate::tensor::{DataType, Tensor};
 
-pub(crate) use pool::{finished, Pool};
+pub(crate) use pool::{finished, Pool, Priority};
 
 /// Why an image was refused. `TooLarge` answers 413, the rest 400.
 #[derive(Debug, Error, PartialEq)]

@@ -2,11 +2,13 @@
 //! most `threads` jobs at a time, so the async workers stay free and this work cannot take more
 //! cores than the ONNX Runtime sessions leave.
 //!
-//! The threads run at a lower scheduling priority (nice 10) than the rest of the server, so
-//! that a multi-MB body being parsed yields the CPU to the async workers answering small
-//! requests and probes as soon as they have work (docs/BENCHMARKS.md, scenario f). They are the
-//! pool's own threads, not tokio's blocking threads: a thread cannot raise its priority back, and
-//! tokio's blocking threads also create ONNX Runtime sessions, whose threads inherit it.
+//! Jobs run at one of two priorities. Image preprocessing is on the request's critical path and
+//! overlaps inference, so it runs at the server's own priority. Parsing a big body runs at a
+//! lower one (nice 10), so that a multi-MB body yields the CPU to the async workers answering
+//! small requests and probes as soon as they have work (docs/BENCHMARKS.md, scenarios e and f).
+//! Each priority has its own threads, the pool's and not tokio's blocking threads: a thread
+//! cannot raise its priority back, and tokio's blocking threads also create ONNX Runtime
+//! sessions, whose threads would inherit it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
@@ -15,41 +17,34 @@ use tokio::sync::{oneshot, Semaphore};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-pub(crate) struct Pool {
-    /// One permit per job allowed to run; handlers wait here when every slot is busy.
-    permits: Arc<Semaphore>,
-    /// To the pool's threads; they end when the pool is dropped.
-    jobs: mpsc::Sender<Job>,
+/// Which of the pool's threads run a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Priority {
+    /// The server's own priority (image preprocessing).
+    Normal,
+    /// Nice [`NICE`]: yields to everything else (parsing big bodies).
+    Background,
 }
 
-/// The nice value of the pool's threads.
+pub(crate) struct Pool {
+    /// One permit per job allowed to run, whatever its priority; handlers wait here when every
+    /// slot is busy.
+    permits: Arc<Semaphore>,
+    /// To the pool's threads, per priority; they end when the pool is dropped.
+    normal: mpsc::Sender<Job>,
+    background: mpsc::Sender<Job>,
+}
+
+/// The nice value of the background threads.
 const NICE: i32 = 10;
 
 impl Pool {
     pub(crate) fn new(threads: usize) -> Pool {
         let threads = threads.max(1);
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let queue = Arc::new(Mutex::new(queue));
-        for i in 0..threads {
-            let queue = queue.clone();
-            std::thread::Builder::new()
-                .name(format!("ortserve-pre-{i}"))
-                .spawn(move || {
-                    lower_priority();
-                    loop {
-                        // The lock is held only to take a job, not to run it.
-                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        match next {
-                            Ok(job) => job(),
-                            Err(_) => return,
-                        }
-                    }
-                })
-                .expect("the preprocessing threads start");
-        }
         Pool {
             permits: Arc::new(Semaphore::new(threads)),
-            jobs,
+            normal: spawn_threads("ortserve-pre", threads, Priority::Normal),
+            background: spawn_threads("ortserve-bg", threads, Priority::Background),
         }
     }
 
@@ -59,6 +54,7 @@ impl Pool {
     /// served): requests share the slots instead of one taking them all.
     pub(crate) async fn start<T: Send + 'static>(
         &self,
+        priority: Priority,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Started<T> {
         let permit = self
@@ -73,11 +69,41 @@ impl Pool {
             // A panic goes to the caller (see [`finished`]), not to the pool's thread.
             let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(job)));
         });
+        let threads = match priority {
+            Priority::Normal => &self.normal,
+            Priority::Background => &self.background,
+        };
         // The threads live as long as `self`, so the send only fails if one of them died,
         // which catch_unwind prevents; the receiver then reports the job as lost.
-        let _ = self.jobs.send(job);
+        let _ = threads.send(job);
         result
     }
+}
+
+/// Starts `count` threads that run the jobs sent on the returned channel, at `priority`.
+fn spawn_threads(name: &str, count: usize, priority: Priority) -> mpsc::Sender<Job> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let queue = Arc::new(Mutex::new(queue));
+    for i in 0..count {
+        let queue = queue.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                if priority == Priority::Background {
+                    lower_priority();
+                }
+                loop {
+                    // The lock is held only to take a job, not to run it.
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match next {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .expect("the preprocessing threads start");
+    }
+    jobs
 }
 
 /// A started job's result, to await.
@@ -114,23 +140,27 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn jobs_run_at_the_lower_priority_and_panics_reach_the_caller() {
+    async fn jobs_run_at_their_priority_and_panics_reach_the_caller() {
         let pool = Pool::new(2);
-        let nice = finished(
-            pool.start(|| {
-                // SAFETY: as in lower_priority.
-                unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-            })
+        let nice = || {
+            // SAFETY: as in lower_priority.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+        };
+        let normal = finished(pool.start(Priority::Normal, nice).await.await);
+        let background = finished(pool.start(Priority::Background, nice).await.await);
+        assert_eq!((normal, background), (nice(), NICE));
+        let panicked = pool
+            .start(Priority::Background, || -> u8 { panic!("in the job") })
             .await
-            .await,
-        );
-        assert_eq!(nice, NICE);
-        let panicked = pool.start(|| -> u8 { panic!("in the job") }).await.await;
+            .await;
         let caught = std::panic::catch_unwind(AssertUnwindSafe(|| finished(panicked)));
         assert!(caught.is_err());
         // The thread that ran it is still there for the next job.
         for _ in 0..4 {
-            assert_eq!(finished(pool.start(|| 7).await.await), 7);
+            assert_eq!(
+                finished(pool.start(Priority::Background, || 7).await.await),
+                7
+            );
         }
     }
 }
