@@ -1,6 +1,8 @@
 //! The batcher actor: one tokio task per model. It owns the [`State`], forms a batch when a
 //! device has a free slot and the batch is full, the device is idle, or the oldest part has
-//! waited `max_queue_delay`, and hands it to the device worker. It exits when the handlers' channel closes and the queue is empty.
+//! waited `max_queue_delay`, and hands it to the device worker; for an idle device it first lets
+//! the handlers that are ready run once, so requests that arrived together share the batch. It
+//! exits when the handlers' channel closes and the queue is empty.
 //!
 //! Faults: a batch that fails for a reason other than its input comes back here and each part is
 //! run once more, alone, on another healthy device; a batch that ONNX Runtime refused for its
@@ -70,6 +72,8 @@ pub(super) async fn run(
     // One row of a real request, kept to probe unhealthy devices with.
     let mut sample: Option<Vec<Tensor>> = None;
     let mut next_probe = Instant::now() + settings.reprobe_interval;
+    // Whether the batcher has already let the handlers run once since its last batch went out.
+    let mut gathered = false;
     loop {
         while let Ok(e) = retry_rx.try_recv() {
             alone.push_back(e);
@@ -158,10 +162,25 @@ pub(super) async fn run(
                 let max = reservation.slot.max_batch;
                 let due = oldest + settings.max_queue_delay;
                 let full = state.batch_full(max, settings.batchable);
-                // An idle device gets what is queued at once: waiting would only leave it idle.
-                // The delay is for a device that is busy, while its next batch fills up.
+                // An idle device gets what is queued without a timed wait: waiting would only
+                // leave it idle. The delay is for a device that is busy, while its next batch
+                // fills up.
                 let idle = reservation.slot.inflight_rows() == 0;
-                if !open || now >= due || full || idle {
+                let send = !open || now >= due || full || idle;
+                if idle && !full && open && !gathered {
+                    // But first one turn of the scheduler (`yield_now` resumes once the worker
+                    // has run its ready tasks and polled for I/O): the handlers of requests that
+                    // have already arrived queue their rows. Without it, on a busy core the
+                    // batcher, woken by the first handler's send and run next from tokio's LIFO
+                    // slot, sent an idle device one row at a time (1.3 rows per batch for the
+                    // bench's MLP at 32 clients; docs/BENCHMARKS.md).
+                    drop(reservation);
+                    gathered = true;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                if send {
+                    gathered = false;
                     let reason = if full {
                         "full"
                     } else if idle {

@@ -215,3 +215,51 @@ async fn the_deadline_counts_from_arrival() {
     drop(open);
     owner.shutdown().await;
 }
+
+/// Requests that arrive together at an idle device share its first batch, even with no queue
+/// delay. On a busy tokio worker the batcher is woken by the first request's send and runs next
+/// (tokio's LIFO slot), before the other arrivals' handlers; it lets them run once before it
+/// closes a batch for an idle device (before, the first batch had one row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn requests_arriving_together_at_an_idle_device_share_its_batch() {
+    const N: usize = 8;
+    let (handle, owner, open, metrics) = gated(N, Duration::ZERO);
+    for _ in 0..N {
+        open.send(()).unwrap();
+    }
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let (h, go, waiting) = (handle.clone(), go.clone(), waiting.clone());
+            tokio::spawn(async move {
+                let turn = go.acquire();
+                waiting.fetch_add(1, Ordering::SeqCst);
+                let _turn = turn.await.unwrap();
+                h.infer(row(i as f32), &Call::default()).await
+            })
+        })
+        .collect();
+    // Let every task reach the semaphore, then release them all at once from a task on the
+    // worker, as the I/O driver there makes many connections' handlers ready at once.
+    until("every request waiting", || {
+        waiting.load(Ordering::SeqCst) == N
+    })
+    .await;
+    let release = go.clone();
+    tokio::spawn(async move { release.add_permits(N) })
+        .await
+        .unwrap();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let out = t.await.unwrap().expect("answered");
+        assert_eq!(out[0].to_f32(), vec![i as f32]);
+    }
+    let sizes = metrics.batch_size.with_label_values(&["m"]);
+    assert_eq!(
+        (sizes.get_sample_count(), sizes.get_sample_sum()),
+        (1, N as f64),
+        "the {N} requests ran in one batch"
+    );
+    drop(open);
+    owner.shutdown().await;
+}
