@@ -83,8 +83,12 @@ static ALLOCATOR: ortserve::memory::Allocator = ortserve::memory::Allocator {};
 fn main() -> ExitCode {
     ortserve::memory::return_freed_memory_promptly();
     let cli = Cli::parse();
-    // The server's own log at warn, ONNX Runtime's as the server keeps it.
-    let filter = format!("warn,{}", ortserve::device::RUNTIME_LOG_QUIET);
+    // The server's own log at warn, ONNX Runtime's as the server keeps it; RUST_LOG chooses
+    // otherwise (`RUST_LOG=info` measures the spans the server makes at its own default level).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| format!("warn,{}", ortserve::device::RUNTIME_LOG_QUIET));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
