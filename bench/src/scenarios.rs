@@ -604,7 +604,10 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         let path = format!("/v2/models/{name}/infer");
         let bin = v2_binary_request(&path, "input", &x);
         if o.scenarios.contains(&'b') {
-            let server = Server::start(&cfg("cpu", "64", 2), &o.fixtures)?;
+            // ONNX Runtime's threads as the ceiling has them: with the server pinned to one
+            // core, two intra-op threads would take turns on it.
+            let threads = crate::pin::threads(2);
+            let server = Server::start(&cfg("cpu", "64", threads), &o.fixtures)?;
             let mut sweep = Vec::new();
             let levels: &[usize] = if fixture { &[1, 4, 16, 32] } else { &[32] };
             for &c in levels {
@@ -668,11 +671,11 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         if o.scenarios.contains(&'d') && fixture {
             let off = (
                 "batching off (max_batch_size 1)".to_string(),
-                cfg("cpu", "1", 2),
+                cfg("cpu", "1", crate::pin::threads(2)),
             );
             let on = (
                 "batching on (max_batch_size 64)".to_string(),
-                cfg("cpu", "64", 2),
+                cfg("cpu", "64", crate::pin::threads(2)),
             );
             rows.extend(compare(&rt, o, "d", off, on, &bin, "batching off")?);
         }
