@@ -2,8 +2,9 @@
 //! as the server's HTTP threads (the tokio threads of the server under test), the load generator
 //! (the thread that drives the load), and everything else in the process (device worker threads
 //! and ONNX Runtime's own pool threads); plus the machine's idle cores and what other processes
-//! used, from `/proc/stat`. All in cores (1.0: one core busy for the whole line). Linux only, like
-//! the load generator.
+//! used, from `/proc/stat`. All in cores (1.0: one core busy for the whole line). Also how often
+//! the server's threads went to sleep (`voluntary_ctxt_switches`): each sleep is a hand-off that
+//! another thread has to wake. Linux only, like the load generator.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -55,13 +56,16 @@ pub struct CpuSplit {
     pub idle: f64,
     /// Cores other processes used, and time the hypervisor took (steal).
     pub others: f64,
+    /// Times per second that the server's threads (HTTP and device groups) blocked and had to
+    /// be woken: waits on a channel, a condition, epoll or a futex.
+    pub server_sleeps: f64,
 }
 
 /// A reading to subtract from a later one.
 pub struct Snapshot {
     at: Instant,
-    /// Per thread of this process: CPU ticks (user + system).
-    threads: HashMap<i32, u64>,
+    /// Per thread of this process: CPU ticks (user + system), and voluntary context switches.
+    threads: HashMap<i32, (u64, u64)>,
     /// Machine-wide: (busy ticks, idle ticks).
     machine: (u64, u64),
     /// The thread that took the snapshot: the load generator.
@@ -86,17 +90,21 @@ impl Snapshot {
         let cores = |ticks: u64| ticks as f64 / hz / wall;
         let http = HTTP_THREADS.lock().unwrap_or_else(|e| e.into_inner());
         let is_http = |tid: &i32| http.as_ref().is_some_and(|s| s.contains(tid));
-        let (mut h, mut d, mut l) = (0u64, 0u64, 0u64);
-        for (tid, &t1) in &later.threads {
+        let (mut h, mut d, mut l, mut sleeps) = (0u64, 0u64, 0u64, 0u64);
+        for (tid, &(t1, s1)) in &later.threads {
             // A thread that started during the line used all its ticks in it.
-            let used = t1.saturating_sub(self.threads.get(tid).copied().unwrap_or(0));
+            let (t0, s0) = self.threads.get(tid).copied().unwrap_or((0, 0));
+            let used = t1.saturating_sub(t0);
             if *tid == self.loadgen {
                 l += used;
-            } else if is_http(tid) {
+                continue;
+            }
+            if is_http(tid) {
                 h += used;
             } else {
                 d += used;
             }
+            sleeps += s1.saturating_sub(s0);
         }
         let busy = later.machine.0.saturating_sub(self.machine.0);
         let idle = later.machine.1.saturating_sub(self.machine.1);
@@ -106,6 +114,7 @@ impl Snapshot {
             loadgen: cores(l),
             idle: cores(idle),
             others: cores(busy.saturating_sub(h + d + l)),
+            server_sleeps: sleeps as f64 / wall,
         }
     }
 }
@@ -120,8 +129,8 @@ fn ticks_per_second() -> f64 {
     }
 }
 
-/// utime + stime of every thread of this process.
-fn thread_ticks() -> Option<HashMap<i32, u64>> {
+/// utime + stime, and voluntary context switches, of every thread of this process.
+fn thread_ticks() -> Option<HashMap<i32, (u64, u64)>> {
     let mut out = HashMap::new();
     for entry in std::fs::read_dir("/proc/self/task").ok()? {
         let entry = entry.ok()?;
@@ -132,8 +141,12 @@ fn thread_ticks() -> Option<HashMap<i32, u64>> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
+        let sleeps = std::fs::read_to_string(entry.path().join("status"))
+            .ok()
+            .and_then(|s| voluntary_switches(&s))
+            .unwrap_or(0);
         if let Some(t) = stat_ticks(&stat) {
-            out.insert(tid, t);
+            out.insert(tid, (t, sleeps));
         }
     }
     Some(out)
@@ -148,6 +161,14 @@ fn stat_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// `voluntary_ctxt_switches` from a thread's `status`.
+fn voluntary_switches(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// (busy, idle) ticks of the whole machine from `/proc/stat`'s `cpu` line: idle counts idle and
@@ -190,5 +211,33 @@ mod tests {
         // This thread spun the whole time; ticks are 10 ms, and the machine is shared.
         assert!(split.loadgen > 0.2, "{split:?}");
         assert!(split.http < 0.2, "{split:?}");
+    }
+
+    #[test]
+    fn a_thread_that_sleeps_counts_its_sleeps() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t42\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(voluntary_switches(status), Some(42));
+        // A thread of this process other than the one that takes the snapshots (which counts as
+        // the load generator) sleeps 20 times, then waits, still alive, for the second snapshot.
+        let start = Instant::now();
+        let before = snapshot().expect("/proc is readable");
+        let (slept_tx, slept_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            slept_tx.send(()).unwrap();
+            let _ = done_rx.recv();
+        });
+        slept_rx.recv().unwrap();
+        let split = before.until(&snapshot().expect("/proc is readable"));
+        let elapsed = start.elapsed().as_secs_f64();
+        done_tx.send(()).unwrap();
+        sleeper.join().unwrap();
+        assert!(
+            split.server_sleeps * elapsed >= 20.0,
+            "{split:?} over {elapsed} s"
+        );
     }
 }

@@ -861,10 +861,10 @@ fn compare(
 
 /// The results as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | rows/run | device busy | cores: http / device / load gen / idle / others | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut out = String::from("| scenario | variant | conc. | req/s | rows/s | p50 ms | p90 ms | p99 ms | errors | non-200 | rows/run | device busy | cores: http / device / load gen / idle / others | server sleeps/req | ratio | to |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.variant,
             r.concurrency,
@@ -881,6 +881,11 @@ pub fn table(rows: &[Row]) -> String {
                 "{:.2} / {:.2} / {:.2} / {:.2} / {:.2}",
                 c.http, c.device, c.loadgen, c.idle, c.others
             )),
+            match r.cpu {
+                Some(c) if r.requests_per_second > 0.0 =>
+                    format!("{:.1}", c.server_sleeps / r.requests_per_second),
+                _ => String::new(),
+            },
             r.ratio.map_or(String::new(), |x| format!("{x:.2}")),
             r.reference.clone().unwrap_or_default()
         ));

@@ -123,6 +123,7 @@ pub(super) async fn run(
         }
         depth.set((state.len() + alone.len()) as i64);
         if state.is_empty() {
+            gathered = false;
             if !open && alone.is_empty() && pool.devices().iter().all(|d| d.inflight_rows() == 0) {
                 break;
             }
