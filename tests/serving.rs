@@ -87,6 +87,36 @@ async fn every_model_and_dtype_matches_in_process_onnx_runtime() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_spinning_threads_give_the_same_answers() {
+    // `runtime.cpu_spinning` changes how ONNX Runtime's two intra-op threads wait, not what
+    // they compute.
+    let (state, router) = start(
+        "runtime: {cpu_threads: 2, cpu_spinning: true}\nmodels: [{name: cnn, path: cnn.onnx, devices: cpu}]",
+    )
+    .await;
+    let input = &state.models()[0].info().inputs[0];
+    let shape = input
+        .dims
+        .iter()
+        .map(|&d| if d < 0 { 3 } else { d as usize })
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let x = random_tensor(input.dtype, shape, &mut rng);
+    let want = run_reference(&mut reference("cnn.onnx"), std::slice::from_ref(&x));
+    let reply = post_json(
+        &router,
+        "/v2/models/cnn/infer",
+        &v2_json(&[(input.name.as_str(), &x)], false),
+    )
+    .await;
+    let got = outputs(&reply);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_close("cnn with spinning threads", g, w);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_can_be_chosen_and_mixed_binary_and_json() {
     let (_state, router) =
         start("models: [{name: two_input, path: two_input.onnx, devices: cpu}]").await;

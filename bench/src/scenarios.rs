@@ -201,6 +201,7 @@ fn cpu_plan(threads: usize) -> DevicePlan {
         instance: 0,
         kind: DeviceKind::Cpu {
             intra_op_threads: threads,
+            spinning: false,
         },
     }
 }

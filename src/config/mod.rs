@@ -245,6 +245,11 @@ pub struct RuntimeConfig {
     /// slots of all models. A device entry's own `intra_op_threads` wins.
     #[serde(default)]
     pub cpu_threads: Threads,
+    /// CPU sessions' intra-op threads spin while they wait between operators instead of
+    /// sleeping: a run wakes no thread, so latency at low load drops, but the spinning takes
+    /// CPU that HTTP threads and other sessions need under load (docs/BENCHMARKS.md).
+    #[serde(default)]
+    pub cpu_spinning: bool,
     /// Threads decoding and resizing uploaded images; `auto`: the cores the CPU sessions leave
     /// free, at least 1.
     #[serde(default)]

@@ -122,14 +122,17 @@ impl OrtRunner {
             runtime::environment().ok_or_else(|| fail("ONNX Runtime is not loaded".into()))?;
         let builder = Session::builder(env).map_err(|e| fail(e.to_string()))?;
         let mut builder = match plan.kind {
-            DeviceKind::Cpu { intra_op_threads } => {
+            DeviceKind::Cpu {
+                intra_op_threads,
+                spinning,
+            } => {
                 let b = builder
                     .with_intra_threads(intra_op_threads)
                     .map_err(|e| fail(e.to_string()))?;
                 let b = b.with_inter_threads(1).map_err(|e| fail(e.to_string()))?;
-                // Several sessions and the HTTP workers share the cores: a spinning pool would
-                // burn the time the others need.
-                b.with_intra_op_spinning(false)
+                // Off by default: several sessions and the HTTP workers share the cores, and a
+                // spinning pool burns the time the others need (`runtime.cpu_spinning`).
+                b.with_intra_op_spinning(spinning)
                     .map_err(|e| fail(e.to_string()))?
             }
             DeviceKind::Cuda { id } => {

@@ -8,8 +8,15 @@ use super::{DeviceError, RuntimeInfo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
-    Cpu { intra_op_threads: usize },
-    Cuda { id: u32 },
+    Cpu {
+        intra_op_threads: usize,
+        /// ONNX Runtime's intra-op threads spin between operators instead of sleeping
+        /// (`runtime.cpu_spinning`).
+        spinning: bool,
+    },
+    Cuda {
+        id: u32,
+    },
 }
 
 /// One session to build: a (model, device, instance) triple.
@@ -119,6 +126,7 @@ fn plan_with(
             }
         }
     }
+    let spinning = config.runtime.cpu_spinning;
     let share = total
         .saturating_sub(fixed)
         .checked_div(shared)
@@ -137,6 +145,7 @@ fn plan_with(
                             DeviceSpec::Cuda(id) => DeviceKind::Cuda { id },
                             _ => DeviceKind::Cpu {
                                 intra_op_threads: threads.unwrap_or(share),
+                                spinning,
                             },
                         },
                     })
@@ -172,13 +181,16 @@ mod tests {
             threads,
             vec![
                 DeviceKind::Cpu {
-                    intra_op_threads: 1
+                    intra_op_threads: 1,
+                    spinning: false
                 },
                 DeviceKind::Cpu {
-                    intra_op_threads: 1
+                    intra_op_threads: 1,
+                    spinning: false
                 },
                 DeviceKind::Cpu {
-                    intra_op_threads: 1
+                    intra_op_threads: 1,
+                    spinning: false
                 }
             ]
         );
@@ -188,10 +200,22 @@ mod tests {
         assert_eq!(
             p[0][1].kind,
             DeviceKind::Cpu {
-                intra_op_threads: 3
+                intra_op_threads: 3,
+                spinning: false
             }
         );
         assert_eq!(p[0][1].instance, 1);
+    }
+
+    #[test]
+    fn cpu_spinning_reaches_every_cpu_slot() {
+        let c = config("runtime: {cpu_threads: 2, cpu_spinning: true}\nmodels: [{name: m, path: x, devices: [cpu:0, cpu:1]}]");
+        let p = plan_with(&c, &runtime(), 0).unwrap();
+        assert!(p[0].iter().all(|d| d.kind
+            == DeviceKind::Cpu {
+                intra_op_threads: 1,
+                spinning: true
+            }));
     }
 
     #[test]

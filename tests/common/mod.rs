@@ -277,6 +277,7 @@ pub fn reference(model: &str) -> OrtRunner {
         instance: 0,
         kind: DeviceKind::Cpu {
             intra_op_threads: 1,
+            spinning: false,
         },
     };
     OrtRunner::open(&fixtures().join(model), &plan).expect("reference session")
