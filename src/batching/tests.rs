@@ -263,3 +263,60 @@ async fn requests_arriving_together_at_an_idle_device_share_its_batch() {
     drop(open);
     owner.shutdown().await;
 }
+
+/// The batcher's turn for an idle device is one pass over the worker's queue, not a wait until
+/// the queue is empty: a task that is always ready (as a handler streaming a big body is) must
+/// not hold a small request's batch back for tokio's maintenance interval (61 polls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_busy_task_on_the_worker_does_not_hold_back_an_idle_devices_batch() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    let (handle, owner, open, metrics) = gated(8, Duration::ZERO);
+    open.send(()).unwrap();
+    let polls = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Polls of the busy task between the request's send and its batch going to the device.
+    let waited = Arc::new(AtomicUsize::new(usize::MAX));
+    let sent_at = Arc::new(AtomicUsize::new(usize::MAX));
+    let busy = tokio::spawn({
+        let (polls, stop, waited, sent_at, metrics) = (
+            polls.clone(),
+            stop.clone(),
+            waited.clone(),
+            sent_at.clone(),
+            metrics.clone(),
+        );
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                let n = polls.fetch_add(1, Ordering::SeqCst);
+                let sent = sent_at.load(Ordering::SeqCst);
+                let batches = metrics
+                    .batch_size
+                    .with_label_values(&["m"])
+                    .get_sample_count();
+                if batches > 0 && sent != usize::MAX && waited.load(Ordering::SeqCst) == usize::MAX
+                {
+                    waited.store(n - sent, Ordering::SeqCst);
+                }
+                actor::to_the_back_of_the_queue().await;
+            }
+        }
+    });
+    let request = tokio::spawn({
+        let (h, polls, sent_at) = (handle.clone(), polls.clone(), sent_at.clone());
+        async move {
+            // The send happens in this same poll, before the task first waits.
+            sent_at.store(polls.load(Ordering::SeqCst), Ordering::SeqCst);
+            h.infer(row(1.0), &Call::default()).await
+        }
+    });
+    request.await.unwrap().expect("answered");
+    stop.store(true, Ordering::SeqCst);
+    busy.await.unwrap();
+    let waited = waited.load(Ordering::SeqCst);
+    assert!(
+        waited <= 4,
+        "the batch went out {waited} polls of the busy task after the request was queued"
+    );
+    drop(open);
+    owner.shutdown().await;
+}
