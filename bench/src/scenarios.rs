@@ -436,6 +436,20 @@ fn v2_binary_request(path: &str, name: &str, t: &Tensor) -> Vec<u8> {
     )
 }
 
+fn mlp_row() -> Tensor {
+    Tensor::from_f32(vec![1, 4], &[0.5, -1.0, 2.0, 0.25]).expect("shape")
+}
+
+/// The tiny MLP's V2 JSON request for `x` (scenarios a and f).
+fn mlp_request(x: &Tensor) -> Vec<u8> {
+    client::request(
+        "POST",
+        "/v2/models/mlp/infer",
+        &[],
+        &v2_json_body("input", x),
+    )
+}
+
 fn cnn_row() -> Tensor {
     let values: Vec<f32> = (0..3 * 64 * 64)
         .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
@@ -460,13 +474,8 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             "server: {drain_delay: 0s}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 32, max_queue_delay: 0ms}}]",
             &o.fixtures,
         )?;
-        let x = Tensor::from_f32(vec![1, 4], &[0.5, -1.0, 2.0, 0.25]).expect("shape");
-        let infer = client::request(
-            "POST",
-            "/v2/models/mlp/infer",
-            &[],
-            &v2_json_body("input", &x),
-        );
+        let x = mlp_row();
+        let infer = mlp_request(&x);
         let hello_req = client::request("POST", "/", &[], b"{}");
         let (_, single_ms) = ceiling(
             &o.fixtures.join("mlp.onnx"),
@@ -513,13 +522,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             "server: {drain_delay: 0s, max_body_bytes: 16MiB}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 32, max_queue_delay: 0ms}}, {name: cnn, path: cnn.onnx, devices: cpu, batching: {max_batch_size: 16, max_queue_delay: 1ms}}]",
             &o.fixtures,
         )?;
-        let x = Tensor::from_f32(vec![1, 4], &[0.5, -1.0, 2.0, 0.25]).expect("shape");
-        let small = client::request(
-            "POST",
-            "/v2/models/mlp/infer",
-            &[],
-            &v2_json_body("input", &x),
-        );
+        let small = mlp_request(&mlp_row());
         let one = cnn_row();
         let big = Tensor::concat(&[&one; 16]).map_err(|e| e.to_string())?;
         let big_body = v2_json_body("input", &big);
@@ -584,15 +587,17 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
     for &(name, sizes) in cnns {
         let fixture = name == "cnn";
         let model = o.fixtures.join(format!("{name}.onnx"));
-        let (curve, _) = ceiling(&model, 2, std::slice::from_ref(&x), sizes, per_size)?;
+        // Two ONNX Runtime threads, or fewer when pinned to fewer cores: the ceiling and the
+        // servers of scenarios b and d alike (two intra-op threads on one core take turns).
+        let threads = crate::pin::threads(2);
+        let (curve, _) = ceiling(&model, threads, std::slice::from_ref(&x), sizes, per_size)?;
         let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
         rows.push(Row {
             reference: Some(format!("{curve:.0?}")),
             ..Row::in_process(
                 "b",
                 format!(
-                    "in-process ceiling, {name}, {} threads, best of batch {:?}",
-                    crate::pin::threads(2),
+                    "in-process ceiling, {name}, {threads} threads, best of batch {:?}",
                     curve.iter().map(|c| c.0).collect::<Vec<_>>()
                 ),
                 best,
@@ -605,9 +610,6 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         let path = format!("/v2/models/{name}/infer");
         let bin = v2_binary_request(&path, "input", &x);
         if o.scenarios.contains(&'b') {
-            // ONNX Runtime's threads as the ceiling has them: with the server pinned to one
-            // core, two intra-op threads would take turns on it.
-            let threads = crate::pin::threads(2);
             let server = Server::start(&cfg("cpu", "64", threads), &o.fixtures)?;
             let mut sweep = Vec::new();
             let levels: &[usize] = if fixture { &[1, 4, 16, 32] } else { &[32] };
@@ -672,11 +674,11 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         if o.scenarios.contains(&'d') && fixture {
             let off = (
                 "batching off (max_batch_size 1)".to_string(),
-                cfg("cpu", "1", crate::pin::threads(2)),
+                cfg("cpu", "1", threads),
             );
             let on = (
                 "batching on (max_batch_size 64)".to_string(),
-                cfg("cpu", "64", crate::pin::threads(2)),
+                cfg("cpu", "64", threads),
             );
             rows.extend(compare(&rt, o, "d", off, on, &bin, "batching off")?);
         }
