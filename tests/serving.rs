@@ -116,6 +116,40 @@ async fn sessions_with_spinning_threads_give_the_same_answers() {
     }
 }
 
+/// A run of several parts copies their rows into one batch tensor whose memory is not zeroed
+/// first (`uninit_tensor` in src/device/ort_runner.rs). Right after a run that left other values
+/// in the memory the batch may reuse, every part still gets the answers of its own rows.
+#[test]
+fn a_batch_of_parts_answers_each_part_as_if_it_ran_alone() {
+    use ortserve::device::ModelRunner;
+    let mut runner = reference("mlp.onnx");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let row = |n: usize, rng: &mut rand::rngs::StdRng| {
+        random_tensor(ortserve::tensor::DataType::F32, vec![n, 4], rng)
+    };
+    let stale = row(6, &mut rng);
+    run_reference(&mut runner, &[stale]);
+    let parts: Vec<Vec<Tensor>> = [2, 1, 3].iter().map(|&n| vec![row(n, &mut rng)]).collect();
+    let batched = runner.run(&parts).expect("batched run");
+    let mut start = 0;
+    for (i, part) in parts.iter().enumerate() {
+        let rows = part[0].shape[0];
+        let alone = run_reference(&mut runner, part);
+        assert_eq!(batched.len(), alone.len());
+        for (b, a) in batched.iter().zip(&alone) {
+            let (got, want) = (b.slice_rows(start, rows).to_f32(), a.to_f32());
+            assert_eq!(got.len(), want.len(), "part {i}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "part {i}: {g} in the batch, {w} alone"
+                );
+            }
+        }
+        start += rows;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_can_be_chosen_and_mixed_binary_and_json() {
     let (_state, router) =
