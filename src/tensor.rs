@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use thiserror::Error;
 
 /// Element types the server accepts, named as in the KServe V2 protocol.
@@ -102,11 +103,15 @@ pub enum TensorError {
 }
 
 /// A dense tensor: `data.len() == shape.product() * dtype.size()`, little-endian.
+///
+/// The bytes are shared, not owned: a binary request's tensor is a slice of the connection's read
+/// buffer when its bytes arrived in one piece, and [`Tensor::slice_rows`] is a slice of its
+/// tensor, so neither copies.
 #[derive(Clone, PartialEq)]
 pub struct Tensor {
     pub dtype: DataType,
     pub shape: Vec<usize>,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 impl fmt::Debug for Tensor {
@@ -127,7 +132,12 @@ pub fn element_count(shape: &[usize]) -> Option<usize> {
 }
 
 impl Tensor {
-    pub fn new(dtype: DataType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor, TensorError> {
+    pub fn new(
+        dtype: DataType,
+        shape: Vec<usize>,
+        data: impl Into<Bytes>,
+    ) -> Result<Tensor, TensorError> {
+        let data = data.into();
         let expected = element_count(&shape)
             .and_then(|n| n.checked_mul(dtype.size()))
             .ok_or_else(|| TensorError::ShapeOverflow(shape.clone()))?;
@@ -162,7 +172,7 @@ impl Tensor {
         }
     }
 
-    /// Rows `start..start + count` as a new tensor.
+    /// Rows `start..start + count` as a new tensor sharing these bytes.
     pub fn slice_rows(&self, start: usize, count: usize) -> Tensor {
         let rb = self.row_bytes();
         let mut shape = self.shape.clone();
@@ -170,7 +180,7 @@ impl Tensor {
         Tensor {
             dtype: self.dtype,
             shape,
-            data: self.data[start * rb..(start + count) * rb].to_vec(),
+            data: self.data.slice(start * rb..(start + count) * rb),
         }
     }
 
@@ -202,7 +212,7 @@ impl Tensor {
         Ok(Tensor {
             dtype: first.dtype,
             shape,
-            data,
+            data: data.into(),
         })
     }
 
@@ -211,7 +221,10 @@ impl Tensor {
         Tensor::new(
             DataType::F32,
             shape,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
         )
     }
 

@@ -113,7 +113,7 @@ fn zero_rows(like: &[Tensor], rows: usize) -> Vec<Tensor> {
             Tensor {
                 dtype: t.dtype,
                 shape,
-                data: vec![0; rows * row_bytes],
+                data: vec![0; rows * row_bytes].into(),
             }
         })
         .collect()

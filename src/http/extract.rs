@@ -94,35 +94,57 @@ pub(crate) async fn read_frames<'a>(
     Ok(held)
 }
 
-/// Reads the whole body (see [`read_frames`]). A body that came in one frame is not copied.
-/// A body in several frames is gathered in a buffer that grows with what has arrived (at least
-/// doubling, so copies stay linear) but never past the declared Content-Length, so a 13 MiB
-/// body ends in 13 MiB, not 16.
+/// Reads the whole body (see [`read_frames`]) into one buffer, with [`Gather`].
 pub(crate) async fn read_body<'a>(
     app: &'a AppState,
     headers: &HeaderMap,
     body: Body,
     call: &Call,
 ) -> Result<(Bytes, BodyMemory<'a>), ApiError> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
-    let held = read_frames(app, headers, body, call, |chunk, declared| match &first {
-        None if rest.is_empty() => first = Some(chunk),
-        _ => {
-            let held = first.take();
-            reserve_for(
-                &mut rest,
-                held.as_ref().map_or(0, Bytes::len) + chunk.len(),
-                declared,
-            );
-            if let Some(f) = held {
-                rest.extend_from_slice(&f);
-            }
-            rest.extend_from_slice(&chunk);
-        }
+    let mut bytes = Gather::default();
+    let held = read_frames(app, headers, body, call, |chunk, declared| {
+        bytes.push(chunk, declared)
     })
     .await?;
-    Ok((first.unwrap_or_else(|| Bytes::from(rest)), held))
+    Ok((bytes.finish(), held))
+}
+
+/// Body bytes as they arrive, in one buffer at the end. Bytes that came in one chunk are kept as
+/// they came, a slice of the connection's read buffer (no copy). From a second chunk on they are
+/// copied into a buffer that grows with what has arrived (at least doubling, so copies stay
+/// linear) but never past the declared length, so a 13 MiB body ends in 13 MiB, not 16.
+#[derive(Default)]
+pub(crate) struct Gather {
+    first: Option<Bytes>,
+    rest: Vec<u8>,
+}
+
+impl Gather {
+    /// Adds `chunk`; `declared` is the declared length of all the bytes this gathers (0 when
+    /// unknown), a cap on the buffer's growth, never a size to allocate up front.
+    pub(crate) fn push(&mut self, chunk: Bytes, declared: usize) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk);
+            return;
+        }
+        let held = self.first.take();
+        reserve_for(
+            &mut self.rest,
+            held.as_ref().map_or(0, Bytes::len) + chunk.len(),
+            declared,
+        );
+        if let Some(f) = held {
+            self.rest.extend_from_slice(&f);
+        }
+        self.rest.extend_from_slice(&chunk);
+    }
+
+    pub(crate) fn finish(self) -> Bytes {
+        self.first.unwrap_or_else(|| Bytes::from(self.rest))
+    }
 }
 
 /// Makes room in `buf` for `more` bytes: at least doubling (so copies stay linear in the body's
@@ -220,4 +242,41 @@ pub(crate) fn content_type(headers: &HeaderMap) -> Option<String> {
                 .trim()
                 .to_ascii_lowercase()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_chunk_is_kept_as_it_came_and_several_are_gathered_in_order() {
+        let one = Bytes::from(vec![7u8; 100]);
+        let mut g = Gather::default();
+        g.push(Bytes::new(), 100);
+        g.push(one.clone(), 100);
+        let got = g.finish();
+        assert_eq!(got.as_ptr(), one.as_ptr(), "a lone chunk is not copied");
+
+        let mut g = Gather::default();
+        for (i, n) in [3usize, 0, 5, 2].into_iter().enumerate() {
+            g.push(Bytes::from(vec![i as u8; n]), 10);
+        }
+        let got = g.finish();
+        assert_eq!(&got[..], &[0, 0, 0, 2, 2, 2, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn the_buffer_grows_with_what_came_but_not_past_the_declared_length() {
+        // 13 chunks of 1 MiB, 13 MiB declared: the buffer ends at 13 MiB, not 16.
+        let mut buf = Vec::new();
+        for _ in 0..13 {
+            reserve_for(&mut buf, 1 << 20, 13 << 20);
+            buf.extend(std::iter::repeat_n(1u8, 1 << 20));
+        }
+        assert_eq!(buf.capacity(), 13 << 20);
+        // A declared length smaller than what came (a lie) does not cap the growth below it.
+        let mut buf = vec![0u8; 10];
+        reserve_for(&mut buf, 100_000, 50);
+        assert!(buf.capacity() >= 100_010);
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -66,8 +67,8 @@ fn param_u64(
 pub(crate) fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
     match header_len {
         Some(n) if n > body.len() => Err(header_too_long(n, body.len())),
-        Some(n) => parse_parts(&body[..n], body[n..].to_vec()),
-        None => parse_parts(body, Vec::new()),
+        Some(n) => parse_parts(&body[..n], Bytes::copy_from_slice(&body[n..])),
+        None => parse_parts(body, Bytes::new()),
     }
 }
 
@@ -77,10 +78,9 @@ pub(crate) fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
     ))
 }
 
-/// [`parse_request`] on a body already split into its JSON and the binary bytes after it. An
-/// input whose `binary_data_size` covers all of `binary` takes the buffer itself (no copy: the
-/// common single-input request); several binary inputs each copy their share.
-pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, ApiError> {
+/// [`parse_request`] on a body already split into its JSON and the binary bytes after it. Each
+/// binary input's tensor is a slice of `binary`, not a copy.
+pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError> {
     let total = binary.len();
     let mut offset = 0usize;
     let req = read_request(json)?;
@@ -117,17 +117,11 @@ pub(crate) fn parse_parts(json: &[u8], mut binary: Vec<u8>) -> Result<Parsed, Ap
                         count * dtype.size()
                     )));
                 }
-                let mine = if size == 0 {
-                    Vec::new()
-                } else if offset == 0 && size == total {
-                    std::mem::take(&mut binary)
-                } else {
-                    binary[offset..offset + size].to_vec()
-                };
+                let mine = binary.slice(offset..offset + size);
                 offset += size;
                 mine
             }
-            (None, Some(data)) => data,
+            (None, Some(data)) => Bytes::from(data),
             (None, None) => {
                 return Err(ApiError::MalformedBody(format!(
                     "{what} has neither `data` nor `binary_data_size`"
@@ -623,26 +617,30 @@ mod tests {
     }
 
     #[test]
-    fn binary_tail_is_taken_whole_or_shared_out() {
+    fn binary_tail_is_shared_out_without_a_copy() {
         let one = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
-        let tail: Vec<u8> = [1.5f32, -2.0]
+        let tail: Bytes = [1.5f32, -2.0]
             .iter()
             .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let ptr = tail.as_ptr();
+            .collect::<Vec<u8>>()
+            .into();
+        // One input claiming the whole tail keeps the buffer it came in.
         let p = parse_parts(one, tail.clone()).unwrap();
         assert_eq!(p.inputs[0].1.to_f32(), vec![1.5, -2.0]);
-        // One input claiming the whole tail keeps the buffer it came in.
-        let p = parse_parts(one, tail).unwrap();
-        assert_eq!(p.inputs[0].1.data.as_ptr(), ptr);
-        // Two inputs share it out in order; a second claim after a whole take runs past the end.
+        assert_eq!(p.inputs[0].1.data.as_ptr(), tail.as_ptr());
+        // Two inputs share it out in order, each a slice of it.
         let two = br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
-        let tail: Vec<u8> = [3.0f32, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tail: Bytes = [3.0f32, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into();
         let p = parse_parts(two, tail.clone()).unwrap();
         assert_eq!(
             (p.inputs[0].1.to_f32(), p.inputs[1].1.to_f32()),
             (vec![3.0], vec![4.0])
         );
+        assert_eq!(p.inputs[1].1.data.as_ptr(), tail[4..].as_ptr());
         let greedy = br#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let e = parse_parts(greedy, tail.clone()).unwrap_err();
         assert!(

@@ -260,7 +260,7 @@ pub(crate) fn to_tensor(img: &RgbImage, cfg: &ImageConfig) -> Tensor {
             Tensor {
                 dtype: DataType::U8,
                 shape,
-                data,
+                data: data.into(),
             }
         }
         ImageDtype::Fp32 => {

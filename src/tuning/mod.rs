@@ -181,7 +181,7 @@ pub(crate) fn synthetic_inputs(
             Tensor {
                 dtype: input.dtype,
                 shape,
-                data,
+                data: data.into(),
             }
         })
         .collect()

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -51,38 +51,43 @@ async fn handle(
 }
 
 /// Reads a binary-extension body as it streams in: the first `header_len` bytes into the JSON
-/// header, the rest into the buffer the tensor will own (see [`v2::parse_parts`]), so the tensor
-/// bytes are copied once, from the connection's buffers. Both buffers grow with what has
-/// arrived: neither Content-Length nor the header length is trusted to size them (a client could
-/// declare 16 MiB and send 11 bytes). Same limits as [`read_body`].
+/// header, the rest into the bytes the tensors will share (see [`v2::parse_parts`]). When the
+/// tensor bytes arrive in one piece, as on a keep-alive connection whose read buffer has grown to
+/// the requests' size, they are not copied at all; else once, from the connection's buffers (see
+/// [`extract::Gather`]). The header's buffer grows with what has arrived: neither Content-Length
+/// nor the header length is trusted to size it (a client could declare 16 MiB and send 11
+/// bytes). Same limits as [`read_body`].
 async fn read_binary_body<'a>(
     app: &'a AppState,
     headers: &HeaderMap,
     body: Body,
     header_len: usize,
     call: &Call,
-) -> Result<(Vec<u8>, Vec<u8>, BodyMemory<'a>), ApiError> {
+) -> Result<(Vec<u8>, Bytes, BodyMemory<'a>), ApiError> {
     let mut json = Vec::new();
-    let mut binary = Vec::new();
+    let mut binary = extract::Gather::default();
     let held = read_frames(app, headers, body, call, |mut chunk, declared| {
         if json.len() < header_len {
             let take = (header_len - json.len()).min(chunk.len());
             json.extend_from_slice(&chunk.split_to(take));
         }
-        // The tail's declared size caps its buffer's growth.
-        extract::reserve_for(
-            &mut binary,
-            chunk.len(),
-            declared.saturating_sub(header_len),
-        );
-        binary.extend_from_slice(&chunk);
+        binary.push(chunk, declared.saturating_sub(header_len));
     })
     .await?;
     if json.len() < header_len {
         return Err(v2::header_too_long(header_len, json.len()));
     }
+    let mut binary = binary.finish();
+    if binary.len() < SMALL_TAIL {
+        // A small tensor waiting in the queue should not hold a whole read buffer (up to
+        // hyper's ~400 KiB) alive: its few bytes are copied instead.
+        binary = Bytes::copy_from_slice(&binary);
+    }
     Ok((json, binary, held))
 }
+
+/// Tensor bytes below this size are copied out of the connection's read buffer.
+const SMALL_TAIL: usize = 16 << 10;
 
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
 /// none), and so does curl's default for `-d` (`application/x-www-form-urlencoded`).
@@ -128,7 +133,7 @@ async fn run(
         None => {
             let (bytes, held) = read_body(app, headers, body, &call).await?;
             let parsed = extract::decode(app, &call, bytes.len(), move || {
-                v2::parse_parts(&bytes, Vec::new())
+                v2::parse_parts(&bytes, Bytes::new())
             });
             (parsed.await?, held)
         }
