@@ -145,6 +145,16 @@ impl Gather {
     pub(crate) fn finish(self) -> Bytes {
         self.first.unwrap_or_else(|| Bytes::from(self.rest))
     }
+
+    /// [`Gather::finish`], but bytes under `small` that are still a slice of a chunk are copied
+    /// out of it, so that what they are kept for (a tensor waiting in a queue) does not hold the
+    /// whole read buffer the chunk is a slice of (up to hyper's ~400 KiB).
+    pub(crate) fn finish_detached_below(self, small: usize) -> Bytes {
+        match self.first {
+            Some(first) if first.len() < small => Bytes::copy_from_slice(&first),
+            _ => self.finish(),
+        }
+    }
 }
 
 /// Makes room in `buf` for `more` bytes: at least doubling (so copies stay linear in the body's
@@ -263,6 +273,16 @@ mod tests {
         }
         let got = g.finish();
         assert_eq!(&got[..], &[0, 0, 0, 2, 2, 2, 2, 2, 3, 3]);
+
+        // Below the size given, a lone chunk is copied out of the buffer it is a slice of.
+        let mut g = Gather::default();
+        g.push(one.clone(), 100);
+        let got = g.finish_detached_below(101);
+        assert_ne!(got.as_ptr(), one.as_ptr());
+        assert_eq!(got, one);
+        let mut g = Gather::default();
+        g.push(one.clone(), 100);
+        assert_eq!(g.finish_detached_below(100).as_ptr(), one.as_ptr());
     }
 
     #[test]

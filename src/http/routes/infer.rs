@@ -77,16 +77,11 @@ async fn read_binary_body<'a>(
     if json.len() < header_len {
         return Err(v2::header_too_long(header_len, json.len()));
     }
-    let mut binary = binary.finish();
-    if binary.len() < SMALL_TAIL {
-        // A small tensor waiting in the queue should not hold a whole read buffer (up to
-        // hyper's ~400 KiB) alive: its few bytes are copied instead.
-        binary = Bytes::copy_from_slice(&binary);
-    }
-    Ok((json, binary, held))
+    Ok((json, binary.finish_detached_below(SMALL_TAIL), held))
 }
 
-/// Tensor bytes below this size are copied out of the connection's read buffer.
+/// Tensor bytes below this size are copied out of the connection's read buffer: a small tensor
+/// waiting in a queue should not hold a whole read buffer alive.
 const SMALL_TAIL: usize = 16 << 10;
 
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
