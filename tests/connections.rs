@@ -307,3 +307,44 @@ async fn a_burst_of_connections_fits_the_listen_backlog() {
     );
     drop(listener);
 }
+
+/// A connection's read buffer is at most 128 KiB (`READ_BUFFER` in src/http/serve.rs): a request
+/// head larger than that is refused with 431 and the connection closed, and the server goes on
+/// serving; a body larger than the buffer is read in several reads and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_larger_than_the_read_buffer_is_refused_and_a_larger_body_is_served() {
+    let (addr, stop, task) = serve("{drain_delay: 0s}").await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let pad = "a".repeat(200 << 10);
+    w.write_all(
+        format!("GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-Pad: {pad}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut r = BufReader::new(r);
+    let (status, _, _) = read_response(&mut r).await.unwrap();
+    assert_eq!(status, 431, "a 200 KiB head");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is closed after the 431");
+
+    // 300 KiB of JSON whitespace after the request: one body, several reads.
+    let body = format!("{BODY}{}", " ".repeat(300 << 10));
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(
+        format!(
+            "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, _, answer) = read_response(&mut BufReader::new(r)).await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(one_request(addr).await.0, 200);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

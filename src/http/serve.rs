@@ -224,6 +224,14 @@ impl AsyncWrite for Watched {
     }
 }
 
+/// Most bytes one connection's read buffer holds (hyper's default is about 400 KiB), so also
+/// the longest request head (431 above). A binary tensor that arrived in one read is a slice of
+/// that buffer until its batch has run, so the buffer is held that long
+/// (src/http/routes/infer.rs); under every class of `scripts/hostile.py` at once the peak RSS
+/// was 12.9 MiB lower than with hyper's default (docs/BENCHMARKS.md). Bigger bodies take more
+/// reads.
+const READ_BUFFER: usize = 128 << 10;
+
 /// One HTTP/1.1 connection until it closes: by the client, by a timeout, or gracefully once
 /// `closing` turns true.
 async fn connection(
@@ -257,6 +265,7 @@ async fn connection(
     // timer, which would set a timer for every request.
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .max_buf_size(READ_BUFFER)
         .serve_connection(io, service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(
