@@ -148,7 +148,7 @@ impl Gather {
 
     /// [`Gather::finish`], but bytes under `small` that are still a slice of a chunk are copied
     /// out of it, so that what they are kept for (a tensor waiting in a queue) does not hold the
-    /// whole read buffer the chunk is a slice of (up to hyper's ~400 KiB).
+    /// whole read buffer the chunk is a slice of (up to `READ_BUFFER` in src/http/serve.rs).
     pub(crate) fn finish_detached_below(self, small: usize) -> Bytes {
         match self.first {
             Some(first) if first.len() < small => Bytes::copy_from_slice(&first),
