@@ -184,6 +184,14 @@ impl Tensor {
         }
     }
 
+    /// Rows `start..start + count` in a buffer of their own, for rows kept long after their
+    /// request: a slice would keep the request's whole buffer alive.
+    pub fn copy_rows(&self, start: usize, count: usize) -> Tensor {
+        let mut rows = self.slice_rows(start, count);
+        rows.data = Bytes::copy_from_slice(&rows.data);
+        rows
+    }
+
     /// Concatenates along dim 0. All parts must share dtype and non-batch dims.
     pub fn concat(parts: &[&Tensor]) -> Result<Tensor, TensorError> {
         let first = parts.first().ok_or(TensorError::Scalar)?;
@@ -271,6 +279,11 @@ mod tests {
         assert_eq!(c.to_f32(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(c.slice_rows(0, 1), a);
         assert_eq!(c.slice_rows(1, 2), b);
+        // A slice shares the tensor's bytes; copied rows have their own.
+        assert_eq!(c.slice_rows(1, 2).data.as_ptr(), c.data[8..].as_ptr());
+        let own = c.copy_rows(1, 2);
+        assert_eq!(own, b);
+        assert_ne!(own.data.as_ptr(), c.data[8..].as_ptr());
     }
 
     #[test]

@@ -194,7 +194,7 @@ pub(super) async fn run(
                     if sample.is_none() {
                         sample = batch
                             .first()
-                            .map(|e| e.inputs.iter().map(|t| t.slice_rows(0, 1)).collect());
+                            .map(|e| e.inputs.iter().map(|t| t.copy_rows(0, 1)).collect());
                     }
                     let rows = batch.iter().map(|e| e.rows).sum();
                     let inflight = reservation.start(&pool, rows);
