@@ -104,9 +104,9 @@ pub enum TensorError {
 
 /// A dense tensor: `data.len() == shape.product() * dtype.size()`, little-endian.
 ///
-/// The bytes are shared, not owned: a binary request's tensor is a slice of the connection's read
-/// buffer when its bytes arrived in one piece, and [`Tensor::slice_rows`] is a slice of its
-/// tensor, so neither copies.
+/// The bytes are shared, not owned: a binary request's tensor of 16 KiB or more is a slice of the
+/// connection's read buffer when its bytes arrived in one piece, and [`Tensor::slice_rows`] is a
+/// slice of its tensor, so neither copies. [`Tensor::copy_rows`] is for rows kept long.
 #[derive(Clone, PartialEq)]
 pub struct Tensor {
     pub dtype: DataType,

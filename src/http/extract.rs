@@ -160,7 +160,7 @@ impl Gather {
 /// Makes room in `buf` for `more` bytes: at least doubling (so copies stay linear in the body's
 /// size), but never past `declared` (the declared length of what `buf` gathers, when that is
 /// at least what has arrived), so a body ends in a buffer of its own size.
-pub(crate) fn reserve_for(buf: &mut Vec<u8>, more: usize, declared: usize) {
+fn reserve_for(buf: &mut Vec<u8>, more: usize, declared: usize) {
     let needed = buf.len() + more;
     if needed > buf.capacity() {
         let mut cap = needed.max(2 * buf.capacity()).max(64 << 10);
