@@ -408,6 +408,23 @@ fn row(
     }
 }
 
+/// The server's V2 parser on `body` alone, in this thread: nanoseconds per number, best of five
+/// rounds of about 0.2 s.
+fn parse_ns_per_number(body: &[u8], numbers: usize) -> f64 {
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let mut reps = 0u32;
+        while start.elapsed() < Duration::from_millis(200) {
+            ortserve::testing::parse_v2(std::hint::black_box(body), None)
+                .expect("the bench's body parses");
+            reps += 1;
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / (f64::from(reps) * numbers as f64));
+    }
+    best
+}
+
 /// A V2 JSON body with one FP32 input, its data flat (written here, not by the server's codec).
 fn v2_json_body(name: &str, t: &Tensor) -> Vec<u8> {
     let data = t.to_f32();
@@ -633,7 +650,9 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 line.reference = Some("in-process ceiling".into());
                 rows.push(line);
                 drop(hello);
-                let json = client::request("POST", &path, &[], &v2_json_body("input", &x));
+                let body = v2_json_body("input", &x);
+                let parse = parse_ns_per_number(&body, x.element_count());
+                let json = client::request("POST", &path, &[], &body);
                 let (r, mb) = load_server(&rt, server.addr, json, 32, o);
                 let mut line = row("b", "ortserve V2 JSON, cnn", 32, 1, &r).with_batch(mb);
                 line.ratio = Some(line.rows_per_second / best);
@@ -642,7 +661,7 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 let numbers = line.requests_per_second * x.element_count() as f64;
                 line.reference = Some(match &line.cpu {
                     Some(c) if numbers > 0.0 => format!(
-                        "in-process ceiling; HTTP threads {:.1} ns per number",
+                        "in-process ceiling; HTTP threads {:.1} ns per number, the parser alone {parse:.1}",
                         c.http / numbers * 1e9
                     ),
                     _ => "in-process ceiling".into(),

@@ -1,7 +1,8 @@
 //! A one-pass JSON reader for request bodies. Tensor data (V2 `data`, TF-Serving `instances`) is
 //! read once, straight from the text into the tensor's little-endian bytes: the reader checks
-//! the JSON grammar of each number as it finds the number's end, and parses it with a correctly
-//! rounded parser (Eisel-Lemire, `fast-float2`). No JSON tree is built and nothing is validated
+//! the JSON grammar of each number as it finds the number's end, and turns it into its value by
+//! a fast path with a proven error bound ([`f32_near`], Clinger's for f64), or, where that
+//! cannot decide, a correctly rounded parser (Eisel-Lemire, `fast-float2`). No JSON tree is built and nothing is validated
 //! first and parsed again. The small members around the data (names, shapes, parameters) are
 //! cut out by their brackets and handed to serde_json, which checks and types them.
 
@@ -436,7 +437,15 @@ impl<'a> Reader<'a> {
                         Some(_) => {}
                     }
                     // A run of values in one array, the common case, without the general
-                    // loop's bookkeeping between them.
+                    // loop's bookkeeping between them. `room`: how many more values the run may
+                    // take, none after a bare value (there is no array to continue), and the
+                    // rows left when rows are counted in the outer array.
+                    let room = match (open.len(), rows) {
+                        (0, _) => 0,
+                        (1, Rows::Counted { .. }) => shape[0] - open[0],
+                        _ => usize::MAX,
+                    };
+                    let mut more = 0usize;
                     loop {
                         match E::read(b, i) {
                             Ok((v, end)) => {
@@ -454,7 +463,7 @@ impl<'a> Reader<'a> {
                             }
                         }
                         n += 1;
-                        if b.get(i) != Some(&b',') {
+                        if b.get(i) != Some(&b',') || more == room {
                             break;
                         }
                         let mut j = i + 1;
@@ -466,7 +475,10 @@ impl<'a> Reader<'a> {
                             break;
                         }
                         i = j;
-                        counted(&mut open)?;
+                        more += 1;
+                    }
+                    if let Some(c) = open.last_mut() {
+                        *c += more;
                     }
                 }
             }
@@ -606,6 +618,12 @@ const EXACT_POW10: [f64; 23] = [
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
 
+/// 10^-k, each the f64 nearest it (one rounding).
+const NEGATIVE_POW10: [f64; 23] = [
+    1e0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13, 1e-14,
+    1e-15, 1e-16, 1e-17, 1e-18, 1e-19, 1e-20, 1e-21, 1e-22,
+];
+
 /// Reads the JSON number at `i`: `Err(Syntax)` where the grammar breaks, `Err(Value)` where
 /// another JSON value starts (see [`not_a_number`]).
 #[inline(always)]
@@ -694,47 +712,39 @@ fn clinger(d: &Decimal) -> Option<f64> {
     Some(if d.negative { -v } else { v })
 }
 
-/// Whether `wide` (in 1e-22..1e38, where f32s are normal) lies exactly half way between two
-/// f32s: the bits below f32's 24 are a one and 28 zeros.
+/// The f32 nearest to `d` when its significand fits in a u64 (at most 19 digits: f32s written
+/// short, `0.19`, and widened to f64, `0.19000005722045898`, as numpy's `tolist()` gives them)
+/// and its power of ten is at most 22. At most three roundings make the f64 `wide`: the
+/// significand's conversion, 10^-k (10^k is exact) and the product; each is within half an ulp,
+/// so `wide` is within three f64 ulps of the number. It rounds to the same f32 as the number
+/// unless one of f32's halfway points (an f64 whose 29 bits below f32's 24 are a one and 28
+/// zeros) lies that close: then `None` leaves it to the full parser (about one number in 10^8).
+/// Values here lie in 1e-22..2e41, where f32 is normal, or overflows at a threshold that is a
+/// halfway point too.
 #[inline(always)]
-fn f32_halfway(wide: f64) -> bool {
-    wide.to_bits() & 0x1FFF_FFFF == 0x1000_0000
-}
-
-/// The f32 nearest to `d` when its significand has 16 to 19 digits, as f32s widened to f64 are
-/// written (`0.18999999761581421`, numpy's `tolist()`): the significand cut to 15 digits and
-/// that plus one bound the number, both bounds are exact by [`clinger`], and where they round
-/// to the same f32 (neither on a halfway point), so does every number between them. `None`
-/// (rare: the number is within 1e-15 of a halfway point) leaves it to the full parser.
-#[inline(always)]
-fn f32_between(d: &Decimal) -> Option<f32> {
-    const POW10: [u64; 6] = [1, 10, 100, 1_000, 10_000, 100_000];
-    let m = d.digits.filter(|&m| m > 1 << 53)?;
-    // 2^53 has 16 digits; cut down to 15.
-    let cut = 1 + [
-        10_000_000_000_000_000,
-        100_000_000_000_000_000,
-        1_000_000_000_000_000_000,
-        10_000_000_000_000_000_000,
-    ]
-    .iter()
-    .take_while(|&&p| m >= p)
-    .count();
-    let low = m / POW10[cut];
-    let exponent = d.exponent + cut as i64;
-    let bound = |m: u64| {
-        clinger(&Decimal {
-            end: d.end,
-            negative: false,
-            integer: false,
-            digits: Some(m),
-            exponent,
-        })
-        .filter(|&w| !f32_halfway(w))
-        .map(|w| w as f32)
+fn f32_near(d: &Decimal) -> Option<f32> {
+    const HALF: u64 = 0x1000_0000;
+    let m = d.digits?;
+    if !(-22..=22).contains(&d.exponent) {
+        return None;
+    }
+    // A signed conversion is one instruction; the unsigned one (past 2^63) several.
+    let wide = if m >> 63 == 0 {
+        m as i64 as f64
+    } else {
+        m as f64
     };
-    let (a, b) = (bound(low)?, bound(low + 1)?);
-    (a == b).then_some(if d.negative { -a } else { a })
+    let k = d.exponent.unsigned_abs() as usize;
+    let wide = if d.exponent < 0 {
+        wide * NEGATIVE_POW10[k]
+    } else {
+        wide * EXACT_POW10[k]
+    };
+    if (wide.to_bits() & 0x1FFF_FFFF).abs_diff(HALF) <= 3 {
+        return None;
+    }
+    let v = wide as f32;
+    Some(if d.negative { -v } else { v })
 }
 
 /// The JSON number at `i` as the f64 nearest to it, and its end: by [`clinger`], else by
@@ -777,17 +787,9 @@ impl Element for f32 {
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
         let d = decimal(b, i)?;
         let end = d.end;
-        // The f64 nearest the number rounds to the f32 nearest it unless it sits exactly half
-        // way between two f32s (f32's halfway points are f64s): then the text decides. A
-        // fast-path value lies in 1e-22..1e38, where f32s are normal and the halfway bits are
-        // these.
-        let v = match clinger(&d) {
-            Some(wide) if !f32_halfway(wide) => wide as f32,
-            Some(_) => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
-            None => match f32_between(&d) {
-                Some(v) => v,
-                None => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
-            },
+        let v = match f32_near(&d) {
+            Some(v) => v,
+            None => fast_float2::parse::<f32, _>(&b[i..end]).map_err(|_| Bad::Value)?,
         };
         finite(v, v.is_finite(), end)
     }
@@ -1044,6 +1046,30 @@ mod tests {
             let got = flat(&format!("[{text}]"), DataType::F32, 1).unwrap();
             let want = text.parse::<f32>().unwrap().to_le_bytes();
             assert_eq!(got, want, "{text}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Numbers a few f64 ulps from a point half way between two f32s, written with 16 to 19
+        /// significant digits: the fast path's f64 may land on either side of such a point, and
+        /// must then leave the number to the full parser.
+        #[test]
+        fn numbers_next_to_an_f32_halfway_point_read_as_the_standard_library_reads_them(
+            bits in 0x0080_0000u32..0x7F7F_FFFF,
+            ulps in -12i64..=12,
+            digits in 15usize..=18,
+            negative in any::<bool>(),
+        ) {
+            let low = f32::from_bits(bits);
+            let high = f32::from_bits(bits + 1);
+            let half = (f64::from(low) + f64::from(high)) / 2.0;
+            let near = f64::from_bits(half.to_bits().wrapping_add_signed(ulps));
+            let sign = if negative { "-" } else { "" };
+            let token = format!("{sign}{near:.digits$e}");
+            let got = flat(&format!("[{token}]"), DataType::F32, 1).ok();
+            prop_assert_eq!(got, std_value(&token, DataType::F32), "{}", token);
         }
     }
 

@@ -495,6 +495,18 @@ mod tests {
     }
 
     #[test]
+    fn a_scalar_input_may_have_members_after_its_data() {
+        let last = br#"{"inputs":[{"name":"x","shape":[],"datatype":"FP32","data":1.5}]}"#;
+        let middle =
+            br#"{"inputs":[{"name":"x","shape":[],"datatype":"FP32","data":1.5,"parameters":{}}]}"#;
+        let first = br#"{"inputs":[{"data":1.5,"name":"x","shape":[],"datatype":"FP32"}]}"#;
+        let want = parse_request(last, None).unwrap().inputs;
+        assert_eq!(want[0].1.to_f32(), vec![1.5]);
+        assert_eq!(parse_request(middle, None).unwrap().inputs, want);
+        assert_eq!(parse_request(first, None).unwrap().inputs, want);
+    }
+
+    #[test]
     fn bodies_that_are_not_json_requests_are_refused_with_where() {
         for (body, says) in [
             (
