@@ -2,9 +2,10 @@
 //! read once, straight from the text into the tensor's little-endian bytes: the reader checks
 //! the JSON grammar of each number as it finds the number's end, and turns it into its value by
 //! a fast path with a proven error bound ([`f32_near`], Clinger's for f64), or, where that
-//! cannot decide, a correctly rounded parser (Eisel-Lemire, `fast-float2`). No JSON tree is built and nothing is validated
-//! first and parsed again. The small members around the data (names, shapes, parameters) are
-//! cut out by their brackets and handed to serde_json, which checks and types them.
+//! cannot decide, a correctly rounded parser (Eisel-Lemire, `fast-float2`). No JSON tree is
+//! built and nothing is validated first and parsed again. The small members around the data
+//! (names, shapes, parameters) are cut out by their brackets and handed to serde_json, which
+//! checks and types them.
 
 use std::borrow::Cow;
 use std::fmt::Display;
