@@ -504,6 +504,17 @@ mod tests {
         assert_eq!(want[0].1.to_f32(), vec![1.5]);
         assert_eq!(parse_request(middle, None).unwrap().inputs, want);
         assert_eq!(parse_request(first, None).unwrap().inputs, want);
+        // A second bare value is not data: the object wants its next key there.
+        for body in [
+            &br#"{"inputs":[{"name":"x","shape":[],"datatype":"FP32","data":1.5,2.5}]}"#[..],
+            br#"{"inputs":[{"data":1.5,2.5,"name":"x","shape":[],"datatype":"FP32"}]}"#,
+        ] {
+            let e = parse_request(body, None).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::MalformedBody(m) if m.contains("expected a string key")),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]
