@@ -225,8 +225,8 @@ impl AsyncWrite for Watched {
 }
 
 /// Most bytes one connection's read buffer holds (hyper's default is about 400 KiB), so also
-/// the longest request head: a longer one is answered 431. A binary tensor that arrived in one read is a slice of
-/// that buffer until its batch has run, so the buffer is held that long
+/// the longest request head: a longer one is answered 431. A binary tensor that arrived in one
+/// read is a slice of that buffer until its batch has run, so the buffer is held that long
 /// (src/http/routes/infer.rs); under every class of `scripts/hostile.py` at once the peak RSS
 /// was 12.9 MiB lower than with hyper's default (docs/BENCHMARKS.md). Bigger bodies take more
 /// reads.
