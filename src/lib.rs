@@ -60,4 +60,4 @@ pub mod tensor;
 pub mod testing;
 pub mod tuning;
 
-pub use startup::{run, start, tune, Server, StartupError};
+pub use startup::{run, start, tune, Listeners, Server, StartupError};

@@ -151,16 +151,29 @@ fn serve(config: Config) -> Result<ExitCode, ExitCode> {
     init_tracing(config.server.log_format, "info");
     let runtime = async_runtime()?;
     Ok(runtime.block_on(async {
+        ortserve::shutdown::ignore_hangups();
         let server = &config.server;
-        let listener = match ortserve::http::bind(&server.http_addr, server.listen_backlog).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(addr = %config.server.http_addr, error = %e, "cannot bind");
-                return ExitCode::FAILURE;
+        let bind = |addr: &str| {
+            let addr = addr.to_string();
+            async move {
+                ortserve::http::bind(&addr, server.listen_backlog)
+                    .await
+                    .map_err(|e| tracing::error!(%addr, error = %e, "cannot bind"))
             }
         };
+        let Ok(http) = bind(&server.http_addr).await else {
+            return ExitCode::FAILURE;
+        };
+        let admin = match &server.admin_addr {
+            Some(addr) => match bind(addr).await {
+                Ok(l) => Some(l),
+                Err(()) => return ExitCode::FAILURE,
+            },
+            None => None,
+        };
         tracing::info!(addr = %config.server.http_addr, "bound; loading models");
-        match ortserve::run(config, listener, ortserve::shutdown::signal()).await {
+        let listeners = ortserve::Listeners { http, admin };
+        match ortserve::run(config, listeners, ortserve::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "startup failed");

@@ -4,6 +4,9 @@
 //! so load balancers stop sending; then it stops accepting, lets in-flight requests finish for up
 //! to `shutdown_timeout`, closes the batchers (which run what is queued) and joins the device
 //! threads.
+//!
+//! SIGHUP never ends the process (its default action would, at once and without a drain): it
+//! is logged and otherwise ignored while models are fixed at startup.
 
 /// Resolves on the first SIGTERM or SIGINT. A second one ends the process at once (exit code
 /// 130), for an operator who does not want to wait for the drain.
@@ -14,6 +17,26 @@ pub async fn signal() {
         tracing::warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
+}
+
+/// Takes SIGHUP from its default action (ending the process) for the rest of the process's
+/// life: each one is logged and ignored. Call it inside the runtime before serving, so a hangup
+/// that comes while models load is caught too.
+pub fn ignore_hangups() {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP received: ignored (models and config are fixed at startup; \
+                         SIGTERM drains and stops)"
+                    );
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot listen for SIGHUP"),
+    }
 }
 
 async fn one_signal() {

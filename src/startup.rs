@@ -353,6 +353,20 @@ fn new_state(config: &Config) -> Arc<AppState> {
     ))
 }
 
+/// Where the server listens: the data port and, when `server.admin_addr` is set, the admin port
+/// (liveness, readiness and metrics on a connection limit of their own). A bare `TcpListener`
+/// converts into one with no admin port.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(http: TcpListener) -> Listeners {
+        Listeners { http, admin: None }
+    }
+}
+
 /// A loaded server, not yet serving: its state (for a router) and its models' owners.
 pub struct Server {
     state: Arc<AppState>,
@@ -366,14 +380,15 @@ impl Server {
         &self.state
     }
 
-    /// Serves HTTP on `listener` until `shutdown` resolves, then drains and stops every model.
+    /// Serves HTTP on `listeners` until `shutdown` resolves, then drains and stops every model.
     /// Returns when the device threads are joined.
     pub async fn serve(
         self,
-        listener: TcpListener,
+        listeners: impl Into<Listeners>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let served = serve_until(self.state.clone(), &self.config, listener, shutdown).await;
+        let served =
+            serve_until(self.state.clone(), &self.config, listeners.into(), shutdown).await;
         stop_models(self.owners).await;
         served
     }
@@ -400,11 +415,11 @@ pub async fn start(config: &Config) -> Result<Server, StartupError> {
 /// serves them until `shutdown` resolves. A loading failure ends the server with the error.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let state = new_state(&config);
-    let serving = serve_until(state.clone(), &config.server, listener, shutdown);
+    let serving = serve_until(state.clone(), &config.server, listeners.into(), shutdown);
     tokio::pin!(serving);
     let loading = load_models(&config, &state.metrics);
     tokio::pin!(loading);
@@ -437,18 +452,35 @@ pub async fn tune(config: &Config) -> Result<BTreeMap<String, Vec<DeviceTuning>>
     Ok(results)
 }
 
-/// Serves HTTP on `listener` until `shutdown` resolves, then drains: readiness turns 503 at
+/// Serves HTTP on `listeners` until `shutdown` resolves, then drains: readiness turns 503 at
 /// once, requests are still served for `drain_delay` (so load balancers deregister the pod),
-/// then the listener closes and open requests get up to `shutdown_timeout` to finish.
+/// then the listener closes and open requests get up to `shutdown_timeout` to finish. The admin
+/// port answers probes and scrapes throughout and closes last.
 async fn serve_until(
     state: Arc<AppState>,
     server: &ServerConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener = listeners.http;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving HTTP");
     }
+    // The admin port stops when the data port has: `admin_stop` is dropped on return.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = listeners.admin.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "serving probes and metrics on the admin port");
+        }
+        tokio::spawn(crate::http::serve_admin(
+            state.clone(),
+            server,
+            l,
+            async move {
+                let _ = admin_stopped.await;
+            },
+        ))
+    });
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_delay = server.drain_delay.0;
     let draining = state.clone();
@@ -469,11 +501,22 @@ async fn serve_until(
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        r = http => r?,
-        _ = overdue => tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time"),
+    let served = tokio::select! {
+        r = http => r,
+        _ = overdue => {
+            tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time");
+            Ok(())
+        }
+    };
+    drop(admin_stop);
+    if let Some(admin) = admin {
+        match admin.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the admin port ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "the admin port's task failed"),
+            Ok(Ok(())) => {}
+        }
     }
-    Ok(())
+    served
 }
 
 /// Stops every model: each answers what it admitted, then its threads are joined.
@@ -505,7 +548,7 @@ mod tests {
         let serving = tokio::spawn({
             let state = state.clone();
             async move {
-                serve_until(state, &server, listener, async {
+                serve_until(state, &server, listener.into(), async {
                     let _ = signalled.await;
                 })
                 .await

@@ -20,7 +20,10 @@ fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
 
 fn ortserve(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("ORT_DYLIB_PATH");
+    // Tests run side by side: no fixed admin port.
+    cmd.args(args)
+        .env_remove("ORT_DYLIB_PATH")
+        .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -149,6 +152,7 @@ fn start_ready_in(
     cmd.current_dir(cwd)
         .args(args)
         .env_remove("ORT_DYLIB_PATH")
+        .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, v) in env {
@@ -341,11 +345,64 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
 }
 
 fn sigterm(pid: &str) {
+    signal("-TERM", pid);
+}
+
+fn signal(which: &str, pid: &str) {
     assert!(Command::new("kill")
-        .args(["-TERM", pid])
+        .args([which, pid])
         .status()
         .unwrap()
         .success());
+}
+
+/// SIGHUP (a terminal closing, `kill -HUP`, a config reloader) never ends the process (issue 24,
+/// finding 3): its default action used to end it at once with code 129, requests in flight lost.
+#[test]
+fn sighup_under_load_neither_ends_the_server_nor_loses_a_request() {
+    let (mut server, port, _dir) = serve_mlp("drain_delay: 0s, shutdown_timeout: 5s");
+    let pid = server.0.id().to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                // Bounded: at most 2,000 requests each.
+                for _ in 0..2000 {
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    match http(port, "POST", "/v2/models/mlp/infer", MLP_ROW) {
+                        Ok((200, _)) => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        signal("-HUP", &pid);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        assert!(
+            ok > 0 && failed.is_empty(),
+            "{ok} answered, {} failed, the first: {:?}",
+            failed.len(),
+            failed.iter().take(3).collect::<Vec<_>>()
+        );
+    }
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    assert_eq!(http(port, "GET", "/v2/health/ready", "").unwrap().0, 200);
 }
 
 #[test]

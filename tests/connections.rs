@@ -32,17 +32,40 @@ async fn serve(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    let (addr, _, stop, task) = serve_with_admin(server_yaml, false).await;
+    (addr, stop, task)
+}
+
+/// [`serve`], with an admin listener on 127.0.0.1:0 when `admin` (its address second).
+async fn serve_with_admin(
+    server_yaml: &str,
+    admin: bool,
+) -> (
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let config = config(&format!(
         "server: {server_yaml}\nmodels: [{{name: mlp, path: mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
     ));
     let server = ortserve::start(&config).await.expect("server starts");
     let listener = ortserve::http::bind("127.0.0.1:0", 4096).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let admin = match admin {
+        true => Some(ortserve::http::bind("127.0.0.1:0", 64).await.unwrap()),
+        false => None,
+    };
+    let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+    let listeners = ortserve::Listeners {
+        http: listener,
+        admin,
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.serve(listener, async {
+    let task = tokio::spawn(server.serve(listeners, async {
         let _ = stopped.await;
     }));
-    (addr, stop, task)
+    (addr, admin_addr, stop, task)
 }
 
 /// One response: status, whether it said `Connection: close`, and its body.
@@ -346,5 +369,102 @@ async fn a_head_larger_than_the_read_buffer_is_refused_and_a_larger_body_is_serv
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     assert_eq!(one_request(addr).await.0, 200);
     stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// A GET on a fresh connection: the status and how long the answer took.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Duration) {
+    let t = Instant::now();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, _, _) = read_response(&mut BufReader::new(r)).await.unwrap();
+    (status, t.elapsed())
+}
+
+/// Clients that pipeline requests and never read their answers (issue 24, finding 1): each
+/// fills the server's socket buffer and blocks its writes. They take every connection of the
+/// data port; the admin port still answers liveness at once, and each stalled connection is
+/// closed once its write has made no progress for `write_timeout`, so the data port serves
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_closed_and_cannot_starve_the_probes() {
+    let (addr, admin, stop, task) = serve_with_admin(
+        "{max_connections: 4, write_timeout: 600ms, keep_alive_timeout: 60s, drain_delay: 0s}",
+        true,
+    )
+    .await;
+    let admin = admin.unwrap();
+    // Each request is answered 404 with its 16 KiB path in the body: 2,000 of them are 32 MiB
+    // of answers, far more than loopback's socket buffers hold.
+    let one = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "p".repeat(16 << 10));
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let one = one.clone();
+        // Writes until the server stops reading (its buffers are full too) or closes.
+        let writer = tokio::spawn(async move {
+            for _ in 0..2000 {
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(10), w.write_all(one.as_bytes()));
+                if !matches!(sent.await, Ok(Ok(()))) {
+                    break;
+                }
+            }
+            w
+        });
+        stalled.push((r, writer));
+    }
+    // Let the writes fill every buffer and stall.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The admin port is not behind the data port's connection limit. (A second, not the
+    // 100 ms `scripts/hostile.py` holds the release binary to: this debug build shares two
+    // cores with the other tests and with clients writing 128 MiB.)
+    for _ in 0..5 {
+        let (status, took) = get(admin, "/v2/health/live").await;
+        assert_eq!(status, 200);
+        assert!(
+            took < Duration::from_secs(1),
+            "liveness on the admin port took {took:?} with the data port full"
+        );
+    }
+    let (status, _) = get(admin, "/v2/health/ready").await;
+    assert_eq!(status, 200);
+    let (status, _) = get(admin, "/v2/models/mlp").await;
+    assert_eq!(status, 404, "the admin port serves probes and metrics only");
+
+    // The data port serves again once the stalled connections are closed.
+    let (status, took) = tokio::time::timeout(Duration::from_secs(5), one_request(addr))
+        .await
+        .expect("a normal request was answered while every connection was held by a client that does not read");
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_millis(2500),
+        "answered after {took:?}; write_timeout is 600 ms"
+    );
+    // And every stalled connection was closed: reading it ends (in a reset or the end). (Read
+    // one too early, and it is a client that reads again: its answers go on.)
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for (mut r, writer) in stalled {
+        let mut buf = vec![0u8; 1 << 16];
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a stalled connection is still open");
+        drop(writer.await);
+    }
+    let _ = stop.send(());
     task.await.unwrap().unwrap();
 }

@@ -134,11 +134,14 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
     }
 
     // The binary starts from the tree alone: the library next to it, the baked-in config.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, admin_port) = (free_port(), free_port());
     let log = dir.path().join("server.log");
     let mut server = Command::new(tree.join("ortserve"))
         .args([
@@ -148,6 +151,7 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         ])
         .env_remove("ORT_DYLIB_PATH")
         .env("ORTSERVE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("ORTSERVE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
         .env("ORTSERVE_LOG_FORMAT", "text")
         .current_dir(dir.path())
         .stdout(Stdio::null())
@@ -163,15 +167,41 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The image's HEALTHCHECK, as the Dockerfile writes it, against the port the baked-in
+    // config's admin_addr names (here moved to `admin_port`).
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let check_url = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .find_map(|l| l.split('"').find(|w| w.starts_with("http://")))
+        .expect("the HEALTHCHECK's probe URL");
+    let baked = ortserve::config::Config::from_yaml(
+        &std::fs::read_to_string(tree.join("config/config.yaml")).unwrap(),
+    )
+    .unwrap();
+    let baked_admin = baked.server.admin_addr.as_deref().expect("an admin port");
+    let check_port = check_url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .nth(1)
+        .unwrap();
+    assert_eq!(
+        Some(check_port),
+        baked_admin.rsplit(':').next(),
+        "HEALTHCHECK {check_url} vs the image config's admin_addr {baked_admin}"
+    );
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("EXPOSE") && l.split_whitespace().any(|p| p == check_port)),
+        "the Dockerfile exposes the admin port"
+    );
+    let url = check_url.replace(&format!(":{check_port}/"), &format!(":{admin_port}/"));
     let probe = Command::new(tree.join("ortserve"))
-        .args([
-            "probe",
-            "--url",
-            &format!("http://127.0.0.1:{port}/v2/health/ready"),
-        ])
+        .args(["probe", "--url", &url])
         .status()
         .unwrap();
-    assert!(probe.success(), "the image's HEALTHCHECK command");
+    assert!(probe.success(), "the image's HEALTHCHECK command: {url}");
 
     for overlay in ["cpu", "gpu"] {
         let (_, docs) = render(overlay);
@@ -190,25 +220,54 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         let deploy = kind(&docs, "Deployment");
         let pod = &deploy["spec"]["template"]["spec"];
         let c = &pod["containers"][0];
-        // Probes: real routes, on the port the config listens on.
-        let port_name = c["ports"][0]["name"].as_str().unwrap();
-        let container_port = c["ports"][0]["containerPort"].as_u64().unwrap();
-        let listen: std::net::SocketAddr = config.server.http_addr.parse().unwrap();
+        // Probes and the scrape: real routes, on the admin port the config listens on (so
+        // clients that hold every API connection cannot starve them).
+        let declared = |name: &str| {
+            c["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .and_then(|p| p["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("{overlay}: no container port named {name}"))
+        };
+        let port_of = |addr: &str| -> u64 {
+            let a: std::net::SocketAddr = addr.parse().unwrap();
+            u64::from(a.port())
+        };
         assert_eq!(
-            container_port,
-            u64::from(listen.port()),
+            declared("http"),
+            port_of(&config.server.http_addr),
             "{overlay}: containerPort vs http_addr"
+        );
+        let admin_addr = config.server.admin_addr.as_deref().expect("admin_addr");
+        assert_eq!(
+            declared("admin"),
+            port_of(admin_addr),
+            "{overlay}: containerPort vs admin_addr"
         );
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let get = &c[probe]["httpGet"];
-            assert_eq!(get["port"], port_name, "{overlay} {probe} port");
+            assert_eq!(get["port"], "admin", "{overlay} {probe} port");
             let path = get["path"].as_str().unwrap();
             assert_eq!(
-                http_status(port, path),
+                http_status(admin_port, path),
                 Some(200),
-                "{overlay} {probe}: {path} on the running server"
+                "{overlay} {probe}: {path} on the running server's admin port"
             );
         }
+        let scrape = &deploy["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(
+            scrape["prometheus.io/port"].as_str().map(str::to_string),
+            Some(declared("admin").to_string()),
+            "{overlay}: the scrape annotation names the admin port"
+        );
+        let path = scrape["prometheus.io/path"].as_str().unwrap();
+        assert_eq!(
+            http_status(admin_port, path),
+            Some(200),
+            "{overlay}: {path}"
+        );
         // Grace period covers preStop + drain_delay + shutdown_timeout with a margin.
         let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap();
         let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]

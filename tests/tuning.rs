@@ -362,6 +362,7 @@ fn serve_until_ready(dir: &Path, yaml: &str) -> (Vec<u16>, Server, u16) {
         Command::new(BIN)
             .args(["serve", "--config", cfg.to_str().unwrap()])
             .env_remove("ORT_DYLIB_PATH")
+            .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("server.log")).unwrap())
             .spawn()

@@ -70,6 +70,15 @@ pub struct ServerConfig {
     /// Address the HTTP server binds. Env: `ORTSERVE_HTTP_ADDR`.
     #[serde(default = "default_http_addr")]
     pub http_addr: String,
+    /// Address of the admin listener: liveness, readiness and `/metrics` only, with its own
+    /// connection limit, so clients that fill the data port cannot starve the probes. Point
+    /// Kubernetes probes and Prometheus here. `null` turns it off (the same routes stay on
+    /// `http_addr`). Env: `ORTSERVE_ADMIN_ADDR` (`off` turns it off).
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: Option<String>,
+    /// Most connections open at once on the admin listener (probes and scrapers need a few).
+    #[serde(default = "default_admin_max_connections")]
+    pub admin_max_connections: usize,
     /// Largest request body accepted; larger ones get 413. Raise it for big binary tensors.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: ByteSize,
@@ -99,6 +108,11 @@ pub struct ServerConfig {
     /// Most connections open at once; more wait in the listen backlog until one closes.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// A response that makes no progress for this long (the client stopped reading) closes
+    /// its connection, as nginx's `send_timeout` does. Progress is any byte taken by the socket,
+    /// so a slow but reading client is never cut off.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout: Dur,
     /// The listen backlog: connections the kernel completes before the server accepts them.
     /// A burst of new connections bigger than this has its extra handshakes dropped, and those
     /// clients retry a second later. The kernel caps it at `net.core.somaxconn`.
@@ -137,6 +151,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             http_addr: default_http_addr(),
+            admin_addr: default_admin_addr(),
+            admin_max_connections: default_admin_max_connections(),
             max_body_bytes: default_max_body(),
             request_timeout: default_request_timeout(),
             drain_delay: default_drain_delay(),
@@ -145,6 +161,7 @@ impl Default for ServerConfig {
             keep_alive_timeout: default_keep_alive_timeout(),
             body_timeout: default_body_timeout(),
             max_connections: default_max_connections(),
+            write_timeout: default_write_timeout(),
             listen_backlog: default_listen_backlog(),
             max_body_memory: None,
             log_format: default_log_format(),
@@ -155,6 +172,15 @@ impl Default for ServerConfig {
 
 fn default_http_addr() -> String {
     "0.0.0.0:8080".into()
+}
+fn default_admin_addr() -> Option<String> {
+    Some("0.0.0.0:8082".into())
+}
+fn default_admin_max_connections() -> usize {
+    32
+}
+fn default_write_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
 }
 fn default_max_body() -> ByteSize {
     ByteSize(16 << 20)
@@ -662,6 +688,9 @@ impl Config {
         if let Some(v) = text("ORTSERVE_HTTP_ADDR") {
             self.server.http_addr = v;
         }
+        if let Some(v) = text("ORTSERVE_ADMIN_ADDR") {
+            self.server.admin_addr = (v != "off").then_some(v);
+        }
         if let Some(v) = text("ORTSERVE_LOG_FORMAT") {
             match v.as_str() {
                 "json" => self.server.log_format = LogFormat::Json,
@@ -770,6 +799,7 @@ impl Config {
             ("server.header_timeout", s.header_timeout),
             ("server.keep_alive_timeout", s.keep_alive_timeout),
             ("server.body_timeout", s.body_timeout),
+            ("server.write_timeout", s.write_timeout),
         ] {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be more than 0"));
@@ -777,6 +807,18 @@ impl Config {
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.admin_max_connections == 0 {
+            return Err(invalid(
+                "server.admin_max_connections",
+                "must be at least 1",
+            ));
+        }
+        if s.admin_addr.as_deref() == Some(s.http_addr.as_str()) {
+            return Err(invalid(
+                "server.admin_addr",
+                format!("must differ from http_addr ({})", s.http_addr),
+            ));
         }
         if s.listen_backlog == 0 {
             return Err(invalid("server.listen_backlog", "must be at least 1"));

@@ -98,14 +98,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
     };
     // Probes and scrapers: always open.
+    let open = probe_routes().route("/v2", get(routes::health::server_metadata));
+    layered(open.merge(models), state)
+}
+
+/// The admin port's routes: liveness, readiness and metrics, nothing a data-plane client uses.
+pub(crate) fn admin_router(state: Arc<AppState>) -> Router {
+    layered(probe_routes(), state)
+}
+
+/// Liveness, readiness and metrics, served on both ports.
+fn probe_routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/v2", get(routes::health::server_metadata))
         .route("/v2/health/live", get(routes::health::live))
         .route("/v2/health/ready", get(routes::health::ready))
         .route("/healthz", get(routes::health::live))
         .route("/readyz", get(routes::health::ready))
         .route("/metrics", get(routes::health::metrics))
-        .merge(models)
+}
+
+/// The fallback and the layers every answer passes through: the edge (JSON errors, `Host`
+/// checks, `Connection: close` while draining), request ids, tracing and panic catching.
+fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .fallback(routes::health::not_found)
         .layer(DefaultBodyLimit::disable())
         .layer(
@@ -140,6 +155,22 @@ pub(crate) async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     serve::serve(router(state), listener, serve::ConnLimits::of(server), stop).await
+}
+
+/// Serves the admin routes on `listener` (with `server.admin_max_connections`) until `stop`
+/// resolves.
+pub(crate) fn serve_admin(
+    state: Arc<AppState>,
+    server: &crate::config::ServerConfig,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+    serve::serve(
+        admin_router(state),
+        listener,
+        serve::ConnLimits::admin(server),
+        stop,
+    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The accept loop and each connection's limits, in place of a bare `axum::serve`:
 //! at most `max_connections` open (more wait in the listen backlog), a request head must be
 //! complete within `header_timeout` of its first byte, an idle keep-alive connection closes
-//! after `keep_alive_timeout`, and on shutdown every connection finishes its request and closes.
+//! after `keep_alive_timeout`, a response the client stops reading closes its connection after
+//! `write_timeout` without progress, and on shutdown every connection finishes its request and
+//! closes.
 //! Body deadlines (408) are the handlers' (see `extract::read_body`); `Connection: close` on
 //! every response from SIGTERM on is the outermost layer's (see `edge`).
 
@@ -32,15 +34,36 @@ pub(crate) struct ConnLimits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub keep_alive_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 impl ConnLimits {
+    /// The data port's limits.
     pub(crate) fn of(server: &ServerConfig) -> ConnLimits {
         ConnLimits {
             max_connections: server.max_connections,
             header_timeout: server.header_timeout.0,
             keep_alive_timeout: server.keep_alive_timeout.0,
+            write_timeout: server.write_timeout.0,
         }
+    }
+
+    /// The admin port's: the same timeouts, its own connection limit.
+    pub(crate) fn admin(server: &ServerConfig) -> ConnLimits {
+        ConnLimits {
+            max_connections: server.admin_max_connections,
+            ..ConnLimits::of(server)
+        }
+    }
+
+    /// How often a connection checks its timeouts: a quarter of the shortest, within 10 ms..1 s.
+    fn tick(&self) -> Duration {
+        (self
+            .header_timeout
+            .min(self.keep_alive_timeout)
+            .min(self.write_timeout)
+            / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }
 
@@ -138,12 +161,14 @@ pub(crate) async fn serve(
 
 /// Where a connection is between requests: handling one (`busy`), or not, with the moment the
 /// next request's head started arriving (`head`, unset while idle) and the moment it last
-/// turned idle (`idle`).
+/// turned idle (`idle`); and since when a write has found the socket full (`write_stall`, unset
+/// while writes go through).
 #[derive(Default)]
 struct Phase {
     busy: AtomicBool,
     head: Stamp,
     idle: Stamp,
+    write_stall: Stamp,
     /// Requests this connection has started.
     requests: AtomicU64,
 }
@@ -168,6 +193,16 @@ impl Phase {
         self.idle.set();
     }
 
+    /// A write's outcome: the socket was full (a stall starts, unless one has), or it took bytes
+    /// (any stall ends).
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Pending => self.write_stall.set_if_unset(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.write_stall.clear(),
+            Poll::Ready(_) => {}
+        }
+    }
+
     /// How long the connection has been idle: no request being handled, none arriving.
     fn idle_for(&self) -> Option<std::time::Duration> {
         if self.busy.load(Ordering::Acquire) || self.head.elapsed().is_some() {
@@ -177,7 +212,7 @@ impl Phase {
     }
 }
 
-/// The socket, noting when bytes arrive on an idle connection.
+/// The socket, noting when bytes arrive on an idle connection and when writes stall.
 struct Watched {
     tcp: TcpStream,
     phase: Arc<Phase>,
@@ -204,14 +239,18 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.phase.wrote(&r);
+        r
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.phase.wrote(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.tcp.is_write_vectored()
@@ -268,10 +307,7 @@ async fn connection(
         .max_buf_size(READ_BUFFER)
         .serve_connection(io, service);
     tokio::pin!(conn);
-    let mut tick = tokio::time::interval(
-        (limits.header_timeout.min(limits.keep_alive_timeout) / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1)),
-    );
+    let mut tick = tokio::time::interval(limits.tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = false;
     // A connection opened moments before the listener closed has a request on its way; it gets
@@ -302,6 +338,12 @@ async fn connection(
                 conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick() => {
+                // A client that stopped reading: hyper waits on the write for ever, and neither
+                // the header nor the keep-alive timeout applies while it does.
+                if phase.write_stall.elapsed().is_some_and(|t| t > limits.write_timeout) {
+                    tracing::debug!(write_timeout = ?limits.write_timeout, "closing a connection whose client stopped reading");
+                    return;
+                }
                 if phase.head.elapsed().is_some_and(|t| t > limits.header_timeout) {
                     tracing::debug!(header_timeout = ?limits.header_timeout, "closing a connection whose request head did not arrive in time");
                     return;
