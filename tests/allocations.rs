@@ -244,4 +244,38 @@ models:
         growth < 8 * MIB,
         "a 4-megapixel grey image raised live memory by {growth} bytes"
     );
+
+    // Issue 24, finding 2. A 64 × 64 PNG whose ICC profile inflates to 256 MiB: the profile is
+    // skipped, not inflated (the image crate inflated it, up to 16 × max_pixels bytes).
+    let icc = [b"bomb\0\0".to_vec(), zlib_zeros(256 * MIB)].concat();
+    let bomb = png_file((64, 64), (2, 8), false, &[(*b"iCCP", icc)], |x, y| {
+        vec![x as u8, y as u8, 7]
+    });
+    let req = Request::post("/v1/models/img:predict")
+        .header("content-type", "image/png")
+        .body(Body::from(bomb))
+        .unwrap();
+    let (reply, growth) = peak_growth(&router, req).await;
+    reply.assert_status(200);
+    assert!(
+        growth < 8 * MIB,
+        "a 64 × 64 PNG with a 256 MiB ICC profile raised live memory by {growth} bytes"
+    );
+
+    // A 16-bit RGBA PNG of 4000 × 4000 (128 MB of samples): decoded row by row into 8 bits and
+    // reduced while decoded, never held whole (it was held at 8 bytes a pixel, then copied).
+    let deep = png_file((4000, 4000), (6, 16), false, &[], |x, y| {
+        let v = (((x / 500 + y / 500) % 16) as u16 * 4000).to_be_bytes();
+        [v, v, v, [0xff, 0xff]].concat()
+    });
+    let req = Request::post("/v1/models/img:predict")
+        .header("content-type", "image/png")
+        .body(Body::from(deep))
+        .unwrap();
+    let (reply, growth) = peak_growth(&router, req).await;
+    reply.assert_status(200);
+    assert!(
+        growth < 16 * MIB,
+        "a 16-megapixel 16-bit PNG raised live memory by {growth} bytes"
+    );
 }

@@ -464,3 +464,47 @@ async fn tensor_models_take_tf_serving_instances() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// PNGs are decoded by our own path (issue 24, finding 2): 16-bit samples to 8 bits row by row,
+/// and a frame much larger than the model's input reduced by box averaging while it is decoded.
+/// An Adam7-interlaced file gives the same tensor as the plain one, and both stay within three
+/// 8-bit levels of the reference pipeline (which resizes the whole frame).
+#[test]
+fn sixteen_bit_and_interlaced_pngs_are_reduced_while_decoded_and_match_the_reference() {
+    let (w, h) = (300u32, 200u32);
+    let sample = |x: u32, y: u32, c: u32| -> u16 {
+        let v = match c {
+            0 => x * 65535 / w,
+            1 => y * 65535 / h,
+            _ => (x + y) * 65535 / (w + h),
+        };
+        v as u16
+    };
+    let px = |x, y| (0..3).flat_map(|c| sample(x, y, c).to_be_bytes()).collect();
+    let plain = png_file((w, h), (2, 16), false, &[], px);
+    let interlaced = png_file((w, h), (2, 16), true, &[], px);
+    let cfg = small_cfg();
+    let a = ortserve::preprocess::preprocess(&plain, &cfg).unwrap();
+    let b = ortserve::preprocess::preprocess(&interlaced, &cfg).unwrap();
+    assert_eq!(a.shape, vec![1, 3, 24, 24]);
+    assert_eq!(a.to_f32(), b.to_f32(), "interlaced and plain differ");
+
+    // The reference: the 8-bit image (high bytes) resized whole, shorter side 200 -> 32.
+    let eight = RgbImage::from_fn(w, h, |x, y| {
+        Rgb([0, 1, 2].map(|c| (sample(x, y, c) >> 8) as u8))
+    });
+    let rw = (300.0f64 * 32.0 / 200.0).round() as usize;
+    let full = reference_resize(&eight, rw as u32, 32);
+    let (left, top) = ((rw - 24) / 2, (32 - 24) / 2);
+    let got = a.to_f32();
+    let mut worst = 0f64;
+    for c in 0..3 {
+        for y in 0..24 {
+            for x in 0..24 {
+                let want = (full[(y + top) * rw + x + left][c] - 127.0) / 128.0;
+                worst = worst.max((got[(c * 24 + y) * 24 + x] as f64 - want).abs());
+            }
+        }
+    }
+    assert!(worst <= 3.0 / 128.0, "largest difference {worst}");
+}

@@ -2,6 +2,7 @@
 //! pixel is decoded, EXIF orientation applied), resize with a SIMD resizer, centre crop,
 //! normalize, lay out. Runs on the bounded [`Pool`], never on the async workers.
 
+mod png_decode;
 mod pool;
 
 use std::io::Cursor;
@@ -29,12 +30,31 @@ pub enum PreprocessError {
     Corrupt(String),
 }
 
+/// An image whose header has been read: its decoder (none for a PNG, which `png_decode.rs` decodes)
+/// and its dimensions.
+struct Opened<'a> {
+    decoder: Option<Box<dyn ImageDecoder + 'a>>,
+    width: u32,
+    height: u32,
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// A PNG's dimensions from its IHDR chunk alone: the image crate's decoder reads (and
+/// inflates) every chunk before the pixels, an ICC profile bomb included.
+fn png_dimensions(bytes: &[u8]) -> Result<(u32, u32), PreprocessError> {
+    let mut d = png::Decoder::new(Cursor::new(bytes));
+    d.set_ignore_iccp_chunk(true);
+    d.set_ignore_text_chunk(true);
+    let info = d
+        .read_header_info()
+        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    Ok((info.width, info.height))
+}
+
 /// Opens one image and reads its header, refusing oversize files and dimensions before any pixel
-/// is decoded. Returns the decoder and the image's pixel count.
-fn open<'a>(
-    bytes: &'a [u8],
-    cfg: &ImageConfig,
-) -> Result<(Box<dyn ImageDecoder + 'a>, u64), PreprocessError> {
+/// is decoded.
+fn open<'a>(bytes: &'a [u8], cfg: &ImageConfig) -> Result<Opened<'a>, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -59,10 +79,15 @@ fn open<'a>(
         }
         Some(_) => {}
     }
-    let decoder = reader
-        .into_decoder()
-        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
-    let (w, h) = decoder.dimensions();
+    let (decoder, (w, h)) = if bytes.starts_with(PNG_SIGNATURE) {
+        (None, png_dimensions(bytes)?)
+    } else {
+        let d = reader
+            .into_decoder()
+            .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+        let dims = d.dimensions();
+        (Some(Box::new(d) as Box<dyn ImageDecoder + 'a>), dims)
+    };
     let pixels = u64::from(w) * u64::from(h);
     if pixels > cfg.max_pixels {
         return Err(PreprocessError::TooLarge(format!(
@@ -73,7 +98,11 @@ fn open<'a>(
     if pixels == 0 {
         return Err(PreprocessError::Empty);
     }
-    Ok((Box::new(decoder), pixels))
+    Ok(Opened {
+        decoder,
+        width: w,
+        height: h,
+    })
 }
 
 /// Checks a request's images from their headers alone, before any is decoded: each within the
@@ -85,8 +114,8 @@ pub(crate) fn check_request<B: AsRef<[u8]>>(
 ) -> Result<(), (usize, PreprocessError)> {
     let mut total = 0u64;
     for (i, bytes) in images.iter().enumerate() {
-        let (_, pixels) = open(bytes.as_ref(), cfg).map_err(|e| (i, e))?;
-        total += pixels;
+        let image = open(bytes.as_ref(), cfg).map_err(|e| (i, e))?;
+        total += u64::from(image.width) * u64::from(image.height);
         if total > cfg.max_request_pixels {
             return Err((
                 i,
@@ -131,12 +160,28 @@ impl Decoded {
     }
 }
 
-/// Decodes one image, refusing oversize files and headers before decoding pixels.
+/// How much a `w × h` image may be reduced while it is decoded (by box averaging, see
+/// `png_decode.rs`) and still be at least twice the size the resize makes of it.
+fn reduction(w: u32, h: u32, cfg: &ImageConfig) -> u32 {
+    let [out_h, out_w] = cfg.size;
+    let target = cfg.resize_shorter.unwrap_or(out_h.max(out_w)).max(1);
+    (w.min(h) / target.saturating_mul(2)).clamp(1, 256)
+}
+
+/// Decodes one image, refusing oversize files and headers before decoding pixels. A PNG's
+/// decoder holds at most its 8-bit frame (see `png_decode.rs`); other formats' decoders may allocate
+/// their frame (at most 4 bytes a pixel in the formats served) and as much again for working
+/// memory (a progressive JPEG keeps every coefficient), plus 16 MiB.
 pub(crate) fn decode(bytes: &[u8], cfg: &ImageConfig) -> Result<Decoded, PreprocessError> {
-    let (mut decoder, _) = open(bytes, cfg)?;
-    // The decoder may allocate the decoded frame plus working memory; nothing near a bomb's size.
+    let opened = open(bytes, cfg)?;
+    let (w, h) = (opened.width, opened.height);
+    let Some(mut decoder) = opened.decoder else {
+        let (img, orientation) = png_decode::decode(bytes, (w, h), reduction(w, h, cfg))?;
+        return Ok(Decoded { img, orientation });
+    };
+    let pixels = u64::from(w) * u64::from(h);
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(cfg.max_pixels.saturating_mul(16).max(64 << 20));
+    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(16 << 20));
     decoder
         .set_limits(limits)
         .map_err(|e| PreprocessError::TooLarge(e.to_string()))?;

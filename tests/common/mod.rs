@@ -506,3 +506,78 @@ pub fn reference_preprocess(img: &image::RgbImage) -> Tensor {
     }
     Tensor::from_f32(vec![1, 3, 224, 224], &values).unwrap()
 }
+
+/// A PNG written by hand, so a test controls what a library would not write: colour type
+/// `color` at `depth` bits, Adam7-interlaced or not, `extra` chunks before the pixels (an ICC
+/// profile, text). `px(x, y)` gives one pixel's bytes.
+pub fn png_file(
+    (w, h): (u32, u32),
+    (color, depth): (u8, u8),
+    interlaced: bool,
+    extra: &[([u8; 4], Vec<u8>)],
+    px: impl Fn(u32, u32) -> Vec<u8>,
+) -> Vec<u8> {
+    use std::io::Write;
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[depth, color, 0, 0, u8::from(interlaced)]);
+    chunk(&mut out, b"IHDR", &ihdr);
+    for (kind, data) in extra {
+        chunk(&mut out, kind, data);
+    }
+    // Adam7's passes (x0, y0, dx, dy), or the whole image as one pass.
+    let passes: &[(u32, u32, u32, u32)] = if interlaced {
+        &[
+            (0, 0, 8, 8),
+            (4, 0, 8, 8),
+            (0, 4, 4, 8),
+            (2, 0, 4, 4),
+            (0, 2, 2, 4),
+            (1, 0, 2, 2),
+            (0, 1, 1, 2),
+        ]
+    } else {
+        &[(0, 0, 1, 1)]
+    };
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    for &(x0, y0, dx, dy) in passes {
+        if x0 >= w || y0 >= h {
+            continue;
+        }
+        for y in (y0..h).step_by(dy as usize) {
+            let mut row = vec![0u8]; // filter: none
+            for x in (x0..w).step_by(dx as usize) {
+                row.extend(px(x, y));
+            }
+            z.write_all(&row).unwrap();
+        }
+    }
+    chunk(&mut out, b"IDAT", &z.finish().unwrap());
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// The zlib stream of `n` zero bytes (a decompression bomb's payload: about 1,000 to 1).
+pub fn zlib_zeros(n: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let block = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(block.len());
+        z.write_all(&block[..take]).unwrap();
+        left -= take;
+    }
+    z.finish().unwrap()
+}
