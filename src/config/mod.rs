@@ -222,6 +222,24 @@ fn default_log_format() -> LogFormat {
     LogFormat::Text
 }
 
+/// The tuning cache's folder when `tuning.cache_dir` is unset (see there).
+pub fn default_cache_dir() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = var("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
+        return d.join("ortserve").join("tuning");
+    }
+    if let Some(home) = var("HOME").filter(|d| d.is_absolute() && d != Path::new("/")) {
+        return home.join(".cache").join("ortserve").join("tuning");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    std::env::temp_dir().join(format!("ortserve-tuning-{uid}"))
+}
+
 /// A thread count: `auto` or a positive integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(untagged)]
@@ -513,7 +531,10 @@ pub struct TuningConfig {
     #[serde(default)]
     pub dims: std::collections::BTreeMap<String, usize>,
     /// Folder of the tuning cache (one JSON file per model, device, runtime and settings).
-    /// Unset: `ortserve-tuning` in the system temp folder.
+    /// Unset: `$XDG_CACHE_HOME/ortserve/tuning`, else `$HOME/.cache/ortserve/tuning`, else
+    /// `ortserve-tuning-<uid>` in the system temp folder. The folder is created readable and
+    /// writable by this user only, and a folder that another user owns or may write is not used
+    /// (another user could plant a result there).
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
     /// Results to reuse, shared between pods (a file from a ConfigMap or a volume), written by

@@ -60,7 +60,72 @@ pub(crate) fn cache_key(
 fn dir(cfg: &TuningConfig) -> PathBuf {
     cfg.cache_dir
         .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("ortserve-tuning"))
+        .unwrap_or_else(crate::config::default_cache_dir)
+}
+
+/// Creates `dir` (and its parents) readable and writable by this user only, and checks that
+/// the folder is this user's and nobody else may write it: in a folder that another user can
+/// write, they could plant a result that the next start would serve.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {} with mode {:o}; the tuning cache needs a folder only \
+                 uid {uid} may write",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a result read from a file (the cache, `tuning.results_file`) is one this config could
+/// have produced: a chosen size within the cap that was probed and ran, and finite readings.
+/// Files are written by other processes and may be edited; nothing in them is trusted.
+pub(super) fn plausible(t: &DeviceTuning, cfg: &TuningConfig) -> Result<(), String> {
+    let cap = cfg.max_batch_cap.min(crate::config::MAX_BATCH_LIMIT);
+    if t.chosen == 0 || t.chosen > cap {
+        return Err(format!(
+            "chosen batch size {} is outside 1..={cap} (tuning.max_batch_cap)",
+            t.chosen
+        ));
+    }
+    for p in &t.probes {
+        let finite = [p.latency_ms, p.rows_per_second]
+            .iter()
+            .all(|v| v.is_finite() && *v >= 0.0);
+        if p.batch == 0 || p.batch > cap || !finite {
+            return Err(format!(
+                "probe of batch size {} has readings out of range",
+                p.batch
+            ));
+        }
+    }
+    let measured = t
+        .probes
+        .iter()
+        .any(|p| p.batch == t.chosen && p.outcome == super::probe::Outcome::Ok);
+    if !t.probes.is_empty() && !measured {
+        return Err(format!(
+            "chosen batch size {} is not a size that was probed and ran",
+            t.chosen
+        ));
+    }
+    if t.warmup.iter().any(|w| w.batch == 0 || w.batch > t.chosen) {
+        return Err("a warm-up size is outside 1..=chosen".into());
+    }
+    Ok(())
 }
 
 fn file(cfg: &TuningConfig, key: &str) -> PathBuf {
@@ -105,16 +170,32 @@ pub(super) fn shared(path: &Path, key: &str) -> Shared {
     }
 }
 
-/// The cached result for `key`, if a readable file holds exactly that key.
+/// The cached result for `key`, if a private folder has a file that holds exactly that key and a
+/// [`plausible`] result.
 pub(super) fn load(cfg: &TuningConfig, key: &str) -> Option<DeviceTuning> {
-    let text = std::fs::read_to_string(file(cfg, key)).ok()?;
+    let folder = dir(cfg);
+    if let Err(e) = private_dir(&folder) {
+        tracing::warn!(error = %e, "the tuning cache is not used");
+        return None;
+    }
+    let path = file(cfg, key);
+    let text = std::fs::read_to_string(&path).ok()?;
     let entry: Entry = serde_json::from_str(&text).ok()?;
-    (entry.key == key).then_some(entry.result)
+    if entry.key != key {
+        return None;
+    }
+    match plausible(&entry.result, cfg) {
+        Ok(()) => Some(entry.result),
+        Err(why) => {
+            tracing::warn!(file = %path.display(), %why, "a tuning cache entry is not used; probing");
+            None
+        }
+    }
 }
 
 /// Writes the result (to a temporary file first, so a crash leaves no half-written entry).
 pub(super) fn store(cfg: &TuningConfig, key: &str, result: &DeviceTuning) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir(cfg))?;
+    private_dir(&dir(cfg))?;
     let path = file(cfg, key);
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let entry = Entry {
@@ -126,4 +207,92 @@ pub(super) fn store(cfg: &TuningConfig, key: &str, result: &DeviceTuning) -> std
         serde_json::to_vec_pretty(&entry).map_err(std::io::Error::other)?,
     )?;
     std::fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::tuning::probe::{Outcome, Probe};
+    use crate::tuning::Source;
+
+    fn probed(batch: usize) -> Probe {
+        Probe {
+            batch,
+            outcome: Outcome::Ok,
+            latency_ms: 1.5,
+            rows_per_second: 1000.0,
+            memory_used_bytes: 1 << 20,
+            memory_limit_bytes: None,
+            memory_estimated: false,
+            error: None,
+        }
+    }
+
+    fn result(chosen: usize) -> DeviceTuning {
+        DeviceTuning {
+            device: "cpu:0".into(),
+            source: Source::Probe,
+            chosen,
+            reason: "test".into(),
+            memory_source: "test".into(),
+            probes: vec![probed(1), probed(2), probed(4)],
+            baseline_memory_bytes: 0,
+            duration_ms: 1.0,
+            key: None,
+            warmup: Vec::new(),
+        }
+    }
+
+    /// Issue 24, finding 4: an entry edited to `"chosen": 100000000` was served as that batch
+    /// size; now every value is checked against the config, and a folder that another user may
+    /// write is not used.
+    #[test]
+    fn edited_entries_and_folders_others_may_write_are_not_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = TuningConfig {
+            cache_dir: Some(tmp.path().join("cache")),
+            max_batch_cap: 64,
+            ..TuningConfig::default()
+        };
+        store(&cfg, "k", &result(4)).unwrap();
+        assert_eq!(load(&cfg, "k").map(|t| t.chosen), Some(4));
+        let mode = std::fs::metadata(tmp.path().join("cache"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "the folder is created private");
+
+        let path = file(&cfg, "k");
+        let edit = |from: &str, to: &str| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(from), "{text}");
+            std::fs::write(&path, text.replace(from, to)).unwrap();
+        };
+        edit("\"chosen\": 4", "\"chosen\": 100000000");
+        assert!(load(&cfg, "k").is_none(), "a chosen size over the cap");
+        edit("\"chosen\": 100000000", "\"chosen\": 3");
+        assert!(load(&cfg, "k").is_none(), "a chosen size never probed");
+        edit("\"chosen\": 3", "\"chosen\": 0");
+        assert!(load(&cfg, "k").is_none(), "a chosen size of 0");
+        edit("\"chosen\": 0", "\"chosen\": 2");
+        assert_eq!(load(&cfg, "k").map(|t| t.chosen), Some(2), "2 was probed");
+        edit("\"latency_ms\": 1.5", "\"latency_ms\": -1.5");
+        assert!(load(&cfg, "k").is_none(), "a negative latency");
+
+        // A folder others may write: neither read nor written.
+        std::fs::set_permissions(
+            tmp.path().join("cache"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        edit("\"latency_ms\": -1.5", "\"latency_ms\": 1.5");
+        assert!(load(&cfg, "k").is_none(), "a world-writable folder is read");
+        assert!(store(&cfg, "k", &result(4)).is_err());
+
+        // With no folder configured, the default is this user's, not a fixed name in /tmp.
+        let default = crate::config::default_cache_dir();
+        assert_ne!(default, std::env::temp_dir().join("ortserve-tuning"));
+    }
 }

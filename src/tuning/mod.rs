@@ -347,12 +347,18 @@ pub(crate) fn tune_device(
     if let (false, Some(k)) = (req.config.force, &key) {
         if let Some(path) = &req.config.results_file {
             match cache::shared(path, k) {
-                cache::Shared::Found(mut hit) => {
-                    hit.source = Source::Shared;
-                    hit.device = req.device.to_string();
-                    hit.key = key.clone();
-                    return Ok(hit);
-                }
+                cache::Shared::Found(mut hit) => match cache::plausible(&hit, req.config) {
+                    Ok(()) => {
+                        hit.source = Source::Shared;
+                        hit.device = req.device.to_string();
+                        hit.key = key.clone();
+                        return Ok(hit);
+                    }
+                    Err(why) => tracing::warn!(
+                        file = %path.display(), model = req.model, device = req.device, %why,
+                        "tuning.results_file has a result for this key that is not used; probing"
+                    ),
+                },
                 cache::Shared::NoMatch { entries } => tracing::info!(
                     file = %path.display(), model = req.model, device = req.device, entries,
                     "tuning.results_file has no result for this key (model file, device, ONNX \
