@@ -468,3 +468,27 @@ async fn clients_that_stop_reading_are_closed_and_cannot_starve_the_probes() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// RFC 9112 section 3.2 (issue 24, finding 6): an HTTP/1.1 request without a `Host` header, or
+/// with two, is answered 400; HTTP/1.0 may omit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_1_requests_need_exactly_one_host() {
+    let (addr, stop, task) = serve("{drain_delay: 0s}").await;
+    for (head, want) in [
+        ("GET /v2/health/live HTTP/1.1\r\n\r\n", 400),
+        (
+            "GET /v2/health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            400,
+        ),
+        ("GET /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+        ("GET /v2/health/live HTTP/1.0\r\n\r\n", 200),
+    ] {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        w.write_all(head.as_bytes()).await.unwrap();
+        let (status, _, body) = read_response(&mut BufReader::new(r)).await.unwrap();
+        assert_eq!(status, want, "{head:?}: {}", String::from_utf8_lossy(&body));
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

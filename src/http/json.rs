@@ -752,7 +752,10 @@ fn f32_near(d: &Decimal) -> Option<f32> {
 /// fast-float2 (Eisel-Lemire).
 #[inline(always)]
 fn float64(b: &[u8], i: usize) -> Result<(f64, usize), Bad> {
-    let d = decimal(b, i)?;
+    let d = match decimal(b, i) {
+        Ok(d) => d,
+        Err(e) => return non_finite(b, i).ok_or(e),
+    };
     match clinger(&d) {
         Some(v) => Ok((v, d.end)),
         None => Ok((
@@ -762,7 +765,28 @@ fn float64(b: &[u8], i: usize) -> Result<(f64, usize), Bad> {
     }
 }
 
-/// A float read, or `Value` when it is out of its type's range (infinite).
+/// `NaN`, `Infinity` or `-Infinity` at `i`, as Triton and Python's `json` write non-finite
+/// floats (not JSON, but what float clients send); read only where a float is expected.
+#[cold]
+fn non_finite(b: &[u8], i: usize) -> Option<(f64, usize)> {
+    let rest = &b[i..];
+    [
+        (&b"NaN"[..], f64::NAN),
+        (b"Infinity", f64::INFINITY),
+        (b"-Infinity", f64::NEG_INFINITY),
+    ]
+    .into_iter()
+    .find(|(word, _)| rest.starts_with(word))
+    .map(|(word, v)| (v, i + word.len()))
+}
+
+/// Whether the float at `i` was written as one of [`non_finite`]'s words.
+fn is_word(b: &[u8], i: usize) -> bool {
+    matches!(b.get(i), Some(b'N' | b'I')) || b[i..].starts_with(b"-I")
+}
+
+/// A float read, or `Value` when it is out of its type's range (a finite number written too
+/// large; the words for infinity are read as such, see [`non_finite`]).
 #[inline(always)]
 fn finite<T>(v: T, ok: bool, end: usize) -> Result<(T, usize), Bad> {
     if ok {
@@ -786,7 +810,10 @@ impl Element for f32 {
     const SIZE: usize = 4;
     #[inline(always)]
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
-        let d = decimal(b, i)?;
+        let d = match decimal(b, i) {
+            Ok(d) => d,
+            Err(e) => return non_finite(b, i).map(|(v, end)| (v as f32, end)).ok_or(e),
+        };
         let end = d.end;
         let v = match f32_near(&d) {
             Some(v) => v,
@@ -802,7 +829,7 @@ impl Element for f64 {
     #[inline(always)]
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
         let (v, end) = float64(b, i)?;
-        finite(v, v.is_finite(), end)
+        finite(v, v.is_finite() || is_word(b, i), end)
     }
     put_le_bytes!();
 }
@@ -812,7 +839,7 @@ impl Element for half::f16 {
     fn read(b: &[u8], i: usize) -> Result<(Self, usize), Bad> {
         let (v, end) = float64(b, i)?;
         let v = half::f16::from_f64(v);
-        finite(v, v.is_finite(), end)
+        finite(v, v.is_finite() || is_word(b, i), end)
     }
     put_le_bytes!();
 }

@@ -271,6 +271,22 @@ impl AsyncWrite for Watched {
 /// reads.
 const READ_BUFFER: usize = 128 << 10;
 
+/// RFC 9112 section 3.2: an HTTP/1.1 request without exactly one `Host` header is answered 400
+/// (hyper takes it as it comes). HTTP/1.0 requests may omit it.
+fn host_problem<B>(req: &hyper::Request<B>) -> Option<super::ApiError> {
+    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
+    match hosts {
+        1 => None,
+        0 if req.version() != hyper::Version::HTTP_11 => None,
+        0 => Some(super::ApiError::MalformedBody(
+            "an HTTP/1.1 request needs a Host header".into(),
+        )),
+        _ => Some(super::ApiError::MalformedBody(format!(
+            "{hosts} Host headers; a request has one"
+        ))),
+    }
+}
+
 /// One HTTP/1.1 connection until it closes: by the client, by a timeout, or gracefully once
 /// `closing` turns true.
 async fn connection(
@@ -291,10 +307,14 @@ async fn connection(
         let phase = phase.clone();
         move |req: hyper::Request<Incoming>| {
             phase.request_started();
-            let answer = app.clone().oneshot(req.map(Body::new));
+            let bad_host = host_problem(&req);
+            let app = app.clone();
             let phase = phase.clone();
             async move {
-                let response = answer.await;
+                let response = match bad_host {
+                    Some(e) => Ok(axum::response::IntoResponse::into_response(e)),
+                    None => app.oneshot(req.map(Body::new)).await,
+                };
                 phase.request_answered();
                 response
             }

@@ -21,7 +21,7 @@ const SYNTAX: &str = "invalid inference request JSON";
 pub(crate) struct RequestOutput {
     pub name: String,
     #[serde(default)]
-    pub parameters: Option<Map<String, Value>>,
+    pub parameters: Option<Params>,
 }
 
 /// A parsed request: named tensors plus what the client asked of the response.
@@ -37,8 +37,39 @@ pub(crate) struct Parsed {
     pub timeout: Option<Duration>,
 }
 
-fn param_bool(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>, ApiError> {
-    match p.as_ref().and_then(|m| m.get(key)) {
+/// A `parameters` object. A key given twice is refused, as a duplicated field is everywhere
+/// else in a request (serde_json's map would keep the last one silently).
+#[derive(Debug, Default)]
+pub(crate) struct Params(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Params, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = Params;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of parameters")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Params, A::Error> {
+                let mut m = Map::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate parameter `{k}`"
+                        )));
+                    }
+                    let v = a.next_value()?;
+                    m.insert(k, v);
+                }
+                Ok(Params(m))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+fn param_bool(p: &Option<Params>, key: &str) -> Result<Option<bool>, ApiError> {
+    match p.as_ref().and_then(|m| m.0.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
         Some(other) => Err(ApiError::MalformedBody(format!(
@@ -47,12 +78,8 @@ fn param_bool(p: &Option<Map<String, Value>>, key: &str) -> Result<Option<bool>,
     }
 }
 
-fn param_u64(
-    p: &Option<Map<String, Value>>,
-    key: &str,
-    what: &str,
-) -> Result<Option<u64>, ApiError> {
-    match p.as_ref().and_then(|m| m.get(key)) {
+fn param_u64(p: &Option<Params>, key: &str, what: &str) -> Result<Option<u64>, ApiError> {
+    match p.as_ref().and_then(|m| m.0.get(key)) {
         None => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
             ApiError::MalformedBody(format!(
@@ -150,7 +177,10 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
         }
     }
     let outputs = match req.outputs {
+        // No list, or an empty one: every output, as Triton answers both (its core fills an
+        // empty request-output list with every output of the model).
         None => None,
+        Some(list) if list.is_empty() => None,
         Some(list) => Some(
             list.into_iter()
                 .map(|o| {
@@ -174,7 +204,7 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
 /// A V2 request as read from its JSON, each input's data already in tensor bytes.
 struct Request {
     id: Option<String>,
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Params>,
     inputs: Vec<Input>,
     outputs: Option<Vec<RequestOutput>>,
 }
@@ -186,7 +216,7 @@ struct Input {
     dtype: DataType,
     shape: Vec<usize>,
     count: usize,
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Params>,
     data: Option<Vec<u8>>,
 }
 
@@ -213,7 +243,7 @@ fn read_request(text: &[u8]) -> Result<Request, ApiError> {
             once(r, &mut id, "id", v)
         }
         "parameters" => {
-            let v = r.value::<Option<Map<String, Value>>>()?;
+            let v = r.value::<Option<Params>>()?;
             once(r, &mut parameters, "parameters", v)
         }
         "inputs" => {
@@ -266,7 +296,7 @@ fn read_input(r: &mut Reader) -> Result<Input, ApiError> {
                 once(r, &mut datatype, "datatype", v)?;
             }
             "parameters" => {
-                let v = r.value::<Option<Map<String, Value>>>()?;
+                let v = r.value::<Option<Params>>()?;
                 once(r, &mut parameters, "parameters", v)?;
             }
             "data" => {
@@ -384,55 +414,58 @@ impl Serialize for JsonData<'_> {
     }
 }
 
-#[derive(Serialize)]
-struct ResponseOutput<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [usize],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<JsonData<'a>>,
-}
-
-#[derive(Serialize)]
-struct Response<'a> {
-    model_name: &'a str,
-    model_version: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<&'a str>,
-    outputs: Vec<ResponseOutput<'a>>,
-}
-
 /// An encoded response body; `header_len` is set when binary tensors follow the JSON.
 pub(crate) struct Encoded {
     pub body: Vec<u8>,
     pub header_len: Option<usize>,
 }
 
-/// Encodes the chosen outputs (name, tensor, binary?) in the order given.
+/// Encodes the chosen outputs (name, tensor, binary?) in the order given. JSON data is written
+/// straight from the tensor's bytes; non-finite floats as `NaN`, `Infinity` and `-Infinity`, as
+/// Triton writes them and Python's `json` and `tritonclient` read them (serde_json would write
+/// all three as `null`).
 pub(crate) fn encode_response(
     model: &str,
     version: &str,
     id: Option<&str>,
     outputs: &[(&str, &Tensor, bool)],
 ) -> Encoded {
-    let resp = Response {
-        model_name: model,
-        model_version: version,
-        id,
-        outputs: outputs
-            .iter()
-            .map(|&(name, t, binary)| ResponseOutput {
-                name,
-                datatype: t.dtype.v2_name(),
-                shape: &t.shape,
-                parameters: binary.then(|| serde_json::json!({"binary_data_size": t.data.len()})),
-                data: (!binary).then_some(JsonData(t)),
-            })
-            .collect(),
-    };
-    let mut body = serde_json::to_vec(&resp).expect("response serializes");
+    let json_bytes: usize = outputs
+        .iter()
+        .filter(|o| !o.2)
+        .map(|o| o.1.element_count() * 12)
+        .sum();
+    let mut body = Vec::with_capacity(128 + json_bytes);
+    body.extend_from_slice(b"{\"model_name\":");
+    string(&mut body, model);
+    body.extend_from_slice(b",\"model_version\":");
+    string(&mut body, version);
+    if let Some(id) = id {
+        body.extend_from_slice(b",\"id\":");
+        string(&mut body, id);
+    }
+    body.extend_from_slice(b",\"outputs\":[");
+    for (i, &(name, t, binary)) in outputs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"name\":");
+        string(&mut body, name);
+        body.extend_from_slice(b",\"datatype\":");
+        string(&mut body, t.dtype.v2_name());
+        body.extend_from_slice(b",\"shape\":");
+        serde_json::to_writer(&mut body, &t.shape).expect("a Vec never fails to write");
+        if binary {
+            body.extend_from_slice(b",\"parameters\":{\"binary_data_size\":");
+            number(&mut body, t.data.len());
+            body.push(b'}');
+        } else {
+            body.extend_from_slice(b",\"data\":");
+            write_data(&mut body, t);
+        }
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
     if !outputs.iter().any(|o| o.2) {
         return Encoded {
             body,
@@ -449,6 +482,67 @@ pub(crate) fn encode_response(
         body,
         header_len: Some(header_len),
     }
+}
+
+/// A JSON string, escaped.
+fn string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("a Vec never fails to write");
+}
+
+/// A finite number or an integer, as serde_json writes it.
+fn number(out: &mut Vec<u8>, v: impl Serialize) {
+    serde_json::to_writer(out, &v).expect("a Vec never fails to write");
+}
+
+/// A float, or its non-finite name.
+fn float(out: &mut Vec<u8>, v: f64, finite: impl FnOnce(&mut Vec<u8>)) {
+    if v.is_finite() {
+        finite(out);
+    } else if v.is_nan() {
+        out.extend_from_slice(b"NaN");
+    } else if v > 0.0 {
+        out.extend_from_slice(b"Infinity");
+    } else {
+        out.extend_from_slice(b"-Infinity");
+    }
+}
+
+/// A tensor's elements as a flat JSON array, straight from its bytes.
+fn write_data(out: &mut Vec<u8>, t: &Tensor) {
+    out.push(b'[');
+    macro_rules! each {
+        ($n:literal, $conv:expr, $write:expr) => {
+            for (i, c) in t.data.chunks_exact($n).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let bytes: [u8; $n] = c.try_into().expect("exact chunk");
+                $write(&mut *out, $conv(bytes));
+            }
+        };
+    }
+    let int = |out: &mut Vec<u8>, v: i128| number(out, v);
+    let f32s = |out: &mut Vec<u8>, v: f32| float(out, f64::from(v), |o| number(o, v));
+    match t.dtype {
+        DataType::Bool => each!(1, |b: [u8; 1]| b[0] != 0, |o: &mut Vec<u8>, b: bool| o
+            .extend_from_slice(if b { b"true" } else { b"false" })),
+        DataType::U8 => each!(1, |b| i128::from(u8::from_le_bytes(b)), int),
+        DataType::I8 => each!(1, |b| i128::from(i8::from_le_bytes(b)), int),
+        DataType::U16 => each!(2, |b| i128::from(u16::from_le_bytes(b)), int),
+        DataType::I16 => each!(2, |b| i128::from(i16::from_le_bytes(b)), int),
+        DataType::F16 => each!(2, |b| half::f16::from_le_bytes(b).to_f32(), f32s),
+        DataType::U32 => each!(4, |b| i128::from(u32::from_le_bytes(b)), int),
+        DataType::I32 => each!(4, |b| i128::from(i32::from_le_bytes(b)), int),
+        DataType::F32 => each!(4, f32::from_le_bytes, f32s),
+        DataType::U64 => each!(8, |b| i128::from(u64::from_le_bytes(b)), int),
+        DataType::I64 => each!(8, |b| i128::from(i64::from_le_bytes(b)), int),
+        DataType::F64 => each!(8, f64::from_le_bytes, |o: &mut Vec<u8>, v: f64| float(
+            o,
+            v,
+            |o| number(o, v)
+        )),
+    }
+    out.push(b']');
 }
 
 #[cfg(test)]

@@ -87,7 +87,14 @@ const SMALL_TAIL: usize = 16 << 10;
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
 /// none), and so does curl's default for `-d` (`application/x-www-form-urlencoded`).
 fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
-    let binary_len = match headers.get(HEADER_LEN) {
+    let mut given = headers.get_all(HEADER_LEN).iter();
+    let (first, second) = (given.next(), given.next());
+    if second.is_some() {
+        return Err(ApiError::MalformedBody(
+            "Inference-Header-Content-Length is given more than once".into(),
+        ));
+    }
+    let binary_len = match first {
         None => None,
         Some(v) => Some(
             v.to_str()
