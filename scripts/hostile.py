@@ -61,6 +61,33 @@ def png(width, height):
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def iccp_bomb(inflated=1024 * MIB):
+    """A 64 x 64 RGB PNG whose iCCP chunk (an ICC profile) inflates to `inflated` bytes: about
+    1 MB on the wire. libpng caps ancillary chunks at 8 MB; a decoder that inflates it holds it."""
+    comp, zero = zlib.compressobj(9), b"\x00" * MIB
+    profile = b"".join(comp.compress(zero) for _ in range(inflated // MIB)) + comp.flush()
+    rows = b"".join(b"\x00" + bytes(range(64)) * 3 for _ in range(64))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+            + png_chunk(b"iCCP", b"bomb\x00\x00" + profile)
+            + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
+
+
+def png16_rgba(width, height):
+    """A 16-bit RGBA PNG (8 bytes a pixel decoded): a smooth ramp in a few hundred KB."""
+    comp = zlib.compressobj(6)
+    parts = []
+    for y in range(height):
+        v = (y * 65535 // max(1, height - 1)).to_bytes(2, "big")
+        parts.append(comp.compress(b"\x00" + (v * 3 + b"\xff\xff") * width))
+    parts.append(comp.flush())
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 6, 0, 0, 0))
+            + png_chunk(b"IDAT", b"".join(parts)) + png_chunk(b"IEND", b""))
+
+
 def multipart(parts, boundary="hostileboundary"):
     body = b""
     for name, ctype, data in parts:
@@ -230,6 +257,67 @@ def slow_wave(port, count, head, drip, limit):
     return outcomes, max(ended) if ended else None
 
 
+def stalled_readers(count, wait):
+    """Opens `count` connections that pipeline requests for 16 KiB answers (404s echoing a
+    16 KiB path) with a 4 KiB receive buffer and never read, so the server's writes block.
+    Outcome per connection: `closed` when the server closed it within `wait` seconds (a send
+    fails once it has), else `still-open`; and when the last one was closed."""
+    one_req = b"GET /" + b"p" * 16384 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    socks, outcomes, ended = [], Counter(), []
+    t0 = time.time()
+    for _ in range(count):
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port_of_stalled[0]))
+            s.setblocking(False)
+            socks.append(s)
+        except OSError:
+            outcomes["not-connected"] += 1
+    open_ = set(socks)
+    sent = {s: 0 for s in socks}
+    burst = one_req * 16
+    while open_ and time.time() < t0 + wait:
+        for s in list(open_):
+            try:
+                # As fast as the server takes them (at most 64 MiB each), until its writes block
+                # and it stops reading: then every send finds the buffers full.
+                while sent[s] < 64 * MIB:
+                    sent[s] += s.send(burst)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                outcomes["closed"] += 1
+                ended.append(time.time() - t0)
+                open_.discard(s)
+                s.close()
+        time.sleep(0.05)
+    if open_:
+        outcomes["still-open"] += len(open_)
+    for s in open_:
+        s.close()
+    return outcomes, max(ended) if ended else None
+
+
+port_of_stalled = [0]
+
+
+def stalled_class(count):
+    def run(port, p):
+        port_of_stalled[0] = port
+        return stalled_readers(count, p.write_timeout + 8)
+    run.wave = True
+    return run
+
+
+def sighup(port, p):
+    """SIGHUP to the server while it serves: it must log it and go on."""
+    os.kill(p.server_pid, signal.SIGHUP)
+    time.sleep(0.2)
+    return "alive" if one(port, "GET", "/v2/health/live", b"", {}, timeout=5) == 200 else "dead"
+
+
 def slow_class(count, head, drip):
     def run(port, p):
         outcomes, last = slow_wave(port, count, head, drip, p.header_timeout + p.body_timeout + 6)
@@ -254,6 +342,9 @@ def classes(p):
     ragged = v2([{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": [[1, 2, 3], [4, 5, 6, 7, 8]]}])
     out_of_range = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1e39,0,0,0]}]}'
     b64 = json.dumps({"instances": [{"b64": base64.b64encode(strip).decode()}]}).encode()
+    bomb = iccp_bomb()
+    deep = png16_rgba(6300, 6300)  # 39.7 MP: inside max_pixels (40 M)
+    print(f"iCCP bomb {len(bomb)} bytes, 16-bit PNG {len(deep)} bytes", file=sys.stderr)
     return [
         # name, attack, outcomes it may get, how many attackers at once
         ("extreme_aspect_png_1x100000", simple("POST", "/v1/models/efficientnet_lite0:predict", strip,
@@ -263,6 +354,11 @@ def classes(p):
                                              {"Content-Type": eight_ct}), {413}, 1),
         ("tiny_but_huge_png_1x36MP", simple("POST", "/v1/models/efficientnet_lite0:predict", huge,
                                             {"Content-Type": "image/png"}), {200, 504}, 1),
+        ("png_iccp_bomb_1GiB", simple("POST", "/v1/models/efficientnet_lite0:predict", bomb,
+                                      {"Content-Type": "image/png"}), {200}, 3),
+        ("png_16bit_rgba_6300x6300", simple("POST", "/v1/models/efficientnet_lite0:predict", deep,
+                                            {"Content-Type": "image/png"}), {200, 504}, 3),
+        ("sighup_during_load", sighup, {"alive"}, 1),
         ("truncated_png", simple("POST", "/v1/models/efficientnet_lite0:predict", chelsea[: len(chelsea) // 2],
                                  {"Content-Type": "image/png"}), {400}, 1),
         ("duplicate_outputs_60000", simple("POST", "/v2/models/mlp/infer", dup, JSON), {400}, 1),
@@ -282,6 +378,7 @@ def classes(p):
             200, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n"
                  b"Inference-Header-Content-Length: 11\r\nContent-Length: 16777216\r\n\r\n{\"inputs\":[", None),
          {408}, 1),
+        ("stalled_readers_x64", stalled_class(64), {"closed"}, 1),
         ("slowloris_x200", slow_class(200, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\n", b"X-a: b\r\n"),
          {"closed"}, 1),
         ("body_at_1KBps_x20", slow_class(
@@ -436,6 +533,61 @@ def hwm_kib(pid):
     return status_kib(pid, "VmHWM")
 
 
+def stalled_at_max_connections(a, work, limit=8):
+    """Issue 24's finding 1 as it was found: a server with `max_connections: 8`, twice that many
+    clients that pipeline and never read, and a kubelet-like probe of liveness on the admin port
+    every 50 ms throughout. Every stalled connection must be closed within the write timeout
+    (plus the client's 50 ms send loop), and the probe must stay under 100 ms."""
+    port, admin = a.port + 10, a.port + 11
+    cfg = os.path.join(work, "stalled.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"""server:
+  http_addr: "127.0.0.1:{port}"
+  admin_addr: "127.0.0.1:{admin}"
+  max_connections: {limit}
+  write_timeout: {a.write_timeout}s
+  drain_delay: 0s
+models:
+  - {{name: mlp, path: {ROOT}/tests/fixtures/mlp.onnx, devices: cpu}}
+""")
+    log = open(os.path.join(work, "stalled.log"), "w")
+    server = subprocess.Popen([a.binary, "serve", "--config", cfg], stdout=log, stderr=log)
+    try:
+        for _ in range(300):
+            if one(admin, "GET", "/v2/health/ready", b"", {}, timeout=2) == 200:
+                break
+            time.sleep(0.1)
+        live = []
+        done = threading.Event()
+
+        def probe():
+            while not done.is_set():
+                t0 = time.time()
+                st = one(admin, "GET", "/v2/health/live", b"", {}, timeout=5)
+                live.append((1000 * (time.time() - t0), st))
+                time.sleep(0.05)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        port_of_stalled[0] = port
+        outcomes, last = stalled_readers(2 * limit, a.write_timeout + 8)
+        # The data port serves again once they are closed.
+        after = one(port, "POST", "/v2/models/mlp/infer", v2([MLP_ROW]), JSON, timeout=10)
+        done.set()
+        prober.join()
+        lat = sorted(ms for ms, _ in live)
+        return {"max_connections": limit, "stalled_clients": 2 * limit, "write_timeout_s": a.write_timeout,
+                "outcomes": dict(outcomes), "still_open": outcomes.get("still-open", 0),
+                "last_closed_after_s": round(last, 2) if last else None,
+                "live_probes": len(lat), "live_p50_ms": round(lat[len(lat) // 2], 2) if lat else None,
+                "live_max_ms": round(lat[-1], 2) if lat else None,
+                "live_not_200": sum(1 for _, st in live if st != 200),
+                "data_port_after": after, "survived": server.poll() is None}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", required=True)
@@ -444,7 +596,8 @@ def main():
     ap.add_argument("--all", type=float, default=15, help="seconds of every class at once")
     ap.add_argument("--only", help="comma-separated class names (default: all)")
     a = ap.parse_args()
-    a.header_timeout, a.body_timeout = 3, 3
+    a.header_timeout, a.body_timeout, a.write_timeout = 3, 3, 3
+    admin = a.port + 1
 
     work = tempfile.mkdtemp()
     cfg = os.path.join(work, "hostile.yaml")
@@ -452,6 +605,8 @@ def main():
     with open(cfg, "w") as f:
         f.write(f"""server:
   http_addr: "127.0.0.1:{a.port}"
+  admin_addr: "127.0.0.1:{admin}"
+  write_timeout: {a.write_timeout}s
   header_timeout: {a.header_timeout}s
   body_timeout: {a.body_timeout}s
   request_timeout: 10s
@@ -483,6 +638,7 @@ models:
         all_classes = [c for c in all_classes if c[0] in keep]
     log = open(os.path.join(work, "server.log"), "w")
     server = subprocess.Popen([a.binary, "serve", "--config", cfg], stdout=log, stderr=log)
+    a.server_pid = server.pid
     for _ in range(600):
         if one(a.port, "GET", "/v2/health/ready", b"", {}, timeout=2) == 200:
             break
@@ -553,7 +709,7 @@ models:
             t.join(timeout=max(0, stop - time.time()) + a.header_timeout + a.body_timeout + 40)
         end = time.time()
         alive = server.poll() is None
-        live_after = one(a.port, "GET", "/v2/health/live", b"", {}, timeout=5) if alive else "dead"
+        live_after = one(admin, "GET", "/v2/health/live", b"", {}, timeout=5) if alive else "dead"
         peak = hwm_kib(server.pid) if alive else None
         rec = {
             "phase": name,
@@ -612,13 +768,18 @@ models:
             failures.append(f"{name}: normal client p99 {nc['p99_ms']} ms, not 200: {nc['not_200']}")
         if lp["max_ms"] is None or lp["max_ms"] >= 100 or lp["not_200"]:
             failures.append(f"{name}: live probe max {lp['max_ms']} ms, not 200: {lp['not_200']}")
+    at_limit = stalled_at_max_connections(a, work)
+    if at_limit["still_open"] or at_limit["live_max_ms"] is None or at_limit["live_max_ms"] >= 100 \
+            or at_limit["live_not_200"] or not at_limit["survived"]:
+        failures.append(f"stalled readers at max_connections: {at_limit}")
     rollout = sigterm_under_keep_alive(server, a.port) if server.poll() is None else None
     if rollout is None:
         failures.append("rollout: the server was not running for the SIGTERM")
     elif rollout["broken"] or rollout["exit_code"] != 0 or not rollout["sent_after_sigterm"] \
             or rollout["sent_after_sigterm"] != rollout["with_connection_close"]:
         failures.append(f"rollout: {rollout}")
-    print(json.dumps({"base_rss_mib": round(base_rss / 1024, 1),
+    print(json.dumps({"stalled_readers_at_max_connections": at_limit,
+                      "base_rss_mib": round(base_rss / 1024, 1),
                       "end_rss_mib": round(end_rss / 1024, 1) if end_rss else None,
                       "rollout_sigterm_16_keep_alive_clients": rollout,
                       "cpus": os.cpu_count(), "config": cfg, "server_log": log.name,

@@ -835,7 +835,8 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if s.admin_addr.as_deref() == Some(s.http_addr.as_str()) {
+        // Port 0 (any free port, as tests bind) may be given to both.
+        if s.admin_addr.as_deref() == Some(s.http_addr.as_str()) && !s.http_addr.ends_with(":0") {
             return Err(invalid(
                 "server.admin_addr",
                 format!("must differ from http_addr ({})", s.http_addr),
