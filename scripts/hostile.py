@@ -257,7 +257,7 @@ def slow_wave(port, count, head, drip, limit):
     return outcomes, max(ended) if ended else None
 
 
-def stalled_readers(count, wait):
+def stalled_readers(port, count, wait):
     """Opens `count` connections that pipeline requests for 16 KiB answers (404s echoing a
     16 KiB path) with a 4 KiB receive buffer and never read, so the server's writes block.
     Outcome per connection: `closed` when the server closed it within `wait` seconds (a send
@@ -270,7 +270,7 @@ def stalled_readers(count, wait):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.settimeout(5)
-            s.connect(("127.0.0.1", port_of_stalled[0]))
+            s.connect(("127.0.0.1", port))
             s.setblocking(False)
             socks.append(s)
         except OSError:
@@ -300,13 +300,9 @@ def stalled_readers(count, wait):
     return outcomes, max(ended) if ended else None
 
 
-port_of_stalled = [0]
-
-
 def stalled_class(count):
     def run(port, p):
-        port_of_stalled[0] = port
-        return stalled_readers(count, p.write_timeout + 8)
+        return stalled_readers(port, count, p.write_timeout + 8)
     run.wave = True
     return run
 
@@ -569,8 +565,7 @@ models:
 
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
-        port_of_stalled[0] = port
-        outcomes, last = stalled_readers(2 * limit, a.write_timeout + 8)
+        outcomes, last = stalled_readers(port, 2 * limit, a.write_timeout + 8)
         # The data port serves again once they are closed.
         after = one(port, "POST", "/v2/models/mlp/infer", v2([MLP_ROW]), JSON, timeout=10)
         done.set()

@@ -67,6 +67,18 @@ async fn peak_growth(router: &axum::Router, req: Request<Body>) -> (Reply, usize
     (reply, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
 
+/// Posts a PNG to the `img` model, checks it is served (200), and returns how far live bytes
+/// rose meanwhile.
+async fn png_served(router: &axum::Router, png: Vec<u8>) -> usize {
+    let req = Request::post("/v1/models/img:predict")
+        .header("content-type", "image/png")
+        .body(Body::from(png))
+        .unwrap();
+    let (reply, growth) = peak_growth(router, req).await;
+    reply.assert_status(200);
+    growth
+}
+
 /// `bytes` as a body that arrives in 64 KiB frames.
 fn in_frames(bytes: &[u8]) -> Body {
     Body::from_stream(futures_util::stream::iter(
@@ -234,12 +246,7 @@ models:
     image::GrayImage::from_fn(2000, 2000, |x, y| image::Luma([((x ^ y) & 0xff) as u8]))
         .write_to(&mut png, image::ImageFormat::Png)
         .unwrap();
-    let req = Request::post("/v1/models/img:predict")
-        .header("content-type", "image/png")
-        .body(Body::from(png.into_inner()))
-        .unwrap();
-    let (reply, growth) = peak_growth(&router, req).await;
-    reply.assert_status(200);
+    let growth = png_served(&router, png.into_inner()).await;
     assert!(
         growth < 8 * MIB,
         "a 4-megapixel grey image raised live memory by {growth} bytes"
@@ -251,12 +258,7 @@ models:
     let bomb = png_file((64, 64), (2, 8), false, &[(*b"iCCP", icc)], |x, y| {
         vec![x as u8, y as u8, 7]
     });
-    let req = Request::post("/v1/models/img:predict")
-        .header("content-type", "image/png")
-        .body(Body::from(bomb))
-        .unwrap();
-    let (reply, growth) = peak_growth(&router, req).await;
-    reply.assert_status(200);
+    let growth = png_served(&router, bomb).await;
     assert!(
         growth < 8 * MIB,
         "a 64 × 64 PNG with a 256 MiB ICC profile raised live memory by {growth} bytes"
@@ -268,12 +270,7 @@ models:
         let v = (((x / 500 + y / 500) % 16) as u16 * 4000).to_be_bytes();
         [v, v, v, [0xff, 0xff]].concat()
     });
-    let req = Request::post("/v1/models/img:predict")
-        .header("content-type", "image/png")
-        .body(Body::from(deep))
-        .unwrap();
-    let (reply, growth) = peak_growth(&router, req).await;
-    reply.assert_status(200);
+    let growth = png_served(&router, deep).await;
     assert!(
         growth < 16 * MIB,
         "a 16-megapixel 16-bit PNG raised live memory by {growth} bytes"

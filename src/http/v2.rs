@@ -494,13 +494,14 @@ fn number(out: &mut Vec<u8>, v: impl Serialize) {
     serde_json::to_writer(out, &v).expect("a Vec never fails to write");
 }
 
-/// A float, or its non-finite name.
-fn float(out: &mut Vec<u8>, v: f64, finite: impl FnOnce(&mut Vec<u8>)) {
-    if v.is_finite() {
-        finite(out);
-    } else if v.is_nan() {
+/// A float as serde_json writes it, or its non-finite name.
+fn float<T: Copy + Into<f64> + Serialize>(out: &mut Vec<u8>, v: T) {
+    let x: f64 = v.into();
+    if x.is_finite() {
+        number(out, v);
+    } else if x.is_nan() {
         out.extend_from_slice(b"NaN");
-    } else if v > 0.0 {
+    } else if x > 0.0 {
         out.extend_from_slice(b"Infinity");
     } else {
         out.extend_from_slice(b"-Infinity");
@@ -521,26 +522,20 @@ fn write_data(out: &mut Vec<u8>, t: &Tensor) {
             }
         };
     }
-    let int = |out: &mut Vec<u8>, v: i128| number(out, v);
-    let f32s = |out: &mut Vec<u8>, v: f32| float(out, f64::from(v), |o| number(o, v));
     match t.dtype {
         DataType::Bool => each!(1, |b: [u8; 1]| b[0] != 0, |o: &mut Vec<u8>, b: bool| o
             .extend_from_slice(if b { b"true" } else { b"false" })),
-        DataType::U8 => each!(1, |b| i128::from(u8::from_le_bytes(b)), int),
-        DataType::I8 => each!(1, |b| i128::from(i8::from_le_bytes(b)), int),
-        DataType::U16 => each!(2, |b| i128::from(u16::from_le_bytes(b)), int),
-        DataType::I16 => each!(2, |b| i128::from(i16::from_le_bytes(b)), int),
-        DataType::F16 => each!(2, |b| half::f16::from_le_bytes(b).to_f32(), f32s),
-        DataType::U32 => each!(4, |b| i128::from(u32::from_le_bytes(b)), int),
-        DataType::I32 => each!(4, |b| i128::from(i32::from_le_bytes(b)), int),
-        DataType::F32 => each!(4, f32::from_le_bytes, f32s),
-        DataType::U64 => each!(8, |b| i128::from(u64::from_le_bytes(b)), int),
-        DataType::I64 => each!(8, |b| i128::from(i64::from_le_bytes(b)), int),
-        DataType::F64 => each!(8, f64::from_le_bytes, |o: &mut Vec<u8>, v: f64| float(
-            o,
-            v,
-            |o| number(o, v)
-        )),
+        DataType::U8 => each!(1, u8::from_le_bytes, number),
+        DataType::I8 => each!(1, i8::from_le_bytes, number),
+        DataType::U16 => each!(2, u16::from_le_bytes, number),
+        DataType::I16 => each!(2, i16::from_le_bytes, number),
+        DataType::F16 => each!(2, |b| half::f16::from_le_bytes(b).to_f32(), float),
+        DataType::U32 => each!(4, u32::from_le_bytes, number),
+        DataType::I32 => each!(4, i32::from_le_bytes, number),
+        DataType::F32 => each!(4, f32::from_le_bytes, float),
+        DataType::U64 => each!(8, u64::from_le_bytes, number),
+        DataType::I64 => each!(8, i64::from_le_bytes, number),
+        DataType::F64 => each!(8, f64::from_le_bytes, float),
     }
     out.push(b']');
 }
