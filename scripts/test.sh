@@ -7,7 +7,7 @@ scripts/setup.sh
 scripts/setup_models.sh
 scripts/setup_tools.sh
 
-# Layering (DESIGN.md section 2): only src/device/ touches ort, only src/http/ touches
+# Layering (docs/ARCHITECTURE.md, "Rules"): only src/device/ touches ort, only src/http/ touches
 # axum/tower-http, and src/http/ reaches the core only through the app façade (never dispatch,
 # device or tuning).
 stray_ort=$(grep -rlE '(^|[^A-Za-z0-9_])ort::|^\s*use ort(::|;)' src | grep -v '^src/device/' || true)
@@ -20,7 +20,7 @@ if [ -n "$stray_ort$stray_axum$http_core" ]; then
   exit 1
 fi
 
-# House style (STYLE.md): formatted, and clippy-clean with warnings as errors (dead code and
+# House style (docs/ARCHITECTURE.md, "Rules"): formatted, and clippy-clean with warnings as errors (dead code and
 # unreachable `pub` items included).
 cargo fmt --all --check
 # A one-shot CI build has no use for incremental caches (they doubled the target folder's size).

@@ -9,6 +9,7 @@
 //! Arrows point one way: `http` → `app` → (`preprocess`, `batching`) → `dispatch` → `device`;
 //! `startup` → everything below `http`; `tuning` → `device`. `config`, `metrics`, `tensor`,
 //! `model`, `stamp` and `budget` are leaves. `http` calls the core only through `app`.
+//! docs/ARCHITECTURE.md has the request path, the rules and how they are enforced.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
 //! - [`http`]: the axum router, tower layers, the accept loop with its connection limits,

@@ -1,5 +1,5 @@
 //! Startup and serving: load ONNX Runtime, build and tune every (model, device) session, start
-//! the batchers, serve HTTP, and on shutdown drain, stop and join (DESIGN.md section 7).
+//! the batchers, serve HTTP, and on shutdown drain, stop and join (README.md, "Operations").
 //!
 //! [`run`] serves at once (health answers, readiness is 503) while the models load; [`start`]
 //! loads first and returns a [`Server`] to serve later (tests, the bench). Both build their state

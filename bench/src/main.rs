@@ -1,7 +1,7 @@
 //! `ortserve-bench`: ortserve under load on 127.0.0.1, each line next to the in-process ceiling
-//! measured in the same run (DESIGN.md section 9). A tool beside the server, not part of it: it
-//! uses only the `ortserve` crate's public API, and nothing of it ships in the server binary or
-//! the container image.
+//! measured in the same run (the method and its results: docs/BENCHMARKS.md). A tool beside the
+//! server, not part of it: it uses only the `ortserve` crate's public API, and nothing of it
+//! ships in the server binary or the container image.
 //!
 //! - `scenarios`: the scenarios a–e, the in-process ceilings, results and plots.
 //! - `client`: the keep-alive load generator (`sendfile(2)` for large requests).

@@ -1,6 +1,6 @@
 //! The scenarios: the server on 127.0.0.1 under a keep-alive load generator, next to the
 //! in-process ceiling (the same model and threads through ONNX Runtime directly), in one run.
-//! DESIGN.md section 9 is the method. Not a test: numbers, not assertions.
+//! docs/BENCHMARKS.md has the method and the results. Not a test: numbers, not assertions.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

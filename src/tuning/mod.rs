@@ -1,5 +1,6 @@
-//! Startup batch-size tuning (DESIGN.md section 4): per (model, device), probe batch sizes with
-//! synthetic inputs, measure latency, throughput and memory, choose the size, and cache it.
+//! Startup batch-size tuning (README.md, "Batch-size tuning"): per (model, device), probe batch
+//! sizes with synthetic inputs, measure latency, throughput and memory, choose the size, and
+//! cache it.
 
 mod cache;
 mod memory;

@@ -1,4 +1,4 @@
-//! The batch-size sweep (DESIGN.md section 4), written against a [`Target`] so the policy is
+//! The batch-size sweep (README.md, "Batch-size tuning"), written against a [`Target`] so the policy is
 //! tested with scripted measurements.
 
 use std::time::{Duration, Instant};
