@@ -468,19 +468,23 @@ async fn serve_until(
     }
     // The admin port stops when the data port has: `admin_stop` is dropped on return.
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin = listeners.admin.map(|l| {
-        if let Ok(addr) = l.local_addr() {
-            tracing::info!(%addr, "serving probes and metrics on the admin port");
-        }
-        tokio::spawn(crate::http::serve_admin(
-            state.clone(),
-            server,
-            l,
-            async move {
+    let admin = match listeners.admin {
+        Some(l) => {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving probes and metrics on the admin port");
+            }
+            let stopped = async move {
                 let _ = admin_stopped.await;
-            },
-        ))
-    });
+            };
+            Some(crate::http::AdminPort::start(
+                state.clone(),
+                server,
+                l,
+                stopped,
+            )?)
+        }
+        None => None,
+    };
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_delay = server.drain_delay.0;
     let draining = state.clone();
@@ -510,10 +514,8 @@ async fn serve_until(
     };
     drop(admin_stop);
     if let Some(admin) = admin {
-        match admin.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "the admin port ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "the admin port's task failed"),
-            Ok(Ok(())) => {}
+        if let Err(e) = admin.join().await {
+            tracing::warn!(error = %e, "the admin port ended with an error");
         }
     }
     served

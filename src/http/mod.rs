@@ -157,20 +157,55 @@ pub(crate) async fn serve(
     serve::serve(router(state), listener, serve::ConnLimits::of(server), stop).await
 }
 
-/// Serves the admin routes on `listener` (with `server.admin_max_connections`) until `stop`
-/// resolves.
-pub(crate) fn serve_admin(
-    state: Arc<AppState>,
-    server: &crate::config::ServerConfig,
-    listener: tokio::net::TcpListener,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
-    serve::serve(
-        admin_router(state),
-        listener,
-        serve::ConnLimits::admin(server),
-        stop,
-    )
+/// The admin port, served on a thread and tokio runtime of its own: probes and scrapes are then
+/// answered however busy the data port's worker threads are (under every hostile class at
+/// once, a liveness probe sharing them waited 220 ms; docs/BENCHMARKS.md).
+pub(crate) struct AdminPort {
+    /// Sent by the admin thread with how serving ended, just before it exits.
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AdminPort {
+    /// Starts serving the admin routes on `listener` (with `server.admin_max_connections`) until
+    /// `stop` resolves.
+    pub(crate) fn start(
+        state: Arc<AppState>,
+        server: &crate::config::ServerConfig,
+        listener: tokio::net::TcpListener,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<AdminPort> {
+        // Out of this runtime's reactor, into the admin runtime's.
+        let listener = listener.into_std()?;
+        let limits = serve::ConnLimits::admin(server);
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("ortserve-admin".into())
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            serve::serve(admin_router(state), listener, limits, stop).await
+                        })
+                    });
+                let _ = done_tx.send(served);
+            })?;
+        Ok(AdminPort { done, thread })
+    }
+
+    /// Waits until the admin port has stopped and its thread has ended.
+    pub(crate) async fn join(self) -> std::io::Result<()> {
+        let served = self
+            .done
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the admin thread panicked")));
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        served
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The batch-size sweep (README.md, "Batch-size tuning"), written against a [`Target`] so the policy is
-//! tested with scripted measurements.
+//! The batch-size sweep (README.md, "Batch-size tuning"), written against a [`Target`] so the
+//! policy is tested with scripted measurements.
 
 use std::time::{Duration, Instant};
 
