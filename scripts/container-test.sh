@@ -19,7 +19,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 work=${ORTSERVE_CONTAINER_WORK:-/var/tmp/ortserve-container}
-port=8080           # the image's HEALTHCHECK probes 127.0.0.1:8080
+port=8080           # the API
+admin=8082          # probes and /metrics (server.admin_addr); the image's HEALTHCHECK probes it
 name=ortserve-container-test
 grace=$(sed -n 's/^ *terminationGracePeriodSeconds: *\([0-9]*\).*/\1/p' k8s/base/deployment.yaml)
 run_opts=(--runtime runc --network=host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
@@ -80,7 +81,9 @@ podman build "${run_opts[@]}" --pull=never --format docker -t ortserve:cpu -f Do
 size=$(podman image inspect --format '{{.Size}}' ortserve:cpu)
 step "image ortserve:cpu: $((size / 1024 / 1024)) MiB"
 
-if ss -ltn | grep -q ":$port "; then fail "port $port is taken on this host"; fi
+for p in "$port" "$admin"; do
+  if ss -ltn | grep -q ":$p "; then fail "port $p is taken on this host"; fi
+done
 podman rm -f "$name" >/dev/null 2>&1 || true
 mkdir -p "$work/etc"
 cp k8s/base/config.yaml "$work/etc/config.yaml"
@@ -97,7 +100,8 @@ for _ in $(seq 1 300); do   # the startupProbe allows 5 minutes
     podman logs "$name" 2>&1 | tail -20
     fail "the container exited"
   fi
-  if curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/health/ready" 2>/dev/null; then ready=1; break; fi
+  # As the pod's startupProbe asks: readiness on the admin port.
+  if curl -fsS -o /dev/null "http://127.0.0.1:$admin/v2/health/ready" 2>/dev/null; then ready=1; break; fi
   sleep 1
 done
 [ -n "$ready" ] || { podman logs "$name" 2>&1 | tail -20; fail "not ready within 300 s"; }
@@ -112,7 +116,7 @@ top=$(python3 -c 'import json,sys; c=json.loads(sys.argv[1])["predictions"][0]["
 step "chelsea.png: top class $top"
 case "$top" in 28[1-7]\ *) ;; *) fail "expected a cat class (281-287) first" ;; esac
 
-metrics=$(curl -fsS "http://127.0.0.1:$port/metrics")
+metrics=$(curl -fsS "http://127.0.0.1:$admin/metrics")   # where Prometheus scrapes
 grep -q '^ortserve_requests_total{' <<<"$metrics" || fail "/metrics has no ortserve_requests_total"
 step "/metrics: $(grep -c '^ortserve_' <<<"$metrics") ortserve_ series lines"
 
