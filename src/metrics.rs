@@ -24,8 +24,13 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// 1 healthy, 0 not, by model and device.
     pub device_healthy: IntGaugeVec,
-    /// The batch size each device runs at, by model and device.
+    /// The batch size each device was given at startup (tuned or configured), by model and device.
     pub tuned_max_batch: IntGaugeVec,
+    /// The batch cap each device runs at now: the startup size, or what `tuning.refine` moved it
+    /// to under load, by model and device.
+    pub max_batch: IntGaugeVec,
+    /// Changes of a device's cap by `tuning.refine`, by model, device and why (try, keep, back).
+    pub cap_changes: IntCounterVec,
     /// Decode + resize + normalize time of one uploaded image, by model.
     pub preprocess_duration: HistogramVec,
     /// Time from a request part's arrival to its batch starting, by model.
@@ -203,7 +208,26 @@ impl Metrics {
             &["model", "device"],
         )
         .expect("valid metric");
-        for g in [&queue_depth, &device_healthy, &tuned_max_batch] {
+        let max_batch = IntGaugeVec::new(
+            Opts::new(
+                "ortserve_max_batch_size",
+                "Batch cap a device runs at now (the startup size, or as tuning.refine moved it)",
+            ),
+            &["model", "device"],
+        )
+        .expect("valid metric");
+        let cap_changes = IntCounterVec::new(
+            Opts::new(
+                "ortserve_batch_cap_changes_total",
+                "Changes of a device's batch cap under load (tuning.refine)",
+            ),
+            &["model", "device", "why"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cap_changes.clone()))
+            .expect("unique metric");
+        for g in [&queue_depth, &device_healthy, &tuned_max_batch, &max_batch] {
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -219,6 +243,8 @@ impl Metrics {
             queue_depth,
             device_healthy,
             tuned_max_batch,
+            max_batch,
+            cap_changes,
             preprocess_duration,
             queue_duration,
             batches,

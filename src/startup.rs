@@ -17,6 +17,7 @@ use crate::batching::{BatchSettings, DeviceRunner, ModelHandle, ModelOwner};
 use crate::classify::Classifier;
 use crate::config::{self, Config, ConfigError, ImageConfig, MaxBatch, ServerConfig};
 use crate::device::{self, DeviceError, OrtRunner};
+use crate::dispatch;
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
 use crate::tensor;
@@ -112,10 +113,13 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
                     .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
                     .map_err(|e| e.to_string())
             });
+            let refine = refine_settings(m, &result);
+            // The watchdog allows for the largest size the cap may reach.
+            let largest = refine.as_ref().map_or(result.chosen, |r| r.ceiling);
             let tuned_latency = result
                 .probes
                 .iter()
-                .find(|p| p.batch == result.chosen && p.latency_ms > 0.0)
+                .find(|p| p.batch == largest && p.latency_ms > 0.0)
                 .map(|p| std::time::Duration::from_secs_f64(p.latency_ms / 1000.0));
             runners.push(DeviceRunner {
                 name,
@@ -124,6 +128,7 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
                 runner: Box::new(runner),
                 rebuild: Some(rebuild),
                 run_timeout: m.health.run_timeout_for(tuned_latency),
+                refine,
             });
             results.push(result);
         }
@@ -154,6 +159,28 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
         loaded.owners.push(owner);
     }
     Ok(loaded)
+}
+
+/// How a device's cap may move under load (`tuning.refine`): from the probe's choice up to the
+/// largest size it ran within its limits. `None` for a configured size, a fixed batch
+/// dimension, buckets (each size is warmed up before readiness), or nothing above the choice.
+fn refine_settings(
+    m: &config::ModelConfig,
+    result: &DeviceTuning,
+) -> Option<dispatch::RefineSettings> {
+    let probed = matches!(
+        result.source,
+        tuning::Source::Probe | tuning::Source::Cache | tuning::Source::Shared
+    );
+    (m.tuning.refine && probed && result.warmup.is_empty() && result.max_good > result.chosen).then(
+        || dispatch::RefineSettings {
+            floor: result.chosen,
+            ceiling: result.max_good,
+            latency_budget: m.tuning.latency_budget.map(|d| d.0),
+            window: std::time::Duration::from_millis(500),
+            min_batches: 8,
+        },
+    )
 }
 
 /// Builds one device's session and decides its batch size: from the config, or by the probe
@@ -222,6 +249,8 @@ fn open_and_tune(
             probes: Vec::new(),
             baseline_memory_bytes: 0,
             duration_ms: 0.0,
+            fixed_cost_ms: 0.0,
+            max_good: 0,
             key: None,
             warmup: Vec::new(),
         },

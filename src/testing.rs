@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 pub use crate::batching::{BatchSettings, DeviceRunner, ModelOwner};
+pub use crate::dispatch::{CapChange, RefineReport, RefineSettings};
 pub use crate::tuning::process_rss;
 
 use crate::app::{AppState, Model};

@@ -151,6 +151,7 @@ async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
     let runners = [("fast", 1), ("slow", 4)]
         .map(|(name, ms)| DeviceRunner {
             run_timeout: std::time::Duration::from_secs(30),
+            refine: None,
             name: name.into(),
             max_batch: 4,
             buckets: Vec::new(),
@@ -286,4 +287,110 @@ async fn a_request_whose_client_left_is_dropped_before_it_runs() {
         ran, 3,
         "rows run: the two held requests and the last one, not the abandoned one"
     );
+}
+
+/// Issue 25: under sustained load the batcher moves a device's cap from the probe's choice
+/// toward the size that serves the most, within the probe's largest good size, and says so in
+/// the metrics and the device's report. The device pays 4 ms a batch whatever its rows, so
+/// each doubling doubles what it serves: 2 → 4 → 8 → 16, and no further (the ceiling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
+    let runner = DeviceRunner {
+        run_timeout: std::time::Duration::from_secs(30),
+        refine: Some(ortserve::testing::RefineSettings {
+            floor: 2,
+            ceiling: 16,
+            latency_budget: None,
+            window: std::time::Duration::from_millis(100),
+            min_batches: 4,
+        }),
+        name: "paced".into(),
+        max_batch: 2,
+        buckets: Vec::new(),
+        runner: Box::new(Paced {
+            per_batch: std::time::Duration::from_millis(4),
+        }),
+        rebuild: None,
+    };
+    let settings = BatchSettings::new(
+        std::time::Duration::from_millis(1),
+        1024,
+        std::time::Duration::from_secs(30),
+    );
+    let (state, router) = fake_server(
+        "paced",
+        2,
+        vec![runner],
+        DispatchPolicy::RoundRobin,
+        settings,
+    );
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    // 48 clients keep 16-row batches full with two batches on the device.
+    for c in 0..48 {
+        let router = router.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < std::time::Duration::from_secs(20)
+            {
+                let v = (c * 10_000 + i) as f32;
+                let x = Tensor::from_f32(vec![1, 2], &[v, -v]).unwrap();
+                let got = outputs(
+                    &post_json(
+                        &router,
+                        "/v2/models/paced/infer",
+                        &v2_json(&[("x", &x)], false),
+                    )
+                    .await,
+                );
+                assert_eq!(got[0].3, vec![v as f64, -v as f64]);
+                i += 1;
+            }
+        }));
+    }
+    let mut reached = None;
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if state.devices()[0].max_batch == 16 {
+            reached = Some(started.elapsed());
+            // A little longer at the top: a try above the ceiling would show now.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            break;
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let device = state.devices().remove(0);
+    let report = device.refine.clone().expect("the device refines its cap");
+    assert!(reached.is_some(), "the cap did not reach 16: {report:?}");
+    assert_eq!(
+        (report.floor, report.ceiling, report.cap),
+        (2, 16, 16),
+        "{report:?}"
+    );
+    let kept: Vec<(usize, usize)> = report
+        .changes
+        .iter()
+        .filter(|c| c.why == "keep")
+        .map(|c| (c.from, c.to))
+        .collect();
+    assert_eq!(kept, vec![(2, 4), (4, 8), (8, 16)], "{report:?}");
+    assert!(report.changes.iter().all(|c| c.to <= 16));
+    let metrics = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
+    assert!(
+        metrics.contains("ortserve_max_batch_size{device=\"paced\",model=\"paced\"} 16"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "ortserve_batch_cap_changes_total{device=\"paced\",model=\"paced\",why=\"keep\"} 3"
+        ),
+        "{metrics}"
+    );
+    state.shutdown().await;
 }

@@ -41,6 +41,7 @@ fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
     let runners = vec![
         DeviceRunner {
             run_timeout: std::time::Duration::from_secs(30),
+            refine: None,
             name: "cpu:0".into(),
             max_batch: 8,
             buckets: Vec::new(),
@@ -51,6 +52,7 @@ fn server(settings: BatchSettings) -> (Served, axum::Router, Arc<AtomicBool>) {
         },
         DeviceRunner {
             run_timeout: std::time::Duration::from_secs(30),
+            refine: None,
             name: "cpu:1".into(),
             max_batch: 8,
             buckets: Vec::new(),
@@ -209,6 +211,7 @@ async fn a_panicking_session_is_rebuilt_and_the_server_keeps_serving() {
     let counter = built.clone();
     let runner = DeviceRunner {
         run_timeout: std::time::Duration::from_secs(30),
+        refine: None,
         name: "cpu:0".into(),
         max_batch: 4,
         buckets: Vec::new(),
@@ -283,6 +286,7 @@ async fn a_stuck_run_is_answered_at_the_deadline_and_the_watchdog_takes_its_devi
     let (stuck, _gate) = gated_runner("cpu:0", Duration::from_millis(300));
     let fine = DeviceRunner {
         run_timeout: Duration::from_millis(300),
+        refine: None,
         name: "cpu:1".into(),
         max_batch: 1,
         buckets: Vec::new(),

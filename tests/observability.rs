@@ -109,6 +109,7 @@ async fn the_request_id_is_on_the_log_lines_of_the_request_across_threads() {
         .init();
     let runner = DeviceRunner {
         run_timeout: std::time::Duration::from_secs(30),
+        refine: None,
         name: "cpu:0".into(),
         max_batch: 4,
         buckets: Vec::new(),

@@ -94,7 +94,7 @@ pub(super) async fn run(
                 Pick::Ready(r) => {
                     let rows = e.rows;
                     let inflight = r.start(&pool, rows);
-                    send_batch(vec![e], rows, inflight, &ctx, "retry");
+                    send_batch(vec![e], rows, 0, inflight, &ctx, "retry");
                 }
                 Pick::Busy => {
                     alone.push_front(e);
@@ -160,7 +160,7 @@ pub(super) async fn run(
                 continue;
             }
             Pick::Ready(reservation) => {
-                let max = reservation.slot.max_batch;
+                let max = reservation.slot.cap();
                 let due = oldest + settings.max_queue_delay;
                 let full = state.batch_full(max, settings.batchable);
                 // An idle device gets what is queued without a timed wait: waiting would only
@@ -198,7 +198,7 @@ pub(super) async fn run(
                     }
                     let rows = batch.iter().map(|e| e.rows).sum();
                     let inflight = reservation.start(&pool, rows);
-                    send_batch(batch, rows, inflight, &ctx, reason);
+                    send_batch(batch, rows, max, inflight, &ctx, reason);
                     continue;
                 }
                 // Not full and not due: give the slot back and wait for more rows.
@@ -303,8 +303,15 @@ fn probe_unhealthy(pool: &DevicePool, sample: &[Tensor], ctx: &Ctx) {
 ///
 /// `reason` says why the batch closed: `full`, `idle` (the device had nothing to do), `delay`
 /// (waited `max_queue_delay`), `drain` (shutting down), or `retry` (a part run alone after a
-/// failure).
-fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx, reason: &str) {
+/// failure). `cap` is the device's cap it was formed under (0 for a retry), for the refiner.
+fn send_batch(
+    batch: Vec<Entry>,
+    rows: usize,
+    cap: usize,
+    inflight: InFlight,
+    ctx: &Ctx,
+    reason: &str,
+) {
     let slot = inflight.slot().clone();
     let model = ctx.model.as_str();
     let m = &ctx.metrics;
@@ -352,6 +359,14 @@ fn send_batch(batch: Vec<Entry>, rows: usize, inflight: InFlight, ctx: &Ctx, rea
                     .inc_by(rows as u64);
                 for (e, out) in metas.into_iter().zip(outputs) {
                     let _ = e.reply.send(Ok(out));
+                }
+                if let Some(c) = slot.observe(rows, cap, elapsed) {
+                    let m = &ctx.metrics;
+                    m.max_batch.with_label_values(&labels).set(c.to as i64);
+                    m.cap_changes
+                        .with_label_values(&[labels[0], labels[1], c.why])
+                        .inc();
+                    tracing::info!(model = %ctx.model, device = %slot.name, from = c.from, to = c.to, why = c.why, rows_per_second = c.rows_per_second, "batch cap refined");
                 }
             }
             Err(err) => {

@@ -203,7 +203,7 @@ pub struct DeviceStatus {
     /// `cpu:0`, `cuda:1`, or `cpu:0#1` for a second instance.
     pub name: String,
     pub healthy: bool,
-    /// Most rows one batch on this device may have.
+    /// Most rows one batch on this device may have now.
     pub max_batch: usize,
     /// Measured rows per second (moving average); 0 before the first batch.
     pub rows_per_second: f64,
@@ -213,6 +213,8 @@ pub struct DeviceStatus {
     pub rows_run: u64,
     /// Failed runs so far (device faults, not refused inputs).
     pub failures: u64,
+    /// What `tuning.refine` did with the cap; `None` when the cap is fixed.
+    pub refine: Option<crate::dispatch::RefineReport>,
 }
 
 /// A device worker to start for a model: its slot name, max batch and runner.
@@ -228,6 +230,8 @@ pub struct DeviceRunner {
     /// The watchdog: a run that has not returned after this long marks the device unhealthy,
     /// so new batches go to other devices (or are refused with 503 when there is none).
     pub run_timeout: Duration,
+    /// `tuning.refine`: how the cap may move from `max_batch` under load; `None` keeps it.
+    pub refine: Option<crate::dispatch::RefineSettings>,
 }
 
 impl ModelHandle {
@@ -259,7 +263,11 @@ impl ModelHandle {
                 crate::dispatch::DEVICE_DEPTH,
             )?;
             let max = if batchable { r.max_batch } else { 1 };
-            pool.add(r.name.clone(), max, r.run_timeout, worker.sender());
+            let slot = pool.add(r.name.clone(), max, r.run_timeout, worker.sender());
+            if let (true, Some(refine)) = (batchable && r.buckets.is_empty(), r.refine) {
+                slot.refine(refine);
+            }
+            metrics.max_batch.with_label_values(&labels).set(max as i64);
             // Every per-device series exists from the start, at zero.
             metrics.device_failures.with_label_values(&labels);
             metrics.device_rows.with_label_values(&labels);
@@ -346,11 +354,12 @@ impl ModelHandle {
             .map(|d| DeviceStatus {
                 name: d.name.clone(),
                 healthy: d.is_healthy(),
-                max_batch: d.max_batch,
+                max_batch: d.cap(),
                 rows_per_second: d.rate(),
                 inflight_rows: d.inflight_rows(),
                 rows_run: d.rows.load(Ordering::Relaxed),
                 failures: d.failures.load(Ordering::Relaxed),
+                refine: d.refine_report(),
             })
             .collect()
     }

@@ -48,6 +48,7 @@ fn gated(
     let settings = BatchSettings::new(max_queue_delay, 16, Duration::from_secs(30));
     let runner = DeviceRunner {
         run_timeout: std::time::Duration::from_secs(30),
+        refine: None,
         name: "cpu:0".into(),
         max_batch,
         buckets: Vec::new(),

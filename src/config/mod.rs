@@ -518,7 +518,8 @@ pub struct TuningConfig {
     /// Unset: only the headroom counts.
     #[serde(default)]
     pub memory_budget: Option<ByteSize>,
-    /// Largest median latency of one batch run; larger sizes are not chosen.
+    /// Largest median time of one batch as served (hand-off, run, split, replies); larger
+    /// sizes are not chosen, and `refine` does not move the cap to them.
     #[serde(default)]
     pub latency_budget: Option<Dur>,
     /// Largest size probed.
@@ -546,6 +547,12 @@ pub struct TuningConfig {
     /// Probe even when the cache or `results_file` has a result.
     #[serde(default)]
     pub force: bool,
+    /// Under sustained load (full batches), let each device's cap move from the probe's choice
+    /// toward the size that serves the most rows/s, up to the largest size the probe ran within
+    /// its limits, never below the choice (README.md, "Batch-size tuning"). Only with
+    /// `max_batch_size: auto` and no `buckets`.
+    #[serde(default = "default_true")]
+    pub refine: bool,
 }
 
 impl Default for TuningConfig {
@@ -560,10 +567,14 @@ impl Default for TuningConfig {
             cache_dir: None,
             results_file: None,
             force: false,
+            refine: true,
         }
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_headroom() -> f64 {
     0.15
 }

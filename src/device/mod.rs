@@ -19,7 +19,7 @@ pub(crate) use plan::plan_devices;
 pub use plan::{DeviceKind, DevicePlan};
 pub use runtime::{init_runtime, RuntimeInfo};
 pub use worker::Rebuild;
-pub(crate) use worker::{DeviceCommand, DeviceWorker, Padding, RunDone, RunJob};
+pub(crate) use worker::{serve_borrowed, DeviceCommand, DeviceWorker, Padding, RunDone, RunJob};
 
 /// A log filter directive that keeps ONNX Runtime's own logs (forwarded by `ort` to tracing) at
 /// warn. Written `ort::` because filter targets match by prefix and `ort` alone would also

@@ -125,72 +125,93 @@ fn worker_loop(
     padding: Option<Padding>,
     mut rx: mpsc::Receiver<DeviceCommand>,
 ) {
+    // `Stop` or a closed channel ends the loop.
     while let Some(DeviceCommand::Run(job)) = rx.blocking_recv() {
-        // `Stop` or a closed channel ends the loop.
-        let RunJob {
-            mut parts,
-            span,
-            done,
-            clock,
-        } = job;
-        let _entered = span.enter();
-        let started = Instant::now();
-        clock.set();
-        let mut rows: Vec<usize> = parts
-            .iter()
-            .map(|p| p.first().and_then(Tensor::rows).unwrap_or(1))
-            .collect();
-        // Padding rides along as one more part, whose outputs are dropped.
-        let extra = match (&padding, parts.first()) {
-            (Some(p), Some(first)) => {
-                let extra = p.extra_rows(rows.iter().sum());
-                if extra > 0 {
-                    parts.push(zero_rows(first, extra));
-                    rows.push(extra);
-                    p.padded.inc_by(extra as u64);
+        if !run_job(runner.as_mut(), padding.as_ref(), job) {
+            continue;
+        }
+        if let Some(rebuild) = &rebuild {
+            match rebuild() {
+                Ok(fresh) => {
+                    runner = fresh;
+                    tracing::warn!("session rebuilt after the panic");
                 }
-                extra
-            }
-            _ => 0,
-        };
-        let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&parts))) {
-            Ok(result) => result,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(panic = %what, "model runner panicked");
-                if let Some(rebuild) = &rebuild {
-                    match rebuild() {
-                        Ok(fresh) => {
-                            runner = fresh;
-                            tracing::warn!("session rebuilt after the panic");
-                        }
-                        Err(e) => tracing::error!(error = %e, "could not rebuild the session"),
-                    }
-                }
-                Err(RunError::Failed(format!("runner panicked: {what}")))
+                Err(e) => tracing::error!(error = %e, "could not rebuild the session"),
             }
         }
-        .and_then(|outputs| split_outputs(outputs, &rows))
-        .map(|mut split| {
-            if extra > 0 {
-                split.pop();
-            }
-            split
-        });
-        if extra > 0 {
-            parts.pop();
-        }
-        let elapsed = started.elapsed();
-        clock.clear();
-        if let Err(e) = &outcome {
-            tracing::warn!(error = %e, "batch failed");
-        }
-        done(outcome, elapsed, parts);
     }
+}
+
+/// The worker loop over a borrowed runner, without padding or rebuilds: the startup probe runs
+/// its timed batches through it on a thread of its own (`tuning`), so what it measures is the
+/// device thread's path: the hand-off, the run, the split and the replies.
+pub(crate) fn serve_borrowed(runner: &mut dyn ModelRunner, mut rx: mpsc::Receiver<DeviceCommand>) {
+    while let Some(DeviceCommand::Run(job)) = rx.blocking_recv() {
+        run_job(runner, None, job);
+    }
+}
+
+/// Runs one job on `runner`: pads it to its bucket, runs it (a panic is caught and becomes a
+/// failed run), splits the outputs per part and calls the job's `done`. Returns whether the
+/// runner panicked (its state is then unknown).
+fn run_job(runner: &mut dyn ModelRunner, padding: Option<&Padding>, job: RunJob) -> bool {
+    let RunJob {
+        mut parts,
+        span,
+        done,
+        clock,
+    } = job;
+    let _entered = span.enter();
+    let started = Instant::now();
+    clock.set();
+    let mut rows: Vec<usize> = parts
+        .iter()
+        .map(|p| p.first().and_then(Tensor::rows).unwrap_or(1))
+        .collect();
+    // Padding rides along as one more part, whose outputs are dropped.
+    let extra = match (padding, parts.first()) {
+        (Some(p), Some(first)) => {
+            let extra = p.extra_rows(rows.iter().sum());
+            if extra > 0 {
+                parts.push(zero_rows(first, extra));
+                rows.push(extra);
+                p.padded.inc_by(extra as u64);
+            }
+            extra
+        }
+        _ => 0,
+    };
+    let mut panicked = false;
+    let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&parts))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "model runner panicked");
+            panicked = true;
+            Err(RunError::Failed(format!("runner panicked: {what}")))
+        }
+    }
+    .and_then(|outputs| split_outputs(outputs, &rows))
+    .map(|mut split| {
+        if extra > 0 {
+            split.pop();
+        }
+        split
+    });
+    if extra > 0 {
+        parts.pop();
+    }
+    let elapsed = started.elapsed();
+    clock.clear();
+    if let Err(e) = &outcome {
+        tracing::warn!(error = %e, "batch failed");
+    }
+    done(outcome, elapsed, parts);
+    panicked
 }
 
 /// Splits batched outputs back into the parts' rows, in order.

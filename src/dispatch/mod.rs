@@ -5,8 +5,10 @@
 //! for the device that will run it. In-flight rows are counted by an RAII guard, so the count
 //! cannot drift on errors or cancellation.
 
+mod refine;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -15,6 +17,10 @@ use crate::config::DispatchPolicy;
 use crate::device::DeviceCommand;
 use crate::stamp::Stamp;
 
+pub use refine::CapChange;
+pub use refine::RefineSettings;
+use refine::Refiner;
+
 /// Jobs a device may hold at once: one running and one ready to start.
 pub(crate) const DEVICE_DEPTH: usize = 2;
 
@@ -22,8 +28,13 @@ pub(crate) const DEVICE_DEPTH: usize = 2;
 pub(crate) struct DeviceSlot {
     /// `cpu:0`, or `cpu:0#1` for a second instance.
     pub name: String,
-    /// Most rows one batch on this device may have.
+    /// The batch size the device started with (tuned or configured). Requests are split into
+    /// parts of at most the smallest of these over the pool.
     pub max_batch: usize,
+    /// Most rows one batch on this device may have now: `max_batch`, or as the refiner moved it.
+    cap: AtomicUsize,
+    /// Moves `cap` under sustained load (`tuning.refine`); `None` keeps it at `max_batch`.
+    refiner: Mutex<Option<Refiner>>,
     /// The watchdog's limit on one run (see [`DeviceSlot::stalled`]).
     pub run_timeout: Duration,
     /// When the run now on the device started, shared with the device worker, which sets it.
@@ -91,11 +102,66 @@ impl DeviceSlot {
         &self.tx
     }
 
+    /// Most rows the next batch on this device may have.
+    pub(crate) fn cap(&self) -> usize {
+        self.cap.load(Ordering::Acquire)
+    }
+
+    /// Lets the cap move between `settings.floor` (the startup size) and `settings.ceiling`
+    /// from what the device serves under load.
+    pub(crate) fn refine(&self, settings: RefineSettings) {
+        let r = Refiner::new(settings, tokio::time::Instant::now());
+        self.cap.store(r.cap(), Ordering::Release);
+        *self.refiner.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    /// A batch of `rows` rows sent at cap `cap_at_send` ran for `run` and was answered: the
+    /// refiner's evidence. Returns the change of the cap it caused, if any.
+    pub(crate) fn observe(
+        &self,
+        rows: usize,
+        cap_at_send: usize,
+        run: Duration,
+    ) -> Option<CapChange> {
+        let mut guard = self.refiner.lock().unwrap_or_else(|e| e.into_inner());
+        let r = guard.as_mut()?;
+        let change = r.observe(rows, cap_at_send, run, tokio::time::Instant::now())?;
+        self.cap.store(r.cap(), Ordering::Release);
+        Some(change)
+    }
+
+    /// The refiner's state for the tuning report; `None` when the cap is fixed.
+    pub(crate) fn refine_report(&self) -> Option<RefineReport> {
+        let guard = self.refiner.lock().unwrap_or_else(|e| e.into_inner());
+        let r = guard.as_ref()?;
+        Some(RefineReport {
+            cap: r.cap(),
+            floor: r.settings().floor,
+            ceiling: r.settings().ceiling,
+            changes_total: r.changed(),
+            changes: r.changes(),
+        })
+    }
+
     /// How long the run now on the device has taken, when that is more than its
     /// `run_timeout`.
     pub(crate) fn stalled(&self) -> Option<Duration> {
         self.running.elapsed().filter(|&t| t > self.run_timeout)
     }
+}
+
+/// What `tuning.refine` did on one device, as `GET /v1/models/{m}/tuning` serves it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RefineReport {
+    /// The cap now.
+    pub cap: usize,
+    /// The startup size: the cap never goes below it.
+    pub floor: usize,
+    /// The largest size the probe ran within its limits: the cap never goes above it.
+    pub ceiling: usize,
+    pub changes_total: u64,
+    /// The last 16 changes, oldest first.
+    pub changes: Vec<CapChange>,
 }
 
 /// A free job slot on a chosen device, not yet used.
@@ -175,6 +241,8 @@ impl DevicePool {
         let slot = Arc::new(DeviceSlot {
             name,
             max_batch: max_batch.max(1),
+            cap: AtomicUsize::new(max_batch.max(1)),
+            refiner: Mutex::new(None),
             run_timeout,
             running: Arc::new(Stamp::default()),
             healthy: AtomicBool::new(true),

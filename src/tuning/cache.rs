@@ -29,6 +29,11 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// What the probe measures, in the key: results of another method are probed again, not read
+/// with their fields missing. 1: the session run alone. 2: batches as served (hand-off, run,
+/// split, replies), with `served_*`, `fixed_cost_ms` and `max_good`.
+const PROBE_METHOD: u32 = 2;
+
 /// The key: model sha256, device name and kind (threads on CPU; on CUDA the GPU's NVML name,
 /// `gpu`), runtime release, ortserve's version (the probe may change between versions), and
 /// every tuning setting that changes the result. `None` when the model file cannot be read.
@@ -50,7 +55,7 @@ pub(crate) fn cache_key(
         "dims": cfg.dims,
     });
     Some(format!(
-        "model={sha} device={device} kind={:?} gpu={} ort={runtime} ortserve={} settings={settings}",
+        "model={sha} device={device} kind={:?} gpu={} ort={runtime} ortserve={} probe={PROBE_METHOD} settings={settings}",
         plan.kind,
         gpu.unwrap_or("-"),
         env!("CARGO_PKG_VERSION"),
@@ -102,9 +107,14 @@ pub(super) fn plausible(t: &DeviceTuning, cfg: &TuningConfig) -> Result<(), Stri
         ));
     }
     for p in &t.probes {
-        let finite = [p.latency_ms, p.rows_per_second]
-            .iter()
-            .all(|v| v.is_finite() && *v >= 0.0);
+        let finite = [
+            p.latency_ms,
+            p.rows_per_second,
+            p.served_ms,
+            p.served_rows_per_second,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0);
         if p.batch == 0 || p.batch > cap || !finite {
             return Err(format!(
                 "probe of batch size {} has readings out of range",
@@ -121,6 +131,15 @@ pub(super) fn plausible(t: &DeviceTuning, cfg: &TuningConfig) -> Result<(), Stri
             "chosen batch size {} is not a size that was probed and ran",
             t.chosen
         ));
+    }
+    if !t.probes.is_empty() && (t.max_good < t.chosen || t.max_good > cap) {
+        return Err(format!(
+            "max_good {} is outside {}..={cap}",
+            t.max_good, t.chosen
+        ));
+    }
+    if !t.fixed_cost_ms.is_finite() || t.fixed_cost_ms < 0.0 {
+        return Err("fixed_cost_ms is out of range".into());
     }
     if t.warmup.iter().any(|w| w.batch == 0 || w.batch > t.chosen) {
         return Err("a warm-up size is outside 1..=chosen".into());
@@ -223,6 +242,8 @@ mod tests {
             outcome: Outcome::Ok,
             latency_ms: 1.5,
             rows_per_second: 1000.0,
+            served_ms: 1.5,
+            served_rows_per_second: 667.0,
             memory_used_bytes: 1 << 20,
             memory_limit_bytes: None,
             memory_estimated: false,
@@ -240,6 +261,8 @@ mod tests {
             probes: vec![probed(1), probed(2), probed(4)],
             baseline_memory_bytes: 0,
             duration_ms: 1.0,
+            fixed_cost_ms: 0.5,
+            max_good: 4,
             key: None,
             warmup: Vec::new(),
         }
@@ -278,6 +301,12 @@ mod tests {
         assert!(load(&cfg, "k").is_none(), "a chosen size of 0");
         edit("\"chosen\": 0", "\"chosen\": 2");
         assert_eq!(load(&cfg, "k").map(|t| t.chosen), Some(2), "2 was probed");
+        edit("\"max_good\": 4", "\"max_good\": 100000");
+        assert!(
+            load(&cfg, "k").is_none(),
+            "a refinement ceiling over the cap"
+        );
+        edit("\"max_good\": 100000", "\"max_good\": 4");
         edit("\"latency_ms\": 1.5", "\"latency_ms\": -1.5");
         assert!(load(&cfg, "k").is_none(), "a negative latency");
 
@@ -294,5 +323,39 @@ mod tests {
         // With no folder configured, the default is this user's, not a fixed name in /tmp.
         let default = crate::config::default_cache_dir();
         assert_ne!(default, std::env::temp_dir().join("ortserve-tuning"));
+    }
+
+    /// Issue 25: results of the old probe (the session run alone, no served figures) are probed
+    /// again, not read with their new fields missing: the method is part of the key.
+    #[test]
+    fn results_of_another_probe_method_do_not_match() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = TuningConfig {
+            cache_dir: Some(tmp.path().join("cache")),
+            ..TuningConfig::default()
+        };
+        let model = tmp.path().join("m.onnx");
+        std::fs::write(&model, b"model").unwrap();
+        let plan = DevicePlan {
+            device: "cpu:0".into(),
+            instance: 0,
+            kind: crate::device::DeviceKind::Cpu {
+                intra_op_threads: 1,
+                spinning: false,
+            },
+        };
+        let key = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg).unwrap();
+        assert!(key.contains(" probe=2 "), "{key}");
+        let old_key = key.replace(" probe=2", "");
+        store(&cfg, &old_key, &result(4)).unwrap();
+        assert!(load(&cfg, &old_key).is_some());
+        assert!(load(&cfg, &key).is_none(), "an old entry is not read");
+        let shared_file = tmp.path().join("results.json");
+        let entry = serde_json::json!([{"model": "m", "key": old_key, "result": result(4)}]);
+        std::fs::write(&shared_file, entry.to_string()).unwrap();
+        assert!(matches!(
+            shared(&shared_file, &key),
+            Shared::NoMatch { entries: 1 }
+        ));
     }
 }

@@ -13,7 +13,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::TuningConfig;
-use crate::device::{DeviceKind, DevicePlan, ModelRunner, RunError};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::device::{
+    DeviceCommand, DeviceKind, DevicePlan, ModelRunner, RunDone, RunError, RunJob,
+};
 use crate::model::ModelInfo;
 use crate::tensor::{DataType, Tensor};
 
@@ -21,7 +27,7 @@ pub(crate) use cache::cache_key;
 pub use cache::SharedResult;
 pub use memory::process_rss;
 pub(crate) use memory::{gpu_readings, CpuMemorySource};
-pub(crate) use probe::{Limits, Target};
+pub(crate) use probe::{Limits, Measured, Target};
 pub use probe::{MemoryReading, Outcome, Probe, ProbeError};
 
 /// Where a device's batch size came from.
@@ -55,6 +61,14 @@ pub struct DeviceTuning {
     pub baseline_memory_bytes: u64,
     #[serde(default)]
     pub duration_ms: f64,
+    /// What serving adds to a batch beyond the session run, as the probe measured it (the median
+    /// over the good sizes of `served_ms - latency_ms`).
+    #[serde(default)]
+    pub fixed_cost_ms: f64,
+    /// The largest size that ran within the memory and latency limits: the most the batcher
+    /// may raise the size to under load (`tuning.refine`). 0 when not probed.
+    #[serde(default)]
+    pub max_good: usize,
     /// What the result was measured for (see `tuning.results_file`); unset when not probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -264,12 +278,17 @@ impl MemoryProbe {
     }
 }
 
-/// A runner at a batch size, as the sweep sees it.
-struct RunnerTarget<'a> {
-    runner: &'a mut dyn ModelRunner,
+/// The sweep's target: the runner on a device thread of its own, running the same job loop as
+/// a serving device thread (`device::serve_borrowed`), fed from this thread as the batcher
+/// feeds it, each batch split into one-row request parts with a reply channel each. A batch's
+/// time counts from the hand-off to the last part's reply: what serving a batch costs beyond
+/// the session run (two thread wake-ups, assembling the parts, splitting the outputs) is in it.
+struct ServedTarget<'a> {
+    jobs: mpsc::Sender<DeviceCommand>,
     info: &'a ModelInfo,
     dims: &'a [Vec<usize>],
     memory: &'a MemoryProbe,
+    clock: Arc<crate::stamp::Stamp>,
 }
 
 /// Timed runs per size: at least 3, at most 25, and no more once 200 ms are spent. Many short
@@ -278,23 +297,77 @@ const MIN_RUNS: usize = 3;
 const MAX_RUNS: usize = 25;
 const RUN_TIME: Duration = Duration::from_millis(200);
 
-impl Target for RunnerTarget<'_> {
-    fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Vec<Duration>, RunError> {
-        let parts = [synthetic_inputs(self.info, self.dims, rows, rows as u64)];
-        self.runner.run(&parts)?; // warm-up
+/// One part's reply, as a handler receives it.
+type Reply = Result<Vec<Tensor>, RunError>;
+
+impl ServedTarget<'_> {
+    /// Serves one batch of `parts`; returns the served time, the run time and the parts.
+    fn serve(
+        &mut self,
+        parts: Vec<Vec<Tensor>>,
+    ) -> Result<(Duration, Duration, Vec<Vec<Tensor>>), RunError> {
+        let gone = || RunError::Failed("the probe's device thread is gone".into());
+        let (senders, replies): (Vec<_>, Vec<_>) = (0..parts.len())
+            .map(|_| oneshot::channel::<Reply>())
+            .unzip();
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel(1);
+        let done: RunDone = Box::new(move |result, elapsed, parts| {
+            match result {
+                Ok(outputs) => {
+                    for (tx, out) in senders.into_iter().zip(outputs) {
+                        let _ = tx.send(Ok(out));
+                    }
+                }
+                Err(e) => {
+                    for tx in senders {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+            let _ = back_tx.send((elapsed, parts));
+        });
+        let job = RunJob {
+            parts,
+            span: tracing::Span::none(),
+            done,
+            clock: self.clock.clone(),
+        };
         let started = Instant::now();
-        let mut runs = Vec::with_capacity(MAX_RUNS);
+        self.jobs
+            .blocking_send(DeviceCommand::Run(job))
+            .map_err(|_| gone())?;
+        for reply in replies {
+            reply.blocking_recv().map_err(|_| gone())??;
+        }
+        let served = started.elapsed();
+        let (run, parts) = back_rx.recv().map_err(|_| gone())?;
+        Ok((served, run, parts))
+    }
+}
+
+impl Target for ServedTarget<'_> {
+    fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Measured, RunError> {
+        let mut parts: Vec<Vec<Tensor>> = (0..rows)
+            .map(|i| synthetic_inputs(self.info, self.dims, 1, (rows * 7919 + i) as u64))
+            .collect();
+        parts = self.serve(parts)?.2; // warm-up
+        let started = Instant::now();
+        let mut m = Measured {
+            served: Vec::with_capacity(MAX_RUNS),
+            run: Vec::with_capacity(MAX_RUNS),
+        };
         let more = |n: usize| {
             let now = Instant::now();
             n == 0
                 || (now < deadline && (n < MIN_RUNS || (n < MAX_RUNS && now - started < RUN_TIME)))
         };
-        while more(runs.len()) {
-            let t = Instant::now();
-            self.runner.run(&parts)?;
-            runs.push(t.elapsed());
+        while more(m.served.len()) {
+            let (served, run, back) = self.serve(parts)?;
+            parts = back;
+            m.served.push(served);
+            m.run.push(run);
         }
-        Ok(runs)
+        Ok(m)
     }
 
     fn memory(&mut self) -> MemoryReading {
@@ -331,6 +404,8 @@ pub(crate) fn tune_device(
             probes: Vec::new(),
             baseline_memory_bytes: 0,
             duration_ms: 0.0,
+            fixed_cost_ms: 0.0,
+            max_good: 0,
             key: None,
             warmup: Vec::new(),
         });
@@ -385,13 +460,26 @@ pub(crate) fn tune_device(
         max_batch_cap: req.config.max_batch_cap,
         max_duration: req.config.max_duration.0,
     };
-    let mut target = RunnerTarget {
-        runner,
-        info: req.info,
-        dims: &dims,
-        memory: req.memory,
-    };
-    let sweep = probe::sweep(&mut target, &limits).map_err(|source| TuningError::Probe {
+    // The runner is lent to a device thread for the sweep and comes back when it ends.
+    let sweep = std::thread::scope(|scope| {
+        let (jobs, rx) = mpsc::channel(1);
+        let worker = std::thread::Builder::new()
+            .name("ortserve-probe".into())
+            .spawn_scoped(scope, move || crate::device::serve_borrowed(runner, rx))
+            .map_err(|e| ProbeError::Thread(e.to_string()))?;
+        let mut target = ServedTarget {
+            jobs,
+            info: req.info,
+            dims: &dims,
+            memory: req.memory,
+            clock: Arc::default(),
+        };
+        let sweep = probe::sweep(&mut target, &limits);
+        drop(target);
+        let _ = worker.join();
+        sweep
+    })
+    .map_err(|source| TuningError::Probe {
         model: req.model.to_string(),
         device: req.device.to_string(),
         source,
@@ -405,6 +493,8 @@ pub(crate) fn tune_device(
         probes: sweep.probes,
         baseline_memory_bytes: sweep.baseline_memory_bytes,
         duration_ms: sweep.duration_ms,
+        fixed_cost_ms: sweep.fixed_cost_ms,
+        max_good: sweep.max_good,
         key: key.clone(),
         warmup: Vec::new(),
     };
@@ -419,18 +509,28 @@ pub(crate) fn tune_device(
 /// The result as a text table, one line per probe: what the log and `ortserve tune` print.
 pub fn table(model: &str, t: &DeviceTuning) -> String {
     let mut out = format!(
-        "tuning {model} on {}: chosen {} ({:?}; {})\n  batch   outcome              latency_ms    rows_per_s   memory_MiB\n",
+        "tuning {model} on {}: chosen {} ({:?}; {})\n",
         t.device, t.chosen, t.source, t.reason
     );
+    if t.probes.is_empty() {
+        return out;
+    }
+    out.push_str(&format!(
+        "  serving adds {:.3} ms a batch to the session run (median over the good sizes)\n  \
+         batch   outcome                run_ms    run_rows_s    served_ms  served_rows_s   memory_MiB\n",
+        t.fixed_cost_ms
+    ));
     let mut probes = t.probes.clone();
     probes.sort_by_key(|p| p.batch);
     for p in probes {
         out.push_str(&format!(
-            "  {:>5}   {:<20} {:>10.3} {:>13.1} {:>12.1}{}\n",
+            "  {:>5}   {:<20} {:>8.3} {:>13.1} {:>12.3} {:>14.1} {:>12.1}{}\n",
             p.batch,
             format!("{:?}", p.outcome),
             p.latency_ms,
             p.rows_per_second,
+            p.served_ms,
+            p.served_rows_per_second,
             p.memory_used_bytes as f64 / (1024.0 * 1024.0),
             if p.memory_estimated {
                 " (estimated)"

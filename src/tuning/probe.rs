@@ -17,11 +17,21 @@ pub struct MemoryReading {
     pub limit: Option<u64>,
 }
 
-/// What the sweep measures: a device running the model at a given batch size.
+/// What one size's timed runs measured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Measured {
+    /// Each batch's time as the server pays it: handed to the device thread, run, split into
+    /// its requests' parts and answered, until the last part's reply arrives.
+    pub served: Vec<Duration>,
+    /// The session run of each of those batches alone, timed on the device thread.
+    pub run: Vec<Duration>,
+}
+
+/// What the sweep measures: a device serving batches of a given size.
 pub(crate) trait Target {
-    /// One warm-up run, then timed runs of `rows` rows; returns the timed durations. Stops
-    /// adding timed runs after `deadline` (there is always at least one).
-    fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Vec<Duration>, RunError>;
+    /// One warm-up batch, then timed batches of `rows` rows, one request part per row. Stops
+    /// adding timed batches after `deadline` (there is always at least one).
+    fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Measured, RunError>;
     fn memory(&mut self) -> MemoryReading;
 }
 
@@ -50,9 +60,15 @@ pub enum Outcome {
 pub struct Probe {
     pub batch: usize,
     pub outcome: Outcome,
-    /// Median of the timed runs (0 when the run failed).
+    /// Median session run of the timed batches, on the device thread (0 when the run failed).
     pub latency_ms: f64,
+    /// `batch` over `latency_ms`: what the session alone would do.
     pub rows_per_second: f64,
+    /// Median time a batch takes as served: the hand-off to the device thread, the run, the
+    /// split and the replies.
+    pub served_ms: f64,
+    /// `batch` over `served_ms`: what the choice maximises.
+    pub served_rows_per_second: f64,
     pub memory_used_bytes: u64,
     pub memory_limit_bytes: Option<u64>,
     /// True when `memory_used_bytes` is interpolated rather than read (see [`sweep`]).
@@ -72,18 +88,34 @@ pub(super) struct Sweep {
     /// Memory in use before the first probe.
     pub baseline_memory_bytes: u64,
     pub duration_ms: f64,
+    /// Median over the good sizes of `served_ms - latency_ms`: what serving adds to a batch.
+    pub fixed_cost_ms: f64,
+    /// The largest good size: the most a device may be given (see `tuning.refine`).
+    pub max_good: usize,
 }
 
 #[derive(Debug, Error, PartialEq)]
 pub enum ProbeError {
     #[error("batch size 1 does not fit: {0}")]
     BatchOneFails(String),
+    #[error("cannot start the probe's device thread: {0}")]
+    Thread(String),
 }
 
 fn is_oom(e: &RunError) -> bool {
     let text = e.to_string().to_ascii_lowercase();
     text.contains("failed to allocate memory") || text.contains("out of memory")
 }
+
+fn median(mut runs: Vec<Duration>) -> Duration {
+    runs.sort();
+    runs.get(runs.len() / 2).copied().unwrap_or_default()
+}
+
+/// Sizes whose served rows/s are within this fraction of the most count as equal, and the
+/// largest of them is chosen: an idle device still runs a lone request at once, so a larger cap
+/// costs a light load nothing, and under load it saves the per-batch cost.
+pub(crate) const TOLERANCE: f64 = 0.05;
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
@@ -115,6 +147,8 @@ impl<T: Target> Sweeper<'_, T> {
             outcome: Outcome::Ok,
             latency_ms: 0.0,
             rows_per_second: 0.0,
+            served_ms: 0.0,
+            served_rows_per_second: 0.0,
             memory_used_bytes: mem.used,
             memory_limit_bytes: mem.limit,
             memory_estimated: estimated,
@@ -129,11 +163,13 @@ impl<T: Target> Sweeper<'_, T> {
                 };
                 p.error = Some(e.to_string());
             }
-            Ok(mut runs) => {
-                runs.sort();
-                let median = runs.get(runs.len() / 2).copied().unwrap_or_default();
-                p.latency_ms = median.as_secs_f64() * 1e3;
-                p.rows_per_second = batch as f64 / median.as_secs_f64().max(1e-9);
+            Ok(m) => {
+                let run = median(m.run);
+                let served = median(m.served).max(run);
+                p.latency_ms = run.as_secs_f64() * 1e3;
+                p.rows_per_second = batch as f64 / run.as_secs_f64().max(1e-9);
+                p.served_ms = served.as_secs_f64() * 1e3;
+                p.served_rows_per_second = batch as f64 / served.as_secs_f64().max(1e-9);
                 let grown = mem.used.saturating_sub(self.baseline);
                 let over_limit = mem.limit.is_some_and(|l| {
                     mem.used as f64 > l as f64 * (1.0 - self.limits.memory_headroom)
@@ -141,7 +177,7 @@ impl<T: Target> Sweeper<'_, T> {
                 let over_budget = self.limits.memory_budget.is_some_and(|b| grown > b);
                 if over_limit || over_budget {
                     p.outcome = Outcome::OverMemoryBudget;
-                } else if self.limits.latency_budget.is_some_and(|l| median > l) {
+                } else if self.limits.latency_budget.is_some_and(|l| served > l) {
                     p.outcome = Outcome::OverLatencyBudget;
                 }
             }
@@ -161,8 +197,8 @@ impl<T: Target> Sweeper<'_, T> {
         );
         match p.outcome {
             Outcome::OverLatencyBudget => format!(
-                "one row takes {:.3} ms, over the latency budget of {:.3} ms",
-                p.latency_ms,
+                "one row takes {:.3} ms as served, over the latency budget of {:.3} ms",
+                p.served_ms,
                 self.limits.latency_budget.unwrap_or_default().as_secs_f64() * 1e3
             ),
             Outcome::OverMemoryBudget => format!("over the memory budget: {mem}"),
@@ -178,9 +214,11 @@ impl<T: Target> Sweeper<'_, T> {
     }
 }
 
-/// Runs the sweep: sizes 1, 2, 4, … up to the cap; stops at the first size that fails (out of
-/// memory, memory budget, latency budget, error), when doubling gains under 5% twice, or before
-/// the time limit; then bisects between the last good and the first failing size.
+/// Runs the sweep: sizes 1, 2, 4, … up to the cap, each timed as served (see [`Target`]);
+/// stops at the first size that fails (out of memory, memory budget, latency budget, error),
+/// after two sizes in a row that serve more than 5% fewer rows/s than the best so far, or
+/// before the time limit; then bisects between the last good and the first failing size. The
+/// choice is the largest good size within 5% of the most served rows/s.
 pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeError> {
     let started = Instant::now();
     let baseline = target.memory().used;
@@ -205,7 +243,8 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
     let mut stop = format!("reached max_batch_cap {cap}");
     let mut last_good: Option<Probe> = None;
     let mut first_bad: Option<usize> = None;
-    let mut flat = 0;
+    let mut best = 0.0f64;
+    let mut below = 0;
     let mut last_cost = Duration::ZERO;
     for &b in &sizes {
         if b > 1 && !fits_in_time(last_cost) {
@@ -223,16 +262,18 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
             first_bad = Some(b);
             break;
         }
-        if let Some(prev) = &last_good {
-            if p.rows_per_second < prev.rows_per_second * 1.05 {
-                flat += 1;
-            } else {
-                flat = 0;
-            }
+        if p.served_rows_per_second < best * (1.0 - TOLERANCE) {
+            below += 1;
+        } else {
+            below = 0;
         }
+        best = best.max(p.served_rows_per_second);
         last_good = Some(p);
-        if flat >= 2 {
-            stop = format!("throughput gained under 5% twice, up to size {b}");
+        if below >= 2 {
+            stop = format!(
+                "served rows/s more than {:.0}% under the best twice in a row, at size {b}",
+                TOLERANCE * 100.0
+            );
             break;
         }
     }
@@ -257,42 +298,47 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
             }
         }
     }
-    // The largest good size that still gains: at least 5% more rows/s than the best good size of
-    // at most half as many rows.
     let mut good: Vec<&Probe> = s
         .probes
         .iter()
         .filter(|p| p.outcome == Outcome::Ok)
         .collect();
     good.sort_by_key(|p| p.batch);
-    let gains = |p: &Probe| {
-        p.batch == 1
-            || good
-                .iter()
-                .filter(|q| q.batch <= p.batch / 2)
-                .map(|q| q.rows_per_second)
-                .fold(0.0, f64::max)
-                * 1.05
-                <= p.rows_per_second
-    };
+    let top = good
+        .iter()
+        .copied()
+        .max_by(|a, b| {
+            a.served_rows_per_second
+                .total_cmp(&b.served_rows_per_second)
+        })
+        .expect("batch 1 ran");
     let chosen = good
         .iter()
         .rev()
-        .find(|p| gains(p))
+        .find(|p| p.served_rows_per_second >= top.served_rows_per_second * (1.0 - TOLERANCE))
         .copied()
-        .unwrap_or(good[0]);
+        .unwrap_or(top);
+    let mut costs: Vec<f64> = good.iter().map(|p| p.served_ms - p.latency_ms).collect();
+    costs.sort_by(f64::total_cmp);
+    let fixed_cost_ms = costs.get(costs.len() / 2).copied().unwrap_or(0.0).max(0.0);
     let reason = format!(
-        "{} rows/s at {:.3} ms: the largest size that gains 5% over half its size; sweep stopped: {stop}",
-        chosen.rows_per_second.round(),
-        chosen.latency_ms
+        "{} served rows/s ({:.3} ms a batch, {:.3} ms of it the session run): the largest size \
+         within {:.0}% of the most served rows/s ({} at size {}); sweep stopped: {stop}",
+        chosen.served_rows_per_second.round(),
+        chosen.served_ms,
+        chosen.latency_ms,
+        TOLERANCE * 100.0,
+        top.served_rows_per_second.round(),
+        top.batch,
     );
-    let chosen = chosen.batch;
     Ok(Sweep {
-        chosen,
+        chosen: chosen.batch,
         reason,
+        max_good: good.last().map_or(1, |p| p.batch),
         probes: s.probes,
         baseline_memory_bytes: baseline,
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
+        fixed_cost_ms,
     })
 }
 
@@ -300,10 +346,12 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
 mod tests {
     use super::*;
 
-    /// A scripted device: latency per batch size from a function, memory grows by
-    /// `bytes_per_row` per row of the largest batch run so far, OOM above `oom_at`.
+    /// A scripted device: session run time per batch size from a function, plus `cost_ms` of
+    /// serving per batch; memory grows by `bytes_per_row` per row of the largest batch run so
+    /// far; out of memory from `oom_at` rows.
     struct Scripted {
         latency: fn(usize) -> f64,
+        cost_ms: f64,
         bytes_per_row: u64,
         oom_at: usize,
         peak_rows: usize,
@@ -314,7 +362,7 @@ mod tests {
     }
 
     impl Target for Scripted {
-        fn measure(&mut self, rows: usize, _deadline: Instant) -> Result<Vec<Duration>, RunError> {
+        fn measure(&mut self, rows: usize, _deadline: Instant) -> Result<Measured, RunError> {
             self.probed.push(rows);
             if rows >= self.oom_at {
                 return Err(RunError::Failed(
@@ -322,11 +370,15 @@ mod tests {
                 ));
             }
             self.peak_rows = self.peak_rows.max(rows);
-            let t = Duration::from_secs_f64((self.latency)(rows) / 1e3);
+            let run = Duration::from_secs_f64((self.latency)(rows) / 1e3);
+            let served = run + Duration::from_secs_f64(self.cost_ms / 1e3);
             if self.sleep {
-                std::thread::sleep(t * 4);
+                std::thread::sleep(served * 4);
             }
-            Ok(vec![t; 3])
+            Ok(Measured {
+                served: vec![served; 3],
+                run: vec![run; 3],
+            })
         }
         fn memory(&mut self) -> MemoryReading {
             MemoryReading {
@@ -336,9 +388,10 @@ mod tests {
         }
     }
 
-    fn device(latency: fn(usize) -> f64) -> Scripted {
+    fn device(latency: fn(usize) -> f64, cost_ms: f64) -> Scripted {
         Scripted {
             latency,
+            cost_ms,
             bytes_per_row: 1 << 20,
             oom_at: usize::MAX,
             peak_rows: 0,
@@ -358,29 +411,88 @@ mod tests {
         }
     }
 
+    /// Compute-bound: 0.19 ms a row whatever the batch, so the session alone gains nothing
+    /// from batching (the case where timing the session picked 1).
+    fn flat(rows: usize) -> f64 {
+        0.19 * rows as f64
+    }
+
     /// 1 ms fixed cost + 0.1 ms per row: batching pays until the per-row cost dominates.
     fn overhead_bound(rows: usize) -> f64 {
         1.0 + 0.1 * rows as f64
     }
 
+    /// A run that grows faster than its rows (caches overflow): best near 4 rows.
+    fn superlinear(rows: usize) -> f64 {
+        1.0 + 0.05 * (rows * rows) as f64
+    }
+
     #[test]
-    fn stops_when_doubling_no_longer_pays_and_picks_the_last_size_that_did() {
-        let mut d = device(overhead_bound);
+    fn flat_compute_with_a_per_batch_cost_picks_a_large_size() {
+        // Served rows/s with 0.09 ms a batch: 1→3571, 2→4255, 4→4706, 8→4969, 16→5112,
+        // 32→5186, 64→5224, … 256→5253: never falling, so up to the cap, which is chosen.
+        let mut d = device(flat, 0.09);
         let s = sweep(&mut d, &limits()).unwrap();
-        // rows/s: 1→909, 2→1667, 4→2857, 8→4444, 16→6154, 32→7619, 64→8649, 128→9275, 256→9624
-        // gains: ... 64→128 +7%, 128→256 +3.8% (flat once); cap reached.
         assert_eq!(d.probed, vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
-        assert_eq!(s.chosen, 128);
-        assert_eq!(s.probes.len(), 9);
+        assert_eq!(s.chosen, 256);
+        assert!((s.fixed_cost_ms - 0.09).abs() < 1e-6, "{}", s.fixed_cost_ms);
+        assert!(s.reason.contains("reached max_batch_cap"), "{}", s.reason);
+        // Timing the session alone, every size does 5263 rows/s: nothing to tell them apart.
+        let runs: Vec<f64> = s.probes.iter().map(|p| p.rows_per_second).collect();
+        assert!(runs.iter().all(|r| (r - 5263.2).abs() < 1.0), "{runs:?}");
+    }
+
+    #[test]
+    fn a_run_that_grows_faster_than_its_rows_picks_a_small_size() {
+        // Served rows/s: 1→952, 2→1667, 4→2222, 8→1905, 16→1159: two in a row more than 5%
+        // below the best, so the sweep stops; 4 is the best and nothing larger is within 5%.
+        let mut d = device(superlinear, 0.0);
+        let s = sweep(&mut d, &limits()).unwrap();
+        assert_eq!(d.probed, vec![1, 2, 4, 8, 16]);
+        assert!(s.reason.contains("under the best twice"), "{}", s.reason);
+        assert_eq!(s.chosen, 4);
+        assert_eq!(s.max_good, 16);
+    }
+
+    #[test]
+    fn sizes_within_the_tolerance_go_to_the_largest() {
+        // The session gains 4% from 128 to 256 rows: 128 and 256 are both within 5% of 256's
+        // figure, so the larger is chosen (the old rule, "5% over half its size", kept 128).
+        let mut d = device(overhead_bound, 0.0);
+        let s = sweep(&mut d, &limits()).unwrap();
+        assert_eq!(d.probed, vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
+        assert_eq!(s.chosen, 256);
+        assert!(
+            s.reason.contains("reached max_batch_cap 256"),
+            "{}",
+            s.reason
+        );
+    }
+
+    #[test]
+    fn a_latency_budget_cuts_the_size() {
+        // 0.19 ms a row + 0.09 ms a batch; 2 ms allows 10 rows (1.99 ms), not 11 (2.18 ms).
+        let mut d = device(flat, 0.09);
+        let mut l = limits();
+        l.latency_budget = Some(Duration::from_millis(2));
+        let s = sweep(&mut d, &l).unwrap();
+        assert_eq!(d.probed, vec![1, 2, 4, 8, 16, 12, 10, 11]);
+        assert_eq!(s.chosen, 10);
+        assert!(
+            s.reason.contains("overlatencybudget at size 16"),
+            "{}",
+            s.reason
+        );
     }
 
     #[test]
     fn out_of_memory_bisects_between_the_last_good_and_first_bad_size() {
-        let mut d = device(overhead_bound);
+        let mut d = device(overhead_bound, 0.0);
         d.oom_at = 40;
         let s = sweep(&mut d, &limits()).unwrap();
         assert_eq!(d.probed, vec![1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 39]);
         assert_eq!(s.chosen, 39);
+        assert_eq!(s.max_good, 39);
         assert!(s.reason.contains("outofmemory at size 64"), "{}", s.reason);
         assert_eq!(
             s.probes
@@ -393,7 +505,7 @@ mod tests {
 
     #[test]
     fn a_memory_budget_picks_a_smaller_size() {
-        let mut d = device(overhead_bound);
+        let mut d = device(overhead_bound, 0.0);
         let mut l = limits();
         l.memory_budget = Some(20 << 20); // 1 MiB per row: at most 20 rows
         let s = sweep(&mut d, &l).unwrap();
@@ -406,7 +518,7 @@ mod tests {
             .iter()
             .filter(|p| p.batch > 16 && p.batch < 32)
             .all(|p| p.memory_estimated));
-        let mut d = device(overhead_bound);
+        let mut d = device(overhead_bound, 0.0);
         d.limit = Some((110.5 * 1048576.0 / 0.85) as u64); // headroom leaves 110.5 MiB: 10 rows
         let s = sweep(&mut d, &limits()).unwrap();
         assert_eq!(s.chosen, 10);
@@ -414,7 +526,7 @@ mod tests {
 
     #[test]
     fn a_latency_budget_below_batch_two_picks_one() {
-        let mut d = device(overhead_bound);
+        let mut d = device(overhead_bound, 0.0);
         let mut l = limits();
         l.latency_budget = Some(Duration::from_micros(1150)); // 1 row 1.1 ms, 2 rows 1.2 ms
         let s = sweep(&mut d, &l).unwrap();
@@ -424,12 +536,15 @@ mod tests {
 
     #[test]
     fn an_impossible_budget_is_an_error_naming_the_figures() {
-        let mut d = device(overhead_bound);
+        let mut d = device(overhead_bound, 0.05);
         let mut l = limits();
         l.latency_budget = Some(Duration::from_micros(10));
         let e = sweep(&mut d, &l).unwrap_err().to_string();
-        assert!(e.contains("1.100 ms") && e.contains("0.010 ms"), "{e}");
-        let mut d = device(overhead_bound);
+        assert!(
+            e.contains("1.150 ms as served") && e.contains("0.010 ms"),
+            "{e}"
+        );
+        let mut d = device(overhead_bound, 0.0);
         let mut l = limits();
         l.memory_budget = Some(1);
         let e = sweep(&mut d, &l).unwrap_err().to_string();
@@ -442,7 +557,7 @@ mod tests {
     #[test]
     fn the_time_limit_is_respected() {
         // Each size really takes 4 × its latency: 4.4, 4.8, 5.6, 7.2, 10.4 ms...
-        let mut d = device(overhead_bound);
+        let mut d = device(overhead_bound, 0.0);
         d.sleep = true;
         let mut l = limits();
         l.max_duration = Duration::from_millis(40);

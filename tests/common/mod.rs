@@ -412,6 +412,7 @@ pub fn gated_runner(name: &str, run_timeout: Duration) -> (DeviceRunner, mpsc::S
     let (open, gate) = mpsc::channel();
     let runner = DeviceRunner {
         run_timeout,
+        refine: None,
         name: name.into(),
         max_batch: 1,
         buckets: Vec::new(),

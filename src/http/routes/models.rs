@@ -92,12 +92,27 @@ pub(crate) async fn ready_version(
     Ok(ready_of(&app, lookup(&app, &model, Some(&version))?))
 }
 
-/// `GET /v1/models/{model}/tuning`: per device, every probed size (latency, rows/s, memory),
-/// the chosen size and why.
+/// `GET /v1/models/{model}/tuning`: per device, every probed size (run and served time, rows/s,
+/// memory), the chosen size and why, the fixed cost measured, and the cap now with what
+/// `tuning.refine` changed.
 pub(crate) async fn tuning(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let m = lookup(&app, &model, None)?;
-    Ok(Json(json!({"model": m.name(), "devices": m.tuning()})))
+    let live = m.devices();
+    let devices: Vec<serde_json::Value> = m
+        .tuning()
+        .iter()
+        .map(|t| {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            let now = live.iter().find(|d| d.name == t.device);
+            if let (Some(obj), Some(d)) = (v.as_object_mut(), now) {
+                obj.insert("max_batch_size_now".into(), json!(d.max_batch));
+                obj.insert("refine".into(), json!(d.refine));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({"model": m.name(), "devices": devices})))
 }

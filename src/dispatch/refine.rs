@@ -1,0 +1,388 @@
+//! Refining a device's batch cap under sustained load (`tuning.refine`): from what the device
+//! actually serves, between the startup probe's choice and the largest size the probe found
+//! within its memory and latency limits.
+//!
+//! The refiner only judges windows of full batches, where the cap is what limits a batch. After
+//! a window at the current cap it tries a neighbour (twice the cap, or half of it, never below
+//! the probe's choice) for one window and keeps it only when it served at least 5% more rows/s
+//! (and within the latency budget); otherwise it goes back and waits twice as many windows
+//! before the next try (up to 64). A kept step is followed by another in the same direction.
+//! When a window at a settled cap serves more than 20% more or less than the one before it, the
+//! device or the load has changed, and the waiting starts again from one window.
+//! Pure: the caller passes the clock, so it is tested on a paused clock.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// A step is kept when it serves at least this much more than the cap it left.
+pub(crate) const HYSTERESIS: f64 = 0.05;
+/// Longest wait between tries, in windows.
+const MAX_BACKOFF: u32 = 64;
+/// Changes kept for the tuning report.
+const LOG: usize = 16;
+/// Two windows at one cap this far apart in rows/s mean that something changed.
+const SHIFT: f64 = 0.2;
+
+/// Limits and pace of one device's refiner.
+#[derive(Debug, Clone)]
+pub struct RefineSettings {
+    /// The startup choice: the cap never goes below it (requests are split into parts of at
+    /// most the smallest startup choice, and every part must fit a batch).
+    pub floor: usize,
+    /// The largest size the probe ran within its memory and latency limits.
+    pub ceiling: usize,
+    /// A step whose batches take longer than this (mean run) is not kept.
+    pub latency_budget: Option<Duration>,
+    /// A window lasts at least this long…
+    pub window: Duration,
+    /// …and holds at least this many full batches.
+    pub min_batches: u32,
+}
+
+/// One change of the cap, as the tuning report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CapChange {
+    pub from: usize,
+    pub to: usize,
+    /// `try`, `keep` (the step served more: it stays), `back` (it did not, or the load fell
+    /// before it could be judged).
+    pub why: &'static str,
+    /// Served rows/s of the last window at `from` (`try`) or of the step's window.
+    pub rows_per_second: f64,
+    /// Seconds since the refiner started.
+    pub at_s: f64,
+}
+
+/// A step being tried: the cap it left and what that cap served.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    from: usize,
+    baseline: f64,
+    up: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Refiner {
+    settings: RefineSettings,
+    started: Instant,
+    cap: usize,
+    /// When the window's first batch started (the completion of the batch before it).
+    window_start: Option<Instant>,
+    rows: u64,
+    batches: u32,
+    run_total: Duration,
+    step: Option<Step>,
+    /// Windows at the current cap still to serve before the next step.
+    wait: u32,
+    backoff: u32,
+    /// The direction of the next step.
+    up: bool,
+    changes: VecDeque<CapChange>,
+    changed: u64,
+    /// The last settled window: its cap and rows/s.
+    last: Option<(usize, f64)>,
+}
+
+impl Refiner {
+    pub(crate) fn new(settings: RefineSettings, now: Instant) -> Refiner {
+        let floor = settings.floor.max(1);
+        let settings = RefineSettings {
+            floor,
+            ceiling: settings.ceiling.max(floor),
+            ..settings
+        };
+        Refiner {
+            cap: floor,
+            settings,
+            started: now,
+            window_start: None,
+            rows: 0,
+            batches: 0,
+            run_total: Duration::ZERO,
+            step: None,
+            wait: 1,
+            backoff: 1,
+            up: true,
+            changes: VecDeque::new(),
+            changed: 0,
+            last: None,
+        }
+    }
+
+    /// The cap now.
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Changes so far (all of them, though the log keeps the last 16).
+    pub(crate) fn changed(&self) -> u64 {
+        self.changed
+    }
+
+    pub(crate) fn settings(&self) -> &RefineSettings {
+        &self.settings
+    }
+
+    /// The last changes, oldest first.
+    pub(crate) fn changes(&self) -> Vec<CapChange> {
+        self.changes.iter().cloned().collect()
+    }
+
+    fn restart_window(&mut self, now: Instant) {
+        self.window_start = Some(now);
+        self.rows = 0;
+        self.batches = 0;
+        self.run_total = Duration::ZERO;
+    }
+
+    fn change(&mut self, to: usize, why: &'static str, rate: f64, now: Instant) -> CapChange {
+        let c = CapChange {
+            from: self.cap,
+            to,
+            why,
+            rows_per_second: rate,
+            at_s: now.duration_since(self.started).as_secs_f64(),
+        };
+        self.cap = to;
+        self.changed += 1;
+        if self.changes.len() == LOG {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(c.clone());
+        self.restart_window(now);
+        c
+    }
+
+    /// A failed or unjudged step: back to where it came from, and a longer wait before the next.
+    fn back(&mut self, step: Step, rate: f64, now: Instant) -> CapChange {
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.wait = self.backoff;
+        // The other direction next, if there is one.
+        self.up = !step.up;
+        self.change(step.from, "back", rate, now)
+    }
+
+    /// The next step from the current cap in the preferred direction (or the other one).
+    fn next_step(&self) -> Option<(usize, bool)> {
+        let s = &self.settings;
+        let up = (self.cap < s.ceiling).then(|| ((self.cap * 2).min(s.ceiling), true));
+        let down = (self.cap > s.floor).then(|| ((self.cap / 2).max(s.floor), false));
+        if self.up {
+            up.or(down)
+        } else {
+            down.or(up)
+        }
+    }
+
+    /// A batch of `rows` rows, sent when the cap was `cap_at_send`, finished at `now` after a
+    /// run of `run`. Returns the change it caused, if any.
+    pub(crate) fn observe(
+        &mut self,
+        rows: usize,
+        cap_at_send: usize,
+        run: Duration,
+        now: Instant,
+    ) -> Option<CapChange> {
+        if cap_at_send != self.cap {
+            // Sent before the last change: the window at this cap starts after it.
+            self.restart_window(now);
+            return None;
+        }
+        if rows < self.cap {
+            // The cap did not limit this batch: the load is not sustained enough to judge.
+            self.restart_window(now);
+            return self.step.take().map(|step| self.back(step, 0.0, now));
+        }
+        let Some(start) = self.window_start else {
+            self.restart_window(now);
+            return None;
+        };
+        self.rows += rows as u64;
+        self.batches += 1;
+        self.run_total += run;
+        let span = now.duration_since(start);
+        if span < self.settings.window || self.batches < self.settings.min_batches {
+            return None;
+        }
+        let rate = self.rows as f64 / span.as_secs_f64().max(1e-9);
+        let mean_run = self.run_total / self.batches;
+        self.restart_window(now);
+        if let Some(step) = self.step.take() {
+            let in_budget = self.settings.latency_budget.is_none_or(|b| mean_run <= b);
+            if in_budget && rate >= step.baseline * (1.0 + HYSTERESIS) {
+                // Kept: the next step goes the same way, soon.
+                self.backoff = 1;
+                self.wait = 1;
+                self.up = step.up;
+                let c = CapChange {
+                    from: step.from,
+                    to: self.cap,
+                    why: "keep",
+                    rows_per_second: rate,
+                    at_s: now.duration_since(self.started).as_secs_f64(),
+                };
+                self.changed += 1;
+                if self.changes.len() == LOG {
+                    self.changes.pop_front();
+                }
+                self.changes.push_back(c.clone());
+                return Some(c);
+            }
+            return Some(self.back(step, rate, now));
+        }
+        let shifted = self.last.is_some_and(|(cap, before)| {
+            cap == self.cap && (rate / before.max(1e-9) - 1.0).abs() > SHIFT
+        });
+        self.last = Some((self.cap, rate));
+        if shifted {
+            self.backoff = 1;
+            self.wait = 1;
+        }
+        self.wait = self.wait.saturating_sub(1);
+        if self.wait > 0 {
+            return None;
+        }
+        let (to, up) = self.next_step()?;
+        self.step = Some(Step {
+            from: self.cap,
+            baseline: rate,
+            up,
+        });
+        Some(self.change(to, "try", rate, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(floor: usize, ceiling: usize) -> RefineSettings {
+        RefineSettings {
+            floor,
+            ceiling,
+            latency_budget: None,
+            window: Duration::from_millis(500),
+            min_batches: 8,
+        }
+    }
+
+    /// A scripted device whose batch of `b` rows takes `cost` ms + 0.1 ms a row + 0.002 ms a
+    /// row squared (a little worse than linear, as caches overflow): the best size is near
+    /// √(cost / 0.002). Saturated: every batch is full at the cap.
+    fn batch_ms(b: usize, cost: f64) -> f64 {
+        let b = b as f64;
+        cost + 0.1 * b + 0.002 * b * b
+    }
+
+    /// Runs `batches` full batches on the paused clock; returns the cap after each.
+    async fn drive(r: &mut Refiner, cost: f64, batches: usize) -> Vec<usize> {
+        let mut caps = Vec::with_capacity(batches);
+        for _ in 0..batches {
+            let cap = r.cap();
+            let d = Duration::from_secs_f64(batch_ms(cap, cost) / 1e3);
+            tokio::time::advance(d).await;
+            r.observe(cap, cap, d, Instant::now());
+            caps.push(r.cap());
+        }
+        caps
+    }
+
+    /// Issue 25: a per-batch cost that changes mid-run moves the cap to the new best size and it
+    /// stays there; tries back off, so a settled cap changes rarely.
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_follows_a_per_batch_cost_that_changes_and_settles() {
+        let mut r = Refiner::new(settings(4, 64), Instant::now());
+        // 0.02 ms a batch: 4 rows is best (8.85 rows/ms; 8 rows: 8.44). Tries fail and back off.
+        let caps = drive(&mut r, 0.02, 60_000).await;
+        assert_eq!(r.cap(), 4);
+        assert!(
+            !r.changes().iter().any(|c| c.why == "keep"),
+            "{:?}",
+            r.changes()
+        );
+        let tries = r.changes().iter().filter(|c| c.why == "try").count();
+        // About 25 s of batches; waits of 2, 4, … 64 windows of 0.5 s: at most 7 tries.
+        assert!(tries <= 7, "{tries} tries: {:?}", r.changes());
+        assert!(caps[caps.len() / 2..].iter().filter(|&&c| c != 4).count() < caps.len() / 20);
+
+        // The device now pays 2 ms a batch: 32 rows is best (4.41 rows/ms; 16: 3.89; 64: 3.86).
+        let before = r.changed();
+        let caps = drive(&mut r, 2.0, 20_000).await;
+        assert_eq!(r.cap(), 32, "{:?}", r.changes());
+        let settled = &caps[caps.len() / 2..];
+        let off = settled.iter().filter(|&&c| c != 32).count();
+        assert!(
+            off < settled.len() / 10,
+            "{off} of {} batches off 32",
+            settled.len()
+        );
+        // Settled, tries of 16 and 64 go back, each after a wait twice the last (up to 64
+        // windows of 0.5 s): the gaps between tries never shrink.
+        let tries: Vec<f64> = r
+            .changes()
+            .iter()
+            .filter(|c| c.why == "try" && c.from == 32)
+            .map(|c| c.at_s)
+            .collect();
+        assert!(tries.len() >= 4, "{:?}", r.changes());
+        let gaps: Vec<f64> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.windows(2).all(|g| g[1] >= g[0] - 0.1) && gaps.iter().all(|&g| g < 33.0),
+            "{gaps:?}"
+        );
+        assert!(
+            r.changes()
+                .iter()
+                .all(|c| c.why != "keep" || c.to != 32 || c.at_s < tries[0]),
+            "32 kept once, before the tries"
+        );
+        assert!(r.changed() - before < 40, "{:?}", r.changes());
+
+        // Back to 0.02 ms: down again to 8 (from 8 to 4 gains under 5%: the larger stays).
+        drive(&mut r, 0.02, 120_000).await;
+        assert_eq!(r.cap(), 8, "{:?}", r.changes());
+    }
+
+    /// Below the cap the load is not sustained: no window is judged, and a step in progress
+    /// goes back.
+    #[tokio::test(start_paused = true)]
+    async fn batches_under_the_cap_are_not_judged() {
+        let mut r = Refiner::new(settings(4, 64), Instant::now());
+        for _ in 0..10_000 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            assert_eq!(
+                r.observe(3, 4, Duration::from_millis(1), Instant::now()),
+                None
+            );
+        }
+        assert_eq!((r.cap(), r.changed()), (4, 0));
+        let caps = drive(&mut r, 2.0, 2_000).await;
+        assert!(caps.contains(&8), "a try once the batches are full");
+        // Into the next step, then a batch under its cap: the step goes back at once.
+        let mut n = 0;
+        while r.step.is_none() {
+            drive(&mut r, 2.0, 1).await;
+            n += 1;
+            assert!(n < 100_000, "no step tried");
+        }
+        let (from, cap) = (r.step.unwrap().from, r.cap());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let c = r.observe(1, cap, Duration::from_millis(1), Instant::now());
+        assert_eq!(c.map(|c| (c.from, c.to, c.why)), Some((cap, from, "back")));
+        assert_eq!(r.cap(), from);
+    }
+
+    /// A step whose batches run over the latency budget is not kept, however much it serves.
+    #[tokio::test(start_paused = true)]
+    async fn the_latency_budget_bounds_the_cap() {
+        let mut s = settings(4, 64);
+        // 2 ms + 0.1 ms a row + …: 16 rows take 4.1 ms, 32 rows 7.2 ms.
+        s.latency_budget = Some(Duration::from_millis(5));
+        let mut r = Refiner::new(s, Instant::now());
+        drive(&mut r, 2.0, 20_000).await;
+        assert_eq!(r.cap(), 16, "{:?}", r.changes());
+    }
+}
