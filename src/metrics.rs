@@ -35,7 +35,7 @@ pub struct Metrics {
     pub preprocess_duration: HistogramVec,
     /// Time from a request part's arrival to its batch starting, by model.
     pub queue_duration: HistogramVec,
-    /// Batches sent, by model and why the batch closed (full, delay, drain, retry).
+    /// Batches sent, by model and why the batch closed (full, idle, delay, ahead, drain, retry).
     pub batches: IntCounterVec,
     /// Rows queued or running on a device, by model and device (read at scrape time).
     pub inflight_rows: IntGaugeVec,

@@ -235,7 +235,16 @@ fn open_and_tune(
                 runtime_version,
                 memory: &memory,
             };
-            tuning::tune_device(&mut runner, &req)?
+            let result = tuning::tune_device(&mut runner, &req)?;
+            if result.source == tuning::Source::Probe {
+                // A fresh session to serve with: the probed one keeps in its arena what the
+                // largest size took, and served lone requests more slowly (the CNN fixture's
+                // p50 at one client: 0.196-0.247 ms after a probe in the same session, 0.179-0.192
+                // with the size read from the cache; docs/BENCHMARKS.md, "Tuning for the server").
+                drop(runner);
+                runner = OrtRunner::open_with(&m.path, &plan, cuda)?;
+            }
+            result
         }
         (fixed, _) => DeviceTuning {
             device: name,

@@ -394,3 +394,72 @@ async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
     );
     state.shutdown().await;
 }
+
+/// Issue 25: with a cap above what the load fills, a batch waiting on a busy device is sent as
+/// that device's run is about to end (`reason="ahead"`), not when the device has gone idle or
+/// after `max_queue_delay` (5 s here): so it is in the device's second slot when the run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_batch_is_sent_as_the_busy_device_is_about_to_finish() {
+    let runner = DeviceRunner {
+        run_timeout: std::time::Duration::from_secs(30),
+        refine: None,
+        name: "paced".into(),
+        max_batch: 64,
+        buckets: Vec::new(),
+        runner: Box::new(Paced {
+            per_batch: std::time::Duration::from_millis(100),
+        }),
+        rebuild: None,
+    };
+    let settings = BatchSettings::new(
+        std::time::Duration::from_secs(5),
+        1024,
+        std::time::Duration::from_secs(30),
+    );
+    let (state, router) = fake_server(
+        "paced",
+        2,
+        vec![runner],
+        DispatchPolicy::RoundRobin,
+        settings,
+    );
+    let one = |v: f32| {
+        let router = router.clone();
+        async move {
+            let x = Tensor::from_f32(vec![1, 2], &[v, -v]).unwrap();
+            let started = std::time::Instant::now();
+            let got = outputs(
+                &post_json(
+                    &router,
+                    "/v2/models/paced/infer",
+                    &v2_json(&[("x", &x)], false),
+                )
+                .await,
+            );
+            assert_eq!(got[0].3, vec![v as f64, -v as f64]);
+            started.elapsed()
+        }
+    };
+    // The first batch measures the device's rate.
+    one(1.0).await;
+    // The batcher's timer fires on whole milliseconds and its thread may be late on a busy
+    // machine, so a wake-up meant for ~1 ms before the run's end can miss it now and then: a few
+    // tries, each a batch that has to wait 80 ms behind the one running.
+    let mut ahead = false;
+    for _ in 0..5 {
+        let first = tokio::spawn(one(2.0));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let second = tokio::spawn(one(3.0));
+        first.await.unwrap();
+        let waited = second.await.unwrap();
+        // Its batch waited for the run ahead of it (about 80 ms) and ran (100 ms): far from 5 s.
+        assert!(waited < std::time::Duration::from_secs(2), "{waited:?}");
+        let metrics = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
+        if metrics.contains("ortserve_batches_total{model=\"paced\",reason=\"ahead\"}") {
+            ahead = true;
+            break;
+        }
+    }
+    assert!(ahead, "no batch was sent ahead of the device's run ending");
+    state.shutdown().await;
+}

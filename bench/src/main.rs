@@ -21,8 +21,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute), c (scaling), d (batching on and
-/// off), e (JPEG uploads), f (small requests beside multi-MB bodies), each next to its
-/// reference measured in the same run.
+/// off), e (JPEG uploads), f (small requests beside multi-MB bodies), g (the batch-size oracle:
+/// `auto` against every fixed cap), each next to its reference measured in the same run.
 #[derive(Parser)]
 #[command(name = "ortserve-bench", version)]
 struct Cli {
@@ -32,7 +32,7 @@ struct Cli {
     /// Seconds of load before each measured line (not counted).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Which scenarios, e.g. `abcdef`.
+    /// Which scenarios, e.g. `abcdef` (`g`, the oracle, takes minutes: run it on its own).
     #[arg(long, default_value = "abcdef")]
     scenarios: String,
     /// Folder for results.json and the SVG plots.
@@ -48,6 +48,12 @@ struct Cli {
     /// The folder scripts/setup_models.sh fills (EfficientNet-Lite0 and a photo, for scenario e).
     #[arg(long, default_value = ".ortserve")]
     setup_dir: PathBuf,
+    /// Scenario g's models, e.g. `cnn,mlp` (default: mlp, cnn and cnn_wide).
+    #[arg(long, value_delimiter = ',')]
+    oracle_models: Vec<String>,
+    /// Scenario g's rounds (each line's median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    oracle_rounds: u32,
     /// Pin the server (every thread it starts) and the in-process ceilings to these cores, e.g.
     /// `0` or `0-1`; needs --client-cores. Default: nothing is pinned.
     #[arg(long, requires = "client_cores")]
@@ -109,6 +115,8 @@ fn main() -> ExitCode {
         out_dir: cli.out,
         fixtures: cli.fixtures,
         setup_dir: cli.setup_dir,
+        oracle_models: cli.oracle_models,
+        oracle_rounds: cli.oracle_rounds as usize,
     };
     match bench(&opts, cli.repeat as usize) {
         Ok(()) => ExitCode::SUCCESS,

@@ -82,6 +82,10 @@ pub struct Options {
     pub fixtures: PathBuf,
     /// What scripts/setup_models.sh made (the repository's .ortserve), for scenario e.
     pub setup_dir: PathBuf,
+    /// Scenario g's models (`mlp`, `cnn`, `cnn_wide`); empty: all three.
+    pub oracle_models: Vec<String>,
+    /// Scenario g's rounds: every line is measured once a round and reported as the median.
+    pub oracle_rounds: usize,
 }
 
 /// A server on its own runtime (2 workers) and its own thread; stopped on drop.
@@ -703,6 +707,10 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         }
     }
 
+    if o.scenarios.contains(&'g') {
+        rows.extend(oracle(&rt, o)?);
+    }
+
     if o.scenarios.contains(&'e') {
         // Absolute: the server resolves a config's relative paths against the fixtures folder.
         let root = std::path::absolute(&o.setup_dir).map_err(|e| e.to_string())?;
@@ -782,6 +790,146 @@ pub struct Summary {
 }
 
 /// The compared lines of every run, matched by scenario, variant and concurrency.
+/// What `/v1/models/{m}/tuning` said of the first device: the chosen size, the largest good
+/// size, and the cap now.
+fn tuned(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    model: &str,
+) -> Result<(u64, u64, u64), String> {
+    let body = rt
+        .block_on(client::get(addr, &format!("/v1/models/{model}/tuning")))
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    let d = &v["devices"][0];
+    let n = |k: &str| d[k].as_u64().ok_or_else(|| format!("no {k} in {d}"));
+    Ok((n("chosen")?, n("max_good")?, n("max_batch_size_now")?))
+}
+
+/// (g) The batch-size oracle (issue 25): for each fixture model, one ONNX Runtime thread, binary
+/// V2 requests of one row, 32 clients: the served rows/s with `max_batch_size: auto` (probed at
+/// each start, `tuning.refine` on) against every fixed cap 1, 2, 4, … up to the probe's largest
+/// good size; and the p50 at one client with `auto` against fixed cap 1 (and the largest cap).
+/// This machine's runs differ by 10% or more from one to the next, and the best of nine noisy
+/// caps is biased upward, so every line is measured in each of `rounds` rounds (the order of the
+/// servers reversed every other round) and reported as its median; `auto` is compared with the
+/// best of the fixed caps' medians. Pinning comes from `--server-cores`/`--client-cores`.
+fn oracle(rt: &tokio::runtime::Runtime, o: &Options) -> Result<Vec<Row>, String> {
+    let cache = o.out_dir.join("oracle-tuning-cache");
+    let mut rows = Vec::new();
+    for (name, x) in [
+        ("mlp", mlp_row()),
+        ("cnn", cnn_row()),
+        ("cnn_wide", cnn_row()),
+    ] {
+        if !o.oracle_models.is_empty() && !o.oracle_models.iter().any(|m| m == name) {
+            continue;
+        }
+        let cfg = |batch: &str| {
+            format!(
+                "server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: 1}}\nmodels: [{{name: {name}, path: {name}.onnx, devices: cpu, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}, tuning: {{force: true, cache_dir: '{}'}}}}]",
+                cache.display()
+            )
+        };
+        let bin = v2_binary_request(&format!("/v2/models/{name}/infer"), "input", &x);
+        // The caps to compare: up to the largest good size of a first probe.
+        let (_, max_good, _) = {
+            let server = Server::start(&cfg("auto"), &o.fixtures)?;
+            tuned(rt, server.addr, name)?
+        };
+        let mut caps: Vec<u64> = std::iter::successors(Some(1u64), |c| Some(c * 2))
+            .take_while(|&c| c <= max_good)
+            .collect();
+        if caps.last() != Some(&max_good) {
+            caps.push(max_good);
+        }
+        // Per line (label, clients): each round's row.
+        let mut lines: Vec<((String, usize), Vec<Row>)> = Vec::new();
+        let mut push = |label: String, clients: usize, r: Row| match lines
+            .iter_mut()
+            .find(|(k, _)| k.0 == label && k.1 == clients)
+        {
+            Some((_, v)) => v.push(r),
+            None => lines.push(((label, clients), vec![r])),
+        };
+        let mut choices = Vec::new();
+        for round in 0..o.oracle_rounds {
+            let mut order: Vec<Option<u64>> = std::iter::once(None)
+                .chain(caps.iter().copied().map(Some))
+                .collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for cap in order {
+                let batch = cap.map_or("auto".to_string(), |c| c.to_string());
+                let label = cap.map_or("auto".to_string(), |c| format!("fixed cap {c}"));
+                let server = Server::start(&cfg(&batch), &o.fixtures)?;
+                if cap.is_none() || cap == Some(1) || cap == Some(max_good) {
+                    let (r, _) = load_server(rt, server.addr, bin.clone(), 1, o);
+                    push(label.clone(), 1, row("g", &label, 1, 1, &r));
+                }
+                let (r, mb) = load_server(rt, server.addr, bin.clone(), 32, o);
+                push(
+                    label.clone(),
+                    32,
+                    row("g", &label, 32, 1, &r).with_batch(mb),
+                );
+                if cap.is_none() {
+                    let (chosen, _, now) = tuned(rt, server.addr, name)?;
+                    choices.push(format!("{chosen}→{now}"));
+                }
+            }
+        }
+        let med = |v: &[Row], f: fn(&Row) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+        let mut summary: Vec<Row> = lines
+            .iter()
+            .map(|((label, clients), runs)| {
+                let mut r = runs[0].clone();
+                r.variant = format!("{name}: {label}, median of {}", runs.len());
+                r.requests_per_second = med(runs, |r| r.requests_per_second);
+                r.rows_per_second = med(runs, |r| r.rows_per_second);
+                r.p50_ms = med(runs, |r| r.p50_ms);
+                r.p90_ms = med(runs, |r| r.p90_ms);
+                r.p99_ms = med(runs, |r| r.p99_ms);
+                r.mean_batch = runs.iter().filter_map(|r| r.mean_batch).reduce(f64::max);
+                r.concurrency = *clients;
+                r
+            })
+            .collect();
+        let best = summary
+            .iter()
+            .filter(|r| r.concurrency == 32 && !r.variant.contains(": auto"))
+            .max_by(|a, b| a.rows_per_second.total_cmp(&b.rows_per_second))
+            .map(|r| (r.variant.clone(), r.rows_per_second))
+            .unwrap_or_default();
+        let one = summary
+            .iter()
+            .find(|r| r.concurrency == 1 && r.variant.contains("fixed cap 1,"))
+            .map(|r| r.p50_ms);
+        for r in &mut summary {
+            if r.concurrency == 32 {
+                r.ratio = Some(r.rows_per_second / best.1.max(1e-9));
+                r.reference = Some(format!("rows/s of the best fixed cap ({})", best.0));
+            } else if let (Some(p50), true) = (one, r.variant.contains("fixed cap 1,")) {
+                r.ratio = Some(1.0);
+                r.reference = Some(format!("p50 {p50:.3} ms"));
+            } else if let Some(p50) = one {
+                r.ratio = Some(r.p50_ms / p50.max(1e-9));
+                r.reference = Some("p50 over fixed cap 1's p50 at one client".into());
+            }
+            if r.variant.contains(": auto") {
+                r.variant = format!(
+                    "{} (chose→cap after load: {})",
+                    r.variant,
+                    choices.join(", ")
+                );
+            }
+        }
+        rows.extend(summary);
+    }
+    Ok(rows)
+}
+
 pub fn summarize(runs: &[Vec<Row>]) -> Vec<Summary> {
     let mut out: Vec<Summary> = Vec::new();
     for rows in runs {

@@ -102,6 +102,19 @@ impl DeviceSlot {
         &self.tx
     }
 
+    /// How long until the device is expected to finish the rows it holds: the rows in flight at
+    /// the measured rate, less how long the current run has gone on. `None` before the first
+    /// batch has been measured.
+    pub(crate) fn busy_for(&self) -> Option<Duration> {
+        let rate = self.rate();
+        if rate <= 0.0 {
+            return None;
+        }
+        let total = Duration::from_secs_f64(self.inflight_rows() as f64 / rate);
+        let running = self.running.elapsed().unwrap_or_default();
+        Some(total.saturating_sub(running))
+    }
+
     /// Most rows the next batch on this device may have.
     pub(crate) fn cap(&self) -> usize {
         self.cap.load(Ordering::Acquire)

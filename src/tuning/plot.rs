@@ -1,4 +1,5 @@
-//! The tuning plot: rows/s, latency and memory against batch size, one line per device, as SVG.
+//! The tuning plot: served rows/s, served batch time and memory against batch size, one line per
+//! device, as SVG.
 
 use plotters::prelude::*;
 
@@ -22,8 +23,8 @@ pub fn svg(results: &[(String, DeviceTuning)]) -> Result<String, String> {
         let panels = root.split_evenly((3, 1));
         type Value = fn(&super::Probe) -> f64;
         let metrics: [(&str, Value); 3] = [
-            ("rows per second", |p| p.rows_per_second),
-            ("median latency (ms)", |p| p.latency_ms),
+            ("rows per second, as served", |p| p.served_rows_per_second),
+            ("median batch time as served (ms)", |p| p.served_ms),
             ("memory in use (MiB)", |p| {
                 p.memory_used_bytes as f64 / (1024.0 * 1024.0)
             }),
