@@ -135,6 +135,9 @@ pub struct AppState {
     draining: AtomicBool,
     /// Accepted bearer tokens; empty means auth is off.
     pub tokens: Vec<String>,
+    /// Every configured model as (name, version), known before any is loaded: a request for one
+    /// that is still loading is 503, not 404.
+    configured: Vec<(String, String)>,
 }
 
 impl AppState {
@@ -143,6 +146,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         server: &crate::config::ServerConfig,
         preprocess_threads: usize,
+        configured: Vec<(String, String)>,
     ) -> AppState {
         let tokens = server
             .auth
@@ -161,6 +165,7 @@ impl AppState {
             pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
             tokens,
+            configured,
         }
     }
 
@@ -179,6 +184,15 @@ impl AppState {
 
     pub fn model(&self, name: &str) -> Option<&Model> {
         self.models().iter().find(|m| m.name() == name)
+    }
+
+    /// The configured version of model `name`, loaded or not; `None` for a name that is not
+    /// configured.
+    pub fn configured_version(&self, name: &str) -> Option<&str> {
+        self.configured
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn is_draining(&self) -> bool {

@@ -61,4 +61,4 @@ pub mod tensor;
 pub mod testing;
 pub mod tuning;
 
-pub use startup::{run, start, tune, Listeners, Server, StartupError};
+pub use startup::{check, run, start, tune, CheckReport, Listeners, Server, StartupError};

@@ -40,13 +40,14 @@ enum Command {
         #[arg(long)]
         http_port: Option<u16>,
     },
-    /// Probe every (model, device) batch size without serving: print the tables, write an SVG plot.
+    /// Probe every (model, device) batch size without serving: print the tables; with `--plot`,
+    /// write an SVG plot.
     Tune {
         #[arg(long, env = "ORTSERVE_CONFIG")]
         config: PathBuf,
-        /// Where to write the plot.
-        #[arg(long, default_value = "tuning.svg")]
-        plot: PathBuf,
+        /// Write the plot to this SVG file (nothing is written without it).
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// Use a cached result where one matches instead of probing again.
         #[arg(long)]
         use_cache: bool,
@@ -90,6 +91,19 @@ fn init_tracing(format: LogFormat, level: &str) {
     }
 }
 
+/// A line to stdout. A reader that has gone (`ortserve check-config … | head -1`) ends the
+/// output quietly: `println!` would panic on the closed pipe.
+fn out(line: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
+}
+
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{}: {e}", path.display());
@@ -110,19 +124,28 @@ fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 fn main() -> ExitCode {
     ortserve::memory::return_freed_memory_promptly();
     let result = match Cli::parse().command {
-        Command::CheckConfig { config } => load_config(&config).map(|c| {
-            println!("{}: valid", config.display());
-            println!("{}", serde_yaml_ng::to_string(&c).unwrap_or_default());
-            ExitCode::SUCCESS
+        Command::CheckConfig { config } => load_config(&config).and_then(|c| {
+            let report = ortserve::check(&c);
+            for w in &report.warnings {
+                eprintln!("{}: warning: {w}", config.display());
+            }
+            for e in &report.errors {
+                eprintln!("{}: {e}", config.display());
+            }
+            if !report.errors.is_empty() {
+                return Err(ExitCode::from(2));
+            }
+            out(&format!("{}: valid", config.display()));
+            out(&serde_yaml_ng::to_string(&c).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
         }),
         Command::Tune {
             config,
             plot,
             use_cache,
             json,
-        } => {
-            load_config(&config).and_then(|config| tune(config, &plot, use_cache, json.as_deref()))
-        }
+        } => load_config(&config)
+            .and_then(|config| tune(config, plot.as_deref(), use_cache, json.as_deref())),
         Command::Serve {
             config,
             model_dir,
@@ -186,7 +209,7 @@ fn serve(config: Config) -> Result<ExitCode, ExitCode> {
 
 fn tune(
     mut config: Config,
-    plot: &std::path::Path,
+    plot: Option<&std::path::Path>,
     use_cache: bool,
     json: Option<&std::path::Path>,
 ) -> Result<ExitCode, ExitCode> {
@@ -204,7 +227,7 @@ fn tune(
     let mut all = Vec::new();
     for (model, results) in &tuning {
         for r in results {
-            println!("{}", ortserve::tuning::table(model, r));
+            out(&ortserve::tuning::table(model, r));
             all.push((model.clone(), r.clone()));
         }
     }
@@ -229,12 +252,14 @@ fn tune(
         let text = serde_json::to_string_pretty(&shared).unwrap_or_default();
         write(path, text)?;
     }
-    let svg = ortserve::tuning::plot::svg(&all).map_err(|e| {
-        eprintln!("ortserve tune: plotting: {e}");
-        ExitCode::FAILURE
-    })?;
-    write(plot, svg)?;
-    println!("plot: {}", plot.display());
+    if let Some(plot) = plot {
+        let svg = ortserve::tuning::plot::svg(&all).map_err(|e| {
+            eprintln!("ortserve tune: plotting: {e}");
+            ExitCode::FAILURE
+        })?;
+        write(plot, svg)?;
+        out(&format!("plot: {}", plot.display()));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

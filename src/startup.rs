@@ -303,6 +303,61 @@ fn warm_up(
     Ok(runs)
 }
 
+/// What `ortserve check-config` found: what `serve` would refuse (errors), and what depends on
+/// the host it runs on (warnings: a GPU that this machine lacks).
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Checks a parsed, valid config against its model files as `serve` would, collecting every
+/// problem instead of stopping at the first: the ONNX Runtime library, each model file (opened
+/// on the CPU for its inputs and outputs), its `image:` and `classification:` sections, and the
+/// dimensions `auto` tuning needs. Devices are planned on this host; what fails there is a
+/// warning, since the config may be meant for another machine.
+pub fn check(config: &Config) -> CheckReport {
+    let mut report = CheckReport::default();
+    let runtime = match device::init_runtime(&config.runtime) {
+        Ok(r) => r,
+        Err(e) => {
+            report.errors.push(e.to_string());
+            return report;
+        }
+    };
+    if let Err(e) = device::plan_devices(config, &runtime) {
+        report.warnings.push(format!("on this host: {e}"));
+    }
+    let plan = device::DevicePlan {
+        device: "cpu:0".into(),
+        instance: 0,
+        kind: device::DeviceKind::Cpu {
+            intra_op_threads: 1,
+            spinning: false,
+        },
+    };
+    for m in &config.models {
+        let runner = match OrtRunner::open_with(&m.path, &plan, device::CudaSettings::default()) {
+            Ok(r) => r,
+            Err(e) => {
+                report.errors.push(format!("model {:?}: {e}", m.name));
+                continue;
+            }
+        };
+        if let Err(e) = extras_for(m, runner.info()) {
+            report.errors.push(e.to_string());
+        }
+        if m.batching.max_batch_size == MaxBatch::Auto && runner.info().batchable() {
+            if let Err(e) =
+                tuning::resolve_dims(&m.name, runner.info(), runner.dim_names(), &m.tuning)
+            {
+                report.errors.push(e.to_string());
+            }
+        }
+    }
+    report
+}
+
 /// Image preprocessing and labels of a model, checked against what the model takes.
 fn extras_for(
     m: &config::ModelConfig,
@@ -388,6 +443,11 @@ fn new_state(config: &Config) -> Arc<AppState> {
         Arc::new(Metrics::new()),
         &config.server,
         preprocess_threads(config),
+        config
+            .models
+            .iter()
+            .map(|m| (m.name.clone(), m.version.clone()))
+            .collect(),
     ))
 }
 
@@ -581,7 +641,12 @@ mod tests {
             drain_delay: Dur(Duration::from_secs(5)),
             ..ServerConfig::default()
         };
-        let state = Arc::new(AppState::loading(Arc::new(Metrics::new()), &server, 1));
+        let state = Arc::new(AppState::loading(
+            Arc::new(Metrics::new()),
+            &server,
+            1,
+            Vec::new(),
+        ));
         state.install(Vec::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (signal, signalled) = tokio::sync::oneshot::channel::<()>();

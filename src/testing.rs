@@ -33,7 +33,12 @@ pub fn serve_runners(
         max_body_bytes: crate::config::ByteSize(1 << 20),
         ..Default::default()
     };
-    let state = Arc::new(AppState::loading(metrics, &server, 1));
+    let state = Arc::new(AppState::loading(
+        metrics,
+        &server,
+        1,
+        vec![(name.to_string(), "1".to_string())],
+    ));
     state.install(vec![Model::new(handle, None, None, Vec::new())]);
     (state, owner)
 }

@@ -443,3 +443,59 @@ fn the_server_binary_has_no_load_generator() {
     let help = String::from_utf8_lossy(&ortserve(&["--help"], &[]).stdout).to_string();
     assert!(help.contains("serve") && !help.contains("bench"), "{help}");
 }
+
+/// Issue 26, defect 3: `check-config` reports what `serve` would refuse about the model files
+/// (here `image:` sections that do not fit the models' inputs: one is not an image at all, the
+/// other a 64×64 image, not 32×32), every problem at once; what depends on the host (a GPU this
+/// machine does not show) is a warning, not a refusal; and a reader that goes away early does
+/// not make it panic.
+#[test]
+fn check_config_reports_what_serve_refuses_and_survives_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        "models:
+  - {name: a, path: FIXTURES/mlp.onnx, image: {size: [224, 224]}}
+  - {name: b, path: FIXTURES/cnn.onnx, image: {size: [32, 32]}}",
+    );
+    let out = ortserve(&["check-config", "--config", cfg.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("model \"a\"") && err.contains("does not fit the model's inputs"),
+        "{err}"
+    );
+    assert!(err.contains("model \"b\""), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("valid"));
+
+    // A GPU device on a host that shows none: valid, with a warning.
+    let gpu = write_config(
+        &dir,
+        "models: [{name: m, path: FIXTURES/mlp.onnx, devices: 'cuda:0'}]",
+    );
+    let out = ortserve(
+        &["check-config", "--config", gpu.to_str().unwrap()],
+        &[("CUDA_VISIBLE_DEVICES", "")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: on this host") && err.contains("cuda:0"),
+        "{err}"
+    );
+
+    // `check-config … | head -1` with the reader gone before the first line.
+    let ok = write_config(&dir, "models: [{name: m, path: FIXTURES/mlp.onnx}]");
+    let mut child = Command::new(BIN)
+        .args(["check-config", "--config", ok.to_str().unwrap()])
+        .env_remove("ORT_DYLIB_PATH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -413,3 +413,91 @@ fn the_dockerfile_passes_hadolint() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The labels `selector` (a `matchLabels` map, or a Service's plain map) asks for.
+fn match_labels(selector: &Value) -> serde_json::Map<String, Value> {
+    let labels = if selector.get("matchLabels").is_some() {
+        &selector["matchLabels"]
+    } else {
+        selector
+    };
+    labels.as_object().cloned().unwrap_or_default()
+}
+
+/// Issue 26, defect 2: every object that selects pods selects the Deployment's pods. In
+/// policy/v1 a PDB without a selector selects nothing, and a NetworkPolicy without a
+/// podSelector applies to every pod of the namespace; kustomize's `includeSelectors` fills
+/// neither. Also: the policy lets in every port the pods listen on, and the autoscalers (the
+/// HPA here, KEDA's ScaledObject beside the overlays) scale this Deployment.
+#[test]
+fn every_object_that_selects_pods_selects_the_deployments_pods() {
+    let keda: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("k8s/autoscaling/keda-scaledobject.yaml")).unwrap(),
+    )
+    .unwrap();
+    for overlay in ["cpu", "gpu"] {
+        let (_, docs) = render(overlay);
+        let deployment = kind(&docs, "Deployment");
+        let name = deployment["metadata"]["name"].as_str().unwrap();
+        let pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let selects_the_pods = |what: &str, selector: &Value| {
+            let wanted = match_labels(selector);
+            assert!(
+                !wanted.is_empty(),
+                "{overlay}: the {what} selects no pods or every pod: {selector}"
+            );
+            for (k, v) in &wanted {
+                assert_eq!(
+                    pod_labels.get(k),
+                    Some(v),
+                    "{overlay}: the {what} asks for {k}={v}, which the pods do not have ({pod_labels:?})"
+                );
+            }
+        };
+        selects_the_pods("Deployment", &deployment["spec"]["selector"]);
+        selects_the_pods("Service", &kind(&docs, "Service")["spec"]["selector"]);
+        selects_the_pods(
+            "PodDisruptionBudget",
+            &kind(&docs, "PodDisruptionBudget")["spec"]["selector"],
+        );
+        let policy = kind(&docs, "NetworkPolicy");
+        selects_the_pods("NetworkPolicy", &policy["spec"]["podSelector"]);
+        // Every container port is let in by some ingress rule.
+        let allowed: Vec<u64> = policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["port"].as_u64())
+            .collect();
+        for c in deployment["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            for p in c["ports"].as_array().cloned().unwrap_or_default() {
+                let port = p["containerPort"].as_u64().unwrap();
+                assert!(
+                    allowed.contains(&port),
+                    "{overlay}: the NetworkPolicy does not let in port {port}: {allowed:?}"
+                );
+            }
+        }
+        let hpa = kind(&docs, "HorizontalPodAutoscaler");
+        assert_eq!(
+            hpa["spec"]["scaleTargetRef"]["kind"], "Deployment",
+            "{overlay}"
+        );
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], name, "{overlay}");
+        assert_eq!(
+            keda["spec"]["scaleTargetRef"]["name"], name,
+            "KEDA's target"
+        );
+        assert!(
+            !docs.iter().any(|d| d["kind"] == "ServiceMonitor"),
+            "a ServiceMonitor needs its selector checked here too"
+        );
+    }
+}

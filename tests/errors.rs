@@ -483,6 +483,9 @@ async fn bearer_auth_guards_model_routes_and_leaves_probes_open() {
         "/readyz",
         "/metrics",
         "/v2",
+        // Issue 26, defect 4: per-model readiness is a probe too (it asked for a token).
+        "/v2/models/mlp/ready",
+        "/v2/models/mlp/versions/1/ready",
     ] {
         assert_eq!(
             get(&router, open).await.status,

@@ -534,3 +534,124 @@ fn shared_tuning_results_skip_the_probe_when_the_key_matches() {
         "{log}"
     );
 }
+
+/// Issue 26, defect 1: while a configured model loads and tunes, its routes answer 503 with
+/// `Retry-After` (clients and balancers retry it), never 404 (which they read as permanent);
+/// names that are not configured stay 404, and a version the config does not have is 404.
+#[test]
+fn a_model_that_is_still_loading_is_503_with_retry_after_not_404() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Four slots probed one after another, from scratch: the loading lasts long enough to ask.
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', drain_delay: 0s}}\nmodels:
+  - name: cnn
+    path: FIXTURES/cnn.onnx
+    devices: [cpu:0, cpu:1, cpu:2, cpu:3]
+    tuning: {{cache_dir: CACHE, force: true}}"
+        ),
+    );
+    let _server = Server(
+        Command::new(BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap()])
+            .env_remove("ORT_DYLIB_PATH")
+            .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let raw = |request: &str| -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(request.as_bytes()).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    let get = |path: &str| {
+        raw(&format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ))
+    };
+    let body = r#"{"inputs":[{"name":"input","shape":[1,3,64,64],"datatype":"FP32","data":[0]}]}"#;
+    let infer = format!(
+        "POST /v2/models/cnn/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = Instant::now();
+    let mut loading = 0;
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(60), "never ready");
+        let Some(ready) = get("/v2/health/ready") else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        let answers = [
+            get("/v2/models/cnn/ready"),
+            get("/v2/models/cnn"),
+            get("/v2/models/cnn/versions/1"),
+            raw(&infer),
+        ];
+        let ready_now = get("/v2/health/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200"));
+        if ready_now {
+            break;
+        }
+        for a in answers.iter().flatten() {
+            assert!(
+                a.starts_with("HTTP/1.1 503") && a.to_ascii_lowercase().contains("retry-after: 1"),
+                "{a}"
+            );
+            assert!(
+                a.contains("\"error_type\":\"unavailable\"") && a.contains("is loading"),
+                "{a}"
+            );
+        }
+        loading += 1;
+        // Unknown names and versions are 404 all along.
+        let unknown = get("/v2/models/nope/ready").unwrap();
+        assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+        let version = get("/v2/models/cnn/versions/7").unwrap();
+        assert!(version.starts_with("HTTP/1.1 404"), "{version}");
+    }
+    assert!(loading > 0, "never saw the model loading");
+    let ready = get("/v2/models/cnn/ready").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+}
+
+/// Issue 26, defect 4: `ortserve tune` writes files only when asked (`--plot`, `--json`); it
+/// wrote `tuning.svg` into the current folder.
+#[test]
+fn tune_writes_no_file_it_was_not_asked_for() {
+    let _one = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "models:\n  - {name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, tuning: {cache_dir: CACHE, max_batch_cap: 8}}\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["tune", "--config", cfg.to_str().unwrap()])
+        .current_dir(work.path())
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tuning mlp on cpu:0: chosen"));
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -660,7 +660,7 @@ impl Config {
             source,
         })?;
         let mut config = Config::from_yaml(&text)?;
-        config.apply_env(|k| std::env::var_os(k).map(PathBuf::from));
+        config.apply_env(|k| std::env::var_os(k).map(PathBuf::from))?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         config.load_tokens(|k| std::env::var(k).ok())?;
         Ok(config)
@@ -678,7 +678,7 @@ impl Config {
             Some(path) => Config::read(path)?,
             None => {
                 let mut c = Config::from_yaml("models: []")?;
-                c.apply_env(|k| std::env::var_os(k).map(PathBuf::from));
+                c.apply_env(|k| std::env::var_os(k).map(PathBuf::from))?;
                 c
             }
         };
@@ -714,27 +714,46 @@ impl Config {
         parse_yaml(text)
     }
 
-    /// Environment overrides with the `ORTSERVE_` prefix, and `ORT_DYLIB_PATH`.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<PathBuf>) {
+    /// Environment overrides with the `ORTSERVE_` prefix, and `ORT_DYLIB_PATH`. A value that
+    /// cannot be used is an error naming the variable (not the file's key it overrides).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<PathBuf>) -> Result<(), ConfigError> {
         let text = |k: &str| var(k).and_then(|v| v.to_str().map(str::to_string));
+        let address = |k: &str, v: &str| {
+            v.parse::<SocketAddr>().map(|_| ()).map_err(|e| {
+                invalid(
+                    k,
+                    format!("{v:?} is not an address such as 0.0.0.0:8080 ({e})"),
+                )
+            })
+        };
         if let Some(v) = text("ORTSERVE_HTTP_ADDR") {
+            address("ORTSERVE_HTTP_ADDR", &v)?;
             self.server.http_addr = v;
         }
         if let Some(v) = text("ORTSERVE_ADMIN_ADDR") {
+            if v != "off" {
+                address("ORTSERVE_ADMIN_ADDR", &v)?;
+            }
             self.server.admin_addr = (v != "off").then_some(v);
         }
         if let Some(v) = text("ORTSERVE_LOG_FORMAT") {
-            match v.as_str() {
-                "json" => self.server.log_format = LogFormat::Json,
-                "text" => self.server.log_format = LogFormat::Text,
-                _ => {}
-            }
+            self.server.log_format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                _ => {
+                    return Err(invalid(
+                        "ORTSERVE_LOG_FORMAT",
+                        format!("{v:?} is not `json` or `text`"),
+                    ))
+                }
+            };
         }
         if let Some(v) = var("ORTSERVE_ONNXRUNTIME_PATH") {
             self.runtime.onnxruntime_path = Some(v);
         }
         self.runtime.dylib_env = var("ORT_DYLIB_PATH").filter(|p| !p.as_os_str().is_empty());
         self.runtime.cuda_visible_devices = text("CUDA_VISIBLE_DEVICES");
+        Ok(())
     }
 
     /// Reads the auth tokens from the file and the environment variable the config names.

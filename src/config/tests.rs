@@ -158,6 +158,24 @@ fn invalid_values_name_the_key() {
 
 #[test]
 fn env_overrides_and_relative_paths() {
+    // Issue 26, defect 4: a value that cannot be used is an error naming the variable; it was
+    // ignored (ORTSERVE_LOG_FORMAT) or reported as the file's key (ORTSERVE_HTTP_ADDR).
+    for (var, value) in [
+        ("ORTSERVE_LOG_FORMAT", "xml"),
+        ("ORTSERVE_HTTP_ADDR", "bogus"),
+        ("ORTSERVE_ADMIN_ADDR", "nowhere:x"),
+    ] {
+        let mut c = Config::from_yaml("models: []").unwrap();
+        let e = c
+            .apply_env(|k| (k == var).then(|| PathBuf::from(value)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{var}: ")) && e.contains(value),
+            "{e}"
+        );
+    }
+
     let mut c = Config::from_yaml(
         "models: [{name: m, path: m.onnx}]\nruntime: {onnxruntime_path: lib/x.so}",
     )
@@ -167,7 +185,8 @@ fn env_overrides_and_relative_paths() {
         "ORTSERVE_LOG_FORMAT" => Some(PathBuf::from("json")),
         "ORT_DYLIB_PATH" => Some(PathBuf::from("/opt/ort.so")),
         _ => None,
-    });
+    })
+    .unwrap();
     c.resolve_paths(Path::new("/etc/ortserve"));
     assert_eq!(c.server.http_addr, "127.0.0.1:9000");
     assert_eq!(c.server.log_format, LogFormat::Json);

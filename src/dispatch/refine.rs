@@ -2,7 +2,8 @@
 //! actually serves, between the startup probe's choice and the largest size the probe found
 //! within its memory and latency limits.
 //!
-//! The refiner only judges windows of full batches, where the cap is what limits a batch. After
+//! The refiner only judges windows where at least 3 batches in 4 were full, that is where the
+//! cap is what limits a batch (a window with fewer is not judged, and a step in it goes back). After
 //! a window at the current cap it tries a neighbour (twice the cap, or half of it, never below
 //! the probe's choice) for one window and keeps it only when it served at least 5% more rows/s
 //! (and within the latency budget); otherwise it goes back and waits twice as many windows
@@ -73,6 +74,8 @@ pub(crate) struct Refiner {
     window_start: Option<Instant>,
     rows: u64,
     batches: u32,
+    /// Batches of the window that the cap limited.
+    full: u32,
     run_total: Duration,
     step: Option<Step>,
     /// Windows at the current cap still to serve before the next step.
@@ -101,6 +104,7 @@ impl Refiner {
             window_start: None,
             rows: 0,
             batches: 0,
+            full: 0,
             run_total: Duration::ZERO,
             step: None,
             wait: 1,
@@ -135,6 +139,7 @@ impl Refiner {
         self.window_start = Some(now);
         self.rows = 0;
         self.batches = 0;
+        self.full = 0;
         self.run_total = Duration::ZERO;
     }
 
@@ -191,17 +196,13 @@ impl Refiner {
             self.restart_window(now);
             return None;
         }
-        if rows < self.cap {
-            // The cap did not limit this batch: the load is not sustained enough to judge.
-            self.restart_window(now);
-            return self.step.take().map(|step| self.back(step, 0.0, now));
-        }
         let Some(start) = self.window_start else {
             self.restart_window(now);
             return None;
         };
         self.rows += rows as u64;
         self.batches += 1;
+        self.full += u32::from(rows >= self.cap);
         self.run_total += run;
         let span = now.duration_since(start);
         if span < self.settings.window || self.batches < self.settings.min_batches {
@@ -209,7 +210,14 @@ impl Refiner {
         }
         let rate = self.rows as f64 / span.as_secs_f64().max(1e-9);
         let mean_run = self.run_total / self.batches;
+        let sustained = self.full * 4 >= self.batches * 3;
         self.restart_window(now);
+        if !sustained {
+            // The cap did not limit most batches: the load is not enough to judge by, and
+            // windows before and after it are not comparable.
+            self.last = None;
+            return self.step.take().map(|step| self.back(step, rate, now));
+        }
         if let Some(step) = self.step.take() {
             let in_budget = self.settings.latency_budget.is_none_or(|b| mean_run <= b);
             if in_budget && rate >= step.baseline * (1.0 + HYSTERESIS) {
@@ -361,7 +369,7 @@ mod tests {
         assert_eq!((r.cap(), r.changed()), (4, 0));
         let caps = drive(&mut r, 2.0, 2_000).await;
         assert!(caps.contains(&8), "a try once the batches are full");
-        // Into the next step, then a batch under its cap: the step goes back at once.
+        // Into the next step, then a window of batches under its cap: the step goes back.
         let mut n = 0;
         while r.step.is_none() {
             drive(&mut r, 2.0, 1).await;
@@ -369,9 +377,24 @@ mod tests {
             assert!(n < 100_000, "no step tried");
         }
         let (from, cap) = (r.step.unwrap().from, r.cap());
+        // One batch under the cap among full ones is not enough to call it off.
         tokio::time::advance(Duration::from_millis(1)).await;
-        let c = r.observe(1, cap, Duration::from_millis(1), Instant::now());
-        assert_eq!(c.map(|c| (c.from, c.to, c.why)), Some((cap, from, "back")));
+        assert_eq!(
+            r.observe(1, cap, Duration::from_millis(1), Instant::now()),
+            None
+        );
+        let mut change = None;
+        for _ in 0..10_000 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            if let Some(c) = r.observe(1, cap, Duration::from_millis(1), Instant::now()) {
+                change = Some(c);
+                break;
+            }
+        }
+        assert_eq!(
+            change.map(|c| (c.from, c.to, c.why)),
+            Some((cap, from, "back"))
+        );
         assert_eq!(r.cap(), from);
     }
 

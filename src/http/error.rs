@@ -137,7 +137,7 @@ impl From<InferError> for ApiError {
     }
 }
 
-/// Seconds a client should wait after a 429.
+/// Seconds a client should wait after a 429 or a 503.
 pub(super) const RETRY_AFTER_SECS: u32 = 1;
 
 impl IntoResponse for ApiError {
@@ -149,7 +149,8 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        // 429 and 503 are both worth a retry: say when.
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
@@ -226,7 +227,7 @@ mod tests {
             assert_eq!(resp.status().as_u16(), status, "{e:?}");
             assert_eq!(
                 resp.headers().contains_key(header::RETRY_AFTER),
-                status == 429,
+                status == 429 || status == 503,
                 "{e:?}"
             );
             let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -72,17 +72,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Model routes: behind bearer-token auth when it is configured.
     let models = Router::new()
         .route("/v2/models/{model}", get(routes::models::metadata))
-        .route("/v2/models/{model}/ready", get(routes::models::ready))
         .route("/v2/models/{model}/infer", post(routes::infer::infer))
         .route("/v1/models/{model}/tuning", get(routes::models::tuning))
         .route("/v1/models/{target}", post(routes::predict::predict))
         .route(
             "/v2/models/{model}/versions/{version}",
             get(routes::models::metadata_version),
-        )
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(routes::models::ready_version),
         )
         .route(
             "/v2/models/{model}/versions/{version}/infer",
@@ -97,8 +92,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             auth::require_token,
         ))
     };
-    // Probes and scrapers: always open.
-    let open = probe_routes().route("/v2", get(routes::health::server_metadata));
+    // Probes and scrapers: always open, per-model readiness included (a balancer's probe has no
+    // token).
+    let open = probe_routes()
+        .route("/v2", get(routes::health::server_metadata))
+        .route("/v2/models/{model}/ready", get(routes::models::ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(routes::models::ready_version),
+        );
     layered(open.merge(models), state)
 }
 

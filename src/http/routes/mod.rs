@@ -20,7 +20,7 @@ pub(crate) fn record(
     response: &Response,
     started: Instant,
 ) {
-    let label = if app.model(model).is_some() {
+    let label = if app.configured_version(model).is_some() {
         model
     } else {
         ""

@@ -18,9 +18,22 @@ pub(crate) fn lookup<'a>(
     model: &str,
     version: Option<&str>,
 ) -> Result<&'a Model, ApiError> {
-    let m = app
-        .model(model)
-        .ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
+    let Some(m) = app.model(model) else {
+        // Configured but not loaded yet (loading and tuning at startup): 503, which clients and
+        // balancers retry; 404 is for names that are not configured, which they do not.
+        return Err(match app.configured_version(model) {
+            None => ApiError::ModelNotFound(model.to_string()),
+            Some(configured) if version.is_some_and(|v| v != configured) => {
+                ApiError::VersionNotFound {
+                    model: model.to_string(),
+                    version: version.unwrap_or_default().to_string(),
+                }
+            }
+            Some(_) => ApiError::Unavailable(format!(
+                "model {model:?} is loading; it is served once it is loaded and tuned"
+            )),
+        });
+    };
     match version {
         Some(v) if v != m.version() => Err(ApiError::VersionNotFound {
             model: model.to_string(),
