@@ -241,7 +241,7 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 /// A thread count: `auto` or a positive integer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(untagged)]
 pub enum Threads {
     #[default]
@@ -251,30 +251,64 @@ pub enum Threads {
 }
 
 mod auto_tag {
-    use serde::{de, Deserialize, Deserializer, Serializer};
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<(), D::Error> {
-        let s = String::deserialize(d)?;
-        if s == "auto" {
-            Ok(())
-        } else {
-            Err(de::Error::custom(format!(
-                "expected `auto` or a number, got {s:?}"
-            )))
-        }
-    }
+    use serde::Serializer;
     pub(super) fn serialize<S: Serializer>(s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("auto")
     }
 }
 
+/// Reads `auto` (`None`) or a count. Written out rather than derived (`untagged`): a derived
+/// untagged enum buffers the value, so its error says only "data did not match any variant"
+/// and points at the line of the key's map, not at the value.
+fn auto_or_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    use serde::de::{self, Visitor};
+    struct AutoOrCount;
+    impl Visitor<'_> for AutoOrCount {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("`auto` or a number")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+            if v == "auto" {
+                Ok(None)
+            } else {
+                Err(E::custom(format!("expected `auto` or a number, got {v:?}")))
+            }
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<usize>, E> {
+            usize::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom(format!("{v} is too large")))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<usize>, E> {
+            usize::try_from(v).map(Some).map_err(|_| {
+                E::custom(format!("expected `auto` or a number of 0 or more, got {v}"))
+            })
+        }
+    }
+    d.deserialize_any(AutoOrCount)
+}
+
+impl<'de> Deserialize<'de> for Threads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Threads, D::Error> {
+        Ok(auto_or_count(d)?.map_or(Threads::Auto, Threads::Count))
+    }
+}
+
 /// `max_batch_size`: `auto` (probe at startup) or a fixed count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(untagged)]
 pub enum MaxBatch {
     #[default]
     #[serde(with = "auto_tag")]
     Auto,
     Fixed(usize),
+}
+
+impl<'de> Deserialize<'de> for MaxBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MaxBatch, D::Error> {
+        Ok(auto_or_count(d)?.map_or(MaxBatch::Auto, MaxBatch::Fixed))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

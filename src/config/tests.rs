@@ -352,3 +352,34 @@ fn buckets_are_powers_of_two_up_to_the_batch_size_and_auto_is_on_only_on_cuda() 
     ))
     .contains("batching.buckets"));
 }
+
+/// Issue 26, defect 4: a bad `auto`-or-number value was "data did not match any variant of
+/// untagged enum" at the line of the map that holds it (line 4 for a value on line 5); now the
+/// message says what is expected, at the value's own line.
+#[test]
+fn auto_or_number_errors_name_the_value_and_its_line() {
+    let e = Config::from_yaml(
+        "server: {drain_delay: 1s}\nmodels:\n  - name: m\n    batching:\n      max_batch_size: banana\n    path: m.onnx\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("models[0].batching.max_batch_size")
+            && e.contains("expected `auto` or a number, got \"banana\"")
+            && e.contains("line 5"),
+        "{e}"
+    );
+    let e = Config::from_yaml("runtime:\n  cpu_threads: -2\nmodels: []\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("runtime.cpu_threads") && e.contains("line 2"),
+        "{e}"
+    );
+    let c = Config::from_yaml(
+        "runtime: {cpu_threads: 3}\nmodels: [{name: m, path: m.onnx, batching: {max_batch_size: auto}}]",
+    )
+    .unwrap();
+    assert_eq!(c.runtime.cpu_threads, Threads::Count(3));
+    assert_eq!(c.models[0].batching.max_batch_size, MaxBatch::Auto);
+}
