@@ -29,6 +29,9 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 cargo test --locked --workspace --all-targets
 
+# README.md's quick start, run as written (a release build, the bundled config on loopback).
+scripts/quickstart.sh
+
 # The container image, built and run for real (podman; tens of minutes, needs root): only when
 # asked, as its output belongs in docs/DEPLOY.md rather than in every run.
 if [ "${ORTSERVE_CONTAINER_TEST:-}" = 1 ]; then
