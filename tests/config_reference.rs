@@ -1,0 +1,81 @@
+//! README.md's configuration reference (the commented YAML under "Configuration") against the
+//! config structs: every key the server reads is in it, and it has no key the server does not
+//! read (the loader refuses unknown keys), so the reference cannot drift from the code.
+
+use std::collections::BTreeSet;
+
+use ortserve::config::Config;
+use serde_yaml_ng::Value;
+
+/// The first ```yaml block after the "## Configuration" heading.
+fn reference() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("\n## Configuration\n")
+        .expect("a Configuration section")..];
+    let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
+    let end = start + section[start..].find("```").unwrap();
+    section[start..end].to_string()
+}
+
+/// Every key path in `v` (`models[].batching.max_batch_size`), maps descended, lists of maps
+/// descended as `[]`; a null, a scalar, a list of scalars or an empty map is a leaf.
+fn paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match v {
+        Value::Mapping(m) if !m.is_empty() => {
+            for (k, child) in m {
+                let k = k.as_str().unwrap_or_default();
+                let p = if prefix.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                paths(child, &p, out);
+            }
+        }
+        Value::Sequence(items) if items.iter().any(Value::is_mapping) => {
+            for item in items.iter().filter(|i| i.is_mapping()) {
+                paths(item, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string());
+        }
+    }
+}
+
+#[test]
+fn the_readme_configuration_reference_lists_every_key_and_no_other() {
+    let text = reference();
+    // Parses with the server's own loader, which refuses unknown keys: no key in the
+    // reference that the server does not read.
+    let config = Config::from_yaml(&text).unwrap_or_else(|e| panic!("the reference: {e}"));
+    let mut documented = BTreeSet::new();
+    paths(
+        &serde_yaml_ng::from_str(&text).unwrap(),
+        "",
+        &mut documented,
+    );
+    // Every key the structs have, as the server writes its config back out (`check-config`).
+    let mut read = BTreeSet::new();
+    paths(&serde_yaml_ng::to_value(&config).unwrap(), "", &mut read);
+    // Keys of a form the reference shows in a comment (`auth: null  # {tokens_file: …}`, the
+    // list form of `devices`) count when the comment names them.
+    let in_comment = |p: &str| {
+        ["server.auth.", "models[].devices[]."]
+            .iter()
+            .any(|section| p.starts_with(section))
+            && p.rsplit('.')
+                .next()
+                .is_some_and(|key| text.contains(&format!("{key}:")))
+    };
+    let missing: Vec<_> = read
+        .difference(&documented)
+        .filter(|p| !in_comment(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys the server reads that README.md's configuration reference does not list: {missing:?}"
+    );
+}
