@@ -5,7 +5,7 @@
 #   scripts/gpu-check.sh --binary target/release/ortserve --ort-lib DIR [--seconds N] [--port P]
 #
 # DIR holds libonnxruntime.so.1.31.1, libonnxruntime_providers_shared.so and
-# libonnxruntime_providers_cuda.so (../shared/gpu/stage-ort-gpu.sh packs them; unpack gives capi/).
+# libonnxruntime_providers_cuda.so (scripts/pack-gpu-libs.sh packs them; unpack gives capi/).
 # CUDA and cuDNN libraries are taken from the nvidia/ packages of the active Python, if any,
 # else from LD_LIBRARY_PATH as it is.
 #
