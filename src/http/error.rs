@@ -22,6 +22,11 @@ pub(crate) enum ApiError {
     MethodNotAllowed,
     /// The body did not arrive within `body_timeout` (or the request's deadline).
     RequestTimeout(String),
+    /// A request head over the connection's read buffer (the connection is then closed).
+    HeadTooLarge {
+        bytes: usize,
+        limit: usize,
+    },
     ModelNotFound(String),
     VersionNotFound {
         model: String,
@@ -52,6 +57,7 @@ impl ApiError {
             | ApiError::VersionNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -71,6 +77,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::HeadTooLarge { .. } => "header_too_large",
             ApiError::Unauthorized => "unauthorized",
             ApiError::ModelNotFound(_) | ApiError::VersionNotFound { .. } => "model_not_found",
             ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => "payload_too_large",
@@ -97,6 +104,9 @@ impl ApiError {
                 format!("request body is larger than the limit of {limit} bytes")
             }
             ApiError::QueueFull(m) => m.clone(),
+            ApiError::HeadTooLarge { bytes, limit } => {
+                format!("the request head has {bytes} bytes; the limit is {limit}")
+            }
             ApiError::RequestTimeout(m) => m.clone(),
             ApiError::Unavailable(m) => m.clone(),
             ApiError::Unauthorized => {
@@ -145,6 +155,11 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = json!({"error": self.message(), "error_type": self.error_type()});
         let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+            // As hyper does for a head that fills its buffer: the connection is not reused.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -171,6 +186,11 @@ mod tests {
             (ApiError::NotFound("x".into()), 404, "not_found"),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
             (ApiError::RequestTimeout("x".into()), 408, "request_timeout"),
+            (
+                ApiError::HeadTooLarge { bytes: 2, limit: 1 },
+                431,
+                "header_too_large",
+            ),
             (ApiError::ModelNotFound("m".into()), 404, "model_not_found"),
             (
                 ApiError::VersionNotFound {

@@ -271,6 +271,28 @@ impl AsyncWrite for Watched {
 /// reads.
 const READ_BUFFER: usize = 128 << 10;
 
+/// The size of a request head as sent: the request line, each header line, the blank line.
+fn head_bytes<B>(req: &hyper::Request<B>) -> usize {
+    let line = req.method().as_str().len() + 1 + req.uri().to_string().len() + 1 + 8 + 2;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    line + headers + 2
+}
+
+/// A head over `READ_BUFFER`: hyper refuses one that fills its read buffer before it ends, but
+/// one that arrives in a single large read can be parsed whole (heads of up to about 190 KiB
+/// passed), so the limit is checked again on the parsed head, whatever the reads were.
+fn head_too_large<B>(req: &hyper::Request<B>) -> Option<super::ApiError> {
+    let bytes = head_bytes(req);
+    (bytes > READ_BUFFER).then_some(super::ApiError::HeadTooLarge {
+        bytes,
+        limit: READ_BUFFER,
+    })
+}
+
 /// RFC 9112 section 3.2: an HTTP/1.1 request without exactly one `Host` header is answered 400
 /// (hyper takes it as it comes). HTTP/1.0 requests may omit it.
 fn host_problem<B>(req: &hyper::Request<B>) -> Option<super::ApiError> {
@@ -307,11 +329,11 @@ async fn connection(
         let phase = phase.clone();
         move |req: hyper::Request<Incoming>| {
             phase.request_started();
-            let bad_host = host_problem(&req);
+            let bad_head = head_too_large(&req).or_else(|| host_problem(&req));
             let app = app.clone();
             let phase = phase.clone();
             async move {
-                let response = match bad_host {
+                let response = match bad_head {
                     Some(e) => Ok(axum::response::IntoResponse::into_response(e)),
                     None => app.oneshot(req.map(Body::new)).await,
                 };
