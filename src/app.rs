@@ -135,6 +135,8 @@ pub struct AppState {
     draining: AtomicBool,
     /// Accepted bearer tokens; empty means auth is off.
     pub tokens: Vec<String>,
+    /// `server.access_log`: one info line per answered request.
+    pub access_log: bool,
     /// Every configured model as (name, version), known before any is loaded: a request for one
     /// that is still loading is 503, not 404.
     configured: Vec<(String, String)>,
@@ -165,6 +167,7 @@ impl AppState {
             pool: Pool::new(preprocess_threads),
             draining: AtomicBool::new(false),
             tokens,
+            access_log: server.access_log,
             configured,
         }
     }

@@ -126,6 +126,10 @@ pub struct ServerConfig {
     /// `text` for people, `json` for log collectors. Env: `ORTSERVE_LOG_FORMAT`.
     #[serde(default = "default_log_format")]
     pub log_format: LogFormat,
+    /// One info line per answered request (target `ortserve::access`: method, path, status,
+    /// milliseconds, request id). Off by default; its cost is in docs/BENCHMARKS.md.
+    #[serde(default)]
+    pub access_log: bool,
     /// Bearer-token auth for inference and model routes; health, readiness and metrics stay open.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
@@ -165,6 +169,7 @@ impl Default for ServerConfig {
             listen_backlog: default_listen_backlog(),
             max_body_memory: None,
             log_format: default_log_format(),
+            access_log: false,
             auth: None,
         }
     }

@@ -57,11 +57,28 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         drop_unusable_request_id(&mut req);
+        let access = self.state.access_log.then(|| Access {
+            method: req.method().clone(),
+            // Bounded: a path is a client's claim too.
+            path: req.uri().path().chars().take(MAX_LOGGED_PATH).collect(),
+            started: std::time::Instant::now(),
+        });
         EdgeFuture {
             inner: self.inner.call(req),
             state: self.state.clone(),
+            access,
         }
     }
+}
+
+/// Longest path written to the access log, in characters.
+const MAX_LOGGED_PATH: usize = 256;
+
+/// What the access log line needs of the request (`server.access_log`).
+pub(crate) struct Access {
+    method: axum::http::Method,
+    path: String,
+    started: std::time::Instant,
 }
 
 pin_project_lite::pin_project! {
@@ -69,6 +86,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         state: Arc<AppState>,
+        access: Option<Access>,
     }
 }
 
@@ -94,6 +112,22 @@ where
             // instead of writing it on one this server is about to close.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(a) = this.access.take() {
+            let id = resp
+                .headers()
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            tracing::info!(
+                target: "ortserve::access",
+                method = %a.method,
+                path = %a.path,
+                status = resp.status().as_u16(),
+                ms = (a.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+                request_id = id,
+                "request"
+            );
         }
         Poll::Ready(Ok(resp))
     }
