@@ -227,7 +227,6 @@ fn tune(
     let mut all = Vec::new();
     for (model, results) in &tuning {
         for r in results {
-            out(&ortserve::tuning::table(model, r));
             all.push((model.clone(), r.clone()));
         }
     }
@@ -258,6 +257,13 @@ fn tune(
             ExitCode::FAILURE
         })?;
         write(plot, svg)?;
+    }
+    // The files first: a reader that goes away early (`| head`) ends the printing, and with it
+    // the process, but not what was asked to be written.
+    for (model, r) in &all {
+        out(&ortserve::tuning::table(model, r));
+    }
+    if let Some(plot) = plot {
         out(&format!("plot: {}", plot.display()));
     }
     Ok(ExitCode::SUCCESS)

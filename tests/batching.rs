@@ -369,11 +369,7 @@ async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
     let device = state.devices().remove(0);
     let report = device.refine.clone().expect("the device refines its cap");
     assert!(reached.is_some(), "the cap did not reach 16: {report:?}");
-    assert_eq!(
-        (report.floor, report.ceiling, report.cap),
-        (2, 16, 16),
-        "{report:?}"
-    );
+    assert_eq!((report.floor, report.ceiling), (2, 16), "{report:?}");
     let kept: Vec<(usize, usize)> = report
         .changes
         .iter()
@@ -382,9 +378,19 @@ async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
         .collect();
     assert_eq!(kept, vec![(2, 4), (4, 8), (8, 16)], "{report:?}");
     assert!(report.changes.iter().all(|c| c.to <= 16));
+    // At the ceiling the refiner may try a step down (it serves less, and goes back): the cap is
+    // 16, or such a step from 16 is in progress.
+    let last = report.changes.last().unwrap();
+    assert!(
+        report.cap == 16 || (last.why == "try" && last.from == 16),
+        "{report:?}"
+    );
     let metrics = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
     assert!(
-        metrics.contains("ortserve_max_batch_size{device=\"paced\",model=\"paced\"} 16"),
+        metrics.contains(&format!(
+            "ortserve_max_batch_size{{device=\"paced\",model=\"paced\"}} {}",
+            report.cap
+        )),
         "{metrics}"
     );
     assert!(

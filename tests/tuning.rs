@@ -654,4 +654,25 @@ fn tune_writes_no_file_it_was_not_asked_for() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("tuning mlp on cpu:0: chosen"));
     let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
+
+    // And what it was asked to write is written even when its reader goes away early
+    // (`ortserve tune --json r.json | head -1`).
+    let json = work.path().join("r.json");
+    let mut child = Command::new(BIN)
+        .args(["tune", "--config", cfg.to_str().unwrap(), "--json"])
+        .arg(&json)
+        .env_remove("ORT_DYLIB_PATH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(written[0]["model"], "mlp", "{written}");
 }

@@ -171,7 +171,7 @@ pub(super) async fn run(
                 let ready_by = reservation
                     .slot
                     .busy_for()
-                    .map(|left| now + left.saturating_sub(HANDOFF));
+                    .and_then(|left| now.checked_add(left.saturating_sub(HANDOFF)));
                 let delayed = oldest + settings.max_queue_delay;
                 let due = ready_by.map_or(delayed, |r| r.min(delayed));
                 let full = state.batch_full(max, settings.batchable);
@@ -423,7 +423,9 @@ fn send_batch(
                 }
                 if let Some(c) = slot.observe(rows, cap, elapsed) {
                     let m = &ctx.metrics;
-                    m.max_batch.with_label_values(&labels).set(c.to as i64);
+                    m.max_batch
+                        .with_label_values(&labels)
+                        .set(slot.cap() as i64);
                     m.cap_changes
                         .with_label_values(&[labels[0], labels[1], c.why])
                         .inc();

@@ -757,6 +757,15 @@ impl Config {
     /// cannot be used is an error naming the variable (not the file's key it overrides).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<PathBuf>) -> Result<(), ConfigError> {
         let text = |k: &str| var(k).and_then(|v| v.to_str().map(str::to_string));
+        for k in [
+            "ORTSERVE_HTTP_ADDR",
+            "ORTSERVE_ADMIN_ADDR",
+            "ORTSERVE_LOG_FORMAT",
+        ] {
+            if var(k).is_some() && text(k).is_none() {
+                return Err(invalid(k, "is not UTF-8"));
+            }
+        }
         let address = |k: &str, v: &str| {
             v.parse::<SocketAddr>().map(|_| ()).map_err(|e| {
                 invalid(

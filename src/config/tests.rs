@@ -175,6 +175,18 @@ fn env_overrides_and_relative_paths() {
             "{e}"
         );
     }
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let mut c = Config::from_yaml("models: []").unwrap();
+        let e = c
+            .apply_env(|k| {
+                (k == "ORTSERVE_LOG_FORMAT")
+                    .then(|| PathBuf::from(std::ffi::OsStr::from_bytes(b"js\xffon")))
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ORTSERVE_LOG_FORMAT: is not UTF-8"), "{e}");
+    }
 
     let mut c = Config::from_yaml(
         "models: [{name: m, path: m.onnx}]\nruntime: {onnxruntime_path: lib/x.so}",

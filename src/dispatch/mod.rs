@@ -107,10 +107,10 @@ impl DeviceSlot {
     /// batch has been measured.
     pub(crate) fn busy_for(&self) -> Option<Duration> {
         let rate = self.rate();
-        if rate <= 0.0 {
+        if rate.is_nan() || rate <= 0.0 {
             return None;
         }
-        let total = Duration::from_secs_f64(self.inflight_rows() as f64 / rate);
+        let total = Duration::try_from_secs_f64(self.inflight_rows() as f64 / rate).ok()?;
         let running = self.running.elapsed().unwrap_or_default();
         Some(total.saturating_sub(running))
     }

@@ -94,7 +94,10 @@ impl Refiner {
         let floor = settings.floor.max(1);
         let settings = RefineSettings {
             floor,
-            ceiling: settings.ceiling.max(floor),
+            ceiling: settings
+                .ceiling
+                .min(crate::config::MAX_BATCH_LIMIT)
+                .max(floor),
             ..settings
         };
         Refiner {
@@ -173,7 +176,7 @@ impl Refiner {
     /// The next step from the current cap in the preferred direction (or the other one).
     fn next_step(&self) -> Option<(usize, bool)> {
         let s = &self.settings;
-        let up = (self.cap < s.ceiling).then(|| ((self.cap * 2).min(s.ceiling), true));
+        let up = (self.cap < s.ceiling).then(|| (self.cap.saturating_mul(2).min(s.ceiling), true));
         let down = (self.cap > s.floor).then(|| ((self.cap / 2).max(s.floor), false));
         if self.up {
             up.or(down)
@@ -191,6 +194,12 @@ impl Refiner {
         run: Duration,
         now: Instant,
     ) -> Option<CapChange> {
+        if cap_at_send == 0 {
+            // A part run alone after a failure (a retry, or finding whose input was refused): not
+            // a batch the cap formed, so it neither counts nor restarts the window. Otherwise a
+            // client sending a refused input now and then could keep every window from ending.
+            return None;
+        }
         if cap_at_send != self.cap {
             // Sent before the last change: the window at this cap starts after it.
             self.restart_window(now);
@@ -396,6 +405,29 @@ mod tests {
             Some((cap, from, "back"))
         );
         assert_eq!(r.cap(), from);
+    }
+
+    /// Parts run alone after a failure (sent with cap 0) neither count nor restart the window:
+    /// a client that has an input refused now and then cannot keep a step from being judged.
+    #[tokio::test(start_paused = true)]
+    async fn parts_run_alone_do_not_hold_up_a_window() {
+        let mut r = Refiner::new(settings(4, 64), Instant::now());
+        let mut judged = false;
+        for i in 0..20_000 {
+            let cap = r.cap();
+            let d = Duration::from_secs_f64(batch_ms(cap, 2.0) / 1e3);
+            tokio::time::advance(d).await;
+            if i % 3 == 0 {
+                assert_eq!(r.observe(1, 0, d, Instant::now()), None);
+            }
+            if let Some(c) = r.observe(cap, cap, d, Instant::now()) {
+                if c.why == "keep" || c.why == "back" {
+                    judged = true;
+                    break;
+                }
+            }
+        }
+        assert!(judged, "{:?}", r.changes());
     }
 
     /// A step whose batches run over the latency budget is not kept, however much it serves.

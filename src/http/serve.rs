@@ -273,7 +273,11 @@ const READ_BUFFER: usize = 128 << 10;
 
 /// The size of a request head as sent: the request line, each header line, the blank line.
 fn head_bytes<B>(req: &hyper::Request<B>) -> usize {
-    let line = req.method().as_str().len() + 1 + req.uri().to_string().len() + 1 + 8 + 2;
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path().len(), |p| p.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + 1 + 8 + 2;
     let headers: usize = req
         .headers()
         .iter()

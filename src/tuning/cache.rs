@@ -132,9 +132,20 @@ pub(super) fn plausible(t: &DeviceTuning, cfg: &TuningConfig) -> Result<(), Stri
             t.chosen
         ));
     }
-    if !t.probes.is_empty() && (t.max_good < t.chosen || t.max_good > cap) {
+    // The refiner's ceiling: a size that ran within the limits, at least the chosen one; none
+    // (0) without probes.
+    let max_good_ran = t
+        .probes
+        .iter()
+        .any(|p| p.batch == t.max_good && p.outcome == super::probe::Outcome::Ok);
+    let max_good_ok = if t.probes.is_empty() {
+        t.max_good == 0
+    } else {
+        max_good_ran && t.max_good >= t.chosen && t.max_good <= cap
+    };
+    if !max_good_ok {
         return Err(format!(
-            "max_good {} is outside {}..={cap}",
+            "max_good {} is not a size that was probed and ran, from {} to {cap}",
             t.max_good, t.chosen
         ));
     }
@@ -306,7 +317,21 @@ mod tests {
             load(&cfg, "k").is_none(),
             "a refinement ceiling over the cap"
         );
-        edit("\"max_good\": 100000", "\"max_good\": 4");
+        edit("\"max_good\": 100000", "\"max_good\": 3");
+        assert!(
+            load(&cfg, "k").is_none(),
+            "a refinement ceiling that was never probed"
+        );
+        edit("\"max_good\": 3", "\"max_good\": 4");
+        let mut none_probed = result(4);
+        none_probed.probes.clear();
+        none_probed.max_good = 1_000_000;
+        assert!(
+            plausible(&none_probed, &cfg).is_err(),
+            "a ceiling with no probes"
+        );
+        none_probed.max_good = 0;
+        assert!(plausible(&none_probed, &cfg).is_ok());
         edit("\"latency_ms\": 1.5", "\"latency_ms\": -1.5");
         assert!(load(&cfg, "k").is_none(), "a negative latency");
 
