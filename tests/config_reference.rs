@@ -1,6 +1,6 @@
-//! README.md's configuration reference (the commented YAML under "Configuration") against the
-//! config structs: every key the server reads is in it, and it has no key the server does not
-//! read (the loader refuses unknown keys), so the reference cannot drift from the code.
+//! README.md's configuration reference (the table and the commented YAML example under
+//! "Configuration") against the config structs: every key the server reads is in both, and
+//! neither has a key the server does not read, so the reference cannot drift from the code.
 
 use std::collections::BTreeSet;
 
@@ -17,6 +17,30 @@ fn reference() -> String {
     let start = section.find("```yaml\n").expect("a yaml block") + "```yaml\n".len();
     let end = start + section[start..].find("```").unwrap();
     section[start..end].to_string()
+}
+
+/// The keys of the reference table: the first column of the table whose header starts
+/// `| key | type | default | env |`.
+fn table_keys() -> BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("\n## Configuration\n").unwrap()..];
+    let table = &section[section
+        .find("| key | type | default | env |")
+        .expect("the table")..];
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_string()
+        })
+        .collect()
 }
 
 /// Every key path in `v` (`models[].batching.max_batch_size`), maps descended, lists of maps
@@ -77,5 +101,25 @@ fn the_readme_configuration_reference_lists_every_key_and_no_other() {
     assert!(
         missing.is_empty(),
         "keys the server reads that README.md's configuration reference does not list: {missing:?}"
+    );
+
+    // The table: the same keys, the list form of `devices` and the fields of `auth` being
+    // described in their rows.
+    let table = table_keys();
+    let expected: BTreeSet<String> = read
+        .iter()
+        .filter(|p| !p.starts_with("server.auth.") && !p.starts_with("models[].devices[]."))
+        .cloned()
+        .chain(["server.auth".to_string(), "models[].devices".to_string()])
+        .collect();
+    assert_eq!(
+        table.difference(&expected).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "keys in README.md's table that the server does not read"
+    );
+    assert_eq!(
+        expected.difference(&table).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "keys the server reads that README.md's table does not list"
     );
 }
