@@ -449,9 +449,9 @@ async fn a_waiting_batch_is_sent_as_the_busy_device_is_about_to_finish() {
     };
     // The first batch measures the device's rate.
     one(1.0).await;
-    // The batcher's timer fires on whole milliseconds and its thread may be late on a busy
-    // machine, so a wake-up meant for ~1 ms before the run's end can miss it now and then: a few
-    // tries, each a batch that has to wait 80 ms behind the one running.
+    // The batcher wakes an eighth of the run (12.5 ms) before its expected end; on a busy
+    // machine it may still be late now and then: a few tries, each a batch that has to wait
+    // 80 ms behind the one running.
     let mut ahead = false;
     for _ in 0..5 {
         let first = tokio::spawn(one(2.0));

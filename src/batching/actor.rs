@@ -168,10 +168,11 @@ pub(super) async fn run(
                 // what the load fills left the device idle between runs: the CNN fixture at 32
                 // clients served 24,000 rows/s with caps of 32 to 256 and 28,000 with 16
                 // (docs/BENCHMARKS.md, "Tuning for the server").
-                let ready_by = reservation
-                    .slot
-                    .busy_for()
-                    .and_then(|left| now.checked_add(left.saturating_sub(HANDOFF)));
+                let ready_by = reservation.slot.busy_for().and_then(|(left, total)| {
+                    // A loaded machine wakes the batcher late: for long runs, an eighth of
+                    // the run as well.
+                    now.checked_add(left.saturating_sub(HANDOFF.max(total / 8)))
+                });
                 let delayed = oldest + settings.max_queue_delay;
                 let due = ready_by.map_or(delayed, |r| r.min(delayed));
                 let full = state.batch_full(max, settings.batchable);
@@ -242,10 +243,10 @@ pub(super) async fn run(
     }
 }
 
-/// How long before a busy device's run is expected to end its next batch is sent, so that the
-/// batch is in the device's second slot when the run ends: the batcher's wake-up and the
-/// device thread's, and a tick of tokio's timer (they fire on whole milliseconds, so a wake-up
-/// set for 50 µs before the end could come after it).
+/// How long before a busy device's run is expected to end its next batch is sent (at least; an
+/// eighth of the run for long runs), so that the batch is in the device's second slot when the
+/// run ends: the batcher's wake-up and the device thread's, and a tick of tokio's timer (they
+/// fire on whole milliseconds, so a wake-up set for 50 µs before the end could come after it).
 const HANDOFF: Duration = Duration::from_micros(1050);
 
 /// Whether the gathering turn (the batcher going to the back of its worker's queue before it

@@ -102,17 +102,17 @@ impl DeviceSlot {
         &self.tx
     }
 
-    /// How long until the device is expected to finish the rows it holds: the rows in flight at
-    /// the measured rate, less how long the current run has gone on. `None` before the first
-    /// batch has been measured.
-    pub(crate) fn busy_for(&self) -> Option<Duration> {
+    /// How long until the device is expected to finish the rows it holds, and how long all of
+    /// them take: the rows in flight at the measured rate, less how long the current run has
+    /// gone on. `None` before the first batch has been measured.
+    pub(crate) fn busy_for(&self) -> Option<(Duration, Duration)> {
         let rate = self.rate();
         if rate.is_nan() || rate <= 0.0 {
             return None;
         }
         let total = Duration::try_from_secs_f64(self.inflight_rows() as f64 / rate).ok()?;
         let running = self.running.elapsed().unwrap_or_default();
-        Some(total.saturating_sub(running))
+        Some((total.saturating_sub(running), total))
     }
 
     /// Most rows the next batch on this device may have.
