@@ -3,25 +3,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::Request;
 use common::*;
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_has_a_line_per_request_at_info_when_asked() {

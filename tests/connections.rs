@@ -355,30 +355,15 @@ async fn a_head_larger_than_the_read_buffer_is_refused_and_a_larger_body_is_serv
     // parsed whole and served; the limit is the same however the head arrives. Just under it
     // is served.
     for kib in [129, 150, 190] {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (r, mut w) = stream.into_split();
-        let pad = "a".repeat(kib << 10);
-        w.write_all(
-            format!("GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-Pad: {pad}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut r = BufReader::new(r);
+        let (mut r, _w) = send_padded_head(addr, kib << 10).await;
         let (status, _, _) = read_response(&mut r).await.unwrap();
         assert_eq!(status, 431, "a {kib} KiB head in one write");
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "the connection is closed after the 431");
     }
-    let pad = "a".repeat((127 << 10) - 100);
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (r, mut w) = stream.into_split();
-    w.write_all(
-        format!("GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-Pad: {pad}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let (status, _, _) = read_response(&mut BufReader::new(r)).await.unwrap();
+    let (mut r, _w) = send_padded_head(addr, (127 << 10) - 100).await;
+    let (status, _, _) = read_response(&mut r).await.unwrap();
     assert_eq!(status, 200, "a head just under 127 KiB");
 
     // 300 KiB of JSON whitespace after the request: one body, several reads.
@@ -399,6 +384,26 @@ async fn a_head_larger_than_the_read_buffer_is_refused_and_a_larger_body_is_serv
     assert_eq!(one_request(addr).await.0, 200);
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
+}
+
+/// A GET of liveness whose head carries `pad` bytes of one header, written at once on a fresh
+/// connection; returns both halves (the writing one kept open until the answer is read).
+async fn send_padded_head(
+    addr: std::net::SocketAddr,
+    pad: usize,
+) -> (
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let pad = "a".repeat(pad);
+    w.write_all(
+        format!("GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-Pad: {pad}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    (BufReader::new(r), w)
 }
 
 /// A GET on a fresh connection: the status and how long the answer took.

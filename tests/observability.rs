@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,19 +81,6 @@ struct Broken;
 impl ModelRunner for Broken {
     fn run(&mut self, _parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
         Err(RunError::Failed("broken on purpose".into()))
-    }
-}
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -582,3 +582,17 @@ pub fn zlib_zeros(n: usize) -> Vec<u8> {
     }
     z.finish().unwrap()
 }
+
+/// A log writer that keeps what it is given, for tests that read the server's log lines.
+#[derive(Clone)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
