@@ -64,24 +64,22 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
                 0 => plan.device.clone(),
                 i => format!("{}#{i}", plan.device),
             };
-            let again = (
-                m.path.clone(),
-                plan.clone(),
-                m.cuda.pinned_inputs,
-                m.cuda.cudnn_conv_algo_search,
-            );
-            let job = (
-                m.clone(),
+            let again = Reopen {
+                path: m.path.clone(),
+                plan: plan.clone(),
+                pinned_inputs: m.cuda.pinned_inputs,
+                conv_search: m.cuda.cudnn_conv_algo_search,
+            };
+            let job = Slot {
+                model: m.clone(),
                 plan,
-                name.clone(),
-                version.clone(),
-                config.runtime.cuda_visible_devices.clone(),
-            );
-            let (runner, result) = tokio::task::spawn_blocking(move || {
-                open_and_tune(job.0, job.1, job.2, &job.3, job.4.as_deref())
-            })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))??;
+                name: name.clone(),
+                runtime_version: version.clone(),
+                cuda_visible: config.runtime.cuda_visible_devices.clone(),
+            };
+            let (runner, result) = tokio::task::spawn_blocking(move || open_and_tune(job))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
             match &info {
                 None => info = Some(runner.info().clone()),
                 Some(i) if i != runner.info() => {
@@ -106,10 +104,10 @@ async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, 
             let rebuild: device::Rebuild = Box::new(move || {
                 let cuda = device::CudaSettings {
                     gpu_mem_limit: None,
-                    pinned_inputs: again.2,
-                    conv_search: again.3,
+                    pinned_inputs: again.pinned_inputs,
+                    conv_search: again.conv_search,
                 };
-                OrtRunner::open_with(&again.0, &again.1, cuda)
+                OrtRunner::open_with(&again.path, &again.plan, cuda)
                     .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
                     .map_err(|e| e.to_string())
             });
@@ -183,15 +181,36 @@ fn refine_settings(
     )
 }
 
+/// One (model, device, instance) to open and tune, moved to a blocking thread.
+struct Slot {
+    model: config::ModelConfig,
+    plan: device::DevicePlan,
+    /// As served: `cpu:0`, `cpu:0#1`.
+    name: String,
+    runtime_version: String,
+    cuda_visible: Option<String>,
+}
+
+/// What a panic's rebuild needs to open the same session again.
+struct Reopen {
+    path: std::path::PathBuf,
+    plan: device::DevicePlan,
+    pinned_inputs: bool,
+    conv_search: config::ConvAlgoSearch,
+}
+
 /// Builds one device's session and decides its batch size: from the config, or by the probe
 /// (or its cache). On CUDA, ONNX Runtime's arena is capped at the free memory less the headroom.
-fn open_and_tune(
-    m: config::ModelConfig,
-    plan: device::DevicePlan,
-    name: String,
-    runtime_version: &str,
-    cuda_visible: Option<&str>,
-) -> Result<(OrtRunner, DeviceTuning), StartupError> {
+fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> {
+    let Slot {
+        model: m,
+        plan,
+        name,
+        runtime_version,
+        cuda_visible,
+    } = slot;
+    let runtime_version = runtime_version.as_str();
+    let cuda_visible = cuda_visible.as_deref();
     let auto = m.batching.max_batch_size == MaxBatch::Auto;
     let on_cuda = matches!(plan.kind, device::DeviceKind::Cuda { .. });
     let memory = if auto || on_cuda {

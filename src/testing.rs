@@ -48,10 +48,5 @@ pub fn set_device_healthy(model: &Model, index: usize, healthy: bool) {
     model.handle().set_device_healthy(index, healthy);
 }
 
-/// Parses a V2 request body (JSON, or the binary extension with `header_len`) as the infer
-/// route does; on failure, the status and message the client would get.
-pub fn parse_v2(body: &[u8], header_len: Option<usize>) -> Result<(), (u16, String)> {
-    crate::http::v2::parse_request(body, header_len)
-        .map(|_| ())
-        .map_err(|e| (e.status().as_u16(), e.message()))
-}
+/// Parses a V2 request body as the infer route does (see [`crate::http::parse_v2_request`]).
+pub use crate::http::parse_v2_request as parse_v2;

@@ -420,7 +420,7 @@ fn parse_ns_per_number(body: &[u8], numbers: usize) -> f64 {
         let start = Instant::now();
         let mut reps = 0u32;
         while start.elapsed() < Duration::from_millis(200) {
-            ortserve::testing::parse_v2(std::hint::black_box(body), None)
+            ortserve::http::parse_v2_request(std::hint::black_box(body), None)
                 .expect("the bench's body parses");
             reps += 1;
         }

@@ -66,6 +66,15 @@ impl MakeRequestId for CountedIds {
     }
 }
 
+/// Parses a V2 inference body (JSON, or the binary extension with `header_len`) as the infer
+/// route does, without a model: the status and message a client would get when it does not
+/// parse. For tools that measure or fuzz the parser (`ortserve-bench`, the property tests).
+pub fn parse_v2_request(body: &[u8], header_len: Option<usize>) -> Result<(), (u16, String)> {
+    v2::parse_request(body, header_len)
+        .map(|_| ())
+        .map_err(|e| (e.status().as_u16(), e.message()))
+}
+
 /// Every route, with request ids, tracing and panic catching. Body limits are enforced by the
 /// handlers so that a too-large body gets our JSON error.
 pub fn router(state: Arc<AppState>) -> Router {
