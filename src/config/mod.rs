@@ -878,7 +878,29 @@ impl Config {
 
     /// Checks every value; the first problem is returned with its key path.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let s = &self.server;
+        self.server.validate()?;
+        self.runtime.validate()?;
+        if self.models.is_empty() {
+            return Err(invalid("models", "at least one model is needed"));
+        }
+        let mut names = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            m.validate(i)?;
+            if !names.insert(m.name.as_str()) {
+                return Err(invalid(
+                    format!("models[{i}].name"),
+                    format!("{:?} is used by an earlier model", m.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// The `server` section's values, each error naming its key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = self;
         s.http_addr.parse::<SocketAddr>().map_err(|e| {
             invalid(
                 "server.http_addr",
@@ -936,127 +958,139 @@ impl Config {
         if s.request_timeout.0.is_zero() {
             return Err(invalid("server.request_timeout", "must be more than 0"));
         }
-        if let Threads::Count(0) = self.runtime.cpu_threads {
+        Ok(())
+    }
+}
+
+impl RuntimeConfig {
+    /// The `runtime` section's values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Threads::Count(0) = self.cpu_threads {
             return Err(invalid(
                 "runtime.cpu_threads",
                 "must be `auto` or at least 1",
             ));
         }
-        if self.models.is_empty() {
-            return Err(invalid("models", "at least one model is needed"));
+        if let Threads::Count(0) = self.preprocess_threads {
+            return Err(invalid(
+                "runtime.preprocess_threads",
+                "must be `auto` or at least 1",
+            ));
         }
-        let mut names = HashSet::new();
-        for (i, m) in self.models.iter().enumerate() {
-            let key = |k: &str| format!("models[{i}].{k}");
-            let valid_name = !m.name.is_empty()
-                && m.name.len() <= 128
-                && m.name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
-            if !valid_name {
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// One model's values (its name's uniqueness is [`Config::validate`]'s), each error naming
+    /// its key as `models[i].…`.
+    fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("models[{i}].{k}");
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 128
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if !valid_name {
+            return Err(invalid(
+                key("name"),
+                format!(
+                    "{:?} must be 1-128 letters, digits, `_`, `-` or `.`",
+                    self.name
+                ),
+            ));
+        }
+        if self.version.is_empty()
+            || !self
+                .version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
+            return Err(invalid(
+                key("version"),
+                format!(
+                    "{:?} must be letters, digits, `_`, `-` or `.`",
+                    self.version
+                ),
+            ));
+        }
+        if !self.path.is_file() {
+            return Err(invalid(
+                key("path"),
+                format!("no model file at {}", self.path.display()),
+            ));
+        }
+        self.devices.validate(&key("devices"))?;
+        if self.instances_per_device == 0 || self.instances_per_device > 64 {
+            return Err(invalid(
+                key("instances_per_device"),
+                format!("must be 1..=64, got {}", self.instances_per_device),
+            ));
+        }
+        let b = &self.batching;
+        if let MaxBatch::Fixed(n) = b.max_batch_size {
+            if n == 0 || n > MAX_BATCH_LIMIT {
                 return Err(invalid(
-                    key("name"),
-                    format!(
-                        "{:?} must be 1-128 letters, digits, `_`, `-` or `.`",
-                        m.name
-                    ),
+                    key("batching.max_batch_size"),
+                    format!("must be `auto` or 1..={MAX_BATCH_LIMIT}, got {n}"),
                 ));
             }
-            if !names.insert(m.name.as_str()) {
-                return Err(invalid(
-                    key("name"),
-                    format!("{:?} is used by an earlier model", m.name),
-                ));
-            }
-            if m.version.is_empty()
-                || !m
-                    .version
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-            {
-                return Err(invalid(
-                    key("version"),
-                    format!("{:?} must be letters, digits, `_`, `-` or `.`", m.version),
-                ));
-            }
-            if !m.path.is_file() {
-                return Err(invalid(
-                    key("path"),
-                    format!("no model file at {}", m.path.display()),
-                ));
-            }
-            m.devices.validate(&key("devices"))?;
-            if m.instances_per_device == 0 || m.instances_per_device > 64 {
-                return Err(invalid(
-                    key("instances_per_device"),
-                    format!("must be 1..=64, got {}", m.instances_per_device),
-                ));
-            }
-            let b = &m.batching;
-            if let MaxBatch::Fixed(n) = b.max_batch_size {
-                if n == 0 || n > MAX_BATCH_LIMIT {
-                    return Err(invalid(
-                        key("batching.max_batch_size"),
-                        format!("must be `auto` or 1..={MAX_BATCH_LIMIT}, got {n}"),
-                    ));
-                }
-            }
-            let t = &m.tuning;
-            if !(0.0..=0.9).contains(&t.memory_headroom) {
-                return Err(invalid(
-                    key("tuning.memory_headroom"),
-                    format!("must be between 0 and 0.9, got {}", t.memory_headroom),
-                ));
-            }
-            if t.max_batch_cap == 0 || t.max_batch_cap > MAX_BATCH_LIMIT {
-                return Err(invalid(
-                    key("tuning.max_batch_cap"),
-                    format!("must be 1..={MAX_BATCH_LIMIT}, got {}", t.max_batch_cap),
-                ));
-            }
-            if t.max_duration.0.is_zero() || t.max_duration.0 > std::time::Duration::from_secs(3600)
-            {
-                return Err(invalid(
-                    key("tuning.max_duration"),
-                    "must be more than 0 and at most 1h",
-                ));
-            }
-            if let Some(img) = &m.image {
-                img.validate(&key("image"))?;
-            }
-            if m.health.failure_threshold == 0 {
-                return Err(invalid(
-                    key("health.failure_threshold"),
-                    "must be at least 1",
-                ));
-            }
-            if m.health.reprobe_interval.0 < std::time::Duration::from_millis(10) {
-                return Err(invalid(
-                    key("health.reprobe_interval"),
-                    "must be at least 10ms",
-                ));
-            }
-            if let Some(c) = &m.classification {
-                c.validate(&key("classification"))?;
-            }
-            if let Some((name, _)) = t.dims.iter().find(|(_, &v)| v == 0) {
-                return Err(invalid(
-                    key(&format!("tuning.dims.{name}")),
-                    "must be at least 1",
-                ));
-            }
-            if b.max_queue_delay.0 > std::time::Duration::from_secs(10) {
-                return Err(invalid(
-                    key("batching.max_queue_delay"),
-                    "must be at most 10s",
-                ));
-            }
-            if b.queue_capacity == 0 || b.queue_capacity > 1 << 20 {
-                return Err(invalid(
-                    key("batching.queue_capacity"),
-                    format!("must be 1..=1048576, got {}", b.queue_capacity),
-                ));
-            }
+        }
+        let t = &self.tuning;
+        if !(0.0..=0.9).contains(&t.memory_headroom) {
+            return Err(invalid(
+                key("tuning.memory_headroom"),
+                format!("must be between 0 and 0.9, got {}", t.memory_headroom),
+            ));
+        }
+        if t.max_batch_cap == 0 || t.max_batch_cap > MAX_BATCH_LIMIT {
+            return Err(invalid(
+                key("tuning.max_batch_cap"),
+                format!("must be 1..={MAX_BATCH_LIMIT}, got {}", t.max_batch_cap),
+            ));
+        }
+        if t.max_duration.0.is_zero() || t.max_duration.0 > std::time::Duration::from_secs(3600) {
+            return Err(invalid(
+                key("tuning.max_duration"),
+                "must be more than 0 and at most 1h",
+            ));
+        }
+        if let Some(img) = &self.image {
+            img.validate(&key("image"))?;
+        }
+        if self.health.failure_threshold == 0 {
+            return Err(invalid(
+                key("health.failure_threshold"),
+                "must be at least 1",
+            ));
+        }
+        if self.health.reprobe_interval.0 < std::time::Duration::from_millis(10) {
+            return Err(invalid(
+                key("health.reprobe_interval"),
+                "must be at least 10ms",
+            ));
+        }
+        if let Some(c) = &self.classification {
+            c.validate(&key("classification"))?;
+        }
+        if let Some((name, _)) = t.dims.iter().find(|(_, &v)| v == 0) {
+            return Err(invalid(
+                key(&format!("tuning.dims.{name}")),
+                "must be at least 1",
+            ));
+        }
+        if b.max_queue_delay.0 > std::time::Duration::from_secs(10) {
+            return Err(invalid(
+                key("batching.max_queue_delay"),
+                "must be at most 10s",
+            ));
+        }
+        if b.queue_capacity == 0 || b.queue_capacity > 1 << 20 {
+            return Err(invalid(
+                key("batching.queue_capacity"),
+                format!("must be 1..=1048576, got {}", b.queue_capacity),
+            ));
         }
         Ok(())
     }

@@ -395,3 +395,12 @@ fn auto_or_number_errors_name_the_value_and_its_line() {
     assert_eq!(c.runtime.cpu_threads, Threads::Count(3));
     assert_eq!(c.models[0].batching.max_batch_size, MaxBatch::Auto);
 }
+
+/// `runtime.preprocess_threads: 0` was taken silently (the pool ran one thread); it is a config
+/// error like `cpu_threads: 0`.
+#[test]
+fn no_preprocessing_threads_is_an_error() {
+    let c = Config::from_yaml("runtime: {preprocess_threads: 0}\nmodels: []").unwrap();
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.starts_with("runtime.preprocess_threads: "), "{e}");
+}
