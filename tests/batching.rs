@@ -146,27 +146,43 @@ impl ModelRunner for Paced {
     }
 }
 
+/// A [`Paced`] device of `per_batch` milliseconds a batch and `max_batch` rows.
+fn paced(
+    name: &str,
+    max_batch: usize,
+    per_batch: u64,
+    refine: Option<ortserve::testing::RefineSettings>,
+) -> DeviceRunner {
+    DeviceRunner {
+        run_timeout: std::time::Duration::from_secs(30),
+        refine,
+        name: name.into(),
+        max_batch,
+        buckets: Vec::new(),
+        runner: Box::new(Paced {
+            per_batch: std::time::Duration::from_millis(per_batch),
+        }),
+        rebuild: None,
+    }
+}
+
+/// A model `paced` over `runners`: `max_queue_delay` as given, 1,024 queue places, 30 s
+/// deadlines.
+fn paced_server(
+    runners: Vec<DeviceRunner>,
+    policy: DispatchPolicy,
+    max_queue_delay: std::time::Duration,
+) -> (Served, axum::Router) {
+    let settings = BatchSettings::new(max_queue_delay, 1024, std::time::Duration::from_secs(30));
+    fake_server("paced", 2, runners, policy, settings)
+}
+
 /// Rows the fast (1 ms per batch) and the slow (4 ms per batch) device ran under `policy`.
 async fn paced_rows(policy: DispatchPolicy) -> [u64; 2] {
     let runners = [("fast", 1), ("slow", 4)]
-        .map(|(name, ms)| DeviceRunner {
-            run_timeout: std::time::Duration::from_secs(30),
-            refine: None,
-            name: name.into(),
-            max_batch: 4,
-            buckets: Vec::new(),
-            runner: Box::new(Paced {
-                per_batch: std::time::Duration::from_millis(ms),
-            }),
-            rebuild: None,
-        })
+        .map(|(name, ms)| paced(name, 4, ms, None))
         .into();
-    let settings = BatchSettings::new(
-        std::time::Duration::from_millis(1),
-        1024,
-        std::time::Duration::from_secs(30),
-    );
-    let (state, router) = fake_server("paced", 2, runners, policy, settings);
+    let (state, router) = paced_server(runners, policy, std::time::Duration::from_millis(1));
     let mut tasks = Vec::new();
     for c in 0..12 {
         let router = router.clone();
@@ -295,34 +311,17 @@ async fn a_request_whose_client_left_is_dropped_before_it_runs() {
 /// each doubling doubles what it serves: 2 → 4 → 8 → 16, and no further (the ceiling).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
-    let runner = DeviceRunner {
-        run_timeout: std::time::Duration::from_secs(30),
-        refine: Some(ortserve::testing::RefineSettings {
-            floor: 2,
-            ceiling: 16,
-            latency_budget: None,
-            window: std::time::Duration::from_millis(100),
-            min_batches: 4,
-        }),
-        name: "paced".into(),
-        max_batch: 2,
-        buckets: Vec::new(),
-        runner: Box::new(Paced {
-            per_batch: std::time::Duration::from_millis(4),
-        }),
-        rebuild: None,
+    let refine = ortserve::testing::RefineSettings {
+        floor: 2,
+        ceiling: 16,
+        latency_budget: None,
+        window: std::time::Duration::from_millis(100),
+        min_batches: 4,
     };
-    let settings = BatchSettings::new(
-        std::time::Duration::from_millis(1),
-        1024,
-        std::time::Duration::from_secs(30),
-    );
-    let (state, router) = fake_server(
-        "paced",
-        2,
-        vec![runner],
+    let (state, router) = paced_server(
+        vec![paced("paced", 2, 4, Some(refine))],
         DispatchPolicy::RoundRobin,
-        settings,
+        std::time::Duration::from_millis(1),
     );
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = std::time::Instant::now();
@@ -407,28 +406,10 @@ async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
 /// after `max_queue_delay` (5 s here): so it is in the device's second slot when the run ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_batch_is_sent_as_the_busy_device_is_about_to_finish() {
-    let runner = DeviceRunner {
-        run_timeout: std::time::Duration::from_secs(30),
-        refine: None,
-        name: "paced".into(),
-        max_batch: 64,
-        buckets: Vec::new(),
-        runner: Box::new(Paced {
-            per_batch: std::time::Duration::from_millis(100),
-        }),
-        rebuild: None,
-    };
-    let settings = BatchSettings::new(
-        std::time::Duration::from_secs(5),
-        1024,
-        std::time::Duration::from_secs(30),
-    );
-    let (state, router) = fake_server(
-        "paced",
-        2,
-        vec![runner],
+    let (state, router) = paced_server(
+        vec![paced("paced", 64, 100, None)],
         DispatchPolicy::RoundRobin,
-        settings,
+        std::time::Duration::from_secs(5),
     );
     let one = |v: f32| {
         let router = router.clone();

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::run_with_stdout_closed;
+
 const BIN: &str = env!("CARGO_BIN_EXE_ortserve");
 
 fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
@@ -486,15 +488,11 @@ fn check_config_reports_what_serve_refuses_and_survives_a_closed_pipe() {
 
     // `check-config … | head -1` with the reader gone before the first line.
     let ok = write_config(&dir, "models: [{name: m, path: FIXTURES/mlp.onnx}]");
-    let mut child = Command::new(BIN)
-        .args(["check-config", "--config", ok.to_str().unwrap()])
-        .env_remove("ORT_DYLIB_PATH")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdout_closed(
+        Command::new(BIN)
+            .args(["check-config", "--config", ok.to_str().unwrap()])
+            .env_remove("ORT_DYLIB_PATH"),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {err}", out.status);
     assert!(!err.contains("panicked"), "{err}");

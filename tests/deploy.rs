@@ -6,27 +6,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{root, tool};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ortserve");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tool(name: &str) -> PathBuf {
-    let p = root().join(".ortserve/venv/bin").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run scripts/setup_tools.sh",
-        p.display()
-    );
-    p
-}
 
 /// `kubectl kustomize` of an overlay, as JSON documents.
 fn render(overlay: &str) -> (String, Vec<Value>) {

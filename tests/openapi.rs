@@ -8,10 +8,6 @@ use std::collections::BTreeSet;
 use common::*;
 use serde_yaml_ng::Value;
 
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// (METHOD, path) of every operation in the document.
 fn documented() -> BTreeSet<(String, String)> {
     let doc: Value = serde_yaml_ng::from_str(
@@ -84,9 +80,7 @@ fn the_document_lists_exactly_the_routes_the_router_has() {
 
 #[test]
 fn the_document_is_valid_openapi() {
-    let python = root().join(".ortserve/venv/bin/python");
-    assert!(python.exists(), "run scripts/setup_tools.sh");
-    let out = std::process::Command::new(python)
+    let out = std::process::Command::new(tool("python"))
         .args(["-m", "openapi_spec_validator"])
         .arg(root().join("docs/openapi.yaml"))
         .output()

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::run_with_stdout_closed;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ortserve");
@@ -658,16 +659,12 @@ fn tune_writes_no_file_it_was_not_asked_for() {
     // And what it was asked to write is written even when its reader goes away early
     // (`ortserve tune --json r.json | head -1`).
     let json = work.path().join("r.json");
-    let mut child = Command::new(BIN)
-        .args(["tune", "--config", cfg.to_str().unwrap(), "--json"])
-        .arg(&json)
-        .env_remove("ORT_DYLIB_PATH")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdout_closed(
+        Command::new(BIN)
+            .args(["tune", "--config", cfg.to_str().unwrap(), "--json"])
+            .arg(&json)
+            .env_remove("ORT_DYLIB_PATH"),
+    );
     assert!(
         out.status.success(),
         "{}",

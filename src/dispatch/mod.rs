@@ -8,7 +8,7 @@
 mod refine;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -34,7 +34,8 @@ pub(crate) struct DeviceSlot {
     /// Most rows one batch on this device may have now: `max_batch`, or as the refiner moved it.
     cap: AtomicUsize,
     /// Moves `cap` under sustained load (`tuning.refine`); `None` keeps it at `max_batch`.
-    refiner: Mutex<Option<Refiner>>,
+    /// Set once, before the first batch; unset, a finished batch takes no lock for it.
+    refiner: OnceLock<Mutex<Refiner>>,
     /// The watchdog's limit on one run (see [`DeviceSlot::stalled`]).
     pub run_timeout: Duration,
     /// When the run now on the device started, shared with the device worker, which sets it.
@@ -125,7 +126,9 @@ impl DeviceSlot {
     pub(crate) fn refine(&self, settings: RefineSettings) {
         let r = Refiner::new(settings, tokio::time::Instant::now());
         self.cap.store(r.cap(), Ordering::Release);
-        *self.refiner.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        if self.refiner.set(Mutex::new(r)).is_err() {
+            tracing::warn!(device = %self.name, "the cap's refiner was set up twice; the first stays");
+        }
     }
 
     /// A batch of `rows` rows sent at cap `cap_at_send` ran for `run` and was answered: the
@@ -136,8 +139,11 @@ impl DeviceSlot {
         cap_at_send: usize,
         run: Duration,
     ) -> Option<CapChange> {
-        let mut guard = self.refiner.lock().unwrap_or_else(|e| e.into_inner());
-        let r = guard.as_mut()?;
+        let mut r = self
+            .refiner
+            .get()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let change = r.observe(rows, cap_at_send, run, tokio::time::Instant::now())?;
         self.cap.store(r.cap(), Ordering::Release);
         Some(change)
@@ -145,8 +151,11 @@ impl DeviceSlot {
 
     /// The refiner's state for the tuning report; `None` when the cap is fixed.
     pub(crate) fn refine_report(&self) -> Option<RefineReport> {
-        let guard = self.refiner.lock().unwrap_or_else(|e| e.into_inner());
-        let r = guard.as_ref()?;
+        let r = self
+            .refiner
+            .get()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         Some(RefineReport {
             cap: r.cap(),
             floor: r.settings().floor,
@@ -255,7 +264,7 @@ impl DevicePool {
             name,
             max_batch: max_batch.max(1),
             cap: AtomicUsize::new(max_batch.max(1)),
-            refiner: Mutex::new(None),
+            refiner: OnceLock::new(),
             run_timeout,
             running: Arc::new(Stamp::default()),
             healthy: AtomicBool::new(true),

@@ -146,20 +146,34 @@ impl Refiner {
         self.run_total = Duration::ZERO;
     }
 
-    fn change(&mut self, to: usize, why: &'static str, rate: f64, now: Instant) -> CapChange {
+    /// Counts and logs a change (the last [`LOG`] are kept).
+    fn record(
+        &mut self,
+        from: usize,
+        to: usize,
+        why: &'static str,
+        rate: f64,
+        now: Instant,
+    ) -> CapChange {
         let c = CapChange {
-            from: self.cap,
+            from,
             to,
             why,
             rows_per_second: rate,
             at_s: now.duration_since(self.started).as_secs_f64(),
         };
-        self.cap = to;
         self.changed += 1;
         if self.changes.len() == LOG {
             self.changes.pop_front();
         }
         self.changes.push_back(c.clone());
+        c
+    }
+
+    /// Moves the cap to `to`, logged, and starts a window there.
+    fn change(&mut self, to: usize, why: &'static str, rate: f64, now: Instant) -> CapChange {
+        let c = self.record(self.cap, to, why, rate, now);
+        self.cap = to;
         self.restart_window(now);
         c
     }
@@ -234,19 +248,7 @@ impl Refiner {
                 self.backoff = 1;
                 self.wait = 1;
                 self.up = step.up;
-                let c = CapChange {
-                    from: step.from,
-                    to: self.cap,
-                    why: "keep",
-                    rows_per_second: rate,
-                    at_s: now.duration_since(self.started).as_secs_f64(),
-                };
-                self.changed += 1;
-                if self.changes.len() == LOG {
-                    self.changes.pop_front();
-                }
-                self.changes.push_back(c.clone());
-                return Some(c);
+                return Some(self.record(step.from, self.cap, "keep", rate, now));
             }
             return Some(self.back(step, rate, now));
         }

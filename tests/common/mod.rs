@@ -596,3 +596,31 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tool `scripts/setup_tools.sh` installs into the project venv (`python`, `hadolint`, …).
+pub fn tool(name: &str) -> PathBuf {
+    let p = root().join(".ortserve/venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/setup_tools.sh",
+        p.display()
+    );
+    p
+}
+
+/// Runs `cmd` with its stdout closed before it writes anything, as `cmd | head -0` would, and
+/// returns how it ended and its stderr.
+pub fn run_with_stdout_closed(cmd: &mut std::process::Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
