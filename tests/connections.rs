@@ -331,7 +331,7 @@ async fn a_burst_of_connections_fits_the_listen_backlog() {
     drop(listener);
 }
 
-/// A connection's read buffer is at most 128 KiB (`READ_BUFFER` in src/http/serve.rs): a request
+/// A connection's read buffer is at most 128 KiB (`READ_BUFFER` in crates/http/src/serve.rs): a request
 /// head larger than that is refused with 431 and the connection closed, and the server goes on
 /// serving; a body larger than the buffer is read in several reads and served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

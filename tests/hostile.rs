@@ -48,7 +48,7 @@ fn the_v2_parser_never_panics() {
         .run(
             &(bodies, prop::option::of(0usize..600)),
             |(body, header_len)| {
-                if let Err(e) = ortserve::testing::parse_v2(&body, header_len) {
+                if let Err(e) = ortserve::http::parse_v2_request(&body, header_len) {
                     prop_assert!((400..500).contains(&e.0), "{e:?}");
                 }
                 Ok(())
@@ -68,7 +68,7 @@ fn the_binary_extension_parser_never_panics() {
             |(header_len, tail)| {
                 let mut body = header.as_bytes().to_vec();
                 body.extend_from_slice(&tail);
-                if let Err(e) = ortserve::testing::parse_v2(&body, Some(header_len)) {
+                if let Err(e) = ortserve::http::parse_v2_request(&body, Some(header_len)) {
                     prop_assert!((400..500).contains(&e.0), "{e:?}");
                 }
                 Ok(())

@@ -26,10 +26,10 @@ fn documented() -> BTreeSet<(String, String)> {
     out
 }
 
-/// (METHOD, path) of every `.route(path, get(..)/post(..))` in src/http/mod.rs, where the
+/// (METHOD, path) of every `.route(path, get(..)/post(..))` in crates/http/src/lib.rs, where the
 /// router is built.
 fn routed() -> BTreeSet<(String, String)> {
-    let src = std::fs::read_to_string(root().join("src/http/mod.rs")).unwrap();
+    let src = std::fs::read_to_string(root().join("crates/http/src/lib.rs")).unwrap();
     let mut out = BTreeSet::new();
     let mut rest = src.as_str();
     while let Some(i) = rest.find(".route(") {

@@ -117,7 +117,7 @@ async fn sessions_with_spinning_threads_give_the_same_answers() {
 }
 
 /// A run of several parts copies their rows into one batch tensor whose memory is not zeroed
-/// first (`uninit_tensor` in src/device/ort_runner.rs). Right after a run that left other values
+/// first (`uninit_tensor` in crates/core/src/device/ort_runner.rs). Right after a run that left other values
 /// in the memory the batch may reuse, every part still gets the answers of its own rows.
 #[test]
 fn a_batch_of_parts_answers_each_part_as_if_it_ran_alone() {

@@ -64,7 +64,12 @@ fn candidates(cfg: &RuntimeConfig) -> Vec<(String, PathBuf)> {
     }
     c.push((
         "project setup folder".to_string(),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(".ortserve/lib/libonnxruntime.so"),
+        // The workspace root: this crate is crates/core.
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .unwrap_or(Path::new("."))
+            .join(".ortserve/lib/libonnxruntime.so"),
     ));
     c.push((
         "current folder".to_string(),

@@ -1,21 +1,18 @@
-//! Startup and serving: load ONNX Runtime, build and tune every (model, device) session, start
-//! the batchers, serve HTTP, and on shutdown drain, stop and join (README.md, "Operations").
+//! Loading: ONNX Runtime, every (model, device) session built and tuned, the batchers started;
+//! and stopping them. The server crate (`ortserve`, `src/server.rs`) serves what this loads.
 //!
-//! [`run`] serves at once (health answers, readiness is 503) while the models load; [`start`]
-//! loads first and returns a [`Server`] to serve later (tests, the bench). Both build their state
-//! with [`new_state`] and serve through [`serve_until`].
+//! [`new_state`] is the state every way of serving starts from (readiness 503, no model);
+//! [`load_models`] loads and tunes; [`stop_models`] answers what was admitted and joins.
 
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use thiserror::Error;
-use tokio::net::TcpListener;
 
 use crate::app::{AppState, Model};
-use crate::batching::{BatchSettings, DeviceRunner, ModelHandle, ModelOwner};
+pub use crate::batching::ModelOwner;
+use crate::batching::{BatchSettings, DeviceRunner, ModelHandle};
 use crate::classify::Classifier;
-use crate::config::{self, Config, ConfigError, ImageConfig, MaxBatch, ServerConfig};
+use crate::config::{self, Config, ConfigError, ImageConfig, MaxBatch};
 use crate::device::{self, DeviceError, OrtRunner};
 use crate::dispatch;
 use crate::metrics::Metrics;
@@ -39,15 +36,15 @@ pub enum StartupError {
 
 /// What loading produces: the served models and, apart from them, their owners.
 #[derive(Default)]
-struct Loaded {
-    models: Vec<Model>,
-    owners: Vec<ModelOwner>,
+pub struct Loaded {
+    pub models: Vec<Model>,
+    pub owners: Vec<ModelOwner>,
 }
 
 /// Loads ONNX Runtime, builds every (model, device, instance) session, tunes each device's
 /// batch size (or takes it from config or the cache), and starts the device threads and
 /// batchers. Devices are tuned one after another, so probes do not disturb each other.
-async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, StartupError> {
+pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, StartupError> {
     let runtime_cfg = config.runtime.clone();
     let runtime = tokio::task::spawn_blocking(move || device::init_runtime(&runtime_cfg))
         .await
@@ -457,7 +454,7 @@ fn preprocess_threads(config: &Config) -> usize {
 
 /// The state every way of serving starts from: metrics, limits, tokens and the image pool,
 /// with no model yet (readiness is 503 until [`AppState::install`]).
-fn new_state(config: &Config) -> Arc<AppState> {
+pub fn new_state(config: &Config) -> Arc<AppState> {
     Arc::new(AppState::loading(
         Arc::new(Metrics::new()),
         &config.server,
@@ -470,234 +467,9 @@ fn new_state(config: &Config) -> Arc<AppState> {
     ))
 }
 
-/// Where the server listens: the data port and, when `server.admin_addr` is set, the admin port
-/// (liveness, readiness and metrics on a connection limit of their own). A bare `TcpListener`
-/// converts into one with no admin port.
-pub struct Listeners {
-    pub http: TcpListener,
-    pub admin: Option<TcpListener>,
-}
-
-impl From<TcpListener> for Listeners {
-    fn from(http: TcpListener) -> Listeners {
-        Listeners { http, admin: None }
-    }
-}
-
-/// A loaded server, not yet serving: its state (for a router) and its models' owners.
-pub struct Server {
-    state: Arc<AppState>,
-    owners: Vec<ModelOwner>,
-    config: ServerConfig,
-}
-
-impl Server {
-    /// The state handlers share (pass it to [`crate::http::router`]).
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
-    }
-
-    /// Serves HTTP on `listeners` until `shutdown` resolves, then drains and stops every model.
-    /// Returns when the device threads are joined.
-    pub async fn serve(
-        self,
-        listeners: impl Into<Listeners>,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let served =
-            serve_until(self.state.clone(), &self.config, listeners.into(), shutdown).await;
-        stop_models(self.owners).await;
-        served
-    }
-
-    /// Stops every model without serving: admitted requests are answered, threads joined.
-    pub async fn shutdown(self) {
-        stop_models(self.owners).await;
-    }
-}
-
-/// Loads everything (see [`load_models`]) and returns the server, ready to serve.
-pub async fn start(config: &Config) -> Result<Server, StartupError> {
-    let state = new_state(config);
-    let loaded = load_models(config, &state.metrics).await?;
-    state.install(loaded.models);
-    Ok(Server {
-        state,
-        owners: loaded.owners,
-        config: config.server.clone(),
-    })
-}
-
-/// Serves at once (health answers, readiness is 503) while the models load and tune, then
-/// serves them until `shutdown` resolves. A loading failure ends the server with the error.
-pub async fn run(
-    config: Config,
-    listeners: impl Into<Listeners>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartupError> {
-    let state = new_state(&config);
-    let serving = serve_until(state.clone(), &config.server, listeners.into(), shutdown);
-    tokio::pin!(serving);
-    let loading = load_models(&config, &state.metrics);
-    tokio::pin!(loading);
-    tokio::select! {
-        loaded = &mut loading => {
-            let loaded = loaded?;
-            state.install(loaded.models);
-            tracing::info!("every model is loaded and tuned: ready");
-            let served = serving.await;
-            stop_models(loaded.owners).await;
-            served?;
-        }
-        served = &mut serving => served?,
-    }
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Probes every (model, device) batch size without serving, stops the models, and returns the
-/// results by model name (`ortserve tune`).
-pub async fn tune(config: &Config) -> Result<BTreeMap<String, Vec<DeviceTuning>>, StartupError> {
-    let server = start(config).await?;
-    let results = server
-        .state
-        .models()
-        .iter()
-        .map(|m| (m.name().to_string(), m.tuning().to_vec()))
-        .collect();
-    server.shutdown().await;
-    Ok(results)
-}
-
-/// Serves HTTP on `listeners` until `shutdown` resolves, then drains: readiness turns 503 at
-/// once, requests are still served for `drain_delay` (so load balancers deregister the pod),
-/// then the listener closes and open requests get up to `shutdown_timeout` to finish. The admin
-/// port answers probes and scrapes throughout and closes last.
-async fn serve_until(
-    state: Arc<AppState>,
-    server: &ServerConfig,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let listener = listeners.http;
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving HTTP");
-    }
-    // The admin port stops when the data port has: `admin_stop` is dropped on return.
-    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin = match listeners.admin {
-        Some(l) => {
-            if let Ok(addr) = l.local_addr() {
-                tracing::info!(%addr, "serving probes and metrics on the admin port");
-            }
-            let stopped = async move {
-                let _ = admin_stopped.await;
-            };
-            Some(crate::http::AdminPort::start(
-                state.clone(),
-                server,
-                l,
-                stopped,
-            )?)
-        }
-        None => None,
-    };
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let drain_delay = server.drain_delay.0;
-    let draining = state.clone();
-    let graceful = async move {
-        shutdown.await;
-        draining.start_draining();
-        tracing::info!(?drain_delay, "draining: readiness is 503, still serving");
-        tokio::time::sleep(drain_delay).await;
-        tracing::info!("no longer accepting connections");
-        let _ = drained_tx.send(());
-    };
-    let http = crate::http::serve(state, server, listener, graceful);
-    let shutdown_timeout = server.shutdown_timeout.0;
-    let overdue = async move {
-        if drained_rx.await.is_ok() {
-            tokio::time::sleep(shutdown_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let served = tokio::select! {
-        r = http => r,
-        _ = overdue => {
-            tracing::warn!(?shutdown_timeout, "in-flight requests did not finish in time");
-            Ok(())
-        }
-    };
-    drop(admin_stop);
-    if let Some(admin) = admin {
-        if let Err(e) = admin.join().await {
-            tracing::warn!(error = %e, "the admin port ended with an error");
-        }
-    }
-    served
-}
-
 /// Stops every model: each answers what it admitted, then its threads are joined.
-async fn stop_models(owners: Vec<ModelOwner>) {
+pub async fn stop_models(owners: Vec<ModelOwner>) {
     for o in owners {
         o.shutdown().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::config::Dur;
-
-    /// The drain sequence on tokio's paused clock: readiness turns 503 at the signal, serving
-    /// goes on for exactly `drain_delay`, then it ends (no connection is open to wait for).
-    #[tokio::test(start_paused = true)]
-    async fn serving_goes_on_for_the_drain_delay_after_the_signal_then_ends() {
-        let server = ServerConfig {
-            drain_delay: Dur(Duration::from_secs(5)),
-            ..ServerConfig::default()
-        };
-        let state = Arc::new(AppState::loading(
-            Arc::new(Metrics::new()),
-            &server,
-            1,
-            Vec::new(),
-        ));
-        state.install(Vec::new());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn({
-            let state = state.clone();
-            async move {
-                serve_until(state, &server, listener.into(), async {
-                    let _ = signalled.await;
-                })
-                .await
-            }
-        });
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(
-            state.is_ready() && !serving.is_finished(),
-            "serves until the signal"
-        );
-
-        let at = tokio::time::Instant::now();
-        signal.send(()).unwrap();
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(state.is_draining() && !state.is_ready(), "503 at once");
-        tokio::time::sleep(Duration::from_millis(4990)).await;
-        assert!(
-            !serving.is_finished(),
-            "still serving within the drain delay"
-        );
-        serving.await.unwrap().unwrap();
-        let took = at.elapsed();
-        assert!(
-            took >= Duration::from_secs(5) && took < Duration::from_millis(5050),
-            "serving ended {took:?} after the signal"
-        );
     }
 }

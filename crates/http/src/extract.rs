@@ -5,13 +5,13 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 use tokio::time::Instant;
 
-use crate::app::AppState;
-use crate::app::Call;
-use crate::http::ApiError;
+use crate::ApiError;
+use ortserve_core::app::AppState;
+use ortserve_core::app::Call;
 
 /// Body bytes a request holds against the server's `max_body_memory`; given back on drop (when
 /// the handler is done with the body).
-pub(crate) struct BodyMemory<'a>(Option<crate::budget::Taken<'a>>);
+pub(crate) struct BodyMemory<'a>(Option<ortserve_core::budget::Taken<'a>>);
 
 impl<'a> BodyMemory<'a> {
     /// Takes `n` more bytes of the budget; 503 when the server already holds as many body bytes
@@ -209,7 +209,7 @@ pub(crate) fn unreadable(e: impl std::fmt::Display) -> ApiError {
 /// The request's id (set by the request-id layer before any handler runs).
 fn request_id(headers: &HeaderMap) -> Option<String> {
     headers
-        .get(crate::http::REQUEST_ID)
+        .get(crate::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
 }

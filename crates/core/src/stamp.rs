@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// A moment as microseconds since a process-wide origin, or none (0).
 #[derive(Debug, Default)]
-pub(crate) struct Stamp(AtomicU64);
+pub struct Stamp(AtomicU64);
 
 fn now_us() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -18,23 +18,23 @@ fn now_us() -> u64 {
 
 impl Stamp {
     /// Now.
-    pub(crate) fn set(&self) {
+    pub fn set(&self) {
         self.0.store(now_us(), Ordering::Release);
     }
 
     /// Now, unless a moment is already set.
-    pub(crate) fn set_if_unset(&self) {
+    pub fn set_if_unset(&self) {
         let _ = self
             .0
             .compare_exchange(0, now_us(), Ordering::AcqRel, Ordering::Acquire);
     }
 
-    pub(crate) fn clear(&self) {
+    pub fn clear(&self) {
         self.0.store(0, Ordering::Release);
     }
 
     /// Time since the moment; `None` when none is set.
-    pub(crate) fn elapsed(&self) -> Option<Duration> {
+    pub fn elapsed(&self) -> Option<Duration> {
         match self.0.load(Ordering::Acquire) {
             0 => None,
             since => Some(Duration::from_micros(now_us().saturating_sub(since))),

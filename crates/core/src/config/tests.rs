@@ -2,8 +2,11 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 
+/// The workspace root (fixtures, the bundled configs and the ONNX Runtime setup live there).
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
 fn fixture(name: &str) -> String {
-    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+    format!("{WORKSPACE}/tests/fixtures/{name}")
 }
 
 fn parse_ok(yaml: &str) -> Config {
@@ -21,7 +24,7 @@ fn error_of(yaml: &str) -> String {
 
 #[test]
 fn every_shipped_config_loads_and_validates() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let dir = Path::new(WORKSPACE).join("config");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -30,7 +33,7 @@ fn every_shipped_config_loads_and_validates() {
                 // Written for the image tree (config/ beside models/): in .ortserve/, lib/ is
                 // such a folder beside models/.
                 let mut c = Config::from_yaml(&std::fs::read_to_string(&path).unwrap()).unwrap();
-                c.resolve_paths(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".ortserve/lib"));
+                c.resolve_paths(&Path::new(WORKSPACE).join(".ortserve/lib"));
                 c.validate()
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             } else {

@@ -24,7 +24,7 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
-use crate::app::AppState;
+use ortserve_core::app::AppState;
 
 pub(crate) use error::ApiError;
 pub use serve::bind;
@@ -160,9 +160,9 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
 /// Serves the router on `listener` with the connection limits of `server` until `stop`
 /// resolves; then stops accepting and lets the open connections finish their requests before
 /// it returns.
-pub(crate) async fn serve(
+pub async fn serve(
     state: Arc<AppState>,
-    server: &crate::config::ServerConfig,
+    server: &ortserve_core::config::ServerConfig,
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -172,7 +172,7 @@ pub(crate) async fn serve(
 /// The admin port, served on a thread and tokio runtime of its own: probes and scrapes are then
 /// answered however busy the data port's worker threads are (under every hostile class at
 /// once, a liveness probe sharing them waited 220 ms; docs/BENCHMARKS.md).
-pub(crate) struct AdminPort {
+pub struct AdminPort {
     /// Sent by the admin thread with how serving ended, just before it exits.
     done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
     thread: std::thread::JoinHandle<()>,
@@ -181,9 +181,9 @@ pub(crate) struct AdminPort {
 impl AdminPort {
     /// Starts serving the admin routes on `listener` (with `server.admin_max_connections`) until
     /// `stop` resolves.
-    pub(crate) fn start(
+    pub fn start(
         state: Arc<AppState>,
-        server: &crate::config::ServerConfig,
+        server: &ortserve_core::config::ServerConfig,
         listener: tokio::net::TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<AdminPort> {
@@ -209,7 +209,7 @@ impl AdminPort {
     }
 
     /// Waits until the admin port has stopped and its thread has ended.
-    pub(crate) async fn join(self) -> std::io::Result<()> {
+    pub async fn join(self) -> std::io::Result<()> {
         let served = self
             .done
             .await

@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::app::InferError;
+use ortserve_core::app::InferError;
 
 /// An error answered to a client. Bodies are `{"error": "...", "error_type": "..."}`.
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@ use std::fmt::Display;
 
 use serde::de::{DeserializeOwned, IgnoredAny};
 
-use crate::tensor::{element_count, DataType};
+use ortserve_core::tensor::{element_count, DataType};
 
 use super::error::ApiError;
 

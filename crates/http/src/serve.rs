@@ -25,8 +25,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use crate::config::ServerConfig;
-use crate::stamp::Stamp;
+use ortserve_core::config::ServerConfig;
+use ortserve_core::stamp::Stamp;
 
 /// The connection limits of [`ServerConfig`].
 #[derive(Debug, Clone, Copy)]

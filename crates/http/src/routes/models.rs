@@ -8,9 +8,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::app::{AppState, Model};
-use crate::http::ApiError;
-use crate::model::TensorInfo;
+use crate::ApiError;
+use ortserve_core::app::{AppState, Model};
+use ortserve_core::model::TensorInfo;
 
 /// Finds a model, and checks the version when the URL names one.
 pub(crate) fn lookup<'a>(

@@ -1,7 +1,7 @@
-//! For this crate's integration tests, not a stable API: a model served by any
+//! For the workspace's tests, not a stable API: a model served by any
 //! [`ModelRunner`](crate::device::ModelRunner) (fakes that pace, gate or fail batches), with its
-//! owner, device health switches, and the V2 parser that property tests call directly. Nothing
-//! in the server calls these, so the binary links none of it. (A cargo feature turned on by a
+//! owner, and device health switches. Nothing in the server calls these, so the binary links
+//! none of it. (A cargo feature turned on by a
 //! dev-dependency on this crate was tried: cargo unifies it into `cargo build --release` too.)
 
 use std::sync::Arc;
@@ -47,6 +47,3 @@ pub fn serve_runners(
 pub fn set_device_healthy(model: &Model, index: usize, healthy: bool) {
     model.handle().set_device_healthy(index, healthy);
 }
-
-/// Parses a V2 request body as the infer route does (see [`crate::http::parse_v2_request`]).
-pub use crate::http::parse_v2_request as parse_v2;

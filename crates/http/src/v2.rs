@@ -8,7 +8,7 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::tensor::{element_count, DataType, Tensor};
+use ortserve_core::tensor::{element_count, DataType, Tensor};
 
 use super::error::ApiError;
 use super::json::Reader;

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::app::AppState;
-use crate::http::ApiError;
+use crate::ApiError;
+use ortserve_core::app::AppState;
 
 /// `GET /v2`: server name, version and protocol extensions.
 pub(crate) async fn server_metadata() -> Json<serde_json::Value> {
@@ -54,7 +54,7 @@ pub(crate) async fn metrics(State(app): State<Arc<AppState>>) -> Response {
 pub(crate) async fn openapi() -> Response {
     (
         [(header::CONTENT_TYPE, "application/yaml")],
-        include_str!("../../../docs/openapi.yaml"),
+        include_str!("../../../../docs/openapi.yaml"),
     )
         .into_response()
 }

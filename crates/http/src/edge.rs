@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use tower::{Layer, Service};
 
-use crate::app::AppState;
-use crate::http::{ApiError, REQUEST_ID};
+use crate::{ApiError, REQUEST_ID};
+use ortserve_core::app::AppState;
 
 /// Longest `x-request-id` taken from a client; a longer one is replaced by a generated id.
 const MAX_REQUEST_ID: usize = 128;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::response::Response;
 
-use crate::app::AppState;
+use ortserve_core::app::AppState;
 
 /// Counts an answered request and its duration. Only known model names become label values, so
 /// clients cannot grow the label set.

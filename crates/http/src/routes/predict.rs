@@ -15,14 +15,14 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-use crate::app::{AppState, Call, ImagePrediction, Model};
-use crate::config::ImageConfig;
-use crate::http::extract::{self, read_body};
-use crate::http::json::Reader;
-use crate::http::routes::models::lookup;
-use crate::http::{v2, ApiError};
-use crate::model::ModelInfo;
-use crate::tensor::Tensor;
+use crate::extract::{self, read_body};
+use crate::json::Reader;
+use crate::routes::models::lookup;
+use crate::{v2, ApiError};
+use ortserve_core::app::{AppState, Call, ImagePrediction, Model};
+use ortserve_core::config::ImageConfig;
+use ortserve_core::model::ModelInfo;
+use ortserve_core::tensor::Tensor;
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct PredictQuery {
@@ -393,7 +393,10 @@ fn tensor_instances(
 type Rows = (Vec<(String, Tensor)>, usize);
 
 /// The dims of one row of `input` (all but the first), which must be fixed.
-fn row_shape(input: &crate::model::TensorInfo, model: &str) -> Result<Vec<usize>, ApiError> {
+fn row_shape(
+    input: &ortserve_core::model::TensorInfo,
+    model: &str,
+) -> Result<Vec<usize>, ApiError> {
     let rest = input.dims.get(1..).unwrap_or_default();
     if rest.iter().any(|&d| d < 0) {
         return Err(ApiError::InvalidInput(format!(
@@ -408,7 +411,7 @@ fn row_shape(input: &crate::model::TensorInfo, model: &str) -> Result<Vec<usize>
 /// into the tensor's bytes. `None` when the instances are objects by input name (read by
 /// [`tensor_instances`]' general path).
 fn one_input_rows(
-    input: &crate::model::TensorInfo,
+    input: &ortserve_core::model::TensorInfo,
     model: &str,
     max_rows: usize,
     too_many: &dyn Fn(usize) -> ApiError,

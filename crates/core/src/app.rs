@@ -128,7 +128,7 @@ pub struct AppState {
     /// The most a body may take to arrive, from the request's arrival.
     pub body_timeout: std::time::Duration,
     /// Body bytes that may be held at once over all requests.
-    pub(crate) body_memory: crate::budget::Budget,
+    pub body_memory: crate::budget::Budget,
     /// Decoding and resizing of uploaded images.
     pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.
@@ -144,7 +144,7 @@ pub struct AppState {
 
 impl AppState {
     /// A state whose models are still loading: health answers, readiness is 503.
-    pub(crate) fn loading(
+    pub fn loading(
         metrics: Arc<Metrics>,
         server: &crate::config::ServerConfig,
         preprocess_threads: usize,
@@ -173,7 +173,7 @@ impl AppState {
     }
 
     /// Publishes the loaded models; later calls are ignored.
-    pub(crate) fn install(&self, models: Vec<Model>) {
+    pub fn install(&self, models: Vec<Model>) {
         let _ = self.models.set(models);
     }
 
@@ -207,7 +207,7 @@ impl AppState {
         self.is_loaded() && !self.is_draining() && self.models().iter().all(Model::is_ready)
     }
 
-    pub(crate) fn start_draining(&self) {
+    pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
 

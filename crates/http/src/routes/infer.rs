@@ -8,11 +8,11 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
-use crate::app::Call;
-use crate::http::extract::{self, read_body, read_frames, BodyMemory};
-use crate::http::routes::models::lookup;
-use crate::http::{v2, ApiError};
+use crate::extract::{self, read_body, read_frames, BodyMemory};
+use crate::routes::models::lookup;
+use crate::{v2, ApiError};
+use ortserve_core::app::AppState;
+use ortserve_core::app::Call;
 
 const HEADER_LEN: &str = "inference-header-content-length";
 
@@ -166,7 +166,7 @@ async fn run(
     };
     call.timeout = parsed.timeout.or(call.timeout);
     let outputs = m.infer(parsed.inputs, &call).await?;
-    let chosen: Vec<(&str, &crate::tensor::Tensor, bool)> = selected
+    let chosen: Vec<(&str, &ortserve_core::tensor::Tensor, bool)> = selected
         .iter()
         .map(|&(i, binary)| (info.outputs[i].name.as_str(), &outputs[i], binary))
         .collect();
