@@ -52,9 +52,9 @@ async fn every_metric_appears_after_traffic_with_its_labels() {
     assert_eq!(send(&router, req).await.status, 200);
     let text = String::from_utf8(get(&router, "/metrics").await.body).unwrap();
     let expected = [
-        r#"ortserve_requests_total{model="mlp",route="v2_infer",status="200"} 1"#,
-        r#"ortserve_requests_total{model="img",route="v1_predict",status="200"} 1"#,
-        r#"ortserve_request_duration_seconds_count{model="mlp",route="v2_infer"} 1"#,
+        r#"ortserve_requests_total{model="mlp",protocol="http",route="v2_infer",status="200"} 1"#,
+        r#"ortserve_requests_total{model="img",protocol="http",route="v1_predict",status="200"} 1"#,
+        r#"ortserve_request_duration_seconds_count{model="mlp",protocol="http",route="v2_infer"} 1"#,
         r#"ortserve_queue_depth_requests{model="mlp"}"#,
         r#"ortserve_queue_duration_seconds_count{model="mlp"} 1"#,
         r#"ortserve_batch_size_rows_sum{model="mlp"} 2"#,

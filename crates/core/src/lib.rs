@@ -13,6 +13,8 @@
 //! and `budget` are leaves. docs/ARCHITECTURE.md has the request path and the rules.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
+//! - [`call`]: the protocol-neutral core of a call (context, auth, errors and their kinds,
+//!   request metrics) that every front door drives.
 //! - [`app`]: the façade the front doors call: models (infer tensors, status, tuning), image
 //!   prediction (preprocessing → batching → classification), readiness, the metrics text.
 //! - [`startup`]: loading and tuning every (model, device); stopping them; `check()`.
@@ -38,6 +40,7 @@
 pub mod app;
 mod batching;
 pub mod budget;
+pub mod call;
 mod classify;
 pub mod config;
 pub mod device;

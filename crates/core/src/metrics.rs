@@ -58,13 +58,13 @@ impl Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new("ortserve_requests_total", "Requests answered"),
-            &["model", "route", "status"],
+            &["model", "route", "status", "protocol"],
         )
         .expect("valid metric");
         let request_duration = HistogramVec::new(
             HistogramOpts::new("ortserve_request_duration_seconds", "Request duration")
                 .buckets(exponential_buckets(0.0001, 2.0, 18).expect("valid buckets")),
-            &["model", "route"],
+            &["model", "route", "protocol"],
         )
         .expect("valid metric");
         let batch_size = HistogramVec::new(

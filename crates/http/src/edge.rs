@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use tower::{Layer, Service};
 
-use crate::{ApiError, REQUEST_ID};
+use crate::{ApiError, CallError, REQUEST_ID};
 use ortserve_core::app::AppState;
 
 /// Longest `x-request-id` taken from a client; a longer one is replaced by a generated id.
@@ -169,14 +169,14 @@ fn json_errors(resp: Response) -> Response {
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let error = match status.as_u16() {
-        405 => ApiError::MethodNotAllowed,
-        404 => ApiError::NotFound(text),
-        415 => ApiError::UnsupportedMediaType(text),
-        400 | 422 => ApiError::MalformedBody(text),
+        405 => CallError::MethodNotAllowed,
+        404 => CallError::NotFound(text),
+        415 => CallError::UnsupportedMediaType(text),
+        400 | 422 => CallError::MalformedBody(text),
         // Nothing else writes plain-text errors today; keep such an answer as it is.
         _ => return Response::from_parts(parts, Body::from(text)),
     };
-    let mut out = error.into_response();
+    let mut out = ApiError(error).into_response();
     // Keep what the original answer said besides its body (`Allow` on a 405).
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {

@@ -5,7 +5,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 use tokio::time::Instant;
 
-use crate::ApiError;
+use crate::CallError;
 use ortserve_core::app::AppState;
 use ortserve_core::app::Call;
 
@@ -16,7 +16,7 @@ pub(crate) struct BodyMemory<'a>(Option<ortserve_core::budget::Taken<'a>>);
 impl<'a> BodyMemory<'a> {
     /// Takes `n` more bytes of the budget; 503 when the server already holds as many body bytes
     /// as it may (load is shed at once rather than queued).
-    fn take(&mut self, app: &'a AppState, n: usize) -> Result<(), ApiError> {
+    fn take(&mut self, app: &'a AppState, n: usize) -> Result<(), CallError> {
         let taken = match &mut self.0 {
             Some(held) => held.grow(n),
             None => {
@@ -27,7 +27,7 @@ impl<'a> BodyMemory<'a> {
         if taken {
             Ok(())
         } else {
-            Err(ApiError::Unavailable(
+            Err(CallError::Unavailable(
                 "the server is holding as many request bodies as it may; retry".into(),
             ))
         }
@@ -52,7 +52,7 @@ pub(crate) async fn read_frames<'a>(
     body: Body,
     call: &Call,
     mut sink: impl FnMut(Bytes, usize),
-) -> Result<BodyMemory<'a>, ApiError> {
+) -> Result<BodyMemory<'a>, CallError> {
     use http_body_util::BodyExt;
     let limit = app.max_body_bytes;
     let declared = declared_length(headers, limit)?
@@ -71,7 +71,7 @@ pub(crate) async fn read_frames<'a>(
         };
         let frame = match next {
             Err(_) => {
-                return Err(ApiError::RequestTimeout(format!(
+                return Err(CallError::RequestTimeout(format!(
                     "the request body did not arrive within {} ms",
                     until
                         .saturating_duration_since(call.started.unwrap_or(until))
@@ -86,7 +86,7 @@ pub(crate) async fn read_frames<'a>(
         };
         seen += chunk.len() as u64;
         if seen > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
+            return Err(CallError::PayloadTooLarge { limit });
         }
         held.take(app, chunk.len())?;
         sink(chunk, declared);
@@ -100,7 +100,7 @@ pub(crate) async fn read_body<'a>(
     headers: &HeaderMap,
     body: Body,
     call: &Call,
-) -> Result<(Bytes, BodyMemory<'a>), ApiError> {
+) -> Result<(Bytes, BodyMemory<'a>), CallError> {
     let mut bytes = Gather::default();
     let held = read_frames(app, headers, body, call, |chunk, declared| {
         bytes.push(chunk, declared)
@@ -181,8 +181,8 @@ pub(crate) async fn decode<T: Send + 'static>(
     app: &AppState,
     call: &Call,
     len: usize,
-    parse: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    parse: impl FnOnce() -> Result<T, CallError> + Send + 'static,
+) -> Result<T, CallError> {
     if len < BIG_BODY {
         return parse();
     }
@@ -191,19 +191,19 @@ pub(crate) async fn decode<T: Send + 'static>(
 }
 
 /// The Content-Length, refused at once when it is over `limit`.
-pub(crate) fn declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, ApiError> {
+pub(crate) fn declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<u64>, CallError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(n) if n > limit => Err(ApiError::PayloadTooLarge { limit }),
+        Some(n) if n > limit => Err(CallError::PayloadTooLarge { limit }),
         other => Ok(other),
     }
 }
 
-pub(crate) fn unreadable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::MalformedBody(format!("could not read the request body: {e}"))
+pub(crate) fn unreadable(e: impl std::fmt::Display) -> CallError {
+    CallError::MalformedBody(format!("could not read the request body: {e}"))
 }
 
 /// The request's id (set by the request-id layer before any handler runs).
@@ -215,7 +215,7 @@ fn request_id(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `X-Timeout-Ms`: the client's deadline in milliseconds (it can only shorten the server's).
-fn header_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+fn header_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, CallError> {
     match headers.get("x-timeout-ms") {
         None => Ok(None),
         Some(v) => v
@@ -224,7 +224,7 @@ fn header_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Ap
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(|ms| Some(std::time::Duration::from_millis(ms)))
             .ok_or_else(|| {
-                ApiError::MalformedBody(
+                CallError::MalformedBody(
                     "X-Timeout-Ms must be a whole number of milliseconds".into(),
                 )
             }),
@@ -232,12 +232,8 @@ fn header_timeout(headers: &HeaderMap) -> Result<Option<std::time::Duration>, Ap
 }
 
 /// The core's per-request settings: the `X-Timeout-Ms` deadline and the request id.
-pub(crate) fn call(headers: &HeaderMap) -> Result<Call, ApiError> {
-    Ok(Call {
-        timeout: header_timeout(headers)?,
-        request_id: request_id(headers),
-        started: Some(tokio::time::Instant::now()),
-    })
+pub(crate) fn call(headers: &HeaderMap) -> Result<Call, CallError> {
+    Ok(Call::arrived(header_timeout(headers)?, request_id(headers)))
 }
 
 /// The media type of the body, lower case, without parameters (`application/json`).

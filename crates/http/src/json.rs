@@ -14,7 +14,7 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 
 use ortserve_core::tensor::{element_count, DataType};
 
-use super::error::ApiError;
+use super::error::CallError;
 
 /// Nesting deeper than this in tensor data is refused (a model input rarely has more than 8
 /// dims).
@@ -57,7 +57,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A syntax error at byte `at`.
-    pub(crate) fn error(&self, at: usize, what: impl Display) -> ApiError {
+    pub(crate) fn error(&self, at: usize, what: impl Display) -> CallError {
         let before = &self.b[..at.min(self.b.len())];
         let line = before.iter().filter(|&&c| c == b'\n').count() + 1;
         let column = before.len()
@@ -66,7 +66,7 @@ impl<'a> Reader<'a> {
                 .rposition(|&c| c == b'\n')
                 .map_or(0, |p| p + 1)
             + 1;
-        ApiError::MalformedBody(format!(
+        CallError::MalformedBody(format!(
             "{}: {what} at line {line} column {column}",
             self.context
         ))
@@ -85,14 +85,14 @@ impl<'a> Reader<'a> {
         self.b.get(self.pos).copied()
     }
 
-    fn unexpected(&self, expected: &str) -> ApiError {
+    fn unexpected(&self, expected: &str) -> CallError {
         match self.b.get(self.pos) {
             None => self.error(self.pos, format!("EOF while parsing {expected}")),
             Some(_) => self.error(self.pos, format!("expected {expected}")),
         }
     }
 
-    fn eat(&mut self, c: u8, expected: &str) -> Result<(), ApiError> {
+    fn eat(&mut self, c: u8, expected: &str) -> Result<(), CallError> {
         if self.peek() == Some(c) {
             self.pos += 1;
             Ok(())
@@ -102,7 +102,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The end of the text: only whitespace may follow.
-    pub(crate) fn end(mut self) -> Result<(), ApiError> {
+    pub(crate) fn end(mut self) -> Result<(), CallError> {
         self.ws();
         if self.pos < self.b.len() {
             return Err(self.error(self.pos, "trailing characters"));
@@ -114,8 +114,8 @@ impl<'a> Reader<'a> {
     /// the value.
     pub(crate) fn object(
         &mut self,
-        mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), ApiError>,
-    ) -> Result<(), ApiError> {
+        mut each: impl FnMut(&mut Self, Cow<'a, str>) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
         self.members(b'{', b'}', |r| {
             if r.peek() != Some(b'"') {
                 return Err(r.unexpected("a string key"));
@@ -130,8 +130,8 @@ impl<'a> Reader<'a> {
     /// `[value, ...]`: `each` gets the cursor on every element, and must read it.
     pub(crate) fn array(
         &mut self,
-        each: impl FnMut(&mut Self) -> Result<(), ApiError>,
-    ) -> Result<(), ApiError> {
+        each: impl FnMut(&mut Self) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
         self.members(b'[', b']', each)
     }
 
@@ -141,8 +141,8 @@ impl<'a> Reader<'a> {
         &mut self,
         open: u8,
         close: u8,
-        mut each: impl FnMut(&mut Self) -> Result<(), ApiError>,
-    ) -> Result<(), ApiError> {
+        mut each: impl FnMut(&mut Self) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
         let (opening, after) = if open == b'{' {
             ("an object", "`,` or `}`")
         } else {
@@ -168,7 +168,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The string at the cursor, unescaped.
-    fn string(&mut self) -> Result<Cow<'a, str>, ApiError> {
+    fn string(&mut self) -> Result<Cow<'a, str>, CallError> {
         let start = self.pos;
         self.skip_string()?;
         let inner = &self.b[start + 1..self.pos - 1];
@@ -183,7 +183,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Moves past the string whose opening quote is at the cursor.
-    fn skip_string(&mut self) -> Result<(), ApiError> {
+    fn skip_string(&mut self) -> Result<(), CallError> {
         let mut i = self.pos + 1;
         loop {
             match self.b.get(i) {
@@ -201,7 +201,7 @@ impl<'a> Reader<'a> {
     /// text is checked by whoever reads it. An array's end is found by its square brackets
     /// alone and an object's by its braces (in JSON each kind balances by itself), searched
     /// for with SIMD: passing over 100 KB of numbers takes microseconds.
-    pub(crate) fn skip(&mut self) -> Result<&'a [u8], ApiError> {
+    pub(crate) fn skip(&mut self) -> Result<&'a [u8], CallError> {
         self.ws();
         let start = self.pos;
         let (open, close) = match self.b.get(start) {
@@ -249,7 +249,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The value at the cursor, checked and typed by serde_json.
-    pub(crate) fn value<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+    pub(crate) fn value<T: DeserializeOwned>(&mut self) -> Result<T, CallError> {
         self.ws();
         let start = self.pos;
         let text = self.skip()?;
@@ -257,12 +257,12 @@ impl<'a> Reader<'a> {
     }
 
     /// Moves past a value nobody reads, checking that it is JSON.
-    pub(crate) fn ignore(&mut self) -> Result<(), ApiError> {
+    pub(crate) fn ignore(&mut self) -> Result<(), CallError> {
         self.value::<IgnoredAny>().map(|_| ())
     }
 
     /// serde_json's error about the text from `start`, its place given in the whole text.
-    fn serde_error(&self, start: usize, e: serde_json::Error) -> ApiError {
+    fn serde_error(&self, start: usize, e: serde_json::Error) -> CallError {
         let full = e.to_string();
         let suffix = format!(" at line {} column {}", e.line(), e.column());
         let what = full.strip_suffix(&suffix).unwrap_or(&full);
@@ -286,7 +286,7 @@ impl<'a> Reader<'a> {
         dtype: DataType,
         shape: &[usize],
         what: &str,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Vec<u8>, CallError> {
         let rows = Rows::Given;
         self.data(dtype, shape, rows, what).map(|(bytes, _)| bytes)
     }
@@ -299,9 +299,9 @@ impl<'a> Reader<'a> {
         dtype: DataType,
         rest: &[usize],
         max: usize,
-        too_many: &dyn Fn(usize) -> ApiError,
+        too_many: &dyn Fn(usize) -> CallError,
         what: &str,
-    ) -> Result<(Vec<u8>, usize), ApiError> {
+    ) -> Result<(Vec<u8>, usize), CallError> {
         let mut shape = Vec::with_capacity(rest.len() + 1);
         shape.push(max);
         shape.extend_from_slice(rest);
@@ -314,7 +314,7 @@ impl<'a> Reader<'a> {
         shape: &[usize],
         rows: Rows,
         what: &str,
-    ) -> Result<(Vec<u8>, usize), ApiError> {
+    ) -> Result<(Vec<u8>, usize), CallError> {
         match dtype {
             DataType::Bool => self.data_of::<Bool>(dtype, shape, rows, what),
             DataType::U8 => self.data_of::<u8>(dtype, shape, rows, what),
@@ -338,8 +338,8 @@ impl<'a> Reader<'a> {
         shape: &[usize],
         rows: Rows,
         what: &str,
-    ) -> Result<(Vec<u8>, usize), ApiError> {
-        let too_large = || ApiError::InvalidInput(format!("{what}: shape {shape:?} is too large"));
+    ) -> Result<(Vec<u8>, usize), CallError> {
+        let too_large = || CallError::InvalidInput(format!("{what}: shape {shape:?} is too large"));
         let per_row = match rows {
             Rows::Given => 1,
             Rows::Counted { .. } => element_count(&shape[1..]).ok_or_else(too_large)?,
@@ -360,12 +360,12 @@ impl<'a> Reader<'a> {
         let mut outer = 0usize;
         let mut i = self.pos;
         let nesting = |detail: String| {
-            ApiError::InvalidInput(format!(
+            CallError::InvalidInput(format!(
                 "{what}: data is nested in a way that does not match shape {shape:?}: {detail}"
             ))
         };
         // One more element in the innermost open array; a row when that array is the outer one.
-        let counted = |open: &mut Vec<usize>| -> Result<(), ApiError> {
+        let counted = |open: &mut Vec<usize>| -> Result<(), CallError> {
             let depth = open.len();
             if let Some(c) = open.last_mut() {
                 *c += 1;
@@ -378,7 +378,7 @@ impl<'a> Reader<'a> {
             Ok(())
         };
         // The innermost array closes with `len` elements.
-        let close = |open: &mut Vec<usize>, leaf: Option<usize>| -> Result<usize, ApiError> {
+        let close = |open: &mut Vec<usize>, leaf: Option<usize>| -> Result<usize, CallError> {
             let depth = open.len();
             let len = open.pop().unwrap_or(0);
             if let Some(leaf) = leaf.filter(|&l| l > 1) {
@@ -414,7 +414,7 @@ impl<'a> Reader<'a> {
                     counted(&mut open)?;
                     open.push(0);
                     if open.len() > MAX_DATA_DEPTH {
-                        return Err(ApiError::MalformedBody(format!(
+                        return Err(CallError::MalformedBody(format!(
                             "{what}: data is nested more than {MAX_DATA_DEPTH} levels deep"
                         )));
                     }
@@ -458,7 +458,7 @@ impl<'a> Reader<'a> {
                             Err(Bad::Syntax(at)) => return Err(self.error(at, "invalid number")),
                             Err(Bad::Value) => {
                                 let shown = shown(&b[i..]);
-                                return Err(ApiError::InvalidInput(format!(
+                                return Err(CallError::InvalidInput(format!(
                                     "{what}: element {n} ({shown}) is not a valid {dtype}"
                                 )));
                             }
@@ -513,7 +513,7 @@ impl<'a> Reader<'a> {
             Rows::Counted { .. } => outer * per_row,
         };
         if n != count {
-            return Err(ApiError::InvalidInput(format!(
+            return Err(CallError::InvalidInput(format!(
                 "{what}: shape needs {count} elements, data has {n}"
             )));
         }
@@ -526,7 +526,7 @@ impl<'a> Reader<'a> {
 enum Rows<'f> {
     Given,
     Counted {
-        too_many: &'f dyn Fn(usize) -> ApiError,
+        too_many: &'f dyn Fn(usize) -> CallError,
     },
 }
 
@@ -904,7 +904,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn flat(text: &str, dtype: DataType, count: usize) -> Result<Vec<u8>, ApiError> {
+    fn flat(text: &str, dtype: DataType, count: usize) -> Result<Vec<u8>, CallError> {
         let mut r = Reader::new(text.as_bytes(), "test");
         let data = r.tensor_data(dtype, &[count], "x")?;
         r.end()?;
@@ -1105,20 +1105,20 @@ mod tests {
     fn syntax_errors_say_where() {
         let e = flat("[1,\n 2,,3]", DataType::F32, 3).unwrap_err();
         assert!(
-            matches!(&e, ApiError::MalformedBody(m) if m.ends_with("expected a value at line 2 column 4")),
+            matches!(&e, CallError::MalformedBody(m) if m.ends_with("expected a value at line 2 column 4")),
             "{e:?}"
         );
         for bad in [
             "[1.]", "[-]", "[1e]", "[01]", "[1 2]", "[1,]", "[", "[1", "[1]]", "[+1]",
         ] {
             let e = flat(bad, DataType::F32, 1).unwrap_err();
-            assert!(matches!(&e, ApiError::MalformedBody(_)), "{bad}: {e:?}");
+            assert!(matches!(&e, CallError::MalformedBody(_)), "{bad}: {e:?}");
         }
         // A JSON value that is not a number of the type is the input's fault, not the body's.
         for bad in ["[true]", "[null]", "[\"1\"]", "[{}]"] {
             let e = flat(bad, DataType::F32, 1).unwrap_err();
             assert!(
-                matches!(&e, ApiError::InvalidInput(m) if m.contains("element 0")),
+                matches!(&e, CallError::InvalidInput(m) if m.contains("element 0")),
                 "{bad}: {e:?}"
             );
         }
@@ -1126,7 +1126,7 @@ mod tests {
 
     #[test]
     fn counted_rows_stop_one_past_the_most() {
-        let too_many = |max: usize| ApiError::InvalidInput(format!("more than {max}"));
+        let too_many = |max: usize| CallError::InvalidInput(format!("more than {max}"));
         let rows = |text: &str| {
             Reader::new(text.as_bytes(), "test").tensor_rows(DataType::I32, &[2], 3, &too_many, "x")
         };
@@ -1134,7 +1134,7 @@ mod tests {
         assert_eq!((bytes.len(), n), (16, 2));
         let e = rows("[[1,2],[3,4],[5,6],[7,8]]").unwrap_err();
         assert!(
-            matches!(&e, ApiError::InvalidInput(m) if m == "more than 3"),
+            matches!(&e, CallError::InvalidInput(m) if m == "more than 3"),
             "{e:?}"
         );
         // Rows of the wrong length, and a flat list of values that are not rows.

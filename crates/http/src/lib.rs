@@ -26,7 +26,7 @@ use tower_http::trace::TraceLayer;
 
 use ortserve_core::app::AppState;
 
-pub(crate) use error::ApiError;
+pub(crate) use error::{ApiError, CallError};
 pub use serve::bind;
 
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -72,7 +72,7 @@ impl MakeRequestId for CountedIds {
 pub fn parse_v2_request(body: &[u8], header_len: Option<usize>) -> Result<(), (u16, String)> {
     v2::parse_request(body, header_len)
         .map(|_| ())
-        .map_err(|e| (e.status().as_u16(), e.message()))
+        .map_err(|e| (ApiError(e.clone()).status().as_u16(), e.message()))
 }
 
 /// Every route, with request ids, tracing and panic catching. Body limits are enforced by the
@@ -151,7 +151,7 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
                 .on_failure(()))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(CatchPanicLayer::custom(|_| {
-                    axum::response::IntoResponse::into_response(ApiError::Internal)
+                    axum::response::IntoResponse::into_response(ApiError(CallError::Internal))
                 })),
         )
         .with_state(state)

@@ -289,9 +289,9 @@ fn head_bytes<B>(req: &hyper::Request<B>) -> usize {
 /// A head over `READ_BUFFER`: hyper refuses one that fills its read buffer before it ends, but
 /// one that arrives in a single large read can be parsed whole (heads of up to about 190 KiB
 /// passed), so the limit is checked again on the parsed head, whatever the reads were.
-fn head_too_large<B>(req: &hyper::Request<B>) -> Option<super::ApiError> {
+fn head_too_large<B>(req: &hyper::Request<B>) -> Option<super::CallError> {
     let bytes = head_bytes(req);
-    (bytes > READ_BUFFER).then_some(super::ApiError::HeadTooLarge {
+    (bytes > READ_BUFFER).then_some(crate::CallError::HeadTooLarge {
         bytes,
         limit: READ_BUFFER,
     })
@@ -299,15 +299,15 @@ fn head_too_large<B>(req: &hyper::Request<B>) -> Option<super::ApiError> {
 
 /// RFC 9112 section 3.2: an HTTP/1.1 request without exactly one `Host` header is answered 400
 /// (hyper takes it as it comes). HTTP/1.0 requests may omit it.
-fn host_problem<B>(req: &hyper::Request<B>) -> Option<super::ApiError> {
+fn host_problem<B>(req: &hyper::Request<B>) -> Option<super::CallError> {
     let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
     match hosts {
         1 => None,
         0 if req.version() != hyper::Version::HTTP_11 => None,
-        0 => Some(super::ApiError::MalformedBody(
+        0 => Some(crate::CallError::MalformedBody(
             "an HTTP/1.1 request needs a Host header".into(),
         )),
-        _ => Some(super::ApiError::MalformedBody(format!(
+        _ => Some(crate::CallError::MalformedBody(format!(
             "{hosts} Host headers; a request has one"
         ))),
     }
@@ -338,7 +338,9 @@ async fn connection(
             let phase = phase.clone();
             async move {
                 let response = match bad_head {
-                    Some(e) => Ok(axum::response::IntoResponse::into_response(e)),
+                    Some(e) => Ok(axum::response::IntoResponse::into_response(
+                        super::ApiError(e),
+                    )),
                     None => app.oneshot(req.map(Body::new)).await,
                 };
                 phase.request_answered();

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use ortserve_core::tensor::{element_count, DataType, Tensor};
 
-use super::error::ApiError;
+use super::error::CallError;
 use super::json::Reader;
 
 /// What a syntax error in a V2 body starts with.
@@ -68,21 +68,21 @@ impl<'de> Deserialize<'de> for Params {
     }
 }
 
-fn param_bool(p: &Option<Params>, key: &str) -> Result<Option<bool>, ApiError> {
+fn param_bool(p: &Option<Params>, key: &str) -> Result<Option<bool>, CallError> {
     match p.as_ref().and_then(|m| m.0.get(key)) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(ApiError::MalformedBody(format!(
+        Some(other) => Err(CallError::MalformedBody(format!(
             "parameter {key:?} must be true or false, got {other}"
         ))),
     }
 }
 
-fn param_u64(p: &Option<Params>, key: &str, what: &str) -> Result<Option<u64>, ApiError> {
+fn param_u64(p: &Option<Params>, key: &str, what: &str) -> Result<Option<u64>, CallError> {
     match p.as_ref().and_then(|m| m.0.get(key)) {
         None => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            ApiError::MalformedBody(format!(
+            CallError::MalformedBody(format!(
                 "{what}: parameter {key:?} must be a non-negative integer, got {v}"
             ))
         }),
@@ -91,7 +91,7 @@ fn param_u64(p: &Option<Params>, key: &str, what: &str) -> Result<Option<u64>, A
 
 /// Parses a JSON body, or the JSON header of a binary body followed by the tensor bytes.
 /// `header_len` is the `Inference-Header-Content-Length` value when present.
-pub(crate) fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, ApiError> {
+pub(crate) fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Parsed, CallError> {
     match header_len {
         Some(n) if n > body.len() => Err(header_too_long(n, body.len())),
         Some(n) => parse_parts(&body[..n], Bytes::copy_from_slice(&body[n..])),
@@ -99,15 +99,15 @@ pub(crate) fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<Pa
     }
 }
 
-pub(crate) fn header_too_long(header_len: usize, body_len: usize) -> ApiError {
-    ApiError::MalformedBody(format!(
+pub(crate) fn header_too_long(header_len: usize, body_len: usize) -> CallError {
+    CallError::MalformedBody(format!(
         "Inference-Header-Content-Length is {header_len} but the body has only {body_len} bytes"
     ))
 }
 
 /// [`parse_request`] on a body already split into its JSON and the binary bytes after it. Each
 /// binary input's tensor is a slice of `binary`, not a copy.
-pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError> {
+pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, CallError> {
     let total = binary.len();
     let mut offset = 0usize;
     let req = read_request(json)?;
@@ -126,7 +126,7 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
         } = input;
         let data = match (param_u64(&parameters, "binary_data_size", &what)?, data) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::MalformedBody(format!(
+                return Err(CallError::MalformedBody(format!(
                     "{what} has both `data` and `binary_data_size`"
                 )))
             }
@@ -134,12 +134,12 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
                 let size = usize::try_from(size).unwrap_or(usize::MAX);
                 let left = total - offset;
                 if size > left {
-                    return Err(ApiError::MalformedBody(format!(
+                    return Err(CallError::MalformedBody(format!(
                         "{what}: binary_data_size {size} runs past the end of the body ({left} bytes left)"
                     )));
                 }
                 if size != count * dtype.size() {
-                    return Err(ApiError::InvalidInput(format!(
+                    return Err(CallError::InvalidInput(format!(
                         "{what}: shape {shape:?} of {dtype} needs {} bytes, binary_data_size is {size}",
                         count * dtype.size()
                     )));
@@ -150,17 +150,17 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
             }
             (None, Some(data)) => Bytes::from(data),
             (None, None) => {
-                return Err(ApiError::MalformedBody(format!(
+                return Err(CallError::MalformedBody(format!(
                     "{what} has neither `data` nor `binary_data_size`"
                 )))
             }
         };
         let tensor = Tensor::new(dtype, shape, data)
-            .map_err(|e| ApiError::InvalidInput(format!("{what}: {e}")))?;
+            .map_err(|e| CallError::InvalidInput(format!("{what}: {e}")))?;
         inputs.push((name, tensor));
     }
     if offset < total {
-        return Err(ApiError::MalformedBody(format!(
+        return Err(CallError::MalformedBody(format!(
             "{} bytes of binary data follow the inputs that no input claims",
             total - offset
         )));
@@ -170,7 +170,7 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
         // a pairwise scan: the list is as long as the client makes it.
         let mut seen = std::collections::HashSet::with_capacity(list.len());
         if let Some(o) = list.iter().find(|o| !seen.insert(o.name.as_str())) {
-            return Err(ApiError::MalformedBody(format!(
+            return Err(CallError::MalformedBody(format!(
                 "output {:?} is requested more than once",
                 o.name
             )));
@@ -189,7 +189,7 @@ pub(crate) fn parse_parts(json: &[u8], binary: Bytes) -> Result<Parsed, ApiError
                         param_bool(&o.parameters, "binary_data")?.unwrap_or(binary_default),
                     ))
                 })
-                .collect::<Result<Vec<_>, ApiError>>()?,
+                .collect::<Result<Vec<_>, CallError>>()?,
         ),
     };
     Ok(Parsed {
@@ -221,7 +221,7 @@ struct Input {
 }
 
 /// Sets a member read from the body, refusing one that comes twice.
-fn once<T>(r: &Reader, slot: &mut Option<T>, key: &str, value: T) -> Result<(), ApiError> {
+fn once<T>(r: &Reader, slot: &mut Option<T>, key: &str, value: T) -> Result<(), CallError> {
     if slot.is_some() {
         return Err(r.error(r.position(), format!("duplicate field `{key}`")));
     }
@@ -229,12 +229,12 @@ fn once<T>(r: &Reader, slot: &mut Option<T>, key: &str, value: T) -> Result<(), 
     Ok(())
 }
 
-fn missing(r: &Reader, at: usize, key: &str) -> ApiError {
+fn missing(r: &Reader, at: usize, key: &str) -> CallError {
     r.error(at, format!("missing field `{key}`"))
 }
 
 /// Reads a V2 request body in one pass (see [`Reader`]).
-fn read_request(text: &[u8]) -> Result<Request, ApiError> {
+fn read_request(text: &[u8]) -> Result<Request, CallError> {
     let mut r = Reader::new(text, SYNTAX);
     let (mut id, mut parameters, mut inputs, mut outputs) = (None, None, None, None);
     r.object(|r, key| match &*key {
@@ -275,7 +275,7 @@ fn read_request(text: &[u8]) -> Result<Request, ApiError> {
 /// One input object. Its data is read as soon as the name, shape and datatype are known, as
 /// clients send them first; data that comes before them is passed over by its brackets and read
 /// at the object's end.
-fn read_input(r: &mut Reader) -> Result<Input, ApiError> {
+fn read_input(r: &mut Reader) -> Result<Input, CallError> {
     let (mut name, mut shape, mut datatype, mut parameters) = (None, None, None, None);
     let mut layout: Option<(String, DataType, Vec<usize>, usize)> = None;
     let mut data: Option<Vec<u8>> = None;
@@ -346,10 +346,10 @@ fn input_layout(
     name: &str,
     shape: &[i64],
     datatype: &str,
-) -> Result<(String, DataType, Vec<usize>, usize), ApiError> {
+) -> Result<(String, DataType, Vec<usize>, usize), CallError> {
     let what = format!("input {name:?}");
     let dtype = DataType::from_v2_name(datatype).ok_or_else(|| {
-        ApiError::InvalidInput(format!(
+        CallError::InvalidInput(format!(
             "{what}: unsupported datatype {datatype:?}; use one of {}",
             DataType::ALL.map(DataType::v2_name).join(", ")
         ))
@@ -359,11 +359,11 @@ fn input_layout(
         .map(|&d| usize::try_from(d))
         .collect::<Result<Vec<usize>, _>>()
         .map_err(|_| {
-            ApiError::InvalidInput(format!("{what}: shape {shape:?} has a negative dimension"))
+            CallError::InvalidInput(format!("{what}: shape {shape:?} has a negative dimension"))
         })?;
     let count = element_count(&dims)
         .filter(|n| n.checked_mul(dtype.size()).is_some())
-        .ok_or_else(|| ApiError::InvalidInput(format!("{what}: shape {dims:?} is too large")))?;
+        .ok_or_else(|| CallError::InvalidInput(format!("{what}: shape {dims:?} is too large")))?;
     Ok((what, dtype, dims, count))
 }
 
@@ -374,7 +374,7 @@ pub(crate) fn json_data_text(
     dtype: DataType,
     shape: &[usize],
     what: &str,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Vec<u8>, CallError> {
     let mut r = Reader::new(text.as_bytes(), SYNTAX);
     let data = r.tensor_data(dtype, shape, what)?;
     r.end()?;
@@ -571,14 +571,14 @@ mod tests {
         let bad = br#"{"inputs":[{"data":[1,2,3,],"name":"x","shape":[3],"datatype":"FP32"}]}"#;
         let e = parse_request(bad, None).unwrap_err();
         assert!(
-            matches!(&e, ApiError::MalformedBody(m) if m.contains("expected a value at line 1 column 27")),
+            matches!(&e, CallError::MalformedBody(m) if m.contains("expected a value at line 1 column 27")),
             "{e:?}"
         );
         let nested =
             br#"{"inputs":[{"data":[[1,2],[3]],"name":"x","shape":[2,2],"datatype":"FP32"}]}"#;
         let e = parse_request(nested, None).unwrap_err();
         assert!(
-            matches!(&e, ApiError::InvalidInput(m) if m.contains("nested")),
+            matches!(&e, CallError::InvalidInput(m) if m.contains("nested")),
             "{e:?}"
         );
     }
@@ -600,7 +600,7 @@ mod tests {
         ] {
             let e = parse_request(body, None).unwrap_err();
             assert!(
-                matches!(&e, ApiError::MalformedBody(m) if m.contains("expected a string key")),
+                matches!(&e, CallError::MalformedBody(m) if m.contains("expected a string key")),
                 "{e:?}"
             );
         }
@@ -653,7 +653,7 @@ mod tests {
         ] {
             let e = parse_request(body, None).unwrap_err();
             assert!(
-                matches!(&e, ApiError::MalformedBody(m) if m.starts_with(SYNTAX) && m.contains(says)),
+                matches!(&e, CallError::MalformedBody(m) if m.starts_with(SYNTAX) && m.contains(says)),
                 "{}: {e:?}",
                 String::from_utf8_lossy(body)
             );
@@ -674,7 +674,7 @@ mod tests {
             );
             let e = parse_request(body.as_bytes(), None).unwrap_err();
             assert!(
-                matches!(&e, ApiError::InvalidInput(m) if m.contains(value)),
+                matches!(&e, CallError::InvalidInput(m) if m.contains(value)),
                 "{dtype} {value}: {e:?}"
             );
         }
@@ -699,7 +699,7 @@ mod tests {
         ] {
             let e = parse_request(data(shape, bad).as_bytes(), None).unwrap_err();
             assert!(
-                matches!(&e, ApiError::InvalidInput(m) if m.contains("nested")),
+                matches!(&e, CallError::InvalidInput(m) if m.contains("nested")),
                 "{bad}: {e:?}"
             );
         }
@@ -719,7 +719,7 @@ mod tests {
         let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#;
         let e = parse_request(body, None).unwrap_err();
         assert!(
-            matches!(&e, ApiError::InvalidInput(m) if m.contains("300") && m.contains("INT8")),
+            matches!(&e, CallError::InvalidInput(m) if m.contains("300") && m.contains("INT8")),
             "{e:?}"
         );
         let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT64","data":[-1]}]}"#;
@@ -756,14 +756,14 @@ mod tests {
         let greedy = br#"{"inputs":[{"name":"a","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let e = parse_parts(greedy, tail.clone()).unwrap_err();
         assert!(
-            matches!(&e, ApiError::MalformedBody(m) if m.contains("runs past")),
+            matches!(&e, CallError::MalformedBody(m) if m.contains("runs past")),
             "{e:?}"
         );
         // Empty inputs claim nothing; bytes nobody claims are refused.
         let empty = br#"{"inputs":[{"name":"a","shape":[0],"datatype":"FP32","parameters":{"binary_data_size":0}},{"name":"b","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let e = parse_parts(empty, tail).unwrap_err();
         assert!(
-            matches!(&e, ApiError::MalformedBody(m) if m.contains("4 bytes")),
+            matches!(&e, CallError::MalformedBody(m) if m.contains("4 bytes")),
             "{e:?}"
         );
     }

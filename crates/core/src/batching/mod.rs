@@ -18,6 +18,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::budget::Budget;
+pub use crate::call::Call;
 use tokio::task::JoinHandle;
 
 use crate::device::{DeviceWorker, ModelRunner, RunError};
@@ -67,27 +68,6 @@ impl From<RunError> for InferError {
             RunError::Input(m) => InferError::Rejected(m),
             RunError::Failed(m) => InferError::RunFailed(m),
         }
-    }
-}
-
-/// Per-request settings that travel with a request into the core.
-#[derive(Debug, Clone, Default)]
-pub struct Call {
-    /// The client's deadline; it can only shorten the server's default.
-    pub timeout: Option<Duration>,
-    /// The request's `x-request-id`, carried to the device's log lines.
-    pub request_id: Option<String>,
-    /// When the request arrived: its deadline counts from here, through reading the body,
-    /// preprocessing, the queue and the run. `None` counts from when the core first sees it.
-    pub started: Option<Instant>,
-}
-
-impl Call {
-    /// When the request must be answered: its arrival plus its timeout, which can only
-    /// shorten `default`.
-    pub fn deadline(&self, default: Duration) -> Instant {
-        let timeout = self.timeout.map_or(default, |t| t.min(default));
-        self.started.unwrap_or_else(Instant::now) + timeout
     }
 }
 

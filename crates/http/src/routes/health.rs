@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::ApiError;
+use crate::{ApiError, CallError};
 use ortserve_core::app::AppState;
 
 /// `GET /v2`: server name, version and protocol extensions.
@@ -60,8 +60,8 @@ pub(crate) async fn openapi() -> Response {
 }
 
 pub(crate) async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!(
+    ApiError(CallError::NotFound(format!(
         "no route {}; see README.md for the API",
         uri.path()
-    ))
+    )))
 }

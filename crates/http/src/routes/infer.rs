@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::extract::{self, read_body, read_frames, BodyMemory};
 use crate::routes::models::lookup;
-use crate::{v2, ApiError};
+use crate::{v2, ApiError, CallError};
 use ortserve_core::app::AppState;
 use ortserve_core::app::Call;
 
@@ -44,7 +44,7 @@ async fn handle(
     let started = Instant::now();
     let response = match run(&app, &model, version.as_deref(), &headers, body).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => ApiError(e).into_response(),
     };
     super::record(&app, &model, "v2_infer", &response, started);
     response
@@ -63,7 +63,7 @@ async fn read_binary_body<'a>(
     body: Body,
     header_len: usize,
     call: &Call,
-) -> Result<(Vec<u8>, Bytes, BodyMemory<'a>), ApiError> {
+) -> Result<(Vec<u8>, Bytes, BodyMemory<'a>), CallError> {
     let mut json = Vec::new();
     let mut binary = extract::Gather::default();
     let held = read_frames(app, headers, body, call, |mut chunk, declared| {
@@ -86,11 +86,11 @@ const SMALL_TAIL: usize = 16 << 10;
 
 /// JSON unless the binary header is there. No Content-Type counts as JSON (tritonclient sends
 /// none), and so does curl's default for `-d` (`application/x-www-form-urlencoded`).
-fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
+fn header_len(headers: &HeaderMap) -> Result<Option<usize>, CallError> {
     let mut given = headers.get_all(HEADER_LEN).iter();
     let (first, second) = (given.next(), given.next());
     if second.is_some() {
-        return Err(ApiError::MalformedBody(
+        return Err(CallError::MalformedBody(
             "Inference-Header-Content-Length is given more than once".into(),
         ));
     }
@@ -101,7 +101,7 @@ fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
                 .ok()
                 .and_then(|s| s.trim().parse::<usize>().ok())
                 .ok_or_else(|| {
-                    ApiError::MalformedBody(
+                    CallError::MalformedBody(
                         "Inference-Header-Content-Length must be a byte count".into(),
                     )
                 })?,
@@ -111,10 +111,10 @@ fn header_len(headers: &HeaderMap) -> Result<Option<usize>, ApiError> {
     match (ctype.as_deref(), binary_len) {
         (_, Some(n)) => Ok(Some(n)),
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), None) => Ok(None),
-        (Some("application/octet-stream"), None) => Err(ApiError::MalformedBody(
+        (Some("application/octet-stream"), None) => Err(CallError::MalformedBody(
             "a binary body needs the Inference-Header-Content-Length header".into(),
         )),
-        (Some(other), None) => Err(ApiError::UnsupportedMediaType(format!(
+        (Some(other), None) => Err(CallError::UnsupportedMediaType(format!(
             "content type {other:?} is not accepted here; send application/json or the binary tensor extension"
         ))),
     }
@@ -126,7 +126,7 @@ async fn run(
     version: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CallError> {
     let mut call = extract::call(headers)?;
     let m = lookup(app, model, version)?;
     let (parsed, _held) = match header_len(headers)? {
@@ -158,11 +158,11 @@ async fn run(
             .map(|(name, binary)| {
                 Ok((
                     info.output_index(name)
-                        .map_err(|e| ApiError::InvalidInput(e.to_string()))?,
+                        .map_err(|e| CallError::InvalidInput(e.to_string()))?,
                     *binary,
                 ))
             })
-            .collect::<Result<_, ApiError>>()?,
+            .collect::<Result<_, CallError>>()?,
     };
     call.timeout = parsed.timeout.or(call.timeout);
     let outputs = m.infer(parsed.inputs, &call).await?;

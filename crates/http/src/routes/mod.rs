@@ -11,8 +11,8 @@ use axum::response::Response;
 
 use ortserve_core::app::AppState;
 
-/// Counts an answered request and its duration. Only known model names become label values, so
-/// clients cannot grow the label set.
+/// Counts an answered request and its duration in the request core's metrics, labelled
+/// `protocol="http"`.
 pub(crate) fn record(
     app: &AppState,
     model: &str,
@@ -20,17 +20,12 @@ pub(crate) fn record(
     response: &Response,
     started: Instant,
 ) {
-    let label = if app.configured_version(model).is_some() {
-        model
-    } else {
-        ""
-    };
-    app.metrics
-        .requests
-        .with_label_values(&[label, route, response.status().as_str()])
-        .inc();
-    app.metrics
-        .request_duration
-        .with_label_values(&[label, route])
-        .observe(started.elapsed().as_secs_f64());
+    ortserve_core::call::record(
+        app,
+        "http",
+        model,
+        route,
+        response.status().as_str(),
+        started,
+    );
 }

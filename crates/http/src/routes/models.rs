@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::ApiError;
+use crate::{ApiError, CallError};
 use ortserve_core::app::{AppState, Model};
 use ortserve_core::model::TensorInfo;
 
@@ -17,25 +17,25 @@ pub(crate) fn lookup<'a>(
     app: &'a AppState,
     model: &str,
     version: Option<&str>,
-) -> Result<&'a Model, ApiError> {
+) -> Result<&'a Model, CallError> {
     let Some(m) = app.model(model) else {
         // Configured but not loaded yet (loading and tuning at startup): 503, which clients and
         // balancers retry; 404 is for names that are not configured, which they do not.
         return Err(match app.configured_version(model) {
-            None => ApiError::ModelNotFound(model.to_string()),
+            None => CallError::ModelNotFound(model.to_string()),
             Some(configured) if version.is_some_and(|v| v != configured) => {
-                ApiError::VersionNotFound {
+                CallError::VersionNotFound {
                     model: model.to_string(),
                     version: version.unwrap_or_default().to_string(),
                 }
             }
-            Some(_) => ApiError::Unavailable(format!(
+            Some(_) => CallError::Unavailable(format!(
                 "model {model:?} is loading; it is served once it is loaded and tuned"
             )),
         });
     };
     match version {
-        Some(v) if v != m.version() => Err(ApiError::VersionNotFound {
+        Some(v) if v != m.version() => Err(CallError::VersionNotFound {
             model: model.to_string(),
             version: v.to_string(),
         }),

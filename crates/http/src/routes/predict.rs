@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use crate::extract::{self, read_body};
 use crate::json::Reader;
 use crate::routes::models::lookup;
-use crate::{v2, ApiError};
+use crate::{v2, ApiError, CallError};
 use ortserve_core::app::{AppState, Call, ImagePrediction, Model};
 use ortserve_core::config::ImageConfig;
 use ortserve_core::model::ModelInfo;
@@ -52,14 +52,14 @@ pub(crate) async fn predict(
 ) -> Response {
     let started = Instant::now();
     let Some(model) = target.strip_suffix(":predict").map(str::to_string) else {
-        return ApiError::NotFound(format!(
+        return ApiError(CallError::NotFound(format!(
             "no route /v1/models/{target}; use /v1/models/{{model}}:predict"
-        ))
+        )))
         .into_response();
     };
     let response = run(&app, &model, query, req)
         .await
-        .unwrap_or_else(IntoResponse::into_response);
+        .unwrap_or_else(|e| ApiError(e).into_response());
     super::record(&app, &model, "v1_predict", &response, started);
     response
 }
@@ -69,7 +69,7 @@ async fn run(
     model: &str,
     query: PredictQuery,
     req: Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CallError> {
     let m = lookup(app, model, None)?;
     let call = extract::call(req.headers())?;
     let image = m.image();
@@ -84,7 +84,7 @@ async fn run(
         }
         (Some(t), Some(cfg)) if t.starts_with("image/") => {
             if !matches!(t, "image/jpeg" | "image/jpg" | "image/png" | "image/webp" | "image/gif" | "image/bmp") {
-                return Err(ApiError::UnsupportedMediaType(format!(
+                return Err(CallError::UnsupportedMediaType(format!(
                     "{t} is not accepted; send image/jpeg, image/png, image/webp, image/gif or image/bmp"
                 )));
             }
@@ -108,7 +108,7 @@ async fn run(
                 }
             }
         }
-        (Some(t), _) => Err(ApiError::UnsupportedMediaType(match image {
+        (Some(t), _) => Err(CallError::UnsupportedMediaType(match image {
             Some(_) => format!("{t} is not accepted; send multipart/form-data with image parts, an image/* body, or JSON instances"),
             None => format!("{t} is not accepted; model {model:?} takes JSON {{\"instances\": [...]}}"),
         })),
@@ -122,10 +122,10 @@ async fn read_limited<'a>(
     body: Body,
     limit: u64,
     call: &Call,
-) -> Result<(Bytes, extract::BodyMemory<'a>), ApiError> {
+) -> Result<(Bytes, extract::BodyMemory<'a>), CallError> {
     let (bytes, held) = read_body(app, headers, body, call).await?;
     if bytes.len() as u64 > limit {
-        return Err(ApiError::ImageTooLarge(format!(
+        return Err(CallError::ImageTooLarge(format!(
             "the image has {} bytes; the limit is {limit}",
             bytes.len()
         )));
@@ -139,9 +139,9 @@ async fn read_limited<'a>(
 fn instances(
     body: &[u8],
     max: usize,
-    too_many: impl FnOnce(usize) -> ApiError,
-) -> Result<(&RawValue, Vec<&RawValue>, bool), ApiError> {
-    let expected = |e: serde_json::Error| ApiError::MalformedBody(format!("{EXPECTED}: {e}"));
+    too_many: impl FnOnce(usize) -> CallError,
+) -> Result<(&RawValue, Vec<&RawValue>, bool), CallError> {
+    let expected = |e: serde_json::Error| CallError::MalformedBody(format!("{EXPECTED}: {e}"));
     let body: PredictBody = serde_json::from_slice(body).map_err(expected)?;
     let over = std::cell::Cell::new(false);
     let mut parser = serde_json::Deserializer::from_str(body.instances.get());
@@ -151,7 +151,7 @@ fn instances(
     }
     let list = list.map_err(expected)?;
     if list.is_empty() {
-        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+        return Err(CallError::MalformedBody("`instances` is empty".into()));
     }
     Ok((body.instances, list, body.raw))
 }
@@ -190,20 +190,20 @@ impl<'de> serde::de::Visitor<'de> for AtMost<'_> {
     }
 }
 
-async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>, ApiError> {
+async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>, CallError> {
     let multipart_error = |e: axum::extract::multipart::MultipartError| {
-        ApiError::MalformedBody(format!("multipart body: {}", e.body_text()))
+        CallError::MalformedBody(format!("multipart body: {}", e.body_text()))
     };
     let mut form = Multipart::from_request(req, &())
         .await
-        .map_err(|e| ApiError::MalformedBody(format!("multipart body: {e}")))?;
+        .map_err(|e| CallError::MalformedBody(format!("multipart body: {e}")))?;
     let mut images = Vec::new();
     while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         if field.name() != Some("image") {
             continue;
         }
         if images.len() == cfg.max_images {
-            return Err(ApiError::ImageTooLarge(format!(
+            return Err(CallError::ImageTooLarge(format!(
                 "more than {} images in one request",
                 cfg.max_images
             )));
@@ -211,7 +211,7 @@ async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>,
         let mut data = Vec::new();
         while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
             if (data.len() + chunk.len()) as u64 > cfg.max_image_bytes.0 {
-                return Err(ApiError::ImageTooLarge(format!(
+                return Err(CallError::ImageTooLarge(format!(
                     "image {} is larger than the limit of {} bytes",
                     images.len(),
                     cfg.max_image_bytes.0
@@ -222,7 +222,7 @@ async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>,
         images.push(Bytes::from(data));
     }
     if images.is_empty() {
-        return Err(ApiError::MalformedBody(
+        return Err(CallError::MalformedBody(
             "the multipart body has no `image` part".into(),
         ));
     }
@@ -230,14 +230,14 @@ async fn multipart_images(cfg: &ImageConfig, req: Request) -> Result<Vec<Bytes>,
 }
 
 /// `{"instances": [{"b64": "..."}, ...]}`: the decoded image bytes, and the `raw` flag.
-fn b64_instances(cfg: &ImageConfig, body: &[u8]) -> Result<(Vec<Bytes>, bool), ApiError> {
+fn b64_instances(cfg: &ImageConfig, body: &[u8]) -> Result<(Vec<Bytes>, bool), CallError> {
     #[derive(Deserialize)]
     struct B64<'a> {
         #[serde(borrow)]
         b64: std::borrow::Cow<'a, str>,
     }
     let (_, list, raw) = instances(body, cfg.max_images, |max| {
-        ApiError::ImageTooLarge(format!("more than {max} images in one request"))
+        CallError::ImageTooLarge(format!("more than {max} images in one request"))
     })?;
     let images = list
         .iter()
@@ -245,14 +245,14 @@ fn b64_instances(cfg: &ImageConfig, body: &[u8]) -> Result<(Vec<Bytes>, bool), A
         .map(|(i, inst)| {
             let text = serde_json::from_str::<B64>(inst.get())
                 .map_err(|_| {
-                    ApiError::MalformedBody(format!(
+                    CallError::MalformedBody(format!(
                         "instance {i}: an image model takes {{\"b64\": \"<base64 image>\"}}"
                     ))
                 })?
                 .b64;
             // Base64 is 4/3 of the bytes: refuse before decoding what would be too large.
             if text.len() as u64 / 4 * 3 > cfg.max_image_bytes.0 + 3 {
-                return Err(ApiError::ImageTooLarge(format!(
+                return Err(CallError::ImageTooLarge(format!(
                     "instance {i}: the image is larger than the limit of {} bytes",
                     cfg.max_image_bytes.0
                 )));
@@ -260,7 +260,7 @@ fn b64_instances(cfg: &ImageConfig, body: &[u8]) -> Result<(Vec<Bytes>, bool), A
             base64::engine::general_purpose::STANDARD
                 .decode(text.trim())
                 .map(Bytes::from)
-                .map_err(|e| ApiError::MalformedBody(format!("instance {i}: invalid base64: {e}")))
+                .map_err(|e| CallError::MalformedBody(format!("instance {i}: invalid base64: {e}")))
         })
         .collect::<Result<_, _>>()?;
     Ok((images, raw))
@@ -274,7 +274,7 @@ async fn predict_images(
     images: Vec<Bytes>,
     raw: bool,
     call: &Call,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CallError> {
     let predictions: Vec<Value> = app
         .predict_images(m, images, raw, call)
         .await?
@@ -326,9 +326,9 @@ fn tensor_instances(
     model: &str,
     max_rows: usize,
     body: &[u8],
-) -> Result<Rows, ApiError> {
+) -> Result<Rows, CallError> {
     let too_many = |max: usize| {
-        ApiError::InvalidInput(format!(
+        CallError::InvalidInput(format!(
             "the request has more than {max} instances; this model takes at most {max} rows per request"
         ))
     };
@@ -349,7 +349,7 @@ fn tensor_instances(
                 .enumerate()
                 .map(|(i, r)| {
                     serde_json::from_str(r.get()).map_err(|_| {
-                        ApiError::MalformedBody(format!(
+                        CallError::MalformedBody(format!(
                             "instance {i}: the model has several inputs; send an object by input name"
                         ))
                     })
@@ -368,7 +368,7 @@ fn tensor_instances(
                 let mut text = String::from("[");
                 for (i, row) in rows.iter().enumerate() {
                     let v = row.get(&input.name).ok_or_else(|| {
-                        ApiError::InvalidInput(format!(
+                        CallError::InvalidInput(format!(
                             "instance {i} has no input {:?}",
                             input.name
                         ))
@@ -383,7 +383,7 @@ fn tensor_instances(
             }
         };
         let t = Tensor::new(input.dtype, shape, data)
-            .map_err(|e| ApiError::InvalidInput(e.to_string()))?;
+            .map_err(|e| CallError::InvalidInput(e.to_string()))?;
         named.push((input.name.clone(), t));
     }
     Ok((named, n))
@@ -396,10 +396,10 @@ type Rows = (Vec<(String, Tensor)>, usize);
 fn row_shape(
     input: &ortserve_core::model::TensorInfo,
     model: &str,
-) -> Result<Vec<usize>, ApiError> {
+) -> Result<Vec<usize>, CallError> {
     let rest = input.dims.get(1..).unwrap_or_default();
     if rest.iter().any(|&d| d < 0) {
-        return Err(ApiError::InvalidInput(format!(
+        return Err(CallError::InvalidInput(format!(
             "input {:?} has dynamic dims {:?}; send it through /v2/models/{model}/infer with a shape",
             input.name, input.dims
         )));
@@ -414,9 +414,9 @@ fn one_input_rows(
     input: &ortserve_core::model::TensorInfo,
     model: &str,
     max_rows: usize,
-    too_many: &dyn Fn(usize) -> ApiError,
+    too_many: &dyn Fn(usize) -> CallError,
     body: &[u8],
-) -> Result<Option<Rows>, ApiError> {
+) -> Result<Option<Rows>, CallError> {
     let rest = row_shape(input, model)?;
     let what = format!("input {:?}", input.name);
     let mut r = Reader::new(body, EXPECTED);
@@ -450,17 +450,17 @@ fn one_input_rows(
         return Ok(None);
     }
     let Some((data, n)) = rows else {
-        return Err(ApiError::MalformedBody(format!(
+        return Err(CallError::MalformedBody(format!(
             "{EXPECTED}: missing field `instances`"
         )));
     };
     if n == 0 {
-        return Err(ApiError::MalformedBody("`instances` is empty".into()));
+        return Err(CallError::MalformedBody("`instances` is empty".into()));
     }
     let mut shape = vec![n];
     shape.extend(rest);
-    let t =
-        Tensor::new(input.dtype, shape, data).map_err(|e| ApiError::InvalidInput(e.to_string()))?;
+    let t = Tensor::new(input.dtype, shape, data)
+        .map_err(|e| CallError::InvalidInput(e.to_string()))?;
     Ok(Some((vec![(input.name.clone(), t)], n)))
 }
 
@@ -470,7 +470,7 @@ async fn predict_tensors(
     named: Vec<(String, Tensor)>,
     n: usize,
     call: &Call,
-) -> Result<Response, ApiError> {
+) -> Result<Response, CallError> {
     let info = m.info();
     let outputs = m.infer(named, call).await?;
     let predictions: Vec<Value> = (0..n)
