@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use ortserve_core::app::AppState;
 use ortserve_core::config::{Config, ServerConfig};
-use ortserve_core::startup::{load_models, new_state, stop_models, ModelOwner, StartupError};
+use ortserve_core::startup::{load_models, new_state, StartupError};
 use ortserve_core::tuning::DeviceTuning;
 
 /// Where the server listens: the data port and, when `server.admin_addr` is set, the admin port
@@ -30,10 +30,9 @@ impl From<TcpListener> for Listeners {
     }
 }
 
-/// A loaded server, not yet serving: its state (for a router) and its models' owners.
+/// A loaded server, not yet serving: its state (for a router), whose registry owns the models.
 pub struct Server {
     state: Arc<AppState>,
-    owners: Vec<ModelOwner>,
     config: ServerConfig,
 }
 
@@ -52,13 +51,13 @@ impl Server {
     ) -> std::io::Result<()> {
         let served =
             serve_until(self.state.clone(), &self.config, listeners.into(), shutdown).await;
-        stop_models(self.owners).await;
+        self.state.stop_models().await;
         served
     }
 
     /// Stops every model without serving: admitted requests are answered, threads joined.
     pub async fn shutdown(self) {
-        stop_models(self.owners).await;
+        self.state.stop_models().await;
     }
 }
 
@@ -66,10 +65,9 @@ impl Server {
 pub async fn start(config: &Config) -> Result<Server, StartupError> {
     let state = new_state(config);
     let loaded = load_models(config, &state.metrics).await?;
-    state.install(loaded.models);
+    state.install(loaded);
     Ok(Server {
         state,
-        owners: loaded.owners,
         config: config.server.clone(),
     })
 }
@@ -89,10 +87,10 @@ pub async fn run(
     tokio::select! {
         loaded = &mut loading => {
             let loaded = loaded?;
-            state.install(loaded.models);
+            state.install(loaded);
             tracing::info!("every model is loaded and tuned: ready");
             let served = serving.await;
-            stop_models(loaded.owners).await;
+            state.stop_models().await;
             served?;
         }
         served = &mut serving => served?,
@@ -206,7 +204,7 @@ mod tests {
             1,
             Vec::new(),
         ));
-        state.install(Vec::new());
+        state.install([]);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn({

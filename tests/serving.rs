@@ -94,7 +94,8 @@ async fn sessions_with_spinning_threads_give_the_same_answers() {
         "runtime: {cpu_threads: 2, cpu_spinning: true}\nmodels: [{name: cnn, path: cnn.onnx, devices: cpu}]",
     )
     .await;
-    let input = &state.models()[0].info().inputs[0];
+    let models = state.models();
+    let input = &models[0].info().inputs[0];
     let shape = input
         .dims
         .iter()

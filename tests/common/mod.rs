@@ -15,7 +15,7 @@ use ortserve::config::{Config, DispatchPolicy, RuntimeConfig};
 use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner, RunError};
 use ortserve::model::{ModelInfo, TensorInfo};
 use ortserve::tensor::{DataType, Tensor};
-use ortserve::testing::{BatchSettings, DeviceRunner, ModelOwner};
+use ortserve::testing::{BatchSettings, DeviceRunner};
 use rand::Rng;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -32,12 +32,10 @@ pub fn config(yaml: &str) -> Config {
     c
 }
 
-/// A served state and what stops it: the loaded server, or a fake model's owner. It reads as the
-/// state (`Deref`); dropping it stops the models.
+/// A served state (the loaded server's, or a fake model's). It reads as the state (`Deref`);
+/// its registry owns the models, so dropping the last handle on it stops them.
 pub struct Served {
     state: Arc<AppState>,
-    server: Option<ortserve::Server>,
-    owner: Option<ModelOwner>,
 }
 
 impl std::ops::Deref for Served {
@@ -60,12 +58,7 @@ impl Served {
 
     /// Stops the models: what was admitted is answered, threads are joined.
     pub async fn shutdown(self) {
-        if let Some(s) = self.server {
-            s.shutdown().await;
-        }
-        if let Some(o) = self.owner {
-            o.shutdown().await;
-        }
+        self.state.stop_models().await;
     }
 }
 
@@ -77,11 +70,7 @@ pub async fn start_config(config: &Config) -> (Served, Router) {
     let server = ortserve::start(config).await.expect("server starts");
     let state = server.state().clone();
     let router = ortserve::http::router(state.clone());
-    let served = Served {
-        state,
-        server: Some(server),
-        owner: None,
-    };
+    let served = Served { state };
     (served, router)
 }
 
@@ -382,14 +371,9 @@ pub fn fake_server(
         inputs: vec![tensor("x")],
         outputs: vec![tensor("y")],
     };
-    let (state, owner) = ortserve::testing::serve_runners(name, info, policy, settings, runners);
+    let state = ortserve::testing::serve_runners(name, info, policy, settings, runners);
     let router = ortserve::http::router(state.clone());
-    let served = Served {
-        state,
-        server: None,
-        owner: Some(owner),
-    };
-    (served, router)
+    (Served { state }, router)
 }
 
 /// One device that holds each batch until the returned sender sends a token (or is dropped).

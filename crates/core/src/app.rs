@@ -4,18 +4,21 @@
 //! never names dispatch, device or tuning types.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::batching::ModelHandle;
-pub use crate::batching::{Call, DeviceStatus, InferError};
+pub use crate::batching::{DeviceStatus, InferError};
+use crate::batching::{ModelHandle, ModelOwner};
+pub use crate::call::Call;
+use crate::call::CallError;
 use crate::classify::{Class, Classifier};
 use crate::config::ImageConfig;
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
 use crate::preprocess::{finished, Pool, PreprocessError, Priority};
+use crate::registry::Registry;
 use crate::tensor::{DataType, Tensor};
 use crate::tuning::DeviceTuning;
 
@@ -115,11 +118,13 @@ pub struct ImagePrediction {
     pub output: Option<(String, Tensor)>,
 }
 
-/// The running server's shared state: the models (once loaded and tuned), metrics, limits, the
-/// image pool and the readiness flags.
+/// The running server's shared state: the models (a [`Registry`]), metrics, limits, the image
+/// pool and the readiness flags.
 pub struct AppState {
-    /// Set once, when every model is loaded and tuned; empty until then.
-    models: OnceLock<Vec<Model>>,
+    /// The served models, by name and version.
+    registry: Registry,
+    /// Set when startup has loaded and tuned every configured model.
+    loaded: AtomicBool,
     pub metrics: Arc<Metrics>,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
@@ -156,7 +161,8 @@ impl AppState {
             .map(|a| a.tokens.clone())
             .unwrap_or_default();
         AppState {
-            models: OnceLock::new(),
+            registry: Registry::default(),
+            loaded: AtomicBool::new(false),
             metrics,
             max_body_bytes: server.max_body_bytes.0,
             request_timeout: server.request_timeout.0,
@@ -172,21 +178,65 @@ impl AppState {
         }
     }
 
-    /// Publishes the loaded models; later calls are ignored.
-    pub fn install(&self, models: Vec<Model>) {
-        let _ = self.models.set(models);
+    /// Publishes the models startup loaded, each with its owner, and marks loading done (see
+    /// [`AppState::is_loaded`]). Models loaded later go through [`AppState::registry`].
+    pub fn install(&self, models: impl IntoIterator<Item = (Model, ModelOwner)>) {
+        for (model, owner) in models {
+            if let Some(old) = self.registry.load_one(model, Some(owner)) {
+                // Startup loads each configured (name, version) once; validation refuses twins.
+                tracing::warn!(model = %old.model().name(), "a model was installed twice");
+            }
+        }
+        self.loaded.store(true, Ordering::Release);
     }
 
+    /// Whether startup has loaded every configured model.
     pub fn is_loaded(&self) -> bool {
-        self.models.get().is_some()
+        self.loaded.load(Ordering::Acquire)
     }
 
-    pub fn models(&self) -> &[Model] {
-        self.models.get().map_or(&[], Vec::as_slice)
+    /// The served models and their owners: load, replace and unload at runtime.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
-    pub fn model(&self, name: &str) -> Option<&Model> {
-        self.models().iter().find(|m| m.name() == name)
+    /// Every served model, by name then version.
+    pub fn models(&self) -> Vec<Arc<Model>> {
+        self.registry.all()
+    }
+
+    /// The highest served version of model `name`.
+    pub fn model(&self, name: &str) -> Option<Arc<Model>> {
+        self.registry.get(name, None)
+    }
+
+    /// Finds the model a call names (the highest version when it names none): 404 for a name
+    /// or version that is not served, 503 for a configured model that is still loading (which
+    /// clients and balancers retry; they do not retry 404).
+    pub fn lookup(&self, name: &str, version: Option<&str>) -> Result<Arc<Model>, CallError> {
+        if let Some(m) = self.registry.get(name, version) {
+            return Ok(m);
+        }
+        let not_served = || CallError::VersionNotFound {
+            model: name.to_string(),
+            version: version.unwrap_or_default().to_string(),
+        };
+        if version.is_some() && self.registry.get(name, None).is_some() {
+            return Err(not_served());
+        }
+        Err(match self.configured_version(name) {
+            None => CallError::ModelNotFound(name.to_string()),
+            Some(configured) if version.is_some_and(|v| v != configured) => not_served(),
+            Some(_) => CallError::Unavailable(format!(
+                "model {name:?} is loading; it is served once it is loaded and tuned"
+            )),
+        })
+    }
+
+    /// Stops every model (on shutdown): each answers what it admitted, then its threads are
+    /// joined.
+    pub async fn stop_models(&self) {
+        self.registry.stop_all().await;
     }
 
     /// The configured version of model `name`, loaded or not; `None` for a name that is not
@@ -204,7 +254,7 @@ impl AppState {
 
     /// Readiness: loaded and tuned, not draining, and every model has a healthy device.
     pub fn is_ready(&self) -> bool {
-        self.is_loaded() && !self.is_draining() && self.models().iter().all(Model::is_ready)
+        self.is_loaded() && !self.is_draining() && self.models().iter().all(|m| m.is_ready())
     }
 
     pub fn start_draining(&self) {

@@ -18,6 +18,7 @@
 //! - [`app`]: the façade the front doors call: models (infer tensors, status, tuning), image
 //!   prediction (preprocessing → batching → classification), readiness, the metrics text.
 //! - [`startup`]: loading and tuning every (model, device); stopping them; `check()`.
+//! - [`registry`]: the served models by name and version, changeable at runtime.
 //! - `batching`: a model's lock-free request handle and its owner (which stops and joins), the
 //!   batcher actor and its pure `State`.
 //! - `dispatch`: device choice (`round_robin`, `least_loaded`), job slots, the in-flight guard,
@@ -49,6 +50,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod preprocess;
+pub mod registry;
 pub mod stamp;
 pub mod startup;
 pub mod tensor;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::app::{AppState, Model};
-pub use crate::batching::ModelOwner;
-use crate::batching::{BatchSettings, DeviceRunner, ModelHandle};
+use crate::batching::{BatchSettings, DeviceRunner, ModelHandle, ModelOwner};
 use crate::classify::Classifier;
 use crate::config::{self, Config, ConfigError, ImageConfig, MaxBatch};
 use crate::device::{self, DeviceError, OrtRunner};
@@ -34,12 +33,8 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
 }
 
-/// What loading produces: the served models and, apart from them, their owners.
-#[derive(Default)]
-pub struct Loaded {
-    pub models: Vec<Model>,
-    pub owners: Vec<ModelOwner>,
-}
+/// What loading produces: each served model with its owner (what stops it).
+pub type Loaded = Vec<(Model, ModelOwner)>;
 
 /// Loads ONNX Runtime, builds every (model, device, instance) session, tunes each device's
 /// batch size (or takes it from config or the cache), and starts the device threads and
@@ -51,7 +46,7 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     let plans = device::plan_devices(config, &runtime)?;
     let version = runtime.version();
-    let mut loaded = Loaded::default();
+    let mut loaded = Loaded::new();
     for (m, plans) in config.models.iter().zip(plans) {
         let mut runners = Vec::new();
         let mut results = Vec::new();
@@ -148,10 +143,7 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
             runners,
             metrics.clone(),
         )?;
-        loaded
-            .models
-            .push(Model::new(handle, image, classifier, results));
-        loaded.owners.push(owner);
+        loaded.push((Model::new(handle, image, classifier, results), owner));
     }
     Ok(loaded)
 }
@@ -465,11 +457,4 @@ pub fn new_state(config: &Config) -> Arc<AppState> {
             .map(|m| (m.name.clone(), m.version.clone()))
             .collect(),
     ))
-}
-
-/// Stops every model: each answers what it admitted, then its threads are joined.
-pub async fn stop_models(owners: Vec<ModelOwner>) {
-    for o in owners {
-        o.shutdown().await;
-    }
 }

@@ -17,30 +17,51 @@ use crate::metrics::Metrics;
 use crate::model::ModelInfo;
 
 /// Serves one model, version "1", over `runners` (no ONNX Runtime needed): the state to build a
-/// router on, and the model's owner (shut it down, or drop it, to stop the model).
+/// router on, whose registry owns the model (`AppState::stop_models` stops it).
 pub fn serve_runners(
     name: &str,
     info: ModelInfo,
     policy: DispatchPolicy,
     settings: BatchSettings,
     runners: Vec<DeviceRunner>,
-) -> (Arc<AppState>, ModelOwner) {
-    let metrics = Arc::new(Metrics::new());
-    let (handle, owner): (ModelHandle, ModelOwner) =
-        ModelHandle::start(name, "1", info, policy, settings, runners, metrics.clone())
-            .expect("device threads start");
+) -> Arc<AppState> {
     let server = crate::config::ServerConfig {
         max_body_bytes: crate::config::ByteSize(1 << 20),
         ..Default::default()
     };
     let state = Arc::new(AppState::loading(
-        metrics,
+        Arc::new(Metrics::new()),
         &server,
         1,
         vec![(name.to_string(), "1".to_string())],
     ));
-    state.install(vec![Model::new(handle, None, None, Vec::new())]);
-    (state, owner)
+    let model = model_over_runners(&state, name, "1", info, policy, settings, runners);
+    state.install([model]);
+    state
+}
+
+/// A model `name` at `version` over `runners`, with its owner, not yet published: hand it to
+/// `state.registry().load_one`.
+pub fn model_over_runners(
+    state: &AppState,
+    name: &str,
+    version: &str,
+    info: ModelInfo,
+    policy: DispatchPolicy,
+    settings: BatchSettings,
+    runners: Vec<DeviceRunner>,
+) -> (Model, ModelOwner) {
+    let (handle, owner): (ModelHandle, ModelOwner) = ModelHandle::start(
+        name,
+        version,
+        info,
+        policy,
+        settings,
+        runners,
+        state.metrics.clone(),
+    )
+    .expect("device threads start");
+    (Model::new(handle, None, None, Vec::new()), owner)
 }
 
 /// Marks device `index` of `model` healthy or not, as the batcher does after failures or a probe.

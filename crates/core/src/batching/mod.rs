@@ -18,7 +18,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::budget::Budget;
-pub use crate::call::Call;
+pub(crate) use crate::call::Call;
 use tokio::task::JoinHandle;
 
 use crate::device::{DeviceWorker, ModelRunner, RunError};

@@ -12,45 +12,24 @@ use crate::{ApiError, CallError};
 use ortserve_core::app::{AppState, Model};
 use ortserve_core::model::TensorInfo;
 
-/// Finds a model, and checks the version when the URL names one.
-pub(crate) fn lookup<'a>(
-    app: &'a AppState,
+/// Finds a model, and checks the version when the URL names one (the request core's lookup).
+pub(crate) fn lookup(
+    app: &AppState,
     model: &str,
     version: Option<&str>,
-) -> Result<&'a Model, CallError> {
-    let Some(m) = app.model(model) else {
-        // Configured but not loaded yet (loading and tuning at startup): 503, which clients and
-        // balancers retry; 404 is for names that are not configured, which they do not.
-        return Err(match app.configured_version(model) {
-            None => CallError::ModelNotFound(model.to_string()),
-            Some(configured) if version.is_some_and(|v| v != configured) => {
-                CallError::VersionNotFound {
-                    model: model.to_string(),
-                    version: version.unwrap_or_default().to_string(),
-                }
-            }
-            Some(_) => CallError::Unavailable(format!(
-                "model {model:?} is loading; it is served once it is loaded and tuned"
-            )),
-        });
-    };
-    match version {
-        Some(v) if v != m.version() => Err(CallError::VersionNotFound {
-            model: model.to_string(),
-            version: v.to_string(),
-        }),
-        _ => Ok(m),
-    }
+) -> Result<Arc<Model>, CallError> {
+    app.lookup(model, version)
 }
 
 fn describe(t: &TensorInfo) -> serde_json::Value {
     json!({"name": t.name, "datatype": t.dtype.v2_name(), "shape": t.dims})
 }
 
-fn metadata_of(m: &Model) -> Json<serde_json::Value> {
+/// A model's metadata: `versions` lists every version served now, the rest is `m`'s.
+fn metadata_of(app: &AppState, m: &Model) -> Json<serde_json::Value> {
     Json(json!({
         "name": m.name(),
-        "versions": [m.version()],
+        "versions": app.registry().versions(m.name()),
         "platform": "onnxruntime_onnx",
         "inputs": m.info().inputs.iter().map(describe).collect::<Vec<_>>(),
         "outputs": m.info().outputs.iter().map(describe).collect::<Vec<_>>(),
@@ -68,7 +47,8 @@ pub(crate) async fn metadata(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(metadata_of(lookup(&app, &model, None)?))
+    let m = lookup(&app, &model, None)?;
+    Ok(metadata_of(&app, &m))
 }
 
 /// `GET /v2/models/{model}/versions/{version}`
@@ -76,7 +56,8 @@ pub(crate) async fn metadata_version(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(metadata_of(lookup(&app, &model, Some(&version))?))
+    let m = lookup(&app, &model, Some(&version))?;
+    Ok(metadata_of(&app, &m))
 }
 
 fn ready_of(app: &AppState, m: &Model) -> Response {
@@ -94,7 +75,8 @@ pub(crate) async fn ready(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(ready_of(&app, lookup(&app, &model, None)?))
+    let m = lookup(&app, &model, None)?;
+    Ok(ready_of(&app, &m))
 }
 
 /// `GET /v2/models/{model}/versions/{version}/ready`
@@ -102,7 +84,8 @@ pub(crate) async fn ready_version(
     State(app): State<Arc<AppState>>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    Ok(ready_of(&app, lookup(&app, &model, Some(&version))?))
+    let m = lookup(&app, &model, Some(&version))?;
+    Ok(ready_of(&app, &m))
 }
 
 /// `GET /v1/models/{model}/tuning`: per device, every probed size (run and served time, rows/s,

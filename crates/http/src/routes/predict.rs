@@ -80,7 +80,7 @@ async fn run(
             let (parts, body) = req.into_parts();
             let (bytes, _held) = read_body(app, &parts.headers, body, &call).await?;
             let images = multipart_images(cfg, Request::from_parts(parts, Body::from(bytes))).await?;
-            predict_images(app, m, images, query.raw, &call).await
+            predict_images(app, &m, images, query.raw, &call).await
         }
         (Some(t), Some(cfg)) if t.starts_with("image/") => {
             if !matches!(t, "image/jpeg" | "image/jpg" | "image/png" | "image/webp" | "image/gif" | "image/bmp") {
@@ -90,7 +90,7 @@ async fn run(
             }
             let (parts, body) = req.into_parts();
             let (body, _held) = read_limited(app, &parts.headers, body, cfg.max_image_bytes.0, &call).await?;
-            predict_images(app, m, vec![body], query.raw, &call).await
+            predict_images(app, &m, vec![body], query.raw, &call).await
         }
         (None | Some("application/json" | "text/plain" | "application/x-www-form-urlencoded"), _) => {
             let (parts, body) = req.into_parts();
@@ -99,12 +99,12 @@ async fn run(
                 Some(cfg) => {
                     let cfg = cfg.clone();
                     let (images, raw) = extract::decode(app, &call, bytes.len(), move || b64_instances(&cfg, &bytes)).await?;
-                    predict_images(app, m, images, query.raw || raw, &call).await
+                    predict_images(app, &m, images, query.raw || raw, &call).await
                 }
                 None => {
                     let (info, name, max) = (m.info().clone(), m.name().to_string(), m.max_rows());
                     let (named, n) = extract::decode(app, &call, bytes.len(), move || tensor_instances(&info, &name, max, &bytes)).await?;
-                    predict_tensors(m, named, n, &call).await
+                    predict_tensors(&m, named, n, &call).await
                 }
             }
         }
