@@ -48,104 +48,117 @@ pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Load
     let version = runtime.version();
     let mut loaded = Loaded::new();
     for (m, plans) in config.models.iter().zip(plans) {
-        let mut runners = Vec::new();
-        let mut results = Vec::new();
-        let mut info: Option<ModelInfo> = None;
-        for plan in plans {
-            let name = match plan.instance {
-                0 => plan.device.clone(),
-                i => format!("{}#{i}", plan.device),
-            };
-            let again = Reopen {
-                path: m.path.clone(),
-                plan: plan.clone(),
-                pinned_inputs: m.cuda.pinned_inputs,
-                conv_search: m.cuda.cudnn_conv_algo_search,
-            };
-            let job = Slot {
-                model: m.clone(),
-                plan,
-                name: name.clone(),
-                runtime_version: version.clone(),
-                cuda_visible: config.runtime.cuda_visible_devices.clone(),
-            };
-            let (runner, result) = tokio::task::spawn_blocking(move || open_and_tune(job))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            match &info {
-                None => info = Some(runner.info().clone()),
-                Some(i) if i != runner.info() => {
-                    return Err(StartupError::Model {
-                        model: m.name.clone(),
-                        message: format!(
-                        "device {name} reports different inputs or outputs than the first device"
-                    ),
-                    })
-                }
-                Some(_) => {}
-            }
-            if result.source != tuning::Source::Config {
-                tracing::info!("{}", tuning::table(&m.name, &result).trim_end());
-            }
-            metrics
-                .tuned_max_batch
-                .with_label_values(&[m.name.as_str(), name.as_str()])
-                .set(result.chosen as i64);
-            tracing::info!(model = %m.name, device = %name, max_batch = result.chosen, source = ?result.source, "session ready");
-            // After a panic: a new session on the same device (the arena cap is not re-read).
-            let rebuild: device::Rebuild = Box::new(move || {
-                let cuda = device::CudaSettings {
-                    gpu_mem_limit: None,
-                    pinned_inputs: again.pinned_inputs,
-                    conv_search: again.conv_search,
-                };
-                OrtRunner::open_with(&again.path, &again.plan, cuda)
-                    .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
-                    .map_err(|e| e.to_string())
-            });
-            let refine = refine_settings(m, &result);
-            // The watchdog allows for the largest size the cap may reach.
-            let largest = refine.as_ref().map_or(result.chosen, |r| r.ceiling);
-            let tuned_latency = result
-                .probes
-                .iter()
-                .find(|p| p.batch == largest && p.latency_ms > 0.0)
-                .map(|p| std::time::Duration::from_secs_f64(p.latency_ms / 1000.0));
-            runners.push(DeviceRunner {
-                name,
-                max_batch: result.chosen,
-                buckets: result.warmup.iter().map(|w| w.batch).collect(),
-                runner: Box::new(runner),
-                rebuild: Some(rebuild),
-                run_timeout: m.health.run_timeout_for(tuned_latency),
-                refine,
-            });
-            results.push(result);
-        }
-        let info = info.ok_or_else(|| StartupError::Model {
-            model: m.name.clone(),
-            message: "no device to run on".into(),
-        })?;
-        let settings = BatchSettings {
-            max_queue_delay: m.batching.max_queue_delay.0,
-            queue_capacity: m.batching.queue_capacity,
-            default_timeout: config.server.request_timeout.0,
-            failure_threshold: m.health.failure_threshold,
-            reprobe_interval: m.health.reprobe_interval.0,
-        };
-        let (image, classifier) = extras_for(m, &info)?;
-        let (handle, owner) = ModelHandle::start(
-            &m.name,
-            &m.version,
-            info,
-            m.dispatch,
-            settings,
-            runners,
-            metrics.clone(),
-        )?;
-        loaded.push((Model::new(handle, image, classifier, results), owner));
+        loaded.push(load_one(config, m, plans, &version, metrics).await?);
     }
     Ok(loaded)
+}
+
+/// Loads one model on its planned devices: opens and tunes each (model, device, instance)
+/// session one after another, then starts its device threads and batcher. What it returns is
+/// not served until it is published ([`AppState::install`], or the registry's `load_one`).
+pub async fn load_one(
+    config: &Config,
+    m: &config::ModelConfig,
+    plans: Vec<device::DevicePlan>,
+    runtime_version: &str,
+    metrics: &Arc<Metrics>,
+) -> Result<(Model, ModelOwner), StartupError> {
+    let mut runners = Vec::new();
+    let mut results = Vec::new();
+    let mut info: Option<ModelInfo> = None;
+    for plan in plans {
+        let name = match plan.instance {
+            0 => plan.device.clone(),
+            i => format!("{}#{i}", plan.device),
+        };
+        let again = Reopen {
+            path: m.path.clone(),
+            plan: plan.clone(),
+            pinned_inputs: m.cuda.pinned_inputs,
+            conv_search: m.cuda.cudnn_conv_algo_search,
+        };
+        let job = Slot {
+            model: m.clone(),
+            plan,
+            name: name.clone(),
+            runtime_version: runtime_version.to_string(),
+            cuda_visible: config.runtime.cuda_visible_devices.clone(),
+        };
+        let (runner, result) = tokio::task::spawn_blocking(move || open_and_tune(job))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        match &info {
+            None => info = Some(runner.info().clone()),
+            Some(i) if i != runner.info() => {
+                return Err(StartupError::Model {
+                    model: m.name.clone(),
+                    message: format!(
+                        "device {name} reports different inputs or outputs than the first device"
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+        if result.source != tuning::Source::Config {
+            tracing::info!("{}", tuning::table(&m.name, &result).trim_end());
+        }
+        metrics
+            .tuned_max_batch
+            .with_label_values(&[m.name.as_str(), name.as_str()])
+            .set(result.chosen as i64);
+        tracing::info!(model = %m.name, device = %name, max_batch = result.chosen, source = ?result.source, "session ready");
+        // After a panic: a new session on the same device (the arena cap is not re-read).
+        let rebuild: device::Rebuild = Box::new(move || {
+            let cuda = device::CudaSettings {
+                gpu_mem_limit: None,
+                pinned_inputs: again.pinned_inputs,
+                conv_search: again.conv_search,
+            };
+            OrtRunner::open_with(&again.path, &again.plan, cuda)
+                .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
+                .map_err(|e| e.to_string())
+        });
+        let refine = refine_settings(m, &result);
+        // The watchdog allows for the largest size the cap may reach.
+        let largest = refine.as_ref().map_or(result.chosen, |r| r.ceiling);
+        let tuned_latency = result
+            .probes
+            .iter()
+            .find(|p| p.batch == largest && p.latency_ms > 0.0)
+            .map(|p| std::time::Duration::from_secs_f64(p.latency_ms / 1000.0));
+        runners.push(DeviceRunner {
+            name,
+            max_batch: result.chosen,
+            buckets: result.warmup.iter().map(|w| w.batch).collect(),
+            runner: Box::new(runner),
+            rebuild: Some(rebuild),
+            run_timeout: m.health.run_timeout_for(tuned_latency),
+            refine,
+        });
+        results.push(result);
+    }
+    let info = info.ok_or_else(|| StartupError::Model {
+        model: m.name.clone(),
+        message: "no device to run on".into(),
+    })?;
+    let settings = BatchSettings {
+        max_queue_delay: m.batching.max_queue_delay.0,
+        queue_capacity: m.batching.queue_capacity,
+        default_timeout: config.server.request_timeout.0,
+        failure_threshold: m.health.failure_threshold,
+        reprobe_interval: m.health.reprobe_interval.0,
+    };
+    let (image, classifier) = extras_for(m, &info)?;
+    let (handle, owner) = ModelHandle::start(
+        &m.name,
+        &m.version,
+        info,
+        m.dispatch,
+        settings,
+        runners,
+        metrics.clone(),
+    )?;
+    Ok((Model::new(handle, image, classifier, results), owner))
 }
 
 /// How a device's cap may move under load (`tuning.refine`): from the probe's choice up to the

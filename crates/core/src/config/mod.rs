@@ -659,24 +659,28 @@ fn path_error(e: serde_path_to_error::Error<serde_yaml_ng::Error>) -> ConfigErro
     ConfigError::Parse { path, message }
 }
 
+/// Makes `path` relative to `base` when it is relative: the one rule every path in the config
+/// follows (`base` is the config file's folder).
+fn resolve(path: &mut PathBuf, base: &Path) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
 impl ModelConfig {
     /// Makes its relative paths (model, labels, tuning cache) relative to `base`.
     fn resolve_paths(&mut self, base: &Path) {
-        if self.path.is_relative() {
-            self.path = base.join(&self.path);
-        }
-        if let Some(labels) = self.classification.as_mut().and_then(|c| c.labels.as_mut()) {
-            if labels.is_relative() {
-                *labels = base.join(&*labels);
-            }
-        }
-        for path in [&mut self.tuning.cache_dir, &mut self.tuning.results_file]
-            .into_iter()
-            .flatten()
+        let labels = self.classification.as_mut().and_then(|c| c.labels.as_mut());
+        for path in [
+            Some(&mut self.path),
+            labels,
+            self.tuning.cache_dir.as_mut(),
+            self.tuning.results_file.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
+            resolve(path, base);
         }
     }
 }
@@ -859,20 +863,16 @@ impl Config {
         for m in &mut self.models {
             m.resolve_paths(base);
         }
-        if let Some(f) = self
+        let tokens_file = self
             .server
             .auth
             .as_mut()
-            .and_then(|a| a.tokens_file.as_mut())
+            .and_then(|a| a.tokens_file.as_mut());
+        for path in [tokens_file, self.runtime.onnxruntime_path.as_mut()]
+            .into_iter()
+            .flatten()
         {
-            if f.is_relative() {
-                *f = base.join(&*f);
-            }
-        }
-        if let Some(p) = &mut self.runtime.onnxruntime_path {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
+            resolve(path, base);
         }
     }
 
