@@ -50,55 +50,138 @@ struct Ctx {
 }
 
 pub(super) async fn run(
-    mut rx: mpsc::UnboundedReceiver<Entry>,
+    rx: mpsc::UnboundedReceiver<Entry>,
     pool: Arc<DevicePool>,
     settings: Settings,
     metrics: Arc<Metrics>,
     retry_capacity: usize,
 ) {
-    let mut state: State<Entry> = State::new();
-    let mut open = true;
-    let depth = metrics.queue_depth.with_label_values(&[&settings.model]);
-    let (retry_tx, mut retry_rx) = mpsc::channel::<Entry>(retry_capacity.max(1));
+    let (retry_tx, retry_rx) = mpsc::channel::<Entry>(retry_capacity.max(1));
     let ctx = Ctx {
         model: settings.model.clone(),
         metrics: metrics.clone(),
         retry: retry_tx,
         threshold: settings.failure_threshold,
     };
-    // Parts to run alone: retried after a device fault, or split out of a batch whose input was
-    // refused. Served before new batches.
-    let mut alone: VecDeque<Entry> = VecDeque::new();
-    // One row of a real request, kept to probe unhealthy devices with.
-    let mut sample: Option<Vec<Tensor>> = None;
-    let mut next_probe = Instant::now() + settings.reprobe_interval;
-    // Whether the batcher has already let the handlers run once since its last batch went out.
-    let mut gathered = false;
-    let mut gather = Gather::default();
-    loop {
-        while let Ok(e) = retry_rx.try_recv() {
-            alone.push_back(e);
-        }
-        watchdog(&pool, &ctx);
-        if Instant::now() >= next_probe {
-            next_probe = Instant::now() + settings.reprobe_interval;
-            if let Some(sample) = &sample {
-                probe_unhealthy(&pool, sample, &ctx);
+    let batcher = Batcher {
+        depth: metrics.queue_depth.with_label_values(&[&settings.model]),
+        next_probe: Instant::now() + settings.reprobe_interval,
+        rx,
+        retry_rx,
+        pool,
+        settings,
+        ctx,
+        state: State::new(),
+        open: true,
+        alone: VecDeque::new(),
+        sample: None,
+        gathered: false,
+        gather: Gather::default(),
+    };
+    batcher.run().await;
+}
+
+/// The batcher's state between turns of its loop ([`Batcher::run`]).
+struct Batcher {
+    /// Handlers → batcher: new request parts.
+    rx: mpsc::UnboundedReceiver<Entry>,
+    /// Device workers → batcher: parts to run again (see [`Ctx::retry`]).
+    retry_rx: mpsc::Receiver<Entry>,
+    pool: Arc<DevicePool>,
+    settings: Settings,
+    ctx: Ctx,
+    state: State<Entry>,
+    /// False once the handlers' channel has closed (the model is stopping).
+    open: bool,
+    /// Parts to run alone: retried after a device fault, or split out of a batch whose input
+    /// was refused. Served before new batches.
+    alone: VecDeque<Entry>,
+    /// One row of a real request, kept to probe unhealthy devices with.
+    sample: Option<Vec<Tensor>>,
+    next_probe: Instant,
+    /// Whether the batcher has already let the handlers run once since its last batch went out.
+    gathered: bool,
+    gather: Gather,
+    depth: prometheus::IntGauge,
+}
+
+/// What one turn of the loop decided about the queue.
+enum Turn {
+    /// Something was sent, answered or gathered: look again at once.
+    Again,
+    /// Nothing to do before `until` (or before rows arrive, a device frees up, or a retry).
+    Wait { until: Instant },
+}
+
+impl Batcher {
+    /// Each turn: take retries and arrivals, look after device health, run the parts that run
+    /// alone, answer expired parts, then send a batch or wait. Ends when the handlers are gone,
+    /// the queue is empty and every device is idle; then stops the device workers.
+    async fn run(mut self) {
+        loop {
+            while let Ok(e) = self.retry_rx.try_recv() {
+                self.alone.push_back(e);
+            }
+            self.look_after_devices();
+            self.run_alone();
+            self.take_arrivals();
+            self.answer_expired();
+            self.depth.set((self.state.len() + self.alone.len()) as i64);
+            // Armed before the decision, so a device freed while deciding still wakes the wait.
+            let freed = self.pool.freed().clone();
+            let notified = freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.is_empty() {
+                self.gathered = false;
+                if self.finished() {
+                    break;
+                }
+                let until = self.next_probe.min(Instant::now() + SWEEP * 4);
+                // A freed device matters only to parts waiting to run alone, or to the end.
+                let watch_freed = !self.alone.is_empty() || !self.open;
+                self.wait(notified, until, watch_freed).await;
+                continue;
+            }
+            match self.form_batch().await {
+                Turn::Again => {}
+                Turn::Wait { until } => {
+                    self.wait(notified, until.min(self.next_probe), true).await;
+                }
             }
         }
-        // Parts that run alone first, each on a device other than the one that failed it.
-        while let Some(e) = alone.pop_front() {
+        self.depth.set(0);
+        for d in self.pool.devices() {
+            let _ = d.sender().send(DeviceCommand::Stop).await;
+        }
+    }
+
+    /// The watchdog, and every `reprobe_interval` a probe for each unhealthy device.
+    fn look_after_devices(&mut self) {
+        watchdog(&self.pool, &self.ctx);
+        if Instant::now() >= self.next_probe {
+            self.next_probe = Instant::now() + self.settings.reprobe_interval;
+            if let Some(sample) = &self.sample {
+                probe_unhealthy(&self.pool, sample, &self.ctx);
+            }
+        }
+    }
+
+    /// Sends the parts that run alone, each to a device other than the one that failed it,
+    /// while devices are free.
+    fn run_alone(&mut self) {
+        while let Some(e) = self.alone.pop_front() {
             if e.reply.is_closed() {
                 continue;
             }
-            match pool.pick_excluding(e.rows, e.failed_on) {
+            match self.pool.pick_excluding(e.rows, e.failed_on) {
                 Pick::Ready(r) => {
                     let rows = e.rows;
-                    let inflight = r.start(&pool, rows);
-                    send_batch(vec![e], rows, 0, inflight, &ctx, "retry");
+                    let inflight = r.start(&self.pool, rows);
+                    send_batch(vec![e], rows, 0, inflight, &self.ctx, "retry");
                 }
                 Pick::Busy => {
-                    alone.push_front(e);
+                    self.alone.push_front(e);
                     break;
                 }
                 Pick::NoHealthyDevice => {
@@ -110,136 +193,140 @@ pub(super) async fn run(
                 }
             }
         }
-        while open {
-            match rx.try_recv() {
-                Ok(e) => state.push(e),
+    }
+
+    /// Queues every part the handlers have sent.
+    fn take_arrivals(&mut self) {
+        while self.open {
+            match self.rx.try_recv() {
+                Ok(e) => self.state.push(e),
                 Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.open = false,
             }
         }
-        let now = Instant::now();
-        let dead = state.remove_dead(now);
+    }
+
+    /// Answers 504 to parts whose deadline passed (and drops those whose client left).
+    fn answer_expired(&mut self) {
+        let dead = self.state.remove_dead(Instant::now());
         for e in dead.expired {
             let _ = e.reply.send(Err(InferError::DeadlineExceeded));
         }
-        depth.set((state.len() + alone.len()) as i64);
-        if state.is_empty() {
-            gathered = false;
-            if !open && alone.is_empty() && pool.devices().iter().all(|d| d.inflight_rows() == 0) {
-                break;
-            }
-            let freed = pool.freed().clone();
-            let notified = freed.notified();
-            let idle = tokio::time::sleep_until(next_probe.min(Instant::now() + SWEEP * 4));
-            tokio::select! {
-                e = rx.recv(), if open => match e {
-                    Some(e) => state.push(e),
-                    None => open = false,
-                },
-                Some(e) = retry_rx.recv() => alone.push_back(e),
-                _ = notified, if !alone.is_empty() || !open => {}
-                _ = idle => {}
-            }
-            continue;
-        }
+    }
 
-        let freed = pool.freed().clone();
-        let notified = freed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+    /// Nothing queued, nothing to retry, no handler left and no run in flight.
+    fn finished(&self) -> bool {
+        !self.open
+            && self.alone.is_empty()
+            && self.pool.devices().iter().all(|d| d.inflight_rows() == 0)
+    }
 
-        let oldest = state.oldest().unwrap_or(now);
-        let mut wake = state.next_deadline().map(|d| d.min(now + SWEEP));
-        let hint = state.next_batch_rows(pool.chunk_rows(), settings.batchable);
-        match pool.pick(hint) {
+    /// Decides about a non-empty queue: send a batch to a free device (full, idle device,
+    /// waited long enough, the device about to be free, or draining), take a gathering turn,
+    /// or wait.
+    async fn form_batch(&mut self) -> Turn {
+        let now = Instant::now();
+        let oldest = self.state.oldest().unwrap_or(now);
+        let sweep = self.state.next_deadline().map(|d| d.min(now + SWEEP));
+        let hint = self
+            .state
+            .next_batch_rows(self.pool.chunk_rows(), self.settings.batchable);
+        let reservation = match self.pool.pick(hint) {
             Pick::NoHealthyDevice => {
-                for e in state.drain() {
-                    let _ = e
-                        .reply
-                        .send(Err(InferError::NoHealthyDevice(settings.model.clone())));
+                for e in self.state.drain() {
+                    let _ = e.reply.send(Err(InferError::NoHealthyDevice(
+                        self.settings.model.clone(),
+                    )));
                 }
-                continue;
+                return Turn::Again;
             }
-            Pick::Ready(reservation) => {
-                let max = reservation.slot.cap();
-                // The delay is for a device that is busy, while its next batch fills up; but
-                // not past the moment its run is expected to end less a hand-off and a timer tick,
-                // so the batch is waiting in the device's second slot when it does. Without that, a cap above
-                // what the load fills left the device idle between runs: the CNN fixture at 32
-                // clients served 24,000 rows/s with caps of 32 to 256 and 28,000 with 16
-                // (docs/BENCHMARKS.md, "Tuning for the server").
-                let ready_by = reservation.slot.busy_for().and_then(|(left, total)| {
-                    // A loaded machine wakes the batcher late: for long runs, an eighth of
-                    // the run as well.
-                    now.checked_add(left.saturating_sub(HANDOFF.max(total / 8)))
-                });
-                let delayed = oldest + settings.max_queue_delay;
-                let due = ready_by.map_or(delayed, |r| r.min(delayed));
-                let full = state.batch_full(max, settings.batchable);
-                // An idle device gets what is queued without a timed wait: waiting would only
-                // leave it idle.
-                let idle = reservation.slot.inflight_rows() == 0;
-                let send = !open || now >= due || full || idle;
-                if idle && !full && open && !gathered && gather.worth_it() {
-                    // But first the batcher goes to the back of its worker's queue, so the
-                    // handlers of requests that have already arrived queue their rows. Without
-                    // it, on a busy core the batcher, woken by the first handler's send and run
-                    // next from tokio's LIFO slot, sent an idle device one row at a time (1.3
-                    // rows per batch for the bench's MLP at 32 clients; docs/BENCHMARKS.md).
-                    drop(reservation);
-                    gathered = true;
-                    gather.before = state.len();
-                    to_the_back_of_the_queue().await;
-                    continue;
+            Pick::Busy => {
+                return Turn::Wait {
+                    until: sweep.unwrap_or(now + SWEEP),
                 }
-                if send {
-                    if gathered {
-                        gather.after(state.len());
-                    }
-                    gathered = false;
-                    let reason = if full {
-                        "full"
-                    } else if idle {
-                        "idle"
-                    } else if now >= delayed {
-                        "delay"
-                    } else if now >= due {
-                        "ahead"
-                    } else {
-                        "drain"
-                    };
-                    let batch = state.take_batch(max, settings.batchable);
-                    if sample.is_none() {
-                        sample = batch
-                            .first()
-                            .map(|e| e.inputs.iter().map(|t| t.copy_rows(0, 1)).collect());
-                    }
-                    let rows = batch.iter().map(|e| e.rows).sum();
-                    let inflight = reservation.start(&pool, rows);
-                    send_batch(batch, rows, max, inflight, &ctx, reason);
-                    continue;
-                }
-                // Not full and not due: give the slot back and wait for more rows.
-                drop(reservation);
-                wake = Some(wake.map_or(due, |w| w.min(due)));
             }
-            Pick::Busy => {}
+            Pick::Ready(reservation) => reservation,
+        };
+        let max = reservation.slot.cap();
+        // The delay is for a device that is busy, while its next batch fills up; but not past
+        // the moment its run is expected to end less a hand-off and a timer tick, so the batch
+        // is waiting in the device's second slot when it does. Without that, a cap above what
+        // the load fills left the device idle between runs (docs/BENCHMARKS.md, "Tuning for
+        // the server").
+        let ready_by = reservation.slot.busy_for().and_then(|(left, total)| {
+            // A loaded machine wakes the batcher late: for long runs, an eighth of the run as
+            // well.
+            now.checked_add(left.saturating_sub(HANDOFF.max(total / 8)))
+        });
+        let delayed = oldest + self.settings.max_queue_delay;
+        let due = ready_by.map_or(delayed, |r| r.min(delayed));
+        let full = self.state.batch_full(max, self.settings.batchable);
+        // An idle device gets what is queued without a timed wait: waiting would only leave it
+        // idle.
+        let idle = reservation.slot.inflight_rows() == 0;
+        if idle && !full && self.open && !self.gathered && self.gather.worth_it() {
+            // But first the batcher goes to the back of its worker's queue, so the handlers of
+            // requests that have already arrived queue their rows. Without it, on a busy core
+            // the batcher, woken by the first handler's send and run next from tokio's LIFO
+            // slot, sent an idle device one row at a time (docs/BENCHMARKS.md).
+            drop(reservation);
+            self.gathered = true;
+            self.gather.before = self.state.len();
+            to_the_back_of_the_queue().await;
+            return Turn::Again;
         }
-        let wake = wake.unwrap_or(now + SWEEP).min(next_probe);
-        let sleep = tokio::time::sleep_until(wake);
-        tokio::select! {
-            e = rx.recv(), if open => match e {
-                Some(e) => state.push(e),
-                None => open = false,
-            },
-            Some(e) = retry_rx.recv() => alone.push_back(e),
-            _ = &mut notified => {}
-            _ = sleep => {}
+        if !self.open || now >= due || full || idle {
+            if self.gathered {
+                self.gather.after(self.state.len());
+            }
+            self.gathered = false;
+            let reason = if full {
+                "full"
+            } else if idle {
+                "idle"
+            } else if now >= delayed {
+                "delay"
+            } else if now >= due {
+                "ahead"
+            } else {
+                "drain"
+            };
+            let batch = self.state.take_batch(max, self.settings.batchable);
+            if self.sample.is_none() {
+                self.sample = batch
+                    .first()
+                    .map(|e| e.inputs.iter().map(|t| t.copy_rows(0, 1)).collect());
+            }
+            let rows = batch.iter().map(|e| e.rows).sum();
+            let inflight = reservation.start(&self.pool, rows);
+            send_batch(batch, rows, max, inflight, &self.ctx, reason);
+            return Turn::Again;
+        }
+        // Not full and not due: give the slot back and wait for more rows.
+        drop(reservation);
+        Turn::Wait {
+            until: sweep.map_or(due, |w| w.min(due)),
         }
     }
-    depth.set(0);
-    for d in pool.devices() {
-        let _ = d.sender().send(DeviceCommand::Stop).await;
+
+    /// Waits until `until`, a new part, a part to retry, or (when `watch_freed`) a device
+    /// slot freed.
+    async fn wait(
+        &mut self,
+        freed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        until: Instant,
+        watch_freed: bool,
+    ) {
+        let sleep = tokio::time::sleep_until(until);
+        tokio::select! {
+            e = self.rx.recv(), if self.open => match e {
+                Some(e) => self.state.push(e),
+                None => self.open = false,
+            },
+            Some(e) = self.retry_rx.recv() => self.alone.push_back(e),
+            _ = freed, if watch_freed => {}
+            _ = sleep => {}
+        }
     }
 }
 
@@ -398,73 +485,15 @@ fn send_batch(
         parts.push(std::mem::take(&mut e.inputs));
         metas.push(e);
     }
-    let ctx = ctx.clone();
-    let device_index = inflight.index();
-    let done: RunDone = Box::new(move |result, elapsed, parts| {
-        let slot = inflight.slot();
-        let labels = [ctx.model.as_str(), slot.name.as_str()];
-        // Only faults of the device count against its health, not refused inputs.
-        let device_fault = matches!(result, Err(RunError::Failed(_)));
-        if slot.record(rows, elapsed, !device_fault, ctx.threshold) {
-            slot.set_healthy(false);
-            tracing::warn!(model = %ctx.model, device = %slot.name, failures = ctx.threshold, "device failed repeatedly: unhealthy");
-        }
-        ctx.metrics
-            .inference_duration
-            .with_label_values(&labels)
-            .observe(elapsed.as_secs_f64());
-        match result {
-            Ok(outputs) => {
-                ctx.metrics
-                    .device_rows
-                    .with_label_values(&labels)
-                    .inc_by(rows as u64);
-                for (e, out) in metas.into_iter().zip(outputs) {
-                    let _ = e.reply.send(Ok(out));
-                }
-                if let Some(c) = slot.observe(rows, cap, elapsed) {
-                    let m = &ctx.metrics;
-                    m.max_batch
-                        .with_label_values(&labels)
-                        .set(slot.cap() as i64);
-                    m.cap_changes
-                        .with_label_values(&[labels[0], labels[1], c.why])
-                        .inc();
-                    tracing::info!(model = %ctx.model, device = %slot.name, from = c.from, to = c.to, why = c.why, rows_per_second = c.rows_per_second, "batch cap refined");
-                }
-            }
-            Err(err) => {
-                if device_fault {
-                    ctx.metrics.device_failures.with_label_values(&labels).inc();
-                }
-                let several = metas.len() > 1;
-                for (mut e, inputs) in metas.into_iter().zip(parts) {
-                    // A fault: once more elsewhere. A refused input in a shared batch: alone, to
-                    // find whose it was. Otherwise: the error is the answer.
-                    let again = if device_fault {
-                        e.failed_on.is_none()
-                    } else {
-                        several
-                    };
-                    if again {
-                        e.inputs = inputs;
-                        if device_fault {
-                            e.failed_on = Some(device_index);
-                        }
-                        e.last_error = Some(err.clone());
-                        match ctx.retry.try_send(e) {
-                            Ok(()) => continue,
-                            Err(TrySendError::Full(e) | TrySendError::Closed(e)) => {
-                                let _ = e.reply.send(Err(InferError::from(err.clone())));
-                            }
-                        }
-                    } else {
-                        let _ = e.reply.send(Err(InferError::from(err.clone())));
-                    }
-                }
-            }
-        }
-    });
+    let done = BatchDone {
+        ctx: ctx.clone(),
+        device_index: inflight.index(),
+        inflight,
+        rows,
+        cap,
+        metas,
+    };
+    let done: RunDone = Box::new(move |result, elapsed, parts| done.finish(result, elapsed, parts));
     let job = RunJob {
         parts,
         span,
@@ -486,6 +515,103 @@ fn send_batch(
                 Duration::ZERO,
                 parts,
             );
+        }
+    }
+}
+
+/// A batch's completion, called on the device thread when its run ends: the device's health
+/// and the metrics are updated, then each part is answered, or handed back to run again.
+struct BatchDone {
+    ctx: Ctx,
+    inflight: InFlight,
+    device_index: usize,
+    rows: usize,
+    /// The cap the batch was formed under (0 for a retry), for the refiner.
+    cap: usize,
+    /// The batch's parts, their inputs taken out for the run.
+    metas: Vec<Entry>,
+}
+
+impl BatchDone {
+    fn finish(
+        self,
+        result: Result<Vec<Vec<Tensor>>, RunError>,
+        elapsed: Duration,
+        parts: Vec<Vec<Tensor>>,
+    ) {
+        let slot = self.inflight.slot();
+        let labels = [self.ctx.model.as_str(), slot.name.as_str()];
+        // Only faults of the device count against its health, not refused inputs.
+        let device_fault = matches!(result, Err(RunError::Failed(_)));
+        if slot.record(self.rows, elapsed, !device_fault, self.ctx.threshold) {
+            slot.set_healthy(false);
+            tracing::warn!(model = %self.ctx.model, device = %slot.name, failures = self.ctx.threshold, "device failed repeatedly: unhealthy");
+        }
+        self.ctx
+            .metrics
+            .inference_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64());
+        match result {
+            Ok(outputs) => self.answer(outputs, elapsed),
+            Err(err) => self.retry_or_answer(err, device_fault, parts),
+        }
+    }
+
+    /// Answers each part with its outputs, and lets the device's refiner judge the run.
+    fn answer(self, outputs: Vec<Vec<Tensor>>, elapsed: Duration) {
+        let slot = self.inflight.slot();
+        let labels = [self.ctx.model.as_str(), slot.name.as_str()];
+        let m = &self.ctx.metrics;
+        m.device_rows
+            .with_label_values(&labels)
+            .inc_by(self.rows as u64);
+        for (e, out) in self.metas.into_iter().zip(outputs) {
+            let _ = e.reply.send(Ok(out));
+        }
+        if let Some(c) = slot.observe(self.rows, self.cap, elapsed) {
+            m.max_batch
+                .with_label_values(&labels)
+                .set(slot.cap() as i64);
+            m.cap_changes
+                .with_label_values(&[labels[0], labels[1], c.why])
+                .inc();
+            tracing::info!(model = %self.ctx.model, device = %slot.name, from = c.from, to = c.to, why = c.why, rows_per_second = c.rows_per_second, "batch cap refined");
+        }
+    }
+
+    /// The retry policy. A device fault: each part once more, elsewhere. A refused input in a
+    /// shared batch: each part alone, to find whose it was. Otherwise, or when the batcher
+    /// cannot take the part back, the error is the answer.
+    fn retry_or_answer(self, err: RunError, device_fault: bool, parts: Vec<Vec<Tensor>>) {
+        if device_fault {
+            let slot = self.inflight.slot();
+            self.ctx
+                .metrics
+                .device_failures
+                .with_label_values(&[self.ctx.model.as_str(), slot.name.as_str()])
+                .inc();
+        }
+        let several = self.metas.len() > 1;
+        for (mut e, inputs) in self.metas.into_iter().zip(parts) {
+            let again = if device_fault {
+                e.failed_on.is_none()
+            } else {
+                several
+            };
+            if !again {
+                let _ = e.reply.send(Err(InferError::from(err.clone())));
+                continue;
+            }
+            e.inputs = inputs;
+            if device_fault {
+                e.failed_on = Some(self.device_index);
+            }
+            e.last_error = Some(err.clone());
+            if let Err(TrySendError::Full(e) | TrySendError::Closed(e)) = self.ctx.retry.try_send(e)
+            {
+                let _ = e.reply.send(Err(InferError::from(err.clone())));
+            }
         }
     }
 }
