@@ -21,7 +21,8 @@ pub mod shutdown;
 
 pub use ortserve_core::startup::{check, CheckReport, StartupError};
 pub use ortserve_core::{
-    app, config, device, memory, metrics, model, preprocess, tensor, testing, tuning,
+    app, call, config, device, memory, metrics, model, preprocess, registry, tensor, testing,
+    tuning,
 };
 pub use ortserve_http as http;
 pub use server::{run, start, tune, Listeners, Server};

@@ -133,7 +133,7 @@ pub struct AppState {
     /// The most a body may take to arrive, from the request's arrival.
     pub body_timeout: std::time::Duration,
     /// Body bytes that may be held at once over all requests.
-    pub body_memory: crate::budget::Budget,
+    pub(crate) body_memory: crate::budget::Budget,
     /// Decoding and resizing of uploaded images.
     pool: Pool,
     /// Set once on shutdown: readiness answers 503 from then on.

@@ -6,19 +6,19 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[derive(Debug)]
-pub struct Budget {
+pub(crate) struct Budget {
     free: AtomicUsize,
 }
 
 impl Budget {
-    pub fn new(total: usize) -> Budget {
+    pub(crate) fn new(total: usize) -> Budget {
         Budget {
             free: AtomicUsize::new(total),
         }
     }
 
     /// Takes `n`, or nothing when less than `n` is free.
-    pub fn try_take(&self, n: usize) -> Option<Taken<'_>> {
+    pub(crate) fn try_take(&self, n: usize) -> Option<Taken<'_>> {
         self.free
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| f.checked_sub(n))
             .ok()
@@ -26,21 +26,21 @@ impl Budget {
     }
 
     /// What is free now.
-    pub fn free(&self) -> usize {
+    pub(crate) fn free(&self) -> usize {
         self.free.load(Ordering::Acquire)
     }
 }
 
 /// Part of a [`Budget`], given back on drop.
 #[derive(Debug)]
-pub struct Taken<'a> {
+pub(crate) struct Taken<'a> {
     budget: &'a Budget,
     n: usize,
 }
 
 impl Taken<'_> {
     /// Takes `n` more into this guard; false (and nothing taken) when less than `n` is free.
-    pub fn grow(&mut self, n: usize) -> bool {
+    pub(crate) fn grow(&mut self, n: usize) -> bool {
         match self.budget.try_take(n) {
             Some(more) => {
                 self.n += more.n;

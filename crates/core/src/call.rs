@@ -1,9 +1,9 @@
 //! The protocol-neutral core of a call, which every front door drives: the call's context
 //! ([`Call`]: request id, deadline from arrival), bearer auth ([`authorize`]), the errors a
 //! client can get ([`CallError`]) with a kind every protocol has a word for ([`ErrorKind`]), and
-//! request metrics ([`record`], labelled with the protocol). The body budget
-//! ([`AppState::body_memory`]) and admission (the model's queue, inside
-//! [`Model::infer`](crate::app::Model::infer)) are the core's too.
+//! request metrics ([`record`], labelled with the protocol), and the body budget
+//! ([`BodyMemory`], with [`Call::body_deadline`]). Admission (the model's queue, inside
+//! [`Model::infer`](crate::app::Model::infer)) is the core's too.
 //!
 //! A front door parses its wire format, builds a [`Call`], calls the [`app`](crate::app)
 //! façade, and maps a [`CallError`] to its own status codes in one table (the HTTP crate's
@@ -280,6 +280,42 @@ pub fn record(
         .request_duration
         .with_label_values(&[label, route, protocol])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// Body bytes a call holds against the server's `max_body_memory`, taken as they arrive and
+/// given back on drop (when the handler is done with the body).
+#[derive(Default)]
+pub struct BodyMemory<'a>(Option<crate::budget::Taken<'a>>);
+
+impl<'a> BodyMemory<'a> {
+    /// Takes `n` more bytes of the budget; 503 (unavailable) when the server already holds as
+    /// many body bytes as it may: load is shed at once rather than queued.
+    pub fn take(&mut self, app: &'a AppState, n: usize) -> Result<(), CallError> {
+        let taken = match &mut self.0 {
+            Some(held) => held.grow(n),
+            None => {
+                self.0 = app.body_memory.try_take(n);
+                self.0.is_some()
+            }
+        };
+        if taken {
+            Ok(())
+        } else {
+            Err(CallError::Unavailable(
+                "the server is holding as many request bodies as it may; retry".into(),
+            ))
+        }
+    }
+}
+
+impl Call {
+    /// When the body must have arrived: `body_timeout` after the call's arrival, or its
+    /// deadline when that is sooner.
+    pub fn body_deadline(&self, app: &AppState) -> Instant {
+        let start = self.started.unwrap_or_else(Instant::now);
+        self.deadline(app.request_timeout)
+            .min(start + app.body_timeout)
+    }
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@
 //! - `classify`: labels, softmax and top-k for classification outputs.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`stamp`]: a moment in one atomic (device run start, request head start).
-//! - [`budget`]: a lock-free count taken and given back (queue places, body bytes).
+//! - `budget`: a lock-free count taken and given back (queue places, body bytes).
 //! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
 //! - [`memory`]: the binaries' allocator.
 //! - `testing` (hidden; for tests): a model served by any runner, device health switches.
@@ -40,7 +40,7 @@
 
 pub mod app;
 mod batching;
-pub mod budget;
+mod budget;
 pub mod call;
 mod classify;
 pub mod config;

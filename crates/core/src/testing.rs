@@ -29,9 +29,21 @@ pub fn serve_runners(
         max_body_bytes: crate::config::ByteSize(1 << 20),
         ..Default::default()
     };
+    serve_runners_with(&server, name, info, policy, settings, runners)
+}
+
+/// [`serve_runners`] with the server's settings (auth, limits, timeouts) from `server`.
+pub fn serve_runners_with(
+    server: &crate::config::ServerConfig,
+    name: &str,
+    info: ModelInfo,
+    policy: DispatchPolicy,
+    settings: BatchSettings,
+    runners: Vec<DeviceRunner>,
+) -> Arc<AppState> {
     let state = Arc::new(AppState::loading(
         Arc::new(Metrics::new()),
-        &server,
+        server,
         1,
         vec![(name.to_string(), "1".to_string())],
     ));

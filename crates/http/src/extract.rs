@@ -3,44 +3,12 @@
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
-use tokio::time::Instant;
 
 use crate::CallError;
 use ortserve_core::app::AppState;
 use ortserve_core::app::Call;
 
-/// Body bytes a request holds against the server's `max_body_memory`; given back on drop (when
-/// the handler is done with the body).
-pub(crate) struct BodyMemory<'a>(Option<ortserve_core::budget::Taken<'a>>);
-
-impl<'a> BodyMemory<'a> {
-    /// Takes `n` more bytes of the budget; 503 when the server already holds as many body bytes
-    /// as it may (load is shed at once rather than queued).
-    fn take(&mut self, app: &'a AppState, n: usize) -> Result<(), CallError> {
-        let taken = match &mut self.0 {
-            Some(held) => held.grow(n),
-            None => {
-                self.0 = app.body_memory.try_take(n);
-                self.0.is_some()
-            }
-        };
-        if taken {
-            Ok(())
-        } else {
-            Err(CallError::Unavailable(
-                "the server is holding as many request bodies as it may; retry".into(),
-            ))
-        }
-    }
-}
-
-/// When the body must have arrived: `body_timeout` after the request's start, or its deadline
-/// when that is sooner.
-fn body_deadline(app: &AppState, call: &Call) -> Instant {
-    let start = call.started.unwrap_or_else(Instant::now);
-    call.deadline(app.request_timeout)
-        .min(start + app.body_timeout)
-}
+pub(crate) use ortserve_core::call::BodyMemory;
 
 /// Reads the body frame by frame into `sink`: within the limit (by Content-Length first, then
 /// as it streams), by its deadline (408 after; a client sending slowly holds nothing for
@@ -58,8 +26,8 @@ pub(crate) async fn read_frames<'a>(
     let declared = declared_length(headers, limit)?
         .and_then(|n| usize::try_from(n).ok())
         .unwrap_or(0);
-    let until = body_deadline(app, call);
-    let mut held = BodyMemory(None);
+    let until = call.body_deadline(app);
+    let mut held = BodyMemory::default();
     let mut seen: u64 = 0;
     let mut body = body;
     loop {
