@@ -302,7 +302,7 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
             assert_eq!(gpus, 1, "the gpu overlay asks for a GPU in limits");
             assert_eq!(
                 config.models[0].devices.0[0].device,
-                ortserve::config::DeviceSpec::CudaAll
+                ortserve::config::DeviceSpec::All(ortserve::config::ProviderKind::Cuda)
             );
             assert_eq!(c["image"], "ortserve:cuda");
         } else {

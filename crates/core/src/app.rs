@@ -402,11 +402,11 @@ impl AppState {
                     .inflight_rows
                     .with_label_values(&labels)
                     .set(d.inflight_rows as i64);
-                on_gpu |= d.name.starts_with("cuda:");
+                on_gpu |= crate::device::provider::is_gpu_device(&d.name);
             }
         }
         if on_gpu {
-            let readings = tokio::task::spawn_blocking(crate::tuning::gpu_readings)
+            let readings = tokio::task::spawn_blocking(crate::device::gpu_readings)
                 .await
                 .unwrap_or_default();
             for (gpu, used, total, util) in readings {

@@ -23,8 +23,9 @@
 //!   batcher actor and its pure `State`.
 //! - `dispatch`: device choice (`round_robin`, `least_loaded`), job slots, the in-flight guard,
 //!   each slot's cap refiner.
-//! - [`device`]: the ONNX Runtime library, sessions, device planning and the worker threads. The
-//!   only module that imports `ort`.
+//! - [`device`]: the ONNX Runtime library, sessions, device planning, the execution providers
+//!   (what each kind of device means: `device::provider`, one file per kind), device memory
+//!   readings and the worker threads. The only module that imports `ort`.
 //! - [`tensor`]: `Tensor { dtype, shape, data }`, concatenation and slicing along dim 0.
 //! - [`model`]: a model's inputs and outputs and the checks on a request's tensors.
 //! - [`preprocess`]: uploaded images into model input rows, on a bounded CPU pool.
@@ -32,7 +33,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`stamp`]: a moment in one atomic (device run start, request head start).
 //! - `budget`: a lock-free count taken and given back (queue places, body bytes).
-//! - [`tuning`]: the startup batch-size probe, memory readings, the tuning cache and plot.
+//! - [`tuning`]: the startup batch-size probe, the tuning cache and plot.
 //! - [`memory`]: the binaries' allocator.
 //! - `testing` (hidden; for tests): a model served by any runner, device health switches.
 

@@ -82,7 +82,7 @@ pub async fn load_one(
             plan,
             name: name.clone(),
             runtime_version: runtime_version.to_string(),
-            cuda_visible: config.runtime.cuda_visible_devices.clone(),
+            runtime: config.runtime.clone(),
         };
         let (runner, result) = tokio::task::spawn_blocking(move || open_and_tune(job))
             .await
@@ -109,12 +109,12 @@ pub async fn load_one(
         tracing::info!(model = %m.name, device = %name, max_batch = result.chosen, source = ?result.source, "session ready");
         // After a panic: a new session on the same device (the arena cap is not re-read).
         let rebuild: device::Rebuild = Box::new(move || {
-            let cuda = device::CudaSettings {
-                gpu_mem_limit: None,
+            let settings = device::SessionSettings {
+                memory_limit: None,
                 pinned_inputs: again.pinned_inputs,
                 conv_search: again.conv_search,
             };
-            OrtRunner::open_with(&again.path, &again.plan, cuda)
+            OrtRunner::open_with(&again.path, &again.plan, settings)
                 .map(|r| Box::new(r) as Box<dyn device::ModelRunner>)
                 .map_err(|e| e.to_string())
         });
@@ -190,7 +190,8 @@ struct Slot {
     /// As served: `cpu:0`, `cpu:0#1`.
     name: String,
     runtime_version: String,
-    cuda_visible: Option<String>,
+    /// What the device's execution provider needs to find it (`CUDA_VISIBLE_DEVICES`).
+    runtime: config::RuntimeConfig,
 }
 
 /// What a panic's rebuild needs to open the same session again.
@@ -202,22 +203,22 @@ struct Reopen {
 }
 
 /// Builds one device's session and decides its batch size: from the config, or by the probe
-/// (or its cache). On CUDA, ONNX Runtime's arena is capped at the free memory less the headroom.
+/// (or its cache). On a device with memory of its own (CUDA), ONNX Runtime's arena is capped at
+/// the free memory less the headroom.
 fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> {
     let Slot {
         model: m,
         plan,
         name,
         runtime_version,
-        cuda_visible,
+        runtime,
     } = slot;
     let runtime_version = runtime_version.as_str();
-    let cuda_visible = cuda_visible.as_deref();
     let auto = m.batching.max_batch_size == MaxBatch::Auto;
-    let on_cuda = matches!(plan.kind, device::DeviceKind::Cuda { .. });
-    let memory = if auto || on_cuda {
+    let provider = plan.kind.provider();
+    let memory = if auto || provider.caps_arena() {
         Some(
-            tuning::MemoryProbe::for_plan(&plan, cuda_visible).map_err(|message| {
+            tuning::MemoryProbe::for_plan(&plan, &runtime).map_err(|message| {
                 StartupError::Model {
                     model: m.name.clone(),
                     message: format!("{name}: cannot read device memory: {message}"),
@@ -227,20 +228,20 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
     } else {
         None
     };
-    let gpu_mem_limit = match &memory {
-        Some(probe @ tuning::MemoryProbe::Cuda { .. }) => {
+    let memory_limit = match &memory {
+        Some(probe) if provider.caps_arena() => {
             let r = probe.read();
             let free = r.limit.unwrap_or(0).saturating_sub(r.used);
             Some((free as f64 * (1.0 - m.tuning.memory_headroom)) as u64)
         }
         _ => None,
     };
-    let cuda = device::CudaSettings {
-        gpu_mem_limit,
+    let settings = device::SessionSettings {
+        memory_limit,
         pinned_inputs: m.cuda.pinned_inputs,
         conv_search: m.cuda.cudnn_conv_algo_search,
     };
-    let mut runner = OrtRunner::open_with(&m.path, &plan, cuda)?;
+    let mut runner = OrtRunner::open_with(&m.path, &plan, settings)?;
     let mut result = match (m.batching.max_batch_size, memory) {
         (MaxBatch::Auto, Some(memory)) => {
             let info = runner.info().clone();
@@ -263,7 +264,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 // p50 at one client: 0.196-0.247 ms after a probe in the same session, 0.179-0.192
                 // with the size read from the cache; docs/BENCHMARKS.md, "Tuning for the server").
                 drop(runner);
-                runner = OrtRunner::open_with(&m.path, &plan, cuda)?;
+                runner = OrtRunner::open_with(&m.path, &plan, settings)?;
             }
             result
         }
@@ -287,7 +288,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
     };
     let info = runner.info().clone();
     let sizes = if info.batchable() {
-        m.batching.buckets.sizes(result.chosen, on_cuda)
+        m.batching.buckets.sizes(result.chosen, provider.is_gpu())
     } else {
         Vec::new()
     };
@@ -358,7 +359,8 @@ pub fn check(config: &Config) -> CheckReport {
         },
     };
     for m in &config.models {
-        let runner = match OrtRunner::open_with(&m.path, &plan, device::CudaSettings::default()) {
+        let runner = match OrtRunner::open_with(&m.path, &plan, device::SessionSettings::default())
+        {
             Ok(r) => r,
             Err(e) => {
                 report.errors.push(format!("model {:?}: {e}", m.name));

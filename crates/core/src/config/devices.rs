@@ -9,37 +9,107 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{invalid, ConfigError};
 
+/// The kinds of device config names, one per execution provider (`device::provider` has what
+/// each kind means at run time). A new kind is a variant here, its name, and its forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    /// The host's cores. `cpu:N` are slots (separate sessions with their own threads), not
+    /// devices, so there is no `cpu:*`.
+    Cpu,
+    /// NVIDIA GPUs by CUDA index (PCI bus order).
+    Cuda,
+    /// The test-only kind `fake` (`device::provider::tests`).
+    #[cfg(test)]
+    Fake,
+}
+
+impl ProviderKind {
+    /// Every kind, in config order (`auto` tries the accelerators in this order).
+    pub const ALL: &'static [ProviderKind] = &[
+        ProviderKind::Cpu,
+        ProviderKind::Cuda,
+        #[cfg(test)]
+        ProviderKind::Fake,
+    ];
+
+    /// The name in config and in device names (`cuda` in `cuda:1`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Cpu => "cpu",
+            ProviderKind::Cuda => "cuda",
+            #[cfg(test)]
+            ProviderKind::Fake => "fake",
+        }
+    }
+
+    /// Whether `kind:*` (every visible device of the kind) is a device.
+    pub fn has_all(self) -> bool {
+        match self {
+            ProviderKind::Cpu => false,
+            ProviderKind::Cuda => true,
+            #[cfg(test)]
+            ProviderKind::Fake => true,
+        }
+    }
+
+    /// The forms the error messages list for this kind.
+    fn forms(self) -> &'static [&'static str] {
+        match self {
+            ProviderKind::Cpu => &["cpu", "cpu:N"],
+            ProviderKind::Cuda => &["cuda:N", "cuda:*"],
+            #[cfg(test)]
+            ProviderKind::Fake => &[],
+        }
+    }
+
+    fn named(name: &str) -> Option<ProviderKind> {
+        ProviderKind::ALL.iter().copied().find(|k| k.name() == name)
+    }
+}
+
+/// Every device form, `auto` first and then per kind in config order (`auto, cpu, cpu:N, ...`).
+fn device_forms() -> Vec<&'static str> {
+    let mut forms = vec!["auto"];
+    for kind in ProviderKind::ALL {
+        forms.extend(kind.forms());
+    }
+    forms
+}
+
 /// One device as written in config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceSpec {
-    /// Every visible GPU, else one CPU slot.
+    /// Every visible device of the first accelerator kind that has one, else one CPU slot.
     Auto,
-    /// A CPU slot; `cpu` is slot 0. Slots are separate sessions with their own threads.
-    Cpu(u32),
-    /// One GPU by CUDA index (PCI bus order).
-    Cuda(u32),
-    /// Every visible GPU.
-    CudaAll,
+    /// One device of a kind by index (`cpu:1`, `cuda:0`); the bare name is index 0.
+    One(ProviderKind, u32),
+    /// Every visible device of a kind (`cuda:*`).
+    All(ProviderKind),
 }
 
 impl FromStr for DeviceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a device; use auto, cpu, cpu:N, cuda:N or cuda:*");
-        match s.trim() {
-            "auto" => Ok(DeviceSpec::Auto),
-            "cpu" => Ok(DeviceSpec::Cpu(0)),
-            "cuda:*" => Ok(DeviceSpec::CudaAll),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
-            t => {
-                let (kind, n) = t.split_once(':').ok_or_else(bad)?;
-                let n: u32 = n.parse().map_err(|_| bad())?;
-                match kind {
-                    "cpu" if n < 256 => Ok(DeviceSpec::Cpu(n)),
-                    "cuda" if n < 256 => Ok(DeviceSpec::Cuda(n)),
-                    _ => Err(bad()),
-                }
-            }
+        let bad = || {
+            let forms = device_forms();
+            let (last, rest) = forms.split_last().expect("auto is a form");
+            format!("{s:?} is not a device; use {} or {last}", rest.join(", "))
+        };
+        let t = s.trim();
+        if t == "auto" {
+            return Ok(DeviceSpec::Auto);
+        }
+        if let Some(kind) = ProviderKind::named(t) {
+            return Ok(DeviceSpec::One(kind, 0));
+        }
+        let (name, n) = t.split_once(':').ok_or_else(bad)?;
+        let kind = ProviderKind::named(name).ok_or_else(bad)?;
+        if n == "*" && kind.has_all() {
+            return Ok(DeviceSpec::All(kind));
+        }
+        match n.parse::<u32>() {
+            Ok(n) if n < 256 => Ok(DeviceSpec::One(kind, n)),
+            _ => Err(bad()),
         }
     }
 }
@@ -48,9 +118,8 @@ impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceSpec::Auto => f.write_str("auto"),
-            DeviceSpec::Cpu(n) => write!(f, "cpu:{n}"),
-            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
-            DeviceSpec::CudaAll => f.write_str("cuda:*"),
+            DeviceSpec::One(kind, n) => write!(f, "{}:{n}", kind.name()),
+            DeviceSpec::All(kind) => write!(f, "{}:*", kind.name()),
         }
     }
 }
@@ -106,7 +175,11 @@ impl<'de> Deserialize<'de> for DeviceEntry {
         impl<'de> Visitor<'de> for V {
             type Value = DeviceEntry;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a device (auto, cpu, cpu:N, cuda:N, cuda:*) or {device: ..., intra_op_threads: N}")
+                write!(
+                    f,
+                    "a device ({}) or {{device: ..., intra_op_threads: N}}",
+                    device_forms().join(", ")
+                )
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<DeviceEntry, E> {
                 short_entry(s)
@@ -169,7 +242,7 @@ impl Devices {
                     format!("{} is listed twice", e.device),
                 ));
             }
-            if matches!(e.device, DeviceSpec::Auto | DeviceSpec::CudaAll) && self.0.len() > 1 {
+            if matches!(e.device, DeviceSpec::Auto | DeviceSpec::All(_)) && self.0.len() > 1 {
                 return Err(invalid(
                     format!("{key}[{i}]"),
                     format!("{} cannot be combined with other devices", e.device),

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use devices::{DeviceEntry, DeviceSpec, Devices};
+pub use devices::{DeviceEntry, DeviceSpec, Devices, ProviderKind};
 pub use image::{
     ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout,
 };

@@ -77,25 +77,33 @@ fn device_forms() {
         c.models[0].devices.0,
         vec![
             DeviceEntry {
-                device: DeviceSpec::Cpu(0),
+                device: DeviceSpec::One(ProviderKind::Cpu, 0),
                 intra_op_threads: None
             },
             DeviceEntry {
-                device: DeviceSpec::Cpu(1),
+                device: DeviceSpec::One(ProviderKind::Cpu, 1),
                 intra_op_threads: Some(1)
             },
         ]
     );
     for (s, d) in [
         ("auto", DeviceSpec::Auto),
-        ("cpu", DeviceSpec::Cpu(0)),
-        ("cuda:3", DeviceSpec::Cuda(3)),
-        ("cuda:*", DeviceSpec::CudaAll),
+        ("cpu", DeviceSpec::One(ProviderKind::Cpu, 0)),
+        ("cuda:3", DeviceSpec::One(ProviderKind::Cuda, 3)),
+        ("cuda:*", DeviceSpec::All(ProviderKind::Cuda)),
     ] {
         assert_eq!(s.parse::<DeviceSpec>().unwrap(), d);
     }
     assert!("gpu:0".parse::<DeviceSpec>().is_err());
     assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    assert!("cpu:*".parse::<DeviceSpec>().is_err());
+    assert_eq!(
+        "gpu:0".parse::<DeviceSpec>().unwrap_err(),
+        "\"gpu:0\" is not a device; use auto, cpu, cpu:N, cuda:N or cuda:*"
+    );
+    for s in ["auto", "cpu:0", "cpu:3", "cuda:0", "cuda:*"] {
+        assert_eq!(s.parse::<DeviceSpec>().unwrap().to_string(), s);
+    }
 }
 
 #[test]

@@ -4,8 +4,10 @@
 //! The rest of the server sees a [`ModelRunner`] (implemented by [`OrtRunner`], and by fakes in
 //! tests) behind a [`DeviceWorker`] that takes [`RunJob`]s over a channel.
 
+mod memory;
 mod ort_runner;
 mod plan;
+pub(crate) mod provider;
 mod runtime;
 mod worker;
 
@@ -13,10 +15,12 @@ use thiserror::Error;
 
 use crate::tensor::Tensor;
 
-pub(crate) use ort_runner::CudaSettings;
+pub(crate) use memory::{gpu_readings, DeviceMemory};
+pub use memory::{process_rss, MemoryReading};
 pub use ort_runner::OrtRunner;
 pub(crate) use plan::plan_devices;
 pub use plan::{DeviceKind, DevicePlan};
+pub(crate) use provider::SessionSettings;
 pub use runtime::{init_runtime, RuntimeInfo};
 pub use worker::Rebuild;
 pub(crate) use worker::{serve_borrowed, DeviceCommand, DeviceWorker, Padding, RunDone, RunJob};

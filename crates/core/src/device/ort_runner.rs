@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use ort::ep;
 use ort::error::ErrorCode;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
@@ -12,20 +11,8 @@ use ort::value::{DynTensor, DynTensorValueType, TensorElementType, ValueType};
 use crate::model::{ModelInfo, TensorInfo};
 use crate::tensor::{DataType, Tensor};
 
-use super::{runtime, DeviceError, DeviceKind, DevicePlan, ModelRunner, RunError};
-
-/// Session settings that only matter on CUDA.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct CudaSettings {
-    /// `gpu_mem_limit` for the CUDA arena, which then grows by what is requested
-    /// (`kSameAsRequested`), so ONNX Runtime fails an allocation instead of taking the card.
-    pub gpu_mem_limit: Option<u64>,
-    /// Assemble each batch in pinned (page-locked) host memory and run through an IoBinding,
-    /// so the copy to the GPU is a fast asynchronous DMA.
-    pub pinned_inputs: bool,
-    /// The CUDA provider's `cudnn_conv_algo_search`.
-    pub conv_search: crate::config::ConvAlgoSearch,
-}
+use super::provider::{Inputs, SessionSettings};
+use super::{runtime, DeviceError, DevicePlan, ModelRunner, RunError};
 
 /// Owns one `ort::Session`. `Session::run` takes `&mut self`, so exactly one thread uses it.
 pub struct OrtRunner {
@@ -33,9 +20,9 @@ pub struct OrtRunner {
     info: ModelInfo,
     /// Per input, the name of each dimension ("" where the model names none).
     dim_names: Vec<Vec<String>>,
-    /// Allocator for input tensors: host memory, or pinned host memory on CUDA.
+    /// Allocator for input tensors: host memory, or pinned host memory where the provider pins.
     allocator: Allocator,
-    /// On CUDA with pinned inputs: the binding every run goes through.
+    /// With pinned inputs: the binding every run goes through.
     binding: Option<IoBinding>,
 }
 
@@ -104,14 +91,15 @@ impl OrtRunner {
     /// Builds a session for `plan` (CPU with its thread count, or CUDA with no silent CPU
     /// fallback) from the model file. [`super::init_runtime`] must have succeeded first.
     pub fn open(path: &Path, plan: &DevicePlan) -> Result<OrtRunner, DeviceError> {
-        OrtRunner::open_with(path, plan, CudaSettings::default())
+        OrtRunner::open_with(path, plan, SessionSettings::default())
     }
 
-    /// [`OrtRunner::open`] with the CUDA settings (ignored on CPU).
+    /// [`OrtRunner::open`] with the session settings; the plan's execution provider applies
+    /// those of its kind.
     pub(crate) fn open_with(
         path: &Path,
         plan: &DevicePlan,
-        cuda: CudaSettings,
+        settings: SessionSettings,
     ) -> Result<OrtRunner, DeviceError> {
         let fail = |message: String| DeviceError::Session {
             path: path.display().to_string(),
@@ -120,82 +108,17 @@ impl OrtRunner {
         };
         let env =
             runtime::environment().ok_or_else(|| fail("ONNX Runtime is not loaded".into()))?;
+        let provider = plan.kind.provider();
         let builder = Session::builder(env).map_err(|e| fail(e.to_string()))?;
-        let mut builder = match plan.kind {
-            DeviceKind::Cpu {
-                intra_op_threads,
-                spinning,
-            } => {
-                let b = builder
-                    .with_intra_threads(intra_op_threads)
-                    .map_err(|e| fail(e.to_string()))?;
-                let b = b.with_inter_threads(1).map_err(|e| fail(e.to_string()))?;
-                // Off by default: several sessions and the HTTP workers share the cores, and a
-                // spinning pool burns the time the others need (`runtime.cpu_spinning`).
-                b.with_intra_op_spinning(spinning)
-                    .map_err(|e| fail(e.to_string()))?
-            }
-            DeviceKind::Cuda { id } => {
-                let search = match cuda.conv_search {
-                    crate::config::ConvAlgoSearch::Exhaustive => {
-                        ep::cuda::ConvAlgorithmSearch::Exhaustive
-                    }
-                    crate::config::ConvAlgoSearch::Heuristic => {
-                        ep::cuda::ConvAlgorithmSearch::Heuristic
-                    }
-                    crate::config::ConvAlgoSearch::Default => {
-                        ep::cuda::ConvAlgorithmSearch::Default
-                    }
-                };
-                let mut ep = ep::CUDA::default()
-                    .with_device_id(id as i32)
-                    .with_conv_algorithm_search(search);
-                if let Some(limit) = cuda.gpu_mem_limit {
-                    ep = ep
-                        .with_memory_limit(limit as usize)
-                        .with_arena_extend_strategy(ep::ArenaExtendStrategy::SameAsRequested);
-                }
-                builder
-                    .with_execution_providers([ep.build().error_on_failure()])
-                    .map_err(|e| fail(e.to_string()))?
-            }
-        };
+        let mut builder = provider
+            .configure(builder, plan.kind, &settings)
+            .map_err(fail)?;
         let session = builder
             .commit_from_file(path)
             .map_err(|e| fail(e.to_string()))?;
-        let mut allocator = Allocator::default();
-        let mut binding = None;
-        if let DeviceKind::Cuda { id } = plan.kind {
-            // A CUDA allocator only exists when the session really runs on that GPU.
-            let mem = MemoryInfo::new(
-                AllocationDevice::CUDA,
-                id as i32,
-                AllocatorType::Device,
-                MemoryType::Default,
-            )
-            .map_err(|e| fail(e.to_string()))?;
-            Allocator::new(&session, mem).map_err(|e| {
-                fail(format!(
-                    "session is not on the GPU (no CUDA allocator: {e})"
-                ))
-            })?;
-            if cuda.pinned_inputs {
-                let pinned = MemoryInfo::new(
-                    AllocationDevice::CUDA_PINNED,
-                    0,
-                    AllocatorType::Device,
-                    MemoryType::CPUInput,
-                )
-                .map_err(|e| fail(e.to_string()))?;
-                allocator = Allocator::new(&session, pinned)
-                    .map_err(|e| fail(format!("pinned host allocator: {e}")))?;
-                binding = Some(
-                    session
-                        .create_binding()
-                        .map_err(|e| fail(format!("IoBinding: {e}")))?,
-                );
-            }
-        }
+        let Inputs { allocator, binding } = provider
+            .inputs(&session, plan.kind, &settings)
+            .map_err(fail)?;
         let info = ModelInfo {
             inputs: tensor_infos(path, session.inputs())?,
             outputs: tensor_infos(path, session.outputs())?,

@@ -3,7 +3,6 @@
 //! cache it.
 
 mod cache;
-mod memory;
 pub mod plot;
 mod probe;
 
@@ -17,16 +16,16 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::RuntimeConfig;
 use crate::device::{
-    DeviceCommand, DeviceKind, DevicePlan, ModelRunner, RunDone, RunError, RunJob,
+    DeviceCommand, DeviceMemory, DevicePlan, ModelRunner, RunDone, RunError, RunJob,
 };
 use crate::model::ModelInfo;
 use crate::tensor::{DataType, Tensor};
 
+pub use crate::device::process_rss;
 pub(crate) use cache::cache_key;
 pub use cache::SharedResult;
-pub use memory::process_rss;
-pub(crate) use memory::{gpu_readings, CpuMemorySource};
 pub(crate) use probe::{Limits, Measured, Target};
 pub use probe::{MemoryReading, Outcome, Probe, ProbeError};
 
@@ -202,79 +201,35 @@ pub(crate) fn synthetic_inputs(
         .collect()
 }
 
-/// How the probe reads memory on one device.
-pub(crate) enum MemoryProbe {
-    Cpu(CpuMemorySource),
-    /// NVML, by NVML device index.
-    Cuda {
-        nvml: Box<nvml_wrapper::Nvml>,
-        index: u32,
-    },
-}
+/// How the probe reads memory on one device: as the device's execution provider reads it
+/// (the cgroup/RSS reader on CPU, NVML on CUDA).
+pub(crate) struct MemoryProbe(Box<dyn DeviceMemory>);
 
 impl MemoryProbe {
-    /// For a plan: the cgroup/RSS reader on CPU, NVML on CUDA (`visible` maps `cuda:N` to the
-    /// NVML index when CUDA_VISIBLE_DEVICES renumbers GPUs).
+    /// For a plan, from its kind's execution provider (`runtime` has what it needs to find the
+    /// device, e.g. `CUDA_VISIBLE_DEVICES` to map `cuda:N` to its NVML index).
     pub(crate) fn for_plan(
         plan: &DevicePlan,
-        visible: Option<&str>,
+        runtime: &RuntimeConfig,
     ) -> Result<MemoryProbe, String> {
-        match plan.kind {
-            DeviceKind::Cpu { .. } => Ok(MemoryProbe::Cpu(CpuMemorySource::detect())),
-            DeviceKind::Cuda { id } => {
-                let index = visible
-                    .and_then(|v| v.split(',').nth(id as usize))
-                    .and_then(|s| s.trim().parse::<u32>().ok())
-                    .unwrap_or(id);
-                let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
-                nvml.device_by_index(index).map_err(|e| e.to_string())?;
-                Ok(MemoryProbe::Cuda {
-                    nvml: Box::new(nvml),
-                    index,
-                })
-            }
-        }
+        plan.kind
+            .provider()
+            .memory(plan.kind, runtime)
+            .map(MemoryProbe)
     }
 
-    /// The GPU's model (NVML's name, e.g. "NVIDIA H100 80GB HBM3") on CUDA: part of the
+    /// The device's model (NVML's name, e.g. "NVIDIA H100 80GB HBM3") on a GPU: part of the
     /// tuning key, so results are shared only between GPUs of one model.
     pub(crate) fn gpu_name(&self) -> Option<String> {
-        match self {
-            MemoryProbe::Cpu(_) => None,
-            MemoryProbe::Cuda { nvml, index } => Some(
-                nvml.device_by_index(*index)
-                    .and_then(|d| d.name())
-                    .unwrap_or_else(|e| format!("unknown ({e})")),
-            ),
-        }
+        self.0.device_name()
     }
 
     pub(crate) fn name(&self) -> String {
-        match self {
-            MemoryProbe::Cpu(src) => src.name().to_string(),
-            MemoryProbe::Cuda { index, .. } => format!("NVML device {index}: used against total"),
-        }
+        self.0.name()
     }
 
     pub(crate) fn read(&self) -> MemoryReading {
-        match self {
-            MemoryProbe::Cpu(src) => src.read(),
-            MemoryProbe::Cuda { nvml, index } => {
-                match nvml.device_by_index(*index).and_then(|d| d.memory_info()) {
-                    Ok(m) => MemoryReading {
-                        used: m.used,
-                        limit: Some(m.total),
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "NVML memory reading failed");
-                        MemoryReading {
-                            used: 0,
-                            limit: None,
-                        }
-                    }
-                }
-            }
-        }
+        self.0.read()
     }
 }
 

@@ -8,14 +8,7 @@ use thiserror::Error;
 
 use crate::device::RunError;
 
-/// Memory as one probe sees it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MemoryReading {
-    /// Bytes in use (process or cgroup on CPU, the device on CUDA).
-    pub used: u64,
-    /// The limit `used` counts against, when one is known.
-    pub limit: Option<u64>,
-}
+pub use crate::device::MemoryReading;
 
 /// What one size's timed runs measured.
 #[derive(Debug, Clone, Default)]

@@ -1,9 +1,30 @@
-//! Memory readings for the probe. CPU: the container's cgroup (v2, then v1), else this process's
-//! resident memory against what the kernel says is available. CUDA: NVML, loaded at run time.
+//! Memory readings for the tuning probe, as each execution provider takes them
+//! ([`super::provider::ExecutionProvider::memory`]). CPU: the container's cgroup (v2, then v1),
+//! else this process's resident memory against what the kernel says is available. CUDA: NVML,
+//! loaded at run time.
 
 use std::path::Path;
 
-use super::probe::MemoryReading;
+/// Memory as one probe sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryReading {
+    /// Bytes in use (process or cgroup on CPU, the device on CUDA).
+    pub used: u64,
+    /// The limit `used` counts against, when one is known.
+    pub limit: Option<u64>,
+}
+
+/// How the probe reads one device's memory.
+pub(crate) trait DeviceMemory: Send + Sync {
+    /// How memory is read, as `memory_source` in the tuning result.
+    fn name(&self) -> String;
+    fn read(&self) -> MemoryReading;
+    /// The device's model (e.g. NVML's "NVIDIA H100 80GB HBM3"): part of the tuning key, so
+    /// results are shared only between devices of one model. `None` on the host.
+    fn device_name(&self) -> Option<String> {
+        None
+    }
+}
 
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -85,6 +106,16 @@ impl CpuMemorySource {
             CpuMemorySource::Host => mem_available().map(|a| a + rss),
         };
         MemoryReading { used: rss, limit }
+    }
+}
+
+impl DeviceMemory for CpuMemorySource {
+    fn name(&self) -> String {
+        CpuMemorySource::name(self).to_string()
+    }
+
+    fn read(&self) -> MemoryReading {
+        CpuMemorySource::read(self)
     }
 }
 
