@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::app::{AppState, InferError};
+use crate::codec::JsonError;
 
 /// Per-request settings that travel with a request into the core.
 #[derive(Debug, Clone, Default)]
@@ -220,6 +221,19 @@ impl From<InferError> for CallError {
     }
 }
 
+/// A JSON body the codec could not read: malformed, or invalid input. Rows past the most are
+/// invalid input too; a front door that has its own words for them maps
+/// [`JsonError::TooManyRows`] itself.
+impl From<JsonError> for CallError {
+    fn from(e: JsonError) -> CallError {
+        match e {
+            JsonError::Malformed(m) => CallError::MalformedBody(m),
+            JsonError::Invalid(m) => CallError::InvalidInput(m),
+            JsonError::TooManyRows { .. } => CallError::InvalidInput(e.to_string()),
+        }
+    }
+}
+
 /// Lets a call through when auth is off or `authorization` (the HTTP header's or the gRPC
 /// metadata's value, `Bearer <token>`) carries one of the configured tokens.
 pub fn authorize(app: &AppState, authorization: Option<&str>) -> Result<(), CallError> {
@@ -382,6 +396,23 @@ mod tests {
             CallError::from(InferError::RunFailed("cuda".into())),
             CallError::Internal,
             "internal details are not returned"
+        );
+    }
+
+    /// The codec's errors keep their words, and say whose fault they are.
+    #[test]
+    fn json_errors_become_malformed_bodies_or_invalid_input() {
+        assert_eq!(
+            CallError::from(JsonError::Malformed("m".into())),
+            CallError::MalformedBody("m".into())
+        );
+        assert_eq!(
+            CallError::from(JsonError::Invalid("i".into())),
+            CallError::InvalidInput("i".into())
+        );
+        assert_eq!(
+            CallError::from(JsonError::TooManyRows { max: 3 }),
+            CallError::InvalidInput("the data has more than 3 rows".into())
         );
     }
 }

@@ -9,8 +9,8 @@
 //! # Layout
 //!
 //! Arrows point one way: `app` → (`preprocess`, `batching`) → `dispatch` → `device`;
-//! `startup` → everything; `tuning` → `device`. `config`, `metrics`, `tensor`, `model`, `stamp`
-//! and `budget` are leaves. docs/ARCHITECTURE.md has the request path and the rules.
+//! `startup` → everything; `tuning` → `device`; `codec` → `tensor`. `config`, `metrics`,
+//! `tensor`, `model`, `stamp` and `budget` are leaves. docs/ARCHITECTURE.md has the request path and the rules.
 //!
 //! - [`config`]: the YAML schema, defaults, environment overrides, validation with key paths.
 //! - [`call`]: the protocol-neutral core of a call (context, auth, errors and their kinds,
@@ -27,6 +27,8 @@
 //!   (what each kind of device means: `device::provider`, one file per kind), device memory
 //!   readings and the worker threads. The only module that imports `ort`.
 //! - [`tensor`]: `Tensor { dtype, shape, data }`, concatenation and slicing along dim 0.
+//! - [`codec`]: the JSON tensor codec: a one-pass reader of request bodies, tensor data straight
+//!   into tensor bytes, with its own error type ([`codec::JsonError`]).
 //! - [`model`]: a model's inputs and outputs and the checks on a request's tensors.
 //! - [`preprocess`]: uploaded images into model input rows, on a bounded CPU pool.
 //! - `classify`: labels, softmax and top-k for classification outputs.
@@ -44,6 +46,7 @@ mod batching;
 mod budget;
 pub mod call;
 mod classify;
+pub mod codec;
 pub mod config;
 pub mod device;
 mod dispatch;

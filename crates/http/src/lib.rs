@@ -5,7 +5,6 @@ mod auth;
 mod edge;
 mod error;
 mod extract;
-mod json;
 mod routes;
 mod serve;
 pub(crate) mod v2;

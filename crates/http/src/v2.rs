@@ -8,10 +8,10 @@ use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use ortserve_core::codec::Reader;
 use ortserve_core::tensor::{element_count, DataType, Tensor};
 
 use super::error::CallError;
-use super::json::Reader;
 
 /// What a syntax error in a V2 body starts with.
 const SYNTAX: &str = "invalid inference request JSON";
@@ -223,14 +223,15 @@ struct Input {
 /// Sets a member read from the body, refusing one that comes twice.
 fn once<T>(r: &Reader, slot: &mut Option<T>, key: &str, value: T) -> Result<(), CallError> {
     if slot.is_some() {
-        return Err(r.error(r.position(), format!("duplicate field `{key}`")));
+        let e = r.error(r.position(), format!("duplicate field `{key}`"));
+        return Err(e.into());
     }
     *slot = Some(value);
     Ok(())
 }
 
 fn missing(r: &Reader, at: usize, key: &str) -> CallError {
-    r.error(at, format!("missing field `{key}`"))
+    r.error(at, format!("missing field `{key}`")).into()
 }
 
 /// Reads a V2 request body in one pass (see [`Reader`]).
@@ -248,7 +249,7 @@ fn read_request(text: &[u8]) -> Result<Request, CallError> {
         }
         "inputs" => {
             let mut list = Vec::new();
-            r.array(|r| {
+            r.array(|r| -> Result<(), CallError> {
                 list.push(read_input(r)?);
                 Ok(())
             })?;
@@ -258,7 +259,7 @@ fn read_request(text: &[u8]) -> Result<Request, CallError> {
             let v = r.value::<Option<Vec<RequestOutput>>>()?;
             once(r, &mut outputs, "outputs", v)
         }
-        _ => r.ignore(),
+        _ => Ok(r.ignore()?),
     })?;
     let Some(inputs) = inputs else {
         return Err(missing(&r, text.len(), "inputs"));
@@ -281,7 +282,7 @@ fn read_input(r: &mut Reader) -> Result<Input, CallError> {
     let mut data: Option<Vec<u8>> = None;
     // Where data that came early starts and ends.
     let mut later: Option<(usize, usize)> = None;
-    r.object(|r, key| {
+    r.object(|r, key| -> Result<(), CallError> {
         match &*key {
             "name" => {
                 let v = r.value::<String>()?;
@@ -301,7 +302,7 @@ fn read_input(r: &mut Reader) -> Result<Input, CallError> {
             }
             "data" => {
                 if data.is_some() || later.is_some() {
-                    return Err(r.error(r.position(), "duplicate field `data`"));
+                    return Err(r.error(r.position(), "duplicate field `data`").into());
                 }
                 if let (Some(n), Some(s), Some(d)) = (&name, &shape, &datatype) {
                     let l = layout.insert(input_layout(n, s, d)?);
@@ -327,7 +328,7 @@ fn read_input(r: &mut Reader) -> Result<Input, CallError> {
         let mut again = r.at(start);
         data = Some(again.tensor_data(dtype, &shape, &what)?);
         if again.position() != stop {
-            return Err(again.error(again.position(), "expected `,` or `}`"));
+            return Err(again.error(again.position(), "expected `,` or `}`").into());
         }
     }
     Ok(Input {

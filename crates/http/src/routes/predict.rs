@@ -16,10 +16,10 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
 use crate::extract::{self, read_body};
-use crate::json::Reader;
 use crate::routes::models::lookup;
 use crate::{v2, ApiError, CallError};
 use ortserve_core::app::{AppState, Call, ImagePrediction, Model};
+use ortserve_core::codec::{JsonError, Reader};
 use ortserve_core::config::ImageConfig;
 use ortserve_core::model::ModelInfo;
 use ortserve_core::tensor::Tensor;
@@ -327,17 +327,12 @@ fn tensor_instances(
     max_rows: usize,
     body: &[u8],
 ) -> Result<Rows, CallError> {
-    let too_many = |max: usize| {
-        CallError::InvalidInput(format!(
-            "the request has more than {max} instances; this model takes at most {max} rows per request"
-        ))
-    };
     if let [input] = info.inputs.as_slice() {
-        if let Some(rows) = one_input_rows(input, model, max_rows, &too_many, body)? {
+        if let Some(rows) = one_input_rows(input, model, max_rows, body)? {
             return Ok(rows);
         }
     }
-    let (all, list, _) = instances(body, max_rows, too_many)?;
+    let (all, list, _) = instances(body, max_rows, too_many_rows)?;
     let n = list.len();
     let objects: Option<Vec<BTreeMap<String, &RawValue>>> = if info.inputs.len() == 1
         && !list.iter().any(|r| r.get().starts_with('{'))
@@ -392,6 +387,13 @@ fn tensor_instances(
 /// Named input tensors and how many rows they hold.
 type Rows = (Vec<(String, Tensor)>, usize);
 
+/// More instances than a tensor model takes in one request.
+fn too_many_rows(max: usize) -> CallError {
+    CallError::InvalidInput(format!(
+        "the request has more than {max} instances; this model takes at most {max} rows per request"
+    ))
+}
+
 /// The dims of one row of `input` (all but the first), which must be fixed.
 fn row_shape(
     input: &ortserve_core::model::TensorInfo,
@@ -414,7 +416,6 @@ fn one_input_rows(
     input: &ortserve_core::model::TensorInfo,
     model: &str,
     max_rows: usize,
-    too_many: &dyn Fn(usize) -> CallError,
     body: &[u8],
 ) -> Result<Option<Rows>, CallError> {
     let rest = row_shape(input, model)?;
@@ -435,7 +436,7 @@ fn one_input_rows(
                     objects = true;
                     r.skip()?;
                 } else {
-                    rows = Some(r.tensor_rows(input.dtype, &rest, max_rows, too_many, &what)?);
+                    rows = Some(r.tensor_rows(input.dtype, &rest, max_rows, &what)?);
                 }
             }
             "raw" => {
@@ -444,6 +445,10 @@ fn one_input_rows(
             _ => r.ignore()?,
         }
         Ok(())
+    })
+    .map_err(|e| match e {
+        JsonError::TooManyRows { max } => too_many_rows(max),
+        e => e.into(),
     })?;
     r.end()?;
     if objects {
