@@ -64,7 +64,7 @@ impl Server {
 /// Loads everything (see [`load_models`]) and returns the server, ready to serve.
 pub async fn start(config: &Config) -> Result<Server, StartupError> {
     let state = new_state(config);
-    let loaded = load_models(config, &state.metrics).await?;
+    let loaded = load_models(config, &state).await?;
     state.install(loaded);
     Ok(Server {
         state,
@@ -82,7 +82,7 @@ pub async fn run(
     let state = new_state(&config);
     let serving = serve_until(state.clone(), &config.server, listeners.into(), shutdown);
     tokio::pin!(serving);
-    let loading = load_models(&config, &state.metrics);
+    let loading = load_models(&config, &state);
     tokio::pin!(loading);
     tokio::select! {
         loaded = &mut loading => {

@@ -15,6 +15,7 @@ pub use crate::call::Call;
 use crate::call::CallError;
 use crate::classify::{Class, Classifier};
 use crate::config::ImageConfig;
+use crate::lifecycle::{Lifecycle, ModelState};
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
 use crate::preprocess::{finished, Pool, PreprocessError, Priority};
@@ -145,6 +146,10 @@ pub struct AppState {
     /// Every configured model as (name, version), known before any is loaded: a request for one
     /// that is still loading is 503, not 404.
     configured: Vec<(String, String)>,
+    /// `server.model_control`: whether the repository API may load and unload models.
+    pub model_control: crate::config::ModelControl,
+    /// Loads and unloads while serving: each model's state, the loader, the turns.
+    lifecycle: Lifecycle,
 }
 
 impl AppState {
@@ -175,6 +180,8 @@ impl AppState {
             tokens,
             access_log: server.access_log,
             configured,
+            model_control: server.model_control,
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -198,6 +205,16 @@ impl AppState {
     /// The served models and their owners: load, replace and unload at runtime.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Each configured model's state for the repository index, and what loads it again.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    /// Every configured model as (name, version).
+    pub fn configured(&self) -> &[(String, String)] {
+        &self.configured
     }
 
     /// Every served model, by name then version.
@@ -227,9 +244,19 @@ impl AppState {
         Err(match self.configured_version(name) {
             None => CallError::ModelNotFound(name.to_string()),
             Some(configured) if version.is_some_and(|v| v != configured) => not_served(),
-            Some(_) => CallError::Unavailable(format!(
-                "model {name:?} is loading; it is served once it is loaded and tuned"
-            )),
+            Some(_) => match self.lifecycle.state(name) {
+                // Unloaded through the repository API, or its load failed: not served here
+                // until it is loaded again, which a retry will not bring about.
+                Some((ModelState::Unavailable | ModelState::Unloading, reason)) => {
+                    CallError::NotFound(format!(
+                        "model {name:?} is not loaded ({reason}); POST \
+                         /v2/repository/models/{name}/load loads it"
+                    ))
+                }
+                _ => CallError::Unavailable(format!(
+                    "model {name:?} is loading; it is served once it is loaded and tuned"
+                )),
+            },
         })
     }
 

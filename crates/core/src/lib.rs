@@ -18,6 +18,8 @@
 //! - [`app`]: the façade the front doors call: models (infer tensors, status, tuning), image
 //!   prediction (preprocessing → batching → classification), readiness, the metrics text.
 //! - [`startup`]: loading and tuning every (model, device); stopping them; `check()`.
+//! - [`lifecycle`]: loading, reloading and unloading configured models while serving (the V2
+//!   repository extension's index, load and unload), over the registry.
 //! - [`registry`]: the served models by name and version, changeable at runtime.
 //! - `batching`: a model's lock-free request handle and its owner (which stops and joins), the
 //!   batcher actor and its pure `State`.
@@ -50,6 +52,7 @@ pub mod codec;
 pub mod config;
 pub mod device;
 mod dispatch;
+pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
 pub mod model;

@@ -14,6 +14,7 @@ use crate::classify::Classifier;
 use crate::config::{self, Config, ConfigError, ImageConfig, MaxBatch};
 use crate::device::{self, DeviceError, OrtRunner};
 use crate::dispatch;
+use crate::lifecycle::Loader;
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
 use crate::tensor;
@@ -39,13 +40,24 @@ pub type Loaded = Vec<(Model, ModelOwner)>;
 /// Loads ONNX Runtime, builds every (model, device, instance) session, tunes each device's
 /// batch size (or takes it from config or the cache), and starts the device threads and
 /// batchers. Devices are tuned one after another, so probes do not disturb each other.
-pub async fn load_models(config: &Config, metrics: &Arc<Metrics>) -> Result<Loaded, StartupError> {
+pub async fn load_models(config: &Config, state: &AppState) -> Result<Loaded, StartupError> {
+    let metrics = &state.metrics;
     let runtime_cfg = config.runtime.clone();
     let runtime = tokio::task::spawn_blocking(move || device::init_runtime(&runtime_cfg))
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     let plans = device::plan_devices(config, &runtime)?;
     let version = runtime.version();
+    state.lifecycle().set_loader(Loader {
+        config: config.clone(),
+        plans: config
+            .models
+            .iter()
+            .map(|m| m.name.clone())
+            .zip(plans.iter().cloned())
+            .collect(),
+        runtime_version: version.clone(),
+    });
     let mut loaded = Loaded::new();
     for (m, plans) in config.models.iter().zip(plans) {
         loaded.push(load_one(config, m, plans, &version, metrics).await?);

@@ -90,6 +90,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/infer",
             post(routes::infer::infer_version),
+        )
+        .route("/v2/repository/index", post(routes::repository::index))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(routes::repository::load),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(routes::repository::unload),
         );
     // Only with tokens configured: the layer boxes a future on every request it wraps.
     let models = if state.tokens.is_empty() {

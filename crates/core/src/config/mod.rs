@@ -57,6 +57,18 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
 }
 
+/// `server.model_control`: who may change the served models while the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelControl {
+    /// The models are fixed at startup; the repository API's load and unload are refused.
+    #[default]
+    None,
+    /// `POST /v2/repository/models/{m}/load` and `/unload` load (or reload) and unload
+    /// configured models.
+    Explicit,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -130,6 +142,10 @@ pub struct ServerConfig {
     /// milliseconds, request id). Off by default; its cost is in docs/BENCHMARKS.md.
     #[serde(default)]
     pub access_log: bool,
+    /// Who may change the served models while the server runs: `none` (they are fixed at
+    /// startup) or `explicit` (the V2 repository API's load and unload).
+    #[serde(default)]
+    pub model_control: ModelControl,
     /// Bearer-token auth for inference and model routes; health, readiness and metrics stay open.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
@@ -170,6 +186,7 @@ impl Default for ServerConfig {
             max_body_memory: None,
             log_format: default_log_format(),
             access_log: false,
+            model_control: ModelControl::None,
             auth: None,
         }
     }

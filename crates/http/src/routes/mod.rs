@@ -4,6 +4,7 @@ pub(crate) mod health;
 pub(crate) mod infer;
 pub(crate) mod models;
 pub(crate) mod predict;
+pub(crate) mod repository;
 
 use std::time::Instant;
 

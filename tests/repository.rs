@@ -1,0 +1,274 @@
+//! The V2 repository extension with real ONNX Runtime sessions: the index, unload and load, a
+//! reload under continuous load that no client notices, a failed load that leaves the served
+//! model alone, concurrent calls, and `model_control: none` refusing them.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use common::*;
+use ortserve::tensor::Tensor;
+use serde_json::{json, Value};
+
+const EXPLICIT: &str = "
+server: {model_control: explicit}
+models:
+  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}";
+
+async fn post(router: &axum::Router, uri: &str) -> Reply {
+    send(router, Request::post(uri).body(Body::empty()).unwrap()).await
+}
+
+async fn index(router: &axum::Router) -> Value {
+    let reply = post(router, "/v2/repository/index").await;
+    reply.assert_status(200);
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
+fn x() -> Tensor {
+    Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap()
+}
+
+async fn infer_status(router: &axum::Router) -> u16 {
+    post_json(
+        router,
+        "/v2/models/mlp/infer",
+        &v2_json(&[("input", &x())], false),
+    )
+    .await
+    .status
+    .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_then_load_through_the_repository_api() {
+    let (served, router) = start(EXPLICIT).await;
+    assert_eq!(
+        index(&router).await,
+        json!([{"name": "mlp", "version": "1", "state": "READY", "reason": ""}])
+    );
+    let meta = get(&router, "/v2").await;
+    assert!(String::from_utf8_lossy(&meta.body).contains("model_repository"));
+
+    let unloaded = post(&router, "/v2/repository/models/mlp/unload").await;
+    unloaded.assert_status(200);
+    assert!(unloaded.body.is_empty());
+    assert_eq!(
+        index(&router).await,
+        json!([{"name": "mlp", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}])
+    );
+    assert_eq!(index(&router).await.as_array().unwrap().len(), 1);
+    let ready_only = send(
+        &router,
+        Request::post("/v2/repository/index")
+            .body(Body::from(r#"{"ready": true}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&ready_only.body).unwrap(),
+        json!([])
+    );
+    let gone = post_json(
+        &router,
+        "/v2/models/mlp/infer",
+        &v2_json(&[("input", &x())], false),
+    )
+    .await;
+    gone.assert_status(404);
+    assert!(String::from_utf8_lossy(&gone.body).contains("/v2/repository/models/mlp/load"));
+    // Unloading again is not an error.
+    post(&router, "/v2/repository/models/mlp/unload")
+        .await
+        .assert_status(200);
+
+    post(&router, "/v2/repository/models/mlp/load")
+        .await
+        .assert_status(200);
+    assert_eq!(index(&router).await[0]["state"], "READY");
+    assert_eq!(infer_status(&router).await, 200);
+
+    // Names that are not configured are 404; a malformed index request is 400.
+    post(&router, "/v2/repository/models/nope/load")
+        .await
+        .assert_status(404);
+    let bad = send(
+        &router,
+        Request::post("/v2/repository/index")
+            .body(Body::from("{"))
+            .unwrap(),
+    )
+    .await;
+    bad.assert_status(400);
+    served.shutdown().await;
+}
+
+/// 16 clients, JSON and binary, send requests back to back while the model is reloaded three
+/// times: every answer is 200, and the old sessions stop once the swap is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_continuous_load_loses_no_request() {
+    let (served, router) = start(EXPLICIT).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for c in 0..16 {
+        let (router, stop, answered) = (router.clone(), stop.clone(), answered.clone());
+        clients.push(tokio::spawn(async move {
+            // The first few non-200 answers, and how many there were.
+            let (mut bad, mut bad_count) = (Vec::new(), 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                let reply = if c % 2 == 0 {
+                    post_json(
+                        &router,
+                        "/v2/models/mlp/infer",
+                        &v2_json(&[("input", &x())], false),
+                    )
+                    .await
+                } else {
+                    let (body, header_len) = v2_binary(&[("input", &x())]);
+                    send(
+                        &router,
+                        Request::post("/v2/models/mlp/infer")
+                            .header("inference-header-content-length", header_len)
+                            .header("content-type", "application/octet-stream")
+                            .body(Body::from(body))
+                            .unwrap(),
+                    )
+                    .await
+                };
+                if reply.status != 200 {
+                    bad_count += 1;
+                    if bad.len() < 3 {
+                        let text = String::from_utf8_lossy(&reply.body).into_owned();
+                        bad.push((reply.status, text));
+                    }
+                    // Refused, a client waits a little (an error answer never yields to the
+                    // scheduler, and 16 clients spinning on them would starve the reload).
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            (bad_count, bad)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let before = answered.load(Ordering::Relaxed);
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            post(&router, "/v2/repository/models/mlp/load"),
+        )
+        .await
+        .expect("a reload of the MLP takes well under a minute")
+        .assert_status(200);
+        assert!(
+            answered.load(Ordering::Relaxed) > before,
+            "requests were answered while the model reloaded"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut bad_count, mut bad) = (0, Vec::new());
+    for c in clients {
+        let (n, first) = c.await.unwrap();
+        bad_count += n;
+        bad.extend(first);
+    }
+    assert_eq!(bad_count, 0, "non-200 answers, the first: {bad:?}");
+    assert!(answered.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        served.models().len(),
+        1,
+        "one version served after the swaps"
+    );
+    served.shutdown().await;
+}
+
+/// A reload from a file that no longer parses fails with its reason and leaves the served
+/// sessions serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_leaves_the_served_model_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mlp.onnx");
+    std::fs::copy(fixtures().join("mlp.onnx"), &file).unwrap();
+    let yaml = format!(
+        "server: {{model_control: explicit}}\nmodels:\n  - {{name: mlp, path: {}, devices: cpu, batching: {{max_batch_size: 8}}}}",
+        file.display()
+    );
+    let (served, router) = start(&yaml).await;
+    // Half a file, as a copy that is still being written would leave it.
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+
+    let failed = post(&router, "/v2/repository/models/mlp/load").await;
+    failed.assert_status(400);
+    let text = String::from_utf8_lossy(&failed.body).into_owned();
+    assert!(text.contains("load failed"), "{text}");
+    let entry = &index(&router).await[0];
+    assert_eq!(entry["state"], "READY", "{entry}");
+    assert!(
+        entry["reason"].as_str().unwrap().contains("load failed"),
+        "{entry}"
+    );
+    assert_eq!(infer_status(&router).await, 200);
+
+    // Fixed, it loads.
+    std::fs::write(&file, &bytes).unwrap();
+    post(&router, "/v2/repository/models/mlp/load")
+        .await
+        .assert_status(200);
+    assert_eq!(index(&router).await[0]["reason"], "");
+    served.shutdown().await;
+}
+
+/// Loads and unloads of one model at once take turns: each answers 200, and the end state is
+/// the last one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_loads_and_unloads_take_turns() {
+    let (served, router) = start(EXPLICIT).await;
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let router = router.clone();
+        let action = if i % 3 == 2 { "unload" } else { "load" };
+        calls.push(tokio::spawn(async move {
+            post(&router, &format!("/v2/repository/models/mlp/{action}"))
+                .await
+                .status
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let state = index(&router).await[0]["state"].clone();
+    let served_now = served.models().len();
+    assert!(
+        (state == "READY" && served_now == 1) || (state == "UNAVAILABLE" && served_now == 0),
+        "index {state} with {served_now} served"
+    );
+    post(&router, "/v2/repository/models/mlp/load")
+        .await
+        .assert_status(200);
+    assert_eq!(served.models().len(), 1);
+    assert_eq!(infer_status(&router).await, 200);
+    served.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_explicit_model_control_the_models_are_fixed() {
+    let (served, router) = start(
+        "models:\n  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
+    )
+    .await;
+    assert_eq!(index(&router).await[0]["state"], "READY");
+    for action in ["load", "unload"] {
+        let refused = post(&router, &format!("/v2/repository/models/mlp/{action}")).await;
+        refused.assert_status(400);
+        assert!(String::from_utf8_lossy(&refused.body).contains("model_control"));
+    }
+    assert_eq!(infer_status(&router).await, 200);
+    served.shutdown().await;
+}
