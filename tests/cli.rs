@@ -497,3 +497,44 @@ fn check_config_reports_what_serve_refuses_and_survives_a_closed_pipe() {
     assert!(out.status.success(), "{:?}: {err}", out.status);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Triton's own client drives the repository extension against the binary: the index, unload
+/// (the model is then not ready), load (ready again, and it answers).
+#[test]
+fn tritonclient_loads_and_unloads_through_the_repository_api() {
+    let (_server, port, _dir) = serve_mlp("model_control: explicit");
+    let script = r#"
+import sys
+import numpy as np
+import tritonclient.http as httpclient
+c = httpclient.InferenceServerClient(url="127.0.0.1:" + sys.argv[1])
+index = c.get_model_repository_index()
+assert index == [{"name": "mlp", "version": "1", "state": "READY", "reason": ""}], index
+c.unload_model("mlp")
+assert not c.is_model_ready("mlp")
+after = c.get_model_repository_index()
+assert after[0]["state"] == "UNAVAILABLE", after
+c.load_model("mlp")
+assert c.is_model_ready("mlp")
+x = httpclient.InferInput("input", [1, 4], "FP32")
+x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+out = c.infer("mlp", [x]).as_numpy("logits")
+print("ok", index[0]["state"], after[0]["state"], out.shape)
+"#;
+    let out = Command::new(common::tool("python"))
+        .arg("-c")
+        .arg(script)
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("ok READY UNAVAILABLE (1, 3)"),
+        "{stdout}"
+    );
+}

@@ -179,6 +179,15 @@ async fn a_reload_under_continuous_load_loses_no_request() {
         bad.extend(first);
     }
     assert_eq!(bad_count, 0, "non-200 answers, the first: {bad:?}");
+    let text = served.render_metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "ortserve_model_loads_total",
+            &[("model", "mlp"), ("result", "ok")]
+        ),
+        3.0
+    );
     assert!(answered.load(Ordering::Relaxed) > 100);
     assert_eq!(
         served.models().len(),
@@ -215,6 +224,9 @@ async fn a_failed_load_leaves_the_served_model_alone() {
         "{entry}"
     );
     assert_eq!(infer_status(&router).await, 200);
+    let text = served.render_metrics().await;
+    let failed = [("model", "mlp"), ("result", "failed")];
+    assert_eq!(metric(&text, "ortserve_model_loads_total", &failed), 1.0);
 
     // Fixed, it loads.
     std::fs::write(&file, &bytes).unwrap();

@@ -180,6 +180,11 @@ async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> 
         Ok((model, owner)) => {
             let old = app.registry().load_one(model, Some(owner));
             life.set(name, ModelState::Ready, "");
+            let m = &app.metrics;
+            m.model_loads.with_label_values(&[name, "ok"]).inc();
+            m.model_load_duration
+                .with_label_values(&[name])
+                .observe(started.elapsed().as_secs_f64());
             tracing::info!(model = %name, took = ?started.elapsed(), "loaded: serving it");
             if let Some(old) = old {
                 old.stop(app.request_timeout).await;
@@ -196,6 +201,10 @@ async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> 
                 ModelState::Unavailable
             };
             life.set(name, state, reason.clone());
+            app.metrics
+                .model_loads
+                .with_label_values(&[name, "failed"])
+                .inc();
             Err(CallError::InvalidInput(format!("model {name:?}: {reason}")))
         }
     }
@@ -215,6 +224,7 @@ pub async fn unload(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
             if let Some(retired) = app.registry().unload_one(&name, &version) {
                 life.set(&name, ModelState::Unloading, "");
                 retired.stop(app.request_timeout).await;
+                app.metrics.model_unloads.with_label_values(&[&name]).inc();
                 tracing::info!(model = %name, "unloaded");
             }
             life.set(&name, ModelState::Unavailable, "unloaded");

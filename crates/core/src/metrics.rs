@@ -41,6 +41,12 @@ pub struct Metrics {
     pub inflight_rows: IntGaugeVec,
     pub saturation: GaugeVec,
     pub padded_rows: IntCounterVec,
+    /// Loads and reloads through the repository API, by model and result (`ok`, `failed`).
+    pub model_loads: IntCounterVec,
+    /// Unloads through the repository API, by model.
+    pub model_unloads: IntCounterVec,
+    /// How long a load took, from the call to the new sessions serving, by model.
+    pub model_load_duration: HistogramVec,
     /// GPU memory and utilisation from NVML, by GPU index (read at scrape time on GPU hosts).
     pub gpu_memory_used: IntGaugeVec,
     pub gpu_memory_total: IntGaugeVec,
@@ -200,6 +206,40 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
         }
+        let model_loads = IntCounterVec::new(
+            Opts::new(
+                "ortserve_model_loads_total",
+                "Model loads and reloads through the repository API, by result",
+            ),
+            &["model", "result"],
+        )
+        .expect("valid metric");
+        let model_unloads = IntCounterVec::new(
+            Opts::new(
+                "ortserve_model_unloads_total",
+                "Model unloads through the repository API",
+            ),
+            &["model"],
+        )
+        .expect("valid metric");
+        let model_load_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ortserve_model_load_duration_seconds",
+                "Time from a load call to the new sessions serving",
+            )
+            .buckets(exponential_buckets(0.05, 2.0, 14).expect("valid buckets")),
+            &["model"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(model_loads.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(model_unloads.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(model_load_duration.clone()))
+            .expect("unique metric");
         let tuned_max_batch = IntGaugeVec::new(
             Opts::new(
                 "ortserve_tuned_max_batch_size",
@@ -245,6 +285,9 @@ impl Metrics {
             tuned_max_batch,
             max_batch,
             cap_changes,
+            model_loads,
+            model_unloads,
+            model_load_duration,
             preprocess_duration,
             queue_duration,
             batches,
