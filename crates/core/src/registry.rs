@@ -59,6 +59,10 @@ impl Retired {
         if let Some(owner) = self.owner {
             owner.shutdown().await;
         }
+        // The model's sessions are dropped once the last holder lets go; the memory they freed
+        // goes back to the system only when asked.
+        drop(self.model);
+        crate::memory::trim_c_heap();
     }
 
     pub fn model(&self) -> &Arc<Model> {
