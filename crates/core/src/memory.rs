@@ -38,18 +38,6 @@ pub fn purge_delay_ms() -> i64 {
     i64::from(unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    #[allow(clippy::useless_conversion)] // c_long is i64 here, i32 on some platforms
-    fn the_purge_delay_option_is_the_one_named_and_is_set() {
-        // mimalloc 3's default for purge_delay is 1000 ms: the number names that option.
-        assert_eq!(super::purge_delay_ms(), 1000);
-        super::return_freed_memory_promptly();
-        assert_eq!(super::purge_delay_ms(), i64::from(super::PURGE_DELAY_MS));
-    }
-}
-
 /// Hands the C heap's free pages back to the operating system. ONNX Runtime allocates through
 /// the C library's malloc, not this allocator, and glibc keeps what a dropped session freed in
 /// its arenas: after unloading the bundled EfficientNet, RSS stayed 15% over its value before
@@ -60,5 +48,17 @@ pub fn trim_c_heap() {
     // SAFETY: malloc_trim takes no pointer and only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[allow(clippy::useless_conversion)] // c_long is i64 here, i32 on some platforms
+    fn the_purge_delay_option_is_the_one_named_and_is_set() {
+        // mimalloc 3's default for purge_delay is 1000 ms: the number names that option.
+        assert_eq!(super::purge_delay_ms(), 1000);
+        super::return_freed_memory_promptly();
+        assert_eq!(super::purge_delay_ms(), i64::from(super::PURGE_DELAY_MS));
     }
 }
