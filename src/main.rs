@@ -173,7 +173,7 @@ fn main() -> ExitCode {
 fn serve(config: Config) -> Result<ExitCode, ExitCode> {
     init_tracing(config.server.log_format, "info");
     let runtime = async_runtime()?;
-    Ok(runtime.block_on(async {
+    let code = runtime.block_on(async {
         ortserve::shutdown::ignore_hangups();
         let server = &config.server;
         let bind = |addr: &str| {
@@ -204,7 +204,11 @@ fn serve(config: Config) -> Result<ExitCode, ExitCode> {
                 ExitCode::FAILURE
             }
         }
-    }))
+    });
+    // Served, drained and every model stopped: a model load still running on a blocking thread
+    // (a repository API call during the drain) is not waited for, as dropping the runtime would.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(code)
 }
 
 fn tune(
