@@ -10,8 +10,7 @@ use axum::http::Request;
 use common::*;
 use ortserve::config::DispatchPolicy;
 use ortserve::device::{ModelRunner, RunError};
-use ortserve::model::{ModelInfo, TensorInfo};
-use ortserve::tensor::{DataType, Tensor};
+use ortserve::tensor::Tensor;
 use ortserve::testing::{model_over_runners, BatchSettings, DeviceRunner};
 
 /// Adds `add` to its input: which model answered is in the value.
@@ -25,18 +24,6 @@ impl ModelRunner for Add {
         let y =
             Tensor::from_f32(x.shape.clone(), &y).map_err(|e| RunError::Failed(e.to_string()))?;
         Ok(vec![y])
-    }
-}
-
-fn info() -> ModelInfo {
-    let t = |n: &str| TensorInfo {
-        name: n.into(),
-        dtype: DataType::F32,
-        dims: vec![-1, 1],
-    };
-    ModelInfo {
-        inputs: vec![t("x")],
-        outputs: vec![t("y")],
     }
 }
 
@@ -81,7 +68,7 @@ async fn a_replaced_model_answers_the_requests_that_hold_it_while_new_ones_go_to
         state,
         "gated",
         "1",
-        info(),
+        xy_info(1),
         DispatchPolicy::RoundRobin,
         settings(),
         adder(100.0),
@@ -126,7 +113,7 @@ async fn versions_route_by_url_and_an_unloaded_version_is_gone() {
         state,
         "m",
         "2",
-        info(),
+        xy_info(1),
         DispatchPolicy::RoundRobin,
         settings(),
         adder(200.0),

@@ -10,8 +10,7 @@ use common::*;
 use ortserve::app::AppState;
 use ortserve::call::{self, BodyMemory, Call, CallError, ErrorKind};
 use ortserve::config::{AuthConfig, ByteSize, DispatchPolicy, ServerConfig};
-use ortserve::model::{ModelInfo, TensorInfo};
-use ortserve::tensor::{DataType, Tensor};
+use ortserve::tensor::Tensor;
 use ortserve::testing::{serve_runners_with, BatchSettings};
 
 /// The fake protocol's request: a token, a model, a timeout, an id and one column of values.
@@ -72,18 +71,6 @@ async fn fake_front_door(app: &AppState, req: FakeRequest) -> (&'static str, Opt
     (status, y)
 }
 
-fn info() -> ModelInfo {
-    let t = |n: &str| TensorInfo {
-        name: n.into(),
-        dtype: DataType::F32,
-        dims: vec![-1, 1],
-    };
-    ModelInfo {
-        inputs: vec![t("x")],
-        outputs: vec![t("y")],
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_front_door_of_its_own_gets_every_guarantee_from_the_core() {
     let server = ServerConfig {
@@ -102,7 +89,7 @@ async fn a_front_door_of_its_own_gets_every_guarantee_from_the_core() {
     let state = serve_runners_with(
         &server,
         "m",
-        info(),
+        xy_info(1),
         DispatchPolicy::RoundRobin,
         settings,
         vec![runner],

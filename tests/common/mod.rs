@@ -354,6 +354,19 @@ impl ModelRunner for Gated {
     }
 }
 
+/// A fake model's inputs and outputs: `x: FP32[-1, cols]` in, `y` alike out.
+pub fn xy_info(cols: i64) -> ModelInfo {
+    let tensor = |n: &str| TensorInfo {
+        name: n.into(),
+        dtype: DataType::F32,
+        dims: vec![-1, cols],
+    };
+    ModelInfo {
+        inputs: vec![tensor("x")],
+        outputs: vec![tensor("y")],
+    }
+}
+
 /// A server over fake runners: model `name` takes `x: FP32[-1, cols]` and returns `y` alike.
 pub fn fake_server(
     name: &str,
@@ -362,16 +375,7 @@ pub fn fake_server(
     policy: DispatchPolicy,
     settings: BatchSettings,
 ) -> (Served, axum::Router) {
-    let tensor = |n: &str| TensorInfo {
-        name: n.into(),
-        dtype: DataType::F32,
-        dims: vec![-1, cols],
-    };
-    let info = ModelInfo {
-        inputs: vec![tensor("x")],
-        outputs: vec![tensor("y")],
-    };
-    let state = ortserve::testing::serve_runners(name, info, policy, settings, runners);
+    let state = ortserve::testing::serve_runners(name, xy_info(cols), policy, settings, runners);
     let router = ortserve::http::router(state.clone());
     (Served { state }, router)
 }
