@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use ortserve_core::app::AppState;
-use ortserve_core::config::{Config, ServerConfig};
+use ortserve_core::config::{Config, ModelControl, ServerConfig};
 use ortserve_core::startup::{load_models, new_state, StartupError};
 use ortserve_core::tuning::DeviceTuning;
 
@@ -66,6 +66,7 @@ pub async fn start(config: &Config) -> Result<Server, StartupError> {
     let state = new_state(config);
     let loaded = load_models(config, &state).await?;
     state.install(loaded);
+    ortserve_core::lifecycle::start_poller(&state);
     Ok(Server {
         state,
         config: config.server.clone(),
@@ -80,6 +81,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
     let state = new_state(&config);
+    if config.server.model_control == ModelControl::Poll {
+        crate::shutdown::poll_on_hangup(&state);
+    }
     let serving = serve_until(state.clone(), &config.server, listeners.into(), shutdown);
     tokio::pin!(serving);
     let loading = load_models(&config, &state);
@@ -88,6 +92,7 @@ pub async fn run(
         loaded = &mut loading => {
             let loaded = loaded?;
             state.install(loaded);
+            ortserve_core::lifecycle::start_poller(&state);
             tracing::info!("every model is loaded and tuned: ready");
             let served = serving.await;
             state.stop_models().await;

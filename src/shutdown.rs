@@ -6,7 +6,8 @@
 //! threads.
 //!
 //! SIGHUP never ends the process (its default action would, at once and without a drain): it
-//! is logged and otherwise ignored while models are fixed at startup.
+//! is logged, and with `server.model_control: poll` it makes the poller check the model files
+//! at once.
 
 /// Resolves on the first SIGTERM or SIGINT. A second one ends the process at once (exit code
 /// 130), for an operator who does not want to wait for the drain.
@@ -29,8 +30,8 @@ pub fn ignore_hangups() {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     tracing::info!(
-                        "SIGHUP received: ignored (models and config are fixed at startup; \
-                         SIGTERM drains and stops)"
+                        "SIGHUP received (it never ends the process; with model_control: poll \
+                         the model files are checked now; SIGTERM drains and stops)"
                     );
                 }
             });
@@ -63,5 +64,23 @@ async fn one_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// With `server.model_control: poll`: each SIGHUP wakes the poller, which checks every model
+/// file at once and reloads those that changed.
+pub(crate) fn poll_on_hangup(state: &std::sync::Arc<ortserve_core::app::AppState>) {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            let state = std::sync::Arc::downgrade(state);
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    let Some(state) = state.upgrade() else { return };
+                    ortserve_core::lifecycle::poll_now(&state);
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot listen for SIGHUP"),
     }
 }

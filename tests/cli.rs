@@ -607,3 +607,49 @@ fn unload_gives_the_models_memory_back() {
         mib(before)
     );
 }
+
+/// With `model_control: poll`, SIGHUP makes the server look at its model files at once (the
+/// interval here is an hour): a model file replaced by rename is served after the hangup, and
+/// the process lives on.
+#[test]
+fn sighup_in_poll_mode_reloads_a_changed_model_file() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.onnx");
+    std::fs::copy(common::fixtures().join("mlp.onnx"), &model).unwrap();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', model_control: poll, poll_interval: 1h}}\nmodels: [{{name: m, path: '{}', devices: cpu, batching: {{max_batch_size: 8}}}}]",
+            model.display()
+        ),
+    );
+    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
+    let mut server = start_ready(&args, &[], port);
+    let shape = || {
+        let (status, body) = http(port, "GET", "/v2/models/m", "").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["inputs"][0]["shape"].to_string()
+    };
+    assert_eq!(shape(), "[-1,4]");
+    let staged = dir.path().join(".model.onnx.new");
+    std::fs::copy(common::fixtures().join("cnn.onnx"), &staged).unwrap();
+    std::fs::rename(&staged, &model).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(shape(), "[-1,4]", "nothing polls within the hour");
+    // SAFETY: kill(2) with a live child's pid and a signal number.
+    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGHUP) }, 0);
+    let started = Instant::now();
+    while shape() != "[-1,3,64,64]" {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not reloaded after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        server.0.try_wait().unwrap().is_none(),
+        "the process lives on"
+    );
+}

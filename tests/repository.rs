@@ -284,3 +284,109 @@ async fn without_explicit_model_control_the_models_are_fixed() {
     assert_eq!(infer_status(&router).await, 200);
     served.shutdown().await;
 }
+
+/// The first input's shape as the model's metadata gives it.
+async fn input_shape(router: &axum::Router, model: &str) -> Value {
+    let meta = get(router, &format!("/v2/models/{model}")).await;
+    meta.assert_status(200);
+    serde_json::from_slice::<Value>(&meta.body).unwrap()["inputs"][0]["shape"].clone()
+}
+
+/// Polls `check` every 50 ms for up to 30 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not within 30 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A model file in a volume laid out as the kubelet lays out a ConfigMap or Secret: the file is
+/// a link through `..data`, which points at a timestamped folder. The kubelet's update writes a
+/// new folder, points a new link at it and renames the link over `..data`; with `poll`, the
+/// server serves the new model without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_serves_the_new_model_after_a_kubelet_style_data_swap() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let first = d.join("..2026_12_05_10_00_00.111");
+    std::fs::create_dir(&first).unwrap();
+    std::fs::copy(fixtures().join("mlp.onnx"), first.join("model.onnx")).unwrap();
+    symlink("..2026_12_05_10_00_00.111", d.join("..data")).unwrap();
+    symlink("..data/model.onnx", d.join("model.onnx")).unwrap();
+    let yaml = format!(
+        "server: {{model_control: poll, poll_interval: 100ms}}\nmodels:\n  - {{name: m, path: {}, devices: cpu, batching: {{max_batch_size: 8}}}}",
+        d.join("model.onnx").display()
+    );
+    let (served, router) = start(&yaml).await;
+    assert_eq!(input_shape(&router, "m").await, json!([-1, 4]));
+    // Polls of an unchanged file reload nothing.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let text = served.render_metrics().await;
+    let ok = [("model", "m"), ("result", "ok")];
+    assert_eq!(metric(&text, "ortserve_model_loads_total", &ok), 0.0);
+
+    // The kubelet's swap: a new folder, a new link to it, renamed over `..data`; then the old
+    // folder goes.
+    let second = d.join("..2026_12_05_10_05_00.222");
+    std::fs::create_dir(&second).unwrap();
+    std::fs::copy(fixtures().join("cnn.onnx"), second.join("model.onnx")).unwrap();
+    symlink("..2026_12_05_10_05_00.222", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+
+    eventually("the new model is served", async || {
+        input_shape(&router, "m").await == json!([-1, 3, 64, 64])
+    })
+    .await;
+    assert_eq!(
+        index(&router).await,
+        json!([{"name": "m", "version": "1", "state": "READY", "reason": ""}])
+    );
+    let text = served.render_metrics().await;
+    assert_eq!(metric(&text, "ortserve_model_loads_total", &ok), 1.0);
+    served.shutdown().await;
+}
+
+/// A model file rewritten in place and caught half-written fails to load; the served model
+/// keeps serving, and once the file is whole it is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_keeps_serving_through_a_half_written_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.onnx");
+    std::fs::copy(fixtures().join("mlp.onnx"), &file).unwrap();
+    let yaml = format!(
+        "server: {{model_control: poll, poll_interval: 100ms}}\nmodels:\n  - {{name: m, path: {}, devices: cpu, batching: {{max_batch_size: 8}}}}",
+        file.display()
+    );
+    let (served, router) = start(&yaml).await;
+    let cnn = std::fs::read(fixtures().join("cnn.onnx")).unwrap();
+    std::fs::write(&file, &cnn[..cnn.len() / 2]).unwrap();
+    eventually("the failed load shows in the index", async || {
+        index(&router).await[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("load failed")
+    })
+    .await;
+    assert_eq!(input_shape(&router, "m").await, json!([-1, 4]));
+    let reply = post_json(
+        &router,
+        "/v2/models/m/infer",
+        &v2_json(&[("input", &x())], false),
+    )
+    .await;
+    reply.assert_status(200);
+
+    std::fs::write(&file, &cnn).unwrap();
+    eventually("the whole file is served", async || {
+        input_shape(&router, "m").await == json!([-1, 3, 64, 64])
+    })
+    .await;
+    assert_eq!(index(&router).await[0]["reason"], "");
+    served.shutdown().await;
+}

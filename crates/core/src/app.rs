@@ -146,8 +146,11 @@ pub struct AppState {
     /// Every configured model as (name, version), known before any is loaded: a request for one
     /// that is still loading is 503, not 404.
     configured: Vec<(String, String)>,
-    /// `server.model_control`: whether the repository API may load and unload models.
+    /// `server.model_control`: whether the repository API may load and unload models, or the
+    /// poller reloads changed files.
     pub model_control: crate::config::ModelControl,
+    /// `server.poll_interval`.
+    pub poll_interval: std::time::Duration,
     /// Loads and unloads while serving: each model's state, the loader, the turns.
     lifecycle: Lifecycle,
 }
@@ -181,6 +184,7 @@ impl AppState {
             access_log: server.access_log,
             configured,
             model_control: server.model_control,
+            poll_interval: server.poll_interval.0,
             lifecycle: Lifecycle::default(),
         }
     }

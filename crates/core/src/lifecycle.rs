@@ -1,5 +1,6 @@
-//! Changing the served models while the server runs (`server.model_control: explicit`): the V2
-//! repository extension's index, load and unload, over the registry.
+//! Changing the served models while the server runs: the V2 repository extension's index, load
+//! and unload (`server.model_control: explicit`), and the poller that reloads a model whose file
+//! changed (`poll`), over the registry.
 //!
 //! A load builds the model beside the one being served (open, tune and warm up every session:
 //! [`startup::load_one`]), publishes it ([`Registry::load_one`](crate::registry::Registry)), and
@@ -9,7 +10,11 @@
 //! different models run at once.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
 
 use crate::app::AppState;
 use crate::call::CallError;
@@ -69,6 +74,50 @@ pub struct Lifecycle {
     status: Mutex<BTreeMap<String, (ModelState, String)>>,
     /// Per model, the turn a load or unload holds.
     turns: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per model, its file as it was when last loaded or tried (`poll`).
+    seen: Mutex<BTreeMap<String, Fingerprint>>,
+    /// Wakes the poller at once (SIGHUP).
+    poke: tokio::sync::Notify,
+}
+
+/// A model file as the poller saw it: what `stat` says (through symlinks, so a ConfigMap's
+/// `..data` swap shows as another file) and the sha256 of its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    stat: Stat,
+    sha256: [u8; 32],
+}
+
+/// Size, modification time and identity (device, inode) of a file, through symlinks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stat {
+    len: u64,
+    modified: Option<SystemTime>,
+    dev: u64,
+    ino: u64,
+}
+
+fn stat(path: &Path) -> std::io::Result<Stat> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(Stat {
+        len: m.len(),
+        modified: m.modified().ok(),
+        dev: m.dev(),
+        ino: m.ino(),
+    })
+}
+
+/// The file's fingerprint, read in full (on a blocking thread: models are megabytes).
+fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+    let before = stat(path)?;
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(Fingerprint {
+        stat: before,
+        sha256: h.finalize().into(),
+    })
 }
 
 impl Lifecycle {
@@ -91,6 +140,20 @@ impl Lifecycle {
             .or_default()
             .clone()
     }
+}
+
+/// Notes each model file as startup is about to load it (`poll` mode), so the poller reloads
+/// only what changes afterwards. A file that cannot be read is left for the load to report.
+pub(crate) async fn note_files(app: &AppState, files: Vec<(String, PathBuf)>) {
+    let noted = tokio::task::spawn_blocking(move || {
+        files
+            .into_iter()
+            .filter_map(|(name, path)| fingerprint(&path).ok().map(|f| (name, f)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    lock(&app.lifecycle().seen).extend(noted);
 }
 
 /// Every configured model with its state (only the served ones when `ready_only`).
@@ -118,12 +181,22 @@ pub fn index(app: &AppState, ready_only: bool) -> Vec<IndexEntry> {
 
 /// Checks that `name` may be loaded or unloaded now, and returns its configured version.
 fn controllable(app: &AppState, name: &str) -> Result<String, CallError> {
-    if app.model_control != ModelControl::Explicit {
-        return Err(CallError::InvalidInput(
-            "models are fixed at startup (server.model_control is `none`); set it to `explicit` \
-             to load and unload them"
-                .into(),
-        ));
+    match app.model_control {
+        ModelControl::Explicit => {}
+        ModelControl::None => {
+            return Err(CallError::InvalidInput(
+                "models are fixed at startup (server.model_control is `none`); set it to \
+                 `explicit` to load and unload them"
+                    .into(),
+            ))
+        }
+        ModelControl::Poll => {
+            return Err(CallError::InvalidInput(
+                "models follow their files (server.model_control is `poll`); change the file, \
+                 or set it to `explicit` to load and unload them"
+                    .into(),
+            ))
+        }
     }
     let Some(version) = app.configured_version(name) else {
         return Err(CallError::ModelNotFound(name.to_string()));
@@ -232,6 +305,86 @@ pub async fn unload(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
     });
     task.await
         .map_err(|e| CallError::Unavailable(format!("the unload stopped: {e}")))
+}
+
+/// Starts the poller when `server.model_control` is `poll`: every `poll_interval`, or at once
+/// after [`poll_now`], each configured model's file is compared with what was last loaded, and a
+/// model whose content changed is reloaded as [`load`] does. A file caught half-written fails
+/// to load and leaves the served model serving; it is tried again once its content changes
+/// again. The poller ends with the server (it holds the state weakly) or when draining starts.
+pub fn start_poller(app: &Arc<AppState>) {
+    if app.model_control != ModelControl::Poll {
+        return;
+    }
+    let interval = app.poll_interval;
+    let weak: Weak<AppState> = Arc::downgrade(app);
+    tokio::spawn(async move {
+        loop {
+            {
+                let Some(app) = weak.upgrade() else { return };
+                let poke = app.lifecycle().poke.notified();
+                tokio::pin!(poke);
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = &mut poke => {}
+                }
+            }
+            let Some(app) = weak.upgrade() else { return };
+            if app.is_draining() {
+                return;
+            }
+            poll_once(&app).await;
+        }
+    });
+}
+
+/// Wakes the poller at once (SIGHUP in `poll` mode).
+pub fn poll_now(app: &AppState) {
+    app.lifecycle().poke.notify_one();
+}
+
+/// One look at every configured model's file; reloads those whose content changed.
+pub async fn poll_once(app: &Arc<AppState>) {
+    let Some(loader) = app.lifecycle().loader.get() else {
+        return;
+    };
+    for m in &loader.config.models {
+        let (name, path) = (m.name.clone(), m.path.clone());
+        let seen = lock(&app.lifecycle().seen).get(&name).cloned();
+        let checked =
+            tokio::task::spawn_blocking(move || -> std::io::Result<Option<Fingerprint>> {
+                let now = stat(&path)?;
+                if seen.as_ref().is_some_and(|s| s.stat == now) {
+                    return Ok(None);
+                }
+                let f = fingerprint(&path)?;
+                Ok(Some(f))
+            })
+            .await;
+        let fresh = match checked {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                tracing::debug!(model = %name, error = %e, "poll: cannot read the model file");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let changed = {
+            let mut seen = lock(&app.lifecycle().seen);
+            let changed = seen.get(&name).is_none_or(|s| s.sha256 != fresh.sha256);
+            // Recorded before the load: content that fails to load is not tried again until it
+            // changes.
+            seen.insert(name.clone(), fresh);
+            changed
+        };
+        if changed {
+            tracing::info!(model = %name, "poll: the model file changed; reloading");
+            let app = app.clone();
+            let task = tokio::spawn(async move { load_in_turn(&app, &name).await });
+            let _ = task.await;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

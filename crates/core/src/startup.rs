@@ -58,6 +58,14 @@ pub async fn load_models(config: &Config, state: &AppState) -> Result<Loaded, St
             .collect(),
         runtime_version: version.clone(),
     });
+    if config.server.model_control == config::ModelControl::Poll {
+        let files = config
+            .models
+            .iter()
+            .map(|m| (m.name.clone(), m.path.clone()))
+            .collect();
+        crate::lifecycle::note_files(state, files).await;
+    }
     let mut loaded = Loaded::new();
     for (m, plans) in config.models.iter().zip(plans) {
         loaded.push(load_one(config, m, plans, &version, metrics).await?);

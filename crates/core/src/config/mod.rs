@@ -67,6 +67,9 @@ pub enum ModelControl {
     /// `POST /v2/repository/models/{m}/load` and `/unload` load (or reload) and unload
     /// configured models.
     Explicit,
+    /// Each configured model's file is checked every `poll_interval` (and at once on SIGHUP)
+    /// and reloaded when its content changed, as a ConfigMap or a synced volume changes it.
+    Poll,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -143,9 +146,14 @@ pub struct ServerConfig {
     #[serde(default)]
     pub access_log: bool,
     /// Who may change the served models while the server runs: `none` (they are fixed at
-    /// startup) or `explicit` (the V2 repository API's load and unload).
+    /// startup), `explicit` (the V2 repository API's load and unload) or `poll` (each model's
+    /// file is checked every `poll_interval`, and on SIGHUP, and reloaded when its content
+    /// changed).
     #[serde(default)]
     pub model_control: ModelControl,
+    /// With `model_control: poll`: how often the model files are checked.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Dur,
     /// Bearer-token auth for inference and model routes; health, readiness and metrics stay open.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
@@ -187,6 +195,7 @@ impl Default for ServerConfig {
             log_format: default_log_format(),
             access_log: false,
             model_control: ModelControl::None,
+            poll_interval: default_poll_interval(),
             auth: None,
         }
     }
@@ -209,6 +218,9 @@ fn default_max_body() -> ByteSize {
 }
 fn default_request_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(30))
+}
+fn default_poll_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(15))
 }
 fn default_drain_delay() -> Dur {
     Dur(std::time::Duration::from_secs(5))
@@ -938,6 +950,7 @@ impl ServerConfig {
             ("server.keep_alive_timeout", s.keep_alive_timeout),
             ("server.body_timeout", s.body_timeout),
             ("server.write_timeout", s.write_timeout),
+            ("server.poll_interval", s.poll_interval),
         ] {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be more than 0"));
