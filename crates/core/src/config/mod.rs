@@ -950,11 +950,14 @@ impl ServerConfig {
             ("server.keep_alive_timeout", s.keep_alive_timeout),
             ("server.body_timeout", s.body_timeout),
             ("server.write_timeout", s.write_timeout),
-            ("server.poll_interval", s.poll_interval),
         ] {
             if d.0.is_zero() {
                 return Err(invalid(key, "must be more than 0"));
             }
+        }
+        if s.poll_interval.0 < std::time::Duration::from_millis(100) {
+            // Each poll stats every model file; below this it is a busy loop.
+            return Err(invalid("server.poll_interval", "must be at least 100ms"));
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));

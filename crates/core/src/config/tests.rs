@@ -134,6 +134,7 @@ fn invalid_values_name_the_key() {
         (format!("models: [{{name: m, path: {mlp}, devices: [{{device: cpu, intra_op_threads: 0}}]}}]"), "models[0].devices[0].intra_op_threads"),
         (format!("models: [{{name: m, path: {mlp}, instances_per_device: 0}}]"), "models[0].instances_per_device"),
         (format!("server: {{http_addr: nowhere}}\nmodels: [{{name: m, path: {mlp}}}]"), "server.http_addr"),
+        (format!("server: {{model_control: poll, poll_interval: 10ms}}\nmodels: [{{name: m, path: {mlp}}}]"), "server.poll_interval"),
         (format!("runtime: {{cpu_threads: 0}}\nmodels: [{{name: m, path: {mlp}}}]"), "runtime.cpu_threads"),
         ("models: []".to_string(), "models"),
     ];
@@ -160,6 +161,10 @@ fn invalid_values_name_the_key() {
         (
             format!("models: [{{name: m, path: {mlp}, dispatch: random}}]"),
             "models[0].dispatch",
+        ),
+        (
+            format!("server: {{model_control: sometimes}}\nmodels: [{{name: m, path: {mlp}}}]"),
+            "server.model_control",
         ),
     ] {
         let e = error_of(&yaml);
