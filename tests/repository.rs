@@ -390,3 +390,67 @@ async fn poll_keeps_serving_through_a_half_written_file() {
     assert_eq!(index(&router).await[0]["reason"], "");
     served.shutdown().await;
 }
+
+/// The tuning report's first device: (source, chosen).
+async fn tuning_of(router: &axum::Router, model: &str) -> (String, u64) {
+    let reply = get(router, &format!("/v1/models/{model}/tuning")).await;
+    reply.assert_status(200);
+    let v: Value = serde_json::from_slice(&reply.body).unwrap();
+    let d = &v["devices"][0];
+    (
+        d["source"].as_str().unwrap().to_string(),
+        d["chosen"].as_u64().unwrap(),
+    )
+}
+
+/// A reload of a changed file while the model serves keeps the served version's batch size when
+/// the inputs and outputs are the same (a probe would time a busy device); a model with other
+/// inputs is probed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_the_served_batch_size_for_the_same_inputs_and_probes_other_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.onnx");
+    std::fs::copy(fixtures().join("mlp.onnx"), &file).unwrap();
+    let cache = dir.path().join("cache");
+    let yaml = format!(
+        "server: {{model_control: explicit}}\nmodels:\n  - {{name: m, path: {}, devices: cpu, tuning: {{max_batch_cap: 16, max_duration: 5s, cache_dir: {}}}}}",
+        file.display(),
+        cache.display()
+    );
+    let (served, router) = start(&yaml).await;
+    let (source, chosen) = tuning_of(&router, "m").await;
+    assert_eq!(source, "probe");
+
+    // The same model with another doc_string (ModelProto field 6, appended: the last one
+    // counts): another sha256, so the cache does not know it.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(&[0x32, 3, b'v', b'2', b'!']);
+    std::fs::write(&file, &bytes).unwrap();
+    post(&router, "/v2/repository/models/m/load")
+        .await
+        .assert_status(200);
+    assert_eq!(
+        tuning_of(&router, "m").await,
+        ("served".to_string(), chosen)
+    );
+    assert_eq!(infer_status_of(&router, "m").await, 200);
+
+    // Other inputs: probed.
+    std::fs::copy(fixtures().join("cnn.onnx"), &file).unwrap();
+    post(&router, "/v2/repository/models/m/load")
+        .await
+        .assert_status(200);
+    assert_eq!(tuning_of(&router, "m").await.0, "probe");
+    served.shutdown().await;
+}
+
+async fn infer_status_of(router: &axum::Router, model: &str) -> u16 {
+    post_json(
+        router,
+        &format!("/v2/models/{model}/infer"),
+        &v2_json(&[("input", &x())], false),
+    )
+    .await
+    .status
+    .as_u16()
+}

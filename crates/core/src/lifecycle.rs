@@ -235,21 +235,25 @@ async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> 
         return Err(CallError::ModelNotFound(name.to_string()));
     };
     let plans = loader.plans.get(name).cloned().unwrap_or_default();
-    let served = app.registry().get(name, Some(&m.version)).is_some();
+    let current = app.registry().get(name, Some(&m.version));
+    let served = current.is_some();
     if !served {
         life.set(name, ModelState::Loading, "");
     }
     tracing::info!(model = %name, reload = served, "loading");
     let started = std::time::Instant::now();
-    match startup::load_one(
+    let loaded = startup::load_one(
         &loader.config,
         m,
         plans,
         &loader.runtime_version,
         &app.metrics,
+        current.as_deref(),
     )
-    .await
-    {
+    .await;
+    // Let go of the served version, so its stop below waits only for its requests.
+    drop(current);
+    match loaded {
         Ok((model, owner)) => {
             let old = app.registry().load_one(model, Some(owner));
             life.set(name, ModelState::Ready, "");

@@ -68,7 +68,7 @@ pub async fn load_models(config: &Config, state: &AppState) -> Result<Loaded, St
     }
     let mut loaded = Loaded::new();
     for (m, plans) in config.models.iter().zip(plans) {
-        loaded.push(load_one(config, m, plans, &version, metrics).await?);
+        loaded.push(load_one(config, m, plans, &version, metrics, None).await?);
     }
     Ok(loaded)
 }
@@ -76,12 +76,16 @@ pub async fn load_models(config: &Config, state: &AppState) -> Result<Loaded, St
 /// Loads one model on its planned devices: opens and tunes each (model, device, instance)
 /// session one after another, then starts its device threads and batcher. What it returns is
 /// not served until it is published ([`AppState::install`], or the registry's `load_one`).
+/// `served` is the version it will replace, if one serves: a device whose cache has nothing for
+/// the new file takes that version's batch size when the inputs and outputs are the same,
+/// rather than probing a device that is busy serving.
 pub async fn load_one(
     config: &Config,
     m: &config::ModelConfig,
     plans: Vec<device::DevicePlan>,
     runtime_version: &str,
     metrics: &Arc<Metrics>,
+    served: Option<&Model>,
 ) -> Result<(Model, ModelOwner), StartupError> {
     let mut runners = Vec::new();
     let mut results = Vec::new();
@@ -103,6 +107,10 @@ pub async fn load_one(
             name: name.clone(),
             runtime_version: runtime_version.to_string(),
             runtime: config.runtime.clone(),
+            served: served.and_then(|s| {
+                let t = s.tuning().iter().find(|t| t.device == name)?;
+                Some((s.info().clone(), t.clone()))
+            }),
         };
         let (runner, result) = tokio::task::spawn_blocking(move || open_and_tune(job))
             .await
@@ -190,7 +198,10 @@ fn refine_settings(
 ) -> Option<dispatch::RefineSettings> {
     let probed = matches!(
         result.source,
-        tuning::Source::Probe | tuning::Source::Cache | tuning::Source::Shared
+        tuning::Source::Probe
+            | tuning::Source::Cache
+            | tuning::Source::Shared
+            | tuning::Source::Served
     );
     (m.tuning.refine && probed && result.warmup.is_empty() && result.max_good > result.chosen).then(
         || dispatch::RefineSettings {
@@ -212,6 +223,8 @@ struct Slot {
     runtime_version: String,
     /// What the device's execution provider needs to find it (`CUDA_VISIBLE_DEVICES`).
     runtime: config::RuntimeConfig,
+    /// On a reload: the replaced version's inputs and outputs and this device's tuning.
+    served: Option<(ModelInfo, DeviceTuning)>,
 }
 
 /// What a panic's rebuild needs to open the same session again.
@@ -232,6 +245,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
         name,
         runtime_version,
         runtime,
+        served,
     } = slot;
     let runtime_version = runtime_version.as_str();
     let auto = m.batching.max_batch_size == MaxBatch::Auto;
@@ -276,6 +290,11 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 config: &m.tuning,
                 runtime_version,
                 memory: &memory,
+                // Only for a model with the same inputs and outputs.
+                served: served
+                    .as_ref()
+                    .filter(|(served_info, _)| *served_info == info)
+                    .map(|(_, t)| t),
             };
             let result = tuning::tune_device(&mut runner, &req)?;
             if result.source == tuning::Source::Probe {

@@ -43,6 +43,9 @@ pub enum Source {
     Config,
     /// The model's batch dimension is fixed, so there is nothing to choose.
     FixedBatch,
+    /// Taken from the version this one replaces, which has the same inputs and outputs: the
+    /// reload happened while that one served, and a probe then would measure a busy device.
+    Served,
 }
 
 /// The tuning result of one device, as served by `GET /v1/models/{m}/tuning`.
@@ -342,6 +345,9 @@ pub(crate) struct TuneRequest<'a> {
     pub config: &'a TuningConfig,
     pub runtime_version: &'a str,
     pub memory: &'a MemoryProbe,
+    /// On a reload: this device's result for the version being replaced, used when the cache
+    /// has nothing for the new file (unless `force`).
+    pub served: Option<&'a DeviceTuning>,
 }
 
 /// Tunes one device: from the cache when it has this key (unless `force`), else by sweeping.
@@ -406,6 +412,21 @@ pub(crate) fn tune_device(
             hit.device = req.device.to_string();
             hit.key = key.clone();
             return Ok(hit);
+        }
+    }
+    if let (false, Some(prev)) = (req.config.force, req.served) {
+        if cache::plausible(prev, req.config).is_ok() {
+            let mut reused = prev.clone();
+            reused.source = Source::Served;
+            reused.device = req.device.to_string();
+            reused.key = key;
+            reused.warmup = Vec::new();
+            reused.reason = format!(
+                "the version this one replaced, which has the same inputs and outputs (a probe \
+                 while it serves would measure a busy device): {}",
+                prev.reason
+            );
+            return Ok(reused);
         }
     }
     let limits = Limits {
