@@ -1,7 +1,8 @@
-//! The core's one façade for the HTTP layer: the served models ([`Model`]: infer tensors,
-//! status, tuning), image prediction (preprocessing → batching → classification), readiness and
-//! the metrics text. `http` calls only this (and the leaves `config`, `tensor`, `metrics`); it
-//! never names dispatch, device or tuning types.
+//! The core's façade for the front doors: the served models ([`Model`]: infer tensors, status,
+//! tuning) and their lookup, image prediction (preprocessing → batching → classification),
+//! readiness and the metrics text. A front door calls this, `call`, `registry` and `lifecycle`
+//! (and the leaves `config`, `tensor`, `metrics`); it never names dispatch, device or tuning
+//! types.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
