@@ -190,14 +190,16 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         .unwrap();
     assert!(probe.success(), "the image's HEALTHCHECK command: {url}");
 
-    for overlay in ["cpu", "gpu"] {
+    for overlay in ["cpu", "gpu", "poll"] {
         let (_, docs) = render(overlay);
-        // The ConfigMap's YAML loads and validates with the server's own loader, against the tree.
+        // The ConfigMap's YAML loads and validates with the server's own loader, against the tree
+        // (which also stands in for the poll overlay's model volume at /models).
         let cm = kind(&docs, "ConfigMap");
         let yaml = cm["data"]["config.yaml"]
             .as_str()
             .unwrap()
-            .replace("/opt/ortserve", tree.to_str().unwrap());
+            .replace("/opt/ortserve", tree.to_str().unwrap())
+            .replace(" /models/", &format!(" {}/models/", tree.display()));
         let config =
             ortserve::config::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{overlay}: {e}"));
         config
@@ -207,6 +209,19 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         let deploy = kind(&docs, "Deployment");
         let pod = &deploy["spec"]["template"]["spec"];
         let c = &pod["containers"][0];
+        if overlay == "poll" {
+            // The model comes from the volume mounted at /models, and is polled.
+            assert_eq!(
+                config.server.model_control,
+                ortserve::config::ModelControl::Poll
+            );
+            let mounted = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == "/models" && m["readOnly"] == true);
+            assert!(mounted, "poll: no read-only volume at /models");
+        }
         // Probes and the scrape: real routes, on the admin port the config listens on (so
         // clients that hold every API connection cannot starve them).
         let declared = |name: &str| {
@@ -367,7 +382,7 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
 #[test]
 fn the_manifests_pass_the_kubernetes_schemas() {
     let validator = tool("kubernetes-validate");
-    for overlay in ["cpu", "gpu"] {
+    for overlay in ["cpu", "gpu", "poll"] {
         let (text, _) = render(overlay);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join(format!("{overlay}.yaml"));
@@ -422,7 +437,7 @@ fn every_object_that_selects_pods_selects_the_deployments_pods() {
         &std::fs::read_to_string(root().join("k8s/autoscaling/keda-scaledobject.yaml")).unwrap(),
     )
     .unwrap();
-    for overlay in ["cpu", "gpu"] {
+    for overlay in ["cpu", "gpu", "poll"] {
         let (_, docs) = render(overlay);
         let deployment = kind(&docs, "Deployment");
         let name = deployment["metadata"]["name"].as_str().unwrap();
