@@ -73,6 +73,15 @@ async fn unload_then_load_through_the_repository_api() {
         serde_json::from_slice::<Value>(&ready_only.body).unwrap(),
         json!([])
     );
+    let text = served.render_metrics().await;
+    let state = |s: &str| {
+        metric(
+            &text,
+            "ortserve_model_state",
+            &[("model", "mlp"), ("version", "1"), ("state", s)],
+        )
+    };
+    assert_eq!((state("UNAVAILABLE"), state("READY")), (1.0, 0.0));
     let gone = post_json(
         &router,
         "/v2/models/mlp/infer",

@@ -417,6 +417,15 @@ impl AppState {
     /// The Prometheus text, with device health, rows in flight and (on GPU hosts) NVML memory
     /// and utilization read at this moment.
     pub async fn render_metrics(&self) -> String {
+        // Each configured model's state, one series per state (1 for the one it is in).
+        for e in crate::lifecycle::index(self, false) {
+            for state in crate::lifecycle::ModelState::ALL {
+                self.metrics
+                    .model_state
+                    .with_label_values(&[e.name.as_str(), e.version.as_str(), state.as_str()])
+                    .set(i64::from(e.state == state));
+            }
+        }
         let mut on_gpu = false;
         for m in self.models() {
             let devices = m.devices();

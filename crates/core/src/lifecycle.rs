@@ -36,6 +36,13 @@ pub enum ModelState {
 }
 
 impl ModelState {
+    pub const ALL: [ModelState; 4] = [
+        ModelState::Ready,
+        ModelState::Loading,
+        ModelState::Unloading,
+        ModelState::Unavailable,
+    ];
+
     /// The protocol's word for it.
     pub fn as_str(self) -> &'static str {
         match self {

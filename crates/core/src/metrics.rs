@@ -47,6 +47,9 @@ pub struct Metrics {
     pub model_unloads: IntCounterVec,
     /// How long a load took, from the call to the new sessions serving, by model.
     pub model_load_duration: HistogramVec,
+    /// Each configured model's state as the repository index says it: 1 for the state it is in,
+    /// 0 for the others, by model, version and state (read at scrape time).
+    pub model_state: IntGaugeVec,
     /// GPU memory and utilisation from NVML, by GPU index (read at scrape time on GPU hosts).
     pub gpu_memory_used: IntGaugeVec,
     pub gpu_memory_total: IntGaugeVec,
@@ -240,6 +243,17 @@ impl Metrics {
         registry
             .register(Box::new(model_load_duration.clone()))
             .expect("unique metric");
+        let model_state = IntGaugeVec::new(
+            Opts::new(
+                "ortserve_model_state",
+                "A configured model's state (READY, LOADING, UNLOADING, UNAVAILABLE): 1 for the one it is in",
+            ),
+            &["model", "version", "state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(model_state.clone()))
+            .expect("unique metric");
         let tuned_max_batch = IntGaugeVec::new(
             Opts::new(
                 "ortserve_tuned_max_batch_size",
@@ -288,6 +302,7 @@ impl Metrics {
             model_loads,
             model_unloads,
             model_load_duration,
+            model_state,
             preprocess_duration,
             queue_duration,
             batches,
