@@ -553,7 +553,7 @@ fn rss_of(pid: u32) -> u64 {
 /// Unloading gives back what the model held: with the bundled EfficientNet (18 MB of weights,
 /// sessions warmed at batch 1 to 4) loaded and unloaded through the repository API, the
 /// process's RSS grows by tens of MB on the load and comes back to within 10% of what it was
-/// before it.
+/// before it (within 5 s).
 #[test]
 fn unload_gives_the_models_memory_back() {
     let port = free_port();
@@ -586,7 +586,16 @@ fn unload_gives_the_models_memory_back() {
     call("load");
     let loaded = rss_of(pid);
     call("unload");
-    let after = rss_of(pid);
+    // Freed memory goes back within moments (mimalloc purges after 10 ms, on the owning
+    // thread's next allocation), later on a loaded machine: look for up to 5 s.
+    let mut after = rss_of(pid);
+    for _ in 0..10 {
+        if (after as f64) < before as f64 * 1.10 {
+            break;
+        }
+        settle();
+        after = rss_of(pid);
+    }
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     eprintln!(
         "RSS: {:.1} MiB unloaded, {:.1} MiB loaded, {:.1} MiB unloaded again",

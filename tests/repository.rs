@@ -33,10 +33,10 @@ fn x() -> Tensor {
     Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap()
 }
 
-async fn infer_status(router: &axum::Router) -> u16 {
+async fn infer_status(router: &axum::Router, model: &str) -> u16 {
     post_json(
         router,
-        "/v2/models/mlp/infer",
+        &format!("/v2/models/{model}/infer"),
         &v2_json(&[("input", &x())], false),
     )
     .await
@@ -99,7 +99,7 @@ async fn unload_then_load_through_the_repository_api() {
         .await
         .assert_status(200);
     assert_eq!(index(&router).await[0]["state"], "READY");
-    assert_eq!(infer_status(&router).await, 200);
+    assert_eq!(infer_status(&router, "mlp").await, 200);
 
     // Names that are not configured are 404; a malformed index request is 400.
     post(&router, "/v2/repository/models/nope/load")
@@ -232,7 +232,7 @@ async fn a_failed_load_leaves_the_served_model_alone() {
         entry["reason"].as_str().unwrap().contains("load failed"),
         "{entry}"
     );
-    assert_eq!(infer_status(&router).await, 200);
+    assert_eq!(infer_status(&router, "mlp").await, 200);
     let text = served.render_metrics().await;
     let failed = [("model", "mlp"), ("result", "failed")];
     assert_eq!(metric(&text, "ortserve_model_loads_total", &failed), 1.0);
@@ -274,7 +274,7 @@ async fn concurrent_loads_and_unloads_take_turns() {
         .await
         .assert_status(200);
     assert_eq!(served.models().len(), 1);
-    assert_eq!(infer_status(&router).await, 200);
+    assert_eq!(infer_status(&router, "mlp").await, 200);
     served.shutdown().await;
 }
 
@@ -290,7 +290,7 @@ async fn without_explicit_model_control_the_models_are_fixed() {
         refused.assert_status(400);
         assert!(String::from_utf8_lossy(&refused.body).contains("model_control"));
     }
-    assert_eq!(infer_status(&router).await, 200);
+    assert_eq!(infer_status(&router, "mlp").await, 200);
     served.shutdown().await;
 }
 
@@ -442,7 +442,7 @@ async fn a_reload_takes_the_served_batch_size_for_the_same_inputs_and_probes_oth
         tuning_of(&router, "m").await,
         ("served".to_string(), chosen)
     );
-    assert_eq!(infer_status_of(&router, "m").await, 200);
+    assert_eq!(infer_status(&router, "m").await, 200);
 
     // Other inputs: probed.
     std::fs::copy(fixtures().join("cnn.onnx"), &file).unwrap();
@@ -451,15 +451,4 @@ async fn a_reload_takes_the_served_batch_size_for_the_same_inputs_and_probes_oth
         .assert_status(200);
     assert_eq!(tuning_of(&router, "m").await.0, "probe");
     served.shutdown().await;
-}
-
-async fn infer_status_of(router: &axum::Router, model: &str) -> u16 {
-    post_json(
-        router,
-        &format!("/v2/models/{model}/infer"),
-        &v2_json(&[("input", &x())], false),
-    )
-    .await
-    .status
-    .as_u16()
 }

@@ -14,12 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::SystemTime;
 
-use sha2::{Digest, Sha256};
-
 use crate::app::AppState;
 use crate::call::CallError;
 use crate::config::{Config, ModelControl};
 use crate::device::DevicePlan;
+use crate::registry::lock;
 use crate::startup;
 
 /// What a configured model is doing, as the repository index says it.
@@ -88,11 +87,12 @@ pub struct Lifecycle {
 }
 
 /// A model file as the poller saw it: what `stat` says (through symlinks, so a ConfigMap's
-/// `..data` swap shows as another file) and the sha256 of its content.
+/// `..data` swap shows as another file) and the sha256 of its content (hex, as the tuning
+/// cache's key has it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fingerprint {
     stat: Stat,
-    sha256: [u8; 32],
+    sha256: String,
 }
 
 /// Size, modification time and identity (device, inode) of a file, through symlinks.
@@ -117,13 +117,9 @@ fn stat(path: &Path) -> std::io::Result<Stat> {
 
 /// The file's fingerprint, read in full (on a blocking thread: models are megabytes).
 fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
-    let before = stat(path)?;
-    let mut h = Sha256::new();
-    let mut f = std::fs::File::open(path)?;
-    std::io::copy(&mut f, &mut h)?;
     Ok(Fingerprint {
-        stat: before,
-        sha256: h.finalize().into(),
+        stat: stat(path)?,
+        sha256: crate::tuning::file_sha256(path)?,
     })
 }
 
@@ -391,13 +387,8 @@ pub async fn poll_once(app: &Arc<AppState>) {
         };
         if changed {
             tracing::info!(model = %name, "poll: the model file changed; reloading");
-            let app = app.clone();
-            let task = tokio::spawn(async move { load_in_turn(&app, &name).await });
-            let _ = task.await;
+            // A failure is in the index, the log and the metrics already.
+            let _ = load_in_turn(app, &name).await;
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -148,7 +148,7 @@ impl Registry {
 
 // A panic while a lock is held cannot leave these maps half-changed (each change is one
 // insert or remove), so a poisoned lock is used as it is.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -307,23 +307,16 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
             }
             result
         }
-        (fixed, _) => DeviceTuning {
-            device: name,
-            source: tuning::Source::Config,
-            chosen: match fixed {
+        (fixed, _) => DeviceTuning::unprobed(
+            name,
+            tuning::Source::Config,
+            match fixed {
                 MaxBatch::Fixed(n) => n,
                 MaxBatch::Auto => 1,
             },
-            reason: "batching.max_batch_size in the config".into(),
-            memory_source: String::new(),
-            probes: Vec::new(),
-            baseline_memory_bytes: 0,
-            duration_ms: 0.0,
-            fixed_cost_ms: 0.0,
-            max_good: 0,
-            key: None,
-            warmup: Vec::new(),
-        },
+            "batching.max_batch_size in the config",
+            String::new(),
+        ),
     };
     let info = runner.info().clone();
     let sizes = if info.batchable() {

@@ -3,6 +3,7 @@
 //! cache it.
 
 mod cache;
+pub(crate) use cache::file_sha256;
 pub mod plot;
 mod probe;
 
@@ -77,6 +78,33 @@ pub struct DeviceTuning {
     /// With `batching.buckets`: the sizes the device runs, each run once before readiness.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warmup: Vec<Warmup>,
+}
+
+impl DeviceTuning {
+    /// A result no probe measured: the size is decided by `source` (the config, a fixed batch
+    /// dimension), for the reason given.
+    pub(crate) fn unprobed(
+        device: String,
+        source: Source,
+        chosen: usize,
+        reason: &str,
+        memory_source: String,
+    ) -> DeviceTuning {
+        DeviceTuning {
+            device,
+            source,
+            chosen,
+            reason: reason.into(),
+            memory_source,
+            probes: Vec::new(),
+            baseline_memory_bytes: 0,
+            duration_ms: 0.0,
+            fixed_cost_ms: 0.0,
+            max_good: 0,
+            key: None,
+            warmup: Vec::new(),
+        }
+    }
 }
 
 /// One batch-size bucket's warm-up run.
@@ -356,20 +384,13 @@ pub(crate) fn tune_device(
     req: &TuneRequest<'_>,
 ) -> Result<DeviceTuning, TuningError> {
     if !req.info.batchable() {
-        return Ok(DeviceTuning {
-            device: req.device.to_string(),
-            source: Source::FixedBatch,
-            chosen: 1,
-            reason: "the model's batch dimension is fixed; requests run one at a time".into(),
-            memory_source: req.memory.name(),
-            probes: Vec::new(),
-            baseline_memory_bytes: 0,
-            duration_ms: 0.0,
-            fixed_cost_ms: 0.0,
-            max_good: 0,
-            key: None,
-            warmup: Vec::new(),
-        });
+        return Ok(DeviceTuning::unprobed(
+            req.device.to_string(),
+            Source::FixedBatch,
+            1,
+            "the model's batch dimension is fixed; requests run one at a time",
+            req.memory.name(),
+        ));
     }
     let dims = resolve_dims(req.model, req.info, req.dim_names, req.config)?;
     let gpu = req.memory.gpu_name();

@@ -26,9 +26,8 @@ struct IndexRequest {
     #[serde(default)]
     ready: bool,
     /// Triton's field; ortserve has one repository, so any name lists it.
-    #[serde(default)]
-    #[allow(dead_code)]
-    repository_name: Option<String>,
+    #[serde(default, rename = "repository_name")]
+    _repository_name: Option<serde::de::IgnoredAny>,
 }
 
 pub(crate) async fn index(
