@@ -667,3 +667,67 @@ fn sighup_in_poll_mode_reloads_a_changed_model_file() {
         "the process lives on"
     );
 }
+
+/// SIGTERM while a model loads (EfficientNet, reloaded through the repository API, which takes
+/// a second or more on this CPU): the load is answered, every inference request sent meanwhile
+/// to the other model is answered 200 until the listener closes, and the process exits 0.
+#[test]
+fn sigterm_during_a_load_loses_no_request_and_exits_cleanly() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::root().join(".ortserve/models/efficientnet_lite0.onnx");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', model_control: explicit, drain_delay: 300ms, shutdown_timeout: 20s}}\nmodels:\n  - {{name: effnet, path: '{}', devices: cpu, batching: {{max_batch_size: 4, buckets: on}}}}\n  - {{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}",
+            model.display()
+        ),
+    );
+    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
+    let mut server = start_ready(&args, &[], port);
+    let client = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        // Until the listener closes (bounded: at most 20,000 requests).
+        for _ in 0..20_000 {
+            match http(port, "POST", "/v2/models/mlp/infer", MLP_ROW) {
+                Ok((200, _)) => ok += 1,
+                Ok(other) => failed.push(format!("{other:?}")),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    let load = std::thread::spawn(move || {
+        let started = Instant::now();
+        let answer = http(port, "POST", "/v2/repository/models/effnet/load", "");
+        (answer, started.elapsed())
+    });
+    let signalled = Duration::from_millis(50);
+    std::thread::sleep(signalled);
+    sigterm(&server.0.id().to_string());
+    let (answer, took) = load.join().unwrap();
+    let (status, body) = answer.expect("the load is answered");
+    assert!(status == 200, "{status} {body}");
+    eprintln!("the load took {took:?}; SIGTERM came after {signalled:?}");
+    assert!(
+        took > signalled,
+        "the load ended before the signal ({took:?})"
+    );
+    let (ok, failed) = client.join().unwrap();
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "{ok} answered, {} failed, the first: {:?}",
+        failed.len(),
+        failed.iter().take(3).collect::<Vec<_>>()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+}

@@ -190,16 +190,26 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         .unwrap();
     assert!(probe.success(), "the image's HEALTHCHECK command: {url}");
 
+    // The poll overlay's model volume at /models, as its sync would fill it: a versioned folder
+    // holding the image's model as version 1.
+    let volume = tempfile::tempdir().unwrap();
+    let version = volume.path().join("efficientnet_lite0/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::os::unix::fs::symlink(
+        tree.join("models/efficientnet_lite0.onnx"),
+        version.join("model.onnx"),
+    )
+    .unwrap();
     for overlay in ["cpu", "gpu", "poll"] {
         let (_, docs) = render(overlay);
         // The ConfigMap's YAML loads and validates with the server's own loader, against the tree
-        // (which also stands in for the poll overlay's model volume at /models).
+        // and the volume.
         let cm = kind(&docs, "ConfigMap");
         let yaml = cm["data"]["config.yaml"]
             .as_str()
             .unwrap()
             .replace("/opt/ortserve", tree.to_str().unwrap())
-            .replace(" /models/", &format!(" {}/models/", tree.display()));
+            .replace(" /models/", &format!(" {}/", volume.path().display()));
         let config =
             ortserve::config::Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{overlay}: {e}"));
         config
@@ -221,6 +231,26 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
                 .iter()
                 .any(|m| m["mountPath"] == "/models" && m["readOnly"] == true);
             assert!(mounted, "poll: no read-only volume at /models");
+            // Versions: the volume's version 1 is what it serves.
+            let versions = ortserve::config::versions_of(&config.models[0]).unwrap();
+            assert_eq!(
+                versions
+                    .iter()
+                    .map(|m| m.version.as_str())
+                    .collect::<Vec<_>>(),
+                ["1"]
+            );
+            // The config is read again while serving: its ConfigMap keeps its name (a hash
+            // suffix would make every change a new ConfigMap and a rollout), and is mounted as a
+            // folder (a subPath mount is never updated by the kubelet).
+            assert_eq!(cm["metadata"]["name"], "ortserve-config");
+            let config_mount = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == "/etc/ortserve")
+                .expect("the config volume");
+            assert!(config_mount.get("subPath").is_none(), "{config_mount:?}");
         }
         // Probes and the scrape: real routes, on the admin port the config listens on (so
         // clients that hold every API connection cannot starve them).

@@ -144,9 +144,6 @@ pub struct AppState {
     pub tokens: Vec<String>,
     /// `server.access_log`: one info line per answered request.
     pub access_log: bool,
-    /// Every configured model as (name, version), known before any is loaded: a request for one
-    /// that is still loading is 503, not 404.
-    configured: Vec<(String, String)>,
     /// `server.model_control`: whether the repository API may load and unload models, or the
     /// poller reloads changed files.
     pub model_control: crate::config::ModelControl,
@@ -162,7 +159,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         server: &crate::config::ServerConfig,
         preprocess_threads: usize,
-        configured: Vec<(String, String)>,
+        configured: Vec<String>,
     ) -> AppState {
         let tokens = server
             .auth
@@ -183,10 +180,13 @@ impl AppState {
             draining: AtomicBool::new(false),
             tokens,
             access_log: server.access_log,
-            configured,
             model_control: server.model_control,
             poll_interval: server.poll_interval.0,
-            lifecycle: Lifecycle::default(),
+            lifecycle: {
+                let l = Lifecycle::default();
+                l.configure(configured);
+                l
+            },
         }
     }
 
@@ -194,6 +194,7 @@ impl AppState {
     /// [`AppState::is_loaded`]). Models loaded later go through [`AppState::registry`].
     pub fn install(&self, models: impl IntoIterator<Item = (Model, ModelOwner)>) {
         for (model, owner) in models {
+            self.lifecycle.installed(model.name(), model.version());
             if let Some(old) = self.registry.load_one(model, Some(owner)) {
                 // Startup loads each configured (name, version) once; validation refuses twins.
                 tracing::warn!(model = %old.model().name(), "a model was installed twice");
@@ -217,11 +218,6 @@ impl AppState {
         &self.lifecycle
     }
 
-    /// Every configured model as (name, version).
-    pub fn configured(&self) -> &[(String, String)] {
-        &self.configured
-    }
-
     /// Every served model, by name then version.
     pub fn models(&self) -> Vec<Arc<Model>> {
         self.registry.all()
@@ -243,25 +239,31 @@ impl AppState {
             model: name.to_string(),
             version: version.unwrap_or_default().to_string(),
         };
-        if version.is_some() && self.registry.get(name, None).is_some() {
-            return Err(not_served());
+        if let Some(v) = version {
+            if self.lifecycle.is_loading(name, v) {
+                return Err(CallError::Unavailable(format!(
+                    "model {name:?} version {v} is loading; it is served once it is loaded and tuned"
+                )));
+            }
+            if self.registry.get(name, None).is_some() || self.lifecycle.wants_other(name, v) {
+                return Err(not_served());
+            }
         }
-        Err(match self.configured_version(name) {
-            None => CallError::ModelNotFound(name.to_string()),
-            Some(configured) if version.is_some_and(|v| v != configured) => not_served(),
-            Some(_) => match self.lifecycle.state(name) {
-                // Unloaded through the repository API, or its load failed: not served here
-                // until it is loaded again, which a retry will not bring about.
-                Some((ModelState::Unavailable | ModelState::Unloading, reason)) => {
-                    CallError::NotFound(format!(
-                        "model {name:?} is not loaded ({reason}); POST \
-                         /v2/repository/models/{name}/load loads it"
-                    ))
-                }
-                _ => CallError::Unavailable(format!(
-                    "model {name:?} is loading; it is served once it is loaded and tuned"
-                )),
-            },
+        if !self.lifecycle.is_configured(name) {
+            return Err(CallError::ModelNotFound(name.to_string()));
+        }
+        Err(match self.lifecycle.state(name) {
+            // Unloaded through the repository API, or its load failed: not served here until
+            // it is loaded again, which a retry will not bring about.
+            Some((ModelState::Unavailable | ModelState::Unloading, reason)) => {
+                CallError::NotFound(format!(
+                    "model {name:?} is not loaded ({reason}); POST \
+                     /v2/repository/models/{name}/load loads it"
+                ))
+            }
+            _ => CallError::Unavailable(format!(
+                "model {name:?} is loading; it is served once it is loaded and tuned"
+            )),
         })
     }
 
@@ -271,13 +273,9 @@ impl AppState {
         self.registry.stop_all().await;
     }
 
-    /// The configured version of model `name`, loaded or not; `None` for a name that is not
-    /// configured.
-    pub fn configured_version(&self, name: &str) -> Option<&str> {
-        self.configured
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+    /// Whether `name` is a configured model, loaded or not.
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.lifecycle.is_configured(name)
     }
 
     pub fn is_draining(&self) -> bool {

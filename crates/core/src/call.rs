@@ -281,11 +281,7 @@ pub fn record(
     status: &str,
     started: std::time::Instant,
 ) {
-    let label = if app.configured_version(model).is_some() {
-        model
-    } else {
-        ""
-    };
+    let label = if app.is_configured(model) { model } else { "" };
     app.metrics
         .requests
         .with_label_values(&[label, route, status, protocol])

@@ -1,23 +1,25 @@
 //! Changing the served models while the server runs: the V2 repository extension's index, load
-//! and unload (`server.model_control: explicit`), and the poller that reloads a model whose file
-//! changed (`poll`), over the registry.
+//! and unload (`server.model_control: explicit`), and the poller that reads the config and the
+//! model files again and applies what changed (`poll`), over the registry.
 //!
-//! A load builds the model beside the one being served (open, tune and warm up every session:
-//! [`startup::load_one`]), publishes it ([`Registry::load_one`](crate::registry::Registry)), and
-//! only then stops the one it replaces, once the requests holding that one are answered: clients
-//! see no gap. A load that fails leaves what is served untouched; the failure shows in the
-//! index's `reason` and in the log. Loads and unloads of one model take turns; those of
-//! different models run at once.
+//! Everything goes through [`reconcile`], which brings one model to the versions its config
+//! wants now: a version that is new, or whose file or settings changed, is built beside what is
+//! served (open, tune and warm up every session: [`startup::load_one`]) and published
+//! ([`Registry::load_one`](crate::registry::Registry)); only then are the versions it replaces
+//! stopped, once the requests holding them are answered, so clients see no gap (`swap: overlap`;
+//! `swap: replace` unloads first and answers 503 meanwhile). A load that fails leaves what is
+//! served untouched; the failure shows in the index's `reason`, the log and a metric. Loads and
+//! unloads of one model take turns; those of different models run at once.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::SystemTime;
 
 use crate::app::AppState;
 use crate::call::CallError;
-use crate::config::{Config, ModelControl};
-use crate::device::DevicePlan;
+use crate::config::{Config, ModelConfig, ModelControl, SwapMode};
+use crate::device::{DevicePlan, RuntimeInfo};
 use crate::registry::lock;
 use crate::startup;
 
@@ -63,12 +65,60 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
-/// What it takes to load a configured model again: the config, each model's device plans and
-/// the runtime's version (part of the tuning cache's key).
+/// What it takes to load a configured model again: the config as last read, each model's
+/// device plans and the runtime (its version is part of the tuning cache's key).
 pub(crate) struct Loader {
-    pub(crate) config: Config,
-    pub(crate) plans: BTreeMap<String, Vec<DevicePlan>>,
-    pub(crate) runtime_version: String,
+    config: Mutex<Config>,
+    plans: Mutex<BTreeMap<String, Vec<DevicePlan>>>,
+    runtime: RuntimeInfo,
+}
+
+impl Loader {
+    pub(crate) fn new(config: &Config, plans: Vec<Vec<DevicePlan>>, runtime: RuntimeInfo) -> Self {
+        Loader {
+            config: Mutex::new(config.clone()),
+            plans: Mutex::new(plan_map(config, plans)),
+            runtime,
+        }
+    }
+
+    fn config(&self) -> Config {
+        lock(&self.config).clone()
+    }
+
+    /// The config as its files say it now, with its device plans; the config last read when it
+    /// was not read from files (tests).
+    fn reread(&self) -> Result<(Config, BTreeMap<String, Vec<DevicePlan>>), String> {
+        let config = match self.config().reread() {
+            None => return Ok((self.config(), lock(&self.plans).clone())),
+            Some(read) => read.map_err(|e| format!("config: {e}"))?,
+        };
+        let plans = crate::device::plan_devices(&config, &self.runtime)
+            .map_err(|e| format!("devices: {e}"))?;
+        let plans = plan_map(&config, plans);
+        Ok((config, plans))
+    }
+
+    /// Takes `config` (and its plans) as the one to load from.
+    fn adopt(&self, config: Config, plans: BTreeMap<String, Vec<DevicePlan>>) {
+        *lock(&self.config) = config;
+        *lock(&self.plans) = plans;
+    }
+}
+
+fn plan_map(config: &Config, plans: Vec<Vec<DevicePlan>>) -> BTreeMap<String, Vec<DevicePlan>> {
+    config
+        .models
+        .iter()
+        .map(|m| m.name.clone())
+        .zip(plans)
+        .collect()
+}
+
+type Key = (String, String);
+
+fn key(name: &str, version: &str) -> Key {
+    (name.to_string(), version.to_string())
 }
 
 /// The lifecycle's own state, kept in [`AppState`].
@@ -76,14 +126,30 @@ pub(crate) struct Loader {
 pub struct Lifecycle {
     /// Set by startup once the runtime is loaded and the devices planned.
     loader: OnceLock<Loader>,
-    /// Per configured model: its state and why, when it is not simply served.
-    status: Mutex<BTreeMap<String, (ModelState, String)>>,
+    /// Each configured model's name, with the versions its config wants served (empty until
+    /// startup has looked, or when it wants none).
+    wanted: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Per (model, version): its state and why, once a load or unload has set one.
+    status: Mutex<BTreeMap<Key, (ModelState, String)>>,
     /// Per model, the turn a load or unload holds.
     turns: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Per model, its file as it was when last loaded or tried (`poll`).
-    seen: Mutex<BTreeMap<String, Fingerprint>>,
+    /// Per (model, version), what was last loaded or tried: its settings and file.
+    seen: Mutex<BTreeMap<Key, Tried>>,
     /// Wakes the poller at once (SIGHUP).
     poke: tokio::sync::Notify,
+    /// The last config-reading problem the poller logged, so it is logged once.
+    reread_problem: Mutex<Option<String>>,
+}
+
+/// A version as it was loaded or tried: its settings (as YAML) and its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tried {
+    settings: String,
+    file: Fingerprint,
+}
+
+fn settings_of(m: &ModelConfig) -> String {
+    serde_yaml_ng::to_string(m).unwrap_or_default()
 }
 
 /// A model file as the poller saw it: what `stat` says (through symlinks, so a ConfigMap's
@@ -115,10 +181,15 @@ fn stat(path: &Path) -> std::io::Result<Stat> {
     })
 }
 
-/// The file's fingerprint, read in full (on a blocking thread: models are megabytes).
-fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+/// The file's fingerprint, read in full (models are megabytes: call it on a blocking thread).
+/// `known` is skipped re-reading when `stat` says the file is the same one.
+fn fingerprint(path: &Path, known: Option<&Fingerprint>) -> std::io::Result<Fingerprint> {
+    let now = stat(path)?;
+    if let Some(k) = known.filter(|k| k.stat == now) {
+        return Ok(k.clone());
+    }
     Ok(Fingerprint {
-        stat: stat(path)?,
+        stat: now,
         sha256: crate::tuning::file_sha256(path)?,
     })
 }
@@ -128,13 +199,71 @@ impl Lifecycle {
         let _ = self.loader.set(loader);
     }
 
-    pub(crate) fn set(&self, name: &str, state: ModelState, reason: impl Into<String>) {
-        lock(&self.status).insert(name.to_string(), (state, reason.into()));
+    /// Names the configured models (before their versions are known).
+    pub(crate) fn configure(&self, names: impl IntoIterator<Item = String>) {
+        let mut wanted = lock(&self.wanted);
+        for n in names {
+            wanted.entry(n).or_default();
+        }
     }
 
-    /// The state set for `name`, if any was.
+    pub(crate) fn want(&self, name: &str, versions: Vec<String>) {
+        lock(&self.wanted).insert(name.to_string(), versions);
+    }
+
+    /// Whether `name` is a configured model (served or not).
+    pub fn is_configured(&self, name: &str) -> bool {
+        lock(&self.wanted).contains_key(name)
+    }
+
+    /// Notes that startup serves `version` of `name`.
+    pub(crate) fn installed(&self, name: &str, version: &str) {
+        let mut wanted = lock(&self.wanted);
+        let versions = wanted.entry(name.to_string()).or_default();
+        if !versions.iter().any(|v| v == version) {
+            versions.push(version.to_string());
+        }
+    }
+
+    /// Whether the versions wanted of `name` are known and `version` is not one of them.
+    pub(crate) fn wants_other(&self, name: &str, version: &str) -> bool {
+        lock(&self.wanted)
+            .get(name)
+            .is_some_and(|v| !v.is_empty() && !v.iter().any(|w| w == version))
+    }
+
+    /// Whether version `version` of `name` is being loaded now.
+    pub(crate) fn is_loading(&self, name: &str, version: &str) -> bool {
+        matches!(
+            lock(&self.status).get(&key(name, version)),
+            Some((ModelState::Loading, _))
+        )
+    }
+
+    pub(crate) fn set(
+        &self,
+        name: &str,
+        version: &str,
+        state: ModelState,
+        reason: impl Into<String>,
+    ) {
+        lock(&self.status).insert(key(name, version), (state, reason.into()));
+    }
+
+    /// What model `name` is doing when none of its versions is served: loading (a retry will
+    /// find it), or not served with the reason (unloaded, or its load failed).
     pub(crate) fn state(&self, name: &str) -> Option<(ModelState, String)> {
-        lock(&self.status).get(name).cloned()
+        let status = lock(&self.status);
+        let mine: Vec<_> = status
+            .range(key(name, "")..)
+            .take_while(|((n, _), _)| n == name)
+            .map(|(_, s)| s.clone())
+            .collect();
+        mine.iter()
+            .find(|(s, _)| *s == ModelState::Loading)
+            .or_else(|| mine.iter().find(|(s, _)| *s != ModelState::Ready))
+            .or(mine.first())
+            .cloned()
     }
 
     fn turn(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -145,13 +274,23 @@ impl Lifecycle {
     }
 }
 
-/// Notes each model file as startup is about to load it (`poll` mode), so the poller reloads
-/// only what changes afterwards. A file that cannot be read is left for the load to report.
-pub(crate) async fn note_files(app: &AppState, files: Vec<(String, PathBuf)>) {
+/// Notes each version's settings and file as startup is about to load it (`poll` and
+/// `explicit`), so that only what changes afterwards is loaded again. A file that cannot be read
+/// is left for the load to report.
+pub(crate) async fn note_loaded(app: &AppState, models: Vec<ModelConfig>) {
     let noted = tokio::task::spawn_blocking(move || {
-        files
+        models
             .into_iter()
-            .filter_map(|(name, path)| fingerprint(&path).ok().map(|f| (name, f)))
+            .filter_map(|m| {
+                let file = fingerprint(&m.path, None).ok()?;
+                Some((
+                    key(&m.name, &m.version),
+                    Tried {
+                        settings: settings_of(&m),
+                        file,
+                    },
+                ))
+            })
             .collect::<Vec<_>>()
     })
     .await
@@ -159,31 +298,52 @@ pub(crate) async fn note_files(app: &AppState, files: Vec<(String, PathBuf)>) {
     lock(&app.lifecycle().seen).extend(noted);
 }
 
-/// Every configured model with its state (only the served ones when `ready_only`).
+/// Every configured model's versions with their states (only the served ones when
+/// `ready_only`): those its config wants, those served, and those a load or unload left a state
+/// for. A model with none of these is one row with an empty version.
 pub fn index(app: &AppState, ready_only: bool) -> Vec<IndexEntry> {
     let life = app.lifecycle();
-    app.configured()
-        .iter()
-        .map(|(name, version)| {
-            let served = app.registry().get(name, Some(version)).is_some();
-            let (state, reason) = match life.state(name) {
-                Some(s) => s,
+    let wanted = lock(&life.wanted).clone();
+    let status = lock(&life.status).clone();
+    let mut rows = Vec::new();
+    for (name, versions) in wanted {
+        let mut all: BTreeSet<crate::registry::VersionKey> = versions
+            .iter()
+            .chain(&app.registry().versions(&name))
+            .map(|v| crate::registry::VersionKey::of(v))
+            .collect();
+        all.extend(
+            status
+                .range(key(&name, "")..)
+                .take_while(|((n, _), _)| *n == name)
+                .map(|((_, v), _)| crate::registry::VersionKey::of(v)),
+        );
+        if all.is_empty() {
+            all.insert(crate::registry::VersionKey::of(""));
+        }
+        for v in all {
+            let version = v.to_string();
+            let served = app.registry().get(&name, Some(&version)).is_some();
+            let (state, reason) = match status.get(&key(&name, &version)) {
+                Some(s) => s.clone(),
                 None if served => (ModelState::Ready, String::new()),
+                None if version.is_empty() => (ModelState::Unavailable, "no version".into()),
                 None => (ModelState::Loading, String::new()),
             };
-            IndexEntry {
+            rows.push(IndexEntry {
                 name: name.clone(),
-                version: version.clone(),
+                version,
                 state,
                 reason,
-            }
-        })
-        .filter(|e| !ready_only || e.state == ModelState::Ready)
-        .collect()
+            });
+        }
+    }
+    rows.retain(|e| !ready_only || e.state == ModelState::Ready);
+    rows
 }
 
-/// Checks that `name` may be loaded or unloaded now, and returns its configured version.
-fn controllable(app: &AppState, name: &str) -> Result<String, CallError> {
+/// Checks that `name` may be loaded or unloaded through the API now.
+fn controllable(app: &AppState, name: &str) -> Result<(), CallError> {
     match app.model_control {
         ModelControl::Explicit => {}
         ModelControl::None => {
@@ -201,9 +361,9 @@ fn controllable(app: &AppState, name: &str) -> Result<String, CallError> {
             ))
         }
     }
-    let Some(version) = app.configured_version(name) else {
+    if !app.lifecycle().is_configured(name) {
         return Err(CallError::ModelNotFound(name.to_string()));
-    };
+    }
     if app.is_draining() {
         return Err(CallError::Unavailable("the server is shutting down".into()));
     }
@@ -212,88 +372,51 @@ fn controllable(app: &AppState, name: &str) -> Result<String, CallError> {
             "the server is still loading its models; retry".into(),
         ));
     }
-    Ok(version.to_string())
+    Ok(())
 }
 
-/// Loads model `name` from its configuration, or reloads it when it is served: the new one is
-/// opened, tuned and warmed up beside the old, then takes its place; the old one stops once its
-/// requests are answered. Runs to its end even when the caller stops waiting.
+/// Loads model `name` as its config says now (the config file and model folder are read
+/// again): every version its `version_policy` chooses is loaded, or reloaded when served, beside
+/// what is served; versions it no longer chooses are then unloaded. Runs to its end even when
+/// the caller stops waiting.
 pub async fn load(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
     controllable(app, name)?;
     let task = tokio::spawn({
         let app = app.clone();
         let name = name.to_string();
-        async move { load_in_turn(&app, &name).await }
+        async move {
+            let loader = app
+                .lifecycle()
+                .loader
+                .get()
+                .expect("checked by controllable");
+            let (config, plans) = loader.reread().map_err(CallError::InvalidInput)?;
+            let Some(m) = config.models.iter().find(|m| m.name == name).cloned() else {
+                return Err(CallError::InvalidInput(format!(
+                    "model {name:?} is no longer in the config"
+                )));
+            };
+            let versions = crate::config::versions_of(&m)
+                .map_err(|e| CallError::InvalidInput(e.to_string()))?;
+            if versions.is_empty() {
+                return Err(CallError::InvalidInput(format!(
+                    "model {name:?}: no version to load in {}",
+                    m.path.display()
+                )));
+            }
+            loader.adopt(config, plans);
+            reconcile(&app, &name, versions, true).await
+        }
     });
     task.await
         .unwrap_or_else(|e| Err(CallError::Unavailable(format!("the load stopped: {e}"))))
 }
 
-async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
-    let life = app.lifecycle();
-    let turn = life.turn(name);
-    let _turn = turn.lock().await;
-    let loader = life.loader.get().expect("checked by controllable");
-    let Some(m) = loader.config.models.iter().find(|m| m.name == name) else {
-        return Err(CallError::ModelNotFound(name.to_string()));
-    };
-    let plans = loader.plans.get(name).cloned().unwrap_or_default();
-    let current = app.registry().get(name, Some(&m.version));
-    let served = current.is_some();
-    if !served {
-        life.set(name, ModelState::Loading, "");
-    }
-    tracing::info!(model = %name, reload = served, "loading");
-    let started = std::time::Instant::now();
-    let loaded = startup::load_one(
-        &loader.config,
-        m,
-        plans,
-        &loader.runtime_version,
-        &app.metrics,
-        current.as_deref(),
-    )
-    .await;
-    // Let go of the served version, so its stop below waits only for its requests.
-    drop(current);
-    match loaded {
-        Ok((model, owner)) => {
-            let old = app.registry().load_one(model, Some(owner));
-            life.set(name, ModelState::Ready, "");
-            let m = &app.metrics;
-            m.model_loads.with_label_values(&[name, "ok"]).inc();
-            m.model_load_duration
-                .with_label_values(&[name])
-                .observe(started.elapsed().as_secs_f64());
-            tracing::info!(model = %name, took = ?started.elapsed(), "loaded: serving it");
-            if let Some(old) = old {
-                old.stop(app.request_timeout).await;
-                tracing::info!(model = %name, "the version it replaced is stopped");
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let reason = format!("load failed: {e}");
-            tracing::error!(model = %name, error = %e, "load failed; what was served is unchanged");
-            let state = if served {
-                ModelState::Ready
-            } else {
-                ModelState::Unavailable
-            };
-            life.set(name, state, reason.clone());
-            app.metrics
-                .model_loads
-                .with_label_values(&[name, "failed"])
-                .inc();
-            Err(CallError::InvalidInput(format!("model {name:?}: {reason}")))
-        }
-    }
-}
-
-/// Unloads model `name`: new requests no longer reach it (404), the ones that hold it are
-/// answered, then its sessions and threads are released. Unloading what is not loaded succeeds.
+/// Unloads every version of model `name`: new requests no longer reach it (404), the ones that
+/// hold it are answered, then its sessions and threads are released. Unloading what is not
+/// loaded succeeds.
 pub async fn unload(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
-    let version = controllable(app, name)?;
+    controllable(app, name)?;
     let task = tokio::spawn({
         let app = app.clone();
         let name = name.to_string();
@@ -301,24 +424,219 @@ pub async fn unload(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
             let life = app.lifecycle();
             let turn = life.turn(&name);
             let _turn = turn.lock().await;
-            if let Some(retired) = app.registry().unload_one(&name, &version) {
-                life.set(&name, ModelState::Unloading, "");
-                retired.stop(app.request_timeout).await;
-                app.metrics.model_unloads.with_label_values(&[&name]).inc();
-                tracing::info!(model = %name, "unloaded");
+            for version in app.registry().versions(&name) {
+                retire(&app, &name, &version, "unloaded").await;
             }
-            life.set(&name, ModelState::Unavailable, "unloaded");
+            lock(&life.seen).retain(|(n, _), _| *n != name);
+            let status: Vec<Key> = lock(&life.status)
+                .range(key(&name, "")..)
+                .take_while(|((n, _), _)| *n == name)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for (n, v) in status {
+                life.set(&n, &v, ModelState::Unavailable, "unloaded");
+            }
+            if lock(&life.status)
+                .range(key(&name, "")..)
+                .next()
+                .is_none_or(|((n, _), _)| *n != name)
+            {
+                life.set(&name, "", ModelState::Unavailable, "unloaded");
+            }
         }
     });
     task.await
         .map_err(|e| CallError::Unavailable(format!("the unload stopped: {e}")))
 }
 
+/// Takes version `version` of `name` out and stops it once its requests are answered.
+async fn retire(app: &AppState, name: &str, version: &str, reason: &str) {
+    let life = app.lifecycle();
+    if let Some(retired) = app.registry().unload_one(name, version) {
+        life.set(name, version, ModelState::Unloading, "");
+        retired.stop(app.request_timeout).await;
+        app.metrics.model_unloads.with_label_values(&[name]).inc();
+        tracing::info!(model = %name, version, reason, "unloaded");
+    }
+    life.set(name, version, ModelState::Unavailable, reason);
+}
+
+/// Brings model `name` to `wanted` (its versions to serve, as its config says now), in its
+/// turn: each wanted version that is not served, or whose settings or file content changed
+/// since it was loaded (or always, with `force`), is loaded; then, once one wanted version is
+/// served (or none is wanted), the served versions not wanted are unloaded. A version whose load
+/// failed is not tried again until its file or settings change (or `force`). Returns the first
+/// load's error.
+pub(crate) async fn reconcile(
+    app: &Arc<AppState>,
+    name: &str,
+    wanted: Vec<ModelConfig>,
+    force: bool,
+) -> Result<(), CallError> {
+    let life = app.lifecycle();
+    let turn = life.turn(name);
+    let _turn = turn.lock().await;
+    life.want(name, wanted.iter().map(|m| m.version.clone()).collect());
+    // What to load: read each file once (stat first, so an unchanged file is not hashed).
+    let mut to_load = Vec::new();
+    for m in &wanted {
+        let k = key(name, &m.version);
+        let before = lock(&life.seen).get(&k).cloned();
+        let path = m.path.clone();
+        let known = before.as_ref().map(|t| t.file.clone());
+        let file = tokio::task::spawn_blocking(move || fingerprint(&path, known.as_ref()))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(model = %name, version = %m.version, error = %e, "cannot read the model file");
+                continue;
+            }
+        };
+        let now = Tried {
+            settings: settings_of(m),
+            file,
+        };
+        if force || before.as_ref() != Some(&now) {
+            // Recorded before the load: what fails is not tried again until it changes.
+            lock(&life.seen).insert(k, now);
+            to_load.push(m.clone());
+        }
+    }
+    let wanted_versions: BTreeSet<&str> = wanted.iter().map(|m| m.version.as_str()).collect();
+    let extra: Vec<String> = app
+        .registry()
+        .versions(name)
+        .into_iter()
+        .filter(|v| !wanted_versions.contains(v.as_str()))
+        .collect();
+    let replace = wanted.first().is_some_and(|m| m.swap == SwapMode::Replace);
+    if replace && !to_load.is_empty() {
+        // Unload first: the model answers 503 (loading) until the new one serves.
+        for m in &to_load {
+            life.set(name, &m.version, ModelState::Loading, "");
+        }
+        let mut old: Vec<String> = extra.clone();
+        old.extend(
+            to_load
+                .iter()
+                .map(|m| m.version.clone())
+                .filter(|v| app.registry().get(name, Some(v)).is_some()),
+        );
+        for v in old {
+            retire(app, name, &v, "unloaded to make room (swap: replace)").await;
+            if !wanted_versions.contains(v.as_str()) {
+                lock(&life.seen).remove(&key(name, &v));
+            }
+            if wanted_versions.contains(v.as_str()) {
+                life.set(name, &v, ModelState::Loading, "");
+            }
+        }
+    }
+    let mut first_error = None;
+    for m in &to_load {
+        if let Err(e) = load_version(app, m).await {
+            first_error.get_or_insert(e);
+        }
+    }
+    let any_served = wanted
+        .iter()
+        .any(|m| app.registry().get(name, Some(&m.version)).is_some());
+    if wanted.is_empty() || any_served {
+        let reason = if wanted.is_empty() {
+            "unloaded: no longer configured, or no version left"
+        } else {
+            "unloaded: not chosen by version_policy"
+        };
+        for v in extra {
+            retire(app, name, &v, reason).await;
+            // Wanted again later, it is loaded again.
+            lock(&life.seen).remove(&key(name, &v));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Loads one version beside what is served, publishes it, then stops the one it replaces (the
+/// same version's old content) once that one's requests are answered.
+async fn load_version(app: &Arc<AppState>, m: &ModelConfig) -> Result<(), CallError> {
+    let life = app.lifecycle();
+    let (name, version) = (m.name.as_str(), m.version.as_str());
+    let loader = life.loader.get().expect("set before any load");
+    let config = loader.config();
+    let plans = lock(&loader.plans).get(name).cloned().unwrap_or_default();
+    // The served version it replaces, or else the highest served one: its tuning is taken for
+    // the same inputs and outputs rather than probing a device that is busy serving.
+    let current = app
+        .registry()
+        .get(name, Some(version))
+        .or_else(|| app.registry().get(name, None));
+    let reload = app.registry().get(name, Some(version)).is_some();
+    let others = app.registry().versions(name).len() - usize::from(reload);
+    if !reload {
+        life.set(name, version, ModelState::Loading, "");
+    }
+    tracing::info!(model = %name, version, path = %m.path.display(), reload, "loading");
+    let started = std::time::Instant::now();
+    let loaded = startup::load_one(
+        &config,
+        m,
+        plans,
+        &loader.runtime.version(),
+        &app.metrics,
+        current.as_deref(),
+    )
+    .await;
+    // Let go of the served version, so its stop below waits only for its requests.
+    drop(current);
+    let metrics = &app.metrics;
+    match loaded {
+        Ok((model, owner)) => {
+            let old = app.registry().load_one(model, Some(owner));
+            life.set(name, version, ModelState::Ready, "");
+            metrics.model_loads.with_label_values(&[name, "ok"]).inc();
+            metrics
+                .model_load_duration
+                .with_label_values(&[name])
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(model = %name, version, took = ?started.elapsed(), "loaded: serving it");
+            if let Some(old) = old {
+                old.stop(app.request_timeout).await;
+                tracing::info!(model = %name, version, "the content it replaced is stopped");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let mut reason = format!("load failed: {e}");
+            if (reload || others > 0) && m.swap == SwapMode::Overlap {
+                reason.push_str(
+                    " (loaded beside the served version, swap: overlap; if the two do not fit \
+                     in memory together, swap: replace unloads the served one first)",
+                );
+            }
+            tracing::error!(model = %name, version, path = %m.path.display(), error = %e, "load failed; what was served is unchanged");
+            let state = if reload {
+                ModelState::Ready
+            } else {
+                ModelState::Unavailable
+            };
+            life.set(name, version, state, reason.clone());
+            metrics
+                .model_loads
+                .with_label_values(&[name, "failed"])
+                .inc();
+            Err(CallError::InvalidInput(format!(
+                "model {name:?} version {version}: {reason}"
+            )))
+        }
+    }
+}
+
 /// Starts the poller when `server.model_control` is `poll`: every `poll_interval`, or at once
-/// after [`poll_now`], each configured model's file is compared with what was last loaded, and a
-/// model whose content changed is reloaded as [`load`] does. A file caught half-written fails
-/// to load and leaves the served model serving; it is tried again once its content changes
-/// again. The poller ends with the server (it holds the state weakly) or when draining starts.
+/// after [`poll_now`], the config and model folders are read again ([`poll_once`]). The poller
+/// ends with the server (it holds the state weakly) or when draining starts.
 pub fn start_poller(app: &Arc<AppState>) {
     if app.model_control != ModelControl::Poll {
         return;
@@ -350,45 +668,71 @@ pub fn poll_now(app: &AppState) {
     app.lifecycle().poke.notify_one();
 }
 
-/// One look at every configured model's file; reloads those whose content changed.
+/// One look at the config and the model files: the config file (and `--model-dir`) are read
+/// again, and each model is brought to what they say ([`reconcile`]): new models and versions
+/// are loaded, changed ones reloaded, removed ones unloaded. A config that cannot be read or is
+/// not valid changes nothing (it is logged once, and counted). Changes outside `models` need a
+/// restart; they are logged.
 pub async fn poll_once(app: &Arc<AppState>) {
-    let Some(loader) = app.lifecycle().loader.get() else {
+    let life = app.lifecycle();
+    let Some(loader) = life.loader.get() else {
         return;
     };
-    for m in &loader.config.models {
-        let (name, path) = (m.name.clone(), m.path.clone());
-        let seen = lock(&app.lifecycle().seen).get(&name).cloned();
-        let checked =
-            tokio::task::spawn_blocking(move || -> std::io::Result<Option<Fingerprint>> {
-                let now = stat(&path)?;
-                if seen.as_ref().is_some_and(|s| s.stat == now) {
-                    return Ok(None);
-                }
-                let f = fingerprint(&path)?;
-                Ok(Some(f))
-            })
-            .await;
-        let fresh = match checked {
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => continue,
-            Ok(Err(e)) => {
-                tracing::debug!(model = %name, error = %e, "poll: cannot read the model file");
+    let before = loader.config();
+    let (config, plans) = match loader.reread() {
+        Ok(read) => {
+            *lock(&life.reread_problem) = None;
+            read
+        }
+        Err(problem) => {
+            app.metrics
+                .config_reads
+                .with_label_values(&["invalid"])
+                .inc();
+            let mut last = lock(&life.reread_problem);
+            if last.as_deref() != Some(problem.as_str()) {
+                tracing::error!(%problem, "poll: the config cannot be used; nothing changed");
+                *last = Some(problem);
+            }
+            return;
+        }
+    };
+    app.metrics.config_reads.with_label_values(&["ok"]).inc();
+    let yaml = |c: &Config| serde_yaml_ng::to_string(&(&c.server, &c.runtime)).unwrap_or_default();
+    if yaml(&config) != yaml(&before) {
+        tracing::warn!(
+            "poll: the config's server or runtime section changed; a restart applies it"
+        );
+    }
+    let removed: Vec<String> = before
+        .models
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|n| !config.models.iter().any(|m| &m.name == n))
+        .collect();
+    let models = config.models.clone();
+    loader.adopt(config, plans);
+    for m in models {
+        life.configure([m.name.clone()]);
+        let wanted = match crate::config::versions_of(&m) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(model = %m.name, error = %e, "poll: cannot list the model's versions");
                 continue;
             }
-            Err(_) => continue,
         };
-        let changed = {
-            let mut seen = lock(&app.lifecycle().seen);
-            let changed = seen.get(&name).is_none_or(|s| s.sha256 != fresh.sha256);
-            // Recorded before the load: content that fails to load is not tried again until it
-            // changes.
-            seen.insert(name.clone(), fresh);
-            changed
-        };
-        if changed {
-            tracing::info!(model = %name, "poll: the model file changed; reloading");
-            // A failure is in the index, the log and the metrics already.
-            let _ = load_in_turn(app, &name).await;
+        if wanted.is_empty() && app.registry().get(&m.name, None).is_some() {
+            // Every version gone at once is more likely a volume being synced than a wish to
+            // stop serving; what is served stays until a version appears.
+            continue;
         }
+        // A failure is in the index, the log and the metrics already.
+        let _ = reconcile(app, &m.name, wanted, false).await;
+    }
+    for name in removed {
+        tracing::info!(model = %name, "poll: the model left the config; unloading it");
+        let _ = reconcile(app, &name, Vec::new(), false).await;
+        lock(&life.wanted).remove(&name);
+        lock(&life.status).retain(|(n, _), _| *n != name);
     }
 }

@@ -41,10 +41,13 @@ pub struct Metrics {
     pub inflight_rows: IntGaugeVec,
     pub saturation: GaugeVec,
     pub padded_rows: IntCounterVec,
-    /// Loads and reloads through the repository API, by model and result (`ok`, `failed`).
+    /// Loads and reloads while serving (repository API or poller), by model and result (`ok`,
+    /// `failed`).
     pub model_loads: IntCounterVec,
-    /// Unloads through the repository API, by model.
+    /// Unloads while serving, by model.
     pub model_unloads: IntCounterVec,
+    /// Reads of the config by the poller, by result (`ok`, `invalid`).
+    pub config_reads: IntCounterVec,
     /// How long a load took, from the call to the new sessions serving, by model.
     pub model_load_duration: HistogramVec,
     /// Each configured model's state as the repository index says it: 1 for the state it is in,
@@ -212,7 +215,7 @@ impl Metrics {
         let model_loads = IntCounterVec::new(
             Opts::new(
                 "ortserve_model_loads_total",
-                "Model loads and reloads through the repository API, by result",
+                "Model loads and reloads while serving, by result",
             ),
             &["model", "result"],
         )
@@ -220,11 +223,22 @@ impl Metrics {
         let model_unloads = IntCounterVec::new(
             Opts::new(
                 "ortserve_model_unloads_total",
-                "Model unloads through the repository API",
+                "Model unloads while serving",
             ),
             &["model"],
         )
         .expect("valid metric");
+        let config_reads = IntCounterVec::new(
+            Opts::new(
+                "ortserve_config_reads_total",
+                "Reads of the config file by the poller (model_control: poll), by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_reads.clone()))
+            .expect("unique metric");
         let model_load_duration = HistogramVec::new(
             HistogramOpts::new(
                 "ortserve_model_load_duration_seconds",
@@ -301,6 +315,7 @@ impl Metrics {
             cap_changes,
             model_loads,
             model_unloads,
+            config_reads,
             model_load_duration,
             model_state,
             preprocess_duration,

@@ -17,13 +17,22 @@ use crate::batching::ModelOwner;
 
 /// A version as it sorts: whole numbers by value, above any other text (which sorts as text).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum VersionKey {
+pub(crate) enum VersionKey {
     Text(String),
     Number(u64),
 }
 
+impl std::fmt::Display for VersionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VersionKey::Text(t) => f.write_str(t),
+            VersionKey::Number(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 impl VersionKey {
-    fn of(version: &str) -> VersionKey {
+    pub(crate) fn of(version: &str) -> VersionKey {
         match version.parse::<u64>() {
             Ok(n) => VersionKey::Number(n),
             Err(_) => VersionKey::Text(version.to_string()),

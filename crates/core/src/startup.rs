@@ -48,27 +48,35 @@ pub async fn load_models(config: &Config, state: &AppState) -> Result<Loaded, St
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     let plans = device::plan_devices(config, &runtime)?;
     let version = runtime.version();
-    state.lifecycle().set_loader(Loader {
-        config: config.clone(),
-        plans: config
-            .models
-            .iter()
-            .map(|m| m.name.clone())
-            .zip(plans.iter().cloned())
-            .collect(),
-        runtime_version: version.clone(),
-    });
-    if config.server.model_control == config::ModelControl::Poll {
-        let files = config
-            .models
-            .iter()
-            .map(|m| (m.name.clone(), m.path.clone()))
-            .collect();
-        crate::lifecycle::note_files(state, files).await;
+    state
+        .lifecycle()
+        .set_loader(Loader::new(config, plans.clone(), runtime));
+    let mut versions = Vec::new();
+    for m in &config.models {
+        let found = config::versions_of(m)?;
+        if found.is_empty() {
+            return Err(StartupError::Model {
+                model: m.name.clone(),
+                message: format!(
+                    "no version to serve in {} (folders VERSION/{} that version_policy chooses)",
+                    m.path.display(),
+                    config::MODEL_FILE
+                ),
+            });
+        }
+        state
+            .lifecycle()
+            .want(&m.name, found.iter().map(|v| v.version.clone()).collect());
+        versions.push(found);
+    }
+    if config.server.model_control != config::ModelControl::None {
+        crate::lifecycle::note_loaded(state, versions.iter().flatten().cloned().collect()).await;
     }
     let mut loaded = Loaded::new();
-    for (m, plans) in config.models.iter().zip(plans) {
-        loaded.push(load_one(config, m, plans, &version, metrics, None).await?);
+    for (found, plans) in versions.into_iter().zip(plans) {
+        for m in &found {
+            loaded.push(load_one(config, m, plans.clone(), &version, metrics, None).await?);
+        }
     }
     Ok(loaded)
 }
@@ -390,7 +398,19 @@ pub fn check(config: &Config) -> CheckReport {
             spinning: false,
         },
     };
+    let mut versions = Vec::new();
     for m in &config.models {
+        match config::versions_of(m) {
+            Ok(found) if found.is_empty() => report.errors.push(format!(
+                "model {:?}: no version to serve in {}",
+                m.name,
+                m.path.display()
+            )),
+            Ok(found) => versions.extend(found),
+            Err(e) => report.errors.push(format!("model {:?}: {e}", m.name)),
+        }
+    }
+    for m in &versions {
         let runner = match OrtRunner::open_with(&m.path, &plan, device::SessionSettings::default())
         {
             Ok(r) => r,
@@ -494,14 +514,16 @@ fn preprocess_threads(config: &Config) -> usize {
 /// The state every way of serving starts from: metrics, limits, tokens and the image pool,
 /// with no model yet (readiness is 503 until [`AppState::install`]).
 pub fn new_state(config: &Config) -> Arc<AppState> {
-    Arc::new(AppState::loading(
+    let state = Arc::new(AppState::loading(
         Arc::new(Metrics::new()),
         &config.server,
         preprocess_threads(config),
-        config
-            .models
-            .iter()
-            .map(|m| (m.name.clone(), m.version.clone()))
-            .collect(),
-    ))
+        config.models.iter().map(|m| m.name.clone()).collect(),
+    ));
+    // A model file's version is known before it loads (a versioned folder's once it is read):
+    // a request for another version is 404 from the start.
+    for m in config.models.iter().filter(|m| !m.path.is_dir()) {
+        state.lifecycle().want(&m.name, vec![m.version.clone()]);
+    }
+    state
 }

@@ -45,7 +45,7 @@ pub fn serve_runners_with(
         Arc::new(Metrics::new()),
         server,
         1,
-        vec![(name.to_string(), "1".to_string())],
+        vec![name.to_string()],
     ));
     let model = model_over_runners(&state, name, "1", info, policy, settings, runners);
     state.install([model]);

@@ -20,7 +20,7 @@ pub use devices::{DeviceEntry, DeviceSpec, Devices, ProviderKind};
 pub use image::{
     ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout,
 };
-pub use model_dir::{models_in_dir, LABELS_FILE, MODEL_FILE, SETTINGS_FILE};
+pub use model_dir::{models_in_dir, versions_of, LABELS_FILE, MODEL_FILE, SETTINGS_FILE};
 pub use units::{ByteSize, Dur};
 
 #[derive(Debug, Error)]
@@ -55,6 +55,126 @@ pub struct Config {
     #[serde(default)]
     pub runtime: RuntimeConfig,
     pub models: Vec<ModelConfig>,
+    /// Where this config was read from, to read it again (`model_control: poll` and `explicit`).
+    #[serde(skip)]
+    pub source: Option<ConfigSource>,
+}
+
+/// What `serve` was given: the config file, the model folder, the model name and the port.
+/// Reading the same again ([`Config::reread`]) gives the config as the files say it now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigSource {
+    pub file: Option<PathBuf>,
+    pub model_dir: Option<PathBuf>,
+    pub model_name: Option<String>,
+    pub http_port: Option<u16>,
+}
+
+/// `models[].version_policy`: which versions of a versioned folder (`NAME/VERSION/model.onnx`)
+/// are served. In YAML: `{latest: N}`, `all` or `{specific: [1, 3]}` (Triton's words).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The highest N versions.
+    Latest(usize),
+    /// Every version.
+    All,
+    /// These versions (those present).
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> VersionPolicy {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl Serialize for VersionPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            VersionPolicy::All => s.serialize_str("all"),
+            VersionPolicy::Latest(n) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("latest", n)?;
+                m.end()
+            }
+            VersionPolicy::Specific(v) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("specific", v)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<VersionPolicy, D::Error> {
+        use serde::de::{self, MapAccess, Visitor};
+        struct V;
+        const WANT: &str = "`all`, `{latest: N}` or `{specific: [versions]}`";
+        impl<'de> Visitor<'de> for V {
+            type Value = VersionPolicy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(WANT)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<VersionPolicy, E> {
+                match v {
+                    "all" => Ok(VersionPolicy::All),
+                    _ => Err(E::custom(format!("expected {WANT}, got {v:?}"))),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<VersionPolicy, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(format!("expected {WANT}, got {{}}")));
+                };
+                let policy = match key.as_str() {
+                    "latest" => VersionPolicy::Latest(map.next_value()?),
+                    "specific" => VersionPolicy::Specific(map.next_value()?),
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "expected {WANT}, got the key {other:?}"
+                        )))
+                    }
+                };
+                if map.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom(format!("expected one of {WANT}")));
+                }
+                Ok(policy)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those present.
+    pub fn choose(&self, present: &[u64]) -> Vec<u64> {
+        let mut present = present.to_vec();
+        present.sort_unstable();
+        present.dedup();
+        match self {
+            VersionPolicy::Latest(n) => present[present.len().saturating_sub(*n)..].to_vec(),
+            VersionPolicy::All => present,
+            VersionPolicy::Specific(wanted) => {
+                present.retain(|v| wanted.contains(v));
+                present
+            }
+        }
+    }
+}
+
+/// `models[].swap`: how a new version (or new content of a served one) replaces the served one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwapMode {
+    /// Load, tune and warm up the new one beside the served one, then switch: no request sees
+    /// the swap. Needs memory for both; a load that fails (for want of memory or otherwise)
+    /// leaves the served one serving.
+    #[default]
+    Overlap,
+    /// Unload the served one first, then load: the model answers 503 with `Retry-After`
+    /// meanwhile. For models too large to hold twice.
+    Replace,
 }
 
 /// `server.model_control`: who may change the served models while the server runs.
@@ -389,11 +509,19 @@ pub enum DispatchPolicy {
 pub struct ModelConfig {
     /// Name in URLs (`/v2/models/{name}`): letters, digits, `_`, `-`, `.`.
     pub name: String,
-    /// Version reported by the metadata routes and accepted in `/versions/{v}` URLs.
+    /// Version reported by the metadata routes and accepted in `/versions/{v}` URLs. For a
+    /// versioned folder, each version's folder name.
     #[serde(default = "default_version")]
     pub version: String,
-    /// The `.onnx` file; a relative path is relative to the config file's folder.
+    /// The `.onnx` file, or a versioned folder holding `VERSION/model.onnx` (VERSION a positive
+    /// whole number); a relative path is relative to the config file's folder.
     pub path: PathBuf,
+    /// Which versions of a versioned folder are served (default: the highest one).
+    #[serde(default)]
+    pub version_policy: Option<VersionPolicy>,
+    /// How a new version replaces the served one (model lifecycle).
+    #[serde(default)]
+    pub swap: SwapMode,
     /// Where the model runs: `auto`, `cpu`, `cpu:N`, `cuda:N`, `cuda:*`, or a list of those.
     #[serde(default)]
     pub devices: Devices,
@@ -720,9 +848,25 @@ pub const MAX_BATCH_LIMIT: usize = 65_536;
 impl Config {
     /// Reads, applies environment overrides, resolves paths and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let config = Config::read(path)?;
+        let mut config = Config::read(path)?;
         config.validate()?;
+        config.source = Some(ConfigSource {
+            file: Some(path.to_path_buf()),
+            ..ConfigSource::default()
+        });
         Ok(config)
+    }
+
+    /// The config as its files say it now: read again from where it was read (`None` for a
+    /// config that was not read from files). The result is validated as at startup.
+    pub fn reread(&self) -> Option<Result<Config, ConfigError>> {
+        let s = self.source.as_ref()?;
+        Some(Config::for_serve(
+            s.file.as_deref(),
+            s.model_dir.as_deref(),
+            s.model_name.as_deref(),
+            s.http_port,
+        ))
     }
 
     /// [`Config::load`] without the validation.
@@ -769,6 +913,12 @@ impl Config {
                 config.models.push(m);
             }
         }
+        config.source = Some(ConfigSource {
+            file: file.map(Path::to_path_buf),
+            model_dir: model_dir.map(Path::to_path_buf),
+            model_name: model_name.map(str::to_string),
+            http_port,
+        });
         if let Some(port) = http_port {
             let host = config
                 .server
@@ -1048,10 +1198,22 @@ impl ModelConfig {
                 ),
             ));
         }
-        if !self.path.is_file() {
+        if self.path.is_dir() {
+            if let Some(VersionPolicy::Latest(0)) = self.version_policy {
+                return Err(invalid(key("version_policy.latest"), "must be at least 1"));
+            }
+        } else if !self.path.is_file() {
             return Err(invalid(
                 key("path"),
-                format!("no model file at {}", self.path.display()),
+                format!(
+                    "no model file or versioned folder at {}",
+                    self.path.display()
+                ),
+            ));
+        } else if self.version_policy.is_some() {
+            return Err(invalid(
+                key("version_policy"),
+                "applies to a versioned folder (VERSION/model.onnx); path is one file",
             ));
         }
         self.devices.validate(&key("devices"))?;

@@ -5,7 +5,10 @@
 //!   `labels.txt` and `ortserve.yaml` beside it; or
 //! - a repository: `DIR/NAME/model.onnx`, each with an optional `labels.txt` and `ortserve.yaml`
 //!   (that model's settings: devices, batching, tuning, image, classification, ...);
-//!   `--model-name` then picks one of them.
+//!   `--model-name` then picks one of them. A model folder may instead hold versions,
+//!   `DIR/NAME/VERSION/model.onnx` with VERSION a positive whole number (Triton's layout); its
+//!   `labels.txt` and `ortserve.yaml` stay in `DIR/NAME`, and `version_policy` there picks the
+//!   versions served ([`versions_of`]).
 //!
 //! `ortserve.yaml` holds one entry of the config file's `models` list without `name` and `path`
 //! (they come from the folder), checked the same way; its relative paths are relative to its
@@ -42,7 +45,7 @@ pub fn models_in_dir(dir: &Path, name: Option<&str>) -> Result<Vec<ModelConfig>,
         let path = entry
             .map_err(|e| problem(dir, format!("cannot read: {e}")))?
             .path();
-        if path.is_dir() && path.join(MODEL_FILE).is_file() {
+        if path.is_dir() && (path.join(MODEL_FILE).is_file() || is_versioned(&path)) {
             folders.push(path);
         } else if path.is_file() && path.extension().is_some_and(|e| e == "onnx") {
             files.push(path);
@@ -61,7 +64,10 @@ pub fn models_in_dir(dir: &Path, name: Option<&str>) -> Result<Vec<ModelConfig>,
     match (files.as_slice(), folders.is_empty()) {
         ([], true) => Err(problem(
             dir,
-            format!("no model: expected one .onnx file, or folders NAME/{MODEL_FILE}"),
+            format!(
+                "no model: expected one .onnx file, or folders NAME/{MODEL_FILE} or \
+                 NAME/VERSION/{MODEL_FILE}"
+            ),
         )),
         ([file], true) => {
             let stem = file.file_stem().unwrap_or_default().to_string_lossy();
@@ -106,10 +112,65 @@ pub fn models_in_dir(dir: &Path, name: Option<&str>) -> Result<Vec<ModelConfig>,
             }
             chosen
                 .into_iter()
-                .map(|folder| model(&named(folder), &folder.join(MODEL_FILE), folder))
+                .map(|folder| {
+                    // A versioned folder is the model's path; its versions are found at load.
+                    let path = if folder.join(MODEL_FILE).is_file() {
+                        folder.join(MODEL_FILE)
+                    } else {
+                        folder.clone()
+                    };
+                    model(&named(folder), &path, folder)
+                })
                 .collect()
         }
     }
+}
+
+/// A version folder's number: a positive whole number, written without a leading zero.
+fn version_number(folder: &Path) -> Option<u64> {
+    let name = folder.file_name()?.to_str()?;
+    let n = name.parse::<u64>().ok().filter(|&n| n > 0)?;
+    (n.to_string() == name).then_some(n)
+}
+
+/// Whether `folder` holds versions (`VERSION/model.onnx`).
+fn is_versioned(folder: &Path) -> bool {
+    std::fs::read_dir(folder).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| version_number(&e.path()).is_some() && e.path().join(MODEL_FILE).is_file())
+    })
+}
+
+/// The versions of model `m` to serve, one entry each: for a versioned folder, its
+/// `VERSION/model.onnx` files that `version_policy` chooses (none when it has none yet), each
+/// with its `version` and `path`; a model file is served as it is.
+pub fn versions_of(m: &ModelConfig) -> Result<Vec<ModelConfig>, ConfigError> {
+    if !m.path.is_dir() {
+        return Ok(vec![m.clone()]);
+    }
+    let entries =
+        std::fs::read_dir(&m.path).map_err(|e| problem(&m.path, format!("cannot read: {e}")))?;
+    let mut present = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if let Some(n) = version_number(&path) {
+            if path.join(MODEL_FILE).is_file() {
+                present.push(n);
+            }
+        }
+    }
+    let policy = m.version_policy.clone().unwrap_or_default();
+    Ok(policy
+        .choose(&present)
+        .into_iter()
+        .map(|n| ModelConfig {
+            version: n.to_string(),
+            path: m.path.join(n.to_string()).join(MODEL_FILE),
+            version_policy: None,
+            ..m.clone()
+        })
+        .collect())
 }
 
 /// One model: `onnx` served as `name`, with the settings and labels found in `folder`.

@@ -420,3 +420,52 @@ fn no_preprocessing_threads_is_an_error() {
     let e = c.validate().unwrap_err().to_string();
     assert!(e.starts_with("runtime.preprocess_threads: "), "{e}");
 }
+
+#[test]
+fn version_policies_parse_choose_and_refuse_what_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let versioned = dir.path().join("m");
+    std::fs::create_dir_all(versioned.join("1")).unwrap();
+    let with = |policy: &str| {
+        format!(
+            "models:\n  - {{name: m, path: {}, version_policy: {policy}}}",
+            versioned.display()
+        )
+    };
+    let present = [3, 1, 10, 2];
+    for (policy, want) in [
+        ("{latest: 1}", vec![10]),
+        ("{latest: 2}", vec![3, 10]),
+        ("{latest: 9}", vec![1, 2, 3, 10]),
+        ("all", vec![1, 2, 3, 10]),
+        ("{specific: [2, 10, 77]}", vec![2, 10]),
+    ] {
+        let c = parse_ok(&with(policy));
+        let p = c.models[0].version_policy.clone().unwrap();
+        assert_eq!(p.choose(&present), want, "{policy}");
+        // It writes back as it reads.
+        let again: VersionPolicy =
+            serde_yaml_ng::from_str(&serde_yaml_ng::to_string(&p).unwrap()).unwrap();
+        assert_eq!(again, p);
+    }
+    assert_eq!(VersionPolicy::default().choose(&present), vec![10]);
+    for (policy, says) in [
+        ("{latest: 0}", "version_policy.latest: must be at least 1"),
+        ("newest", "expected `all`, `{latest: N}`"),
+        ("{oldest: 1}", "the key \"oldest\""),
+        ("{latest: 1, all: 1}", "expected one of"),
+        ("{latest: -1}", "version_policy"),
+    ] {
+        let e = error_of(&with(policy));
+        assert!(e.contains(says), "{policy}: {e}");
+    }
+    let e = error_of(&format!(
+        "models:\n  - {{name: m, path: {}, version_policy: all}}",
+        fixture("mlp.onnx")
+    ));
+    assert!(
+        e.contains("models[0].version_policy: applies to a versioned folder"),
+        "{e}"
+    );
+    assert!(error_of("models:\n  - {name: m, path: /nope, swap: both}").contains("swap"));
+}
