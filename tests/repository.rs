@@ -452,3 +452,30 @@ async fn a_reload_takes_the_served_batch_size_for_the_same_inputs_and_probes_oth
     assert_eq!(tuning_of(&router, "m").await.0, "probe");
     served.shutdown().await;
 }
+
+/// A burst of load calls for one model is answered by at most a few loads, not one each: the
+/// calls that wait while a load runs are answered together by the next one (each load reads
+/// the files after every call it answers was made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_load_calls_costs_a_few_loads() {
+    let (served, router) = start(EXPLICIT).await;
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let router = router.clone();
+        calls.push(tokio::spawn(async move {
+            post(&router, "/v2/repository/models/mlp/load").await.status
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let text = served.render_metrics().await;
+    let loads = metric(
+        &text,
+        "ortserve_model_loads_total",
+        &[("model", "mlp"), ("result", "ok")],
+    );
+    assert!((1.0..=3.0).contains(&loads), "{loads} loads for 20 calls");
+    assert_eq!(infer_status(&router, "mlp").await, 200);
+    served.shutdown().await;
+}

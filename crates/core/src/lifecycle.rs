@@ -139,6 +139,20 @@ pub struct Lifecycle {
     poke: tokio::sync::Notify,
     /// The last config-reading problem the poller logged, so it is logged once.
     reread_problem: Mutex<Option<String>>,
+    /// Per model, the load calls asked for and done (see [`load`]).
+    loads: Mutex<BTreeMap<String, Loads>>,
+}
+
+/// Load calls of one model: calls that wait for their turn while a load is running are all
+/// answered by the next load, which starts after each of them asked (it reads the files then),
+/// so a burst of calls costs two loads, not one each.
+#[derive(Default)]
+struct Loads {
+    /// Calls made so far (each call's ticket is the count when it asked).
+    asked: u64,
+    /// The calls the last finished load answers: those that asked before it started.
+    answered: u64,
+    last: Option<Result<(), CallError>>,
 }
 
 /// A version as it was loaded or tried: its settings (as YAML) and its file.
@@ -377,39 +391,67 @@ fn controllable(app: &AppState, name: &str) -> Result<(), CallError> {
 
 /// Loads model `name` as its config says now (the config file and model folder are read
 /// again): every version its `version_policy` chooses is loaded, or reloaded when served, beside
-/// what is served; versions it no longer chooses are then unloaded. Runs to its end even when
-/// the caller stops waiting.
+/// what is served; versions it no longer chooses are then unloaded. Calls that arrive while a
+/// load of the model runs wait for it and are answered by the next one, together. Runs to its
+/// end even when the caller stops waiting.
 pub async fn load(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
     controllable(app, name)?;
+    let ticket = {
+        let mut loads = lock(&app.lifecycle().loads);
+        let l = loads.entry(name.to_string()).or_default();
+        l.asked += 1;
+        l.asked
+    };
     let task = tokio::spawn({
         let app = app.clone();
         let name = name.to_string();
         async move {
-            let loader = app
-                .lifecycle()
-                .loader
-                .get()
-                .expect("checked by controllable");
-            let (config, plans) = loader.reread().map_err(CallError::InvalidInput)?;
-            let Some(m) = config.models.iter().find(|m| m.name == name).cloned() else {
-                return Err(CallError::InvalidInput(format!(
-                    "model {name:?} is no longer in the config"
-                )));
+            let life = app.lifecycle();
+            let turn = life.turn(&name);
+            let _turn = turn.lock().await;
+            let started = {
+                let loads = lock(&life.loads);
+                let l = &loads[&name];
+                if let Some(last) = l.last.as_ref().filter(|_| l.answered >= ticket) {
+                    return last.clone();
+                }
+                l.asked
             };
-            let versions = crate::config::versions_of(&m)
-                .map_err(|e| CallError::InvalidInput(e.to_string()))?;
-            if versions.is_empty() {
-                return Err(CallError::InvalidInput(format!(
-                    "model {name:?}: no version to load in {}",
-                    m.path.display()
-                )));
-            }
-            loader.adopt(config, plans);
-            reconcile(&app, &name, versions, true).await
+            let result = load_in_turn(&app, &name).await;
+            let mut loads = lock(&life.loads);
+            let l = loads.entry(name).or_default();
+            l.answered = started;
+            l.last = Some(result.clone());
+            result
         }
     });
     task.await
         .unwrap_or_else(|e| Err(CallError::Unavailable(format!("the load stopped: {e}"))))
+}
+
+/// [`load`]'s work, in the model's turn.
+async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
+    let loader = app
+        .lifecycle()
+        .loader
+        .get()
+        .expect("checked by controllable");
+    let (config, plans) = loader.reread().map_err(CallError::InvalidInput)?;
+    let Some(m) = config.models.iter().find(|m| m.name == name).cloned() else {
+        return Err(CallError::InvalidInput(format!(
+            "model {name:?} is no longer in the config"
+        )));
+    };
+    let versions =
+        crate::config::versions_of(&m).map_err(|e| CallError::InvalidInput(e.to_string()))?;
+    if versions.is_empty() {
+        return Err(CallError::InvalidInput(format!(
+            "model {name:?}: no version to load in {}",
+            m.path.display()
+        )));
+    }
+    loader.adopt(config, plans);
+    reconcile_in_turn(app, name, versions, true).await
 }
 
 /// Unloads every version of model `name`: new requests no longer reach it (404), the ones that
@@ -473,9 +515,19 @@ pub(crate) async fn reconcile(
     wanted: Vec<ModelConfig>,
     force: bool,
 ) -> Result<(), CallError> {
-    let life = app.lifecycle();
-    let turn = life.turn(name);
+    let turn = app.lifecycle().turn(name);
     let _turn = turn.lock().await;
+    reconcile_in_turn(app, name, wanted, force).await
+}
+
+/// [`reconcile`], for a caller that holds the model's turn.
+async fn reconcile_in_turn(
+    app: &Arc<AppState>,
+    name: &str,
+    wanted: Vec<ModelConfig>,
+    force: bool,
+) -> Result<(), CallError> {
+    let life = app.lifecycle();
     life.want(name, wanted.iter().map(|m| m.version.clone()).collect());
     // What to load: read each file once (stat first, so an unchanged file is not hashed).
     let mut to_load = Vec::new();
