@@ -731,3 +731,61 @@ fn sigterm_during_a_load_loses_no_request_and_exits_cleanly() {
     };
     assert_eq!(code, Some(0));
 }
+
+/// tritonclient against a versioned model: the index lists the served version, an explicit load
+/// picks up the version added since, each version's readiness and metadata, and an inference at
+/// a version answers with that version.
+#[test]
+fn tritonclient_sees_versions_swap_through_the_repository_api() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let add = |v: &str| {
+        let folder = dir.path().join("repo/m").join(v);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(
+            common::fixtures().join("mlp.onnx"),
+            folder.join("model.onnx"),
+        )
+        .unwrap();
+    };
+    add("1");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', model_control: explicit}}\nmodels: [{{name: m, path: repo/m, devices: cpu, batching: {{max_batch_size: 8}}}}]"
+        ),
+    );
+    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
+    let _server = start_ready(&args, &[], port);
+    add("2");
+    let script = r#"
+import sys
+import numpy as np
+import tritonclient.http as httpclient
+c = httpclient.InferenceServerClient(url="127.0.0.1:" + sys.argv[1])
+before = c.get_model_repository_index()
+assert before == [{"name": "m", "version": "1", "state": "READY", "reason": ""}], before
+c.load_model("m")
+after = {(e["version"], e["state"]) for e in c.get_model_repository_index()}
+assert after == {("1", "UNAVAILABLE"), ("2", "READY")}, after
+assert c.is_model_ready("m", "2") and not c.is_model_ready("m", "1")
+assert c.get_model_metadata("m", "2")["versions"] == ["2"]
+x = httpclient.InferInput("input", [1, 4], "FP32")
+x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+r = c.infer("m", [x], model_version="2")
+print("ok", r.get_response()["model_version"], c.infer("m", [x]).get_response()["model_version"])
+"#;
+    let out = Command::new(common::tool("python"))
+        .arg("-c")
+        .arg(script)
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "ok 2 2");
+}

@@ -101,10 +101,15 @@ async fn unload_then_load_through_the_repository_api() {
     assert_eq!(index(&router).await[0]["state"], "READY");
     assert_eq!(infer_status(&router, "mlp").await, 200);
 
-    // Names that are not configured are 404; a malformed index request is 400.
-    post(&router, "/v2/repository/models/nope/load")
-        .await
-        .assert_status(404);
+    // Names that are not configured are 404 (a name is looked up among the configured ones,
+    // never used as a path); a malformed index request is 400.
+    for name in ["nope", "..%2F..%2Fetc%2Fpasswd", "mlp%2F..", &"m".repeat(10_000)] {
+        for action in ["load", "unload"] {
+            post(&router, &format!("/v2/repository/models/{name}/{action}"))
+                .await
+                .assert_status(404);
+        }
+    }
     let bad = send(
         &router,
         Request::post("/v2/repository/index")

@@ -298,7 +298,8 @@ async fn poll_swaps_in_a_new_version_under_load_and_every_answer_names_its_versi
 }
 
 /// A new version that does not load (a corrupt file) is reported and leaves the served version
-/// serving; once the file is fixed it is served, and the old version is unloaded.
+/// serving; once the file is fixed it is served, and the old version is unloaded; once its
+/// folder is removed, the old version is served again (a rollback).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_version_leaves_the_served_one_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -340,6 +341,17 @@ async fn a_corrupt_version_leaves_the_served_one_serving() {
         served.registry().versions("m") == ["2"]
     })
     .await;
+
+    // Rolled back: with version 2's folder gone, version 1 is the latest again and is served.
+    std::fs::remove_dir_all(repo.join("m/2")).unwrap();
+    eventually("version 1 serves again", async || {
+        served.registry().versions("m") == ["1"]
+    })
+    .await;
+    assert_eq!(
+        version_at(&router, "/v2/models/m/infer").await.as_deref(),
+        Some("1")
+    );
     served.shutdown().await;
 }
 

@@ -141,6 +141,52 @@ pub struct Lifecycle {
     reread_problem: Mutex<Option<String>>,
     /// Per model, the load calls asked for and done (see [`load`]).
     loads: Mutex<BTreeMap<String, Loads>>,
+    /// Per served (model, version), the memory its load added on each device (bytes by device
+    /// name): what another version of it is expected to need beside it.
+    footprints: Mutex<BTreeMap<Key, BTreeMap<String, u64>>>,
+}
+
+/// Each planned device's memory now, by device name (those whose memory can be read).
+fn read_memory(
+    plans: &[DevicePlan],
+    runtime: &crate::config::RuntimeConfig,
+) -> BTreeMap<String, crate::device::MemoryReading> {
+    let mut readings = BTreeMap::new();
+    for plan in plans {
+        if readings.contains_key(&plan.device) {
+            continue;
+        }
+        if let Ok(probe) = crate::tuning::MemoryProbe::for_plan(plan, runtime) {
+            readings.insert(plan.device.clone(), probe.read());
+        }
+    }
+    readings
+}
+
+/// [`read_memory`] on a blocking thread (reading a GPU's memory may block).
+pub(crate) async fn read_memory_now(
+    plans: &[DevicePlan],
+    runtime: &crate::config::RuntimeConfig,
+) -> BTreeMap<String, crate::device::MemoryReading> {
+    let (plans, runtime) = (plans.to_vec(), runtime.clone());
+    tokio::task::spawn_blocking(move || read_memory(&plans, &runtime))
+        .await
+        .unwrap_or_default()
+}
+
+/// What memory grew by on each device between two readings.
+pub(crate) fn grown(
+    before: &BTreeMap<String, crate::device::MemoryReading>,
+    after: &BTreeMap<String, crate::device::MemoryReading>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(d, a)| Some((d.clone(), a.used.saturating_sub(before.get(d)?.used))))
+        .collect()
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// Load calls of one model: calls that wait for their turn while a load is running are all
@@ -223,6 +269,11 @@ impl Lifecycle {
 
     pub(crate) fn want(&self, name: &str, versions: Vec<String>) {
         lock(&self.wanted).insert(name.to_string(), versions);
+    }
+
+    /// Notes what version `version` of `name` added to each device's memory as it loaded.
+    pub(crate) fn note_footprint(&self, name: &str, version: &str, bytes: BTreeMap<String, u64>) {
+        lock(&self.footprints).insert(key(name, version), bytes);
     }
 
     /// Whether `name` is a configured model (served or not).
@@ -497,6 +548,7 @@ async fn retire(app: &AppState, name: &str, version: &str, reason: &str) {
     if let Some(retired) = app.registry().unload_one(name, version) {
         life.set(name, version, ModelState::Unloading, "");
         retired.stop(app.request_timeout).await;
+        lock(&life.footprints).remove(&key(name, version));
         app.metrics.model_unloads.with_label_values(&[name]).inc();
         tracing::info!(model = %name, version, reason, "unloaded");
     }
@@ -630,12 +682,19 @@ async fn load_version(app: &Arc<AppState>, m: &ModelConfig) -> Result<(), CallEr
     if !reload {
         life.set(name, version, ModelState::Loading, "");
     }
+    let before = read_memory_now(&plans, &config.runtime).await;
+    if let (SwapMode::Overlap, Some(served)) = (m.swap, current.as_deref()) {
+        if let Some(short) = too_little_memory(life, m, served, &before) {
+            drop(current);
+            return Err(failed(app, m, reload, short));
+        }
+    }
     tracing::info!(model = %name, version, path = %m.path.display(), reload, "loading");
     let started = std::time::Instant::now();
     let loaded = startup::load_one(
         &config,
         m,
-        plans,
+        plans.clone(),
         &loader.runtime.version(),
         &app.metrics,
         current.as_deref(),
@@ -646,6 +705,8 @@ async fn load_version(app: &Arc<AppState>, m: &ModelConfig) -> Result<(), CallEr
     let metrics = &app.metrics;
     match loaded {
         Ok((model, owner)) => {
+            let after = read_memory_now(&plans, &config.runtime).await;
+            life.note_footprint(name, version, grown(&before, &after));
             let old = app.registry().load_one(model, Some(owner));
             life.set(name, version, ModelState::Ready, "");
             metrics.model_loads.with_label_values(&[name, "ok"]).inc();
@@ -668,22 +729,60 @@ async fn load_version(app: &Arc<AppState>, m: &ModelConfig) -> Result<(), CallEr
                      in memory together, swap: replace unloads the served one first)",
                 );
             }
-            tracing::error!(model = %name, version, path = %m.path.display(), error = %e, "load failed; what was served is unchanged");
-            let state = if reload {
-                ModelState::Ready
-            } else {
-                ModelState::Unavailable
-            };
-            life.set(name, version, state, reason.clone());
-            metrics
-                .model_loads
-                .with_label_values(&[name, "failed"])
-                .inc();
-            Err(CallError::InvalidInput(format!(
-                "model {name:?} version {version}: {reason}"
-            )))
+            Err(failed(app, m, reload, reason))
         }
     }
+}
+
+/// Why version `m` cannot be loaded beside `served` (`swap: overlap`): on some device, what
+/// `served` added to memory when it loaded is more than is left now under the limit less
+/// `tuning.memory_headroom`. `None` when it fits, or when either is not known.
+fn too_little_memory(
+    life: &Lifecycle,
+    m: &ModelConfig,
+    served: &crate::app::Model,
+    now: &BTreeMap<String, crate::device::MemoryReading>,
+) -> Option<String> {
+    let need = lock(&life.footprints)
+        .get(&key(served.name(), served.version()))
+        .cloned()?;
+    for (device, bytes) in need {
+        let Some(r) = now.get(&device) else { continue };
+        let Some(limit) = r.limit else { continue };
+        let usable = (limit as f64 * (1.0 - m.tuning.memory_headroom)) as u64;
+        let room = usable.saturating_sub(r.used);
+        if bytes > room {
+            return Some(format!(
+                "not loaded: it would need about {} on {device} beside the served version {} \
+                 (what that one took when it loaded), and {} are left under the limit less \
+                 tuning.memory_headroom ({:.0}%); swap: replace unloads the served version \
+                 first (the model answers 503 meanwhile)",
+                mib(bytes),
+                served.version(),
+                mib(room),
+                m.tuning.memory_headroom * 100.0
+            ));
+        }
+    }
+    None
+}
+
+/// Records a failed load of version `m` (its state, the log, the metric) and returns the
+/// caller's error. `reload`: the version is served, and stays so.
+fn failed(app: &AppState, m: &ModelConfig, reload: bool, reason: String) -> CallError {
+    let (name, version) = (m.name.as_str(), m.version.as_str());
+    tracing::error!(model = %name, version, path = %m.path.display(), %reason, "load failed; what was served is unchanged");
+    let state = if reload {
+        ModelState::Ready
+    } else {
+        ModelState::Unavailable
+    };
+    app.lifecycle().set(name, version, state, reason.clone());
+    app.metrics
+        .model_loads
+        .with_label_values(&[name, "failed"])
+        .inc();
+    CallError::InvalidInput(format!("model {name:?} version {version}: {reason}"))
 }
 
 /// Starts the poller when `server.model_control` is `poll`: every `poll_interval`, or at once

@@ -75,7 +75,15 @@ pub async fn load_models(config: &Config, state: &AppState) -> Result<Loaded, St
     let mut loaded = Loaded::new();
     for (found, plans) in versions.into_iter().zip(plans) {
         for m in &found {
+            // What the version adds to memory: what another version needs beside it later.
+            let before = crate::lifecycle::read_memory_now(&plans, &config.runtime).await;
             loaded.push(load_one(config, m, plans.clone(), &version, metrics, None).await?);
+            let after = crate::lifecycle::read_memory_now(&plans, &config.runtime).await;
+            state.lifecycle().note_footprint(
+                &m.name,
+                &m.version,
+                crate::lifecycle::grown(&before, &after),
+            );
         }
     }
     Ok(loaded)

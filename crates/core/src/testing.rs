@@ -80,3 +80,14 @@ pub fn model_over_runners(
 pub fn set_device_healthy(model: &Model, index: usize, healthy: bool) {
     model.handle().set_device_healthy(index, healthy);
 }
+
+/// Makes every CPU memory reading in this process say that `room` bytes are left under its
+/// limit (`None`: read the real limit again), as a container whose limit is that close would:
+/// for testing what depends on the limit (a swap that does not fit) on a machine without one.
+/// Process-wide: use it in a test binary of its own.
+pub fn pretend_cpu_memory_room(room: Option<u64>) {
+    crate::device::memory::PRETEND_ROOM.store(
+        room.unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}

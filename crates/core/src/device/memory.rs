@@ -5,6 +5,11 @@
 
 use std::path::Path;
 
+/// Tests only (`testing::pretend_cpu_memory_room`): when set, the CPU reading's limit is RSS plus
+/// this many bytes, as a container's limit that close would give. `u64::MAX`: not set.
+pub(crate) static PRETEND_ROOM: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
 /// Memory as one probe sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryReading {
@@ -93,6 +98,13 @@ impl CpuMemorySource {
     /// container limit less what the rest of the container uses, or RSS + MemAvailable.
     pub(crate) fn read(&self) -> MemoryReading {
         let rss = process_rss().unwrap_or(0);
+        let pretend = PRETEND_ROOM.load(std::sync::atomic::Ordering::Relaxed);
+        if pretend != u64::MAX {
+            return MemoryReading {
+                used: rss,
+                limit: Some(rss.saturating_add(pretend)),
+            };
+        }
         let cgroup = |usage: &str, limit: &str, dir: &Path| {
             let current = read_u64(&dir.join(usage))?;
             let max = read_u64(&dir.join(limit))?;

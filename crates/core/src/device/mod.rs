@@ -4,7 +4,7 @@
 //! The rest of the server sees a [`ModelRunner`] (implemented by [`OrtRunner`], and by fakes in
 //! tests) behind a [`DeviceWorker`] that takes [`RunJob`]s over a channel.
 
-mod memory;
+pub(crate) mod memory;
 mod ort_runner;
 mod plan;
 pub(crate) mod provider;
