@@ -19,15 +19,8 @@ server: {model_control: explicit}
 models:
   - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}";
 
-async fn post(router: &axum::Router, uri: &str) -> Reply {
-    send(router, Request::post(uri).body(Body::empty()).unwrap()).await
-}
-
-async fn index(router: &axum::Router) -> Value {
-    let reply = post(router, "/v2/repository/index").await;
-    reply.assert_status(200);
-    serde_json::from_slice(&reply.body).unwrap()
-}
+use common::post_empty as post;
+use common::repository_index as index;
 
 fn x() -> Tensor {
     Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap()
@@ -103,7 +96,12 @@ async fn unload_then_load_through_the_repository_api() {
 
     // Names that are not configured are 404 (a name is looked up among the configured ones,
     // never used as a path); a malformed index request is 400.
-    for name in ["nope", "..%2F..%2Fetc%2Fpasswd", "mlp%2F..", &"m".repeat(10_000)] {
+    for name in [
+        "nope",
+        "..%2F..%2Fetc%2Fpasswd",
+        "mlp%2F..",
+        &"m".repeat(10_000),
+    ] {
         for action in ["load", "unload"] {
             post(&router, &format!("/v2/repository/models/{name}/{action}"))
                 .await

@@ -5,11 +5,8 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::Request;
 use common::*;
 use ortserve::config::Config;
-use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overlap_swap_that_does_not_fit_is_refused_and_the_old_version_serves() {
@@ -27,15 +24,7 @@ async fn an_overlap_swap_that_does_not_fit_is_refused_and_the_old_version_serves
     )
     .unwrap();
     let (served, router) = start_config(&Config::load(&file).unwrap()).await;
-    let load = || async {
-        send(
-            &router,
-            Request::post("/v2/repository/models/effnet/load")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-    };
+    let load = || post_empty(&router, "/v2/repository/models/effnet/load");
 
     // Version 2 appears while only 8 MiB are left under the limit: EfficientNet-Lite0's
     // sessions took tens of MiB when version 1 loaded.
@@ -49,14 +38,7 @@ async fn an_overlap_swap_that_does_not_fit_is_refused_and_the_old_version_serves
         "{text}"
     );
     assert_eq!(served.registry().versions("effnet"), ["1"]);
-    let index = send(
-        &router,
-        Request::post("/v2/repository/index")
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
-    let rows: Value = serde_json::from_slice(&index.body).unwrap();
+    let rows = repository_index(&router).await;
     let v2 = rows
         .as_array()
         .unwrap()

@@ -51,15 +51,29 @@ async fn start_file(dir: &Path, yaml: &str) -> (Served, axum::Router, PathBuf) {
     (served, router, file)
 }
 
-async fn post(router: &axum::Router, uri: &str) -> Reply {
-    send(router, Request::post(uri).body(Body::empty()).unwrap()).await
+/// `model_control` settings for [`serve_m`].
+const POLL: &str = "model_control: poll, poll_interval: 100ms";
+const EXPLICIT: &str = "model_control: explicit";
+
+/// A server whose model `m` is the versioned folder `repo/m`, holding the MLP as version 1, with
+/// `server` settings and the model's `extra` settings. Returns the folder (keep it), the
+/// repository's path, the state and the router.
+async fn serve_m(server: &str, extra: &str) -> (tempfile::TempDir, PathBuf, Served, axum::Router) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    add_version(&repo, "m", 1, "mlp.onnx");
+    let (served, router, _) = start_file(
+        dir.path(),
+        &format!(
+            "server: {{{server}}}\nmodels:\n  - {{name: m, path: repo/m, {extra}devices: cpu, batching: {{max_batch_size: 8}}}}"
+        ),
+    )
+    .await;
+    (dir, repo, served, router)
 }
 
-async fn index(router: &axum::Router) -> Value {
-    let reply = post(router, "/v2/repository/index").await;
-    reply.assert_status(200);
-    serde_json::from_slice(&reply.body).unwrap()
-}
+use common::post_empty as post;
+use common::repository_index as index;
 
 /// One inference (JSON, or the binary extension when `binary`) at `path`: the status and the
 /// `model_version` the answer names.
@@ -221,14 +235,7 @@ async fn a_model_dir_in_the_triton_layout_serves_each_models_versions() {
 /// sees the old version, then the new, never back. The old version's model is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poll_swaps_in_a_new_version_under_load_and_every_answer_names_its_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    add_version(&repo, "m", 1, "mlp.onnx");
-    let (served, router, _) = start_file(
-        dir.path(),
-        "server: {model_control: poll, poll_interval: 100ms}\nmodels:\n  - {name: m, path: repo/m, devices: cpu, batching: {max_batch_size: 8}}",
-    )
-    .await;
+    let (_dir, repo, served, router) = serve_m(POLL, "").await;
     let old = Arc::downgrade(&served.registry().get("m", Some("1")).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -302,14 +309,7 @@ async fn poll_swaps_in_a_new_version_under_load_and_every_answer_names_its_versi
 /// folder is removed, the old version is served again (a rollback).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_version_leaves_the_served_one_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    add_version(&repo, "m", 1, "mlp.onnx");
-    let (served, router, _) = start_file(
-        dir.path(),
-        "server: {model_control: poll, poll_interval: 100ms}\nmodels:\n  - {name: m, path: repo/m, devices: cpu, batching: {max_batch_size: 8}}",
-    )
-    .await;
+    let (_dir, repo, served, router) = serve_m(POLL, "").await;
     let bad = add_version(&repo, "m", 2, "mlp.onnx");
     let bytes = std::fs::read(&bad).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
@@ -360,14 +360,7 @@ async fn a_corrupt_version_leaves_the_served_one_serving() {
 /// model unloaded, where `overlap` (above) keeps the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_replace_unloads_first_and_answers_503_meanwhile() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    add_version(&repo, "m", 1, "mlp.onnx");
-    let (served, router, _) = start_file(
-        dir.path(),
-        "server: {model_control: explicit}\nmodels:\n  - {name: m, path: repo/m, swap: replace, devices: cpu, batching: {max_batch_size: 8}}",
-    )
-    .await;
+    let (_dir, repo, served, router) = serve_m(EXPLICIT, "swap: replace, ").await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -418,14 +411,7 @@ async fn swap_replace_unloads_first_and_answers_503_meanwhile() {
 /// the policy no longer chooses is unloaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_explicit_load_picks_up_a_new_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    add_version(&repo, "m", 1, "mlp.onnx");
-    let (served, router, _) = start_file(
-        dir.path(),
-        "server: {model_control: explicit}\nmodels:\n  - {name: m, path: repo/m, devices: cpu, batching: {max_batch_size: 8}}",
-    )
-    .await;
+    let (_dir, repo, served, router) = serve_m(EXPLICIT, "").await;
     add_version(&repo, "m", 2, "mlp.onnx");
     // Nothing changes without the call.
     tokio::time::sleep(Duration::from_millis(200)).await;

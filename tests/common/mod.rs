@@ -125,6 +125,18 @@ pub async fn send(router: &Router, req: Request<Body>) -> Reply {
     }
 }
 
+/// A POST with no body (the repository extension's load and unload).
+pub async fn post_empty(router: &Router, uri: &str) -> Reply {
+    send(router, Request::post(uri).body(Body::empty()).unwrap()).await
+}
+
+/// `POST /v2/repository/index`, checked to be 200, as JSON.
+pub async fn repository_index(router: &Router) -> Value {
+    let reply = post_empty(router, "/v2/repository/index").await;
+    reply.assert_status(200);
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
 pub async fn get(router: &Router, uri: &str) -> Reply {
     send(router, Request::get(uri).body(Body::empty()).unwrap()).await
 }

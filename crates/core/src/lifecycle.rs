@@ -453,31 +453,41 @@ pub async fn load(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
         l.asked += 1;
         l.asked
     };
-    let task = tokio::spawn({
-        let app = app.clone();
-        let name = name.to_string();
-        async move {
-            let life = app.lifecycle();
-            let turn = life.turn(&name);
-            let _turn = turn.lock().await;
-            let started = {
-                let loads = lock(&life.loads);
-                let l = &loads[&name];
-                if let Some(last) = l.last.as_ref().filter(|_| l.answered >= ticket) {
-                    return last.clone();
-                }
-                l.asked
-            };
-            let result = load_in_turn(&app, &name).await;
-            let mut loads = lock(&life.loads);
-            let l = loads.entry(name).or_default();
-            l.answered = started;
-            l.last = Some(result.clone());
-            result
-        }
-    });
-    task.await
-        .unwrap_or_else(|e| Err(CallError::Unavailable(format!("the load stopped: {e}"))))
+    in_turn(app, name, move |app, name| async move {
+        let life = app.lifecycle();
+        let started = {
+            let loads = lock(&life.loads);
+            let l = &loads[&name];
+            if let Some(last) = l.last.as_ref().filter(|_| l.answered >= ticket) {
+                return last.clone();
+            }
+            l.asked
+        };
+        let result = load_in_turn(&app, &name).await;
+        let mut loads = lock(&life.loads);
+        let l = loads.entry(name).or_default();
+        l.answered = started;
+        l.last = Some(result.clone());
+        result
+    })
+    .await
+    .unwrap_or_else(|e| Err(CallError::Unavailable(format!("the load stopped: {e}"))))
+}
+
+/// Runs `work` on a task of its own in model `name`'s turn (after the loads and unloads of it
+/// before), to its end even when the caller stops waiting.
+fn in_turn<T, F, Fut>(app: &Arc<AppState>, name: &str, work: F) -> tokio::task::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<AppState>, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+{
+    let (app, name) = (app.clone(), name.to_string());
+    tokio::spawn(async move {
+        let turn = app.lifecycle().turn(&name);
+        let _turn = turn.lock().await;
+        work(app, name).await
+    })
 }
 
 /// [`load`]'s work, in the model's turn.
@@ -510,36 +520,26 @@ async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> 
 /// loaded succeeds.
 pub async fn unload(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
     controllable(app, name)?;
-    let task = tokio::spawn({
-        let app = app.clone();
-        let name = name.to_string();
-        async move {
-            let life = app.lifecycle();
-            let turn = life.turn(&name);
-            let _turn = turn.lock().await;
-            for version in app.registry().versions(&name) {
-                retire(&app, &name, &version, "unloaded").await;
-            }
-            lock(&life.seen).retain(|(n, _), _| *n != name);
-            let status: Vec<Key> = lock(&life.status)
-                .range(key(&name, "")..)
-                .take_while(|((n, _), _)| *n == name)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for (n, v) in status {
-                life.set(&n, &v, ModelState::Unavailable, "unloaded");
-            }
-            if lock(&life.status)
-                .range(key(&name, "")..)
-                .next()
-                .is_none_or(|((n, _), _)| *n != name)
-            {
-                life.set(&name, "", ModelState::Unavailable, "unloaded");
-            }
+    in_turn(app, name, |app, name| async move {
+        let life = app.lifecycle();
+        for version in app.registry().versions(&name) {
+            retire(&app, &name, &version, "unloaded").await;
         }
-    });
-    task.await
-        .map_err(|e| CallError::Unavailable(format!("the unload stopped: {e}")))
+        lock(&life.seen).retain(|(n, _), _| *n != name);
+        let known: Vec<Key> = lock(&life.status)
+            .range(key(&name, "")..)
+            .take_while(|((n, _), _)| *n == name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if known.is_empty() {
+            life.set(&name, "", ModelState::Unavailable, "unloaded");
+        }
+        for (n, v) in known {
+            life.set(&n, &v, ModelState::Unavailable, "unloaded");
+        }
+    })
+    .await
+    .map_err(|e| CallError::Unavailable(format!("the unload stopped: {e}")))
 }
 
 /// Takes version `version` of `name` out and stops it once its requests are answered.
@@ -567,9 +567,11 @@ pub(crate) async fn reconcile(
     wanted: Vec<ModelConfig>,
     force: bool,
 ) -> Result<(), CallError> {
-    let turn = app.lifecycle().turn(name);
-    let _turn = turn.lock().await;
-    reconcile_in_turn(app, name, wanted, force).await
+    in_turn(app, name, move |app, name| async move {
+        reconcile_in_turn(&app, &name, wanted, force).await
+    })
+    .await
+    .unwrap_or_else(|e| Err(CallError::Unavailable(format!("the change stopped: {e}"))))
 }
 
 /// [`reconcile`], for a caller that holds the model's turn.
