@@ -304,18 +304,6 @@ async fn input_shape(router: &axum::Router, model: &str) -> Value {
     serde_json::from_slice::<Value>(&meta.body).unwrap()["inputs"][0]["shape"].clone()
 }
 
-/// Polls `check` every 50 ms for up to 30 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = std::time::Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not within 30 s: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A model file in a volume laid out as the kubelet lays out a ConfigMap or Secret: the file is
 /// a link through `..data`, which points at a timestamped folder. The kubelet's update writes a
 /// new folder, points a new link at it and renames the link over `..data`; with `poll`, the

@@ -109,18 +109,6 @@ async fn version_at(router: &axum::Router, path: &str) -> Option<String> {
     version
 }
 
-/// Polls `check` every 50 ms for up to 30 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = std::time::Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not within 30 s: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn states(index: &Value) -> Vec<(String, String, String)> {
     index
         .as_array()

@@ -624,3 +624,15 @@ pub fn run_with_stdout_closed(cmd: &mut std::process::Command) -> std::process::
     drop(child.stdout.take());
     child.wait_with_output().unwrap()
 }
+
+/// Polls `check` every 50 ms for up to 30 s.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "not within 30 s: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
