@@ -24,5 +24,6 @@ pub use ortserve_core::{
     app, call, config, device, memory, metrics, model, preprocess, registry, tensor, testing,
     tuning,
 };
+pub use ortserve_grpc as grpc;
 pub use ortserve_http as http;
 pub use server::{run, start, tune, Listeners, Server};

@@ -36,9 +36,12 @@ enum Command {
         /// The name to serve a one-file --model-dir as; in a folder of models, the one to serve.
         #[arg(long, requires = "model_dir")]
         model_name: Option<String>,
-        /// Serve on this port (the config's address keeps its host).
+        /// Serve HTTP on this port (the config's address keeps its host).
         #[arg(long)]
         http_port: Option<u16>,
+        /// Serve gRPC on this port (the config's grpc_addr keeps its host).
+        #[arg(long)]
+        grpc_port: Option<u16>,
     },
     /// Probe every (model, device) batch size without serving: print the tables; with `--plot`,
     /// write an SVG plot.
@@ -151,11 +154,13 @@ fn main() -> ExitCode {
             model_dir,
             model_name,
             http_port,
+            grpc_port,
         } => Config::for_serve(
             config.as_deref(),
             model_dir.as_deref(),
             model_name.as_deref(),
             http_port,
+            grpc_port,
         )
         .map_err(|e| {
             match &config {
@@ -194,8 +199,15 @@ fn serve(config: Config) -> Result<ExitCode, ExitCode> {
             },
             None => None,
         };
+        let grpc = match &server.grpc_addr {
+            Some(addr) => match bind(addr).await {
+                Ok(l) => Some(l),
+                Err(()) => return ExitCode::FAILURE,
+            },
+            None => None,
+        };
         tracing::info!(addr = %config.server.http_addr, "bound; loading models");
-        let listeners = ortserve::Listeners { http, admin };
+        let listeners = ortserve::Listeners { http, admin, grpc };
         match ortserve::run(config, listeners, ortserve::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

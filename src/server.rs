@@ -16,17 +16,23 @@ use ortserve_core::config::{Config, ModelControl, ServerConfig};
 use ortserve_core::startup::{load_models, new_state, StartupError};
 use ortserve_core::tuning::DeviceTuning;
 
-/// Where the server listens: the data port and, when `server.admin_addr` is set, the admin port
-/// (liveness, readiness and metrics on a connection limit of their own). A bare `TcpListener`
-/// converts into one with no admin port.
+/// Where the server listens: the data port; when `server.admin_addr` is set, the admin port
+/// (liveness, readiness and metrics on a connection limit of their own); when
+/// `server.grpc_addr` is set, the gRPC port. A bare `TcpListener` converts into one with the
+/// HTTP port alone.
 pub struct Listeners {
     pub http: TcpListener,
     pub admin: Option<TcpListener>,
+    pub grpc: Option<TcpListener>,
 }
 
 impl From<TcpListener> for Listeners {
     fn from(http: TcpListener) -> Listeners {
-        Listeners { http, admin: None }
+        Listeners {
+            http,
+            admin: None,
+            grpc: None,
+        }
     }
 }
 
@@ -118,10 +124,11 @@ pub async fn tune(config: &Config) -> Result<BTreeMap<String, Vec<DeviceTuning>>
     Ok(results)
 }
 
-/// Serves HTTP on `listeners` until `shutdown` resolves, then drains: readiness turns 503 at
-/// once, requests are still served for `drain_delay` (so load balancers deregister the pod),
-/// then the listener closes and open requests get up to `shutdown_timeout` to finish. The admin
-/// port answers probes and scrapes throughout and closes last.
+/// Serves HTTP (and gRPC) on `listeners` until `shutdown` resolves, then drains: readiness turns
+/// 503 (NOT_SERVING) at once, requests are still served for `drain_delay` (so load balancers
+/// deregister the pod), then the listeners close (gRPC connections get GOAWAY) and open
+/// requests and calls get up to `shutdown_timeout` to finish. The admin port answers probes and
+/// scrapes throughout and closes last.
 async fn serve_until(
     state: Arc<AppState>,
     server: &ServerConfig,
@@ -152,6 +159,8 @@ async fn serve_until(
         None => None,
     };
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    // Set when the drain delay is over: every listener stops accepting.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain_delay = server.drain_delay.0;
     let draining = state.clone();
     let graceful = async move {
@@ -160,9 +169,33 @@ async fn serve_until(
         tracing::info!(?drain_delay, "draining: readiness is 503, still serving");
         tokio::time::sleep(drain_delay).await;
         tracing::info!("no longer accepting connections");
+        let _ = stop_tx.send(true);
         let _ = drained_tx.send(());
     };
+    let grpc = match listeners.grpc {
+        Some(l) => {
+            if let Ok(addr) = l.local_addr() {
+                tracing::info!(%addr, "serving gRPC");
+            }
+            let mut stop = stop_rx.clone();
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            let grpc = ortserve_grpc::serve(state.clone(), server, l, stopped);
+            Some(async move { grpc.await.map_err(std::io::Error::other) })
+        }
+        None => None,
+    };
     let http = ortserve_http::serve(state, server, listener, graceful);
+    let http = async move {
+        match grpc {
+            Some(grpc) => {
+                let (h, g) = tokio::join!(http, grpc);
+                h.and(g)
+            }
+            None => http.await,
+        }
+    };
     let shutdown_timeout = server.shutdown_timeout.0;
     let overdue = async move {
         if drained_rx.await.is_ok() {

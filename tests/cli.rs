@@ -25,7 +25,8 @@ fn ortserve(args: &[&str], env: &[(&str, &str)]) -> Output {
     // Tests run side by side: no fixed admin port.
     cmd.args(args)
         .env_remove("ORT_DYLIB_PATH")
-        .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0");
+        .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0")
+        .env("ORTSERVE_GRPC_ADDR", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -155,6 +156,7 @@ fn start_ready_in(
         .args(args)
         .env_remove("ORT_DYLIB_PATH")
         .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0")
+        .env("ORTSERVE_GRPC_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, v) in env {

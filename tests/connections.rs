@@ -60,6 +60,7 @@ async fn serve_with_admin(
     let listeners = ortserve::Listeners {
         http: listener,
         admin,
+        grpc: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(listeners, async {

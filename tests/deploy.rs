@@ -139,6 +139,7 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
         .env_remove("ORT_DYLIB_PATH")
         .env("ORTSERVE_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("ORTSERVE_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+        .env("ORTSERVE_GRPC_ADDR", "127.0.0.1:0")
         .env("ORTSERVE_LOG_FORMAT", "text")
         .current_dir(dir.path())
         .stdout(Stdio::null())

@@ -196,7 +196,7 @@ async fn a_model_dir_in_the_triton_layout_serves_each_models_versions() {
         format!("{settings}version_policy: {{specific: [1, 3, 7]}}\n"),
     )
     .unwrap();
-    let config = Config::for_serve(None, Some(repo), None, None).unwrap();
+    let config = Config::for_serve(None, Some(repo), None, None, None).unwrap();
     let (served, router) = start_config(&config).await;
     let versions = |m: &str| {
         served

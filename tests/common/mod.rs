@@ -56,6 +56,11 @@ impl Served {
         ortserve::testing::set_device_healthy(&self.state.models()[0], index, healthy);
     }
 
+    /// The state itself, to serve it another way (the gRPC front door).
+    pub fn arc(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
     /// Stops the models: what was admitted is answered, threads are joined.
     pub async fn shutdown(self) {
         self.state.stop_models().await;

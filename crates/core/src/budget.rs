@@ -25,6 +25,11 @@ impl Budget {
             .map(|_| Taken { budget: self, n })
     }
 
+    /// Gives back `n` taken earlier and kept past its guard ([`std::mem::forget`]).
+    pub(crate) fn give_back(&self, n: usize) {
+        self.free.fetch_add(n, Ordering::AcqRel);
+    }
+
     /// What is free now.
     pub(crate) fn free(&self) -> usize {
         self.free.load(Ordering::Acquire)

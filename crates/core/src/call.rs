@@ -46,6 +46,20 @@ impl Call {
     }
 }
 
+/// The longest request id kept from a client, in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a client's request id may be used as it is (in logs, echoed back): 1 to
+/// [`MAX_REQUEST_ID`] bytes of letters, digits and `-_.:/+=@~`, nothing that could forge or
+/// break a log field. Front doors generate one instead of an id that is not.
+pub fn usable_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID
+        && id
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@~".contains(c))
+}
+
 /// What kind of failure an error is, in words every protocol has (they follow gRPC's codes).
 /// A front door maps [`CallError`]s to its own codes; the kind says what a client may do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -315,6 +329,44 @@ impl<'a> BodyMemory<'a> {
                 "the server is holding as many request bodies as it may; retry".into(),
             ))
         }
+    }
+}
+
+/// [`BodyMemory`] that owns its hold on the state, for a body that outlives any borrow (one a
+/// transport streams into a message it owns: the gRPC front door). Given back on drop.
+pub struct OwnedBodyMemory {
+    app: std::sync::Arc<AppState>,
+    held: usize,
+}
+
+impl OwnedBodyMemory {
+    pub fn new(app: std::sync::Arc<AppState>) -> OwnedBodyMemory {
+        OwnedBodyMemory { app, held: 0 }
+    }
+
+    /// Takes `n` more bytes of the budget, as [`BodyMemory::take`] does.
+    pub fn take(&mut self, n: usize) -> Result<(), CallError> {
+        match self.app.body_memory.try_take(n) {
+            Some(taken) => {
+                std::mem::forget(taken);
+                self.held += n;
+                Ok(())
+            }
+            None => Err(CallError::Unavailable(
+                "the server is holding as many request bodies as it may; retry".into(),
+            )),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+}
+
+impl Drop for OwnedBodyMemory {
+    fn drop(&mut self) {
+        self.app.body_memory.give_back(self.held);
     }
 }
 

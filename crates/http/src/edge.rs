@@ -19,9 +19,6 @@ use tower::{Layer, Service};
 use crate::{ApiError, CallError, REQUEST_ID};
 use ortserve_core::app::AppState;
 
-/// Longest `x-request-id` taken from a client; a longer one is replaced by a generated id.
-const MAX_REQUEST_ID: usize = 128;
-
 #[derive(Clone)]
 pub(crate) struct EdgeLayer(pub(crate) Arc<AppState>);
 
@@ -137,13 +134,7 @@ where
 /// break log fields (spaces, quotes, `=` after a space, control characters), so the request-id
 /// layer generates one instead. Ids of letters, digits and `-_.:/+=@~` up to 128 bytes are kept.
 fn drop_unusable_request_id(req: &mut Request<Body>) {
-    let usable = |v: &HeaderValue| {
-        let b = v.as_bytes();
-        !b.is_empty()
-            && b.len() <= MAX_REQUEST_ID
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@~".contains(c))
-    };
+    let usable = |v: &HeaderValue| ortserve_core::call::usable_request_id(v.as_bytes());
     if req.headers().get(REQUEST_ID).is_some_and(|v| !usable(v)) {
         req.headers_mut().remove(REQUEST_ID);
     }

@@ -68,6 +68,7 @@ pub struct ConfigSource {
     pub model_dir: Option<PathBuf>,
     pub model_name: Option<String>,
     pub http_port: Option<u16>,
+    pub grpc_port: Option<u16>,
 }
 
 /// `models[].version_policy`: which versions of a versioned folder (`NAME/VERSION/model.onnx`)
@@ -211,6 +212,10 @@ pub struct ServerConfig {
     /// `http_addr`). Env: `ORTSERVE_ADMIN_ADDR` (`off` turns it off).
     #[serde(default = "default_admin_addr")]
     pub admin_addr: Option<String>,
+    /// Address of the gRPC listener (the KServe V2 gRPC service and `grpc.health.v1`); `null`
+    /// turns it off. Env: `ORTSERVE_GRPC_ADDR` (`off` turns it off).
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: Option<String>,
     /// Most connections open at once on the admin listener (probes and scrapers need a few).
     #[serde(default = "default_admin_max_connections")]
     pub admin_max_connections: usize,
@@ -300,6 +305,7 @@ impl Default for ServerConfig {
         ServerConfig {
             http_addr: default_http_addr(),
             admin_addr: default_admin_addr(),
+            grpc_addr: default_grpc_addr(),
             admin_max_connections: default_admin_max_connections(),
             max_body_bytes: default_max_body(),
             request_timeout: default_request_timeout(),
@@ -323,6 +329,9 @@ impl Default for ServerConfig {
 
 fn default_http_addr() -> String {
     "0.0.0.0:8080".into()
+}
+fn default_grpc_addr() -> Option<String> {
+    Some("0.0.0.0:8081".into())
 }
 fn default_admin_addr() -> Option<String> {
     Some("0.0.0.0:8082".into())
@@ -866,6 +875,7 @@ impl Config {
             s.model_dir.as_deref(),
             s.model_name.as_deref(),
             s.http_port,
+            s.grpc_port,
         ))
     }
 
@@ -889,6 +899,7 @@ impl Config {
         model_dir: Option<&Path>,
         model_name: Option<&str>,
         http_port: Option<u16>,
+        grpc_port: Option<u16>,
     ) -> Result<Config, ConfigError> {
         let mut config = match file {
             Some(path) => Config::read(path)?,
@@ -918,14 +929,19 @@ impl Config {
             model_dir: model_dir.map(Path::to_path_buf),
             model_name: model_name.map(str::to_string),
             http_port,
+            grpc_port,
         });
-        if let Some(port) = http_port {
-            let host = config
-                .server
-                .http_addr
-                .rsplit_once(':')
+        let with_port = |addr: Option<&str>, port: u16| {
+            let host = addr
+                .and_then(|a| a.rsplit_once(':'))
                 .map_or("0.0.0.0", |(host, _)| host);
-            config.server.http_addr = format!("{host}:{port}");
+            format!("{host}:{port}")
+        };
+        if let Some(port) = http_port {
+            config.server.http_addr = with_port(Some(&config.server.http_addr), port);
+        }
+        if let Some(port) = grpc_port {
+            config.server.grpc_addr = Some(with_port(config.server.grpc_addr.as_deref(), port));
         }
         config.validate()?;
         Ok(config)
@@ -943,6 +959,7 @@ impl Config {
         for k in [
             "ORTSERVE_HTTP_ADDR",
             "ORTSERVE_ADMIN_ADDR",
+            "ORTSERVE_GRPC_ADDR",
             "ORTSERVE_LOG_FORMAT",
         ] {
             if var(k).is_some() && text(k).is_none() {
@@ -966,6 +983,12 @@ impl Config {
                 address("ORTSERVE_ADMIN_ADDR", &v)?;
             }
             self.server.admin_addr = (v != "off").then_some(v);
+        }
+        if let Some(v) = text("ORTSERVE_GRPC_ADDR") {
+            if v != "off" {
+                address("ORTSERVE_GRPC_ADDR", &v)?;
+            }
+            self.server.grpc_addr = (v != "off").then_some(v);
         }
         if let Some(v) = text("ORTSERVE_LOG_FORMAT") {
             self.server.log_format = match v.as_str() {
@@ -1089,6 +1112,22 @@ impl ServerConfig {
                 ),
             )
         })?;
+        if let Some(addr) = &s.grpc_addr {
+            addr.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "server.grpc_addr",
+                    format!("{addr:?} is not an address like 0.0.0.0:8081 ({e})"),
+                )
+            })?;
+            // Port 0 (any free port, as tests bind) may be given to several.
+            let taken = [Some(&s.http_addr), s.admin_addr.as_ref()];
+            if !addr.ends_with(":0") && taken.contains(&Some(addr)) {
+                return Err(invalid(
+                    "server.grpc_addr",
+                    format!("{addr} is already http_addr or admin_addr"),
+                ));
+            }
+        }
         if s.max_body_bytes.0 < 1024 {
             return Err(invalid(
                 "server.max_body_bytes",

@@ -328,7 +328,7 @@ fn bad_model_dirs_say_which_file_and_what() {
 #[test]
 fn serve_takes_a_model_dir_alone_or_on_top_of_a_config_file() {
     let dir = model_dir(&[("m/model.onnx", "MLP")]);
-    let c = Config::for_serve(None, Some(dir.path()), None, Some(9123)).unwrap();
+    let c = Config::for_serve(None, Some(dir.path()), None, Some(9123), None).unwrap();
     assert_eq!(c.server.http_addr, "0.0.0.0:9123");
     assert_eq!(c.models.len(), 1);
 
@@ -341,7 +341,7 @@ fn serve_takes_a_model_dir_alone_or_on_top_of_a_config_file() {
         ),
     )
     .unwrap();
-    let err = Config::for_serve(Some(&file), Some(dir.path()), None, None)
+    let err = Config::for_serve(Some(&file), Some(dir.path()), None, None, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -356,8 +356,10 @@ fn serve_takes_a_model_dir_alone_or_on_top_of_a_config_file() {
         ),
     )
     .unwrap();
-    let c = Config::for_serve(Some(&file), Some(dir.path()), None, Some(9124)).unwrap();
+    let c = Config::for_serve(Some(&file), Some(dir.path()), None, Some(9124), Some(9125)).unwrap();
     assert_eq!(c.server.http_addr, "127.0.0.1:9124");
+    // --grpc-port keeps the gRPC address's host (the default's, 0.0.0.0, here).
+    assert_eq!(c.server.grpc_addr.as_deref(), Some("0.0.0.0:9125"));
     let names: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["other", "m"]);
 }

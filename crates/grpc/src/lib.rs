@@ -1,0 +1,122 @@
+//! ortserve's gRPC front door: the KServe V2 / Open Inference Protocol service
+//! (`inference.GRPCInferenceService`, as `tritonclient.grpc` and KServe's clients call it) and
+//! `grpc.health.v1.Health`, on a listener of their own, over the protocol-neutral request core
+//! (`ortserve_core::call`, the `app` façade, the registry and the lifecycle), so the REST path's
+//! guarantees hold here too: auth, deadlines, limits, admission, errors by kind, metrics
+//! labelled `protocol="grpc"`, and the drain.
+//!
+//! [`serve`] runs it; [`status::status_of`] is the one table from error kinds to gRPC codes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use ortserve_core::app::AppState;
+use ortserve_core::config::ServerConfig;
+
+mod health;
+mod limits;
+mod service;
+mod status;
+mod tensors;
+
+pub use health::Health;
+pub use service::Inference;
+pub use status::status_of;
+
+/// The code generated from `proto/` (`inference` and `grpc.health.v1`), servers and clients.
+pub mod proto {
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
+}
+
+/// Streams one HTTP/2 connection may have open at once; more are refused by the protocol
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`), not queued.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// The largest header list a client may send (its metadata).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// How often an idle connection is pinged, and how long the answer may take before it is closed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a client may reset before the server has answered them, per connection, before the
+/// connection is closed (a flood of RST_STREAM).
+pub const MAX_PENDING_RESETS: usize = 32;
+
+/// Serves the gRPC services on `listener` until `shutdown` resolves, then stops accepting, sends
+/// GOAWAY on every connection and returns once the calls in flight are answered (the caller
+/// bounds that wait with `server.shutdown_timeout`). Connections are HTTP/2 only, at most
+/// `server.max_connections` at once (more wait in the listen backlog).
+pub async fn serve(
+    app: Arc<AppState>,
+    server: &ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use proto::health::health_server::HealthServer;
+    use proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+
+    let max_message = usize::try_from(server.max_body_bytes.0).unwrap_or(usize::MAX);
+    let inference = GrpcInferenceServiceServer::new(Inference::new(app.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(usize::MAX);
+    let health = HealthServer::new(Health::new(app.clone()));
+    let routes = tonic::service::Routes::new(inference)
+        .add_service(health)
+        .prepare();
+    let service = tower::ServiceBuilder::new()
+        .layer(limits::DeadlineLayer::new(
+            app.clone(),
+            server.request_timeout.0,
+        ))
+        .layer(limits::BodyBudgetLayer::new(app.clone()))
+        .service(routes);
+
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
+    let places = Arc::new(tokio::sync::Semaphore::new(server.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let place = tokio::select! {
+            p = places.clone().acquire_owned() => p.map_err(std::io::Error::other)?,
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: wait a little rather than spin.
+                    tracing::warn!(error = %e, "gRPC: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(service.clone());
+        let conn = graceful.watch(h2.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "gRPC connection ended with an error");
+            }
+            drop(place);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! `inference.GRPCInferenceService`: each RPC decodes its message, drives the request core
+//! (call context, auth, lookup, admission and inference through the `app` façade, the
+//! lifecycle), and ends with the status [`status_of`] gives its error. Every call is recorded
+//! in the request metrics with `protocol="grpc"` and echoes its request id in the response
+//! metadata (`x-request-id`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Request, Response, Status};
+
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use crate::proto::inference::model_infer_response::InferOutputTensor;
+use crate::proto::inference::model_metadata_response::TensorMetadata;
+use crate::proto::inference::repository_index_response::ModelIndex;
+use crate::proto::inference::*;
+use crate::status::{label, status_of};
+use crate::tensors;
+use ortserve_core::app::AppState;
+use ortserve_core::call::{self, Call, CallError};
+use ortserve_core::lifecycle;
+use ortserve_core::model::TensorInfo;
+
+/// The service over the server's state.
+pub struct Inference {
+    app: Arc<AppState>,
+}
+
+impl Inference {
+    pub fn new(app: Arc<AppState>) -> Inference {
+        Inference { app }
+    }
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// `grpc-timeout` (gRPC's wire form: up to 8 digits and a unit, `H M S m u n`).
+fn grpc_timeout(metadata: &MetadataMap) -> Result<Option<Duration>, CallError> {
+    timeout_header(metadata.as_ref())
+}
+
+/// [`grpc_timeout`] from the HTTP/2 headers.
+pub(crate) fn timeout_header(headers: &http::HeaderMap) -> Result<Option<Duration>, CallError> {
+    let Some(v) = headers.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || CallError::InvalidInput("grpc-timeout is not a gRPC timeout (e.g. 500m)".into());
+    let text = v.to_str().map_err(|_| bad())?;
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    if digits.is_empty() || digits.len() > 8 {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    Ok(Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    }))
+}
+
+/// The client's request id when it is usable, else a new one (UUID v4).
+fn request_id(metadata: &MetadataMap) -> String {
+    metadata
+        .get(REQUEST_ID)
+        .map(|v| v.as_bytes())
+        .filter(|b| call::usable_request_id(b))
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+/// One call's bookkeeping: its context for the core, the RPC and model it names for the
+/// metrics, and when it arrived.
+struct Rpc<'a> {
+    app: &'a AppState,
+    name: &'static str,
+    model: String,
+    started: Instant,
+    call: Call,
+}
+
+impl<'a> Rpc<'a> {
+    /// The call as it arrived: its id, deadline (`grpc-timeout`) and, when `auth`, its bearer
+    /// token checked (`authorization` metadata, as the HTTP header).
+    fn begin(
+        app: &'a AppState,
+        name: &'static str,
+        metadata: &MetadataMap,
+        auth: bool,
+    ) -> (Rpc<'a>, Result<(), CallError>) {
+        let started = Instant::now();
+        let id = request_id(metadata);
+        let (timeout, checked) = match grpc_timeout(metadata) {
+            Ok(t) => (t, Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        let rpc = Rpc {
+            app,
+            name,
+            model: String::new(),
+            started,
+            call: Call::arrived(timeout, Some(id)),
+        };
+        let checked = checked.and_then(|()| {
+            if auth {
+                let token = metadata.get("authorization").and_then(|v| v.to_str().ok());
+                call::authorize(app, token)
+            } else {
+                Ok(())
+            }
+        });
+        (rpc, checked)
+    }
+
+    /// The call's answer: recorded in the metrics (and the access log), with the request id
+    /// in its metadata.
+    fn end<T>(self, answer: Result<T, CallError>) -> Result<Response<T>, Status> {
+        let id = self.call.request_id.clone().unwrap_or_default();
+        let (code, out) = match answer {
+            Ok(v) => (Code::Ok, Ok(Response::new(v))),
+            Err(e) => {
+                let s = status_of(&e);
+                (s.code(), Err(s))
+            }
+        };
+        call::record(
+            self.app,
+            "grpc",
+            &self.model,
+            self.name,
+            label(code),
+            self.started,
+        );
+        if self.app.access_log {
+            tracing::info!(
+                target: "ortserve::access",
+                rpc = self.name,
+                model = %self.model,
+                status = label(code),
+                ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+                request_id = %id,
+                "grpc call"
+            );
+        }
+        let value = MetadataValue::try_from(id.as_str()).ok();
+        match out {
+            Ok(mut r) => {
+                if let Some(v) = value {
+                    r.metadata_mut().insert(REQUEST_ID, v);
+                }
+                Ok(r)
+            }
+            Err(mut s) => {
+                if let Some(v) = value {
+                    s.metadata_mut().insert(REQUEST_ID, v);
+                }
+                Err(s)
+            }
+        }
+    }
+}
+
+fn version(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+fn described(t: &TensorInfo) -> TensorMetadata {
+    TensorMetadata {
+        name: t.name.clone(),
+        datatype: t.dtype.v2_name().to_string(),
+        shape: t.dims.clone(),
+    }
+}
+
+/// A request parameter as a whole number (Triton's `timeout` is INT64 microseconds).
+fn whole(p: &InferParameter, name: &str) -> Result<u64, CallError> {
+    use infer_parameter::ParameterChoice;
+    match p.parameter_choice {
+        Some(ParameterChoice::Int64Param(n)) if n >= 0 => Ok(n as u64),
+        Some(ParameterChoice::Uint64Param(n)) => Ok(n),
+        _ => Err(CallError::InvalidInput(format!(
+            "parameter {name:?} must be a whole number of microseconds"
+        ))),
+    }
+}
+
+impl Inference {
+    async fn infer(
+        &self,
+        rpc: &mut Rpc<'_>,
+        req: ModelInferRequest,
+    ) -> Result<ModelInferResponse, CallError> {
+        let app = &self.app;
+        let m = app.lookup(&req.model_name, version(&req.model_version))?;
+        if let Some(p) = req.parameters.get("timeout") {
+            let asked = Duration::from_micros(whole(p, "timeout")?);
+            rpc.call.timeout = Some(rpc.call.timeout.map_or(asked, |t| t.min(asked)));
+        }
+        let raw = req.raw_input_contents;
+        if !raw.is_empty() && raw.len() != req.inputs.len() {
+            return Err(CallError::InvalidInput(format!(
+                "{} raw_input_contents for {} inputs: send one per input, or none",
+                raw.len(),
+                req.inputs.len()
+            )));
+        }
+        let mut inputs = Vec::with_capacity(req.inputs.len());
+        for (i, input) in req.inputs.into_iter().enumerate() {
+            let name = input.name.clone();
+            inputs.push((name, tensors::input(input, raw.get(i).cloned())?));
+        }
+        // The requested outputs are resolved before running, so a typo costs no inference.
+        let info = m.info();
+        let selected: Vec<usize> = if req.outputs.is_empty() {
+            (0..info.outputs.len()).collect()
+        } else {
+            req.outputs
+                .iter()
+                .map(|o| {
+                    info.output_index(&o.name)
+                        .map_err(|e| CallError::InvalidInput(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let outputs = m.infer(inputs, &rpc.call).await?;
+        Ok(ModelInferResponse {
+            model_name: m.name().to_string(),
+            model_version: m.version().to_string(),
+            id: req.id,
+            parameters: Default::default(),
+            outputs: selected
+                .iter()
+                .map(|&i| InferOutputTensor {
+                    name: info.outputs[i].name.clone(),
+                    datatype: outputs[i].dtype.v2_name().to_string(),
+                    shape: tensors::dims(&outputs[i]),
+                    parameters: Default::default(),
+                    contents: None,
+                })
+                .collect(),
+            raw_output_contents: selected.iter().map(|&i| outputs[i].data.clone()).collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Inference {
+    async fn server_live(
+        &self,
+        request: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        let (rpc, checked) = Rpc::begin(&self.app, "ServerLive", request.metadata(), false);
+        rpc.end(checked.map(|()| ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        request: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        let (rpc, checked) = Rpc::begin(&self.app, "ServerReady", request.metadata(), false);
+        let ready = self.app.is_ready();
+        rpc.end(checked.map(|()| ServerReadyResponse { ready }))
+    }
+
+    /// Ready when the model (at the version, else its highest) is served with a healthy
+    /// device; a model that is not served, or still loading, is not ready (no error, as
+    /// clients ask this to poll).
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelReady", request.metadata(), false);
+        let req = request.into_inner();
+        rpc.model = req.name.clone();
+        let ready = self
+            .app
+            .lookup(&req.name, version(&req.version))
+            .is_ok_and(|m| m.is_ready());
+        rpc.end(checked.map(|()| ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        request: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        let (rpc, checked) = Rpc::begin(&self.app, "ServerMetadata", request.metadata(), false);
+        rpc.end(checked.map(|()| ServerMetadataResponse {
+            name: "ortserve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec!["model_repository".into()],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelMetadata", request.metadata(), true);
+        let req = request.into_inner();
+        rpc.model = req.name.clone();
+        let answer = checked.and_then(|()| {
+            let m = self.app.lookup(&req.name, version(&req.version))?;
+            Ok(ModelMetadataResponse {
+                name: m.name().to_string(),
+                versions: self.app.registry().versions(m.name()),
+                platform: "onnxruntime_onnx".into(),
+                inputs: m.info().inputs.iter().map(described).collect(),
+                outputs: m.info().outputs.iter().map(described).collect(),
+            })
+        });
+        rpc.end(answer)
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", request.metadata(), true);
+        let req = request.into_inner();
+        rpc.model = req.model_name.clone();
+        let answer = match checked {
+            Ok(()) => self.infer(&mut rpc, req).await,
+            Err(e) => Err(e),
+        };
+        rpc.end(answer)
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let (rpc, checked) = Rpc::begin(&self.app, "RepositoryIndex", request.metadata(), true);
+        let ready = request.into_inner().ready;
+        rpc.end(checked.map(|()| {
+            RepositoryIndexResponse {
+                models: lifecycle::index(&self.app, ready)
+                    .into_iter()
+                    .map(|e| ModelIndex {
+                        name: e.name,
+                        version: e.version,
+                        state: e.state.as_str().to_string(),
+                        reason: e.reason,
+                    })
+                    .collect(),
+            }
+        }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        let (mut rpc, checked) =
+            Rpc::begin(&self.app, "RepositoryModelLoad", request.metadata(), true);
+        let name = request.into_inner().model_name;
+        rpc.model = name.clone();
+        let answer = match checked {
+            Ok(()) => lifecycle::load(&self.app, &name).await,
+            Err(e) => Err(e),
+        };
+        rpc.end(answer.map(|()| RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        let (mut rpc, checked) =
+            Rpc::begin(&self.app, "RepositoryModelUnload", request.metadata(), true);
+        let name = request.into_inner().model_name;
+        rpc.model = name.clone();
+        let answer = match checked {
+            Ok(()) => lifecycle::unload(&self.app, &name).await,
+            Err(e) => Err(e),
+        };
+        rpc.end(answer.map(|()| RepositoryModelUnloadResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_in_every_unit_and_bad_ones_refused() {
+        let with = |v: &str| {
+            let mut m = MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(with("2S").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(with("1500m").unwrap(), Some(Duration::from_millis(1500)));
+        assert_eq!(with("7u").unwrap(), Some(Duration::from_micros(7)));
+        assert_eq!(with("3M").unwrap(), Some(Duration::from_secs(180)));
+        assert_eq!(with("1H").unwrap(), Some(Duration::from_secs(3600)));
+        assert_eq!(with("99n").unwrap(), Some(Duration::from_nanos(99)));
+        for bad in ["", "S", "123456789S", "5x", "-1S", "1.5S"] {
+            assert!(with(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&MetadataMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_usable_and_made_otherwise() {
+        let with = |v: &str| {
+            let mut m = MetadataMap::new();
+            m.insert(REQUEST_ID, v.parse().unwrap());
+            request_id(&m)
+        };
+        assert_eq!(with("abc-123"), "abc-123");
+        let made = with("has space");
+        assert_ne!(made, "has space");
+        assert_eq!(made.len(), 36);
+        assert_eq!(with(&"x".repeat(129)).len(), 36);
+    }
+}

@@ -1,0 +1,686 @@
+//! The gRPC front door over a real socket, driven by the Rust client generated from the same
+//! protos: every RPC, inference that matches REST bit for bit, every error kind with its status
+//! code, the request id and metrics, the health service, and the drain.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use common::*;
+use ortserve::app::AppState;
+use ortserve::grpc::proto::health::health_client::HealthClient;
+use ortserve::grpc::proto::health::HealthCheckRequest;
+use ortserve::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use ortserve::grpc::proto::inference::model_infer_request::{
+    InferInputTensor, InferRequestedOutputTensor,
+};
+use ortserve::grpc::proto::inference::*;
+use ortserve::tensor::{DataType, Tensor};
+use rand::SeedableRng;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Client = GrpcInferenceServiceClient<Channel>;
+
+/// A server from `yaml` (model paths relative to tests/fixtures) serving HTTP and gRPC on
+/// loopback ports; dropping `stop` drains it.
+struct Running {
+    state: Arc<AppState>,
+    grpc: SocketAddr,
+    router: axum::Router,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn start(yaml: &str) -> Running {
+        let server = ortserve::start(&config(yaml)).await.expect("server starts");
+        Running::serve(server.state().clone(), move |listeners, stopped| {
+            tokio::spawn(server.serve(listeners, stopped))
+        })
+        .await
+    }
+
+    /// Serves an existing state (a fake model's) on gRPC only.
+    async fn over(state: Arc<AppState>, server: ortserve::config::ServerConfig) -> Running {
+        Running::serve(state.clone(), move |listeners, stopped| {
+            tokio::spawn(async move {
+                let l = listeners.grpc.unwrap();
+                ortserve::grpc::serve(state, &server, l, stopped).await
+            })
+        })
+        .await
+    }
+
+    async fn serve(
+        state: Arc<AppState>,
+        spawn: impl FnOnce(
+            ortserve::Listeners,
+            std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        ) -> tokio::task::JoinHandle<std::io::Result<()>>,
+    ) -> Running {
+        let http = ortserve::http::bind("127.0.0.1:0", 64).await.unwrap();
+        let grpc = ortserve::http::bind("127.0.0.1:0", 64).await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listeners = ortserve::Listeners {
+            http,
+            admin: None,
+            grpc: Some(grpc),
+        };
+        let task = spawn(
+            listeners,
+            Box::pin(async move {
+                let _ = stopped.await;
+            }),
+        );
+        Running {
+            router: ortserve::http::router(state.clone()),
+            state,
+            grpc: addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects");
+        GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20)
+    }
+
+    async fn health(&self) -> HealthClient<Channel> {
+        HealthClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        drop(self.stop.take());
+        self.task.await.unwrap().unwrap();
+        self.state.stop_models().await;
+    }
+}
+
+const MODELS: &str = "
+server: {drain_delay: 0s}
+models:
+  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}
+  - {name: cnn, path: cnn.onnx, devices: cpu, batching: {max_batch_size: 4}}";
+
+fn raw_request(model: &str, inputs: &[(&str, &Tensor)]) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        id: "req-7".into(),
+        inputs: inputs
+            .iter()
+            .map(|(name, t)| InferInputTensor {
+                name: name.to_string(),
+                datatype: t.dtype.v2_name().into(),
+                shape: t.shape.iter().map(|&d| d as i64).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+fn typed_request(model: &str, name: &str, t: &Tensor) -> ModelInferRequest {
+    let mut req = raw_request(model, &[(name, t)]);
+    req.raw_input_contents.clear();
+    req.inputs[0].contents = Some(InferTensorContents {
+        fp32_contents: t.to_f32(),
+        ..Default::default()
+    });
+    req
+}
+
+/// The raw bytes of each output of a REST binary-extension answer.
+fn rest_raw_outputs(reply: &Reply) -> Vec<(String, Vec<u8>)> {
+    reply.assert_status(200);
+    let n: usize = reply.headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let head: serde_json::Value = serde_json::from_slice(&reply.body[..n]).unwrap();
+    let mut rest = &reply.body[n..];
+    head["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let size = o["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+            let (mine, tail) = rest.split_at(size);
+            rest = tail;
+            (o["name"].as_str().unwrap().to_string(), mine.to_vec())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_answers_over_a_real_socket() {
+    let server = Running::start(MODELS).await;
+    let mut c = server.client().await;
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        c.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let meta = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.name, "ortserve");
+    assert!(meta.extensions.contains(&"model_repository".to_string()));
+    let ready = |name: &str, version: &str| ModelReadyRequest {
+        name: name.into(),
+        version: version.into(),
+    };
+    for (name, version, want) in [
+        ("mlp", "", true),
+        ("mlp", "1", true),
+        ("mlp", "7", false),
+        ("nope", "", false),
+    ] {
+        let got = c
+            .model_ready(ready(name, version))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready;
+        assert_eq!(got, want, "{name} {version}");
+    }
+    let m = c
+        .model_metadata(ModelMetadataRequest {
+            name: "cnn".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.versions, ["1"]);
+    assert_eq!(m.platform, "onnxruntime_onnx");
+    assert_eq!(m.inputs[0].datatype, "FP32");
+    assert_eq!(m.inputs[0].shape, [-1, 3, 64, 64]);
+    let index = c
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let states: Vec<_> = index
+        .models
+        .iter()
+        .map(|e| (e.name.as_str(), e.state.as_str()))
+        .collect();
+    assert_eq!(states, [("cnn", "READY"), ("mlp", "READY")]);
+    // Load and unload need `model_control: explicit`, as on REST.
+    let refused = c
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "mlp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("model_control"), "{refused:?}");
+
+    let mut h = server.health().await;
+    for service in ["", "inference.GRPCInferenceService"] {
+        let s = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.status, 1, "SERVING for {service:?}");
+    }
+    let unknown = h
+        .check(HealthCheckRequest {
+            service: "other".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    server.shutdown().await;
+}
+
+/// The same inputs give the same output bytes over gRPC (raw and typed contents) and REST's
+/// binary extension, for the MLP and the CNN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_matches_rest_bit_for_bit() {
+    let server = Running::start(MODELS).await;
+    let mut c = server.client().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    for (model, shape) in [("mlp", vec![3, 4]), ("cnn", vec![2, 3, 64, 64])] {
+        let x = random_tensor(DataType::F32, shape, &mut rng);
+        let (body, header_len) = v2_binary(&[("input", &x)]);
+        let rest = send(
+            &server.router,
+            Request::post(format!("/v2/models/{model}/infer"))
+                .header("inference-header-content-length", header_len)
+                .header("content-type", "application/octet-stream")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await;
+        let rest = rest_raw_outputs(&rest);
+        for req in [
+            raw_request(model, &[("input", &x)]),
+            typed_request(model, "input", &x),
+        ] {
+            let r = c.model_infer(req).await.unwrap();
+            assert!(r.metadata().get("x-request-id").is_some());
+            let r = r.into_inner();
+            assert_eq!(
+                (r.model_name.as_str(), r.model_version.as_str()),
+                (model, "1")
+            );
+            assert_eq!(r.id, "req-7", "the id is echoed");
+            assert_eq!(r.outputs.len(), rest.len());
+            for ((out, raw), (name, bytes)) in
+                r.outputs.iter().zip(&r.raw_output_contents).zip(&rest)
+            {
+                assert_eq!(&out.name, name);
+                assert_eq!(out.datatype, "FP32");
+                assert_eq!(out.shape[0], x.shape[0] as i64);
+                assert_eq!(&raw[..], &bytes[..], "{model}: {name} differs from REST");
+            }
+        }
+    }
+    // One output asked for by name; the request id given is echoed in the metadata.
+    let x = random_tensor(DataType::F32, vec![1, 4], &mut rng);
+    let mut req = tonic::Request::new(ModelInferRequest {
+        outputs: vec![InferRequestedOutputTensor {
+            name: "logits".into(),
+            ..Default::default()
+        }],
+        ..raw_request("mlp", &[("input", &x)])
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "trace-me-1".parse().unwrap());
+    let r = c.model_infer(req).await.unwrap();
+    assert_eq!(r.metadata().get("x-request-id").unwrap(), "trace-me-1");
+    assert_eq!(r.into_inner().outputs.len(), 1);
+    let text = server.state.render_metrics().await;
+    let ok = [
+        ("model", "mlp"),
+        ("route", "ModelInfer"),
+        ("status", "OK"),
+        ("protocol", "grpc"),
+    ];
+    assert_eq!(metric(&text, "ortserve_requests_total", &ok), 3.0);
+    server.shutdown().await;
+}
+
+/// Requests that are wrong: INVALID_ARGUMENT with what is wrong, or NOT_FOUND; nothing is
+/// allocated for a shape the bytes do not back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_have_their_codes() {
+    let server = Running::start(MODELS).await;
+    let mut c = server.client().await;
+    let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let good = || raw_request("mlp", &[("input", &x)]);
+    let cases: Vec<(&str, ModelInferRequest, Code, &str)> = vec![
+        (
+            "unknown model",
+            ModelInferRequest {
+                model_name: "nope".into(),
+                ..good()
+            },
+            Code::NotFound,
+            "nope",
+        ),
+        (
+            "unknown version",
+            ModelInferRequest {
+                model_version: "9".into(),
+                ..good()
+            },
+            Code::NotFound,
+            "9",
+        ),
+        (
+            "a huge shape with 16 bytes",
+            {
+                let mut r = good();
+                r.inputs[0].shape = vec![1 << 40, 1 << 20];
+                r
+            },
+            Code::InvalidArgument,
+            "input",
+        ),
+        (
+            "raw bytes that do not fit the shape",
+            {
+                let mut r = good();
+                r.inputs[0].shape = vec![2, 4];
+                r
+            },
+            Code::InvalidArgument,
+            "bytes",
+        ),
+        (
+            "two raw entries for one input",
+            {
+                let mut r = good();
+                r.raw_input_contents.push(x.data.clone());
+                r
+            },
+            Code::InvalidArgument,
+            "raw_input_contents",
+        ),
+        (
+            "a negative size",
+            {
+                let mut r = good();
+                r.inputs[0].shape = vec![-1, 4];
+                r
+            },
+            Code::InvalidArgument,
+            "negative",
+        ),
+        (
+            "BYTES",
+            {
+                let mut r = good();
+                r.inputs[0].datatype = "BYTES".into();
+                r
+            },
+            Code::InvalidArgument,
+            "BYTES",
+        ),
+        (
+            "an unknown output",
+            ModelInferRequest {
+                outputs: vec![InferRequestedOutputTensor {
+                    name: "nope".into(),
+                    ..Default::default()
+                }],
+                ..good()
+            },
+            Code::InvalidArgument,
+            "nope",
+        ),
+        (
+            "the wrong input name",
+            {
+                let mut r = good();
+                r.inputs[0].name = "other".into();
+                r
+            },
+            Code::InvalidArgument,
+            "other",
+        ),
+        (
+            "the wrong columns",
+            raw_request(
+                "mlp",
+                &[(
+                    "input",
+                    &Tensor::from_f32(vec![1, 3], &[1.0, 2.0, 3.0]).unwrap(),
+                )],
+            ),
+            Code::InvalidArgument,
+            "input",
+        ),
+        (
+            "a timeout parameter that is text",
+            {
+                let mut r = good();
+                r.parameters.insert(
+                    "timeout".into(),
+                    InferParameter {
+                        parameter_choice: Some(infer_parameter::ParameterChoice::StringParam(
+                            "soon".into(),
+                        )),
+                    },
+                );
+                r
+            },
+            Code::InvalidArgument,
+            "timeout",
+        ),
+    ];
+    for (what, req, code, says) in cases {
+        let e = c.model_infer(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(e.message().contains(says), "{what}: {e:?}");
+        assert!(e.metadata().get("x-request-id").is_some(), "{what}");
+    }
+    // A bad grpc-timeout.
+    let mut req = tonic::Request::new(good());
+    req.metadata_mut()
+        .insert("grpc-timeout", "soon".parse().unwrap());
+    assert_eq!(
+        c.model_infer(req).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // A message over max_body_bytes (16 MiB by default).
+    let big = Tensor::new(DataType::F32, vec![1 << 20, 4], vec![0u8; 1 << 24]).unwrap();
+    let e = c
+        .model_infer(raw_request("mlp", &[("input", &big)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // The server still answers.
+    c.model_infer(good()).await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_auth_applies_to_model_rpcs_and_not_to_health() {
+    std::env::set_var("ORTSERVE_GRPC_TEST_TOKENS", "s3cret-token-of-16+");
+    let mut cfg = config(
+        "server: {drain_delay: 0s, auth: {tokens_env: ORTSERVE_GRPC_TEST_TOKENS}}\nmodels:\n  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
+    );
+    cfg.load_tokens(|k| std::env::var(k).ok()).unwrap();
+    let server = ortserve::start(&cfg).await.unwrap();
+    let server = Running::serve(server.state().clone(), move |listeners, stopped| {
+        tokio::spawn(server.serve(listeners, stopped))
+    })
+    .await;
+    let mut c = server.client().await;
+    let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let e = c
+        .model_infer(raw_request("mlp", &[("input", &x)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = c
+        .model_metadata(ModelMetadataRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut req = tonic::Request::new(raw_request("mlp", &[("input", &x)]));
+    req.metadata_mut().insert(
+        "authorization",
+        "Bearer s3cret-token-of-16+".parse().unwrap(),
+    );
+    c.model_infer(req).await.unwrap();
+    // Probes stay open.
+    assert!(
+        c.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    server.shutdown().await;
+}
+
+/// A full queue (RESOURCE_EXHAUSTED), a deadline that passes in the queue
+/// (DEADLINE_EXCEEDED), no healthy device (UNAVAILABLE), a failing run (INTERNAL): the request
+/// core's kinds, each with its code, on a model whose one device holds every batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_deadlines_and_device_faults_have_their_codes() {
+    let (served, _router, open) = gated_server(1);
+    let server = Running::over(served.arc(), ortserve::config::ServerConfig::default()).await;
+    let c = server.client().await;
+    let one = |v: f32| {
+        let t = Tensor::from_f32(vec![1, 1], &[v]).unwrap();
+        raw_request("gated", &[("x", &t)])
+    };
+    // The first call holds the device; the second waits in the queue (capacity 1 counts what
+    // is queued or running); the third is refused.
+    let held = tokio::spawn({
+        let mut c = c.clone();
+        let r = one(1.0);
+        async move { c.model_infer(r).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c2 = c.clone();
+    let full = c2.model_infer(one(2.0)).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    open.send(()).unwrap();
+    held.await.unwrap().unwrap();
+
+    // A deadline of 100 ms (`parameters.timeout`, in microseconds, as Triton takes it) while
+    // the device holds the batch: the server answers DEADLINE_EXCEEDED.
+    let mut req = one(3.0);
+    req.parameters.insert(
+        "timeout".into(),
+        InferParameter {
+            parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(100_000)),
+        },
+    );
+    let started = std::time::Instant::now();
+    let late = c2.model_infer(req).await.unwrap_err();
+    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The same deadline as `grpc-timeout`: the client gives up at its deadline (tonic says
+    // CANCELLED), and the server ends the call as DEADLINE_EXCEEDED in its metrics.
+    let mut req = tonic::Request::new(one(3.5));
+    req.metadata_mut()
+        .insert("grpc-timeout", "100m".parse().unwrap());
+    let late = c2.model_infer(req).await.unwrap_err();
+    assert!(
+        matches!(late.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{late:?}"
+    );
+    let text = server.state.render_metrics().await;
+    let exceeded = [
+        ("model", "gated"),
+        ("route", "ModelInfer"),
+        ("status", "DEADLINE_EXCEEDED"),
+        ("protocol", "grpc"),
+    ];
+    eventually("both deadlines are counted", async || {
+        let text = server.state.render_metrics().await;
+        metric(&text, "ortserve_requests_total", &exceeded) == 2.0
+    })
+    .await;
+    drop(text);
+    open.send(()).unwrap();
+
+    served.set_healthy(0, false);
+    let down = c2.model_infer(one(4.0)).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    served.set_healthy(0, true);
+    drop(open);
+    server.shutdown().await;
+}
+
+/// SIGTERM's drain as gRPC sees it: health turns NOT_SERVING at once while calls are still
+/// answered for the drain delay; then the server sends GOAWAY, the calls in flight finish, and
+/// no call on the open connection failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_answers_every_call_and_health_turns_not_serving() {
+    let server = Running::start(
+        "server: {drain_delay: 500ms, shutdown_timeout: 5s}\nmodels:\n  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
+    )
+    .await;
+    let c = server.client().await;
+    let mut h = server.health().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            // Bounded: at most 20,000 calls each.
+            for _ in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match c.model_infer(raw_request("mlp", &[("input", &x)])).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        failed.push(e);
+                        break;
+                    }
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Running {
+        state,
+        stop: s,
+        task,
+        ..
+    } = server;
+    state.start_draining();
+    drop(s);
+    let during = h
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(during.status, 2, "NOT_SERVING while draining");
+    // Past the drain delay: GOAWAY comes while the clients are calling.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for c in clients {
+        let (ok, failed) = c.await.unwrap();
+        answered += ok;
+        // After GOAWAY a client's next call finds the connection closing: it was never taken
+        // by the server (UNAVAILABLE, or tonic's CANCELLED "connection closed"), and clients
+        // retry it on another server. Nothing else.
+        for e in &failed {
+            let closed = e.code() == Code::Unavailable
+                || (e.code() == Code::Cancelled && format!("{e:?}").contains("connection closed"));
+            assert!(closed, "{e:?}");
+        }
+    }
+    assert!(answered > 10, "{answered} calls answered");
+    task.await.unwrap().unwrap();
+    // Every call the server answered reached its client: none was answered and lost.
+    let text = state.render_metrics().await;
+    let ok = [
+        ("model", "mlp"),
+        ("route", "ModelInfer"),
+        ("status", "OK"),
+        ("protocol", "grpc"),
+    ];
+    assert_eq!(
+        metric(&text, "ortserve_requests_total", &ok),
+        answered as f64
+    );
+    state.stop_models().await;
+}
