@@ -527,3 +527,29 @@ async fn http_1_1_requests_need_exactly_one_host() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// An error answered before the request's body has arrived (an unknown model) says
+/// `Connection: close`: the server does not keep that connection, and a keep-alive client that
+/// was not told would write its next request on a closed socket. A request answered 200 keeps
+/// its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_before_the_body_is_read_says_connection_close() {
+    let (addr, stop, task) = serve("{drain_delay: 0s}").await;
+    let body = r#"{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+    for (model, want, closes) in [("zzz", 404, true), ("mlp", 200, false)] {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let head = format!(
+            "POST /v2/models/{model}/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        w.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        w.write_all(body.as_bytes()).await.unwrap();
+        let (status, close, text) = read_response(&mut BufReader::new(r)).await.unwrap();
+        assert_eq!(status, want, "{}", String::from_utf8_lossy(&text));
+        assert_eq!(close, closes, "{model}: Connection: close");
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

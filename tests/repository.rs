@@ -470,3 +470,32 @@ async fn a_burst_of_load_calls_costs_a_few_loads() {
     assert_eq!(infer_status(&router, "mlp").await, 200);
     served.shutdown().await;
 }
+
+/// Load, load, unload, load, each sent while the one before still runs (EfficientNet-Lite0
+/// loads for a quarter second or more): the last call is a load, so the model ends up loaded.
+/// The load that waited behind the unload is not answered by the load before the unload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_of_interleaved_loads_and_unloads_wins() {
+    let model = root().join(".ortserve/models/efficientnet_lite0.onnx");
+    let (served, router) = start(&format!(
+        "server: {{model_control: explicit}}\nmodels:\n  - {{name: e, path: '{}', devices: cpu, batching: {{max_batch_size: 4, buckets: on}}}}",
+        model.display()
+    ))
+    .await;
+    let mut calls = Vec::new();
+    for action in ["load", "load", "unload", "load"] {
+        let router = router.clone();
+        calls.push(tokio::spawn(async move {
+            post(&router, &format!("/v2/repository/models/e/{action}"))
+                .await
+                .status
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(index(&router).await[0]["state"], "READY");
+    assert_eq!(served.models().len(), 1);
+    served.shutdown().await;
+}

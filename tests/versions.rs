@@ -248,7 +248,8 @@ async fn poll_swaps_in_a_new_version_under_load_and_every_answer_names_its_versi
     tokio::time::sleep(Duration::from_millis(300)).await;
     add_version(&repo, "m", 2, "mlp.onnx");
     eventually("version 1 is unloaded", async || {
-        states(&index(&router).await) == vec![row("m", "1", "UNAVAILABLE"), row("m", "2", "READY")]
+        served.registry().versions("m") == ["2"]
+            && states(&index(&router).await) == vec![row("m", "2", "READY")]
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -256,10 +256,13 @@ impl AppState {
             // Unloaded through the repository API, or its load failed: not served here until
             // it is loaded again, which a retry will not bring about.
             Some((ModelState::Unavailable | ModelState::Unloading, reason)) => {
-                CallError::NotFound(format!(
-                    "model {name:?} is not loaded ({reason}); POST \
-                     /v2/repository/models/{name}/load loads it"
-                ))
+                let how = match self.model_control {
+                    crate::config::ModelControl::Explicit => {
+                        format!("POST /v2/repository/models/{name}/load loads it")
+                    }
+                    _ => "it is loaded again when its files or settings change".into(),
+                };
+                CallError::NotFound(format!("model {name:?} is not loaded ({reason}); {how}"))
             }
             _ => CallError::Unavailable(format!(
                 "model {name:?} is loading; it is served once it is loaded and tuned"

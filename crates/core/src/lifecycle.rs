@@ -86,17 +86,43 @@ impl Loader {
         lock(&self.config).clone()
     }
 
-    /// The config as its files say it now, with its device plans; the config last read when it
-    /// was not read from files (tests).
-    fn reread(&self) -> Result<(Config, BTreeMap<String, Vec<DevicePlan>>), String> {
-        let config = match self.config().reread() {
-            None => return Ok((self.config(), lock(&self.plans).clone())),
-            Some(read) => read.map_err(|e| format!("config: {e}"))?,
-        };
-        let plans = crate::device::plan_devices(&config, &self.runtime)
-            .map_err(|e| format!("devices: {e}"))?;
-        let plans = plan_map(&config, plans);
-        Ok((config, plans))
+    /// The config as its files say it now, with its device plans and each model's versions (or
+    /// why they cannot be listed); the config last read when it was not read from files
+    /// (tests). Files are read on a blocking thread: a hung volume holds that thread, never the
+    /// async workers.
+    async fn reread(&self) -> Result<Reread, String> {
+        let (config, plans, runtime) = (
+            self.config(),
+            lock(&self.plans).clone(),
+            self.runtime.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let (config, plans) = match config.reread() {
+                None => (config, plans),
+                Some(read) => {
+                    let config = read.map_err(|e| format!("config: {e}"))?;
+                    let plans = crate::device::plan_devices(&config, &runtime)
+                        .map_err(|e| format!("devices: {e}"))?;
+                    let plans = plan_map(&config, plans);
+                    (config, plans)
+                }
+            };
+            let versions = config
+                .models
+                .iter()
+                .map(|m| {
+                    let found = crate::config::versions_of(m).map_err(|e| e.to_string());
+                    (m.name.clone(), found)
+                })
+                .collect();
+            Ok(Reread {
+                config,
+                plans,
+                versions,
+            })
+        })
+        .await
+        .map_err(|e| format!("reading the config stopped: {e}"))?
     }
 
     /// Takes `config` (and its plans) as the one to load from.
@@ -104,6 +130,14 @@ impl Loader {
         *lock(&self.config) = config;
         *lock(&self.plans) = plans;
     }
+}
+
+/// What [`Loader::reread`] found.
+struct Reread {
+    config: Config,
+    plans: BTreeMap<String, Vec<DevicePlan>>,
+    /// Each model's versions to serve, in the config's order.
+    versions: Vec<(String, Result<Vec<ModelConfig>, String>)>,
 }
 
 fn plan_map(config: &Config, plans: Vec<Vec<DevicePlan>>) -> BTreeMap<String, Vec<DevicePlan>> {
@@ -497,21 +531,20 @@ async fn load_in_turn(app: &Arc<AppState>, name: &str) -> Result<(), CallError> 
         .loader
         .get()
         .expect("checked by controllable");
-    let (config, plans) = loader.reread().map_err(CallError::InvalidInput)?;
-    let Some(m) = config.models.iter().find(|m| m.name == name).cloned() else {
+    let read = loader.reread().await.map_err(CallError::InvalidInput)?;
+    let Some((_, found)) = read.versions.into_iter().find(|(n, _)| n == name) else {
         return Err(CallError::InvalidInput(format!(
             "model {name:?} is no longer in the config"
         )));
     };
-    let versions =
-        crate::config::versions_of(&m).map_err(|e| CallError::InvalidInput(e.to_string()))?;
+    let versions = found.map_err(CallError::InvalidInput)?;
     if versions.is_empty() {
         return Err(CallError::InvalidInput(format!(
-            "model {name:?}: no version to load in {}",
-            m.path.display()
+            "model {name:?}: no version to load (no VERSION/model.onnx that version_policy \
+             chooses)"
         )));
     }
-    loader.adopt(config, plans);
+    loader.adopt(read.config, read.plans);
     reconcile_in_turn(app, name, versions, true).await
 }
 
@@ -526,6 +559,10 @@ pub async fn unload(app: &Arc<AppState>, name: &str) -> Result<(), CallError> {
             retire(&app, &name, &version, "unloaded").await;
         }
         lock(&life.seen).retain(|(n, _), _| *n != name);
+        // A load call that waited behind this unload is not answered by a load before it.
+        if let Some(l) = lock(&life.loads).get_mut(&name) {
+            l.last = None;
+        }
         let known: Vec<Key> = lock(&life.status)
             .range(key(&name, "")..)
             .take_while(|((n, _), _)| *n == name)
@@ -635,12 +672,16 @@ async fn reconcile_in_turn(
             retire(app, name, &v, "unloaded to make room (swap: replace)").await;
             if !wanted_versions.contains(v.as_str()) {
                 lock(&life.seen).remove(&key(name, &v));
+                lock(&life.status).remove(&key(name, &v));
             }
             if wanted_versions.contains(v.as_str()) {
                 life.set(name, &v, ModelState::Loading, "");
             }
         }
     }
+    // The highest first: a request without a version goes to the highest served, so it never
+    // meets a lower version that is only just loaded (`version_policy: all`).
+    to_load.sort_by_key(|m| std::cmp::Reverse(crate::registry::VersionKey::of(&m.version)));
     let mut first_error = None;
     for m in &to_load {
         if let Err(e) = load_version(app, m).await {
@@ -658,8 +699,10 @@ async fn reconcile_in_turn(
         };
         for v in extra {
             retire(app, name, &v, reason).await;
-            // Wanted again later, it is loaded again.
+            // Wanted again later, it is loaded again; until then the index leaves it out (a
+            // model rolled through many versions does not list them all).
             lock(&life.seen).remove(&key(name, &v));
+            lock(&life.status).remove(&key(name, &v));
         }
     }
     first_error.map_or(Ok(()), Err)
@@ -725,7 +768,9 @@ async fn load_version(app: &Arc<AppState>, m: &ModelConfig) -> Result<(), CallEr
         }
         Err(e) => {
             let mut reason = format!("load failed: {e}");
-            if (reload || others > 0) && m.swap == SwapMode::Overlap {
+            let text = e.to_string().to_ascii_lowercase();
+            let memory = ["memory", "alloc"].iter().any(|w| text.contains(w));
+            if (reload || others > 0) && m.swap == SwapMode::Overlap && memory {
                 reason.push_str(
                     " (loaded beside the served version, swap: overlap; if the two do not fit \
                      in memory together, swap: replace unloads the served one first)",
@@ -773,7 +818,8 @@ fn too_little_memory(
 /// caller's error. `reload`: the version is served, and stays so.
 fn failed(app: &AppState, m: &ModelConfig, reload: bool, reason: String) -> CallError {
     let (name, version) = (m.name.as_str(), m.version.as_str());
-    tracing::error!(model = %name, version, path = %m.path.display(), %reason, "load failed; what was served is unchanged");
+    let served = app.registry().versions(name);
+    tracing::error!(model = %name, version, path = %m.path.display(), %reason, ?served, "load failed; the versions served now are listed");
     let state = if reload {
         ModelState::Ready
     } else {
@@ -832,7 +878,7 @@ pub async fn poll_once(app: &Arc<AppState>) {
         return;
     };
     let before = loader.config();
-    let (config, plans) = match loader.reread() {
+    let read = match loader.reread().await {
         Ok(read) => {
             *lock(&life.reread_problem) = None;
             read
@@ -851,6 +897,11 @@ pub async fn poll_once(app: &Arc<AppState>) {
         }
     };
     app.metrics.config_reads.with_label_values(&["ok"]).inc();
+    let Reread {
+        config,
+        plans,
+        versions,
+    } = read;
     let yaml = |c: &Config| serde_yaml_ng::to_string(&(&c.server, &c.runtime)).unwrap_or_default();
     if yaml(&config) != yaml(&before) {
         tracing::warn!(
@@ -863,24 +914,23 @@ pub async fn poll_once(app: &Arc<AppState>) {
         .map(|m| m.name.clone())
         .filter(|n| !config.models.iter().any(|m| &m.name == n))
         .collect();
-    let models = config.models.clone();
     loader.adopt(config, plans);
-    for m in models {
-        life.configure([m.name.clone()]);
-        let wanted = match crate::config::versions_of(&m) {
+    for (name, found) in versions {
+        life.configure([name.clone()]);
+        let wanted = match found {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(model = %m.name, error = %e, "poll: cannot list the model's versions");
+                tracing::error!(model = %name, error = %e, "poll: cannot list the model's versions");
                 continue;
             }
         };
-        if wanted.is_empty() && app.registry().get(&m.name, None).is_some() {
+        if wanted.is_empty() && app.registry().get(&name, None).is_some() {
             // Every version gone at once is more likely a volume being synced than a wish to
             // stop serving; what is served stays until a version appears.
             continue;
         }
         // A failure is in the index, the log and the metrics already.
-        let _ = reconcile(app, &m.name, wanted, false).await;
+        let _ = reconcile(app, &name, wanted, false).await;
     }
     for name in removed {
         tracing::info!(model = %name, "poll: the model left the config; unloading it");

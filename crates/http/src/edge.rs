@@ -60,10 +60,16 @@ where
             path: req.uri().path().chars().take(MAX_LOGGED_PATH).collect(),
             started: std::time::Instant::now(),
         });
+        let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+            || req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
         EdgeFuture {
             inner: self.inner.call(req),
             state: self.state.clone(),
             access,
+            has_body,
         }
     }
 }
@@ -84,6 +90,8 @@ pin_project_lite::pin_project! {
         inner: F,
         state: Arc<AppState>,
         access: Option<Access>,
+        // The request came with a body, which an error answer may leave unread.
+        has_body: bool,
     }
 }
 
@@ -104,9 +112,14 @@ where
         };
         // The one conversion to axum's body, as the router would make.
         let mut resp = json_errors(resp.map(Body::new));
-        if this.state.is_draining() {
+        let status = resp.status();
+        if this.state.is_draining()
+            || (*this.has_body && (status.is_client_error() || status.is_server_error()))
+        {
             // A keep-alive client opens its next request on a new connection (to another pod)
-            // instead of writing it on one this server is about to close.
+            // instead of writing it on one this server is about to close: when draining, and
+            // after an error answered before the request's body was read (an unknown model, a
+            // full queue), whose connection is not kept.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

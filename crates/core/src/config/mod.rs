@@ -851,6 +851,9 @@ impl ModelConfig {
     }
 }
 
+/// The largest config file read (4 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 /// The most rows a batch may hold, whatever the config says.
 pub const MAX_BATCH_LIMIT: usize = 65_536;
 
@@ -881,6 +884,25 @@ impl Config {
 
     /// [`Config::load`] without the validation.
     fn read(path: &Path) -> Result<Config, ConfigError> {
+        let refuse = |message: String| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(message),
+        };
+        // Read again while serving (`model_control: poll`): what is not a plain file (a FIFO
+        // would block the read) or is implausibly large is refused before it is read.
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(refuse("not a regular file".into()));
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(refuse(format!(
+                "{} bytes, more than the {MAX_CONFIG_BYTES} a config may have",
+                meta.len()
+            )));
+        }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,

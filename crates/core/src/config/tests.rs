@@ -471,3 +471,26 @@ fn version_policies_parse_choose_and_refuse_what_does_not_apply() {
     );
     assert!(error_of("models:\n  - {name: m, path: /nope, swap: both}").contains("swap"));
 }
+
+#[test]
+fn a_config_that_is_not_a_plain_file_or_is_huge_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("config.yaml");
+    std::fs::create_dir(&folder).unwrap();
+    let e = Config::load(&folder).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let big = dir.path().join("big.yaml");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+    let e = Config::load(&big).unwrap_err().to_string();
+    assert!(e.contains("more than the"), "{e}");
+    // A FIFO is refused without a read that would wait for a writer.
+    let fifo = dir.path().join("fifo.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let e = Config::load(&fifo).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}

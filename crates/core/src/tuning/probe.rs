@@ -126,6 +126,48 @@ struct Sweeper<'a, T: Target> {
 }
 
 impl<T: Target> Sweeper<'_, T> {
+    /// A size not run because the memory it would take, extrapolated from `from` (what a
+    /// batch adds grows with its rows), is over the limit less the headroom, or over the
+    /// budget: running it could take the process past a container's limit (and the kernel
+    /// kills it) before the reading after it could say so. `None` when it looks like it fits,
+    /// or nothing says otherwise.
+    fn predicted_over(&mut self, batch: usize, from: &Probe) -> Option<Probe> {
+        if from.batch == 0 || batch <= from.batch {
+            return None;
+        }
+        let grown = from.memory_used_bytes.saturating_sub(self.baseline) as f64;
+        let more = grown * (batch as f64 / from.batch as f64 - 1.0);
+        let used = from.memory_used_bytes as f64 + more;
+        let over_limit = from
+            .memory_limit_bytes
+            .is_some_and(|l| used > l as f64 * (1.0 - self.limits.memory_headroom));
+        let over_budget = self
+            .limits
+            .memory_budget
+            .is_some_and(|b| grown + more > b as f64);
+        (over_limit || over_budget).then(|| {
+            let p = Probe {
+                batch,
+                outcome: Outcome::OverMemoryBudget,
+                latency_ms: 0.0,
+                rows_per_second: 0.0,
+                served_ms: 0.0,
+                served_rows_per_second: 0.0,
+                memory_used_bytes: used as u64,
+                memory_limit_bytes: from.memory_limit_bytes,
+                memory_estimated: true,
+                error: Some(format!(
+                    "not run: extrapolated from size {} ({} in use), it would take {}",
+                    from.batch,
+                    mib(from.memory_used_bytes),
+                    mib(used as u64)
+                )),
+            };
+            self.probes.push(p.clone());
+            p
+        })
+    }
+
     fn probe(&mut self, batch: usize, deadline: Instant) -> Probe {
         let result = self.target.measure(batch, deadline);
         let mut mem = self.target.memory();
@@ -245,8 +287,15 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
             break;
         }
         let t0 = Instant::now();
-        let p = s.probe(b, deadline);
-        last_cost = t0.elapsed();
+        let predicted = last_good.clone().and_then(|g| s.predicted_over(b, &g));
+        let p = match predicted {
+            Some(p) => p,
+            None => {
+                let p = s.probe(b, deadline);
+                last_cost = t0.elapsed();
+                p
+            }
+        };
         if p.outcome != Outcome::Ok {
             if b == 1 {
                 return Err(ProbeError::BatchOneFails(s.describe_failure(&p)));
@@ -279,13 +328,21 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
             ));
         }
         let (mut lo, mut hi) = (good.batch, bad);
+        let mut from = good.clone();
         while hi - lo > 1 && fits_in_time(last_cost) {
             let mid = lo + (hi - lo) / 2;
             let t0 = Instant::now();
-            let p = s.probe(mid, deadline);
-            last_cost = t0.elapsed();
+            let p = match s.predicted_over(mid, &from) {
+                Some(p) => p,
+                None => {
+                    let p = s.probe(mid, deadline);
+                    last_cost = t0.elapsed();
+                    p
+                }
+            };
             if p.outcome == Outcome::Ok {
                 lo = mid;
+                from = p;
             } else {
                 hi = mid;
             }
@@ -496,20 +553,40 @@ mod tests {
         );
     }
 
+    /// A doubled size whose memory, extrapolated, would go past the container's limit is not
+    /// run: a real run could get the process killed before its reading said so.
+    #[test]
+    fn a_size_that_would_go_past_the_limit_is_not_run() {
+        let mut d = device(overhead_bound, 0.0);
+        // The headroom leaves 140 MiB: 40 rows on top of the 100 MiB baseline.
+        d.limit = Some((140.5 * 1048576.0 / 0.85) as u64);
+        let s = sweep(&mut d, &limits()).unwrap();
+        assert!(d.probed.iter().all(|&b| b <= 40), "{:?}", d.probed);
+        assert!(!d.probed.contains(&64));
+        assert_eq!(s.chosen, 40);
+    }
+
     #[test]
     fn a_memory_budget_picks_a_smaller_size() {
         let mut d = device(overhead_bound, 0.0);
         let mut l = limits();
         l.memory_budget = Some(20 << 20); // 1 MiB per row: at most 20 rows
         let s = sweep(&mut d, &l).unwrap();
-        // 32 breaks the budget; the pool keeps 32 rows' memory, so 24, 20, 18... are judged by
-        // the line between 16 (16 MiB) and 32 (32 MiB).
-        assert_eq!(d.probed, vec![1, 2, 4, 8, 16, 32, 24, 20, 22, 21]);
+        // 32 rows would break the budget (extrapolated from 16 rows' 16 MiB) and is not run;
+        // neither are 24, 22 and 21. 20 is run and fits.
+        assert_eq!(d.probed, vec![1, 2, 4, 8, 16, 20]);
         assert_eq!(s.chosen, 20);
+        let not_run: Vec<usize> = s
+            .probes
+            .iter()
+            .filter(|p| p.error.as_deref().is_some_and(|e| e.starts_with("not run")))
+            .map(|p| p.batch)
+            .collect();
+        assert_eq!(not_run, vec![32, 24, 22, 21]);
         assert!(s
             .probes
             .iter()
-            .filter(|p| p.batch > 16 && p.batch < 32)
+            .filter(|p| p.batch > 16)
             .all(|p| p.memory_estimated));
         let mut d = device(overhead_bound, 0.0);
         d.limit = Some((110.5 * 1048576.0 / 0.85) as u64); // headroom leaves 110.5 MiB: 10 rows
