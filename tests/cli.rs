@@ -235,22 +235,34 @@ fn the_kserve_runtime_args_serve_a_model_folder() {
         ),
     ]);
     let port = free_port();
+    let grpc = free_port();
     let rendered: Vec<String> = args
         .iter()
         .map(|a| {
             a.replace("{{.Name}}", "mlp-v1")
                 .replace("/mnt/models", mnt.path().to_str().unwrap())
                 .replace("--http-port=8080", &format!("--http-port={port}"))
+                .replace("--grpc-port=8081", &format!("--grpc-port={grpc}"))
         })
         .collect();
     assert!(
         rendered.contains(&format!("--http-port={port}"))
+            && rendered.contains(&format!("--grpc-port={grpc}"))
             && rendered.contains(&"--model-name=mlp-v1".to_string()),
         "the runtime's args changed shape: {args:?}"
     );
-    let _server = start_ready(&rendered, &[("ORTSERVE_HTTP_ADDR", "127.0.0.1:1")], port);
+    let _server = start_ready(
+        &rendered,
+        &[
+            ("ORTSERVE_HTTP_ADDR", "127.0.0.1:1"),
+            ("ORTSERVE_GRPC_ADDR", "127.0.0.1:1"),
+        ],
+        port,
+    );
     let (status, reply) = http(port, "POST", "/v2/models/mlp-v1/infer", MLP_ROW).unwrap();
     assert_eq!(status, 200, "{reply}");
+    // --grpc-port keeps the address's host: gRPC listens there too.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok());
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 3]));
 }
@@ -790,4 +802,77 @@ print("ok", r.get_response()["model_version"], c.infer("m", [x]).get_response()[
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout.trim(), "ok 2 2");
+}
+
+/// tritonclient.grpc against the binary's gRPC port: liveness, readiness, metadata, inference
+/// with raw contents (what the client sends), the same output as REST, and the error of an
+/// unknown model and of an RPC ortserve does not serve.
+#[test]
+fn tritonclient_grpc_drives_the_grpc_port() {
+    let port = free_port();
+    let grpc = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', grpc_addr: '127.0.0.1:{grpc}'}}\nmodels: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
+        ),
+    );
+    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
+    // start_ready moves the gRPC port to any free one through the environment; keep this one.
+    let addr = format!("127.0.0.1:{grpc}");
+    let _server = start_ready(&args, &[("ORTSERVE_GRPC_ADDR", &addr)], port);
+    let (status, rest) = http(port, "POST", "/v2/models/mlp/infer", MLP_ROW).unwrap();
+    assert_eq!(status, 200, "{rest}");
+    let rest: serde_json::Value = serde_json::from_str(&rest).unwrap();
+    let script = r#"
+import sys, json
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+c = grpcclient.InferenceServerClient(url="127.0.0.1:" + sys.argv[1])
+assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("mlp")
+meta = c.get_model_metadata("mlp", as_json=True)
+assert meta["inputs"][0]["shape"] == ["-1", "4"], meta
+x = grpcclient.InferInput("input", [1, 4], "FP32")
+x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+r = c.infer("mlp", [x], request_id="py-1")
+out = r.as_numpy("logits")
+assert r.get_response().id == "py-1"
+try:
+    c.infer("nope", [x])
+    raise SystemExit("no error for an unknown model")
+except InferenceServerException as e:
+    assert e.status() == "StatusCode.NOT_FOUND", e.status()
+try:
+    c.get_model_config("mlp")
+    raise SystemExit("no error for ModelConfig")
+except InferenceServerException as e:
+    assert e.status() == "StatusCode.UNIMPLEMENTED", e.status()
+print(json.dumps(out.tolist()))
+"#;
+    let out = Command::new(common::tool("python"))
+        .arg("-c")
+        .arg(script)
+        .arg(grpc.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same values as REST (JSON numbers here, the same f32s).
+    let grpc_out: Vec<Vec<f64>> = serde_json::from_str(stdout.trim()).unwrap();
+    let rest_out: Vec<f64> = rest["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(grpc_out[0].len(), rest_out.len());
+    for (g, r) in grpc_out[0].iter().zip(&rest_out) {
+        assert_eq!(*g as f32, *r as f32);
+    }
 }

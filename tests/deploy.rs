@@ -279,6 +279,21 @@ fn the_runtime_tree_starts_and_the_overlays_fit_the_server() {
             port_of(admin_addr),
             "{overlay}: containerPort vs admin_addr"
         );
+        let grpc_addr = config.server.grpc_addr.as_deref().expect("grpc_addr");
+        assert_eq!(
+            declared("grpc"),
+            port_of(grpc_addr),
+            "{overlay}: containerPort vs grpc_addr"
+        );
+        let service = kind(&docs, "Service");
+        let grpc_port = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "grpc")
+            .unwrap_or_else(|| panic!("{overlay}: the Service has no grpc port"));
+        assert_eq!(grpc_port["targetPort"], "grpc");
+        assert_eq!(grpc_port["appProtocol"], "kubernetes.io/h2c");
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             let get = &c[probe]["httpGet"];
             assert_eq!(get["port"], "admin", "{overlay} {probe} port");
