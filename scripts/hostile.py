@@ -9,7 +9,8 @@ the MLP fixture, on CPU, fixed batch sizes so nothing is tuned; header and body 
 slow clients are judged within a phase). Then:
   1. a baseline: only the normal client (one keep-alive connection, MLP, one request every 5 ms)
      and the liveness probe (a fresh connection to /v2/health/live every 50 ms, as a kubelet);
-  2. every class of hostile input alone for --phase seconds, the normal client still running;
+  2. every class of hostile input alone for --phase seconds, the normal client still running
+     (the gRPC classes, on the gRPC port, speak HTTP/2 written by hand: scripts/h2raw.py);
   3. every class at once for --all seconds;
   4. a rollout: 16 keep-alive clients, then SIGTERM (no request lost, every answer from then on
      with `Connection: close`, exit 0).
@@ -42,6 +43,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from soak import exchange, rss_kib, status_kib  # noqa: E402
+import h2raw  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 MIB = 1024 * 1024
@@ -322,6 +324,145 @@ def slow_class(count, head, drip):
     return run
 
 
+# ---------------------------------------------------------------- gRPC classes (HTTP/2 by hand)
+# Judged by what the server does with the stream or connection: the exact status codes of these
+# requests are checked by tests/grpc.rs; here the questions are survival, memory and latency.
+
+
+def grpc_one(message, wait=10):
+    """One ModelInfer stream with `message` (the gRPC-framed body): "answered" when the server
+    ends the stream, "closed" when it closes the connection, "hung" when neither in `wait` s."""
+    def run(port, p):
+        try:
+            c = h2raw.H2(p.grpc_port)
+        except OSError:
+            return "refused"
+        try:
+            sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+            c.send(h2raw.frame(h2raw.DATA, h2raw.END_STREAM, sid, message))
+            got = c.frames(wait, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
+        except OSError:
+            return "closed"
+        finally:
+            c.close()
+        if sid in h2raw.ended(got):
+            return "answered"
+        return "closed" if h2raw.closed(got) else "hung"
+    return run
+
+
+def grpc_rst_flood(port, p, streams=500):
+    """Opens streams and resets each at once (HTTP/2's rapid reset): the server closes the
+    connection (GOAWAY) or keeps answering PINGs; it must not pile up work."""
+    try:
+        c = h2raw.H2(p.grpc_port)
+    except OSError:
+        return "refused"
+    try:
+        block = h2raw.grpc_headers(h2raw.INFER)
+        for _ in range(streams):
+            sid = c.open(block)
+            c.send(h2raw.frame(h2raw.RST_STREAM, 0, sid, (h2raw.CANCEL).to_bytes(4, "big")))
+        c.send(h2raw.frame(h2raw.PING, 0, 0, b"hostile!"))
+        got = c.frames(3, until=lambda fs: any(f[0] in (h2raw.GOAWAY, h2raw.PING) and f[1] & 1 or f[0] == h2raw.GOAWAY
+                                               for f in fs if f[0] != "closed"))
+    except OSError:
+        return "closed"
+    finally:
+        c.close()
+    code = h2raw.goaway_code(got)
+    return f"goaway-{code}" if code is not None else ("alive" if any(f[0] == h2raw.PING for f in got) else "silent")
+
+
+def grpc_stream_flood(port, p, streams=1000):
+    """Opens `streams` streams on one connection that never send their message: beyond the
+    server's 128 at once they are refused, and the open ones end within body_timeout."""
+    try:
+        c = h2raw.H2(p.grpc_port)
+    except OSError:
+        return "refused"
+    try:
+        block = h2raw.grpc_headers(h2raw.INFER)
+        ids = [c.open(block) for _ in range(streams)]
+        got = c.frames(p.body_timeout + 3, until=lambda fs: len(h2raw.ended(fs)) >= streams or h2raw.closed(fs))
+    except OSError:
+        return "closed"
+    finally:
+        c.close()
+    ends = h2raw.ended(got)
+    refused = sum(1 for v in ends.values() if v == h2raw.REFUSED_STREAM)
+    if h2raw.goaway_code(got) is not None:
+        return f"goaway-{h2raw.goaway_code(got)}"
+    return "refused+ended" if refused and all(i in ends for i in ids) else f"refused{refused}-ended{len(ends)}"
+
+
+def grpc_huge_header(port, p, size=64 * 1024):
+    """A header list of `size` bytes (over the server's 16 KiB), in HEADERS and CONTINUATION."""
+    try:
+        c = h2raw.H2(p.grpc_port)
+    except OSError:
+        return "refused"
+    try:
+        block = h2raw.grpc_headers(h2raw.INFER, [("x-filler", "a" * size)])
+        sid = c.next_stream
+        c.next_stream += 2
+        chunks = [block[i:i + 16384] for i in range(0, len(block), 16384)]
+        frames = [h2raw.frame(h2raw.HEADERS, h2raw.END_STREAM | (h2raw.END_HEADERS if len(chunks) == 1 else 0),
+                              sid, chunks[0])]
+        for i, ch in enumerate(chunks[1:], 1):
+            frames.append(h2raw.frame(h2raw.CONTINUATION, h2raw.END_HEADERS if i == len(chunks) - 1 else 0, sid, ch))
+        c.send(*frames)
+        got = c.frames(3, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs)
+                       or h2raw.goaway_code(fs) is not None)
+    except OSError:
+        return "closed"
+    finally:
+        c.close()
+    if h2raw.goaway_code(got) is not None:
+        return "rejected"
+    e = h2raw.ended(got).get(sid)
+    return "rejected" if e is not None else ("closed" if h2raw.closed(got) else "hung")
+
+
+def grpc_slow_class(count, limit_extra=4):
+    """`count` connections, each with one stream whose message (declared 100 bytes) arrives one
+    byte a second: each stream must be ended by the server within body_timeout."""
+    def run(port, p):
+        conns = []
+        for _ in range(count):
+            try:
+                c = h2raw.H2(p.grpc_port, timeout=2)
+                sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+                c.send(h2raw.frame(h2raw.DATA, 0, sid, b"\x00" + (100).to_bytes(4, "big")))
+                conns.append([c, sid, None])
+            except OSError:
+                conns.append([None, None, "refused"])
+        start = time.time()
+        limit = p.body_timeout + limit_extra
+        while time.time() - start < limit and any(x[2] is None for x in conns):
+            for x in conns:
+                if x[2] is not None:
+                    continue
+                c, sid = x[0], x[1]
+                try:
+                    c.send(h2raw.frame(h2raw.DATA, 0, sid, b"\x01"))
+                    got = c.frames(0.05, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
+                except OSError:
+                    got = [("closed",)]
+                if sid in h2raw.ended(got) or h2raw.closed(got):
+                    x[2] = "ended"
+                    x.append(time.time() - start)
+            time.sleep(max(0, 1 - 0.05 * len(conns)))
+        outcomes = Counter(x[2] or "hung" for x in conns)
+        last = max((x[3] for x in conns if len(x) > 3), default=None)
+        for x in conns:
+            if x[0]:
+                x[0].close()
+        return outcomes, last
+    run.wave = True
+    return run
+
+
 # ---------------------------------------------------------------- the classes
 
 
@@ -380,6 +521,18 @@ def classes(p):
         ("body_at_1KBps_x20", slow_class(
             20, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100000\r\n\r\n", b" " * 1024), {408}, 1),
+        # gRPC on its own port.
+        ("grpc_declared_shape_2^60_in_16_bytes", grpc_one(h2raw.grpc_message(
+            h2raw.infer_request("mlp", "input", "FP32", [1 << 40, 1 << 20], b"\x00" * 16))), {"answered"}, 1),
+        ("grpc_raw_bytes_not_the_shape", grpc_one(h2raw.grpc_message(
+            h2raw.infer_request("mlp", "input", "FP32", [2, 4], b"\x00" * 16))), {"answered"}, 1),
+        ("grpc_declared_1GiB_message", grpc_one(h2raw.grpc_message(b"\x00" * 10, declared=1 << 30)),
+         {"answered"}, 1),
+        ("grpc_not_protobuf", grpc_one(h2raw.grpc_message(b"\xff" * 64)), {"answered"}, 1),
+        ("grpc_rst_stream_flood_500", grpc_rst_flood, {"alive", "goaway-11"}, 1),
+        ("grpc_stream_flood_1000", grpc_stream_flood, {"refused+ended"}, 1),
+        ("grpc_header_list_64KiB", grpc_huge_header, {"rejected"}, 1),
+        ("grpc_message_at_1Bps_x20", grpc_slow_class(20), {"ended"}, 1),
     ]
 
 
@@ -593,6 +746,7 @@ def main():
     a = ap.parse_args()
     a.header_timeout, a.body_timeout, a.write_timeout = 3, 3, 3
     admin = a.port + 1
+    a.grpc_port = a.port + 2
 
     work = tempfile.mkdtemp()
     cfg = os.path.join(work, "hostile.yaml")
@@ -601,6 +755,7 @@ def main():
         f.write(f"""server:
   http_addr: "127.0.0.1:{a.port}"
   admin_addr: "127.0.0.1:{admin}"
+  grpc_addr: "127.0.0.1:{a.grpc_port}"
   write_timeout: {a.write_timeout}s
   header_timeout: {a.header_timeout}s
   body_timeout: {a.body_timeout}s

@@ -105,7 +105,8 @@ where
 }
 
 /// Counts every request's bytes against the body-memory budget as they arrive, and holds them
-/// until the call is answered; a message that would go over fails with UNAVAILABLE.
+/// until the call is answered; a message that would go over fails with UNAVAILABLE, one that
+/// has not arrived within `server.body_timeout` with DEADLINE_EXCEEDED.
 #[derive(Clone)]
 pub struct BodyBudgetLayer {
     app: Arc<AppState>,
@@ -152,10 +153,12 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let held = Arc::new(Mutex::new(OwnedBodyMemory::new(self.app.clone())));
+        let by = Box::pin(tokio::time::sleep(self.app.body_timeout));
         let req = req.map(|inner| {
             Body::new(Counted {
                 inner: Body::new(inner),
                 held: held.clone(),
+                by,
             })
         });
         let answer = self.inner.call(req);
@@ -167,10 +170,12 @@ where
     }
 }
 
-/// A request body whose data frames are counted into `held` as they arrive.
+/// A request body whose data frames are counted into `held` as they arrive, and which must
+/// have arrived whole by `by` (`server.body_timeout` after the call began).
 struct Counted {
     inner: Body,
     held: Arc<Mutex<OwnedBodyMemory>>,
+    by: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl http_body::Body for Counted {
@@ -185,7 +190,16 @@ impl http_body::Body for Counted {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                // A message sent slowly, or never finished, holds a stream and its bytes: it
+                // gets as long as a REST body does.
+                if self.by.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(
+                        "the request message did not arrive within server.body_timeout",
+                    ))));
+                }
+                return Poll::Pending;
+            }
         };
         if let Some(data) = frame.data_ref() {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
