@@ -535,22 +535,29 @@ x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
 out = c.infer("mlp", [x]).as_numpy("logits")
 print("ok", index[0]["state"], after[0]["state"], out.shape)
 "#;
+    let stdout = python(script, &port.to_string());
+    assert!(
+        stdout.starts_with("ok READY UNAVAILABLE (1, 3)"),
+        "{stdout}"
+    );
+}
+
+/// Runs `script` with the project's Python (tritonclient installed) and `arg`; returns what it
+/// printed, once it has exited 0.
+fn python(script: &str, arg: &str) -> String {
     let out = Command::new(common::tool("python"))
         .arg("-c")
         .arg(script)
-        .arg(port.to_string())
+        .arg(arg)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.starts_with("ok READY UNAVAILABLE (1, 3)"),
-        "{stdout}"
-    );
+    stdout
 }
 
 /// The resident memory of process `pid`, in bytes (Linux `/proc`).
@@ -789,18 +796,7 @@ x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
 r = c.infer("m", [x], model_version="2")
 print("ok", r.get_response()["model_version"], c.infer("m", [x]).get_response()["model_version"])
 "#;
-    let out = Command::new(common::tool("python"))
-        .arg("-c")
-        .arg(script)
-        .arg(port.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = python(script, &port.to_string());
     assert_eq!(stdout.trim(), "ok 2 2");
 }
 
@@ -851,18 +847,7 @@ except InferenceServerException as e:
     assert e.status() == "StatusCode.UNIMPLEMENTED", e.status()
 print(json.dumps(out.tolist()))
 "#;
-    let out = Command::new(common::tool("python"))
-        .arg("-c")
-        .arg(script)
-        .arg(grpc.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = python(script, &grpc.to_string());
     // The same values as REST (JSON numbers here, the same f32s).
     let grpc_out: Vec<Vec<f64>> = serde_json::from_str(stdout.trim()).unwrap();
     let rest_out: Vec<f64> = rest["outputs"][0]["data"]

@@ -115,6 +115,15 @@ models:
   - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}
   - {name: cnn, path: cnn.onnx, devices: cpu, batching: {max_batch_size: 4}}";
 
+/// `r` with `change` made to it.
+fn changed(
+    mut r: ModelInferRequest,
+    change: impl FnOnce(&mut ModelInferRequest),
+) -> ModelInferRequest {
+    change(&mut r);
+    r
+}
+
 fn raw_request(model: &str, inputs: &[(&str, &Tensor)]) -> ModelInferRequest {
     ModelInferRequest {
         model_name: model.into(),
@@ -340,6 +349,7 @@ async fn bad_requests_have_their_codes() {
     let mut c = server.client().await;
     let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
     let good = || raw_request("mlp", &[("input", &x)]);
+
     let cases: Vec<(&str, ModelInferRequest, Code, &str)> = vec![
         (
             "unknown model",
@@ -361,51 +371,31 @@ async fn bad_requests_have_their_codes() {
         ),
         (
             "a huge shape with 16 bytes",
-            {
-                let mut r = good();
-                r.inputs[0].shape = vec![1 << 40, 1 << 20];
-                r
-            },
+            changed(good(), |r| r.inputs[0].shape = vec![1 << 40, 1 << 20]),
             Code::InvalidArgument,
             "input",
         ),
         (
             "raw bytes that do not fit the shape",
-            {
-                let mut r = good();
-                r.inputs[0].shape = vec![2, 4];
-                r
-            },
+            changed(good(), |r| r.inputs[0].shape = vec![2, 4]),
             Code::InvalidArgument,
             "bytes",
         ),
         (
             "two raw entries for one input",
-            {
-                let mut r = good();
-                r.raw_input_contents.push(x.data.clone());
-                r
-            },
+            changed(good(), |r| r.raw_input_contents.push(x.data.clone())),
             Code::InvalidArgument,
             "raw_input_contents",
         ),
         (
             "a negative size",
-            {
-                let mut r = good();
-                r.inputs[0].shape = vec![-1, 4];
-                r
-            },
+            changed(good(), |r| r.inputs[0].shape = vec![-1, 4]),
             Code::InvalidArgument,
             "negative",
         ),
         (
             "BYTES",
-            {
-                let mut r = good();
-                r.inputs[0].datatype = "BYTES".into();
-                r
-            },
+            changed(good(), |r| r.inputs[0].datatype = "BYTES".into()),
             Code::InvalidArgument,
             "BYTES",
         ),
@@ -423,11 +413,7 @@ async fn bad_requests_have_their_codes() {
         ),
         (
             "the wrong input name",
-            {
-                let mut r = good();
-                r.inputs[0].name = "other".into();
-                r
-            },
+            changed(good(), |r| r.inputs[0].name = "other".into()),
             Code::InvalidArgument,
             "other",
         ),
@@ -445,8 +431,7 @@ async fn bad_requests_have_their_codes() {
         ),
         (
             "a timeout parameter that is text",
-            {
-                let mut r = good();
+            changed(good(), |r| {
                 r.parameters.insert(
                     "timeout".into(),
                     InferParameter {
@@ -455,8 +440,7 @@ async fn bad_requests_have_their_codes() {
                         )),
                     },
                 );
-                r
-            },
+            }),
             Code::InvalidArgument,
             "timeout",
         ),
