@@ -71,13 +71,13 @@ where
         let started = std::time::Instant::now();
         let asked = crate::service::timeout_header(req.headers()).ok().flatten();
         let within = asked.map_or(self.limit, |a| a.min(self.limit));
-        let rpc = req
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        // A metric label: one of the RPCs served, never the client's text.
+        let asked_rpc = req.uri().path().rsplit('/').next().unwrap_or_default();
+        let rpc = crate::service::RPCS
+            .iter()
+            .find(|r| **r == asked_rpc)
+            .copied()
+            .unwrap_or("other");
         let app = self.app.clone();
         let answer = self.inner.call(req);
         Box::pin(async move {
@@ -90,7 +90,7 @@ where
                         &app,
                         "grpc",
                         "",
-                        &rpc,
+                        rpc,
                         "DEADLINE_EXCEEDED",
                         started,
                     );

@@ -35,6 +35,19 @@ impl Inference {
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// The RPCs served, as the metrics name them (`route`).
+pub(crate) const RPCS: [&str; 9] = [
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+];
+
 /// `grpc-timeout` (gRPC's wire form: up to 8 digits and a unit, `H M S m u n`).
 fn grpc_timeout(metadata: &MetadataMap) -> Result<Option<Duration>, CallError> {
     timeout_header(metadata.as_ref())
