@@ -96,6 +96,8 @@ async fn sendfile_all(stream: &TcpStream, file: &File, len: usize) -> std::io::R
 /// What one load run measured.
 #[derive(Debug, Default, Clone)]
 pub struct LoadResult {
+    /// Answered requests by HTTP status. The gRPC load generator counts a call answered OK
+    /// under 200 and any other gRPC code under its number (1 to 16), so both build a row alike.
     pub statuses: BTreeMap<u16, u64>,
     /// Connection or protocol failures.
     pub errors: u64,
@@ -106,6 +108,15 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Adds `other`'s counts and latencies to these (one connection's or caller's share).
+    pub fn add(&mut self, other: LoadResult) {
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.errors += other.errors;
+        self.latencies.extend(other.latencies);
+    }
+
     pub fn ok(&self) -> u64 {
         self.statuses.get(&200).copied().unwrap_or(0)
     }
@@ -221,13 +232,7 @@ pub async fn run(
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let request = Arc::new(Prepared::new(request));
-    // This runtime runs on one thread, so the snapshots name it as the load generator's.
-    let cpu = tokio::spawn(async move {
-        tokio::time::sleep_until(measure_from.into()).await;
-        let before = super::cpu::snapshot()?;
-        tokio::time::sleep_until(end.into()).await;
-        Some(before.until(&super::cpu::snapshot()?))
-    });
+    let cpu = cpu_between(measure_from, end);
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let request = request.clone();
@@ -278,14 +283,24 @@ pub async fn run(
     let mut total = LoadResult::default();
     for t in tasks {
         if let Ok(r) = t.await {
-            for (k, v) in r.statuses {
-                *total.statuses.entry(k).or_default() += v;
-            }
-            total.errors += r.errors;
-            total.latencies.extend(r.latencies);
+            total.add(r);
         }
     }
     total.elapsed = duration;
     total.cpu = cpu.await.ok().flatten();
     total
+}
+
+/// Where the CPU went from `from` to `to`, read by a task on the calling runtime. That runtime
+/// runs on one thread, the load generator's, so the snapshots name it as such.
+pub fn cpu_between(
+    from: Instant,
+    to: Instant,
+) -> tokio::task::JoinHandle<Option<super::cpu::CpuSplit>> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let before = super::cpu::snapshot()?;
+        tokio::time::sleep_until(to.into()).await;
+        Some(before.until(&super::cpu::snapshot()?))
+    })
 }

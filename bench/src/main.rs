@@ -5,12 +5,15 @@
 //!
 //! - `scenarios`: the scenarios a–e, the in-process ceilings, results and plots.
 //! - `client`: the keep-alive load generator (`sendfile(2)` for large requests).
+//! - `grpc_client`: the gRPC load generator (unary `ModelInfer` calls over a few HTTP/2
+//!   connections).
 //! - `cpu`: where the CPU went during a line, from `/proc`.
 //! - `hello`: a bare axum handler, the HTTP stack's own limit.
 //! - `pin`: `--server-cores` / `--client-cores`.
 
 mod client;
 mod cpu;
+mod grpc_client;
 mod hello;
 mod pin;
 mod scenarios;
@@ -20,9 +23,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute), c (scaling), d (batching on and
-/// off), e (JPEG uploads), f (small requests beside multi-MB bodies), g (the batch-size oracle:
-/// `auto` against every fixed cap), each next to its reference measured in the same run.
+/// Benchmarks on 127.0.0.1: scenarios a (overhead), b (compute; REST and gRPC), c (scaling), d
+/// (batching on and off), e (JPEG uploads), f (small requests beside multi-MB bodies), g (the
+/// batch-size oracle: `auto` against every fixed cap), each next to its reference measured in the
+/// same run.
 #[derive(Parser)]
 #[command(name = "ortserve-bench", version)]
 struct Cli {

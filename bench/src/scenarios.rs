@@ -11,10 +11,12 @@ use serde::Serialize;
 
 use ortserve::config::Config;
 use ortserve::device::{init_runtime, DeviceKind, DevicePlan, ModelRunner, OrtRunner};
+use ortserve::grpc::proto::inference::ModelInferRequest;
 use ortserve::tensor::Tensor;
 
 use crate::client::{self, LoadResult};
 use crate::cpu;
+use crate::grpc_client;
 
 /// One measured line of a scenario.
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +93,8 @@ pub struct Options {
 /// A server on its own runtime (2 workers) and its own thread; stopped on drop.
 struct Server {
     addr: SocketAddr,
+    /// The gRPC port of an ortserve server ([`Server::start`]), which serves both.
+    grpc: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -100,7 +104,8 @@ impl Server {
     /// server core when pinned) in its own
     /// thread, whose threads count as HTTP threads in the CPU split, and runs `serve` on the
     /// listener until the server is dropped. `serve` gets a sender for an error that stops it
-    /// from starting (the address is only handed back once it has started).
+    /// from starting (the address is only handed back once it has started), and reports the
+    /// address of a gRPC listener it bound itself, if any.
     fn spawn<F, Fut>(serve: F) -> Result<Server, String>
     where
         F: FnOnce(tokio::net::TcpListener, StartReport, tokio::sync::oneshot::Receiver<()>) -> Fut
@@ -132,27 +137,43 @@ impl Server {
                 serve(listener, StartReport { addr, tx: addr_tx }, stop_rx).await;
             });
         });
-        let addr = addr_rx.recv().map_err(|e| e.to_string())??;
+        let (addr, grpc) = addr_rx.recv().map_err(|e| e.to_string())??;
         Ok(Server {
             addr,
+            grpc,
             stop: Some(stop),
             thread: Some(thread),
         })
     }
 
-    /// ortserve with `yaml` (model paths resolved against `fixtures`).
+    /// ortserve with `yaml` (model paths resolved against `fixtures`), serving HTTP and, on a
+    /// second port of 127.0.0.1 bound as `ortserve serve` binds it, gRPC.
     fn start(yaml: &str, fixtures: &Path) -> Result<Server, String> {
         let mut config = Config::from_yaml(yaml).map_err(|e| e.to_string())?;
         config.resolve_paths(fixtures);
         config.validate().map_err(|e| e.to_string())?;
         Server::spawn(move |listener, started, stop| async move {
+            let grpc = match ortserve::http::bind("127.0.0.1:0", config.server.listen_backlog).await
+            {
+                Ok(l) => l,
+                Err(e) => return started.failed(format!("bind 127.0.0.1 for gRPC: {e}")),
+            };
+            let grpc_addr = match grpc.local_addr() {
+                Ok(a) => a,
+                Err(e) => return started.failed(e.to_string()),
+            };
             let server = match ortserve::start(&config).await {
                 Ok(s) => s,
                 Err(e) => return started.failed(e.to_string()),
             };
-            started.ready();
+            started.ready(Some(grpc_addr));
+            let listeners = ortserve::Listeners {
+                http: listener,
+                admin: None,
+                grpc: Some(grpc),
+            };
             let _ = server
-                .serve(listener, async {
+                .serve(listeners, async {
                     let _ = stop.await;
                 })
                 .await;
@@ -160,15 +181,16 @@ impl Server {
     }
 }
 
-/// Tells [`Server::spawn`]'s caller whether the server started: its address, or why not.
+/// Tells [`Server::spawn`]'s caller whether the server started: its addresses (HTTP, and gRPC
+/// where it serves it), or why not.
 struct StartReport {
     addr: Result<SocketAddr, String>,
-    tx: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
+    tx: std::sync::mpsc::Sender<Result<(SocketAddr, Option<SocketAddr>), String>>,
 }
 
 impl StartReport {
-    fn ready(self) {
-        let _ = self.tx.send(self.addr);
+    fn ready(self, grpc: Option<SocketAddr>) {
+        let _ = self.tx.send(self.addr.map(|a| (a, grpc)));
     }
 
     fn failed(self, why: String) {
@@ -190,7 +212,7 @@ impl Drop for Server {
 /// The bare axum handler, served like [`Server::start`].
 fn start_hello() -> Server {
     Server::spawn(|listener, started, stop| async move {
-        started.ready();
+        started.ready(None);
         let _ = crate::hello::serve(listener, async {
             let _ = stop.await;
         })
@@ -347,9 +369,40 @@ fn load_server(
     concurrency: usize,
     o: &Options,
 ) -> (LoadResult, Batches) {
+    with_batches(rt, addr, || load(rt, addr, request, concurrency, o))
+}
+
+/// `ModelInfer` calls of `request` from `concurrency` callers against the gRPC port of `server`
+/// for the options' warm-up and time, with what its `/metrics` say of the batches it ran.
+fn load_grpc(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    request: &ModelInferRequest,
+    concurrency: usize,
+    o: &Options,
+) -> Result<(LoadResult, Batches), String> {
+    let grpc = server.grpc.ok_or("the server has no gRPC port")?;
+    Ok(with_batches(rt, server.addr, || {
+        rt.block_on(grpc_client::run(
+            grpc,
+            request.clone(),
+            concurrency,
+            Duration::from_secs_f64(o.warmup),
+            Duration::from_secs_f64(o.seconds),
+        ))
+    }))
+}
+
+/// Runs `measure` (a load against the server whose HTTP port is `addr`), and reads the
+/// server's `/metrics` before and after it for the batches it ran.
+fn with_batches(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    measure: impl FnOnce() -> LoadResult,
+) -> (LoadResult, Batches) {
     let before = batch_totals(rt, addr);
     let started = Instant::now();
-    let r = load(rt, addr, request, concurrency, o);
+    let r = measure();
     let wall = started.elapsed().as_secs_f64();
     let after = batch_totals(rt, addr);
     let b = match (before, after) {
@@ -594,24 +647,26 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
         rows.push(line);
     }
 
-    let x = cnn_row();
     // The CNN fixture (0.4 M multiply-adds per row: moving its 48 KiB input costs more than
-    // running it) and `cnn_wide` (same input, about 20 M: compute-bound).
-    let cnns: &[(&str, &[usize])] = if o.scenarios.iter().any(|s| "bcd".contains(*s)) {
-        &[
-            ("cnn", &[1, 2, 4, 8, 16, 32, 64]),
-            ("cnn_wide", &[1, 2, 4, 8, 16, 32]),
-        ]
-    } else {
-        &[]
-    };
-    for &(name, sizes) in cnns {
+    // running it), `cnn_wide` (same input, about 20 M: compute-bound) and, in scenario b alone,
+    // the tiny MLP (16 bytes a row: the front door's own cost per request is all there is).
+    let mut models: Vec<(&str, Tensor, &[usize])> = Vec::new();
+    if o.scenarios.iter().any(|s| "bcd".contains(*s)) {
+        models.push(("cnn", cnn_row(), &[1, 2, 4, 8, 16, 32, 64]));
+        models.push(("cnn_wide", cnn_row(), &[1, 2, 4, 8, 16, 32]));
+    }
+    if o.scenarios.contains(&'b') {
+        models.push(("mlp", mlp_row(), &[1, 2, 4, 8, 16, 32, 64]));
+    }
+    for (name, x, sizes) in &models {
+        let (name, x, sizes) = (*name, x, *sizes);
         let fixture = name == "cnn";
+        let mlp = name == "mlp";
         let model = o.fixtures.join(format!("{name}.onnx"));
         // Two ONNX Runtime threads, or fewer when pinned to fewer cores: the ceiling and the
         // servers of scenarios b and d alike (two intra-op threads on one core take turns).
         let threads = crate::pin::threads(2);
-        let (curve, _) = ceiling(&model, threads, std::slice::from_ref(&x), sizes, per_size)?;
+        let (curve, _) = ceiling(&model, threads, std::slice::from_ref(x), sizes, per_size)?;
         let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
         rows.push(Row {
             reference: Some(format!("{curve:.0?}")),
@@ -629,12 +684,19 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
             format!("server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: {threads}}}\nmodels: [{{name: {name}, path: {name}.onnx, devices: {devices}, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}}}]")
         };
         let path = format!("/v2/models/{name}/infer");
-        let bin = v2_binary_request(&path, "input", &x);
+        let bin = v2_binary_request(&path, "input", x);
         if o.scenarios.contains(&'b') {
             let server = Server::start(&cfg("cpu", "64", threads), &o.fixtures)?;
+            let raw = grpc_client::raw_request(name, &[("input", x)]);
             let mut sweep = Vec::new();
-            let levels: &[usize] = if fixture { &[1, 4, 16, 32] } else { &[32] };
+            let levels: &[usize] = match name {
+                "cnn" => &[1, 4, 16, 32],
+                "mlp" => &[1, 32],
+                _ => &[32],
+            };
             for &c in levels {
+                // The same tensor as V2 binary over REST, then as raw contents over gRPC, at the
+                // same clients (callers), against the same server.
                 let (r, mb) = load_server(&rt, server.addr, bin.clone(), c, o);
                 let mut line =
                     row("b", &format!("ortserve V2 binary, {name}"), c, 1, &r).with_batch(mb);
@@ -642,19 +704,25 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 line.reference = Some("in-process ceiling".into());
                 sweep.push((c, line.rows_per_second, line.p99_ms));
                 rows.push(line);
+                let (r, mb) = load_grpc(&rt, &server, &raw, c, o)?;
+                let mut line =
+                    row("b", &format!("ortserve gRPC raw, {name}"), c, 1, &r).with_batch(mb);
+                line.ratio = Some(line.rows_per_second / best);
+                line.reference = Some("in-process ceiling".into());
+                rows.push(line);
             }
             if fixture {
                 plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
                 // The HTTP stack alone, reading the same bodies and answering a few bytes.
                 let hello = start_hello();
-                let sink = v2_binary_request("/sink", "input", &x);
+                let sink = v2_binary_request("/sink", "input", x);
                 let r = load(&rt, hello.addr, sink, 32, o);
                 let mut line = row("b", "bare axum handler reading the same body", 32, 1, &r);
                 line.ratio = Some(line.rows_per_second / best);
                 line.reference = Some("in-process ceiling".into());
                 rows.push(line);
                 drop(hello);
-                let body = v2_json_body("input", &x);
+                let body = v2_json_body("input", x);
                 let parse = parse_ns_per_number(&body, x.element_count());
                 let json = client::request("POST", &path, &[], &body);
                 let (r, mb) = load_server(&rt, server.addr, json, 32, o);
@@ -673,9 +741,9 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 rows.push(line);
             }
         }
-        if o.scenarios.contains(&'c') {
+        if o.scenarios.contains(&'c') && !mlp {
             for sessions in [1, 2] {
-                let r = parallel_ceiling(&model, sessions, 1, &x, 16, per_size * 2)?;
+                let r = parallel_ceiling(&model, sessions, 1, x, 16, per_size * 2)?;
                 rows.push(Row::in_process(
                     "c",
                     format!(
@@ -1163,6 +1231,90 @@ fn plot_sweep(path: &Path, sweep: &[(usize, f64, f64)]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("bench/ has a parent")
+            .join("tests/fixtures")
+    }
+
+    fn short() -> Options {
+        Options {
+            seconds: 0.3,
+            warmup: 0.1,
+            scenarios: vec!['b'],
+            out_dir: PathBuf::new(),
+            fixtures: fixtures(),
+            setup_dir: PathBuf::new(),
+            oracle_models: Vec::new(),
+            oracle_rounds: 1,
+        }
+    }
+
+    #[test]
+    fn grpc_calls_answered_ok_count_as_200_with_the_servers_batches() {
+        // Not a measurement: the gRPC generator against the server's gRPC port, one connection
+        // shared by several callers and a second one for the rest.
+        let _alone = crate::cpu::tests::PROCESS_CPU
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let o = short();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = Server::start(
+            "server: {drain_delay: 0s}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8, max_queue_delay: 1ms}}]",
+            &o.fixtures,
+        )
+        .unwrap();
+        let raw = grpc_client::raw_request("mlp", &[("input", &mlp_row())]);
+        let callers = grpc_client::CALLERS_PER_CONNECTION + 2;
+        let (r, b) = load_grpc(&rt, &server, &raw, callers, &o).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert!(r.ok() > 0, "{r:?}");
+        assert_eq!(r.statuses.len(), 1, "only OK: {:?}", r.statuses);
+        assert_eq!(r.latencies.len() as u64, r.ok());
+        assert!(b.mean_rows.is_some_and(|m| m >= 1.0), "{b:?}");
+        // A model the server does not have: answered, NOT_FOUND, counted under its code.
+        let missing = grpc_client::raw_request("nope", &[("input", &mlp_row())]);
+        let (r, _) = load_grpc(&rt, &server, &missing, 2, &o).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(r.ok(), 0, "{r:?}");
+        assert!(
+            r.statuses
+                .get(&(tonic::Code::NotFound as u16))
+                .is_some_and(|&n| n > 0),
+            "{:?}",
+            r.statuses
+        );
+        let line = row("b", "gRPC", 2, 1, &r);
+        assert_eq!(line.non_200, r.latencies.len() as u64);
+    }
+
+    #[test]
+    fn grpc_calls_with_no_server_are_errors() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // A port that was just free: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let raw = grpc_client::raw_request("mlp", &[("input", &mlp_row())]);
+        let r = rt.block_on(grpc_client::run(
+            addr,
+            raw,
+            2,
+            Duration::ZERO,
+            Duration::from_millis(200),
+        ));
+        assert!(r.errors > 0, "{r:?}");
+        assert!(r.statuses.is_empty(), "{r:?}");
+    }
 
     fn line(variant: &str, ratio: Option<f64>, excess_ms: Option<f64>) -> Row {
         Row {
