@@ -861,3 +861,25 @@ print(json.dumps(out.tolist()))
         assert_eq!(*g as f32, *r as f32);
     }
 }
+
+/// tritonclient's get_inference_statistics reads the statistics extension: after three
+/// inferences of one row, three successes and three rows.
+#[test]
+fn tritonclient_reads_the_inference_statistics() {
+    let (_server, port, _dir) = serve_mlp("drain_delay: 0s");
+    let script = r#"
+import sys
+import numpy as np
+import tritonclient.http as httpclient
+c = httpclient.InferenceServerClient(url="127.0.0.1:" + sys.argv[1])
+x = httpclient.InferInput("input", [1, 4], "FP32")
+x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+for _ in range(3):
+    c.infer("mlp", [x])
+s = c.get_inference_statistics("mlp")["model_stats"][0]
+every = c.get_inference_statistics()["model_stats"]
+print(s["inference_count"], s["inference_stats"]["success"]["count"], len(every))
+"#;
+    let stdout = python(script, &port.to_string());
+    assert_eq!(stdout.trim(), "3 3 1");
+}

@@ -104,6 +104,11 @@ impl Model {
         self.handle.infer(named, call).await
     }
 
+    /// The statistics extension's counts.
+    pub fn stats(&self) -> &crate::stats::ModelStats {
+        self.handle.stats()
+    }
+
     /// The request handle (tests reach devices through it, see `testing`).
     pub(crate) fn handle(&self) -> &ModelHandle {
         &self.handle

@@ -18,6 +18,7 @@
 //! - [`app`]: the façade the front doors call: models (infer tensors, status, tuning), image
 //!   prediction (preprocessing → batching → classification), readiness, the metrics text.
 //! - [`startup`]: loading and tuning every (model, device); stopping them; `check()`.
+//! - [`stats`]: per-model inference statistics (the V2 statistics extension).
 //! - [`lifecycle`]: loading, reloading and unloading configured models while serving (the V2
 //!   repository extension's index, load and unload), over the registry.
 //! - [`registry`]: the served models by name and version, changeable at runtime.
@@ -60,6 +61,7 @@ pub mod preprocess;
 pub mod registry;
 pub mod stamp;
 pub mod startup;
+pub mod stats;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testing;

@@ -91,6 +91,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v2/models/{model}/versions/{version}/infer",
             post(routes::infer::infer_version),
         )
+        .route("/v2/models/stats", get(routes::stats::all))
+        .route("/v2/models/{model}/stats", get(routes::stats::model))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(routes::stats::version),
+        )
         .route("/v2/repository/index", post(routes::repository::index))
         .route(
             "/v2/repository/models/{model}/load",

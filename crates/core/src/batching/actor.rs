@@ -43,6 +43,7 @@ const SWEEP: Duration = Duration::from_millis(50);
 struct Ctx {
     model: String,
     metrics: Arc<Metrics>,
+    stats: Arc<crate::stats::ModelStats>,
     /// Device workers → batcher: parts to run again. Bounded by the model's queue capacity;
     /// when full (or the batcher is gone) the part is answered with its error instead.
     retry: mpsc::Sender<Entry>,
@@ -54,12 +55,14 @@ pub(super) async fn run(
     pool: Arc<DevicePool>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    stats: Arc<crate::stats::ModelStats>,
     retry_capacity: usize,
 ) {
     let (retry_tx, retry_rx) = mpsc::channel::<Entry>(retry_capacity.max(1));
     let ctx = Ctx {
         model: settings.model.clone(),
         metrics: metrics.clone(),
+        stats,
         retry: retry_tx,
         threshold: settings.failure_threshold,
     };
@@ -471,7 +474,9 @@ fn send_batch(
     let queue_time = m.queue_duration.with_label_values(&[model]);
     let now = Instant::now();
     for e in &batch {
-        queue_time.observe(now.duration_since(e.enqueued).as_secs_f64());
+        let waited = now.duration_since(e.enqueued);
+        queue_time.observe(waited.as_secs_f64());
+        ctx.stats.queue.add(1, waited);
     }
     // The requests' ids go on the batch span, so the worker's log lines name them.
     let ids: Vec<String> = batch.iter().filter_map(|e| e.request_id.clone()).collect();
@@ -566,6 +571,7 @@ impl BatchDone {
         m.device_rows
             .with_label_values(&labels)
             .inc_by(self.rows as u64);
+        self.ctx.stats.ran(self.rows, self.metas.len(), elapsed);
         for (e, out) in self.metas.into_iter().zip(outputs) {
             let _ = e.reply.send(Ok(out));
         }

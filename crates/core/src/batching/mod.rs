@@ -163,6 +163,8 @@ struct Shared {
     tx: mpsc::WeakUnboundedSender<Entry>,
     /// Set by the owner when it stops the model: readiness turns false.
     stopping: AtomicBool,
+    /// The statistics extension's counts (the batcher and device threads add to them too).
+    stats: Arc<crate::stats::ModelStats>,
 }
 
 /// Starts and stops a model's batcher and device threads; there is one per model, held by the
@@ -256,6 +258,7 @@ impl ModelHandle {
             workers.push(worker);
         }
         let pool = Arc::new(pool);
+        let stats = Arc::new(crate::stats::ModelStats::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let batcher = tokio::spawn(actor::run(
             rx,
@@ -268,6 +271,7 @@ impl ModelHandle {
                 reprobe_interval: settings.reprobe_interval,
             },
             metrics,
+            stats.clone(),
             settings.queue_capacity,
         ));
         let handle = ModelHandle(Arc::new(Shared {
@@ -281,6 +285,7 @@ impl ModelHandle {
             settings,
             tx: tx.downgrade(),
             stopping: AtomicBool::new(false),
+            stats,
         }));
         let owner = ModelOwner {
             handle: handle.clone(),
@@ -293,6 +298,11 @@ impl ModelHandle {
 
     pub(crate) fn name(&self) -> &str {
         &self.0.name
+    }
+
+    /// The statistics extension's counts.
+    pub(crate) fn stats(&self) -> &crate::stats::ModelStats {
+        &self.0.stats
     }
 
     /// Rows admitted and not yet answered: queued, or in a batch on a device.
@@ -355,6 +365,20 @@ impl ModelHandle {
     /// The path takes no lock: an atomic admission count, a weak-sender upgrade, sends into an
     /// unbounded (lock-free) channel, and oneshot replies awaited with the deadline's timer.
     pub(crate) async fn infer(
+        &self,
+        named: Vec<(String, Tensor)>,
+        call: &Call,
+    ) -> Result<Vec<Tensor>, InferError> {
+        let answered = self.infer_counted(named, call).await;
+        let took = call.started.map_or(Duration::ZERO, |t| t.elapsed());
+        match &answered {
+            Ok(_) => self.0.stats.succeeded(took),
+            Err(_) => self.0.stats.fail.add(1, took),
+        }
+        answered
+    }
+
+    async fn infer_counted(
         &self,
         named: Vec<(String, Tensor)>,
         call: &Call,

@@ -16,7 +16,7 @@ pub(crate) async fn server_metadata() -> Json<serde_json::Value> {
     Json(json!({
         "name": "ortserve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_repository"],
+        "extensions": ["binary_tensor_data", "model_repository", "statistics"],
     }))
 }
 

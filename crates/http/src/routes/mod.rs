@@ -5,6 +5,7 @@ pub(crate) mod infer;
 pub(crate) mod models;
 pub(crate) mod predict;
 pub(crate) mod repository;
+pub(crate) mod stats;
 
 use std::time::Instant;
 
