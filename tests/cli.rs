@@ -801,8 +801,8 @@ print("ok", r.get_response()["model_version"], c.infer("m", [x]).get_response()[
 }
 
 /// tritonclient.grpc against the binary's gRPC port: liveness, readiness, metadata, inference
-/// with raw contents (what the client sends), the same output as REST, and the error of an
-/// unknown model and of an RPC ortserve does not serve.
+/// with raw contents (what the client sends), the same output as REST, the statistics, and the
+/// error of an unknown model and of an RPC ortserve does not serve.
 #[test]
 fn tritonclient_grpc_drives_the_grpc_port() {
     let port = free_port();
@@ -845,6 +845,8 @@ try:
     raise SystemExit("no error for ModelConfig")
 except InferenceServerException as e:
     assert e.status() == "StatusCode.UNIMPLEMENTED", e.status()
+stats = c.get_inference_statistics("mlp", as_json=True)["model_stats"][0]
+assert int(stats["inference_count"]) == 2, stats  # REST's row and this one
 print(json.dumps(out.tolist()))
 "#;
     let stdout = python(script, &grpc.to_string());

@@ -338,6 +338,36 @@ async fn inference_matches_rest_bit_for_bit() {
         ("protocol", "grpc"),
     ];
     assert_eq!(metric(&text, "ortserve_requests_total", &ok), 3.0);
+    // The statistics extension over gRPC says the same as over REST.
+    let stats = c
+        .model_statistics(ModelStatisticsRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = &stats.model_stats[0];
+    let rest: serde_json::Value = get(&server.router, "/v2/models/mlp/stats").await.json();
+    let r = &rest["model_stats"][0];
+    assert_eq!(m.inference_count, r["inference_count"].as_u64().unwrap());
+    assert_eq!(m.execution_count, r["execution_count"].as_u64().unwrap());
+    let success = m.inference_stats.as_ref().unwrap().success.unwrap();
+    assert_eq!(
+        (success.count, success.ns),
+        (
+            r["inference_stats"]["success"]["count"].as_u64().unwrap(),
+            r["inference_stats"]["success"]["ns"].as_u64().unwrap()
+        )
+    );
+    // On the MLP: REST's request and two gRPC ones of 3 rows, then one of 1 row.
+    assert_eq!((success.count, m.inference_count), (4, 3 + 3 + 3 + 1));
+    let every = c
+        .model_statistics(ModelStatisticsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(every.model_stats.len(), 2);
     server.shutdown().await;
 }
 

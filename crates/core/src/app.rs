@@ -233,6 +233,18 @@ impl AppState {
         self.registry.get(name, None)
     }
 
+    /// Every served version of model `name`, lowest first; the errors of [`AppState::lookup`]
+    /// when none is served.
+    pub fn served_versions(&self, name: &str) -> Result<Vec<Arc<Model>>, CallError> {
+        let highest = self.lookup(name, None)?;
+        Ok(self
+            .registry
+            .versions(highest.name())
+            .iter()
+            .filter_map(|v| self.registry.get(highest.name(), Some(v)))
+            .collect())
+    }
+
     /// Finds the model a call names (the highest version when it names none): 404 for a name
     /// or version that is not served, 503 for a configured model that is still loading (which
     /// clients and balancers retry; they do not retry 404).

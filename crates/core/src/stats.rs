@@ -57,7 +57,38 @@ pub struct ModelStats {
     batches: Mutex<BTreeMap<usize, (u64, u64)>>,
 }
 
+/// A reading of [`ModelStats`], as the front doors report it. Each pair is (count,
+/// nanoseconds). Input assembly and output copies happen inside ONNX Runtime's run, so they are
+/// in `compute_infer`; a front door reports `compute_input` and `compute_output` with its count
+/// and 0 ns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub last_inference_ms: u64,
+    pub inference_count: u64,
+    pub execution_count: u64,
+    pub success: (u64, u64),
+    pub fail: (u64, u64),
+    pub queue: (u64, u64),
+    pub compute_infer: (u64, u64),
+    /// Per batch size: (size, runs, nanoseconds), smallest first.
+    pub batches: Vec<(usize, u64, u64)>,
+}
+
 impl ModelStats {
+    /// Everything, read now.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            last_inference_ms: self.last_inference_ms.load(Ordering::Relaxed),
+            inference_count: self.inference_count.load(Ordering::Relaxed),
+            execution_count: self.execution_count.load(Ordering::Relaxed),
+            success: self.success.read(),
+            fail: self.fail.read(),
+            queue: self.queue.read(),
+            compute_infer: self.compute_infer.read(),
+            batches: self.batches(),
+        }
+    }
+
     /// A request answered with its outputs after `took`.
     pub fn succeeded(&self, took: Duration) {
         self.success.add(1, took);

@@ -36,13 +36,14 @@ impl Inference {
 const REQUEST_ID: &str = "x-request-id";
 
 /// The RPCs served, as the metrics name them (`route`).
-pub(crate) const RPCS: [&str; 9] = [
+pub(crate) const RPCS: [&str; 10] = [
     "ServerLive",
     "ServerReady",
     "ModelReady",
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelStatistics",
     "RepositoryIndex",
     "RepositoryModelLoad",
     "RepositoryModelUnload",
@@ -260,8 +261,63 @@ impl Inference {
     }
 }
 
+/// A model version's statistics (`compute_input` and `compute_output`: see
+/// [`ortserve_core::stats::Snapshot`]).
+fn statistics(m: &ortserve_core::app::Model) -> ModelStatistics {
+    let s = m.stats().snapshot();
+    let d = |(count, ns): (u64, u64)| Some(StatisticDuration { count, ns });
+    ModelStatistics {
+        name: m.name().to_string(),
+        version: m.version().to_string(),
+        last_inference: s.last_inference_ms,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(InferStatistics {
+            success: d(s.success),
+            fail: d(s.fail),
+            queue: d(s.queue),
+            compute_input: d((s.compute_infer.0, 0)),
+            compute_infer: d(s.compute_infer),
+            compute_output: d((s.compute_infer.0, 0)),
+            cache_hit: d((0, 0)),
+            cache_miss: d((0, 0)),
+        }),
+        batch_stats: s
+            .batches
+            .into_iter()
+            .map(|(size, runs, ns)| InferBatchStatistics {
+                batch_size: size as u64,
+                compute_input: d((runs, 0)),
+                compute_infer: d((runs, ns)),
+                compute_output: d((runs, 0)),
+            })
+            .collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for Inference {
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelStatistics", request.metadata(), true);
+        let req = request.into_inner();
+        rpc.model = req.name.clone();
+        let answer = checked.and_then(|()| {
+            let app = &self.app;
+            let models = match (req.name.as_str(), version(&req.version)) {
+                ("", _) => app.models(),
+                (name, Some(v)) => vec![app.lookup(name, Some(v))?],
+                (name, None) => app.served_versions(name)?,
+            };
+            Ok(ModelStatisticsResponse {
+                model_stats: models.iter().map(|m| statistics(m)).collect(),
+            })
+        });
+        rpc.end(answer)
+    }
+
     async fn server_live(
         &self,
         request: Request<ServerLiveRequest>,
@@ -304,7 +360,7 @@ impl GrpcInferenceService for Inference {
         rpc.end(checked.map(|()| ServerMetadataResponse {
             name: "ortserve".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: vec!["model_repository".into()],
+            extensions: vec!["model_repository".into(), "statistics".into()],
         }))
     }
 

@@ -15,34 +15,31 @@ fn tally((count, ns): (u64, u64)) -> Value {
     json!({"count": count, "ns": ns})
 }
 
-/// One model version's entry. Input assembly and output copies happen inside ONNX Runtime's
-/// run, so they are counted in `compute_infer`; `compute_input` and `compute_output` give the
-/// same count with 0 ns.
+/// One model version's entry (`compute_input` and `compute_output`: see
+/// [`ortserve_core::stats::Snapshot`]).
 fn entry(m: &Model) -> Value {
-    use std::sync::atomic::Ordering::Relaxed;
-    let s = m.stats();
-    let (parts, _) = s.compute_infer.read();
-    let zero = |count| json!({"count": count, "ns": 0});
+    let s = m.stats().snapshot();
+    let zero = |count| tally((count, 0));
     json!({
         "name": m.name(),
         "version": m.version(),
-        "last_inference": s.last_inference_ms.load(Relaxed),
-        "inference_count": s.inference_count.load(Relaxed),
-        "execution_count": s.execution_count.load(Relaxed),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
         "inference_stats": {
-            "success": tally(s.success.read()),
-            "fail": tally(s.fail.read()),
-            "queue": tally(s.queue.read()),
-            "compute_input": zero(parts),
-            "compute_infer": tally(s.compute_infer.read()),
-            "compute_output": zero(parts),
+            "success": tally(s.success),
+            "fail": tally(s.fail),
+            "queue": tally(s.queue),
+            "compute_input": zero(s.compute_infer.0),
+            "compute_infer": tally(s.compute_infer),
+            "compute_output": zero(s.compute_infer.0),
             "cache_hit": zero(0),
             "cache_miss": zero(0),
         },
-        "batch_stats": s.batches().into_iter().map(|(size, runs, ns)| json!({
+        "batch_stats": s.batches.into_iter().map(|(size, runs, ns)| json!({
             "batch_size": size,
             "compute_input": zero(runs),
-            "compute_infer": {"count": runs, "ns": ns},
+            "compute_infer": tally((runs, ns)),
             "compute_output": zero(runs),
         })).collect::<Vec<_>>(),
     })
@@ -62,14 +59,7 @@ pub(crate) async fn model(
     State(app): State<Arc<AppState>>,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let highest = app.lookup(&model, None)?;
-    let versions = app
-        .registry()
-        .versions(highest.name())
-        .iter()
-        .filter_map(|v| app.registry().get(highest.name(), Some(v)))
-        .collect();
-    Ok(answer(versions))
+    Ok(answer(app.served_versions(&model)?))
 }
 
 /// `GET /v2/models/{model}/versions/{version}/stats`.
