@@ -547,7 +547,7 @@ async fn bearer_auth_applies_to_model_rpcs_and_not_to_health() {
 
 /// A full queue (RESOURCE_EXHAUSTED), a deadline that passes in the queue
 /// (DEADLINE_EXCEEDED), no healthy device (UNAVAILABLE), a failing run (INTERNAL): the request
-/// core's kinds, each with its code, on a model whose one device holds every batch.
+/// core's kinds, each with its code, on a model whose one device holds every batch until let go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_deadlines_and_device_faults_have_their_codes() {
     let (served, _router, open) = gated_server(1);
@@ -610,6 +610,14 @@ async fn overload_deadlines_and_device_faults_have_their_codes() {
     let down = c2.model_infer(one(4.0)).await.unwrap_err();
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     served.set_healthy(0, true);
+    // A run that fails on the device (the gated runner fails a negative first value): INTERNAL,
+    // with no details beyond the message the REST path gives. (Tokens for the batch of the
+    // grpc-timeout call still waiting on the gate, and for this one.)
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    let failed = c2.model_infer(one(-1.0)).await.unwrap_err();
+    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
     drop(open);
     server.shutdown().await;
 }
