@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use ortserve_core::app::AppState;
 use ortserve_core::config::ServerConfig;
 
+mod fast;
 mod health;
 mod limits;
 mod service;
@@ -63,7 +64,8 @@ pub async fn serve(
     use proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 
     let max_message = usize::try_from(server.max_body_bytes.0).unwrap_or(usize::MAX);
-    let inference = GrpcInferenceServiceServer::new(Inference::new(app.clone()))
+    let shared = Arc::new(Inference::new(app.clone()));
+    let inference = GrpcInferenceServiceServer::from_arc(shared.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(usize::MAX);
     let health = HealthServer::new(Health::new(app.clone()));
@@ -76,6 +78,7 @@ pub async fn serve(
             server.request_timeout.0,
         ))
         .layer(limits::BodyBudgetLayer::new(app.clone()))
+        .layer(fast::FastInferLayer::new(shared, max_message))
         .service(routes);
 
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -50,11 +50,6 @@ pub(crate) const RPCS: [&str; 10] = [
 ];
 
 /// `grpc-timeout` (gRPC's wire form: up to 8 digits and a unit, `H M S m u n`).
-fn grpc_timeout(metadata: &MetadataMap) -> Result<Option<Duration>, CallError> {
-    timeout_header(metadata.as_ref())
-}
-
-/// [`grpc_timeout`] from the HTTP/2 headers.
 pub(crate) fn timeout_header(headers: &http::HeaderMap) -> Result<Option<Duration>, CallError> {
     let Some(v) = headers.get("grpc-timeout") else {
         return Ok(None);
@@ -78,7 +73,7 @@ pub(crate) fn timeout_header(headers: &http::HeaderMap) -> Result<Option<Duratio
 }
 
 /// The client's request id when it is usable, else a new one (UUID v4).
-fn request_id(metadata: &MetadataMap) -> String {
+fn request_id(metadata: &http::HeaderMap) -> String {
     metadata
         .get(REQUEST_ID)
         .map(|v| v.as_bytes())
@@ -103,12 +98,12 @@ impl<'a> Rpc<'a> {
     fn begin(
         app: &'a AppState,
         name: &'static str,
-        metadata: &MetadataMap,
+        metadata: &http::HeaderMap,
         auth: bool,
     ) -> (Rpc<'a>, Result<(), CallError>) {
         let started = Instant::now();
         let id = request_id(metadata);
-        let (timeout, checked) = match grpc_timeout(metadata) {
+        let (timeout, checked) = match timeout_header(metadata) {
             Ok(t) => (t, Ok(())),
             Err(e) => (None, Err(e)),
         };
@@ -203,6 +198,21 @@ fn whole(p: &InferParameter, name: &str) -> Result<u64, CallError> {
 }
 
 impl Inference {
+    /// `ModelInfer` for a message decoded by tonic or by the fast path (`fast.rs`).
+    pub(crate) async fn model_infer_with(
+        &self,
+        headers: &http::HeaderMap,
+        req: ModelInferRequest,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
+        rpc.model = req.model_name.clone();
+        let answer = match checked {
+            Ok(()) => self.infer(&mut rpc, req).await,
+            Err(e) => Err(e),
+        };
+        rpc.end(answer)
+    }
+
     async fn infer(
         &self,
         rpc: &mut Rpc<'_>,
@@ -301,7 +311,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelStatistics", request.metadata(), true);
+        let (mut rpc, checked) = Rpc::begin(
+            &self.app,
+            "ModelStatistics",
+            request.metadata().as_ref(),
+            true,
+        );
         let req = request.into_inner();
         rpc.model = req.name.clone();
         let answer = checked.and_then(|()| {
@@ -322,7 +337,8 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ServerLiveRequest>,
     ) -> Result<Response<ServerLiveResponse>, Status> {
-        let (rpc, checked) = Rpc::begin(&self.app, "ServerLive", request.metadata(), false);
+        let (rpc, checked) =
+            Rpc::begin(&self.app, "ServerLive", request.metadata().as_ref(), false);
         rpc.end(checked.map(|()| ServerLiveResponse { live: true }))
     }
 
@@ -330,7 +346,8 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
-        let (rpc, checked) = Rpc::begin(&self.app, "ServerReady", request.metadata(), false);
+        let (rpc, checked) =
+            Rpc::begin(&self.app, "ServerReady", request.metadata().as_ref(), false);
         let ready = self.app.is_ready();
         rpc.end(checked.map(|()| ServerReadyResponse { ready }))
     }
@@ -342,7 +359,8 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelReady", request.metadata(), false);
+        let (mut rpc, checked) =
+            Rpc::begin(&self.app, "ModelReady", request.metadata().as_ref(), false);
         let req = request.into_inner();
         rpc.model = req.name.clone();
         let ready = self
@@ -356,7 +374,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
-        let (rpc, checked) = Rpc::begin(&self.app, "ServerMetadata", request.metadata(), false);
+        let (rpc, checked) = Rpc::begin(
+            &self.app,
+            "ServerMetadata",
+            request.metadata().as_ref(),
+            false,
+        );
         rpc.end(checked.map(|()| ServerMetadataResponse {
             name: "ortserve".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -368,7 +391,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelMetadata", request.metadata(), true);
+        let (mut rpc, checked) = Rpc::begin(
+            &self.app,
+            "ModelMetadata",
+            request.metadata().as_ref(),
+            true,
+        );
         let req = request.into_inner();
         rpc.model = req.name.clone();
         let answer = checked.and_then(|()| {
@@ -388,21 +416,20 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", request.metadata(), true);
-        let req = request.into_inner();
-        rpc.model = req.model_name.clone();
-        let answer = match checked {
-            Ok(()) => self.infer(&mut rpc, req).await,
-            Err(e) => Err(e),
-        };
-        rpc.end(answer)
+        let (metadata, _, req) = request.into_parts();
+        self.model_infer_with(metadata.as_ref(), req).await
     }
 
     async fn repository_index(
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        let (rpc, checked) = Rpc::begin(&self.app, "RepositoryIndex", request.metadata(), true);
+        let (rpc, checked) = Rpc::begin(
+            &self.app,
+            "RepositoryIndex",
+            request.metadata().as_ref(),
+            true,
+        );
         let ready = request.into_inner().ready;
         rpc.end(checked.map(|()| {
             RepositoryIndexResponse {
@@ -423,8 +450,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let (mut rpc, checked) =
-            Rpc::begin(&self.app, "RepositoryModelLoad", request.metadata(), true);
+        let (mut rpc, checked) = Rpc::begin(
+            &self.app,
+            "RepositoryModelLoad",
+            request.metadata().as_ref(),
+            true,
+        );
         let name = request.into_inner().model_name;
         rpc.model = name.clone();
         let answer = match checked {
@@ -438,8 +469,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        let (mut rpc, checked) =
-            Rpc::begin(&self.app, "RepositoryModelUnload", request.metadata(), true);
+        let (mut rpc, checked) = Rpc::begin(
+            &self.app,
+            "RepositoryModelUnload",
+            request.metadata().as_ref(),
+            true,
+        );
         let name = request.into_inner().model_name;
         rpc.model = name.clone();
         let answer = match checked {
@@ -453,13 +488,14 @@ impl GrpcInferenceService for Inference {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::metadata::MetadataMap;
 
     #[test]
     fn grpc_timeouts_in_every_unit_and_bad_ones_refused() {
         let with = |v: &str| {
             let mut m = MetadataMap::new();
             m.insert("grpc-timeout", v.parse().unwrap());
-            grpc_timeout(&m)
+            timeout_header(m.as_ref())
         };
         assert_eq!(with("2S").unwrap(), Some(Duration::from_secs(2)));
         assert_eq!(with("1500m").unwrap(), Some(Duration::from_millis(1500)));
@@ -470,7 +506,7 @@ mod tests {
         for bad in ["", "S", "123456789S", "5x", "-1S", "1.5S"] {
             assert!(with(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(grpc_timeout(&MetadataMap::new()).unwrap(), None);
+        assert_eq!(timeout_header(MetadataMap::new().as_ref()).unwrap(), None);
     }
 
     #[test]
@@ -478,7 +514,7 @@ mod tests {
         let with = |v: &str| {
             let mut m = MetadataMap::new();
             m.insert(REQUEST_ID, v.parse().unwrap());
-            request_id(&m)
+            request_id(m.as_ref())
         };
         assert_eq!(with("abc-123"), "abc-123");
         let made = with("has space");

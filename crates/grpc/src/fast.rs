@@ -1,0 +1,324 @@
+//! `ModelInfer` without tonic's streaming codec: the one call that carries tensors. The request
+//! message is taken whole from the HTTP/2 body (a slice of the received bytes when it came in one
+//! DATA frame, else gathered once into a buffer of its declared size) and decoded in place, so
+//! raw input contents stay slices of what arrived; the answer is encoded into one buffer of its
+//! exact size and sent as one DATA frame and the trailers. Everything else (auth, deadline,
+//! limits, metrics, status codes) is the same code as the tonic path (`service.rs`); the other
+//! RPCs go to tonic.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body as _, Frame};
+use prost::Message;
+use tonic::body::Body;
+use tonic::Status;
+
+use crate::proto::inference::ModelInferRequest;
+use crate::service::Inference;
+
+/// The path of the call this serves.
+pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// Serves `ModelInfer` itself and hands every other request to the inner service.
+#[derive(Clone)]
+pub struct FastInferLayer {
+    inference: Arc<Inference>,
+    max_message: usize,
+}
+
+impl FastInferLayer {
+    pub(crate) fn new(inference: Arc<Inference>, max_message: usize) -> FastInferLayer {
+        FastInferLayer {
+            inference,
+            max_message,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for FastInferLayer {
+    type Service = FastInfer<S>;
+    fn layer(&self, inner: S) -> FastInfer<S> {
+        FastInfer {
+            inner,
+            inference: self.inference.clone(),
+            max_message: self.max_message,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FastInfer<S> {
+    inner: S,
+    inference: Arc<Inference>,
+    max_message: usize,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tower::Service<http::Request<Body>> for FastInfer<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Send,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let plain = req
+            .headers()
+            .get("grpc-encoding")
+            .is_none_or(|e| e == "identity");
+        if req.uri().path() != PATH || !plain {
+            return Box::pin(self.inner.call(req));
+        }
+        let inference = self.inference.clone();
+        let max_message = self.max_message;
+        Box::pin(async move { Ok(answer(inference, max_message, req).await) })
+    }
+}
+
+async fn answer(
+    inference: Arc<Inference>,
+    max_message: usize,
+    req: http::Request<Body>,
+) -> http::Response<Body> {
+    let (parts, body) = req.into_parts();
+    let message = match read_message(body, max_message).await {
+        Ok(m) => m,
+        Err(status) => return status.into_http(),
+    };
+    let request = match ModelInferRequest::decode(message) {
+        Ok(r) => r,
+        Err(e) => {
+            return Status::internal(format!("failed to decode Protobuf message: {e}")).into_http()
+        }
+    };
+    match inference.model_infer_with(&parts.headers, request).await {
+        Err(status) => status.into_http(),
+        Ok(response) => {
+            let (metadata, message, _) = response.into_parts();
+            let len = message.encoded_len();
+            let mut buf = BytesMut::with_capacity(5 + len);
+            buf.put_u8(0);
+            buf.put_u32(len as u32);
+            if message.encode(&mut buf).is_err() {
+                return Status::internal("the answer could not be encoded").into_http();
+            }
+            let mut resp = http::Response::new(Body::new(Unary {
+                data: Some(buf.freeze()),
+                trailers: Some(ok_trailers()),
+            }));
+            let headers = resp.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            headers.extend(metadata.into_headers());
+            resp
+        }
+    }
+}
+
+fn ok_trailers() -> http::HeaderMap {
+    let mut t = http::HeaderMap::with_capacity(1);
+    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+    t
+}
+
+/// The one length-prefixed message of a unary call, checked against `max` before its bytes are
+/// gathered: a slice of the first DATA frame when it holds it whole, else one buffer of the
+/// declared length.
+async fn read_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
+    let mut first: Option<Bytes> = None;
+    let mut gathered: Option<BytesMut> = None;
+    let mut need: Option<usize> = None;
+    loop {
+        let have = gathered
+            .as_ref()
+            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
+        if need.is_none() && have >= 5 {
+            let head: [u8; 5] = match (&first, &gathered) {
+                (_, Some(g)) => g[..5].try_into().unwrap_or_default(),
+                (Some(f), None) => f[..5].try_into().unwrap_or_default(),
+                _ => [0; 5],
+            };
+            if head[0] != 0 {
+                return Err(Status::unimplemented(
+                    "compressed messages are not accepted; send them uncompressed",
+                ));
+            }
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            if len > max {
+                return Err(Status::out_of_range(format!(
+                    "the message is {len} bytes, more than the {max} accepted (server.max_body_bytes)"
+                )));
+            }
+            need = Some(5 + len);
+        }
+        if let Some(n) = need {
+            if have >= n {
+                return Ok(match (first, gathered) {
+                    (_, Some(g)) => g.freeze().slice(5..n),
+                    (Some(f), None) => f.slice(5..n),
+                    _ => Bytes::new(),
+                });
+            }
+        }
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let data = match frame {
+            None => return Err(Status::internal("the request ended before its message")),
+            Some(Err(status)) => return Err(status),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        match (&mut first, &mut gathered) {
+            (None, None) => first = Some(data),
+            (Some(f), None) => {
+                // A second frame: gather into one buffer, sized for the whole message once its
+                // length is known (bounded by `max`).
+                let size = need
+                    .unwrap_or(f.len() + data.len())
+                    .max(f.len() + data.len());
+                let mut g = BytesMut::with_capacity(size.min(max + 5));
+                g.extend_from_slice(f);
+                g.extend_from_slice(&data);
+                gathered = Some(g);
+                first = None;
+            }
+            (_, Some(g)) => {
+                if let Some(n) = need {
+                    g.reserve(n.saturating_sub(g.len()));
+                }
+                g.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
+/// A unary answer: one DATA frame, then the trailers.
+struct Unary {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for Unary {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request body that yields these chunks as DATA frames.
+    struct Chunks(Vec<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            if self.0.is_empty() {
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Ok(Frame::data(self.0.remove(0)))))
+        }
+    }
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend((message.len() as u32).to_be_bytes());
+        v.extend(message);
+        v
+    }
+
+    fn read(chunks: Vec<Vec<u8>>, max: usize) -> Result<Bytes, Status> {
+        let body = Body::new(Chunks(chunks.into_iter().map(Bytes::from).collect()));
+        futures_executor(read_message(body, max))
+    }
+
+    /// Runs a future that never waits (the test bodies are ready at once).
+    fn futures_executor<F: Future>(f: F) -> F::Output {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_in_one_frame_is_a_slice_of_it_and_split_ones_are_gathered() {
+        let whole = framed(b"hello, tensors");
+        let one = Bytes::from(whole.clone());
+        let body = Body::new(Chunks(vec![one.clone()]));
+        let got = futures_executor(read_message(body, 1024)).unwrap();
+        assert_eq!(&got[..], b"hello, tensors");
+        assert_eq!(got.as_ptr(), one[5..].as_ptr(), "not copied");
+        // Split anywhere, even inside the length prefix.
+        for cut in [1, 3, 5, 9] {
+            let (a, b) = whole.split_at(cut);
+            assert_eq!(
+                &read(vec![a.to_vec(), b.to_vec()], 1024).unwrap()[..],
+                b"hello, tensors"
+            );
+        }
+        let (a, rest) = whole.split_at(2);
+        let (b, c) = rest.split_at(6);
+        assert_eq!(
+            &read(vec![a.to_vec(), b.to_vec(), c.to_vec()], 1024).unwrap()[..],
+            b"hello, tensors"
+        );
+    }
+
+    #[test]
+    fn a_declared_length_over_the_limit_compression_and_a_short_body_are_refused() {
+        let mut lie = vec![0];
+        lie.extend((1u32 << 30).to_be_bytes());
+        lie.extend([0; 10]);
+        let e = read(vec![lie], 1 << 20).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+        let mut compressed = framed(b"x");
+        compressed[0] = 1;
+        assert_eq!(
+            read(vec![compressed], 1024).unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
+        let short = framed(b"hello")[..7].to_vec();
+        assert_eq!(
+            read(vec![short], 1024).unwrap_err().code(),
+            tonic::Code::Internal
+        );
+    }
+}
