@@ -115,10 +115,9 @@ async fn answer(
             if message.encode(&mut buf).is_err() {
                 return Status::internal("the answer could not be encoded").into_http();
             }
-            let mut resp = http::Response::new(Body::new(Unary {
-                data: Some(buf.freeze()),
-                trailers: Some(ok_trailers()),
-            }));
+            let mut resp = http::Response::new(Body::new(Frames(
+                [Frame::data(buf.freeze()), Frame::trailers(ok_trailers())].into(),
+            )));
             let headers = resp.headers_mut();
             headers.insert(
                 http::header::CONTENT_TYPE,
@@ -208,13 +207,10 @@ async fn read_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
     }
 }
 
-/// A unary answer: one DATA frame, then the trailers.
-struct Unary {
-    data: Option<Bytes>,
-    trailers: Option<http::HeaderMap>,
-}
+/// A body of frames known in advance: a unary answer (one DATA frame, then the trailers).
+struct Frames(std::collections::VecDeque<Frame<Bytes>>);
 
-impl http_body::Body for Unary {
+impl http_body::Body for Frames {
     type Data = Bytes;
     type Error = Status;
 
@@ -222,37 +218,17 @@ impl http_body::Body for Unary {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if let Some(d) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(d))));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+        Poll::Ready(self.0.pop_front().map(Ok))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
+        self.0.is_empty()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A request body that yields these chunks as DATA frames.
-    struct Chunks(Vec<Bytes>);
-
-    impl http_body::Body for Chunks {
-        type Data = Bytes;
-        type Error = Status;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-            if self.0.is_empty() {
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Ok(Frame::data(self.0.remove(0)))))
-        }
-    }
 
     fn framed(message: &[u8]) -> Vec<u8> {
         let mut v = vec![0];
@@ -262,7 +238,12 @@ mod tests {
     }
 
     fn read(chunks: Vec<Vec<u8>>, max: usize) -> Result<Bytes, Status> {
-        let body = Body::new(Chunks(chunks.into_iter().map(Bytes::from).collect()));
+        let body = Body::new(Frames(
+            chunks
+                .into_iter()
+                .map(|c| Frame::data(Bytes::from(c)))
+                .collect(),
+        ));
         futures_executor(read_message(body, max))
     }
 
@@ -282,7 +263,7 @@ mod tests {
     fn a_message_in_one_frame_is_a_slice_of_it_and_split_ones_are_gathered() {
         let whole = framed(b"hello, tensors");
         let one = Bytes::from(whole.clone());
-        let body = Body::new(Chunks(vec![one.clone()]));
+        let body = Body::new(Frames([Frame::data(one.clone())].into()));
         let got = futures_executor(read_message(body, 1024)).unwrap();
         assert_eq!(&got[..], b"hello, tensors");
         assert_eq!(got.as_ptr(), one[5..].as_ptr(), "not copied");
