@@ -1,6 +1,6 @@
 //! `ModelInfer` without tonic's streaming codec: the one call that carries tensors. The request
 //! message is taken whole from the HTTP/2 body (a slice of the received bytes when it came in one
-//! DATA frame, else gathered once into a buffer of its declared size) and decoded in place, so
+//! DATA frame, else gathered into a buffer that grows with what arrives) and decoded in place, so
 //! raw input contents stay slices of what arrived; the answer is encoded into one buffer of its
 //! exact size and sent as one DATA frame and the trailers. Everything else (auth, deadline,
 //! limits, metrics, status codes) is the same code as the tonic path (`service.rs`); the other
@@ -135,9 +135,9 @@ fn ok_trailers() -> http::HeaderMap {
     t
 }
 
-/// The one length-prefixed message of a unary call, checked against `max` before its bytes are
-/// gathered: a slice of the first DATA frame when it holds it whole, else one buffer of the
-/// declared length.
+/// The one length-prefixed message of a unary call, its declared length checked against `max`
+/// as soon as the prefix has arrived: a slice of the first DATA frame when it holds it whole,
+/// else the frames gathered into one buffer (never sized by the declared length).
 async fn read_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
     let mut first: Option<Bytes> = None;
     let mut gathered: Option<BytesMut> = None;
@@ -186,23 +186,15 @@ async fn read_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
         match (&mut first, &mut gathered) {
             (None, None) => first = Some(data),
             (Some(f), None) => {
-                // A second frame: gather into one buffer, sized for the whole message once its
-                // length is known (bounded by `max`).
-                let size = need
-                    .unwrap_or(f.len() + data.len())
-                    .max(f.len() + data.len());
-                let mut g = BytesMut::with_capacity(size.min(max + 5));
+                // A second frame: gather into one buffer that grows with what arrives. The
+                // declared length is a claim: nothing is allocated for bytes not yet sent.
+                let mut g = BytesMut::with_capacity(f.len() + data.len());
                 g.extend_from_slice(f);
                 g.extend_from_slice(&data);
                 gathered = Some(g);
                 first = None;
             }
-            (_, Some(g)) => {
-                if let Some(n) = need {
-                    g.reserve(n.saturating_sub(g.len()));
-                }
-                g.extend_from_slice(&data);
-            }
+            (_, Some(g)) => g.extend_from_slice(&data),
         }
     }
 }
