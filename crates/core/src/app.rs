@@ -156,6 +156,8 @@ pub struct AppState {
     pub poll_interval: std::time::Duration,
     /// Loads and unloads while serving: each model's state, the loader, the turns.
     lifecycle: Lifecycle,
+    /// Ids for requests that come without one, for every front door.
+    pub request_ids: crate::call::RequestIds,
 }
 
 impl AppState {
@@ -192,6 +194,7 @@ impl AppState {
                 l.configure(configured);
                 l
             },
+            request_ids: crate::call::RequestIds::default(),
         }
     }
 

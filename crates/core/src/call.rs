@@ -46,6 +46,47 @@ impl Call {
     }
 }
 
+/// Ids for requests that come without one, in the UUID version 4 layout: 122 random bits drawn
+/// once, with a counter added to the low 62, so each id is unique in this process and unlikely
+/// to repeat another's. Making one is an atomic add; a random UUID per request would read the
+/// kernel's random source (a system call) every time. One per server, shared by the front
+/// doors (`AppState::request_ids`).
+#[derive(Debug)]
+pub struct RequestIds {
+    base: u128,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> RequestIds {
+        RequestIds::from_base(uuid::Uuid::new_v4().as_u128())
+    }
+}
+
+impl RequestIds {
+    fn from_base(base: u128) -> RequestIds {
+        RequestIds {
+            base,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The `n`th id.
+    fn id(&self, n: u64) -> uuid::Uuid {
+        const LOW: u128 = (1 << 62) - 1;
+        let low = (self.base & LOW).wrapping_add(u128::from(n)) & LOW;
+        // The version and variant bits of `base` are above the low 62 bits and stay as they are.
+        uuid::Uuid::from_u128((self.base & !LOW) | low)
+    }
+
+    /// A new id, hyphenated, lower case.
+    pub fn next_id(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        self.id(n).hyphenated().encode_lower(&mut text).to_string()
+    }
+}
+
 /// The longest request id kept from a client, in bytes.
 pub const MAX_REQUEST_ID: usize = 128;
 
@@ -382,6 +423,27 @@ impl Call {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn request_ids_are_distinct_version_4_uuids() {
+        let ids = super::RequestIds::default();
+        let made: std::collections::HashSet<String> = (0..1000)
+            .map(|_| {
+                let text = ids.next_id();
+                let parsed = uuid::Uuid::parse_str(&text).expect("a UUID");
+                assert_eq!(parsed.get_version_num(), 4, "{text}");
+                assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{text}");
+                text
+            })
+            .collect();
+        assert_eq!(made.len(), 1000);
+        // The counter wraps within the low 62 bits without touching the version or variant.
+        let edge = super::RequestIds::from_base(ids.base | ((1 << 62) - 1));
+        let wrapped = edge.id(1);
+        assert_eq!(wrapped.get_version_num(), 4);
+        assert_eq!(wrapped.get_variant(), uuid::Variant::RFC4122);
+        assert_ne!(wrapped, edge.id(0));
+    }
+
     use super::*;
 
     #[test]

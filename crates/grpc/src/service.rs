@@ -72,14 +72,14 @@ pub(crate) fn timeout_header(headers: &http::HeaderMap) -> Result<Option<Duratio
     }))
 }
 
-/// The client's request id when it is usable, else a new one (UUID v4).
-fn request_id(metadata: &http::HeaderMap) -> String {
+/// The client's request id when it is usable, else a new one (the server's counted ids).
+fn request_id(app: &AppState, metadata: &http::HeaderMap) -> String {
     metadata
         .get(REQUEST_ID)
         .map(|v| v.as_bytes())
         .filter(|b| call::usable_request_id(b))
         .and_then(|b| std::str::from_utf8(b).ok())
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+        .map_or_else(|| app.request_ids.next_id(), str::to_string)
 }
 
 /// One call's bookkeeping: its context for the core, the RPC and model it names for the
@@ -102,7 +102,7 @@ impl<'a> Rpc<'a> {
         auth: bool,
     ) -> (Rpc<'a>, Result<(), CallError>) {
         let started = Instant::now();
-        let id = request_id(metadata);
+        let id = request_id(app, metadata);
         let (timeout, checked) = match timeout_header(metadata) {
             Ok(t) => (t, Ok(())),
             Err(e) => (None, Err(e)),
@@ -511,10 +511,16 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_when_usable_and_made_otherwise() {
+        let app = AppState::loading(
+            std::sync::Arc::new(ortserve_core::metrics::Metrics::new()),
+            &ortserve_core::config::ServerConfig::default(),
+            1,
+            Vec::new(),
+        );
         let with = |v: &str| {
             let mut m = MetadataMap::new();
             m.insert(REQUEST_ID, v.parse().unwrap());
-            request_id(m.as_ref())
+            request_id(&app, m.as_ref())
         };
         assert_eq!(with("abc-123"), "abc-123");
         let made = with("has space");

@@ -9,7 +9,6 @@ mod routes;
 mod serve;
 pub(crate) mod v2;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -30,38 +29,16 @@ pub use serve::bind;
 
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Ids for requests that come without `x-request-id`, in the UUID version 4 layout: 122 random
-/// bits drawn once, with a counter added to the low 62, so each id is unique in this process and
-/// unlikely to repeat another's. Making one is an atomic add; a random UUID per request would
-/// read the kernel's random source (a system call) every time.
+/// Ids for requests that come without `x-request-id`: the server's counted ids
+/// (`call::RequestIds`), shared with the other front doors.
 #[derive(Clone)]
-struct CountedIds {
-    base: u128,
-    next: Arc<AtomicU64>,
-}
-
-impl CountedIds {
-    fn new() -> CountedIds {
-        CountedIds {
-            base: uuid::Uuid::new_v4().as_u128(),
-            next: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    fn id(&self, n: u64) -> uuid::Uuid {
-        const LOW: u128 = (1 << 62) - 1;
-        let low = (self.base & LOW).wrapping_add(u128::from(n)) & LOW;
-        // The version and variant bits of `base` are above the low 62 bits and stay as they are.
-        uuid::Uuid::from_u128((self.base & !LOW) | low)
-    }
-}
+struct CountedIds(Arc<AppState>);
 
 impl MakeRequestId for CountedIds {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        let id = self.id(self.next.fetch_add(1, Ordering::Relaxed));
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let text = id.hyphenated().encode_lower(&mut text);
-        HeaderValue::from_str(text).ok().map(RequestId::new)
+        HeaderValue::from_str(&self.0.request_ids.next_id())
+            .ok()
+            .map(RequestId::new)
     }
 }
 
@@ -152,7 +129,7 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(edge::EdgeLayer(state.clone()))
-                .layer(SetRequestIdLayer::new(REQUEST_ID, CountedIds::new()))
+                .layer(SetRequestIdLayer::new(REQUEST_ID, CountedIds(state.clone())))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                     let id = req
                         .headers()
@@ -231,36 +208,5 @@ impl AdminPort {
         let thread = self.thread;
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         served
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counted_ids_are_distinct_version_4_uuids() {
-        let mut ids = CountedIds::new();
-        let req = Request::new(());
-        let made: std::collections::HashSet<String> = (0..1000)
-            .map(|_| {
-                let id = ids.make_request_id(&req).expect("an id");
-                let text = id.header_value().to_str().unwrap().to_string();
-                let parsed = uuid::Uuid::parse_str(&text).expect("a UUID");
-                assert_eq!(parsed.get_version_num(), 4, "{text}");
-                assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{text}");
-                text
-            })
-            .collect();
-        assert_eq!(made.len(), 1000);
-        // The counter wraps within the low 62 bits without touching the version or variant.
-        let edge = CountedIds {
-            base: ids.base | ((1 << 62) - 1),
-            next: Arc::new(AtomicU64::new(0)),
-        };
-        let wrapped = edge.id(1);
-        assert_eq!(wrapped.get_version_num(), 4);
-        assert_eq!(wrapped.get_variant(), uuid::Variant::RFC4122);
-        assert_ne!(wrapped, edge.id(0));
     }
 }
