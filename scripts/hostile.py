@@ -351,6 +351,20 @@ def grpc_one(message, wait=10):
     return run
 
 
+def connection_end(got):
+    """How the server ended a connection that broke its rules: GOAWAY with its code, a close, or
+    nothing yet because the connection is not accepted (it waits in the listen backlog behind
+    max_connections). None when the connection is still open and answered something."""
+    code = h2raw.goaway_code(got)
+    if code is not None:
+        return f"goaway-{code}"
+    if h2raw.closed(got):
+        return "closed"
+    if not got:
+        return "backlog"
+    return None
+
+
 def grpc_rst_flood(port, p, streams=500):
     """Opens streams and resets each at once (HTTP/2's rapid reset): past 32 resets the server
     ends the connection (GOAWAY ENHANCE_YOUR_CALM, code 11; the client may see only the close),
@@ -371,15 +385,7 @@ def grpc_rst_flood(port, p, streams=500):
         return "closed"
     finally:
         c.close()
-    code = h2raw.goaway_code(got)
-    if code is not None:
-        return f"goaway-{code}"
-    if h2raw.closed(got):
-        return "closed"
-    if not got:
-        # Not accepted yet: the connection waits in the listen backlog (max_connections).
-        return "backlog"
-    return "alive" if any(f[0] == h2raw.PING for f in got) else "silent"
+    return connection_end(got) or ("alive" if any(f[0] == h2raw.PING for f in got) else "silent")
 
 
 def grpc_stream_flood(port, p, streams=1000):
@@ -400,12 +406,8 @@ def grpc_stream_flood(port, p, streams=1000):
         c.close()
     ends = h2raw.ended(got)
     refused = sum(1 for v in ends.values() if v == h2raw.REFUSED_STREAM)
-    if h2raw.goaway_code(got) is not None:
-        return f"goaway-{h2raw.goaway_code(got)}"
-    if h2raw.closed(got):
-        return "closed"
-    if not got:
-        return "backlog"
+    if connection_end(got):
+        return connection_end(got)
     return "refused+ended" if refused and all(i in ends for i in ids) else f"refused{refused}-ended{len(ends)}"
 
 

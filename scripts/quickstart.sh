@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs README.md's quick start as written: the shell block (serve on loopback, wait for
 # readiness, two requests) and the Python block (tritonclient), and checks what they print.
-# Called by scripts/test.sh after the tests; needs ports 8080 and 8082 free on 127.0.0.1.
+# Called by scripts/test.sh after the tests; needs ports 8080, 8081 and 8082 free on 127.0.0.1.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -10,7 +10,7 @@ block() { awk -v tag="$1" '$0 == "<!-- quickstart:" tag " -->" {on=1; next}
 sh_block=$(block sh)
 py_block=$(block py)
 [ -n "$sh_block" ] && [ -n "$py_block" ] || { echo "quickstart: README.md has no quick start blocks" >&2; exit 1; }
-for port in 8080 8082; do
+for port in 8080 8081 8082; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "quickstart: port $port is in use; the quick start needs it" >&2
     exit 1

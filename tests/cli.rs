@@ -571,24 +571,31 @@ fn rss_of(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Unloading gives back what the model held: with the bundled EfficientNet (18 MB of weights,
-/// sessions warmed at batch 1 to 4) loaded and unloaded through the repository API (after one
-/// cycle that sets up what the process keeps for good), the process's RSS grows by tens of MB
-/// on the load and comes back to within 10% of what it was before it (within 5 s).
-#[test]
-fn unload_gives_the_models_memory_back() {
+/// Starts `ortserve serve` with `model_control: explicit` (and `server` settings after it) and
+/// the bundled EfficientNet (batch sizes 1 to 4, warmed up), then `more` models (YAML list
+/// entries); returns once readiness is 200.
+fn serve_effnet(server: &str, more: &str) -> (Server, u16, tempfile::TempDir) {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let model = common::root().join(".ortserve/models/efficientnet_lite0.onnx");
     let cfg = write_config(
         &dir,
         &format!(
-            "server: {{http_addr: '127.0.0.1:{port}', model_control: explicit}}\nmodels: [{{name: effnet, path: '{}', devices: cpu, batching: {{max_batch_size: 4, buckets: on}}}}]",
+            "server: {{http_addr: '127.0.0.1:{port}', model_control: explicit{server}}}\nmodels:\n  - {{name: effnet, path: '{}', devices: cpu, batching: {{max_batch_size: 4, buckets: on}}}}{more}",
             model.display()
         ),
     );
     let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
-    let server = start_ready(&args, &[], port);
+    (start_ready(&args, &[], port), port, dir)
+}
+
+/// Unloading gives back what the model held: with the bundled EfficientNet (18 MB of weights,
+/// sessions warmed at batch 1 to 4) loaded and unloaded through the repository API (after one
+/// cycle that sets up what the process keeps for good), the process's RSS grows by tens of MB
+/// on the load and comes back to within 10% of what it was before it (within 5 s).
+#[test]
+fn unload_gives_the_models_memory_back() {
+    let (server, port, _dir) = serve_effnet("", "");
     let pid = server.0.id();
     let settle = || std::thread::sleep(Duration::from_millis(500));
     let call = |action: &str| {
@@ -694,18 +701,10 @@ fn sighup_in_poll_mode_reloads_a_changed_model_file() {
 /// to the other model is answered 200 until the listener closes, and the process exits 0.
 #[test]
 fn sigterm_during_a_load_loses_no_request_and_exits_cleanly() {
-    let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::root().join(".ortserve/models/efficientnet_lite0.onnx");
-    let cfg = write_config(
-        &dir,
-        &format!(
-            "server: {{http_addr: '127.0.0.1:{port}', model_control: explicit, drain_delay: 300ms, shutdown_timeout: 20s}}\nmodels:\n  - {{name: effnet, path: '{}', devices: cpu, batching: {{max_batch_size: 4, buckets: on}}}}\n  - {{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}",
-            model.display()
-        ),
+    let (mut server, port, _dir) = serve_effnet(
+        ", drain_delay: 300ms, shutdown_timeout: 20s",
+        "\n  - {name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
     );
-    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
-    let mut server = start_ready(&args, &[], port);
     let client = std::thread::spawn(move || {
         let (mut ok, mut failed) = (0, Vec::new());
         // Until the listener closes (bounded: at most 20,000 requests).

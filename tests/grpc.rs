@@ -15,9 +15,7 @@ use ortserve::app::AppState;
 use ortserve::grpc::proto::health::health_client::HealthClient;
 use ortserve::grpc::proto::health::HealthCheckRequest;
 use ortserve::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use ortserve::grpc::proto::inference::model_infer_request::{
-    InferInputTensor, InferRequestedOutputTensor,
-};
+use ortserve::grpc::proto::inference::model_infer_request::InferRequestedOutputTensor;
 use ortserve::grpc::proto::inference::*;
 use ortserve::tensor::{DataType, Tensor};
 use rand::SeedableRng;
@@ -124,21 +122,11 @@ fn changed(
     r
 }
 
+/// [`ortserve::grpc::raw_request`] with an id to echo.
 fn raw_request(model: &str, inputs: &[(&str, &Tensor)]) -> ModelInferRequest {
     ModelInferRequest {
-        model_name: model.into(),
         id: "req-7".into(),
-        inputs: inputs
-            .iter()
-            .map(|(name, t)| InferInputTensor {
-                name: name.to_string(),
-                datatype: t.dtype.v2_name().into(),
-                shape: t.shape.iter().map(|&d| d as i64).collect(),
-                ..Default::default()
-            })
-            .collect(),
-        raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
-        ..Default::default()
+        ..ortserve::grpc::raw_request(model, inputs)
     }
 }
 

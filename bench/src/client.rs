@@ -280,6 +280,15 @@ pub async fn run(
             r
         }));
     }
+    gather(tasks, duration, cpu).await
+}
+
+/// The callers' results added up, over `duration`, with the CPU split `cpu` reads.
+pub async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<LoadResult>>,
+    duration: Duration,
+    cpu: tokio::task::JoinHandle<Option<crate::cpu::CpuSplit>>,
+) -> LoadResult {
     let mut total = LoadResult::default();
     for t in tasks {
         if let Ok(r) = t.await {

@@ -12,9 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ortserve::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use ortserve::grpc::proto::inference::model_infer_request::InferInputTensor;
 use ortserve::grpc::proto::inference::ModelInferRequest;
-use ortserve::tensor::Tensor;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::client::{cpu_between, LoadResult};
@@ -25,24 +23,7 @@ pub const CALLERS_PER_CONNECTION: usize = 8;
 /// The largest answer a call accepts (tonic's default is 4 MiB).
 const MAX_ANSWER_BYTES: usize = 64 << 20;
 
-/// A `ModelInfer` request for `model` with `inputs` as raw little-endian contents, one per
-/// input, as `tritonclient.grpc` sends them.
-pub fn raw_request(model: &str, inputs: &[(&str, &Tensor)]) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: model.into(),
-        inputs: inputs
-            .iter()
-            .map(|(name, t)| InferInputTensor {
-                name: name.to_string(),
-                datatype: t.dtype.v2_name().into(),
-                shape: t.shape.iter().map(|&d| d as i64).collect(),
-                ..Default::default()
-            })
-            .collect(),
-        raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
-        ..Default::default()
-    }
-}
+pub use ortserve::grpc::raw_request;
 
 /// Drives the gRPC port at `addr` with `concurrency` callers for `duration`, after `warmup`
 /// (not counted). A call answered OK counts under status 200 of the result, any other code the
@@ -108,13 +89,5 @@ pub async fn run(
             r
         }));
     }
-    let mut total = LoadResult::default();
-    for t in tasks {
-        if let Ok(r) = t.await {
-            total.add(r);
-        }
-    }
-    total.elapsed = duration;
-    total.cpu = cpu.await.ok().flatten();
-    total
+    crate::client::gather(tasks, duration, cpu).await
 }

@@ -718,11 +718,9 @@ async fn load_version(app: &Arc<AppState>, m: &ModelConfig) -> Result<(), CallEr
     let plans = lock(&loader.plans).get(name).cloned().unwrap_or_default();
     // The served version it replaces, or else the highest served one: its tuning is taken for
     // the same inputs and outputs rather than probing a device that is busy serving.
-    let current = app
-        .registry()
-        .get(name, Some(version))
-        .or_else(|| app.registry().get(name, None));
-    let reload = app.registry().get(name, Some(version)).is_some();
+    let same = app.registry().get(name, Some(version));
+    let reload = same.is_some();
+    let current = same.or_else(|| app.registry().get(name, None));
     let others = app.registry().versions(name).len() - usize::from(reload);
     if !reload {
         life.set(name, version, ModelState::Loading, "");

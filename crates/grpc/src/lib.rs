@@ -26,6 +26,7 @@ mod tensors;
 pub use health::Health;
 pub use service::Inference;
 pub use status::status_of;
+pub use tensors::raw_request;
 
 /// The code generated from `proto/` (`inference` and `grpc.health.v1`), servers and clients.
 pub mod proto {

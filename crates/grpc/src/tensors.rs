@@ -167,6 +167,28 @@ fn from_contents(
     Ok(Bytes::from(bytes))
 }
 
+/// A `ModelInfer` request for `model` with `inputs` as raw little-endian contents, one per
+/// input, as `tritonclient.grpc` sends them (for clients: the benchmark, the tests).
+pub fn raw_request(
+    model: &str,
+    inputs: &[(&str, &Tensor)],
+) -> crate::proto::inference::ModelInferRequest {
+    crate::proto::inference::ModelInferRequest {
+        model_name: model.into(),
+        inputs: inputs
+            .iter()
+            .map(|(name, t)| InferInputTensor {
+                name: name.to_string(),
+                datatype: t.dtype.v2_name().into(),
+                shape: dims(t),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
+        ..Default::default()
+    }
+}
+
 /// The protocol's shape of a tensor.
 pub(crate) fn dims(t: &Tensor) -> Vec<i64> {
     t.shape.iter().map(|&d| d as i64).collect()
