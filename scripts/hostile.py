@@ -8,7 +8,8 @@ It starts `ortserve serve` with a config of its own (EfficientNet-Lite0 from .or
 the MLP fixture, on CPU, fixed batch sizes so nothing is tuned; header and body timeouts of 3 s so
 slow clients are judged within a phase). Then:
   1. a baseline: only the normal client (one keep-alive connection, MLP, one request every 5 ms)
-     and the liveness probe (a fresh connection to /v2/health/live every 50 ms, as a kubelet);
+     and the liveness probe (a fresh connection to /v2/health/live on the admin port every 50 ms,
+     as a kubelet; the data port's liveness route is probed beside it and reported, not judged);
   2. every class of hostile input alone for --phase seconds, the normal client still running
      (the gRPC classes, on the gRPC port, speak HTTP/2 written by hand: scripts/h2raw.py);
   3. every class at once for --all seconds;
@@ -204,6 +205,24 @@ def big_non_image_part(port, p):
     return streamed(port, "/v1/models/efficientnet_lite0:predict", "multipart/form-data; boundary=b",
                     b"--b\r\nContent-Disposition: form-data; name=\"notes\"\r\nContent-Type: text/plain\r\n\r\n",
                     b"w" * 65536, 300 * MIB)
+
+
+def chunk_size_max(port, p):
+    # A chunk size line of 2^64-1: more than the body limit, so 413 at once (not when the body
+    # timeout ends the wait for bytes that would be refused anyway).
+    head = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n")
+    t0 = time.time()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(head)
+            got = s.recv(64)
+    except OSError:
+        return "dropped"
+    parts = got.split(b" ")
+    status = parts[1].decode() if len(parts) > 1 else "closed"
+    took = time.time() - t0
+    return status if took < 1 else f"{status}-after-{took:.0f}s"
 
 
 # ---------------------------------------------------------------- slow connections
@@ -523,6 +542,7 @@ def classes(p):
         ("chunked_multipart_no_boundary", no_boundary, {400, 413}, 1),
         ("chunked_multipart_endless_part_header", endless_part_header, {413}, 1),
         ("chunked_multipart_300MiB_text_part", big_non_image_part, {413}, 1),
+        ("chunk_size_2^64-1", chunk_size_max, {"413"}, 1),
         ("hostile_request_id", hostile_request_id, {"200-replaced"}, 1),
         ("non_json_error_routes", json_error_bodies, {"400-json+400-json+405-json"}, 1),
         # Slow connections: one wave each per phase.
@@ -816,8 +836,12 @@ models:
     total = 3 + len(all_classes) * (a.phase + 1) + a.all + 120
     stop_probes = time.time() + total
     normal_log, live_log = os.path.join(work, "normal.txt"), os.path.join(work, "live.txt")
+    data_live_log = os.path.join(work, "live_data_port.txt")
+    # The kubelet probes the admin port (what must stay under 100 ms); the data port's liveness
+    # route is probed too and reported, not judged: it shares the data plane's connections.
     probes = [multiprocessing.Process(target=normal_client, args=(a.port, normal_log, stop_probes), daemon=True),
-              multiprocessing.Process(target=live_probe, args=(a.port, live_log, stop_probes), daemon=True)]
+              multiprocessing.Process(target=live_probe, args=(admin, live_log, stop_probes), daemon=True),
+              multiprocessing.Process(target=live_probe, args=(a.port, data_live_log, stop_probes), daemon=True)]
     for pr in probes:
         pr.start()
 
@@ -917,6 +941,7 @@ models:
         start, end = rec.pop("window")
         rec["normal_client"] = window(normal_log, start, end)
         rec["live_probe"] = window(live_log, start, end)
+        rec["live_probe_data_port"] = window(data_live_log, start, end)
         name = rec["phase"]
         for n, got in rec["outcomes"].items():
             extra = set(got) - set(rec["expected"][n])

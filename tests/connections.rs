@@ -553,3 +553,45 @@ async fn an_error_before_the_body_is_read_says_connection_close() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// Issue 24, finding 6: a chunk that declares more than `max_body_bytes` is answered 413 at
+/// once, not after `body_timeout` while the server waits for bytes it would refuse, whether the
+/// size line comes with the head or after it, and on a keep-alive connection's second request.
+/// Chunked bodies within the limit are served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_declared_over_the_body_limit_is_refused_at_once() {
+    let (addr, stop, task) =
+        serve("{drain_delay: 0s, body_timeout: 30s, max_body_bytes: 1MiB}").await;
+    let head = "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let within = format!("{head}{:x}\r\n{BODY}\r\n0\r\n\r\n", BODY.len());
+    for (first, size_line, later) in [
+        ("", "ffffffffffffffff\r\n", false),
+        ("", "100001;ext=1\r\n", true),
+        (within.as_str(), "ffffffffffffffff\r\n", false),
+        (within.as_str(), "200000\r\n", true),
+    ] {
+        let t = Instant::now();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        if !first.is_empty() {
+            w.write_all(first.as_bytes()).await.unwrap();
+            let (status, close, _) = read_response(&mut r).await.unwrap();
+            assert_eq!((status, close), (200, false), "a chunked body within the limit");
+        }
+        w.write_all(head.as_bytes()).await.unwrap();
+        if later {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        w.write_all(size_line.as_bytes()).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_response(&mut r)).await;
+        let (status, close, body) = answer
+            .unwrap_or_else(|_| panic!("{size_line:?}: no answer within 10 s"))
+            .unwrap();
+        assert_eq!(status, 413, "{size_line:?}: {}", String::from_utf8_lossy(&body));
+        assert!(close, "{size_line:?}: the connection is not kept");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

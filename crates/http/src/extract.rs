@@ -47,7 +47,7 @@ pub(crate) async fn read_frames<'a>(
                 )))
             }
             Ok(None) => break,
-            Ok(Some(frame)) => frame.map_err(unreadable)?,
+            Ok(Some(frame)) => frame.map_err(|e| body_error(e, limit))?,
         };
         let Ok(chunk) = frame.into_data() else {
             continue;
@@ -167,6 +167,16 @@ pub(crate) fn declared_length(headers: &HeaderMap, limit: u64) -> Result<Option<
     match declared {
         Some(n) if n > limit => Err(CallError::PayloadTooLarge { limit }),
         other => Ok(other),
+    }
+}
+
+/// A body read that failed: 413 when a chunk declared more than the limit (see `framing`),
+/// 400 otherwise.
+fn body_error(e: axum::Error, limit: u64) -> CallError {
+    let e = e.into_inner();
+    match e.downcast_ref::<crate::framing::ChunkTooLarge>() {
+        Some(_) => CallError::PayloadTooLarge { limit },
+        None => unreadable(e),
     }
 }
 

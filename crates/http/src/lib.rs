@@ -5,6 +5,7 @@ mod auth;
 mod edge;
 mod error;
 mod extract;
+mod framing;
 mod routes;
 mod serve;
 pub(crate) mod v2;

@@ -25,6 +25,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
+use crate::framing::{ChunkTooLarge, Framing, Oversized};
+
+use futures_util::task::AtomicWaker;
 use ortserve_core::config::ServerConfig;
 use ortserve_core::stamp::Stamp;
 
@@ -35,6 +38,8 @@ pub(crate) struct ConnLimits {
     pub header_timeout: Duration,
     pub keep_alive_timeout: Duration,
     pub write_timeout: Duration,
+    /// A chunk declaring more is answered 413 at once (see `framing`).
+    pub max_body_bytes: u64,
 }
 
 impl ConnLimits {
@@ -45,6 +50,7 @@ impl ConnLimits {
             header_timeout: server.header_timeout.0,
             keep_alive_timeout: server.keep_alive_timeout.0,
             write_timeout: server.write_timeout.0,
+            max_body_bytes: server.max_body_bytes.0,
         }
     }
 
@@ -171,6 +177,11 @@ struct Phase {
     write_stall: Stamp,
     /// Requests this connection has started.
     requests: AtomicU64,
+    /// The request (its ordinal, 0 for none) whose body has a chunk declared over the limit,
+    /// and what it declared; the body reader's waker, woken when that is found.
+    oversized: AtomicU64,
+    oversized_declared: AtomicU64,
+    body_waker: AtomicWaker,
 }
 
 impl Phase {
@@ -182,10 +193,24 @@ impl Phase {
         }
     }
 
-    fn request_started(&self) {
+    /// A request is handed to the service; returns its ordinal (1 for the first).
+    fn request_started(&self) -> u64 {
         self.busy.store(true, Ordering::Release);
         self.head.clear();
-        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.requests.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn found_oversized(&self, found: Oversized) {
+        self.oversized_declared
+            .store(found.declared, Ordering::Release);
+        self.oversized.store(found.request, Ordering::Release);
+        self.body_waker.wake();
+    }
+
+    /// What request `ordinal` declared over the limit, if it did.
+    fn oversized(&self, ordinal: u64) -> Option<u64> {
+        (self.oversized.load(Ordering::Acquire) == ordinal)
+            .then(|| self.oversized_declared.load(Ordering::Acquire))
     }
 
     fn request_answered(&self) {
@@ -212,10 +237,12 @@ impl Phase {
     }
 }
 
-/// The socket, noting when bytes arrive on an idle connection and when writes stall.
+/// The socket, noting when bytes arrive on an idle connection and when writes stall, and
+/// reading the request framing along with hyper.
 struct Watched {
     tcp: TcpStream,
     phase: Arc<Phase>,
+    framing: Framing,
 }
 
 impl AsyncRead for Watched {
@@ -228,6 +255,10 @@ impl AsyncRead for Watched {
         let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.phase.bytes_arrived();
+            let this = &mut *self;
+            if let Some(found) = this.framing.read(&buf.filled()[before..]) {
+                this.phase.found_oversized(found);
+            }
         }
         r
     }
@@ -260,6 +291,59 @@ impl AsyncWrite for Watched {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A request's body as hyper reads it, ended with [`ChunkTooLarge`] as soon as a chunk of it
+/// declares more than the limit.
+struct Checked {
+    inner: Incoming,
+    phase: Arc<Phase>,
+    ordinal: u64,
+    limit: u64,
+}
+
+impl Checked {
+    fn too_large(&self) -> Option<ChunkTooLarge> {
+        self.phase
+            .oversized(self.ordinal)
+            .map(|declared| ChunkTooLarge {
+                declared,
+                limit: self.limit,
+            })
+    }
+}
+
+impl hyper::body::Body for Checked {
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::BoxError>>> {
+        if let Some(e) = self.too_large() {
+            return Poll::Ready(Some(Err(e.into())));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                self.phase.body_waker.register(cx.waker());
+                // Found between the first look and registering: not woken for it.
+                match self.too_large() {
+                    Some(e) => Poll::Ready(Some(Err(e.into()))),
+                    None => Poll::Pending,
+                }
+            }
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -328,11 +412,12 @@ async fn connection(
     let io = TokioIo::new(Watched {
         tcp,
         phase: phase.clone(),
+        framing: Framing::new(limits.max_body_bytes),
     });
     let service = hyper::service::service_fn({
         let phase = phase.clone();
         move |req: hyper::Request<Incoming>| {
-            phase.request_started();
+            let ordinal = phase.request_started();
             let bad_head = head_too_large(&req).or_else(|| host_problem(&req));
             let app = app.clone();
             let phase = phase.clone();
@@ -341,7 +426,17 @@ async fn connection(
                     Some(e) => Ok(axum::response::IntoResponse::into_response(
                         super::ApiError(e),
                     )),
-                    None => app.oneshot(req.map(Body::new)).await,
+                    None => {
+                        let req = req.map(|inner| {
+                            Body::new(Checked {
+                                inner,
+                                phase: phase.clone(),
+                                ordinal,
+                                limit: limits.max_body_bytes,
+                            })
+                        });
+                        app.oneshot(req).await
+                    }
                 };
                 phase.request_answered();
                 response
