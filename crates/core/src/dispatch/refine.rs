@@ -2,12 +2,20 @@
 //! actually serves, between the startup probe's choice and the largest size the probe found
 //! within its memory and latency limits.
 //!
-//! The refiner only judges windows where at least 3 batches in 4 were full, that is where the
-//! cap is what limits a batch (a window with fewer is not judged, and a step in it goes back). After
-//! a window at the current cap it tries a neighbour (twice the cap, or half of it, never below
-//! the probe's choice) for one window and keeps it only when it served at least 5% more rows/s
-//! (and within the latency budget); otherwise it goes back and waits twice as many windows
-//! before the next try (up to 64). A kept step is followed by another in the same direction.
+//! The refiner judges windows where at least 3 batches in 4 were full, that is where the cap is
+//! what limits a batch. After a window at the current cap it tries a neighbour (twice the cap, or
+//! half of it) for one window and keeps it only when it served at least 5% more rows/s (and
+//! within the latency budget); otherwise it goes back and waits twice as many windows before the
+//! next try (up to 64). A kept step is followed by another in the same direction.
+//!
+//! A window whose batches were mostly under the cap is not judged that way (a step in it goes
+//! back): the cap did not shape those batches. But a cap far above the batches the load forms can
+//! still serve less than one it fills (with closed-loop clients, batches of a steady size keep
+//! both of the device's job slots busy): after such a window it tries the cap nearest the
+//! window's mean batch (a power of two, at most half the cap), judged on rows/s whatever the
+//! fullness, and kept on the same 5% rule. An open-loop load below capacity serves the same rows/s
+//! at any cap, so there the cap stays. Only such a step goes below the startup choice (the steps
+//! by halves stop there); a part larger than the cap runs as a batch of its own.
 //! When a window at a settled cap serves more than 20% more or less than the one before it, the
 //! device or the load has changed, and the waiting starts again from one window.
 //! Pure: the caller passes the clock, so it is tested on a paused clock.
@@ -30,8 +38,9 @@ const SHIFT: f64 = 0.2;
 /// Limits and pace of one device's refiner.
 #[derive(Debug, Clone)]
 pub struct RefineSettings {
-    /// The startup choice: the cap never goes below it (requests are split into parts of at
-    /// most the smallest startup choice, and every part must fit a batch).
+    /// The cap to start from: the startup choice.
+    pub start: usize,
+    /// The cap never goes below this (a part with more rows than the cap runs alone).
     pub floor: usize,
     /// The largest size the probe ran within its memory and latency limits.
     pub ceiling: usize,
@@ -63,6 +72,8 @@ struct Step {
     from: usize,
     baseline: f64,
     up: bool,
+    /// Toward the load's mean batch from a cap far above it: judged whatever the fullness.
+    fit: bool,
 }
 
 #[derive(Debug)]
@@ -101,7 +112,7 @@ impl Refiner {
             ..settings
         };
         Refiner {
-            cap: floor,
+            cap: settings.start.clamp(settings.floor, settings.ceiling),
             settings,
             started: now,
             window_start: None,
@@ -187,16 +198,40 @@ impl Refiner {
         self.change(step.from, "back", rate, now)
     }
 
-    /// The next step from the current cap in the preferred direction (or the other one).
+    /// The next step from the current cap in the preferred direction (or the other one). Steps
+    /// down stop at the startup choice: only a step toward what the load fills goes below it
+    /// (one noisy window after another could otherwise walk the cap down).
     fn next_step(&self) -> Option<(usize, bool)> {
         let s = &self.settings;
+        let low = s.start.max(s.floor);
         let up = (self.cap < s.ceiling).then(|| (self.cap.saturating_mul(2).min(s.ceiling), true));
-        let down = (self.cap > s.floor).then(|| ((self.cap / 2).max(s.floor), false));
+        let down = (self.cap > low).then(|| ((self.cap / 2).max(low), false));
         if self.up {
             up.or(down)
         } else {
             down.or(up)
         }
+    }
+
+    /// After a window of batches mostly under the cap: when the cap is at least twice the power
+    /// of two nearest the window's mean batch, and the wait is over, tries that size.
+    fn try_fit(&mut self, mean_rows: f64, rate: f64, now: Instant) -> Option<CapChange> {
+        let near = 2f64.powf(mean_rows.max(1.0).log2().round()) as usize;
+        let to = near.max(self.settings.floor);
+        if to.saturating_mul(2) > self.cap {
+            return None;
+        }
+        self.wait = self.wait.saturating_sub(1);
+        if self.wait > 0 {
+            return None;
+        }
+        self.step = Some(Step {
+            from: self.cap,
+            baseline: rate,
+            up: false,
+            fit: true,
+        });
+        Some(self.change(to, "try", rate, now))
     }
 
     /// A batch of `rows` rows, sent when the cap was `cap_at_send`, finished at `now` after a
@@ -233,13 +268,17 @@ impl Refiner {
         }
         let rate = self.rows as f64 / span.as_secs_f64().max(1e-9);
         let mean_run = self.run_total / self.batches;
+        let mean_rows = self.rows as f64 / f64::from(self.batches);
         let sustained = self.full * 4 >= self.batches * 3;
         self.restart_window(now);
-        if !sustained {
-            // The cap did not limit most batches: the load is not enough to judge by, and
-            // windows before and after it are not comparable.
+        if !sustained && !self.step.is_some_and(|s| s.fit) {
+            // The cap did not limit most batches: windows before and after it are not
+            // comparable, and a step in progress goes back.
             self.last = None;
-            return self.step.take().map(|step| self.back(step, rate, now));
+            if let Some(step) = self.step.take() {
+                return Some(self.back(step, rate, now));
+            }
+            return self.try_fit(mean_rows, rate, now);
         }
         if let Some(step) = self.step.take() {
             let in_budget = self.settings.latency_budget.is_none_or(|b| mean_run <= b);
@@ -269,6 +308,7 @@ impl Refiner {
             from: self.cap,
             baseline: rate,
             up,
+            fit: false,
         });
         Some(self.change(to, "try", rate, now))
     }
@@ -280,6 +320,7 @@ mod tests {
 
     fn settings(floor: usize, ceiling: usize) -> RefineSettings {
         RefineSettings {
+            start: floor,
             floor,
             ceiling,
             latency_budget: None,
@@ -430,6 +471,61 @@ mod tests {
             }
         }
         assert!(judged, "{:?}", r.changes());
+    }
+
+    /// Runs `batches` batches on the paused clock, each as `device(cap)` says (rows, ms).
+    async fn drive_with(r: &mut Refiner, batches: usize, device: impl Fn(usize) -> (usize, f64)) {
+        for _ in 0..batches {
+            let cap = r.cap();
+            let (rows, ms) = device(cap);
+            let d = Duration::from_secs_f64(ms / 1e3);
+            tokio::time::advance(d).await;
+            r.observe(rows, cap, d, Instant::now());
+        }
+    }
+
+    /// Issue 25's open part: closed-loop clients form batches of about 8 rows under any cap
+    /// from 16 up (never full, so never judged the usual way), but a cap of 8 serves 11% more
+    /// (steady batches keep the device busy). From the probe's 64 the cap goes to 8, below
+    /// the startup choice, and stays: 16 is not filled, so a try of it goes back, and steps by
+    /// halves do not go below the startup choice.
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_far_above_the_load_moves_to_what_the_load_fills() {
+        let mut s = settings(1, 64);
+        s.start = 64;
+        let mut r = Refiner::new(s, Instant::now());
+        let closed_loop = |cap: usize| match cap {
+            c if c >= 16 => (8, 1.0),
+            c => (c, 0.1 + 0.1 * c as f64),
+        };
+        drive_with(&mut r, 60_000, closed_loop).await;
+        assert_eq!(r.cap(), 8, "{:?}", r.changes());
+        let c = r.changes();
+        assert!(
+            c.iter().any(|c| (c.from, c.to, c.why) == (64, 8, "keep")),
+            "{c:?}"
+        );
+        assert!(r.changed() < 30, "settled: {c:?}");
+    }
+
+    /// An open-loop load below capacity serves the same rows/s at any cap: tries toward the
+    /// mean batch go back, each after a longer wait, and the cap stays where it started.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_loop_load_keeps_the_cap() {
+        let mut s = settings(1, 64);
+        s.start = 64;
+        let mut r = Refiner::new(s, Instant::now());
+        // 8 rows arrive a millisecond; a batch takes what arrived since the last one.
+        let open_loop = |cap: usize| {
+            let rows = cap.min(8);
+            (rows, rows as f64 / 8.0)
+        };
+        drive_with(&mut r, 60_000, open_loop).await;
+        assert_eq!(r.cap(), 64, "{:?}", r.changes());
+        let tries = r.changes().iter().filter(|c| c.why == "try").count();
+        // 60 s of batches; waits of 2, 4, … 64 windows of 0.5 s.
+        assert!((2..=8).contains(&tries), "{tries} tries: {:?}", r.changes());
+        assert!(r.changes().iter().all(|c| c.why != "keep"));
     }
 
     /// A step whose batches run over the latency budget is not kept, however much it serves.
