@@ -41,6 +41,11 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Exports what is held now (the tests, which do not wait for the batch delay).
+    pub fn flush(&self) {
+        let _ = self.provider.force_flush();
+    }
+
     /// Exports the spans still held, waiting at most `telemetry.flush_timeout`, then stops the
     /// exporter. Call it after the drain, while the async runtime still runs.
     pub fn shutdown(self) {
