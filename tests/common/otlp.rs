@@ -1,5 +1,7 @@
 //! An OTLP/gRPC trace receiver on loopback for the trace tests: it keeps every span exported to
-//! it, or, switched to `hang`, accepts connections and never answers.
+//! it; or, as [`hanging`], accepts connections and never answers.
+
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
