@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::Request;
 use common::*;
 use ortserve::config::LogFormat;
+use ortserve::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use ortserve::tensor::Tensor;
 use otlp::{attr, hex, until};
 
@@ -205,5 +206,66 @@ models:
         !spans.iter().any(|s| hex(&s.trace_id) == unsampled),
         "nothing of the unsampled trace is exported"
     );
+
+    // 4. gRPC: the same `traceparent` in the call's metadata, the answer's metadata naming the
+    // call's request span.
+    let grpc = ortserve::http::bind("127.0.0.1:0", 64).await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let (_stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server_config = config.server.clone();
+    let state = _served.arc();
+    tokio::spawn(async move {
+        ortserve::grpc::serve(state, &server_config, grpc, async {
+            let _ = grpc_stopped.await;
+        })
+        .await
+    });
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .unwrap();
+    let grpc_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut call = tonic::Request::new(ortserve::grpc::raw_request(
+        "mlp",
+        &[(
+            "input",
+            &Tensor::from_f32(vec![1, 4], &[0.1, 0.2, 0.3, 0.4]).unwrap(),
+        )],
+    ));
+    call.metadata_mut().insert(
+        "traceparent",
+        format!("00-{grpc_trace}-b7ad6b7169203331-01").parse().unwrap(),
+    );
+    let answer = client.model_infer(call).await.expect("the call succeeds");
+    let answered = answer
+        .metadata()
+        .get("traceparent")
+        .expect("a traceparent in the answer")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let p: Vec<&str> = answered.split('-').collect();
+    assert_eq!((p[0], p[1], p[3]), ("00", grpc_trace, "01"), "{answered}");
+    let grpc_span = p[2].to_string();
+    telemetry.flush();
+    let spans = until(&received, "the gRPC call's spans", |spans| {
+        spans.iter().any(|s| hex(&s.span_id) == grpc_span)
+            && spans.iter().any(|s| {
+                s.name == "batch" && s.links.iter().any(|l| hex(&l.span_id) == grpc_span)
+            })
+    })
+    .await;
+    let request = spans.iter().find(|s| hex(&s.span_id) == grpc_span).unwrap();
+    assert_eq!(request.name, "request");
+    assert_eq!(hex(&request.trace_id), grpc_trace);
+    assert_eq!(hex(&request.parent_span_id), "b7ad6b7169203331");
+    assert_eq!(attr(request, "rpc").as_deref(), Some("ModelInfer"));
+    assert_eq!(attr(request, "model").as_deref(), Some("mlp"));
+    assert_eq!(attr(request, "status").as_deref(), Some("OK"));
+    for child in ["decode", "queue"] {
+        assert!(
+            spans.iter().any(|s| s.name == child && hex(&s.parent_span_id) == grpc_span),
+            "the gRPC call's {child} span"
+        );
+    }
     telemetry.shutdown();
 }
