@@ -183,7 +183,11 @@ fn provider(t: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(sampler(&t.sampler, t.ratio()))
-        .with_resource(Resource::builder_empty().with_attributes(attributes).build())
+        .with_resource(
+            Resource::builder_empty()
+                .with_attributes(attributes)
+                .build(),
+        )
         .build())
 }
 
@@ -311,10 +315,7 @@ where
         match line.rfind('}') {
             Some(end) => {
                 writer.write_str(&line[..end])?;
-                write!(
-                    writer,
-                    r#","trace_id":"{trace_id}","span_id":"{span_id}""#
-                )?;
+                write!(writer, r#","trace_id":"{trace_id}","span_id":"{span_id}""#)?;
                 writer.write_str(&line[end..])
             }
             None => writer.write_str(&line),

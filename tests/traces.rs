@@ -61,7 +61,11 @@ models:
     let answered = reply.headers["traceparent"].to_str().unwrap().to_string();
     let parts: Vec<&str> = answered.split('-').collect();
     assert_eq!(parts.len(), 4, "{answered}");
-    assert_eq!((parts[0], parts[1], parts[3]), ("00", TRACE, "01"), "{answered}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", TRACE, "01"),
+        "{answered}"
+    );
     let request_span = parts[2].to_string();
     assert_ne!(request_span, CALLER);
     telemetry.flush();
@@ -77,7 +81,11 @@ models:
         .unwrap();
     assert_eq!(request.name, "request");
     assert_eq!(hex(&request.trace_id), TRACE);
-    assert_eq!(hex(&request.parent_span_id), CALLER, "the caller's span is the parent");
+    assert_eq!(
+        hex(&request.parent_span_id),
+        CALLER,
+        "the caller's span is the parent"
+    );
     assert_eq!(attr(request, "model").as_deref(), Some("mlp"));
     assert_eq!(attr(request, "version").as_deref(), Some("1"));
     assert_eq!(attr(request, "status").as_deref(), Some("200"));
@@ -120,7 +128,10 @@ models:
     let reply = send(&router, infer_request(None, "root-1")).await;
     reply.assert_status(200);
     let answered = reply.headers["traceparent"].to_str().unwrap().to_string();
-    assert!(!answered.contains(TRACE) && answered.ends_with("-01"), "{answered}");
+    assert!(
+        !answered.contains(TRACE) && answered.ends_with("-01"),
+        "{answered}"
+    );
     // An unsampled caller is respected: the answer says so, and nothing is exported for it.
     let unsampled = "4bf92f3577b34da6a3ce929d0e0e4737";
     let reply = send(
@@ -165,8 +176,9 @@ models:
         .await;
         let batch = spans.iter().find(|s| {
             s.name == "batch"
-                && attr(s, "request_ids")
-                    .is_some_and(|ids| ids.contains(&format!("shared-{round}-")) && ids.contains(','))
+                && attr(s, "request_ids").is_some_and(|ids| {
+                    ids.contains(&format!("shared-{round}-")) && ids.contains(',')
+                })
         });
         if let Some(batch) = batch {
             shared = Some((batch.clone(), request_spans));
@@ -186,19 +198,17 @@ models:
         .iter()
         .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
         .collect();
-    let want: BTreeSet<(String, String)> = carried
-        .iter()
-        .map(|id| request_spans[id].clone())
-        .collect();
+    let want: BTreeSet<(String, String)> =
+        carried.iter().map(|id| request_spans[id].clone()).collect();
     assert_eq!(linked, want, "the batch links to every request it carried");
     assert!(want.len() >= 2);
     // Each of those request spans was exported, with its own trace.
     let spans = received.spans();
     for (trace, span) in &want {
         assert!(
-            spans
-                .iter()
-                .any(|s| s.name == "request" && hex(&s.trace_id) == *trace && hex(&s.span_id) == *span),
+            spans.iter().any(|s| s.name == "request"
+                && hex(&s.trace_id) == *trace
+                && hex(&s.span_id) == *span),
             "request span {span} exported"
         );
     }
@@ -233,7 +243,9 @@ models:
     ));
     call.metadata_mut().insert(
         "traceparent",
-        format!("00-{grpc_trace}-b7ad6b7169203331-01").parse().unwrap(),
+        format!("00-{grpc_trace}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
     );
     let answer = client.model_infer(call).await.expect("the call succeeds");
     let answered = answer
@@ -249,9 +261,9 @@ models:
     telemetry.flush();
     let spans = until(&received, "the gRPC call's spans", |spans| {
         spans.iter().any(|s| hex(&s.span_id) == grpc_span)
-            && spans.iter().any(|s| {
-                s.name == "batch" && s.links.iter().any(|l| hex(&l.span_id) == grpc_span)
-            })
+            && spans
+                .iter()
+                .any(|s| s.name == "batch" && s.links.iter().any(|l| hex(&l.span_id) == grpc_span))
     })
     .await;
     let request = spans.iter().find(|s| hex(&s.span_id) == grpc_span).unwrap();
@@ -263,7 +275,9 @@ models:
     assert_eq!(attr(request, "status").as_deref(), Some("OK"));
     for child in ["decode", "queue"] {
         assert!(
-            spans.iter().any(|s| s.name == child && hex(&s.parent_span_id) == grpc_span),
+            spans
+                .iter()
+                .any(|s| s.name == child && hex(&s.parent_span_id) == grpc_span),
             "the gRPC call's {child} span"
         );
     }

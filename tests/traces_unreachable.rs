@@ -69,7 +69,10 @@ models:
     latencies(&router, 20).await; // warm-up
     let answering = latencies(&router, 60).await;
     telemetry.flush();
-    otlp::until(&received, "spans while the receiver answers", |s| !s.is_empty()).await;
+    otlp::until(&received, "spans while the receiver answers", |s| {
+        !s.is_empty()
+    })
+    .await;
     let dropped_before = dropped().await;
     let _ = stop.send(());
     serving.await.unwrap();
@@ -109,7 +112,9 @@ models:
     // Spans beyond the 32 held while the export hangs were dropped, and counted (a queue
     // this small also drops some while the receiver answers, at this request rate).
     let dropped_after = dropped().await;
-    eprintln!("spans dropped: {dropped_before} with the receiver answering, {dropped_after} in all");
+    eprintln!(
+        "spans dropped: {dropped_before} with the receiver answering, {dropped_after} in all"
+    );
     assert!(
         dropped_after >= dropped_before + 60.0,
         "drops are counted: {dropped_before} before, {dropped_after} after"
@@ -120,5 +125,9 @@ models:
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await
         .unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
 }

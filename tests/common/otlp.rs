@@ -46,7 +46,11 @@ impl Received {
 /// A receiver serving until the returned sender is dropped or sent to.
 pub async fn receiver(
     listener: tokio::net::TcpListener,
-) -> (Received, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+) -> (
+    Received,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let received = Received::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = TraceServiceServer::new(received.clone());
@@ -102,5 +106,8 @@ pub async fn until(received: &Received, what: &str, check: impl Fn(&[Span]) -> b
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{what}: not received in 20 s; got {:?}", received.spans().iter().map(|s| &s.name).collect::<Vec<_>>());
+    panic!(
+        "{what}: not received in 20 s; got {:?}",
+        received.spans().iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
 }

@@ -225,10 +225,12 @@ impl Inference {
             Ok(()) => self.infer(&mut rpc, req).instrument(span.clone()).await,
             Err(e) => Err(e),
         };
-        let code = answer.as_ref().map_or_else(|e| status_of(e).code(), |_| Code::Ok);
+        let code = answer
+            .as_ref()
+            .map_or_else(|e| status_of(e).code(), |_| Code::Ok);
         span.record("status", label(code));
-        let traceparent = crate::trace::traceparent(&span)
-            .and_then(|v| MetadataValue::try_from(v.as_str()).ok());
+        let traceparent =
+            crate::trace::traceparent(&span).and_then(|v| MetadataValue::try_from(v.as_str()).ok());
         let mut ended = rpc.end(answer);
         if let Some(v) = traceparent {
             match &mut ended {

@@ -4,9 +4,7 @@
 //! reading as the REST front door's (the two front doors share only the core, which stays on
 //! plain `tracing`).
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use ortserve_core::call;

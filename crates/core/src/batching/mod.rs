@@ -372,12 +372,13 @@ impl ModelHandle {
         // The batch links to the request's span (the current one), not to `queue`: admission,
         // the wait for a batch and its run, until every part is answered.
         let request = tracing::Span::current();
-        let queue = tracing::debug_span!("queue", rows = tracing::field::Empty, parts = tracing::field::Empty);
-        let answered = tracing::Instrument::instrument(
-            self.infer_counted(named, call, request),
-            queue,
-        )
-        .await;
+        let queue = tracing::debug_span!(
+            "queue",
+            rows = tracing::field::Empty,
+            parts = tracing::field::Empty
+        );
+        let answered =
+            tracing::Instrument::instrument(self.infer_counted(named, call, request), queue).await;
         let took = call.started.map_or(Duration::ZERO, |t| t.elapsed());
         match &answered {
             Ok(_) => self.0.stats.succeeded(took),

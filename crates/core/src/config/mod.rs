@@ -979,9 +979,9 @@ impl Config {
         parse_yaml(text)
     }
 
-    /// Environment overrides with the `ORTSERVE_` prefix, `ORT_DYLIB_PATH`, and the `OTEL_*` trace
-    /// settings (`telemetry`). A value that
-    /// cannot be used is an error naming the variable (not the file's key it overrides).
+    /// Environment overrides with the `ORTSERVE_` prefix, `ORT_DYLIB_PATH`, and the `OTEL_*`
+    /// trace settings (`telemetry`). A value that cannot be used is an error naming the variable
+    /// (not the file's key it overrides).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<PathBuf>) -> Result<(), ConfigError> {
         let text = |k: &str| var(k).and_then(|v| v.to_str().map(str::to_string));
         for k in [

@@ -263,7 +263,10 @@ mod tests {
         t.validate().unwrap();
         t.protocol = "http/protobuf".into();
         let e = t.validate().unwrap_err().to_string();
-        assert!(e.contains("telemetry.protocol") && e.contains("only `grpc`"), "{e}");
+        assert!(
+            e.contains("telemetry.protocol") && e.contains("only `grpc`"),
+            "{e}"
+        );
         t.protocol = "grpc".into();
         t.sampler_arg = Some("2".into());
         assert!(t.validate().is_err());
