@@ -424,9 +424,11 @@ impl ModelHandle {
             return Err(InferError::DeadlineExceeded);
         }
         let key = ShapeKey::of(&inputs);
-        tracing::Span::current()
-            .record("rows", rows)
-            .record("parts", parts);
+        if crate::call::traces_on() {
+            tracing::Span::current()
+                .record("rows", rows)
+                .record("parts", parts);
+        }
         let mut waiting = Vec::with_capacity(parts);
         let mut whole = Some(inputs);
         for p in 0..parts {
