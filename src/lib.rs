@@ -18,6 +18,7 @@
 
 mod server;
 pub mod shutdown;
+pub mod telemetry;
 
 pub use ortserve_core::startup::{check, CheckReport, StartupError};
 pub use ortserve_core::{

@@ -71,26 +71,11 @@ enum Command {
     },
 }
 
+/// The log subscriber alone (no traces), for the commands that do not serve.
 fn init_tracing(format: LogFormat, level: &str) {
-    use std::io::IsTerminal;
-    // RUST_LOG chooses; unset or empty means info, with ONNX Runtime's own chatter at warn.
-    let default = format!("{level},{}", ortserve::device::RUNTIME_LOG_QUIET);
-    let default = default.as_str();
-    let wanted = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|s| !s.trim().is_empty());
-    let filter = tracing_subscriber::EnvFilter::try_new(wanted.as_deref().unwrap_or(default))
-        .unwrap_or_else(|e| {
-            eprintln!("RUST_LOG: {e}; using {default}");
-            tracing_subscriber::EnvFilter::new(default)
-        });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let off = ortserve::config::TelemetryConfig::default();
+    if let Err(e) = ortserve::telemetry::init(format, level, &off) {
+        eprintln!("ortserve: {e}");
     }
 }
 
@@ -176,8 +161,16 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> Result<ExitCode, ExitCode> {
-    init_tracing(config.server.log_format, "info");
     let runtime = async_runtime()?;
+    // The trace exporter's gRPC channel runs on the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        ortserve::telemetry::init(config.server.log_format, "info", &config.telemetry)
+    }
+    .map_err(|e| {
+        eprintln!("ortserve: {e}");
+        ExitCode::from(2)
+    })?;
     let code = runtime.block_on(async {
         ortserve::shutdown::ignore_hangups();
         let server = &config.server;
@@ -217,6 +210,10 @@ fn serve(config: Config) -> Result<ExitCode, ExitCode> {
             }
         }
     });
+    // Drained: the spans still held are sent, within `telemetry.flush_timeout`.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
     // Served, drained and every model stopped: a model load still running on a blocking thread
     // (a repository API call during the drain) is not waited for, as dropping the runtime would.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));

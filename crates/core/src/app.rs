@@ -253,6 +253,12 @@ impl AppState {
     /// clients and balancers retry; they do not retry 404).
     pub fn lookup(&self, name: &str, version: Option<&str>) -> Result<Arc<Model>, CallError> {
         if let Some(m) = self.registry.get(name, version) {
+            if crate::call::traces_on() {
+                // The front doors' request spans have these fields.
+                let span = tracing::Span::current();
+                span.record("model", name);
+                span.record("version", m.version());
+            }
             return Ok(m);
         }
         let not_served = || CallError::VersionNotFound {
@@ -354,9 +360,13 @@ impl AppState {
                 .map_err(|(i, e)| refused(i, e))?;
         }
         let mut started = Vec::with_capacity(images.len());
-        for bytes in images {
-            let (cfg, timer) = (cfg.clone(), timer.clone());
+        // Each image's span is the request's child, on the pool's thread.
+        let parent = crate::call::traces_on().then(tracing::Span::current);
+        for (i, bytes) in images.into_iter().enumerate() {
+            let (cfg, timer, parent) = (cfg.clone(), timer.clone(), parent.clone());
             let job = self.pool.start(Priority::Normal, move || {
+                let _span = parent
+                    .map(|p| tracing::debug_span!(parent: &p, "preprocess", image = i).entered());
                 let t = Instant::now();
                 let r = crate::preprocess::preprocess(&bytes, &cfg);
                 timer.observe(t.elapsed().as_secs_f64());

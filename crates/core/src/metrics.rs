@@ -1,10 +1,25 @@
 //! Prometheus metrics. One registry per server instance (tests run several in one process).
 //! Names carry the `ortserve_` prefix and a unit suffix.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Finished spans the trace exporter dropped because its queue was full (the receiver slow or
+/// down). One per process, as the exporter is; every server's registry shows the same counter.
+pub fn trace_spans_dropped() -> &'static IntCounter {
+    static DROPPED: OnceLock<IntCounter> = OnceLock::new();
+    DROPPED.get_or_init(|| {
+        IntCounter::new(
+            "ortserve_trace_spans_dropped_total",
+            "Finished spans not exported because the export queue was full",
+        )
+        .expect("valid metric")
+    })
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -119,6 +134,9 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
         }
+        registry
+            .register(Box::new(trace_spans_dropped().clone()))
+            .expect("unique metric");
         let preprocess_duration = HistogramVec::new(
             HistogramOpts::new(
                 "ortserve_preprocess_duration_seconds",

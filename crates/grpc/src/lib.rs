@@ -22,6 +22,7 @@ mod limits;
 mod service;
 mod status;
 mod tensors;
+mod trace;
 
 pub use health::Health;
 pub use service::Inference;

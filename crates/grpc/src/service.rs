@@ -206,11 +206,39 @@ impl Inference {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
         rpc.model = req.model_name.clone();
+        if !call::traces_on() {
+            let answer = match checked {
+                Ok(()) => self.infer(&mut rpc, req).await,
+                Err(e) => Err(e),
+            };
+            return rpc.end(answer);
+        }
+        // With traces: the call's request span (the REST one's fields), child of the caller's
+        // `traceparent`, named in the answer's.
+        use tracing::Instrument;
+        let id = rpc.call.request_id.clone().unwrap_or_default();
+        let span = tracing::info_span!("request", request_id = %id, rpc = "ModelInfer",
+            model = tracing::field::Empty, version = tracing::field::Empty,
+            status = tracing::field::Empty);
+        crate::trace::adopt_parent(&span, headers);
         let answer = match checked {
-            Ok(()) => self.infer(&mut rpc, req).await,
+            Ok(()) => self.infer(&mut rpc, req).instrument(span.clone()).await,
             Err(e) => Err(e),
         };
-        rpc.end(answer)
+        let code = answer
+            .as_ref()
+            .map_or_else(|e| status_of(e).code(), |_| Code::Ok);
+        span.record("status", label(code));
+        let traceparent =
+            crate::trace::traceparent(&span).and_then(|v| MetadataValue::try_from(v.as_str()).ok());
+        let mut ended = rpc.end(answer);
+        if let Some(v) = traceparent {
+            match &mut ended {
+                Ok(r) => r.metadata_mut().insert(crate::trace::TRACEPARENT, v),
+                Err(s) => s.metadata_mut().insert(crate::trace::TRACEPARENT, v),
+            };
+        }
+        ended
     }
 
     async fn infer(
@@ -233,10 +261,13 @@ impl Inference {
             )));
         }
         let mut inputs = Vec::with_capacity(req.inputs.len());
-        for (i, input) in req.inputs.into_iter().enumerate() {
-            let name = input.name.clone();
-            inputs.push((name, tensors::input(input, raw.get(i).cloned())?));
-        }
+        tracing::debug_span!("decode").in_scope(|| {
+            for (i, input) in req.inputs.into_iter().enumerate() {
+                let name = input.name.clone();
+                inputs.push((name, tensors::input(input, raw.get(i).cloned())?));
+            }
+            Ok::<(), CallError>(())
+        })?;
         // The requested outputs are resolved before running, so a typo costs no inference.
         let info = m.info();
         let selected: Vec<usize> = if req.outputs.is_empty() {

@@ -19,6 +19,19 @@ pub(crate) async fn read_frames<'a>(
     headers: &HeaderMap,
     body: Body,
     call: &Call,
+    sink: impl FnMut(Bytes, usize),
+) -> Result<BodyMemory<'a>, CallError> {
+    use tracing::Instrument;
+    read_frames_untraced(app, headers, body, call, sink)
+        .instrument(tracing::debug_span!("body_read"))
+        .await
+}
+
+async fn read_frames_untraced<'a>(
+    app: &'a AppState,
+    headers: &HeaderMap,
+    body: Body,
+    call: &Call,
     mut sink: impl FnMut(Bytes, usize),
 ) -> Result<BodyMemory<'a>, CallError> {
     use http_body_util::BodyExt;
@@ -151,10 +164,13 @@ pub(crate) async fn decode<T: Send + 'static>(
     len: usize,
     parse: impl FnOnce() -> Result<T, CallError> + Send + 'static,
 ) -> Result<T, CallError> {
+    use tracing::Instrument;
+    let span = tracing::debug_span!("decode", bytes = len);
     if len < BIG_BODY {
-        return parse();
+        return span.in_scope(parse);
     }
     app.in_background(call.deadline(app.request_timeout), parse)
+        .instrument(span)
         .await?
 }
 

@@ -8,6 +8,7 @@ mod extract;
 mod framing;
 mod routes;
 mod serve;
+mod trace;
 pub(crate) mod v2;
 
 use std::sync::Arc;
@@ -137,10 +138,27 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
                         .get(REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
-                    tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                    // route, model, version and status are recorded only while traces are
+                    // exported, so the log lines stay as they were without.
+                    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path(),
+                        route = tracing::field::Empty, model = tracing::field::Empty,
+                        version = tracing::field::Empty, status = tracing::field::Empty);
+                    if ortserve_core::call::traces_on() {
+                        trace::adopt_parent(&span, req.headers());
+                        if let Some(route) = req.extensions().get::<axum::extract::MatchedPath>() {
+                            span.record("route", route.as_str());
+                        }
+                    }
+                    span
                 })
                 // 5xx answers are logged where they arise, with their cause.
                 .on_failure(()))
+                // With traces: the status on the request span, and its `traceparent` in the
+                // answer. Without, no layer.
+                .option_layer(
+                    ortserve_core::call::traces_on()
+                        .then(|| tower::util::MapResponseLayer::new(trace::answer::<_>)),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(CatchPanicLayer::custom(|_| {
                     axum::response::IntoResponse::into_response(ApiError(CallError::Internal))

@@ -369,7 +369,16 @@ impl ModelHandle {
         named: Vec<(String, Tensor)>,
         call: &Call,
     ) -> Result<Vec<Tensor>, InferError> {
-        let answered = self.infer_counted(named, call).await;
+        // The batch links to the request's span (the current one), not to `queue`: admission,
+        // the wait for a batch and its run, until every part is answered.
+        let request = tracing::Span::current();
+        let queue = tracing::debug_span!(
+            "queue",
+            rows = tracing::field::Empty,
+            parts = tracing::field::Empty
+        );
+        let answered =
+            tracing::Instrument::instrument(self.infer_counted(named, call, request), queue).await;
         let took = call.started.map_or(Duration::ZERO, |t| t.elapsed());
         match &answered {
             Ok(_) => self.0.stats.succeeded(took),
@@ -382,6 +391,7 @@ impl ModelHandle {
         &self,
         named: Vec<(String, Tensor)>,
         call: &Call,
+        span: tracing::Span,
     ) -> Result<Vec<Tensor>, InferError> {
         let s = &*self.0;
         let (inputs, rows) = s.info.check_inputs(named)?;
@@ -414,7 +424,11 @@ impl ModelHandle {
             return Err(InferError::DeadlineExceeded);
         }
         let key = ShapeKey::of(&inputs);
-        let span = tracing::Span::current();
+        if crate::call::traces_on() {
+            tracing::Span::current()
+                .record("rows", rows)
+                .record("parts", parts);
+        }
         let mut waiting = Vec::with_capacity(parts);
         let mut whole = Some(inputs);
         for p in 0..parts {

@@ -7,6 +7,7 @@
 mod devices;
 mod image;
 mod model_dir;
+mod telemetry;
 mod units;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ pub use image::{
     ChannelOrder, ClassificationConfig, ImageConfig, ImageDtype, Interpolation, Layout,
 };
 pub use model_dir::{models_in_dir, versions_of, LABELS_FILE, MODEL_FILE, SETTINGS_FILE};
+pub use telemetry::{resource_attributes, TelemetryConfig, SAMPLERS};
 pub use units::{ByteSize, Dur};
 
 #[derive(Debug, Error)]
@@ -54,6 +56,9 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Traces over OTLP; off unless an endpoint is set.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     pub models: Vec<ModelConfig>,
     /// Where this config was read from, to read it again (`model_control: poll` and `explicit`).
     #[serde(skip)]
@@ -974,8 +979,9 @@ impl Config {
         parse_yaml(text)
     }
 
-    /// Environment overrides with the `ORTSERVE_` prefix, and `ORT_DYLIB_PATH`. A value that
-    /// cannot be used is an error naming the variable (not the file's key it overrides).
+    /// Environment overrides with the `ORTSERVE_` prefix, `ORT_DYLIB_PATH`, and the `OTEL_*`
+    /// trace settings (`telemetry`). A value that cannot be used is an error naming the variable
+    /// (not the file's key it overrides).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<PathBuf>) -> Result<(), ConfigError> {
         let text = |k: &str| var(k).and_then(|v| v.to_str().map(str::to_string));
         for k in [
@@ -1029,6 +1035,7 @@ impl Config {
         }
         self.runtime.dylib_env = var("ORT_DYLIB_PATH").filter(|p| !p.as_os_str().is_empty());
         self.runtime.cuda_visible_devices = text("CUDA_VISIBLE_DEVICES");
+        self.telemetry.apply_env(text);
         Ok(())
     }
 
@@ -1104,6 +1111,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
         self.runtime.validate()?;
+        self.telemetry.validate()?;
         if self.models.is_empty() {
             return Err(invalid("models", "at least one model is needed"));
         }

@@ -182,6 +182,7 @@ fn run_job(runner: &mut dyn ModelRunner, padding: Option<&Padding>, job: RunJob)
         _ => 0,
     };
     let mut panicked = false;
+    let run = tracing::debug_span!("run", padded_rows = extra).entered();
     let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&parts))) {
         Ok(result) => result,
         Err(panic) => {
@@ -202,6 +203,7 @@ fn run_job(runner: &mut dyn ModelRunner, padding: Option<&Padding>, job: RunJob)
         }
         split
     });
+    drop(run);
     if extra > 0 {
         parts.pop();
     }

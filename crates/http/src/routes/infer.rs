@@ -170,7 +170,8 @@ async fn run(
         .iter()
         .map(|&(i, binary)| (info.outputs[i].name.as_str(), &outputs[i], binary))
         .collect();
-    let enc = v2::encode_response(m.name(), m.version(), parsed.id.as_deref(), &chosen);
+    let enc = tracing::debug_span!("encode")
+        .in_scope(|| v2::encode_response(m.name(), m.version(), parsed.id.as_deref(), &chosen));
     let mut resp = (StatusCode::OK, enc.body).into_response();
     let h = resp.headers_mut();
     match enc.header_len {
