@@ -577,7 +577,11 @@ async fn a_chunk_declared_over_the_body_limit_is_refused_at_once() {
         if !first.is_empty() {
             w.write_all(first.as_bytes()).await.unwrap();
             let (status, close, _) = read_response(&mut r).await.unwrap();
-            assert_eq!((status, close), (200, false), "a chunked body within the limit");
+            assert_eq!(
+                (status, close),
+                (200, false),
+                "a chunked body within the limit"
+            );
         }
         w.write_all(head.as_bytes()).await.unwrap();
         if later {
@@ -588,7 +592,12 @@ async fn a_chunk_declared_over_the_body_limit_is_refused_at_once() {
         let (status, close, body) = answer
             .unwrap_or_else(|_| panic!("{size_line:?}: no answer within 10 s"))
             .unwrap();
-        assert_eq!(status, 413, "{size_line:?}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            413,
+            "{size_line:?}: {}",
+            String::from_utf8_lossy(&body)
+        );
         assert!(close, "{size_line:?}: the connection is not kept");
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }

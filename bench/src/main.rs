@@ -17,6 +17,7 @@ mod grpc_client;
 mod hello;
 mod pin;
 mod scenarios;
+mod traces;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,10 @@ struct Cli {
     /// `0` or `0-1`; needs --client-cores. Default: nothing is pinned.
     #[arg(long, requires = "client_cores")]
     server_cores: Option<String>,
+    /// Traces on, sampling this ratio of requests (0 to 1), exported over OTLP/gRPC to a
+    /// receiver in this process that counts them (the scenarios' servers are in-process).
+    #[arg(long, value_parser = ratio)]
+    traces: Option<f64>,
     /// Pin the load generator to these cores; needs --server-cores.
     #[arg(long, requires = "server_cores")]
     client_cores: Option<String>,
@@ -99,10 +104,22 @@ fn main() -> ExitCode {
         .ok()
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| format!("warn,{}", ortserve::device::RUNTIME_LOG_QUIET));
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+    let traces = match cli.traces {
+        None => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .init();
+            None
+        }
+        Some(r) => match traces::Traces::start(r) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("ortserve-bench: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     if let (Some(server), Some(client)) = (&cli.server_cores, &cli.client_cores) {
         let pinned = pin::parse(server)
             .and_then(|s| Ok((s, pin::parse(client)?)))
@@ -122,11 +139,22 @@ fn main() -> ExitCode {
         oracle_models: cli.oracle_models,
         oracle_rounds: cli.oracle_rounds as usize,
     };
-    match bench(&opts, cli.repeat as usize) {
+    let done = bench(&opts, cli.repeat as usize);
+    if let Some(t) = traces {
+        println!("{}", t.finish());
+    }
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ortserve-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio from 0 to 1")),
     }
 }

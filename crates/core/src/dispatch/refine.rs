@@ -11,8 +11,9 @@
 //! A window whose batches were mostly under the cap is not judged that way (a step in it goes
 //! back): the cap did not shape those batches. But a cap far above the batches the load forms can
 //! still serve less than one it fills (with closed-loop clients, batches of a steady size keep
-//! both of the device's job slots busy): after such a window it tries the cap nearest the
-//! window's mean batch (a power of two, at most half the cap), judged on rows/s whatever the
+//! both of the device's job slots busy): after two such windows in a row that agree (a steady
+//! load) it tries the cap nearest their mean batch (a power of two, at most half the cap),
+//! judged on rows/s whatever the
 //! fullness, and kept on the same 5% rule. An open-loop load below capacity serves the same rows/s
 //! at any cap, so there the cap stays. Only such a step goes below the startup choice (the steps
 //! by halves stop there); a part larger than the cap runs as a batch of its own.
@@ -34,6 +35,9 @@ const MAX_BACKOFF: u32 = 64;
 const LOG: usize = 16;
 /// Two windows at one cap this far apart in rows/s mean that something changed.
 const SHIFT: f64 = 0.2;
+/// Two windows under the cap this close in rows/s (and twice this in mean batch) are a steady
+/// load, to try a cap it fills from.
+const STEADY: f64 = 0.1;
 
 /// Limits and pace of one device's refiner.
 #[derive(Debug, Clone)]
@@ -98,6 +102,8 @@ pub(crate) struct Refiner {
     changed: u64,
     /// The last settled window: its cap and rows/s.
     last: Option<(usize, f64)>,
+    /// The last window whose batches stayed under the cap: its cap, rows/s and mean batch.
+    under: Option<(usize, f64, f64)>,
 }
 
 impl Refiner {
@@ -127,6 +133,7 @@ impl Refiner {
             changes: VecDeque::new(),
             changed: 0,
             last: None,
+            under: None,
         }
     }
 
@@ -184,6 +191,7 @@ impl Refiner {
     /// Moves the cap to `to`, logged, and starts a window there.
     fn change(&mut self, to: usize, why: &'static str, rate: f64, now: Instant) -> CapChange {
         let c = self.record(self.cap, to, why, rate, now);
+        self.under = None;
         self.cap = to;
         self.restart_window(now);
         c
@@ -278,8 +286,22 @@ impl Refiner {
             if let Some(step) = self.step.take() {
                 return Some(self.back(step, rate, now));
             }
-            return self.try_fit(mean_rows, rate, now);
+            // A try needs two such windows in a row that agree (the load is steady): a window
+            // across a change of load (one client, then 32) would be a baseline that any cap
+            // beats.
+            let steady = self.under.is_some_and(|(cap, r, m)| {
+                cap == self.cap
+                    && (rate / r.max(1e-9) - 1.0).abs() < STEADY
+                    && (mean_rows / m.max(1e-9) - 1.0).abs() < 2.0 * STEADY
+            });
+            self.under = Some((self.cap, rate, mean_rows));
+            return if steady {
+                self.try_fit(mean_rows, rate, now)
+            } else {
+                None
+            };
         }
+        self.under = None;
         if let Some(step) = self.step.take() {
             let in_budget = self.settings.latency_budget.is_none_or(|b| mean_run <= b);
             if in_budget && rate >= step.baseline * (1.0 + HYSTERESIS) {
@@ -506,6 +528,30 @@ mod tests {
             "{c:?}"
         );
         assert!(r.changed() < 30, "settled: {c:?}");
+    }
+
+    /// A change of load is no baseline: the window across a move from one client to 32 serves
+    /// less than any cap would under 32. Here 32 clients are served most at 8 (8.8 rows/ms), a
+    /// little less at 4 (8.5: a step from 4 to 8 gains under 5%, so 4 would stay), and least
+    /// by caps they do not fill (8.0). The cap ends at 8, not at 4.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_of_load_is_not_a_baseline() {
+        let closed_loop = |cap: usize| match cap {
+            c if c >= 16 => (8, 1.0),
+            8 => (8, 8.0 / 8.8),
+            4 => (4, 4.0 / 8.5),
+            c => (c, 0.1 + 0.1 * c as f64),
+        };
+        // The switch at every point of a window (windows are 0.5 s).
+        for ms in (4000..4500).step_by(50) {
+            let mut s = settings(1, 64);
+            s.start = 64;
+            let mut r = Refiner::new(s, Instant::now());
+            // One client: a row every 0.2 ms, whatever the cap.
+            drive_with(&mut r, ms * 5, |_| (1, 0.2)).await;
+            drive_with(&mut r, 60_000, closed_loop).await;
+            assert_eq!(r.cap(), 8, "switched at {ms} ms: {:?}", r.changes());
+        }
     }
 
     /// An open-loop load below capacity serves the same rows/s at any cap: tries toward the
