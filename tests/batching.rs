@@ -312,7 +312,6 @@ async fn a_request_whose_client_left_is_dropped_before_it_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_sustained_load_the_cap_moves_to_the_size_that_serves_most() {
     let refine = ortserve::testing::RefineSettings {
-        start: 2,
         floor: 2,
         ceiling: 16,
         latency_budget: None,

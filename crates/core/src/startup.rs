@@ -205,9 +205,9 @@ pub async fn load_one(
     Ok((Model::new(handle, image, classifier, results), owner))
 }
 
-/// How a device's cap may move under load (`tuning.refine`): from the probe's choice, between
-/// 1 and the largest size it ran within its limits. `None` for a configured size, a fixed batch
-/// dimension, buckets (each size is warmed up before readiness), or when that largest size is 1.
+/// How a device's cap may move under load (`tuning.refine`): from the probe's choice up to the
+/// largest size it ran within its limits. `None` for a configured size, a fixed batch
+/// dimension, buckets (each size is warmed up before readiness), or nothing above the choice.
 fn refine_settings(
     m: &config::ModelConfig,
     result: &DeviceTuning,
@@ -219,16 +219,15 @@ fn refine_settings(
             | tuning::Source::Shared
             | tuning::Source::Served
     );
-    (m.tuning.refine && probed && result.warmup.is_empty() && result.max_good > 1).then(|| {
-        dispatch::RefineSettings {
-            start: result.chosen,
-            floor: 1,
+    (m.tuning.refine && probed && result.warmup.is_empty() && result.max_good > result.chosen).then(
+        || dispatch::RefineSettings {
+            floor: result.chosen,
             ceiling: result.max_good,
             latency_budget: m.tuning.latency_budget.map(|d| d.0),
             window: std::time::Duration::from_millis(500),
             min_batches: 8,
-        }
-    })
+        },
+    )
 }
 
 /// One (model, device, instance) to open and tune, moved to a blocking thread.

@@ -121,8 +121,8 @@ impl DeviceSlot {
         self.cap.load(Ordering::Acquire)
     }
 
-    /// Lets the cap move from `settings.start` (the startup size), between `settings.floor`
-    /// and `settings.ceiling`, from what the device serves under load.
+    /// Lets the cap move between `settings.floor` (the startup size) and `settings.ceiling`
+    /// from what the device serves under load.
     pub(crate) fn refine(&self, settings: RefineSettings) {
         let r = Refiner::new(settings, tokio::time::Instant::now());
         self.cap.store(r.cap(), Ordering::Release);
@@ -177,7 +177,7 @@ impl DeviceSlot {
 pub struct RefineReport {
     /// The cap now.
     pub cap: usize,
-    /// The cap never goes below it (a part with more rows runs alone).
+    /// The startup size: the cap never goes below it.
     pub floor: usize,
     /// The largest size the probe ran within its limits: the cap never goes above it.
     pub ceiling: usize,

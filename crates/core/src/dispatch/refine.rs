@@ -2,21 +2,12 @@
 //! actually serves, between the startup probe's choice and the largest size the probe found
 //! within its memory and latency limits.
 //!
-//! The refiner judges windows where at least 3 batches in 4 were full, that is where the cap is
-//! what limits a batch. After a window at the current cap it tries a neighbour (twice the cap, or
-//! half of it) for one window and keeps it only when it served at least 5% more rows/s (and
-//! within the latency budget); otherwise it goes back and waits twice as many windows before the
-//! next try (up to 64). A kept step is followed by another in the same direction.
-//!
-//! A window whose batches were mostly under the cap is not judged that way (a step in it goes
-//! back): the cap did not shape those batches. But a cap far above the batches the load forms can
-//! still serve less than one it fills (with closed-loop clients, batches of a steady size keep
-//! both of the device's job slots busy): after two such windows in a row that agree (a steady
-//! load) it tries the cap nearest their mean batch (a power of two, at most half the cap),
-//! judged on rows/s whatever the
-//! fullness, and kept on the same 5% rule. An open-loop load below capacity serves the same rows/s
-//! at any cap, so there the cap stays. Only such a step goes below the startup choice (the steps
-//! by halves stop there); a part larger than the cap runs as a batch of its own.
+//! The refiner only judges windows where at least 3 batches in 4 were full, that is where the
+//! cap is what limits a batch (a window with fewer is not judged, and a step in it goes back). After
+//! a window at the current cap it tries a neighbour (twice the cap, or half of it, never below
+//! the probe's choice) for one window and keeps it only when it served at least 5% more rows/s
+//! (and within the latency budget); otherwise it goes back and waits twice as many windows
+//! before the next try (up to 64). A kept step is followed by another in the same direction.
 //! When a window at a settled cap serves more than 20% more or less than the one before it, the
 //! device or the load has changed, and the waiting starts again from one window.
 //! Pure: the caller passes the clock, so it is tested on a paused clock.
@@ -35,16 +26,12 @@ const MAX_BACKOFF: u32 = 64;
 const LOG: usize = 16;
 /// Two windows at one cap this far apart in rows/s mean that something changed.
 const SHIFT: f64 = 0.2;
-/// Two windows under the cap this close in rows/s (and twice this in mean batch) are a steady
-/// load, to try a cap it fills from.
-const STEADY: f64 = 0.1;
 
 /// Limits and pace of one device's refiner.
 #[derive(Debug, Clone)]
 pub struct RefineSettings {
-    /// The cap to start from: the startup choice.
-    pub start: usize,
-    /// The cap never goes below this (a part with more rows than the cap runs alone).
+    /// The startup choice: the cap never goes below it (requests are split into parts of at
+    /// most the smallest startup choice, and every part must fit a batch).
     pub floor: usize,
     /// The largest size the probe ran within its memory and latency limits.
     pub ceiling: usize,
@@ -76,8 +63,6 @@ struct Step {
     from: usize,
     baseline: f64,
     up: bool,
-    /// Toward the load's mean batch from a cap far above it: judged whatever the fullness.
-    fit: bool,
 }
 
 #[derive(Debug)]
@@ -102,8 +87,6 @@ pub(crate) struct Refiner {
     changed: u64,
     /// The last settled window: its cap and rows/s.
     last: Option<(usize, f64)>,
-    /// The last window whose batches stayed under the cap: its cap, rows/s and mean batch.
-    under: Option<(usize, f64, f64)>,
 }
 
 impl Refiner {
@@ -118,7 +101,7 @@ impl Refiner {
             ..settings
         };
         Refiner {
-            cap: settings.start.clamp(settings.floor, settings.ceiling),
+            cap: floor,
             settings,
             started: now,
             window_start: None,
@@ -133,7 +116,6 @@ impl Refiner {
             changes: VecDeque::new(),
             changed: 0,
             last: None,
-            under: None,
         }
     }
 
@@ -191,7 +173,6 @@ impl Refiner {
     /// Moves the cap to `to`, logged, and starts a window there.
     fn change(&mut self, to: usize, why: &'static str, rate: f64, now: Instant) -> CapChange {
         let c = self.record(self.cap, to, why, rate, now);
-        self.under = None;
         self.cap = to;
         self.restart_window(now);
         c
@@ -206,40 +187,16 @@ impl Refiner {
         self.change(step.from, "back", rate, now)
     }
 
-    /// The next step from the current cap in the preferred direction (or the other one). Steps
-    /// down stop at the startup choice: only a step toward what the load fills goes below it
-    /// (one noisy window after another could otherwise walk the cap down).
+    /// The next step from the current cap in the preferred direction (or the other one).
     fn next_step(&self) -> Option<(usize, bool)> {
         let s = &self.settings;
-        let low = s.start.max(s.floor);
         let up = (self.cap < s.ceiling).then(|| (self.cap.saturating_mul(2).min(s.ceiling), true));
-        let down = (self.cap > low).then(|| ((self.cap / 2).max(low), false));
+        let down = (self.cap > s.floor).then(|| ((self.cap / 2).max(s.floor), false));
         if self.up {
             up.or(down)
         } else {
             down.or(up)
         }
-    }
-
-    /// After a window of batches mostly under the cap: when the cap is at least twice the power
-    /// of two nearest the window's mean batch, and the wait is over, tries that size.
-    fn try_fit(&mut self, mean_rows: f64, rate: f64, now: Instant) -> Option<CapChange> {
-        let near = 2f64.powf(mean_rows.max(1.0).log2().round()) as usize;
-        let to = near.max(self.settings.floor);
-        if to.saturating_mul(2) > self.cap {
-            return None;
-        }
-        self.wait = self.wait.saturating_sub(1);
-        if self.wait > 0 {
-            return None;
-        }
-        self.step = Some(Step {
-            from: self.cap,
-            baseline: rate,
-            up: false,
-            fit: true,
-        });
-        Some(self.change(to, "try", rate, now))
     }
 
     /// A batch of `rows` rows, sent when the cap was `cap_at_send`, finished at `now` after a
@@ -276,32 +233,14 @@ impl Refiner {
         }
         let rate = self.rows as f64 / span.as_secs_f64().max(1e-9);
         let mean_run = self.run_total / self.batches;
-        let mean_rows = self.rows as f64 / f64::from(self.batches);
         let sustained = self.full * 4 >= self.batches * 3;
         self.restart_window(now);
-        if !sustained && !self.step.is_some_and(|s| s.fit) {
-            // The cap did not limit most batches: windows before and after it are not
-            // comparable, and a step in progress goes back.
+        if !sustained {
+            // The cap did not limit most batches: the load is not enough to judge by, and
+            // windows before and after it are not comparable.
             self.last = None;
-            if let Some(step) = self.step.take() {
-                return Some(self.back(step, rate, now));
-            }
-            // A try needs two such windows in a row that agree (the load is steady): a window
-            // across a change of load (one client, then 32) would be a baseline that any cap
-            // beats.
-            let steady = self.under.is_some_and(|(cap, r, m)| {
-                cap == self.cap
-                    && (rate / r.max(1e-9) - 1.0).abs() < STEADY
-                    && (mean_rows / m.max(1e-9) - 1.0).abs() < 2.0 * STEADY
-            });
-            self.under = Some((self.cap, rate, mean_rows));
-            return if steady {
-                self.try_fit(mean_rows, rate, now)
-            } else {
-                None
-            };
+            return self.step.take().map(|step| self.back(step, rate, now));
         }
-        self.under = None;
         if let Some(step) = self.step.take() {
             let in_budget = self.settings.latency_budget.is_none_or(|b| mean_run <= b);
             if in_budget && rate >= step.baseline * (1.0 + HYSTERESIS) {
@@ -330,7 +269,6 @@ impl Refiner {
             from: self.cap,
             baseline: rate,
             up,
-            fit: false,
         });
         Some(self.change(to, "try", rate, now))
     }
@@ -342,7 +280,6 @@ mod tests {
 
     fn settings(floor: usize, ceiling: usize) -> RefineSettings {
         RefineSettings {
-            start: floor,
             floor,
             ceiling,
             latency_budget: None,
@@ -493,85 +430,6 @@ mod tests {
             }
         }
         assert!(judged, "{:?}", r.changes());
-    }
-
-    /// Runs `batches` batches on the paused clock, each as `device(cap)` says (rows, ms).
-    async fn drive_with(r: &mut Refiner, batches: usize, device: impl Fn(usize) -> (usize, f64)) {
-        for _ in 0..batches {
-            let cap = r.cap();
-            let (rows, ms) = device(cap);
-            let d = Duration::from_secs_f64(ms / 1e3);
-            tokio::time::advance(d).await;
-            r.observe(rows, cap, d, Instant::now());
-        }
-    }
-
-    /// Issue 25's open part: closed-loop clients form batches of about 8 rows under any cap
-    /// from 16 up (never full, so never judged the usual way), but a cap of 8 serves 11% more
-    /// (steady batches keep the device busy). From the probe's 64 the cap goes to 8, below
-    /// the startup choice, and stays: 16 is not filled, so a try of it goes back, and steps by
-    /// halves do not go below the startup choice.
-    #[tokio::test(start_paused = true)]
-    async fn a_cap_far_above_the_load_moves_to_what_the_load_fills() {
-        let mut s = settings(1, 64);
-        s.start = 64;
-        let mut r = Refiner::new(s, Instant::now());
-        let closed_loop = |cap: usize| match cap {
-            c if c >= 16 => (8, 1.0),
-            c => (c, 0.1 + 0.1 * c as f64),
-        };
-        drive_with(&mut r, 60_000, closed_loop).await;
-        assert_eq!(r.cap(), 8, "{:?}", r.changes());
-        let c = r.changes();
-        assert!(
-            c.iter().any(|c| (c.from, c.to, c.why) == (64, 8, "keep")),
-            "{c:?}"
-        );
-        assert!(r.changed() < 30, "settled: {c:?}");
-    }
-
-    /// A change of load is no baseline: the window across a move from one client to 32 serves
-    /// less than any cap would under 32. Here 32 clients are served most at 8 (8.8 rows/ms), a
-    /// little less at 4 (8.5: a step from 4 to 8 gains under 5%, so 4 would stay), and least
-    /// by caps they do not fill (8.0). The cap ends at 8, not at 4.
-    #[tokio::test(start_paused = true)]
-    async fn a_change_of_load_is_not_a_baseline() {
-        let closed_loop = |cap: usize| match cap {
-            c if c >= 16 => (8, 1.0),
-            8 => (8, 8.0 / 8.8),
-            4 => (4, 4.0 / 8.5),
-            c => (c, 0.1 + 0.1 * c as f64),
-        };
-        // The switch at every point of a window (windows are 0.5 s).
-        for ms in (4000..4500).step_by(50) {
-            let mut s = settings(1, 64);
-            s.start = 64;
-            let mut r = Refiner::new(s, Instant::now());
-            // One client: a row every 0.2 ms, whatever the cap.
-            drive_with(&mut r, ms * 5, |_| (1, 0.2)).await;
-            drive_with(&mut r, 60_000, closed_loop).await;
-            assert_eq!(r.cap(), 8, "switched at {ms} ms: {:?}", r.changes());
-        }
-    }
-
-    /// An open-loop load below capacity serves the same rows/s at any cap: tries toward the
-    /// mean batch go back, each after a longer wait, and the cap stays where it started.
-    #[tokio::test(start_paused = true)]
-    async fn an_open_loop_load_keeps_the_cap() {
-        let mut s = settings(1, 64);
-        s.start = 64;
-        let mut r = Refiner::new(s, Instant::now());
-        // 8 rows arrive a millisecond; a batch takes what arrived since the last one.
-        let open_loop = |cap: usize| {
-            let rows = cap.min(8);
-            (rows, rows as f64 / 8.0)
-        };
-        drive_with(&mut r, 60_000, open_loop).await;
-        assert_eq!(r.cap(), 64, "{:?}", r.changes());
-        let tries = r.changes().iter().filter(|c| c.why == "try").count();
-        // 60 s of batches; waits of 2, 4, … 64 windows of 0.5 s.
-        assert!((2..=8).contains(&tries), "{tries} tries: {:?}", r.changes());
-        assert!(r.changes().iter().all(|c| c.why != "keep"));
     }
 
     /// A step whose batches run over the latency budget is not kept, however much it serves.
