@@ -2,34 +2,86 @@
 //! to back for a bounded time, recording each call's status code and latency, like the HTTP
 //! load generator in `client`.
 //!
-//! The callers share a few HTTP/2 connections, [`CALLERS_PER_CONNECTION`] to each, as a client's
-//! pool of channels would spread them, so that no one connection (the one task on each side that
-//! reads and writes its frames) limits the load. The request's tensors are `bytes::Bytes`
-//! (`raw_input_contents`), so cloning the message for a call copies no tensor data; prost copies
-//! them once into the frame, which is the cost of the protocol itself.
+//! The call is encoded once (the gRPC message prefix and the protobuf message), as the HTTP
+//! generator sends a prepared request, and written as HTTP/2 frames by the `h2` crate: what a
+//! call costs the load generator is the protocol's framing, not a client library's encoding (a
+//! tonic client took 16 µs of CPU per MLP call against the HTTP generator's 8, on the same cores
+//! as the server; docs/BENCHMARKS.md). The callers share a few HTTP/2 connections,
+//! [`CALLERS_PER_CONNECTION`] to each, as a client's pool of channels would spread them.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ortserve::grpc::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use bytes::Bytes;
 use ortserve::grpc::proto::inference::ModelInferRequest;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::client::{cpu_between, LoadResult};
 
 /// Callers that share one HTTP/2 connection.
 pub const CALLERS_PER_CONNECTION: usize = 8;
 
-/// The largest answer a call accepts (tonic's default is 4 MiB).
-const MAX_ANSWER_BYTES: usize = 64 << 20;
+/// The receive windows the client offers (the answers are small; the server's are its own).
+const WINDOW: u32 = 1 << 20;
 
 pub use ortserve::grpc::raw_request;
+
+/// A call as sent: the gRPC length-prefixed message, encoded once.
+fn prepared(request: &ModelInferRequest) -> Bytes {
+    let message = prost::Message::encode_to_vec(request);
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    Bytes::from(framed)
+}
+
+async fn connect(addr: SocketAddr) -> Option<h2::client::SendRequest<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let _ = tcp.set_nodelay(true);
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .handshake(tcp)
+        .await
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(send)
+}
+
+/// `grpc-status` of a header block (the answer's trailers, or its headers when it has no body).
+fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// One call: its gRPC status code, or `None` when it got no answer.
+async fn call(send: &h2::client::SendRequest<Bytes>, uri: &http::Uri, body: &Bytes) -> Option<u16> {
+    let request = http::Request::post(uri.clone())
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .ok()?;
+    let mut send = send.clone().ready().await.ok()?;
+    let (answer, mut stream) = send.send_request(request, false).ok()?;
+    stream.send_data(body.clone(), true).ok()?;
+    let answer = answer.await.ok()?;
+    if let Some(code) = grpc_status(answer.headers()) {
+        return Some(code);
+    }
+    let mut body = answer.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.ok()?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    grpc_status(&body.trailers().await.ok()??)
+}
 
 /// Drives the gRPC port at `addr` with `concurrency` callers for `duration`, after `warmup`
 /// (not counted). A call answered OK counts under status 200 of the result, any other code the
 /// server answered under its number; a call that got no answer (no connection, a reset stream)
-/// is an error, and its caller waits 10 ms before the next, as the HTTP generator does when it
-/// cannot connect. Channels reconnect by themselves.
+/// is an error, and its caller waits 10 ms and opens a connection of its own, as the HTTP
+/// generator does when it cannot connect.
 pub async fn run(
     addr: SocketAddr,
     request: ModelInferRequest,
@@ -41,36 +93,38 @@ pub async fn run(
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let cpu = cpu_between(measure_from, end);
-    let connections = concurrency.div_ceil(CALLERS_PER_CONNECTION).max(1);
-    let channels: Vec<Channel> = match Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(e) => {
-            let e = e.tcp_nodelay(true);
-            (0..connections).map(|_| e.connect_lazy()).collect()
-        }
-        Err(_) => {
-            return LoadResult {
-                errors: 1,
-                elapsed: duration,
-                ..LoadResult::default()
+    let body = prepared(&request);
+    let uri: http::Uri =
+        match format!("http://{addr}/inference.GRPCInferenceService/ModelInfer").parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return LoadResult {
+                    errors: 1,
+                    elapsed: duration,
+                    ..LoadResult::default()
+                }
             }
-        }
-    };
+        };
+    let connections = concurrency.div_ceil(CALLERS_PER_CONNECTION).max(1);
+    let mut shared = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        shared.push(connect(addr).await);
+    }
     let mut tasks = Vec::with_capacity(concurrency);
     for i in 0..concurrency {
-        let mut client = GrpcInferenceServiceClient::new(channels[i % connections].clone())
-            .max_decoding_message_size(MAX_ANSWER_BYTES);
-        let request = request.clone();
+        let mut send = shared[i % connections].clone();
+        let (body, uri) = (body.clone(), uri.clone());
         tasks.push(tokio::spawn(async move {
             let mut r = LoadResult::default();
             while Instant::now() < end {
                 let t0 = Instant::now();
-                let outcome = client.model_infer(request.clone()).await;
-                let counted = t0 >= measure_from && Instant::now() <= end;
-                let status = match outcome {
-                    Ok(_) => Some(200),
-                    Err(s) if std::error::Error::source(&s).is_none() => Some(s.code() as u16),
-                    Err(_) => None,
+                let status = match &send {
+                    Some(s) => call(s, &uri, &body)
+                        .await
+                        .map(|c| if c == 0 { 200 } else { c }),
+                    None => None,
                 };
+                let counted = t0 >= measure_from && Instant::now() <= end;
                 match status {
                     Some(status) => {
                         if counted {
@@ -83,6 +137,7 @@ pub async fn run(
                             r.errors += 1;
                         }
                         tokio::time::sleep(Duration::from_millis(10)).await;
+                        send = connect(addr).await;
                     }
                 }
             }

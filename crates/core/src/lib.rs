@@ -65,4 +65,5 @@ pub mod stats;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testing;
+pub mod trace_context;
 pub mod tuning;
