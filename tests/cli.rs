@@ -151,6 +151,17 @@ fn start_ready_in(
     port: u16,
     cwd: &std::path::Path,
 ) -> Server {
+    start_logging_to(args, env, port, cwd, Stdio::null())
+}
+
+/// [`start_ready_in`] with the server's log (stderr) going to `log`.
+fn start_logging_to(
+    args: &[String],
+    env: &[(&str, &str)],
+    port: u16,
+    cwd: &std::path::Path,
+    log: Stdio,
+) -> Server {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(cwd)
         .args(args)
@@ -158,7 +169,7 @@ fn start_ready_in(
         .env("ORTSERVE_ADMIN_ADDR", "127.0.0.1:0")
         .env("ORTSERVE_GRPC_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -358,6 +369,72 @@ fn serves_over_a_real_socket_and_drains_on_sigterm() {
         http(port, "GET", "/v2/health/live", "").is_err(),
         "no longer accepting"
     );
+}
+
+/// With traces on and the JSON log, the access line of a traced request carries the trace id
+/// the caller sent and the id of the request span the answer's `traceparent` names: an
+/// operator goes from a log line to its trace.
+#[test]
+fn json_access_lines_name_the_trace_of_their_request() {
+    let port = free_port();
+    // Nothing listens on the receiver's port: the spans are dropped, their ids still made.
+    let receiver = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "server: {{http_addr: '127.0.0.1:{port}', access_log: true, log_format: json, drain_delay: 0s}}
+telemetry: {{endpoint: 'http://127.0.0.1:{receiver}', export_timeout: 1s, flush_timeout: 1s}}
+models: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}]"
+        ),
+    );
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let args = ["serve", "--config", cfg.to_str().unwrap()].map(String::from);
+    let mut server = start_logging_to(
+        &args,
+        &[("RUST_LOG", "info")],
+        port,
+        std::path::Path::new("."),
+        log.into(),
+    );
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{MLP_ROW}",
+        MLP_ROW.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // `traceparent: 00-<trace id>-<request span id>-01`
+    let parent = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("no traceparent in {answer}"));
+    let parts: Vec<&str> = parent.trim().split('-').collect();
+    assert_eq!(parts[1], trace, "the answer is in the caller's trace");
+    let span = parts[2];
+
+    sigterm(&server.0.id().to_string());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let access: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "ortserve::access" && v["fields"]["path"] == "/v2/models/mlp/infer")
+        .collect();
+    assert_eq!(access.len(), 1, "one access line for the request:\n{text}");
+    assert_eq!(access[0]["trace_id"], trace, "{}", access[0]);
+    assert_eq!(access[0]["span_id"], span, "{}", access[0]);
 }
 
 fn sigterm(pid: &str) {

@@ -231,7 +231,8 @@ impl Inference {
         span.record("status", label(code));
         let traceparent =
             crate::trace::traceparent(&span).and_then(|v| MetadataValue::try_from(v.as_str()).ok());
-        let mut ended = rpc.end(answer);
+        // The access line inside the span, so that the JSON log names the call's trace.
+        let mut ended = span.in_scope(|| rpc.end(answer));
         if let Some(v) = traceparent {
             match &mut ended {
                 Ok(r) => r.metadata_mut().insert(crate::trace::TRACEPARENT, v),

@@ -123,7 +123,11 @@ where
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        // With traces on, the request span came back on the answer: the access line is
+        // written inside it, so the JSON log gives it the request's trace_id and span_id.
+        let span = resp.extensions_mut().remove::<crate::trace::RequestSpan>();
         if let Some(a) = this.access.take() {
+            let _inside = span.as_ref().map(|s| s.0.enter());
             let id = resp
                 .headers()
                 .get(REQUEST_ID)

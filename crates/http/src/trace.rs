@@ -13,7 +13,13 @@ pub(crate) fn adopt_parent(span: &tracing::Span, headers: &HeaderMap) {
     trace_context::adopt_parent(span, text(TRACEPARENT), text(TRACESTATE));
 }
 
-/// Records the status on the request span (current here) and names the span in the answer.
+/// The request span, carried out of it on the answer so that the access log line (written by
+/// the edge, outside the span) is written inside it and names its trace.
+#[derive(Clone)]
+pub(crate) struct RequestSpan(pub(crate) tracing::Span);
+
+/// Records the status on the request span (current here), names the span in the answer, and
+/// hands the span to the edge's access log.
 pub(crate) fn answer<B>(mut response: axum::http::Response<B>) -> axum::http::Response<B> {
     let span = tracing::Span::current();
     span.record("status", response.status().as_u16());
@@ -22,5 +28,6 @@ pub(crate) fn answer<B>(mut response: axum::http::Response<B>) -> axum::http::Re
     {
         response.headers_mut().insert(TRACEPARENT, v);
     }
+    response.extensions_mut().insert(RequestSpan(span));
     response
 }
