@@ -497,6 +497,46 @@ def grpc_slow_class(count, limit_extra=4):
     return run
 
 
+def grpc_big_frame_stalled(count, declared=64 * 1024, sent=1024):
+    """`count` connections, each with one stream whose message comes in a DATA frame declaring
+    `declared` bytes (the server's largest frame) of which `sent` arrive and then nothing: each
+    stream must be ended by the server within body_timeout, its buffer held no longer."""
+    def run(port, p):
+        conns = []
+        for _ in range(count):
+            try:
+                c = h2raw.H2(p.grpc_port, timeout=2)
+                c.frames(0.1)  # the server's SETTINGS, acknowledged: its frame size applies
+                sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+                head = declared.to_bytes(3, "big") + bytes([h2raw.DATA, 0]) + sid.to_bytes(4, "big")
+                c.send(head + b"\x00" + (declared - 5).to_bytes(4, "big") + b"\x01" * (sent - 5))
+                conns.append([c, sid, None])
+            except OSError:
+                conns.append([None, None, "refused"])
+        start = time.time()
+        limit = p.body_timeout + 4
+        while time.time() - start < limit and any(x[2] is None for x in conns):
+            for x in conns:
+                if x[2] is not None:
+                    continue
+                c, sid = x[0], x[1]
+                try:
+                    got = c.frames(0.02, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
+                except OSError:
+                    got = [("closed",)]
+                if sid in h2raw.ended(got) or h2raw.closed(got):
+                    x[2] = "ended"
+                    x.append(time.time() - start)
+        outcomes = Counter(x[2] or "hung" for x in conns)
+        last = max((x[3] for x in conns if len(x) > 3), default=None)
+        for x in conns:
+            if x[0]:
+                x[0].close()
+        return outcomes, last
+    run.wave = True
+    return run
+
+
 # ---------------------------------------------------------------- the classes
 
 
@@ -568,6 +608,7 @@ def classes(p):
         ("grpc_stream_flood_1000", grpc_stream_flood, {"goaway-11", "closed", "backlog"}, 1),
         ("grpc_header_list_64KiB", grpc_huge_header, {"rejected"}, 1),
         ("grpc_message_at_1Bps_x20", grpc_slow_class(20), {"ended"}, 1),
+        ("grpc_frame_64KiB_stalled_x64", grpc_big_frame_stalled(64), {"ended"}, 1),
     ]
 
 

@@ -430,7 +430,9 @@ models: [{{name: mlp, path: FIXTURES/mlp.onnx, devices: cpu, batching: {{max_bat
     let access: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "ortserve::access" && v["fields"]["path"] == "/v2/models/mlp/infer")
+        .filter(|v| {
+            v["target"] == "ortserve::access" && v["fields"]["path"] == "/v2/models/mlp/infer"
+        })
         .collect();
     assert_eq!(access.len(), 1, "one access line for the request:\n{text}");
     assert_eq!(access[0]["trace_id"], trace, "{}", access[0]);
