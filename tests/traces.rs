@@ -51,6 +51,19 @@ models:
         .expect("traces on");
     let (_served, router) = start_config(&config).await;
 
+    // 0. Probes and scrapes are not traced, whatever they carry (checked once the spans of
+    // the requests after them have arrived: spans are exported in the order they end).
+    let probe_trace = "4bf92f3577b34da6a3ce929d0e0e4799";
+    for path in ["/v2/health/live", "/v2/health/ready", "/metrics"] {
+        let probe = Request::get(path)
+            .header("traceparent", format!("00-{probe_trace}-{CALLER}-01"))
+            .body(Body::empty())
+            .unwrap();
+        let reply = send(&router, probe).await;
+        reply.assert_status(200);
+        assert!(reply.headers.get("traceparent").is_none(), "{path}");
+    }
+
     // 1. The caller's traceparent: the request span is its child, the answer names the span.
     let reply = send(
         &router,
@@ -81,6 +94,10 @@ models:
         .unwrap();
     assert_eq!(request.name, "request");
     assert_eq!(hex(&request.trace_id), TRACE);
+    assert!(
+        !spans.iter().any(|s| hex(&s.trace_id) == probe_trace),
+        "a probe was traced"
+    );
     assert_eq!(
         hex(&request.parent_span_id),
         CALLER,

@@ -112,14 +112,24 @@ pub(crate) fn admin_router(state: Arc<AppState>) -> Router {
     layered(probe_routes(), state)
 }
 
+/// The paths of liveness, readiness and metrics, served on both ports.
+const PROBE_PATHS: [&str; 5] = [
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
 /// Liveness, readiness and metrics, served on both ports.
 fn probe_routes() -> Router<Arc<AppState>> {
+    let [live, ready, healthz, readyz, metrics] = PROBE_PATHS;
     Router::new()
-        .route("/v2/health/live", get(routes::health::live))
-        .route("/v2/health/ready", get(routes::health::ready))
-        .route("/healthz", get(routes::health::live))
-        .route("/readyz", get(routes::health::ready))
-        .route("/metrics", get(routes::health::metrics))
+        .route(live, get(routes::health::live))
+        .route(ready, get(routes::health::ready))
+        .route(healthz, get(routes::health::live))
+        .route(readyz, get(routes::health::ready))
+        .route(metrics, get(routes::health::metrics))
 }
 
 /// The fallback and the layers every answer passes through: the edge (JSON errors, `Host`
@@ -133,6 +143,12 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
                 .layer(edge::EdgeLayer(state.clone()))
                 .layer(SetRequestIdLayer::new(REQUEST_ID, CountedIds(state.clone())))
                 .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                    let traces = ortserve_core::call::traces_on();
+                    if traces && PROBE_PATHS.contains(&req.uri().path()) {
+                        // A kubelet's probes and Prometheus' scrapes every few seconds would
+                        // fill the trace store with traces nobody reads.
+                        return tracing::Span::none();
+                    }
                     let id = req
                         .headers()
                         .get(REQUEST_ID)
@@ -143,7 +159,7 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
                     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path(),
                         route = tracing::field::Empty, model = tracing::field::Empty,
                         version = tracing::field::Empty, status = tracing::field::Empty);
-                    if ortserve_core::call::traces_on() {
+                    if traces {
                         trace::adopt_parent(&span, req.headers());
                         if let Some(route) = req.extensions().get::<axum::extract::MatchedPath>() {
                             span.record("route", route.as_str());
