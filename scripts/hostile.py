@@ -458,17 +458,18 @@ def grpc_huge_header(port, p, size=64 * 1024):
     return "rejected" if e is not None else ("closed" if h2raw.closed(got) else "hung")
 
 
-def grpc_slow_class(count, limit_extra=4):
-    """`count` connections, each with one stream whose message (declared 100 bytes) arrives one
-    byte a second: each stream must be ended by the server within body_timeout."""
+def grpc_stream_wave(count, begin, drip=None, poll=0.05, pause=0.0, limit_extra=4):
+    """`count` connections, each with one stream that `begin(conn)` opens (returning its id),
+    then polled until the server ends the stream or the connection, or body_timeout +
+    `limit_extra` passes; `drip(conn, sid)` is sent before each poll, and each round of polls
+    is followed by `pause(connections)` seconds. Returns the outcomes and the seconds to the last
+    end."""
     def run(port, p):
         conns = []
         for _ in range(count):
             try:
                 c = h2raw.H2(p.grpc_port, timeout=2)
-                sid = c.open(h2raw.grpc_headers(h2raw.INFER))
-                c.send(h2raw.frame(h2raw.DATA, 0, sid, b"\x00" + (100).to_bytes(4, "big")))
-                conns.append([c, sid, None])
+                conns.append([c, begin(c), None])
             except OSError:
                 conns.append([None, None, "refused"])
         start = time.time()
@@ -479,14 +480,15 @@ def grpc_slow_class(count, limit_extra=4):
                     continue
                 c, sid = x[0], x[1]
                 try:
-                    c.send(h2raw.frame(h2raw.DATA, 0, sid, b"\x01"))
-                    got = c.frames(0.05, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
+                    if drip:
+                        drip(c, sid)
+                    got = c.frames(poll, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
                 except OSError:
                     got = [("closed",)]
                 if sid in h2raw.ended(got) or h2raw.closed(got):
                     x[2] = "ended"
                     x.append(time.time() - start)
-            time.sleep(max(0, 1 - 0.05 * len(conns)))
+            time.sleep(pause(len(conns)) if callable(pause) else pause)
         outcomes = Counter(x[2] or "hung" for x in conns)
         last = max((x[3] for x in conns if len(x) > 3), default=None)
         for x in conns:
@@ -495,46 +497,30 @@ def grpc_slow_class(count, limit_extra=4):
         return outcomes, last
     run.wave = True
     return run
+
+
+def grpc_slow_class(count):
+    """`count` connections, each with one stream whose message (declared 100 bytes) arrives one
+    byte a second: each stream must be ended by the server within body_timeout."""
+    def begin(c):
+        sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+        c.send(h2raw.frame(h2raw.DATA, 0, sid, b"\x00" + (100).to_bytes(4, "big")))
+        return sid
+    return grpc_stream_wave(count, begin, drip=lambda c, sid: c.send(h2raw.frame(h2raw.DATA, 0, sid, b"\x01")),
+                            poll=0.05, pause=lambda n: max(0, 1 - 0.05 * n))
 
 
 def grpc_big_frame_stalled(count, declared=64 * 1024, sent=1024):
     """`count` connections, each with one stream whose message comes in a DATA frame declaring
     `declared` bytes (the server's largest frame) of which `sent` arrive and then nothing: each
     stream must be ended by the server within body_timeout, its buffer held no longer."""
-    def run(port, p):
-        conns = []
-        for _ in range(count):
-            try:
-                c = h2raw.H2(p.grpc_port, timeout=2)
-                c.frames(0.1)  # the server's SETTINGS, acknowledged: its frame size applies
-                sid = c.open(h2raw.grpc_headers(h2raw.INFER))
-                head = declared.to_bytes(3, "big") + bytes([h2raw.DATA, 0]) + sid.to_bytes(4, "big")
-                c.send(head + b"\x00" + (declared - 5).to_bytes(4, "big") + b"\x01" * (sent - 5))
-                conns.append([c, sid, None])
-            except OSError:
-                conns.append([None, None, "refused"])
-        start = time.time()
-        limit = p.body_timeout + 4
-        while time.time() - start < limit and any(x[2] is None for x in conns):
-            for x in conns:
-                if x[2] is not None:
-                    continue
-                c, sid = x[0], x[1]
-                try:
-                    got = c.frames(0.02, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
-                except OSError:
-                    got = [("closed",)]
-                if sid in h2raw.ended(got) or h2raw.closed(got):
-                    x[2] = "ended"
-                    x.append(time.time() - start)
-        outcomes = Counter(x[2] or "hung" for x in conns)
-        last = max((x[3] for x in conns if len(x) > 3), default=None)
-        for x in conns:
-            if x[0]:
-                x[0].close()
-        return outcomes, last
-    run.wave = True
-    return run
+    def begin(c):
+        c.frames(0.1)  # the server's SETTINGS, acknowledged: its frame size applies
+        sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+        head = declared.to_bytes(3, "big") + bytes([h2raw.DATA, 0]) + sid.to_bytes(4, "big")
+        c.send(head + b"\x00" + (declared - 5).to_bytes(4, "big") + b"\x01" * (sent - 5))
+        return sid
+    return grpc_stream_wave(count, begin, poll=0.02)
 
 
 # ---------------------------------------------------------------- the classes
