@@ -709,6 +709,54 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+const H2_DATA: u8 = 0;
+const H2_HEADERS: u8 = 1;
+const H2_SETTINGS: u8 = 4;
+const H2_GOAWAY: u8 = 7;
+
+/// A connection to `addr` past the HTTP/2 preface, the server's SETTINGS acknowledged; returns
+/// it and the SETTINGS' payload.
+async fn h2_handshake(addr: SocketAddr) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&h2_frame(H2_SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+    let settings = loop {
+        let (kind, flags, _, payload) = read_h2_frame(&mut s).await.unwrap();
+        if kind == H2_SETTINGS && flags & 1 == 0 {
+            break payload;
+        }
+    };
+    s.write_all(&h2_frame(H2_SETTINGS, 1, 0, &[]))
+        .await
+        .unwrap();
+    (s, settings)
+}
+
+/// A gRPC call's header block to `path`, as HPACK literals (never indexed, no Huffman).
+fn grpc_call_headers(path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0x10);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
 /// The next frame from `s`: (type, flags, stream, payload).
 async fn read_h2_frame(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
@@ -728,48 +776,19 @@ async fn read_h2_frame(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_48_kib_call_comes_in_one_frame() {
     use tokio::io::AsyncWriteExt;
-    const SETTINGS: u8 = 4;
-    const HEADERS: u8 = 1;
-    const DATA: u8 = 0;
-    const GOAWAY: u8 = 7;
     let server = Running::start(MODELS).await;
-    let mut s = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        .await
-        .unwrap();
-    s.write_all(&h2_frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    let (mut s, settings) = h2_handshake(server.grpc).await;
     // The server's SETTINGS: SETTINGS_MAX_FRAME_SIZE (0x5) is 64 KiB.
-    let settings = loop {
-        let (kind, flags, _, payload) = read_h2_frame(&mut s).await.unwrap();
-        if kind == SETTINGS && flags & 1 == 0 {
-            break payload;
-        }
-    };
     let max_frame = settings
         .chunks(6)
         .find(|e| e[..2] == [0, 5])
         .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
     assert_eq!(max_frame, Some(ortserve::grpc::MAX_FRAME_BYTES));
     assert_eq!(ortserve::grpc::MAX_FRAME_BYTES, 64 * 1024);
-    s.write_all(&h2_frame(SETTINGS, 1, 0, &[])).await.unwrap();
 
-    // HEADERS as HPACK literals (never indexed, no Huffman), then the message in one DATA frame.
-    let mut block = Vec::new();
-    for (name, value) in [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/inference.GRPCInferenceService/ModelInfer"),
-        (":authority", "127.0.0.1"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ] {
-        block.push(0x10);
-        block.push(name.len() as u8);
-        block.extend_from_slice(name.as_bytes());
-        block.push(value.len() as u8);
-        block.extend_from_slice(value.as_bytes());
-    }
-    s.write_all(&h2_frame(HEADERS, 0x4, 1, &block))
+    // The call's HEADERS, then the message in one DATA frame.
+    let block = grpc_call_headers("/inference.GRPCInferenceService/ModelInfer");
+    s.write_all(&h2_frame(H2_HEADERS, 0x4, 1, &block))
         .await
         .unwrap();
     let x = Tensor::from_f32(vec![1, 3, 64, 64], &vec![0.25; 3 * 64 * 64]).unwrap();
@@ -778,14 +797,16 @@ async fn a_48_kib_call_comes_in_one_frame() {
     body.extend_from_slice(&(message.len() as u32).to_be_bytes());
     body.extend_from_slice(&message);
     assert!(body.len() > 48 * 1024 && body.len() <= 64 * 1024);
-    s.write_all(&h2_frame(DATA, 0x1, 1, &body)).await.unwrap();
+    s.write_all(&h2_frame(H2_DATA, 0x1, 1, &body))
+        .await
+        .unwrap();
 
     // The answer: a DATA frame on stream 1 with the output message, no GOAWAY.
     let answered = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let (kind, _, stream, payload) = read_h2_frame(&mut s).await.unwrap();
-            assert_ne!(kind, GOAWAY, "the connection was ended: {payload:?}");
-            if kind == DATA && stream == 1 && !payload.is_empty() {
+            assert_ne!(kind, H2_GOAWAY, "the connection was ended: {payload:?}");
+            if kind == H2_DATA && stream == 1 && !payload.is_empty() {
                 break payload;
             }
         }
@@ -797,5 +818,76 @@ async fn a_48_kib_call_comes_in_one_frame() {
     assert_eq!(answer.model_name, "cnn");
     assert_eq!(answer.raw_output_contents.len(), 1);
     drop(s);
+    server.shutdown().await;
+}
+
+/// A connection with no call open for `server.keep_alive_timeout` is sent GOAWAY and closed
+/// (a client that only answers pings would otherwise hold one of `max_connections` places for
+/// ever); one whose `Health/Watch` stream stays open is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_and_an_open_watch_keeps_its_own() {
+    use tokio::io::AsyncWriteExt;
+    let server = Running::start(
+        "
+server: {drain_delay: 0s, keep_alive_timeout: 1s}
+models:
+  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (mut idle, _) = h2_handshake(server.grpc).await;
+    let (mut watching, _) = h2_handshake(server.grpc).await;
+    let block = grpc_call_headers("/grpc.health.v1.Health/Watch");
+    watching
+        .write_all(&h2_frame(H2_HEADERS, 0x4, 1, &block))
+        .await
+        .unwrap();
+    // An empty HealthCheckRequest (the server as a whole), and the end of the request.
+    watching
+        .write_all(&h2_frame(H2_DATA, 0x1, 1, &[0, 0, 0, 0, 0]))
+        .await
+        .unwrap();
+
+    // The idle one: GOAWAY (or the close) after about a second, within five.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match read_h2_frame(&mut idle).await {
+                Ok((H2_GOAWAY, ..)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "an idle connection was kept for 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+
+    // The watching one: its stream answers SERVING and the connection is neither sent GOAWAY
+    // nor closed until 2.5 s (2.5 timeouts) after the start.
+    let mut answered = false;
+    let watched = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(started + Duration::from_millis(2500)),
+        async {
+            loop {
+                let (kind, _, stream, payload) = read_h2_frame(&mut watching)
+                    .await
+                    .expect("the watching connection was closed");
+                assert_ne!(kind, H2_GOAWAY, "a connection with an open Watch was ended");
+                if kind == H2_DATA && stream == 1 && !payload.is_empty() {
+                    answered = true;
+                }
+                if answered && started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+            }
+        },
+    )
+    .await;
+    assert!(watched.is_err(), "the watch ended early");
+    assert!(answered, "the watch was not answered");
+    drop((idle, watching));
     server.shutdown().await;
 }

@@ -18,6 +18,7 @@ use ortserve_core::config::ServerConfig;
 
 mod fast;
 mod health;
+mod idle;
 mod limits;
 mod service;
 mod status;
@@ -62,7 +63,8 @@ pub const MAX_PENDING_RESETS: usize = 32;
 /// Serves the gRPC services on `listener` until `shutdown` resolves, then stops accepting, sends
 /// GOAWAY on every connection and returns once the calls in flight are answered (the caller
 /// bounds that wait with `server.shutdown_timeout`). Connections are HTTP/2 only, at most
-/// `server.max_connections` at once (more wait in the listen backlog).
+/// `server.max_connections` at once (more wait in the listen backlog); one with no call open for
+/// `server.keep_alive_timeout` is sent GOAWAY and closed (`idle.rs`).
 pub async fn serve(
     app: Arc<AppState>,
     server: &ServerConfig,
@@ -100,8 +102,13 @@ pub async fn serve(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
-    let places = Arc::new(tokio::sync::Semaphore::new(server.max_connections.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let max_connections = server
+        .max_connections
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+    let places = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // true from the drain on: every connection sends GOAWAY and finishes its calls.
+    let (draining, drain) = tokio::sync::watch::channel(false);
+    let idle_timeout = server.keep_alive_timeout.0;
     tokio::pin!(shutdown);
     loop {
         let place = tokio::select! {
@@ -121,16 +128,47 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(service.clone());
-        let conn = graceful.watch(h2.serve_connection(TokioIo::new(stream), svc));
+        let calls = idle::Calls::new();
+        let svc = hyper_util::service::TowerToHyperService::new(idle::CountCalls {
+            inner: service.clone(),
+            calls: calls.clone(),
+        });
+        let conn = h2.serve_connection(TokioIo::new(stream), svc);
+        let mut drain = drain.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let idle = tokio::time::sleep(idle_timeout);
+            tokio::pin!(idle);
+            let mut closing = false;
+            let ended = loop {
+                tokio::select! {
+                    ended = conn.as_mut() => break ended,
+                    _ = drain.wait_for(|d| *d), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = idle.as_mut(), if !closing => match calls.idle_for() {
+                        Some(quiet) if quiet >= idle_timeout => {
+                            tracing::debug!(?idle_timeout, "closing an idle gRPC connection");
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        quiet => idle
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + (idle_timeout - quiet.unwrap_or_default())),
+                    },
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "gRPC connection ended with an error");
             }
             drop(place);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = draining.send(true);
+    // Every connection has given its place back once its calls are answered.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = places.acquire_many(all).await;
     Ok(())
 }
