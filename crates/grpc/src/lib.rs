@@ -50,9 +50,10 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// decoded in place, instead of gathered from 16 KiB frames read one by one (the CNN fixture's
 /// 48 KiB calls at 32 clients: 0.75-0.77 of REST binary's rows/s with 16 KiB frames, 0.88
 /// with 64 KiB; docs/BENCHMARKS.md). The connection's read buffer grows to a frame's declared
-/// size as its header arrives, and a client may leave a frame unfinished until the connection
-/// is closed for idleness: 64 KiB bounds that at 64 MiB for 1,024 connections (256 KiB would
-/// allow 256 MiB).
+/// size as its header arrives, and a client may leave a frame unfinished until the keepalive
+/// ping, whose answer cannot be read past the unfinished frame, times out (40 s, seen with
+/// scripts/h2raw.py): 64 KiB bounds that at 64 MiB for 1,024 connections (256 KiB would allow
+/// 256 MiB).
 pub const MAX_FRAME_BYTES: u32 = 64 * 1024;
 /// How often an idle connection is pinged, and how long the answer may take before it is closed.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
