@@ -105,39 +105,6 @@ pub fn set_traces_on(on: bool) {
     TRACES_ON.store(on, Ordering::Relaxed);
 }
 
-/// A W3C `traceparent` value: (trace id, parent span id, flags), or `None` for one that is
-/// malformed, all-zero or of version `ff` (which the specification says to ignore). A later
-/// version is read by its first four fields.
-pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
-    let v = value.trim().as_bytes();
-    if v.len() < 55 || (v.len() > 55 && (v[..2] == *b"00" || v[55] != b'-')) {
-        return None;
-    }
-    let hex = |b: &[u8], out: &mut [u8]| -> Option<()> {
-        let digit = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        for (o, pair) in out.iter_mut().zip(b.chunks(2)) {
-            *o = digit(pair[0])? << 4 | digit(pair[1])?;
-        }
-        Some(())
-    };
-    let (mut version, mut trace, mut span, mut flags) = ([0u8], [0u8; 16], [0u8; 8], [0u8]);
-    if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
-        return None;
-    }
-    hex(&v[0..2], &mut version)?;
-    hex(&v[3..35], &mut trace)?;
-    hex(&v[36..52], &mut span)?;
-    hex(&v[53..55], &mut flags)?;
-    if version[0] == 0xff || trace == [0; 16] || span == [0; 8] {
-        return None;
-    }
-    Some((trace, span, flags[0]))
-}
-
 /// Whether a client's request id may be used as it is (in logs, echoed back): 1 to
 /// [`MAX_REQUEST_ID`] bytes of letters, digits and `-_.:/+=@~`, nothing that could forge or
 /// break a log field. Front doors generate one instead of an id that is not.
@@ -471,27 +438,6 @@ impl Call {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn traceparent_is_read_as_the_w3c_specification_says() {
-        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let (t, s, f) = super::parse_traceparent(good).unwrap();
-        assert_eq!((t[0], t[15], s[0], s[7], f), (0x4b, 0x36, 0x00, 0xb7, 1));
-        // A later version may add fields after a dash.
-        assert!(super::parse_traceparent(&format!("01{}-more", &good[2..])).is_some());
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
-        ] {
-            assert_eq!(super::parse_traceparent(bad), None, "{bad:?}");
-        }
-    }
-
     #[test]
     fn request_ids_are_distinct_version_4_uuids() {
         let ids = super::RequestIds::default();

@@ -31,7 +31,9 @@ impl Calls {
         }))
     }
 
-    fn begin(&self) -> Open {
+    /// A call arrived: it is open until the [`Open`] (or the answer it [holds](Open::hold))
+    /// is dropped.
+    pub(crate) fn begin(&self) -> Open {
         self.0.open.fetch_add(1, Ordering::AcqRel);
         Open(self.0.clone())
     }
@@ -47,44 +49,19 @@ impl Calls {
 }
 
 /// One open call; dropped when its answer is done.
-struct Open(Arc<Inner>);
+pub(crate) struct Open(Arc<Inner>);
+
+impl Open {
+    /// The answer, whose body keeps the call open until it is sent or dropped.
+    pub(crate) fn hold(self, response: http::Response<Body>) -> http::Response<Held> {
+        response.map(|inner| Held { inner, _open: self })
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
         *self.0.quiet_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Counts the calls of one connection into its [`Calls`].
-#[derive(Clone)]
-pub(crate) struct CountCalls<S> {
-    pub(crate) inner: S,
-    pub(crate) calls: Calls,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for CountCalls<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<Held>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<http::Response<Held>, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let open = self.calls.begin();
-        let answer = self.inner.call(req);
-        Box::pin(async move {
-            let response = answer.await?;
-            Ok(response.map(|inner| Held { inner, _open: open }))
-        })
     }
 }
 

@@ -23,7 +23,6 @@ mod limits;
 mod service;
 mod status;
 mod tensors;
-mod trace;
 
 pub use health::Health;
 pub use service::Inference;
@@ -131,9 +130,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let calls = idle::Calls::new();
-        let svc = hyper_util::service::TowerToHyperService::new(idle::CountCalls {
-            inner: service.clone(),
-            calls: calls.clone(),
+        let svc = hyper::service::service_fn({
+            let (service, calls) = (service.clone(), calls.clone());
+            move |req: http::Request<hyper::body::Incoming>| {
+                let open = calls.begin();
+                let answer = tower::ServiceExt::oneshot(service.clone(), req);
+                async move { answer.await.map(|r| open.hold(r)) }
+            }
         });
         let conn = h2.serve_connection(TokioIo::new(stream), svc);
         let mut drain = drain.clone();

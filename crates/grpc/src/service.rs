@@ -21,6 +21,7 @@ use ortserve_core::app::AppState;
 use ortserve_core::call::{self, Call, CallError};
 use ortserve_core::lifecycle;
 use ortserve_core::model::TensorInfo;
+use ortserve_core::trace_context;
 
 /// The service over the server's state.
 pub struct Inference {
@@ -206,37 +207,42 @@ impl Inference {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
         rpc.model = req.model_name.clone();
-        if !call::traces_on() {
-            let answer = match checked {
-                Ok(()) => self.infer(&mut rpc, req).await,
-                Err(e) => Err(e),
-            };
-            return rpc.end(answer);
-        }
         // With traces: the call's request span (the REST one's fields), child of the caller's
-        // `traceparent`, named in the answer's.
-        use tracing::Instrument;
-        let id = rpc.call.request_id.clone().unwrap_or_default();
-        let span = tracing::info_span!("request", request_id = %id, rpc = "ModelInfer",
-            model = tracing::field::Empty, version = tracing::field::Empty,
-            status = tracing::field::Empty);
-        crate::trace::adopt_parent(&span, headers);
+        // `traceparent`, named in the answer's. Without, no span.
+        let span = if call::traces_on() {
+            let id = rpc.call.request_id.clone().unwrap_or_default();
+            let span = tracing::info_span!("request", request_id = %id, rpc = "ModelInfer",
+                model = tracing::field::Empty, version = tracing::field::Empty,
+                status = tracing::field::Empty);
+            trace_context::adopt_parent(&span, |name| {
+                headers.get(name).and_then(|v| v.to_str().ok())
+            });
+            span
+        } else {
+            tracing::Span::none()
+        };
         let answer = match checked {
-            Ok(()) => self.infer(&mut rpc, req).instrument(span.clone()).await,
+            Ok(()) => {
+                use tracing::Instrument;
+                self.infer(&mut rpc, req).instrument(span.clone()).await
+            }
             Err(e) => Err(e),
         };
+        if span.is_none() {
+            return rpc.end(answer);
+        }
         let code = answer
             .as_ref()
             .map_or_else(|e| status_of(e).code(), |_| Code::Ok);
         span.record("status", label(code));
-        let traceparent =
-            crate::trace::traceparent(&span).and_then(|v| MetadataValue::try_from(v.as_str()).ok());
+        let traceparent = trace_context::traceparent_of(&span)
+            .and_then(|v| MetadataValue::try_from(v.as_str()).ok());
         // The access line inside the span, so that the JSON log names the call's trace.
         let mut ended = span.in_scope(|| rpc.end(answer));
         if let Some(v) = traceparent {
             match &mut ended {
-                Ok(r) => r.metadata_mut().insert(crate::trace::TRACEPARENT, v),
-                Err(s) => s.metadata_mut().insert(crate::trace::TRACEPARENT, v),
+                Ok(r) => r.metadata_mut().insert(trace_context::TRACEPARENT, v),
+                Err(s) => s.metadata_mut().insert(trace_context::TRACEPARENT, v),
             };
         }
         ended

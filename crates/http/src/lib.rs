@@ -160,7 +160,9 @@ fn layered(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
                         route = tracing::field::Empty, model = tracing::field::Empty,
                         version = tracing::field::Empty, status = tracing::field::Empty);
                     if traces {
-                        trace::adopt_parent(&span, req.headers());
+                        ortserve_core::trace_context::adopt_parent(&span, |name| {
+                            req.headers().get(name).and_then(|v| v.to_str().ok())
+                        });
                         if let Some(route) = req.extensions().get::<axum::extract::MatchedPath>() {
                             span.record("route", route.as_str());
                         }

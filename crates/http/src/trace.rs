@@ -1,17 +1,11 @@
-//! W3C trace context on REST: a `traceparent` (and `tracestate`) header makes the request span
-//! a child of the caller's span, and the answer names the request span in its own
-//! `traceparent` (the core's `trace_context` does both). Only while traces are exported
-//! ([`ortserve_core::call::traces_on`]); otherwise nothing here runs.
+//! W3C trace context on REST, the answer's side: the request span (made the caller's child in
+//! `layered` by the core's `trace_context`) is named in the answer's `traceparent` and handed to
+//! the access log. Only while traces are exported ([`ortserve_core::call::traces_on`]);
+//! otherwise nothing here runs.
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderValue;
 
-use ortserve_core::trace_context::{self, TRACEPARENT, TRACESTATE};
-
-/// Makes `span` the child of the span the headers name, if they name one.
-pub(crate) fn adopt_parent(span: &tracing::Span, headers: &HeaderMap) {
-    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    trace_context::adopt_parent(span, text(TRACEPARENT), text(TRACESTATE));
-}
+use ortserve_core::trace_context::{self, TRACEPARENT};
 
 /// The request span, carried out of it on the answer so that the access log line (written by
 /// the edge, outside the span) is written inside it and names its trace.
