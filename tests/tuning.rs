@@ -333,15 +333,17 @@ fn the_probe_stays_within_max_duration() {
     let d = &results["cnn"][0];
     assert!(d["reason"].as_str().unwrap().contains("time limit"), "{d}");
     // No run starts after the limit; the one running then finishes (and a size's warm-up run),
-    // and reading memory takes a little: at most two runs of the largest size and 1 ms over.
+    // and reading memory takes a little: at most two served batches of the largest size, and
+    // 5 ms for a busy machine's scheduling (7.2 ms against 5.4 ms allowed once, in a CI run
+    // beside other tests). The sweep left alone would go on to sizes of hundreds of rows.
     let longest = d["probes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["latency_ms"].as_f64().unwrap())
+        .map(|p| p["served_ms"].as_f64().unwrap())
         .fold(0.0, f64::max);
     assert!(
-        d["duration_ms"].as_f64().unwrap() <= 4.0 + 2.0 * longest + 1.0,
+        d["duration_ms"].as_f64().unwrap() <= 4.0 + 2.0 * longest + 5.0,
         "{d}"
     );
 }
