@@ -81,8 +81,13 @@ podman build "${run_opts[@]}" --pull=never --format docker -t ortserve:cpu -f Do
 size=$(podman image inspect --format '{{.Size}}' ortserve:cpu)
 step "image ortserve:cpu: $((size / 1024 / 1024)) MiB"
 
+# A server that was just stopped (the quick start's) may still be draining: wait up to 30 s.
 for p in "$port" "$admin"; do
-  if ss -ltn | grep -q ":$p "; then fail "port $p is taken on this host"; fi
+  for _ in $(seq 1 30); do
+    ss -ltn | grep -q ":$p " || break
+    sleep 1
+  done
+  if ss -ltn | grep -q ":$p "; then ss -ltnp | grep ":$p " >&2 || true; fail "port $p is taken on this host"; fi
 done
 podman rm -f "$name" >/dev/null 2>&1 || true
 mkdir -p "$work/etc"

@@ -21,8 +21,15 @@ work=$(mktemp -d)
 # with it.
 setsid bash -euo pipefail -c "$sh_block" >"$work/out" 2>"$work/err" &
 block_pid=$!
+# The server drains before it exits (about a second); the stop waits for its whole session to be
+# gone, so whatever runs next (the container test) finds ports 8080-8082 free.
 stop() {
   kill -TERM -- "-$block_pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do
+    kill -0 -- "-$block_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL -- "-$block_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap stop EXIT
