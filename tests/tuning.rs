@@ -124,9 +124,9 @@ fn the_cnn_probe_picks_more_than_one_on_cpu_and_impossible_budgets_fail() {
     assert!(chosen > 1, "chose {chosen}: {stdout}");
     // The printed table has a row for every probed size, with the same figures as the JSON.
     assert_table_has_every_probe(&stdout, d);
-    // Issue 25: each size is timed as served (hand-off, run, split, replies), which costs more
-    // than the session run; the choice is the largest good size within 5% of the most served
-    // rows/s, and the report says what serving adds to a batch.
+    // Issue 25: each size is timed as served (run, split, replies, with the next batch
+    // waiting), which costs more than the session run; the choice is the smallest good size
+    // within 3% of the most served rows/s, and the report says what serving adds to a batch.
     let served = |p: &Value| p["served_rows_per_second"].as_f64().unwrap();
     let good: Vec<&Value> = d["probes"]
         .as_array()
@@ -141,11 +141,11 @@ fn the_cnn_probe_picks_more_than_one_on_cpu_and_impossible_budgets_fail() {
         );
     }
     let best = good.iter().map(|p| served(p)).fold(0.0, f64::max);
-    assert!(served(probe_of(d, chosen)) >= best * 0.95, "{d}");
+    assert!(served(probe_of(d, chosen)) >= best * 0.97, "{d}");
     assert!(
         good.iter()
-            .all(|p| p["batch"].as_u64().unwrap() <= chosen || served(p) < best * 0.95),
-        "a larger size within 5% of the best was not chosen: {d}"
+            .all(|p| p["batch"].as_u64().unwrap() >= chosen || served(p) < best * 0.97),
+        "a smaller size within 3% of the best was not chosen: {d}"
     );
     assert!(d["fixed_cost_ms"].as_f64().unwrap() > 0.0, "{d}");
     assert!(d["max_good"].as_u64().unwrap() >= chosen, "{d}");

@@ -56,6 +56,13 @@ struct Cli {
     /// Scenario g's models, e.g. `cnn,mlp` (default: mlp, cnn and cnn_wide).
     #[arg(long, value_delimiter = ',')]
     oracle_models: Vec<String>,
+    /// Scenario g's fixed caps, e.g. `1,4` (default: 1, 2, 4, … up to the probe's largest
+    /// good size). With `--oracle-clients 1`, a quick look at one-client latency.
+    #[arg(long, value_delimiter = ',')]
+    oracle_caps: Vec<u64>,
+    /// Scenario g's client counts: `1`, `32` or both (default: both).
+    #[arg(long, value_delimiter = ',')]
+    oracle_clients: Vec<usize>,
     /// Scenario g's rounds (each line's median is reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     oracle_rounds: u32,
@@ -138,6 +145,8 @@ fn main() -> ExitCode {
         setup_dir: cli.setup_dir,
         oracle_models: cli.oracle_models,
         oracle_rounds: cli.oracle_rounds as usize,
+        oracle_caps: cli.oracle_caps,
+        oracle_clients: cli.oracle_clients,
     };
     let done = bench(&opts, cli.repeat as usize);
     if let Some(t) = traces {

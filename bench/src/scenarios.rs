@@ -88,6 +88,10 @@ pub struct Options {
     pub oracle_models: Vec<String>,
     /// Scenario g's rounds: every line is measured once a round and reported as the median.
     pub oracle_rounds: usize,
+    /// Scenario g's fixed caps (empty: every power of two up to the probe's largest good size).
+    pub oracle_caps: Vec<u64>,
+    /// Scenario g's client counts (empty: 1 and 32).
+    pub oracle_clients: Vec<usize>,
 }
 
 /// A server on its own runtime (2 workers) and its own thread; stopped on drop.
@@ -911,14 +915,25 @@ fn oracle(rt: &tokio::runtime::Runtime, o: &Options) -> Result<Vec<Row>, String>
         if caps.last() != Some(&max_good) {
             caps.push(max_good);
         }
+        if !o.oracle_caps.is_empty() {
+            caps = o.oracle_caps.clone();
+        }
+        let clients = |n: usize| o.oracle_clients.is_empty() || o.oracle_clients.contains(&n);
         // Per line (label, clients): each round's row.
         let mut lines: Vec<((String, usize), Vec<Row>)> = Vec::new();
-        let mut push = |label: String, clients: usize, r: Row| match lines
-            .iter_mut()
-            .find(|(k, _)| k.0 == label && k.1 == clients)
-        {
-            Some((_, v)) => v.push(r),
-            None => lines.push(((label, clients), vec![r])),
+        // Each round's figures go to stderr as they come (the table has the medians).
+        let mut push = |label: String, clients: usize, r: Row| {
+            eprintln!(
+                "oracle {name} {label}, {clients} clients: {:.0} rows/s, p50 {:.3} ms",
+                r.rows_per_second, r.p50_ms
+            );
+            match lines
+                .iter_mut()
+                .find(|(k, _)| k.0 == label && k.1 == clients)
+            {
+                Some((_, v)) => v.push(r),
+                None => lines.push(((label, clients), vec![r])),
+            }
         };
         let mut choices = Vec::new();
         for round in 0..o.oracle_rounds {
@@ -932,16 +947,19 @@ fn oracle(rt: &tokio::runtime::Runtime, o: &Options) -> Result<Vec<Row>, String>
                 let batch = cap.map_or("auto".to_string(), |c| c.to_string());
                 let label = cap.map_or("auto".to_string(), |c| format!("fixed cap {c}"));
                 let server = Server::start(&cfg(&batch), &o.fixtures)?;
-                if cap.is_none() || cap == Some(1) || cap == Some(max_good) {
+                let one = cap.is_none() || cap == Some(1) || cap == caps.last().copied();
+                if one && clients(1) {
                     let (r, _) = load_server(rt, server.addr, bin.clone(), 1, o);
                     push(label.clone(), 1, row("g", &label, 1, 1, &r));
                 }
-                let (r, mb) = load_server(rt, server.addr, bin.clone(), 32, o);
-                push(
-                    label.clone(),
-                    32,
-                    row("g", &label, 32, 1, &r).with_batch(mb),
-                );
+                if clients(32) {
+                    let (r, mb) = load_server(rt, server.addr, bin.clone(), 32, o);
+                    push(
+                        label.clone(),
+                        32,
+                        row("g", &label, 32, 1, &r).with_batch(mb),
+                    );
+                }
                 if cap.is_none() {
                     let (chosen, _, now) = tuned(rt, server.addr, name)?;
                     choices.push(format!("{chosen}→{now}"));
@@ -1249,6 +1267,8 @@ mod tests {
             setup_dir: PathBuf::new(),
             oracle_models: Vec::new(),
             oracle_rounds: 1,
+            oracle_caps: Vec::new(),
+            oracle_clients: Vec::new(),
         }
     }
 

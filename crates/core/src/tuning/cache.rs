@@ -31,8 +31,9 @@ pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
 
 /// What the probe measures, in the key: results of another method are probed again, not read
 /// with their fields missing. 1: the session run alone. 2: batches as served (hand-off, run,
-/// split, replies), with `served_*`, `fixed_cost_ms` and `max_good`.
-const PROBE_METHOD: u32 = 2;
+/// split, replies), with `served_*`, `fixed_cost_ms` and `max_good`. 3: served with two
+/// batches in flight, as under load (the same fields, other figures).
+const PROBE_METHOD: u32 = 3;
 
 /// The key: model sha256, device name and kind (threads on CPU; on CUDA the GPU's NVML name,
 /// `gpu`), runtime release, ortserve's version (the probe may change between versions), and
@@ -370,8 +371,14 @@ mod tests {
             },
         };
         let key = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg).unwrap();
-        assert!(key.contains(" probe=2 "), "{key}");
-        let old_key = key.replace(" probe=2", "");
+        assert!(key.contains(" probe=3 "), "{key}");
+        let old_key = key.replace(" probe=3", "");
+        let method_2_key = key.replace(" probe=3 ", " probe=2 ");
+        store(&cfg, &method_2_key, &result(4)).unwrap();
+        assert!(
+            load(&cfg, &key).is_none(),
+            "an entry of the one-batch-at-a-time probe is not read"
+        );
         store(&cfg, &old_key, &result(4)).unwrap();
         assert!(load(&cfg, &old_key).is_some());
         assert!(load(&cfg, &key).is_none(), "an old entry is not read");

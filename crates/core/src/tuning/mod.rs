@@ -266,9 +266,16 @@ impl MemoryProbe {
 
 /// The sweep's target: the runner on a device thread of its own, running the same job loop as
 /// a serving device thread (`device::serve_borrowed`), fed from this thread as the batcher
-/// feeds it, each batch split into one-row request parts with a reply channel each. A batch's
-/// time counts from the hand-off to the last part's reply: what serving a batch costs beyond
-/// the session run (two thread wake-ups, assembling the parts, splitting the outputs) is in it.
+/// feeds it, each batch split into one-row request parts with a reply channel each. Two batches
+/// are kept in flight, as a loaded device has them (its two slots, `dispatch`): a batch's
+/// served time is the interval between the last reply of the batch before it and its own, so
+/// what serving adds on the device thread (assembling the parts, splitting the outputs, sending
+/// the replies) is in it, and the hand-off of the next batch overlaps the run as it does under
+/// load. Timed one batch at a time instead, each batch paid two cross-thread wake-ups that a
+/// loaded device never waits for; on these virtual machines they took 0.016-0.08 ms from one
+/// start to the next, which outweighed the session's own cost per row and swung the choice
+/// from 8 to 256 for the CNN fixture, whose served rows/s at 32 clients is highest at 4-8
+/// (docs/BENCHMARKS.md, "Tuning for the server").
 struct ServedTarget<'a> {
     jobs: mpsc::Sender<DeviceCommand>,
     info: &'a ModelInfo,
@@ -277,8 +284,8 @@ struct ServedTarget<'a> {
     clock: Arc<crate::stamp::Stamp>,
 }
 
-/// Timed runs per size: at least 3, at most 25, and no more once 200 ms are spent. Many short
-/// runs make the median of a fast model steady on a busy machine.
+/// Timed batches per size: at least 3, at most 25, and no more once 200 ms are spent. Many
+/// short runs make the median of a fast model steady on a busy machine.
 const MIN_RUNS: usize = 3;
 const MAX_RUNS: usize = 25;
 const RUN_TIME: Duration = Duration::from_millis(200);
@@ -286,17 +293,20 @@ const RUN_TIME: Duration = Duration::from_millis(200);
 /// One part's reply, as a handler receives it.
 type Reply = Result<Vec<Tensor>, RunError>;
 
+/// A batch handed to the probe's device thread, not yet answered.
+struct InFlight {
+    replies: Vec<oneshot::Receiver<Reply>>,
+    /// The run's time on the device thread and the parts, given back after the replies.
+    back: std::sync::mpsc::Receiver<(Duration, Vec<Vec<Tensor>>)>,
+}
+
 impl ServedTarget<'_> {
-    /// Serves one batch of `parts`; returns the served time, the run time and the parts.
-    fn serve(
-        &mut self,
-        parts: Vec<Vec<Tensor>>,
-    ) -> Result<(Duration, Duration, Vec<Vec<Tensor>>), RunError> {
-        let gone = || RunError::Failed("the probe's device thread is gone".into());
+    /// Hands a batch of `parts` to the device thread (waiting while its queue is full).
+    fn submit(&mut self, parts: Vec<Vec<Tensor>>) -> Result<InFlight, RunError> {
         let (senders, replies): (Vec<_>, Vec<_>) = (0..parts.len())
             .map(|_| oneshot::channel::<Reply>())
             .unzip();
-        let (back_tx, back_rx) = std::sync::mpsc::sync_channel(1);
+        let (back_tx, back) = std::sync::mpsc::sync_channel(1);
         let done: RunDone = Box::new(move |result, elapsed, parts| {
             match result {
                 Ok(outputs) => {
@@ -318,25 +328,38 @@ impl ServedTarget<'_> {
             done,
             clock: self.clock.clone(),
         };
-        let started = Instant::now();
         self.jobs
             .blocking_send(DeviceCommand::Run(job))
             .map_err(|_| gone())?;
-        for reply in replies {
+        Ok(InFlight { replies, back })
+    }
+
+    /// Waits for every reply of `batch`: when the last came, the run's time, and the parts.
+    fn finish(
+        &mut self,
+        batch: InFlight,
+    ) -> Result<(Instant, Duration, Vec<Vec<Tensor>>), RunError> {
+        for reply in batch.replies {
             reply.blocking_recv().map_err(|_| gone())??;
         }
-        let served = started.elapsed();
-        let (run, parts) = back_rx.recv().map_err(|_| gone())?;
-        Ok((served, run, parts))
+        let answered = Instant::now();
+        let (run, parts) = batch.back.recv().map_err(|_| gone())?;
+        Ok((answered, run, parts))
     }
+}
+
+fn gone() -> RunError {
+    RunError::Failed("the probe's device thread is gone".into())
 }
 
 impl Target for ServedTarget<'_> {
     fn measure(&mut self, rows: usize, deadline: Instant) -> Result<Measured, RunError> {
-        let mut parts: Vec<Vec<Tensor>> = (0..rows)
-            .map(|i| synthetic_inputs(self.info, self.dims, 1, (rows * 7919 + i) as u64))
-            .collect();
-        parts = self.serve(parts)?.2; // warm-up
+        let parts = |seed: usize| -> Vec<Vec<Tensor>> {
+            (0..rows)
+                .map(|i| synthetic_inputs(self.info, self.dims, 1, (seed * 7919 + i) as u64))
+                .collect()
+        };
+        let (first, second) = (parts(rows), parts(rows + 1));
         let started = Instant::now();
         let mut m = Measured {
             served: Vec::with_capacity(MAX_RUNS),
@@ -347,11 +370,24 @@ impl Target for ServedTarget<'_> {
             n == 0
                 || (now < deadline && (n < MIN_RUNS || (n < MAX_RUNS && now - started < RUN_TIME)))
         };
-        while more(m.served.len()) {
-            let (served, run, back) = self.serve(parts)?;
-            parts = back;
-            m.served.push(served);
+        let mut flying = std::collections::VecDeque::with_capacity(2);
+        flying.push_back(self.submit(first)?);
+        flying.push_back(self.submit(second)?);
+        // The first batch is the warm-up (a new size's first run sets up its buffers): its
+        // answer only starts the clock of the second.
+        let oldest = flying.pop_front().expect("two in flight");
+        let (mut last, _, parts) = self.finish(oldest)?;
+        if more(flying.len()) {
+            flying.push_back(self.submit(parts)?);
+        }
+        while let Some(batch) = flying.pop_front() {
+            let (answered, run, parts) = self.finish(batch)?;
+            m.served.push(answered - last);
             m.run.push(run);
+            last = answered;
+            if more(m.served.len() + flying.len()) {
+                flying.push_back(self.submit(parts)?);
+            }
         }
         Ok(m)
     }
