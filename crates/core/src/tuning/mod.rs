@@ -275,7 +275,7 @@ impl MemoryProbe {
 /// loaded device never waits for; on these virtual machines they took 0.016-0.08 ms from one
 /// start to the next, which outweighed the session's own cost per row and swung the choice
 /// from 8 to 256 for the CNN fixture, whose served rows/s at 32 clients is highest at 4-8
-/// (docs/BENCHMARKS.md, "Tuning for the server").
+/// (docs/BENCHMARKS.md, "Tuning: the smallest size that serves the most").
 struct ServedTarget<'a> {
     jobs: mpsc::Sender<DeviceCommand>,
     info: &'a ModelInfo,
