@@ -84,10 +84,10 @@ step "image ortserve:cpu: $((size / 1024 / 1024)) MiB"
 # A server that was just stopped (the quick start's) may still be draining: wait up to 30 s.
 for p in "$port" "$admin"; do
   for _ in $(seq 1 30); do
-    ss -ltn | grep -q ":$p " || break
+    grep -q ":$p " <<<"$(ss -ltn)" || break
     sleep 1
   done
-  if ss -ltn | grep -q ":$p "; then ss -ltnp | grep ":$p " >&2 || true; fail "port $p is taken on this host"; fi
+  if grep -q ":$p " <<<"$(ss -ltn)"; then grep ":$p " <<<"$(ss -ltnp)" >&2 || true; fail "port $p is taken on this host"; fi
 done
 podman rm -f "$name" >/dev/null 2>&1 || true
 mkdir -p "$work/etc"

@@ -25,11 +25,16 @@ block_pid=$!
 # gone, so whatever runs next (the container test) finds ports 8080-8082 free.
 stop() {
   kill -TERM -- "-$block_pid" 2>/dev/null || true
+  # Processes of the session still alive (a zombie waiting to be reaped does not count).
+  alive() { ps -o stat= -s "$block_pid" 2>/dev/null | grep -cv '^Z' || true; }
   for _ in $(seq 1 300); do
-    kill -0 -- "-$block_pid" 2>/dev/null || break
+    [ "$(alive)" -gt 0 ] || break
     sleep 0.1
   done
-  kill -KILL -- "-$block_pid" 2>/dev/null || true
+  if [ "$(alive)" -gt 0 ]; then
+    kill -KILL -- "-$block_pid" 2>/dev/null || true
+    sleep 0.5
+  fi
   rm -rf "$work"
 }
 trap stop EXIT

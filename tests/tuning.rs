@@ -332,8 +332,9 @@ fn the_probe_stays_within_max_duration() {
     assert!(ok, "{stderr}");
     let d = &results["cnn"][0];
     assert!(d["reason"].as_str().unwrap().contains("time limit"), "{d}");
-    // No run starts after the limit; the one running then finishes (and a size's warm-up run),
-    // and reading memory takes a little: at most two served batches of the largest size, and
+    // No run starts after the limit; the one running then finishes and the one queued behind it
+    // (or a size's warm-up and its first timed batch), and reading memory takes a little: at
+    // most two served batches of the largest size, and
     // 5 ms for a busy machine's scheduling (7.2 ms against 5.4 ms allowed once, in a CI run
     // beside other tests). The sweep left alone would go on to sizes of hundreds of rows.
     let longest = d["probes"]

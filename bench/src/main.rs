@@ -58,10 +58,10 @@ struct Cli {
     oracle_models: Vec<String>,
     /// Scenario g's fixed caps, e.g. `1,4` (default: 1, 2, 4, … up to the probe's largest
     /// good size). With `--oracle-clients 1`, a quick look at one-client latency.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=65_536))]
     oracle_caps: Vec<u64>,
     /// Scenario g's client counts: `1`, `32` or both (default: both).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = oracle_clients)]
     oracle_clients: Vec<usize>,
     /// Scenario g's rounds (each line's median is reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
@@ -158,6 +158,15 @@ fn main() -> ExitCode {
             eprintln!("ortserve-bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Scenario g measures one client and 32 clients.
+fn oracle_clients(s: &str) -> Result<usize, String> {
+    match s {
+        "1" => Ok(1),
+        "32" => Ok(32),
+        _ => Err(format!("{s:?}: scenario g measures 1 or 32 clients")),
     }
 }
 

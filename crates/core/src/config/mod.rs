@@ -728,8 +728,9 @@ pub struct TuningConfig {
     /// Unset: only the headroom counts.
     #[serde(default)]
     pub memory_budget: Option<ByteSize>,
-    /// Largest median time of one batch as served (hand-off, run, split, replies); larger
-    /// sizes are not chosen, and `refine` does not move the cap to them.
+    /// Largest median time of one batch as served (the run, the split and the replies, with the
+    /// next batch queued as under load); larger sizes are not chosen, and `refine` does not
+    /// move the cap to them.
     #[serde(default)]
     pub latency_budget: Option<Dur>,
     /// Largest size probed.

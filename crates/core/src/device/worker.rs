@@ -144,7 +144,7 @@ fn worker_loop(
 
 /// The worker loop over a borrowed runner, without padding or rebuilds: the startup probe runs
 /// its timed batches through it on a thread of its own (`tuning`), so what it measures is the
-/// device thread's path: the hand-off, the run, the split and the replies.
+/// device thread's path: the run, the split and the replies, and the hand-offs it waits for.
 pub(crate) fn serve_borrowed(runner: &mut dyn ModelRunner, mut rx: mpsc::Receiver<DeviceCommand>) {
     while let Some(DeviceCommand::Run(job)) = rx.blocking_recv() {
         run_job(runner, None, job);

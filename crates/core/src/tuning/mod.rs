@@ -360,6 +360,10 @@ impl Target for ServedTarget<'_> {
                 .collect()
         };
         let (first, second) = (parts(rows), parts(rows + 1));
+        // The warm-up runs alone (a new size's first run sets up its buffers): a size that
+        // fails, out of memory say, fails here with nothing queued behind it.
+        let warm_up = self.submit(first)?;
+        let (mut last, _, first) = self.finish(warm_up)?;
         let started = Instant::now();
         let mut m = Measured {
             served: Vec::with_capacity(MAX_RUNS),
@@ -370,18 +374,24 @@ impl Target for ServedTarget<'_> {
             n == 0
                 || (now < deadline && (n < MIN_RUNS || (n < MAX_RUNS && now - started < RUN_TIME)))
         };
+        // The first timed batch is timed from the warm-up's answer, so it holds a hand-off;
+        // the ones after it were queued while the batch before them ran.
         let mut flying = std::collections::VecDeque::with_capacity(2);
         flying.push_back(self.submit(first)?);
-        flying.push_back(self.submit(second)?);
-        // The first batch is the warm-up (a new size's first run sets up its buffers): its
-        // answer only starts the clock of the second.
-        let oldest = flying.pop_front().expect("two in flight");
-        let (mut last, _, parts) = self.finish(oldest)?;
-        if more(flying.len()) {
-            flying.push_back(self.submit(parts)?);
+        if more(1) {
+            flying.push_back(self.submit(second)?);
         }
         while let Some(batch) = flying.pop_front() {
-            let (answered, run, parts) = self.finish(batch)?;
+            let (answered, run, parts) = match self.finish(batch) {
+                Ok(done) => done,
+                Err(e) => {
+                    // Nothing is left running when the sweep goes on.
+                    for batch in flying {
+                        let _ = self.finish(batch);
+                    }
+                    return Err(e);
+                }
+            };
             m.served.push(answered - last);
             m.run.push(run);
             last = answered;
@@ -593,6 +603,100 @@ mod tests {
                 dims,
             }],
         }
+    }
+
+    /// Sleeps `ms` a run and fails, as ONNX Runtime does out of memory, from `oom_rows` rows;
+    /// counts its runs.
+    struct Slow {
+        ms: u64,
+        oom_rows: usize,
+        runs: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl crate::device::ModelRunner for Slow {
+        fn run(&mut self, parts: &[Vec<Tensor>]) -> Result<Vec<Tensor>, RunError> {
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(self.ms));
+            if parts.len() >= self.oom_rows {
+                return Err(RunError::Failed(
+                    "Failed to allocate memory for requested buffer".into(),
+                ));
+            }
+            let firsts: Vec<&Tensor> = parts.iter().map(|p| &p[0]).collect();
+            Ok(vec![Tensor::concat(&firsts).expect("same shapes")])
+        }
+    }
+
+    /// No memory to read: `measure` does not read it.
+    struct NoMemory;
+    impl crate::device::memory::DeviceMemory for NoMemory {
+        fn name(&self) -> String {
+            "none".into()
+        }
+        fn read(&self) -> MemoryReading {
+            MemoryReading {
+                used: 0,
+                limit: None,
+            }
+        }
+    }
+
+    /// Runs `f` against a [`ServedTarget`] over `runner` on a probe thread, as `tune_device`
+    /// does; returns what `f` returned once the thread has ended.
+    fn with_target<R>(mut runner: Slow, f: impl FnOnce(&mut ServedTarget<'_>) -> R) -> R {
+        let m = info(vec![-1, 2], DataType::F32);
+        let dims = vec![vec![2]];
+        let memory = MemoryProbe(Box::new(NoMemory));
+        std::thread::scope(|scope| {
+            let (jobs, rx) = mpsc::channel(1);
+            let worker = scope.spawn(move || crate::device::serve_borrowed(&mut runner, rx));
+            let mut target = ServedTarget {
+                jobs,
+                info: &m,
+                dims: &dims,
+                memory: &memory,
+                clock: Arc::default(),
+            };
+            let out = f(&mut target);
+            drop(target);
+            worker.join().unwrap();
+            out
+        })
+    }
+
+    #[test]
+    fn a_size_is_timed_after_a_warm_up_and_leaves_nothing_running() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = || runs.load(std::sync::atomic::Ordering::SeqCst);
+        let slow = |oom_rows| Slow {
+            ms: 2,
+            oom_rows,
+            runs: runs.clone(),
+        };
+        // Enough time: 3 to 25 timed batches, each run once, after one warm-up.
+        let m = with_target(slow(usize::MAX), |t| {
+            t.measure(4, Instant::now() + Duration::from_secs(30))
+        })
+        .unwrap();
+        assert!((MIN_RUNS..=MAX_RUNS).contains(&m.served.len()), "{m:?}");
+        assert_eq!(count(), m.served.len() + 1);
+        assert!(
+            m.run.iter().all(|r| *r >= Duration::from_millis(2)),
+            "{m:?}"
+        );
+        // A size that fails fails in its warm-up, alone: one run, no second one queued.
+        runs.store(0, std::sync::atomic::Ordering::SeqCst);
+        let e = with_target(slow(4), |t| {
+            t.measure(4, Instant::now() + Duration::from_secs(30))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("Failed to allocate memory"), "{e}");
+        assert_eq!(count(), 1);
+        // Past the deadline: the warm-up and one timed batch.
+        runs.store(0, std::sync::atomic::Ordering::SeqCst);
+        let m = with_target(slow(usize::MAX), |t| t.measure(4, Instant::now())).unwrap();
+        assert_eq!(m.served.len(), 1);
+        assert_eq!(count(), 2);
     }
 
     #[test]
