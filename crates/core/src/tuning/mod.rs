@@ -294,7 +294,7 @@ const RUN_TIME: Duration = Duration::from_millis(200);
 type Reply = Result<Vec<Tensor>, RunError>;
 
 /// A batch handed to the probe's device thread, not yet answered.
-struct InFlight {
+struct Pending {
     replies: Vec<oneshot::Receiver<Reply>>,
     /// The run's time on the device thread and the parts, given back after the replies.
     back: std::sync::mpsc::Receiver<(Duration, Vec<Vec<Tensor>>)>,
@@ -302,7 +302,7 @@ struct InFlight {
 
 impl ServedTarget<'_> {
     /// Hands a batch of `parts` to the device thread (waiting while its queue is full).
-    fn submit(&mut self, parts: Vec<Vec<Tensor>>) -> Result<InFlight, RunError> {
+    fn submit(&mut self, parts: Vec<Vec<Tensor>>) -> Result<Pending, RunError> {
         let (senders, replies): (Vec<_>, Vec<_>) = (0..parts.len())
             .map(|_| oneshot::channel::<Reply>())
             .unzip();
@@ -331,13 +331,13 @@ impl ServedTarget<'_> {
         self.jobs
             .blocking_send(DeviceCommand::Run(job))
             .map_err(|_| gone())?;
-        Ok(InFlight { replies, back })
+        Ok(Pending { replies, back })
     }
 
     /// Waits for every reply of `batch`: when the last came, the run's time, and the parts.
     fn finish(
         &mut self,
-        batch: InFlight,
+        batch: Pending,
     ) -> Result<(Instant, Duration, Vec<Vec<Tensor>>), RunError> {
         for reply in batch.replies {
             reply.blocking_recv().map_err(|_| gone())??;
