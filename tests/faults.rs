@@ -232,6 +232,14 @@ async fn a_panicking_session_is_rebuilt_and_the_server_keeps_serving() {
     let uri = "/v2/models/panicky/infer";
     let reply = post_json(&router, uri, &one(666.0)).await;
     reply.assert_status(StatusCode::INTERNAL_SERVER_ERROR.as_u16());
+    // The failed part is answered before the device thread rebuilds its session (a client does
+    // not wait for the rebuild), so the rebuild may come a moment after the answer.
+    for _ in 0..500 {
+        if built.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         built.load(Ordering::SeqCst),
         1,
