@@ -106,6 +106,7 @@ pub async fn load_one(
     let mut runners = Vec::new();
     let mut results = Vec::new();
     let mut info: Option<ModelInfo> = None;
+    let prefer = prefer_for(&plans);
     for plan in plans {
         let name = match plan.instance {
             0 => plan.device.clone(),
@@ -123,6 +124,7 @@ pub async fn load_one(
             name: name.clone(),
             runtime_version: runtime_version.to_string(),
             runtime: config.runtime.clone(),
+            prefer,
             served: served.and_then(|s| {
                 let t = s.tuning().iter().find(|t| t.device == name)?;
                 Some((s.info().clone(), t.clone()))
@@ -239,8 +241,30 @@ struct Slot {
     runtime_version: String,
     /// What the device's execution provider needs to find it (`CUDA_VISIBLE_DEVICES`).
     runtime: config::RuntimeConfig,
+    /// Which end of the sizes the probe finds tied to choose.
+    prefer: tuning::Prefer,
     /// On a reload: the replaced version's inputs and outputs and this device's tuning.
     served: Option<(ModelInfo, DeviceTuning)>,
+}
+
+/// Whether a model's CPU sessions take every core this process may use (their intra-op threads
+/// together, against `available_parallelism`: the affinity mask and the cgroup's CPU quota).
+/// Then request handling runs on the device's cores and the probe takes the larger of the sizes
+/// it finds tied; a GPU's sessions have no such threads.
+fn prefer_for(plans: &[device::DevicePlan]) -> tuning::Prefer {
+    let threads = plans
+        .iter()
+        .map(|p| match p.kind {
+            device::DeviceKind::Cpu {
+                intra_op_threads, ..
+            } => intra_op_threads,
+            _ => 0,
+        })
+        .sum();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    tuning::Prefer::for_threads(threads, cores)
 }
 
 /// What a panic's rebuild needs to open the same session again.
@@ -261,6 +285,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
         name,
         runtime_version,
         runtime,
+        prefer,
         served,
     } = slot;
     let runtime_version = runtime_version.as_str();
@@ -304,6 +329,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 info: &info,
                 dim_names: &dim_names,
                 config: &m.tuning,
+                prefer,
                 runtime_version,
                 memory: &memory,
                 // Only for a model with the same inputs and outputs.

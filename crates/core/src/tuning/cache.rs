@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::config::TuningConfig;
 use crate::device::DevicePlan;
 
-use super::DeviceTuning;
+use super::{DeviceTuning, Prefer};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -36,8 +36,9 @@ pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
 const PROBE_METHOD: u32 = 3;
 
 /// The key: model sha256, device name and kind (threads on CPU; on CUDA the GPU's NVML name,
-/// `gpu`), runtime release, ortserve's version (the probe may change between versions), and
-/// every tuning setting that changes the result. `None` when the model file cannot be read.
+/// `gpu`), runtime release, ortserve's version (the probe may change between versions), every
+/// tuning setting that changes the result, and which end of the tied sizes is chosen (it
+/// follows the cores the process may use). `None` when the model file cannot be read.
 pub(crate) fn cache_key(
     model: &Path,
     device: &str,
@@ -45,6 +46,7 @@ pub(crate) fn cache_key(
     gpu: Option<&str>,
     runtime: &str,
     cfg: &TuningConfig,
+    prefer: Prefer,
 ) -> Option<String> {
     let sha = file_sha256(model).ok()?;
     let settings = serde_json::json!({
@@ -54,6 +56,7 @@ pub(crate) fn cache_key(
         "max_batch_cap": cfg.max_batch_cap,
         "max_duration_ms": cfg.max_duration.0.as_millis() as u64,
         "dims": cfg.dims,
+        "prefer": prefer,
     });
     Some(format!(
         "model={sha} device={device} kind={:?} gpu={} ort={runtime} ortserve={} probe={PROBE_METHOD} settings={settings}",
@@ -275,6 +278,7 @@ mod tests {
             duration_ms: 1.0,
             fixed_cost_ms: 0.5,
             max_good: 4,
+            prefer: Some(Prefer::Smaller),
             key: None,
             warmup: Vec::new(),
         }
@@ -370,8 +374,16 @@ mod tests {
                 spinning: false,
             },
         };
-        let key = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg).unwrap();
+        let key = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, Prefer::Smaller).unwrap();
         assert!(key.contains(" probe=3 "), "{key}");
+        // The other end of the tied sizes is another result.
+        let larger = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, Prefer::Larger).unwrap();
+        assert_ne!(key, larger);
+        store(&cfg, &larger, &result(4)).unwrap();
+        assert!(
+            load(&cfg, &key).is_none(),
+            "a result for the other end is not read"
+        );
         let old_key = key.replace(" probe=3", "");
         let method_2_key = key.replace(" probe=3 ", " probe=2 ");
         store(&cfg, &method_2_key, &result(4)).unwrap();

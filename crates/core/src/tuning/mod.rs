@@ -28,7 +28,7 @@ pub use crate::device::process_rss;
 pub(crate) use cache::cache_key;
 pub use cache::SharedResult;
 pub(crate) use probe::{Limits, Measured, Target};
-pub use probe::{MemoryReading, Outcome, Probe, ProbeError};
+pub use probe::{MemoryReading, Outcome, Prefer, Probe, ProbeError};
 
 /// Where a device's batch size came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +72,10 @@ pub struct DeviceTuning {
     /// may raise the size to under load (`tuning.refine`). 0 when not probed.
     #[serde(default)]
     pub max_good: usize,
+    /// Which end of the sizes within 3% of the most served rows/s was chosen, and so whether
+    /// the device's threads took every core (`larger`); unset when not probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefer: Option<Prefer>,
     /// What the result was measured for (see `tuning.results_file`); unset when not probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -101,6 +105,7 @@ impl DeviceTuning {
             duration_ms: 0.0,
             fixed_cost_ms: 0.0,
             max_good: 0,
+            prefer: None,
             key: None,
             warmup: Vec::new(),
         }
@@ -417,6 +422,8 @@ pub(crate) struct TuneRequest<'a> {
     pub info: &'a ModelInfo,
     pub dim_names: &'a [Vec<String>],
     pub config: &'a TuningConfig,
+    /// Which end of the tied sizes to choose (see [`Prefer::for_threads`]).
+    pub prefer: Prefer,
     pub runtime_version: &'a str,
     pub memory: &'a MemoryProbe,
     /// On a reload: this device's result for the version being replaced, used when the cache
@@ -447,6 +454,7 @@ pub(crate) fn tune_device(
         gpu.as_deref(),
         req.runtime_version,
         req.config,
+        req.prefer,
     );
     if let (false, Some(k)) = (req.config.force, &key) {
         if let Some(path) = &req.config.results_file {
@@ -502,6 +510,7 @@ pub(crate) fn tune_device(
         latency_budget: req.config.latency_budget.map(|d| d.0),
         max_batch_cap: req.config.max_batch_cap,
         max_duration: req.config.max_duration.0,
+        prefer: req.prefer,
     };
     // The runner is lent to a device thread for the sweep and comes back when it ends.
     let sweep = std::thread::scope(|scope| {
@@ -538,6 +547,7 @@ pub(crate) fn tune_device(
         duration_ms: sweep.duration_ms,
         fixed_cost_ms: sweep.fixed_cost_ms,
         max_good: sweep.max_good,
+        prefer: Some(req.prefer),
         key: key.clone(),
         warmup: Vec::new(),
     };

@@ -37,6 +37,32 @@ pub(crate) struct Limits {
     pub latency_budget: Option<Duration>,
     pub max_batch_cap: usize,
     pub max_duration: Duration,
+    pub prefer: Prefer,
+}
+
+/// Which of the sizes within [`CHOICE_TOLERANCE`] of the most served rows/s is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prefer {
+    /// The smallest: cores are left for request handling beside the device, and a smaller cap
+    /// keeps the two working at once.
+    Smaller,
+    /// The largest: the device's threads take every core the process may use, so request
+    /// handling runs on the device's cores and what a batch's hand-offs cost comes out of the
+    /// rows the device serves.
+    Larger,
+}
+
+impl Prefer {
+    /// For a model whose CPU sessions have `threads` intra-op threads in all, in a process that
+    /// may use `cores` cores (its affinity and cgroup quota, as the standard library reads them).
+    pub fn for_threads(threads: usize, cores: usize) -> Prefer {
+        if threads >= cores.max(1) {
+            Prefer::Larger
+        } else {
+            Prefer::Smaller
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,12 +283,16 @@ impl<T: Target> Sweeper<'_, T> {
 /// after two sizes in a row that serve more than 5% fewer rows/s than the best so far while
 /// their session run is at least half their served time, or
 /// before the time limit; then bisects between the last good and the first failing size. The
-/// choice is the smallest good size within 3% of the most served rows/s: once the device serves
-/// no more rows/s, a larger cap only lets a closed-loop load's requests merge into fewer, larger
+/// choice is a good size within 3% of the most served rows/s, the smallest or the largest of
+/// them as `limits.prefer` says. With cores left for request handling, once the device serves
+/// no more rows/s a larger cap only lets a closed-loop load's requests merge into fewer, larger
 /// batches, which the device runs while the rest of the server waits (the CNN fixture at 32
-/// clients: caps 16-256, within 1-3% of size 4 in the probe, served 0.77-0.82 of cap 4's
-/// rows/s, with 0.4 of a core idle; docs/BENCHMARKS.md). A flood that fills larger batches
-/// loses at most the 3% (and `tuning.refine` may raise the cap under it).
+/// clients, one ONNX Runtime thread on two cores: caps 16-256, within 1-3% of size 4 in the
+/// probe, served 0.77-0.82 of cap 4's rows/s, with 0.4 of a core idle; docs/BENCHMARKS.md). A
+/// flood that fills larger batches loses at most the 3% (and `tuning.refine` may raise the cap
+/// under it). When the device's threads take every core, request handling shares them, and a
+/// larger batch leaves more of them to the device (the same fixture on one core: cap 32 served
+/// 1.07 times cap 4).
 pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeError> {
     let started = Instant::now();
     let baseline = target.memory().used;
@@ -376,17 +406,25 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
                 .total_cmp(&b.served_rows_per_second)
         })
         .expect("batch 1 ran");
-    let chosen = good
-        .iter()
-        .find(|p| p.served_rows_per_second >= top.served_rows_per_second * (1.0 - CHOICE_TOLERANCE))
-        .copied()
-        .unwrap_or(top);
+    let tied = |p: &&&Probe| {
+        p.served_rows_per_second >= top.served_rows_per_second * (1.0 - CHOICE_TOLERANCE)
+    };
+    let chosen = match limits.prefer {
+        Prefer::Smaller => good.iter().find(tied),
+        Prefer::Larger => good.iter().rev().find(tied),
+    }
+    .copied()
+    .unwrap_or(top);
     let mut costs: Vec<f64> = good.iter().map(|p| p.served_ms - p.latency_ms).collect();
     costs.sort_by(f64::total_cmp);
     let fixed_cost_ms = costs.get(costs.len() / 2).copied().unwrap_or(0.0).max(0.0);
+    let end = match limits.prefer {
+        Prefer::Smaller => "smallest size (cores are left for request handling)",
+        Prefer::Larger => "largest size (the device's threads take every core)",
+    };
     let reason = format!(
-        "{} served rows/s ({:.3} ms a batch, {:.3} ms of it the session run): the smallest \
-         size within {:.0}% of the most served rows/s ({} at size {}); sweep stopped: {stop}",
+        "{} served rows/s ({:.3} ms a batch, {:.3} ms of it the session run): the {end} \
+         within {:.0}% of the most served rows/s ({} at size {}); sweep stopped: {stop}",
         chosen.served_rows_per_second.round(),
         chosen.served_ms,
         chosen.latency_ms,
@@ -474,6 +512,7 @@ mod tests {
             latency_budget: None,
             max_batch_cap: 256,
             max_duration: Duration::from_secs(60),
+            prefer: Prefer::Smaller,
         }
     }
 
@@ -539,7 +578,7 @@ mod tests {
         assert_eq!(s.max_good, 256);
         assert!(
             s.reason
-                .contains("smallest size within 3% of the most served rows/s (9269 at size 64)"),
+                .contains("smallest size (cores are left for request handling) within 3% of the most served rows/s (9269 at size 64)"),
             "{}",
             s.reason
         );
@@ -552,6 +591,55 @@ mod tests {
             "{}",
             s.reason
         );
+    }
+
+    #[test]
+    fn the_largest_size_within_the_tolerance_is_chosen_when_the_device_takes_every_core() {
+        // The same device: 32 (9011), 64 (9269) and 128 (9196) are within 3% of the most; 256
+        // (8773) is not.
+        let mut d = device(flat_top, 0.0);
+        let s = sweep(
+            &mut d,
+            &Limits {
+                prefer: Prefer::Larger,
+                ..limits()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.chosen, 128);
+        assert!(
+            s.reason.contains("largest size (the device's threads take every core) within 3% of the most served rows/s (9269 at size 64)"),
+            "{}",
+            s.reason
+        );
+        // A latency budget still cuts it: 128's batch takes 13.9 ms, over 10 ms; bisecting
+        // between 64 and 128 finds 92 (9.92 ms, 9274 rows/s), the largest within the budget.
+        let mut d = device(flat_top, 0.0);
+        let s = sweep(
+            &mut d,
+            &Limits {
+                prefer: Prefer::Larger,
+                latency_budget: Some(Duration::from_millis(10)),
+                ..limits()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.chosen, 92);
+        assert!(s
+            .probes
+            .iter()
+            .any(|p| p.batch == 128 && p.outcome == Outcome::OverLatencyBudget));
+    }
+
+    #[test]
+    fn the_device_takes_every_core_when_its_threads_are_as_many_as_the_cores() {
+        assert_eq!(Prefer::for_threads(1, 1), Prefer::Larger);
+        assert_eq!(Prefer::for_threads(2, 2), Prefer::Larger);
+        assert_eq!(Prefer::for_threads(3, 2), Prefer::Larger);
+        assert_eq!(Prefer::for_threads(1, 2), Prefer::Smaller);
+        // A GPU session has no intra-op threads: the cores are left to request handling.
+        assert_eq!(Prefer::for_threads(0, 1), Prefer::Smaller);
+        assert_eq!(Prefer::for_threads(0, 0), Prefer::Smaller);
     }
 
     /// An MLP-like device: runs of 0.006-0.057 ms, 0.03 ms of hand-offs a batch, and 0.3 ms
