@@ -88,6 +88,7 @@ pub struct Options {
     pub oracle_models: Vec<String>,
     /// Scenario g's rounds: every line is measured once a round and reported as the median.
     pub oracle_rounds: usize,
+    pub oracle_threads: usize,
     /// Scenario g's fixed caps (empty: every power of two up to the probe's largest good size).
     pub oracle_caps: Vec<u64>,
     /// Scenario g's client counts (empty: 1 and 32).
@@ -878,7 +879,8 @@ fn tuned(
     Ok((n("chosen")?, n("max_good")?, n("max_batch_size_now")?))
 }
 
-/// (g) The batch-size oracle (issue 25): for each fixture model, one ONNX Runtime thread, binary
+/// (g) The batch-size oracle (issue 25): for each fixture model, `--oracle-threads` ONNX Runtime
+/// threads (one by default), binary
 /// V2 requests of one row, 32 clients: the served rows/s with `max_batch_size: auto` (probed at
 /// each start, `tuning.refine` on) against every fixed cap 1, 2, 4, … up to the probe's largest
 /// good size; and the p50 at one client with `auto` against fixed cap 1 (and the largest cap).
@@ -899,7 +901,8 @@ fn oracle(rt: &tokio::runtime::Runtime, o: &Options) -> Result<Vec<Row>, String>
         }
         let cfg = |batch: &str| {
             format!(
-                "server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: 1}}\nmodels: [{{name: {name}, path: {name}.onnx, devices: cpu, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}, tuning: {{force: true, cache_dir: '{}'}}}}]",
+                "server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: {}}}\nmodels: [{{name: {name}, path: {name}.onnx, devices: cpu, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}, tuning: {{force: true, cache_dir: '{}'}}}}]",
+                o.oracle_threads,
                 cache.display()
             )
         };
@@ -1267,6 +1270,7 @@ mod tests {
             setup_dir: PathBuf::new(),
             oracle_models: Vec::new(),
             oracle_rounds: 1,
+            oracle_threads: 1,
             oracle_caps: Vec::new(),
             oracle_clients: Vec::new(),
         }
