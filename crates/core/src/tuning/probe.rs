@@ -55,12 +55,13 @@ pub enum Prefer {
 
 impl Prefer {
     /// Sizes that serve within this fraction of the most rows/s count as tied. Taking the
-    /// smallest, it is wide: the probe's figures for one size move by 3-7% from one start to
-    /// the next, a flat top's far end then won by that much (the CNN fixture, one thread on two
-    /// cores, chose 128 or 256 in 2 of 10 starts, with size 4 6-7% under them), and there a cap
-    /// above the best served 0.77-0.85 of it at 32 clients, where a flood loses at most the 10%
-    /// to a smaller cap (and `tuning.refine` raises it when full batches serve more). Taking the
-    /// largest, it is 3%, the noise alone: further down, the device's own rows/s fall.
+    /// smallest, it is wide: one size's figure moves by up to 10% from one start to the next
+    /// (the CNN fixture's size 4, one thread on two cores: 42.5k-47.0k rows/s in five starts),
+    /// and within 3% that fixture was given a flat top's far end (8 to 256) in 7 of 16 starts,
+    /// where a cap above the best served 0.77-0.85 of it at 32 clients; a flood loses at most
+    /// the 10% to a smaller cap (and `tuning.refine` raises it when full batches serve more).
+    /// Taking the largest, it is 3%, the noise alone: a size further under the most is slower
+    /// on the device itself.
     pub fn tolerance(self) -> f64 {
         match self {
             Prefer::Smaller => 0.10,
