@@ -44,7 +44,7 @@ pub struct Metrics {
     /// The batch cap each device runs at now: the startup size, or what `tuning.refine` moved it
     /// to under load, by model and device.
     pub max_batch: IntGaugeVec,
-    /// Changes of a device's cap by `tuning.refine`, by model, device and why (try, keep, back).
+    /// Changes of a device's cap by `tuning.refine`, by model, device and why (try, check, keep, back).
     pub cap_changes: IntCounterVec,
     /// Decode + resize + normalize time of one uploaded image, by model.
     pub preprocess_duration: HistogramVec,
