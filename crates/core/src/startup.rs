@@ -106,7 +106,8 @@ pub async fn load_one(
     let mut runners = Vec::new();
     let mut results = Vec::new();
     let mut info: Option<ModelInfo> = None;
-    let prefer = prefer_for(&plans);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = plans.clone();
     for plan in plans {
         let name = match plan.instance {
             0 => plan.device.clone(),
@@ -118,6 +119,7 @@ pub async fn load_one(
             pinned_inputs: m.cuda.pinned_inputs,
             conv_search: m.cuda.cudnn_conv_algo_search,
         };
+        let prefer = prefer_for(&plan, &all, cores);
         let job = Slot {
             model: m.clone(),
             plan,
@@ -247,24 +249,27 @@ struct Slot {
     served: Option<(ModelInfo, DeviceTuning)>,
 }
 
-/// Whether a model's CPU sessions take every core this process may use (their intra-op threads
-/// together, against `available_parallelism`: the affinity mask and the cgroup's CPU quota).
-/// Then request handling runs on the device's cores and the probe takes the larger of the sizes
-/// it finds tied; a GPU's sessions have no such threads.
-fn prefer_for(plans: &[device::DevicePlan]) -> tuning::Prefer {
-    let threads = plans
-        .iter()
-        .map(|p| match p.kind {
-            device::DeviceKind::Cpu {
-                intra_op_threads, ..
-            } => intra_op_threads,
-            _ => 0,
-        })
-        .sum();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    tuning::Prefer::for_threads(threads, cores)
+/// Which end of the tied sizes `plan`'s probe takes. A CPU session takes the larger when its
+/// model's CPU sessions together have as many intra-op threads as this process may use cores
+/// (`cores`: `available_parallelism`, the affinity mask and the cgroup's CPU quota): request
+/// handling then runs on the device's cores. Other models' sessions are not counted: they are
+/// idle unless their own load runs. A device that computes off the CPU (CUDA) leaves the cores
+/// to request handling.
+fn prefer_for(
+    plan: &device::DevicePlan,
+    plans: &[device::DevicePlan],
+    cores: usize,
+) -> tuning::Prefer {
+    let cpu_threads = |p: &device::DevicePlan| match p.kind {
+        device::DeviceKind::Cpu {
+            intra_op_threads, ..
+        } => Some(intra_op_threads),
+        _ => None,
+    };
+    if cpu_threads(plan).is_none() {
+        return tuning::Prefer::Smaller;
+    }
+    tuning::Prefer::for_threads(plans.iter().filter_map(cpu_threads).sum(), cores)
 }
 
 /// What a panic's rebuild needs to open the same session again.
@@ -560,4 +565,45 @@ pub fn new_state(config: &Config) -> Arc<AppState> {
         state.lifecycle().want(&m.name, vec![m.version.clone()]);
     }
     state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuning::Prefer;
+
+    fn cpu(instance: usize, threads: usize) -> device::DevicePlan {
+        device::DevicePlan {
+            device: "cpu:0".into(),
+            instance,
+            kind: device::DeviceKind::Cpu {
+                intra_op_threads: threads,
+                spinning: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_model_whose_cpu_sessions_take_every_core_prefers_the_larger_size() {
+        // One session, one thread: larger on one core, smaller on two.
+        let one = [cpu(0, 1)];
+        assert_eq!(prefer_for(&one[0], &one, 1), Prefer::Larger);
+        assert_eq!(prefer_for(&one[0], &one, 2), Prefer::Smaller);
+        // Two instances of one thread each take two cores together.
+        let two = [cpu(0, 1), cpu(1, 1)];
+        assert_eq!(prefer_for(&two[1], &two, 2), Prefer::Larger);
+        assert_eq!(prefer_for(&two[1], &two, 4), Prefer::Smaller);
+        // A GPU beside a CPU session that takes every core leaves the cores to request
+        // handling for its own batches.
+        let mixed = [
+            cpu(0, 2),
+            device::DevicePlan {
+                device: "cuda:0".into(),
+                instance: 0,
+                kind: device::DeviceKind::Cuda { id: 0 },
+            },
+        ];
+        assert_eq!(prefer_for(&mixed[0], &mixed, 2), Prefer::Larger);
+        assert_eq!(prefer_for(&mixed[1], &mixed, 2), Prefer::Smaller);
+    }
 }

@@ -182,7 +182,7 @@ pub struct RefineReport {
     /// The largest size the probe ran within its limits: the cap never goes above it.
     pub ceiling: usize,
     pub changes_total: u64,
-    /// The last 16 changes, oldest first.
+    /// The last 32 changes, oldest first.
     pub changes: Vec<CapChange>,
 }
 

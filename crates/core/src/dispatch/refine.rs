@@ -23,8 +23,8 @@ use tokio::time::Instant;
 pub(crate) const HYSTERESIS: f64 = 0.05;
 /// Longest wait between tries, in windows.
 const MAX_BACKOFF: u32 = 64;
-/// Changes kept for the tuning report.
-const LOG: usize = 16;
+/// Changes kept for the tuning report (a kept step takes four: try, check, try, keep).
+const LOG: usize = 32;
 /// Two windows at one cap this far apart in rows/s mean that something changed.
 const SHIFT: f64 = 0.2;
 
@@ -132,7 +132,7 @@ impl Refiner {
         self.cap
     }
 
-    /// Changes so far (all of them, though the log keeps the last 16).
+    /// Changes so far (all of them, though the log keeps the last 32).
     pub(crate) fn changed(&self) -> u64 {
         self.changed
     }
@@ -247,7 +247,13 @@ impl Refiner {
             // The cap did not limit most batches: the load is not enough to judge by, and
             // windows before and after it are not comparable.
             self.last = None;
-            self.check = None;
+            if let Some((_, up)) = self.check.take() {
+                // The load fell while the cap the step left was measured again: the step is
+                // not judged, and waits as one that went back.
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.wait = self.backoff;
+                self.up = !up;
+            }
             return self.step.take().map(|step| self.back(step, rate, now));
         }
         if let Some(step) = self.step.take() {
@@ -432,6 +438,50 @@ mod tests {
         let whys = whys_until(&mut r, |cap, _| 0.2 + cap as f64 * 0.1, "keep").await;
         assert_eq!(whys, ["try", "check", "try", "keep"]);
         assert_eq!(r.cap(), 8);
+    }
+
+    /// A check window whose batches were not full leaves the step unjudged and backs off, like
+    /// a step that went back: a load that fills the larger cap but not the smaller one does
+    /// not make the refiner try the same step every other window.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_the_load_did_not_fill_backs_off() {
+        let mut r = Refiner::new(settings(4, 64), Instant::now());
+        let whys = whys_until(
+            &mut r,
+            |cap, lucky| cap as f64 * 0.1 * if cap == 8 && lucky { 0.9 } else { 1.0 },
+            "check",
+        )
+        .await;
+        assert_eq!(whys, ["try", "check"]);
+        assert_eq!(r.cap(), 4);
+        // A window at 4 of batches under the cap: not judged, and the next try waits.
+        let mut ended = 0;
+        while ended == 0 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            assert_eq!(
+                r.observe(1, 4, Duration::from_millis(1), Instant::now()),
+                None
+            );
+            ended += u32::from(r.batches == 0);
+        }
+        assert!(r.check.is_none());
+        assert_eq!((r.backoff, r.wait), (2, 2));
+        // Full again: two windows at 4 before the next try.
+        let mut windows_before_try = 0;
+        loop {
+            let d = Duration::from_secs_f64(0.4 / 1e3);
+            tokio::time::advance(d).await;
+            let before = r.batches;
+            if let Some(c) = r.observe(4, 4, d, Instant::now()) {
+                assert_eq!(c.why, "try");
+                windows_before_try += 1;
+                break;
+            }
+            if r.batches < before {
+                windows_before_try += 1;
+            }
+        }
+        assert_eq!(windows_before_try, 2);
     }
 
     /// Below the cap the load is not sustained: no window is judged, and a step in progress

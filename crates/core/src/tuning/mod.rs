@@ -72,8 +72,9 @@ pub struct DeviceTuning {
     /// may raise the size to under load (`tuning.refine`). 0 when not probed.
     #[serde(default)]
     pub max_good: usize,
-    /// Which end of the sizes within 3% of the most served rows/s was chosen, and so whether
-    /// the device's threads took every core (`larger`); unset when not probed.
+    /// Which end of the sizes tied with the most served rows/s was chosen (within 10%,
+    /// `smaller`, or 3%, `larger`: the model's CPU sessions took every core); unset when not
+    /// probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer: Option<Prefer>,
     /// What the result was measured for (see `tuning.results_file`); unset when not probed.
@@ -477,7 +478,8 @@ pub(crate) fn tune_device(
                 cache::Shared::NoMatch { entries } => tracing::info!(
                     file = %path.display(), model = req.model, device = req.device, entries,
                     "tuning.results_file has no result for this key (model file, device, ONNX \
-                     Runtime, ortserve version or tuning settings differ); probing"
+                     Runtime, ortserve version, tuning settings or prefer, which follows the \
+                     cores this process may use, differ); probing"
                 ),
                 cache::Shared::Unreadable(e) => tracing::warn!(
                     file = %path.display(), error = %e,
