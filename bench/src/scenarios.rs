@@ -889,7 +889,10 @@ fn tuned(
 /// servers reversed every other round) and reported as its median; `auto` is compared with the
 /// best of the fixed caps' medians. Pinning comes from `--server-cores`/`--client-cores`.
 fn oracle(rt: &tokio::runtime::Runtime, o: &Options) -> Result<Vec<Row>, String> {
-    let cache = o.out_dir.join("oracle-tuning-cache");
+    // Absolute: the servers' relative paths resolve against the fixtures folder, and a
+    // relative cache folder would land in tests/fixtures.
+    let cache = std::path::absolute(o.out_dir.join("oracle-tuning-cache"))
+        .map_err(|e| format!("{}: {e}", o.out_dir.display()))?;
     let mut rows = Vec::new();
     for (name, x) in [
         ("mlp", mlp_row()),

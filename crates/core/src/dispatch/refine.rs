@@ -8,7 +8,8 @@
 //! the probe's choice) for one window; when that window served at least 5% more rows/s (and
 //! within the latency budget) it goes back for one window to measure the cap it left again and
 //! tries the neighbour a second time, and keeps it only when it won both times; otherwise it
-//! goes back and waits twice as many windows before the next try (up to 64). A kept step is followed by another in the same direction.
+//! goes back and waits twice as many windows before the next try (up to 64). A kept step is
+//! followed by another in the same direction.
 //! When a window at a settled cap serves more than 20% more or less than the one before it, the
 //! device or the load has changed, and the waiting starts again from one window.
 //! Pure: the caller passes the clock, so it is tested on a paused clock.
@@ -186,12 +187,17 @@ impl Refiner {
         c
     }
 
-    /// A failed or unjudged step: back to where it came from, and a longer wait before the next.
-    fn back(&mut self, step: Step, rate: f64, now: Instant) -> CapChange {
+    /// After a step (going `up` or not) that failed or was not judged: a longer wait before
+    /// the next, in the other direction if there is one.
+    fn back_off(&mut self, up: bool) {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         self.wait = self.backoff;
-        // The other direction next, if there is one.
-        self.up = !step.up;
+        self.up = !up;
+    }
+
+    /// A failed or unjudged step: back to where it came from, and a longer wait before the next.
+    fn back(&mut self, step: Step, rate: f64, now: Instant) -> CapChange {
+        self.back_off(step.up);
         self.change(step.from, "back", rate, now)
     }
 
@@ -250,9 +256,7 @@ impl Refiner {
             if let Some((_, up)) = self.check.take() {
                 // The load fell while the cap the step left was measured again: the step is
                 // not judged, and waits as one that went back.
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-                self.wait = self.backoff;
-                self.up = !up;
+                self.back_off(up);
             }
             return self.step.take().map(|step| self.back(step, rate, now));
         }
@@ -419,18 +423,17 @@ mod tests {
         whys
     }
 
+    /// 10 rows/ms at every size; the first window at 8 runs 10% faster (noise).
+    fn lucky_at_8(cap: usize, lucky: bool) -> f64 {
+        cap as f64 * 0.1 * if cap == 8 && lucky { 0.9 } else { 1.0 }
+    }
+
     /// One window's win is measured again before a step is kept: the CNN fixture's refiner took
     /// cap 4 to 8 in every oracle start, where 8 served 0.95 of 4 (docs/BENCHMARKS.md).
     #[tokio::test(start_paused = true)]
     async fn a_step_that_wins_one_window_by_chance_is_tried_again_and_not_kept() {
-        // 10 rows/ms at every size; the first window at 8 runs 10% faster (noise).
         let mut r = Refiner::new(settings(4, 64), Instant::now());
-        let whys = whys_until(
-            &mut r,
-            |cap, lucky| cap as f64 * 0.1 * if cap == 8 && lucky { 0.9 } else { 1.0 },
-            "back",
-        )
-        .await;
+        let whys = whys_until(&mut r, lucky_at_8, "back").await;
         assert_eq!(whys, ["try", "check", "try", "back"]);
         assert_eq!(r.cap(), 4);
         // A step that serves more every time is kept after its second window.
@@ -446,12 +449,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_check_the_load_did_not_fill_backs_off() {
         let mut r = Refiner::new(settings(4, 64), Instant::now());
-        let whys = whys_until(
-            &mut r,
-            |cap, lucky| cap as f64 * 0.1 * if cap == 8 && lucky { 0.9 } else { 1.0 },
-            "check",
-        )
-        .await;
+        let whys = whys_until(&mut r, lucky_at_8, "check").await;
         assert_eq!(whys, ["try", "check"]);
         assert_eq!(r.cap(), 4);
         // A window at 4 of batches under the cap: not judged, and the next try waits.

@@ -417,14 +417,15 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
                 .total_cmp(&b.served_rows_per_second)
         })
         .expect("batch 1 ran");
-    let tied = |p: &&&Probe| {
-        p.served_rows_per_second >= top.served_rows_per_second * (1.0 - limits.prefer.tolerance())
-    };
+    let floor = top.served_rows_per_second * (1.0 - limits.prefer.tolerance());
+    let mut tied = good
+        .iter()
+        .copied()
+        .filter(|p| p.served_rows_per_second >= floor);
     let chosen = match limits.prefer {
-        Prefer::Smaller => good.iter().find(tied),
-        Prefer::Larger => good.iter().rev().find(tied),
+        Prefer::Smaller => tied.next(),
+        Prefer::Larger => tied.next_back(),
     }
-    .copied()
     .unwrap_or(top);
     let mut costs: Vec<f64> = good.iter().map(|p| p.served_ms - p.latency_ms).collect();
     costs.sort_by(f64::total_cmp);
