@@ -120,6 +120,7 @@ pub async fn load_one(
             conv_search: m.cuda.cudnn_conv_algo_search,
         };
         let prefer = prefer_for(&plan, &all, cores);
+        let handling_cores = handling_cores(&all, cores);
         let job = Slot {
             model: m.clone(),
             plan,
@@ -127,6 +128,7 @@ pub async fn load_one(
             runtime_version: runtime_version.to_string(),
             runtime: config.runtime.clone(),
             prefer,
+            handling_cores,
             served: served.and_then(|s| {
                 let t = s.tuning().iter().find(|t| t.device == name)?;
                 Some((s.info().clone(), t.clone()))
@@ -245,8 +247,19 @@ struct Slot {
     runtime: config::RuntimeConfig,
     /// Which end of the sizes the probe finds tied to choose.
     prefer: tuning::Prefer,
+    /// Cores left for request handling per device of the model.
+    handling_cores: f64,
     /// On a reload: the replaced version's inputs and outputs and this device's tuning.
     served: Option<(ModelInfo, DeviceTuning)>,
+}
+
+fn cpu_threads(p: &device::DevicePlan) -> Option<usize> {
+    match p.kind {
+        device::DeviceKind::Cpu {
+            intra_op_threads, ..
+        } => Some(intra_op_threads),
+        _ => None,
+    }
 }
 
 /// Which end of the tied sizes `plan`'s probe takes. A CPU session takes the larger when its
@@ -260,16 +273,19 @@ fn prefer_for(
     plans: &[device::DevicePlan],
     cores: usize,
 ) -> tuning::Prefer {
-    let cpu_threads = |p: &device::DevicePlan| match p.kind {
-        device::DeviceKind::Cpu {
-            intra_op_threads, ..
-        } => Some(intra_op_threads),
-        _ => None,
-    };
     if cpu_threads(plan).is_none() {
         return tuning::Prefer::Smaller;
     }
     tuning::Prefer::for_threads(plans.iter().filter_map(cpu_threads).sum(), cores)
+}
+
+/// The cores left for request handling beside a model's sessions (what its CPU sessions'
+/// intra-op threads do not take), shared by its devices: how many requests a loaded server
+/// can handle for each device, next to what the device can run (see
+/// `tuning::probe::device_limits_the_server`).
+fn handling_cores(plans: &[device::DevicePlan], cores: usize) -> f64 {
+    let taken: usize = plans.iter().filter_map(cpu_threads).sum();
+    cores.saturating_sub(taken) as f64 / plans.len().max(1) as f64
 }
 
 /// What a panic's rebuild needs to open the same session again.
@@ -291,6 +307,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
         runtime_version,
         runtime,
         prefer,
+        handling_cores,
         served,
     } = slot;
     let runtime_version = runtime_version.as_str();
@@ -335,6 +352,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 dim_names: &dim_names,
                 config: &m.tuning,
                 prefer,
+                handling_cores,
                 runtime_version,
                 memory: &memory,
                 // Only for a model with the same inputs and outputs.
@@ -605,5 +623,21 @@ mod tests {
         ];
         assert_eq!(prefer_for(&mixed[0], &mixed, 2), Prefer::Larger);
         assert_eq!(prefer_for(&mixed[1], &mixed, 2), Prefer::Smaller);
+    }
+
+    #[test]
+    fn request_handling_has_the_cores_the_model_s_cpu_threads_leave_shared_by_its_devices() {
+        assert_eq!(handling_cores(&[cpu(0, 1)], 2), 1.0);
+        assert_eq!(handling_cores(&[cpu(0, 2)], 2), 0.0);
+        assert_eq!(handling_cores(&[cpu(0, 4)], 2), 0.0);
+        assert_eq!(handling_cores(&[cpu(0, 1), cpu(1, 1)], 8), 3.0);
+        let gpus: Vec<_> = (0..2)
+            .map(|id| device::DevicePlan {
+                device: format!("cuda:{id}"),
+                instance: 0,
+                kind: device::DeviceKind::Cuda { id },
+            })
+            .collect();
+        assert_eq!(handling_cores(&gpus, 16), 8.0);
     }
 }

@@ -32,13 +32,16 @@ pub(crate) fn file_sha256(path: &Path) -> std::io::Result<String> {
 /// What the probe measures, in the key: results of another method are probed again, not read
 /// with their fields missing. 1: the session run alone. 2: batches as served (hand-off, run,
 /// split, replies), with `served_*`, `fixed_cost_ms` and `max_good`. 3: served with two
-/// batches in flight, as under load (the same fields, other figures).
-const PROBE_METHOD: u32 = 3;
+/// batches in flight, as under load (the same fields, other figures). 4: the larger end of the
+/// tied sizes where the device will limit a loaded server (`prefer` in the result is the end
+/// chosen; a result of 3 chose by another rule).
+const PROBE_METHOD: u32 = 4;
 
 /// The key: model sha256, device name and kind (threads on CPU; on CUDA the GPU's NVML name,
 /// `gpu`), runtime release, ortserve's version (the probe may change between versions), every
-/// tuning setting that changes the result, and which end of the tied sizes is chosen (it
-/// follows the cores the process may use). `None` when the model file cannot be read.
+/// tuning setting that changes the result, which end of the tied sizes is chosen and the
+/// cores left for request handling (both follow the cores the process may use). `None` when
+/// the model file cannot be read.
 pub(crate) fn cache_key(
     model: &Path,
     device: &str,
@@ -47,6 +50,7 @@ pub(crate) fn cache_key(
     runtime: &str,
     cfg: &TuningConfig,
     prefer: Prefer,
+    handling_cores: f64,
 ) -> Option<String> {
     let sha = file_sha256(model).ok()?;
     let settings = serde_json::json!({
@@ -57,6 +61,7 @@ pub(crate) fn cache_key(
         "max_duration_ms": cfg.max_duration.0.as_millis() as u64,
         "dims": cfg.dims,
         "prefer": prefer,
+        "handling_cores": handling_cores,
     });
     Some(format!(
         "model={sha} device={device} kind={:?} gpu={} ort={runtime} ortserve={} probe={PROBE_METHOD} settings={settings}",
@@ -374,23 +379,31 @@ mod tests {
                 spinning: false,
             },
         };
-        let key = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, Prefer::Smaller).unwrap();
-        assert!(key.contains(" probe=3 "), "{key}");
-        // The other end of the tied sizes is another result.
-        let larger = cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, Prefer::Larger).unwrap();
-        assert_ne!(key, larger);
+        let key = |prefer, cores| {
+            cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, prefer, cores).unwrap()
+        };
+        let smaller = key(Prefer::Smaller, 1.0);
+        assert!(smaller.contains(" probe=4 "), "{smaller}");
+        // The other end of the tied sizes, or other cores for request handling, is another
+        // result.
+        let larger = key(Prefer::Larger, 1.0);
+        assert_ne!(smaller, larger);
+        assert_ne!(smaller, key(Prefer::Smaller, 3.0));
         store(&cfg, &larger, &result(4)).unwrap();
         assert!(
-            load(&cfg, &key).is_none(),
+            load(&cfg, &smaller).is_none(),
             "a result for the other end is not read"
         );
-        let old_key = key.replace(" probe=3", "");
-        let method_2_key = key.replace(" probe=3 ", " probe=2 ");
-        store(&cfg, &method_2_key, &result(4)).unwrap();
-        assert!(
-            load(&cfg, &key).is_none(),
-            "an entry of the one-batch-at-a-time probe is not read"
-        );
+        let key = smaller;
+        let old_key = key.replace(" probe=4", "");
+        for older in 2..4 {
+            let method_key = key.replace(" probe=4 ", &format!(" probe={older} "));
+            store(&cfg, &method_key, &result(4)).unwrap();
+            assert!(
+                load(&cfg, &key).is_none(),
+                "an entry of probe method {older} is not read"
+            );
+        }
         store(&cfg, &old_key, &result(4)).unwrap();
         assert!(load(&cfg, &old_key).is_some());
         assert!(load(&cfg, &key).is_none(), "an old entry is not read");

@@ -73,8 +73,8 @@ pub struct DeviceTuning {
     #[serde(default)]
     pub max_good: usize,
     /// Which end of the sizes tied with the most served rows/s was chosen (within 10%,
-    /// `smaller`, or 3%, `larger`: the model's CPU sessions took every core); unset when not
-    /// probed.
+    /// `smaller`, or 3%, `larger`: the model's CPU sessions took every core, or the device
+    /// will limit a loaded server, as the reason says); unset when not probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefer: Option<Prefer>,
     /// What the result was measured for (see `tuning.results_file`); unset when not probed.
@@ -428,6 +428,9 @@ pub(crate) struct TuneRequest<'a> {
     pub config: &'a TuningConfig,
     /// Which end of the tied sizes to choose (see [`Prefer::for_threads`]).
     pub prefer: Prefer,
+    /// Cores left for request handling per device of the model (see
+    /// `probe::device_limits_the_server`).
+    pub handling_cores: f64,
     pub runtime_version: &'a str,
     pub memory: &'a MemoryProbe,
     /// On a reload: this device's result for the version being replaced, used when the cache
@@ -459,6 +462,7 @@ pub(crate) fn tune_device(
         req.runtime_version,
         req.config,
         req.prefer,
+        req.handling_cores,
     );
     if let (false, Some(k)) = (req.config.force, &key) {
         if let Some(path) = &req.config.results_file {
@@ -478,8 +482,9 @@ pub(crate) fn tune_device(
                 cache::Shared::NoMatch { entries } => tracing::info!(
                     file = %path.display(), model = req.model, device = req.device, entries,
                     "tuning.results_file has no result for this key (model file, device, ONNX \
-                     Runtime, ortserve version, tuning settings or prefer, which follows the \
-                     cores this process may use, differ); probing"
+                     Runtime, ortserve version, tuning settings, or prefer and the cores for \
+                     request handling, which follow the cores this process may use, differ); \
+                     probing"
                 ),
                 cache::Shared::Unreadable(e) => tracing::warn!(
                     file = %path.display(), error = %e,
@@ -516,6 +521,7 @@ pub(crate) fn tune_device(
         max_batch_cap: req.config.max_batch_cap,
         max_duration: req.config.max_duration.0,
         prefer: req.prefer,
+        handling_cores: req.handling_cores,
     };
     // The runner is lent to a device thread for the sweep and comes back when it ends.
     let sweep = std::thread::scope(|scope| {
@@ -552,7 +558,7 @@ pub(crate) fn tune_device(
         duration_ms: sweep.duration_ms,
         fixed_cost_ms: sweep.fixed_cost_ms,
         max_good: sweep.max_good,
-        prefer: Some(req.prefer),
+        prefer: Some(sweep.prefer),
         key: key.clone(),
         warmup: Vec::new(),
     };

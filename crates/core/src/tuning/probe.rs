@@ -38,6 +38,34 @@ pub(crate) struct Limits {
     pub max_batch_cap: usize,
     pub max_duration: Duration,
     pub prefer: Prefer,
+    /// Cores left for request handling, per device of the model (see
+    /// [`device_limits_the_server`]); 0 leaves the choice to `prefer` alone.
+    pub handling_cores: f64,
+}
+
+/// What the server's own work on a one-row request (HTTP, parsing, the hand-offs, the reply)
+/// costs, in units of the per-batch cost the probe measures (`fixed_cost_ms`, the split and
+/// the replies on this machine). On the development machine the HTTP side of a one-row binary
+/// request took 0.11 ms of CPU (55 µs user, 54 µs kernel, pinned) where the probe's fixed cost
+/// was 0.03-0.037 ms: about three times.
+pub(crate) const HANDLING_PER_FIXED_COST: f64 = 3.0;
+
+/// Whether a loaded server will be limited by the device rather than by its request handling:
+/// the device's time for a row at its best size, times the cores left to handle requests beside
+/// it, is at least what handling one request costs ([`HANDLING_PER_FIXED_COST`] times the
+/// measured fixed cost). Then every rows/s the device loses is a rows/s the server does not
+/// serve, and the hand-offs a larger batch saves are device time: the largest size within 3% of
+/// the most is chosen, as when the device's threads take every core (`cnn_wide`, 0.24 ms a row
+/// on one thread with one core spare: caps 1 and 2 served 0.89-0.94 of the best under load,
+/// 4-256 0.93-1.00). When it is less (the CNN fixture: 0.019 ms a row), the request handling
+/// limits, and the smaller end keeps it and the device working at once.
+pub(crate) fn device_limits_the_server(
+    top: &Probe,
+    fixed_cost_ms: f64,
+    handling_cores: f64,
+) -> bool {
+    let row_ms = top.latency_ms / top.batch.max(1) as f64;
+    handling_cores > 0.0 && row_ms * handling_cores >= HANDLING_PER_FIXED_COST * fixed_cost_ms
 }
 
 /// Which of the sizes within [`Prefer::tolerance`] of the most served rows/s is chosen.
@@ -127,6 +155,9 @@ pub(super) struct Sweep {
     pub fixed_cost_ms: f64,
     /// The largest good size: the most a device may be given (see `tuning.refine`).
     pub max_good: usize,
+    /// The end of the tied sizes chosen: `limits.prefer`, or the larger where the device will
+    /// limit a loaded server ([`device_limits_the_server`]).
+    pub prefer: Prefer,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -295,15 +326,16 @@ impl<T: Target> Sweeper<'_, T> {
 /// their session run is at least half their served time, or
 /// before the time limit; then bisects between the last good and the first failing size. The
 /// choice is a good size within [`Prefer::tolerance`] (10% or 3%) of the most served rows/s,
-/// the smallest or the largest of them as `limits.prefer` says. With cores left for request handling, once the device serves
-/// no more rows/s a larger cap only lets a closed-loop load's requests merge into fewer, larger
-/// batches, which the device runs while the rest of the server waits (the CNN fixture at 32
-/// clients, one ONNX Runtime thread on two cores: caps 16-256, within 1-3% of size 4 in the
-/// probe, served 0.77-0.82 of cap 4's rows/s, with 0.4 of a core idle; docs/BENCHMARKS.md). A
-/// flood that fills larger batches loses at most the 10% (and `tuning.refine` may raise the cap
-/// under it). When the device's threads take every core, request handling shares them, and a
-/// larger batch leaves more of them to the device (the same fixture on one core: cap 32 served
-/// 1.07 times cap 4).
+/// the smallest or the largest of them as `limits.prefer` says, or the largest where the device
+/// will limit a loaded server ([`device_limits_the_server`]). With cores left for request
+/// handling and a device faster than it, once the device serves no more rows/s a larger cap
+/// only lets a closed-loop load's requests merge into fewer, larger batches, which the device
+/// runs while the rest of the server waits (the CNN fixture at 32 clients, one ONNX Runtime
+/// thread on two cores: caps 16-256, within 1-3% of size 4 in the probe, served 0.77-0.82 of
+/// cap 4's rows/s, with 0.4 of a core idle; docs/BENCHMARKS.md). A flood that fills larger
+/// batches loses at most the 10% (and `tuning.refine` may raise the cap under it). When the
+/// device's threads take every core, request handling shares them, and a larger batch leaves
+/// more of them to the device (the same fixture on one core: cap 32 served 1.07 times cap 4).
 pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep, ProbeError> {
     let started = Instant::now();
     let baseline = target.memory().used;
@@ -417,22 +449,35 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
                 .total_cmp(&b.served_rows_per_second)
         })
         .expect("batch 1 ran");
-    let floor = top.served_rows_per_second * (1.0 - limits.prefer.tolerance());
+    let mut costs: Vec<f64> = good.iter().map(|p| p.served_ms - p.latency_ms).collect();
+    costs.sort_by(f64::total_cmp);
+    let fixed_cost_ms = costs.get(costs.len() / 2).copied().unwrap_or(0.0).max(0.0);
+    let bound = limits.prefer == Prefer::Smaller
+        && device_limits_the_server(top, fixed_cost_ms, limits.handling_cores);
+    let prefer = if bound { Prefer::Larger } else { limits.prefer };
+    let floor = top.served_rows_per_second * (1.0 - prefer.tolerance());
     let mut tied = good
         .iter()
         .copied()
         .filter(|p| p.served_rows_per_second >= floor);
-    let chosen = match limits.prefer {
+    let chosen = match prefer {
         Prefer::Smaller => tied.next(),
         Prefer::Larger => tied.next_back(),
     }
     .unwrap_or(top);
-    let mut costs: Vec<f64> = good.iter().map(|p| p.served_ms - p.latency_ms).collect();
-    costs.sort_by(f64::total_cmp);
-    let fixed_cost_ms = costs.get(costs.len() / 2).copied().unwrap_or(0.0).max(0.0);
-    let end = match limits.prefer {
-        Prefer::Smaller => "smallest size (cores are left for request handling)",
-        Prefer::Larger => "largest size (the device's threads take every core)",
+    let end = match (prefer, bound) {
+        (Prefer::Smaller, _) => "smallest size (cores are left for request handling)".to_string(),
+        (Prefer::Larger, false) => {
+            "largest size (the device's threads take every core)".to_string()
+        }
+        (Prefer::Larger, true) => format!(
+            "largest size (the device will limit a loaded server: a row's run, {:.3} ms at size \
+             {}, times {:.2} cores for request handling is at least {HANDLING_PER_FIXED_COST} \
+             times the {fixed_cost_ms:.3} ms serving adds to a batch)",
+            top.latency_ms / top.batch.max(1) as f64,
+            top.batch,
+            limits.handling_cores,
+        ),
     };
     let reason = format!(
         "{} served rows/s ({:.3} ms a batch, {:.3} ms of it the session run): the {end} \
@@ -440,13 +485,14 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
         chosen.served_rows_per_second.round(),
         chosen.served_ms,
         chosen.latency_ms,
-        limits.prefer.tolerance() * 100.0,
+        prefer.tolerance() * 100.0,
         top.served_rows_per_second.round(),
         top.batch,
     );
     Ok(Sweep {
         chosen: chosen.batch,
         reason,
+        prefer,
         max_good: good.last().map_or(1, |p| p.batch),
         probes: s.probes,
         baseline_memory_bytes: baseline,
@@ -525,6 +571,8 @@ mod tests {
             max_batch_cap: 256,
             max_duration: Duration::from_secs(60),
             prefer: Prefer::Smaller,
+            // No cores for request handling: the device never limits, `prefer` decides.
+            handling_cores: 0.0,
         }
     }
 
@@ -643,6 +691,61 @@ mod tests {
             .probes
             .iter()
             .any(|p| p.batch == 128 && p.outcome == Outcome::OverLatencyBudget));
+    }
+
+    #[test]
+    fn the_largest_tied_size_is_chosen_when_the_device_will_limit_a_loaded_server() {
+        // Flat compute, 0.19 ms a row, 0.09 ms of serving a batch (served rows/s 8→4969,
+        // 16→5112, … 256→5253). With one core for request handling, a row's 0.19 ms is under
+        // 3 × 0.09 ms: handling requests limits the server, so the smallest within 10% (8).
+        let with = |cores| Limits {
+            handling_cores: cores,
+            ..limits()
+        };
+        let mut d = device(flat, 0.09);
+        let s = sweep(&mut d, &with(1.0)).unwrap();
+        assert_eq!((s.chosen, s.prefer), (8, Prefer::Smaller), "{}", s.reason);
+        // With two: 0.38 ms ≥ 0.27 ms, the device limits, and the largest size within 3% of
+        // the most is chosen.
+        let mut d = device(flat, 0.09);
+        let s = sweep(&mut d, &with(2.0)).unwrap();
+        assert_eq!((s.chosen, s.prefer), (256, Prefer::Larger), "{}", s.reason);
+        assert!(
+            s.reason.contains(
+                "largest size (the device will limit a loaded server: a row's run, 0.190 ms at \
+                 size 256, times 2.00 cores for request handling is at least 3 times the 0.090 \
+                 ms serving adds to a batch) within 3%"
+            ),
+            "{}",
+            s.reason
+        );
+        // A latency budget still bounds it: 32's batch takes 6.17 ms, over 4 ms; bisecting
+        // between 16 and 32 finds 20 (3.89 ms), the largest within the budget.
+        let mut d = device(flat, 0.09);
+        let s = sweep(
+            &mut d,
+            &Limits {
+                latency_budget: Some(Duration::from_millis(4)),
+                ..with(2.0)
+            },
+        )
+        .unwrap();
+        assert_eq!((s.chosen, s.prefer), (20, Prefer::Larger), "{}", s.reason);
+        // Where the device's threads take every core the rule is that one's.
+        let mut d = device(flat, 0.09);
+        let s = sweep(
+            &mut d,
+            &Limits {
+                prefer: Prefer::Larger,
+                ..with(8.0)
+            },
+        )
+        .unwrap();
+        assert!(
+            s.reason.contains("the device's threads take every core"),
+            "{}",
+            s.reason
+        );
     }
 
     #[test]
