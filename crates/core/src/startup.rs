@@ -120,7 +120,7 @@ pub async fn load_one(
             conv_search: m.cuda.cudnn_conv_algo_search,
         };
         let prefer = prefer_for(&plan, &all, cores);
-        let handling_cores = handling_cores(&all, cores);
+        let handling_cores = handling_cores(&plan, &all, cores);
         let job = Slot {
             model: m.clone(),
             plan,
@@ -247,7 +247,7 @@ struct Slot {
     runtime: config::RuntimeConfig,
     /// Which end of the sizes the probe finds tied to choose.
     prefer: tuning::Prefer,
-    /// Cores left for request handling per device of the model.
+    /// Cores left for request handling per CPU session of the model (0 on a GPU).
     handling_cores: f64,
     /// On a reload: the replaced version's inputs and outputs and this device's tuning.
     served: Option<(ModelInfo, DeviceTuning)>,
@@ -279,11 +279,16 @@ fn prefer_for(
     tuning::Prefer::for_threads(plans.iter().filter_map(cpu_threads).sum(), cores)
 }
 
-/// The cores left for request handling beside a model's sessions (what its CPU sessions'
-/// intra-op threads do not take), shared by its devices: how many requests a loaded server
-/// can handle for each device, next to what the device can run (see
-/// `tuning::probe::device_limits_the_server`).
-fn handling_cores(plans: &[device::DevicePlan], cores: usize) -> f64 {
+/// For a CPU session, the cores left for request handling beside its model's sessions (what
+/// their intra-op threads do not take), shared by those sessions (every instance counts): how
+/// many requests a loaded server can handle for each, next to what the session can run (see
+/// `tuning::probe::device_limits_the_server`). 0 for a device that computes off the CPU
+/// (CUDA): the rule is measured on CPU sessions only, and a GPU's choice and tuning key stay
+/// as they were.
+fn handling_cores(plan: &device::DevicePlan, plans: &[device::DevicePlan], cores: usize) -> f64 {
+    if cpu_threads(plan).is_none() {
+        return 0.0;
+    }
     let taken: usize = plans.iter().filter_map(cpu_threads).sum();
     cores.saturating_sub(taken) as f64 / plans.len().max(1) as f64
 }
@@ -351,8 +356,10 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 info: &info,
                 dim_names: &dim_names,
                 config: &m.tuning,
-                prefer,
-                handling_cores,
+                cores: tuning::Cores {
+                    prefer,
+                    handling: handling_cores,
+                },
                 runtime_version,
                 memory: &memory,
                 // Only for a model with the same inputs and outputs.
@@ -626,11 +633,15 @@ mod tests {
     }
 
     #[test]
-    fn request_handling_has_the_cores_the_model_s_cpu_threads_leave_shared_by_its_devices() {
-        assert_eq!(handling_cores(&[cpu(0, 1)], 2), 1.0);
-        assert_eq!(handling_cores(&[cpu(0, 2)], 2), 0.0);
-        assert_eq!(handling_cores(&[cpu(0, 4)], 2), 0.0);
-        assert_eq!(handling_cores(&[cpu(0, 1), cpu(1, 1)], 8), 3.0);
+    fn request_handling_has_the_cores_the_model_s_cpu_threads_leave_shared_by_its_sessions() {
+        let one = [cpu(0, 1)];
+        assert_eq!(handling_cores(&one[0], &one, 2), 1.0);
+        let two_threads = [cpu(0, 2)];
+        assert_eq!(handling_cores(&two_threads[0], &two_threads, 2), 0.0);
+        let four_threads = [cpu(0, 4)];
+        assert_eq!(handling_cores(&four_threads[0], &four_threads, 2), 0.0);
+        let two = [cpu(0, 1), cpu(1, 1)];
+        assert_eq!(handling_cores(&two[1], &two, 8), 3.0);
         let gpus: Vec<_> = (0..2)
             .map(|id| device::DevicePlan {
                 device: format!("cuda:{id}"),
@@ -638,6 +649,10 @@ mod tests {
                 kind: device::DeviceKind::Cuda { id },
             })
             .collect();
-        assert_eq!(handling_cores(&gpus, 16), 8.0);
+        // A GPU: 0, the rule does not apply (nor go in its key).
+        assert_eq!(handling_cores(&gpus[0], &gpus, 16), 0.0);
+        let mixed = [cpu(0, 1), gpus[0].clone()];
+        assert_eq!(handling_cores(&mixed[0], &mixed, 4), 1.5);
+        assert_eq!(handling_cores(&mixed[1], &mixed, 4), 0.0);
     }
 }

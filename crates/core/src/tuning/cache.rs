@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::config::TuningConfig;
 use crate::device::DevicePlan;
 
-use super::{DeviceTuning, Prefer};
+use super::{Cores, DeviceTuning};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -49,8 +49,7 @@ pub(crate) fn cache_key(
     gpu: Option<&str>,
     runtime: &str,
     cfg: &TuningConfig,
-    prefer: Prefer,
-    handling_cores: f64,
+    cores: Cores,
 ) -> Option<String> {
     let sha = file_sha256(model).ok()?;
     let settings = serde_json::json!({
@@ -60,8 +59,8 @@ pub(crate) fn cache_key(
         "max_batch_cap": cfg.max_batch_cap,
         "max_duration_ms": cfg.max_duration.0.as_millis() as u64,
         "dims": cfg.dims,
-        "prefer": prefer,
-        "handling_cores": handling_cores,
+        "prefer": cores.prefer,
+        "handling_cores": cores.handling,
     });
     Some(format!(
         "model={sha} device={device} kind={:?} gpu={} ort={runtime} ortserve={} probe={PROBE_METHOD} settings={settings}",
@@ -254,7 +253,7 @@ mod tests {
 
     use super::*;
     use crate::tuning::probe::{Outcome, Probe};
-    use crate::tuning::Source;
+    use crate::tuning::{Prefer, Source};
 
     fn probed(batch: usize) -> Probe {
         Probe {
@@ -379,8 +378,9 @@ mod tests {
                 spinning: false,
             },
         };
-        let key = |prefer, cores| {
-            cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, prefer, cores).unwrap()
+        let key = |prefer, handling| {
+            let cores = Cores { prefer, handling };
+            cache_key(&model, "cpu:0", &plan, None, "1.22", &cfg, cores).unwrap()
         };
         let smaller = key(Prefer::Smaller, 1.0);
         assert!(smaller.contains(" probe=4 "), "{smaller}");

@@ -27,7 +27,7 @@ use crate::tensor::{DataType, Tensor};
 pub use crate::device::process_rss;
 pub(crate) use cache::cache_key;
 pub use cache::SharedResult;
-pub(crate) use probe::{Limits, Measured, Target};
+pub(crate) use probe::{Cores, Limits, Measured, Target};
 pub use probe::{MemoryReading, Outcome, Prefer, Probe, ProbeError};
 
 /// Where a device's batch size came from.
@@ -426,11 +426,10 @@ pub(crate) struct TuneRequest<'a> {
     pub info: &'a ModelInfo,
     pub dim_names: &'a [Vec<String>],
     pub config: &'a TuningConfig,
-    /// Which end of the tied sizes to choose (see [`Prefer::for_threads`]).
-    pub prefer: Prefer,
-    /// Cores left for request handling per device of the model (see
+    /// Which end of the tied sizes to choose (see [`Prefer::for_threads`]), and the cores left
+    /// for request handling per CPU session of the model, 0 on a GPU (see
     /// `probe::device_limits_the_server`).
-    pub handling_cores: f64,
+    pub cores: Cores,
     pub runtime_version: &'a str,
     pub memory: &'a MemoryProbe,
     /// On a reload: this device's result for the version being replaced, used when the cache
@@ -461,8 +460,7 @@ pub(crate) fn tune_device(
         gpu.as_deref(),
         req.runtime_version,
         req.config,
-        req.prefer,
-        req.handling_cores,
+        req.cores,
     );
     if let (false, Some(k)) = (req.config.force, &key) {
         if let Some(path) = &req.config.results_file {
@@ -520,8 +518,8 @@ pub(crate) fn tune_device(
         latency_budget: req.config.latency_budget.map(|d| d.0),
         max_batch_cap: req.config.max_batch_cap,
         max_duration: req.config.max_duration.0,
-        prefer: req.prefer,
-        handling_cores: req.handling_cores,
+        prefer: req.cores.prefer,
+        handling_cores: req.cores.handling,
     };
     // The runner is lent to a device thread for the sweep and comes back when it ends.
     let sweep = std::thread::scope(|scope| {

@@ -38,9 +38,17 @@ pub(crate) struct Limits {
     pub max_batch_cap: usize,
     pub max_duration: Duration,
     pub prefer: Prefer,
-    /// Cores left for request handling, per device of the model (see
-    /// [`device_limits_the_server`]); 0 leaves the choice to `prefer` alone.
+    /// Cores left for request handling, per CPU session of the model (see
+    /// [`device_limits_the_server`]); 0 (a GPU, or none left) leaves the choice to `prefer`.
     pub handling_cores: f64,
+}
+
+/// The process's cores as the choice sees them: which end of the tied sizes its threads ask
+/// for, and the cores left for request handling (see [`Limits`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Cores {
+    pub prefer: Prefer,
+    pub handling: f64,
 }
 
 /// What the server's own work on a one-row request (HTTP, parsing, the hand-offs, the reply)
@@ -53,7 +61,8 @@ pub(crate) const HANDLING_PER_FIXED_COST: f64 = 3.0;
 /// Whether a loaded server will be limited by the device rather than by its request handling:
 /// the device's time for a row at its best size, times the cores left to handle requests beside
 /// it, is at least what handling one request costs ([`HANDLING_PER_FIXED_COST`] times the
-/// measured fixed cost). Then every rows/s the device loses is a rows/s the server does not
+/// measured fixed cost; with no fixed cost measured there is no estimate, and the rule does
+/// not apply). Then every rows/s the device loses is a rows/s the server does not
 /// serve, and the hand-offs a larger batch saves are device time: the largest size within 3% of
 /// the most is chosen, as when the device's threads take every core (`cnn_wide`, 0.24 ms a row
 /// on one thread with one core spare: caps 1 and 2 served 0.89-0.94 of the best under load,
@@ -65,7 +74,9 @@ pub(crate) fn device_limits_the_server(
     handling_cores: f64,
 ) -> bool {
     let row_ms = top.latency_ms / top.batch.max(1) as f64;
-    handling_cores > 0.0 && row_ms * handling_cores >= HANDLING_PER_FIXED_COST * fixed_cost_ms
+    handling_cores > 0.0
+        && fixed_cost_ms > 0.0
+        && row_ms * handling_cores >= HANDLING_PER_FIXED_COST * fixed_cost_ms
 }
 
 /// Which of the sizes within [`Prefer::tolerance`] of the most served rows/s is chosen.
@@ -77,7 +88,8 @@ pub enum Prefer {
     Smaller,
     /// The largest: the device's threads take every core the process may use, so request
     /// handling runs on the device's cores and what a batch's hand-offs cost comes out of the
-    /// rows the device serves.
+    /// rows the device serves; or the device will limit a loaded server
+    /// ([`device_limits_the_server`]), and the hand-offs a larger batch saves are its time.
     Larger,
 }
 
@@ -746,6 +758,10 @@ mod tests {
             "{}",
             s.reason
         );
+        // No per-batch cost measured: no estimate of request handling, and the rule stays off.
+        let mut d = device(flat, 0.0);
+        let s = sweep(&mut d, &with(2.0)).unwrap();
+        assert_eq!(s.prefer, Prefer::Smaller, "{}", s.reason);
     }
 
     #[test]
