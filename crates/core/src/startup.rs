@@ -107,8 +107,8 @@ pub async fn load_one(
     let mut results = Vec::new();
     let mut info: Option<ModelInfo> = None;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let all = plans.clone();
-    for plan in plans {
+    let choices: Vec<tuning::Cores> = plans.iter().map(|p| cores_for(p, &plans, cores)).collect();
+    for (plan, choice) in plans.into_iter().zip(choices) {
         let name = match plan.instance {
             0 => plan.device.clone(),
             i => format!("{}#{i}", plan.device),
@@ -119,16 +119,13 @@ pub async fn load_one(
             pinned_inputs: m.cuda.pinned_inputs,
             conv_search: m.cuda.cudnn_conv_algo_search,
         };
-        let prefer = prefer_for(&plan, &all, cores);
-        let handling_cores = handling_cores(&plan, &all, cores);
         let job = Slot {
             model: m.clone(),
             plan,
             name: name.clone(),
             runtime_version: runtime_version.to_string(),
             runtime: config.runtime.clone(),
-            prefer,
-            handling_cores,
+            cores: choice,
             served: served.and_then(|s| {
                 let t = s.tuning().iter().find(|t| t.device == name)?;
                 Some((s.info().clone(), t.clone()))
@@ -245,10 +242,9 @@ struct Slot {
     runtime_version: String,
     /// What the device's execution provider needs to find it (`CUDA_VISIBLE_DEVICES`).
     runtime: config::RuntimeConfig,
-    /// Which end of the sizes the probe finds tied to choose.
-    prefer: tuning::Prefer,
-    /// Cores left for request handling per CPU session of the model (0 on a GPU).
-    handling_cores: f64,
+    /// Which end of the sizes the probe finds tied to choose, and the cores left for request
+    /// handling (see [`cores_for`]).
+    cores: tuning::Cores,
     /// On a reload: the replaced version's inputs and outputs and this device's tuning.
     served: Option<(ModelInfo, DeviceTuning)>,
 }
@@ -262,35 +258,34 @@ fn cpu_threads(p: &device::DevicePlan) -> Option<usize> {
     }
 }
 
-/// Which end of the tied sizes `plan`'s probe takes. A CPU session takes the larger when its
-/// model's CPU sessions together have as many intra-op threads as this process may use cores
-/// (`cores`: `available_parallelism`, the affinity mask and the cgroup's CPU quota): request
-/// handling then runs on the device's cores. Other models' sessions are not counted: they are
-/// idle unless their own load runs. A device that computes off the CPU (CUDA) leaves the cores
-/// to request handling.
-fn prefer_for(
+/// What `plan`'s probe is told about the cores (`cores`: `available_parallelism`, the affinity
+/// mask and the cgroup's CPU quota), from its model's CPU sessions' intra-op threads together
+/// (other models' sessions are not counted: they are idle unless their own load runs):
+/// - `prefer`: a CPU session takes the larger of the tied sizes when those threads are as many
+///   as the cores (request handling then runs on the device's cores);
+/// - `handling`: the cores those threads leave for request handling, shared by the sessions
+///   (every instance counts): how many requests a loaded server can handle for each, next to
+///   what the session can run (see `tuning::probe::device_limits_the_server`).
+///
+/// A device that computes off the CPU (CUDA) leaves the cores to request handling and gets the
+/// smaller end and 0: the device-limits rule is measured on CPU sessions only, and a GPU's
+/// choice and tuning key stay as they were.
+fn cores_for(
     plan: &device::DevicePlan,
     plans: &[device::DevicePlan],
     cores: usize,
-) -> tuning::Prefer {
+) -> tuning::Cores {
     if cpu_threads(plan).is_none() {
-        return tuning::Prefer::Smaller;
-    }
-    tuning::Prefer::for_threads(plans.iter().filter_map(cpu_threads).sum(), cores)
-}
-
-/// For a CPU session, the cores left for request handling beside its model's sessions (what
-/// their intra-op threads do not take), shared by those sessions (every instance counts): how
-/// many requests a loaded server can handle for each, next to what the session can run (see
-/// `tuning::probe::device_limits_the_server`). 0 for a device that computes off the CPU
-/// (CUDA): the rule is measured on CPU sessions only, and a GPU's choice and tuning key stay
-/// as they were.
-fn handling_cores(plan: &device::DevicePlan, plans: &[device::DevicePlan], cores: usize) -> f64 {
-    if cpu_threads(plan).is_none() {
-        return 0.0;
+        return tuning::Cores {
+            prefer: tuning::Prefer::Smaller,
+            handling: 0.0,
+        };
     }
     let taken: usize = plans.iter().filter_map(cpu_threads).sum();
-    cores.saturating_sub(taken) as f64 / plans.len().max(1) as f64
+    tuning::Cores {
+        prefer: tuning::Prefer::for_threads(taken, cores),
+        handling: cores.saturating_sub(taken) as f64 / plans.len().max(1) as f64,
+    }
 }
 
 /// What a panic's rebuild needs to open the same session again.
@@ -311,8 +306,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
         name,
         runtime_version,
         runtime,
-        prefer,
-        handling_cores,
+        cores,
         served,
     } = slot;
     let runtime_version = runtime_version.as_str();
@@ -356,10 +350,7 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 info: &info,
                 dim_names: &dim_names,
                 config: &m.tuning,
-                cores: tuning::Cores {
-                    prefer,
-                    handling: handling_cores,
-                },
+                cores,
                 runtime_version,
                 memory: &memory,
                 // Only for a model with the same inputs and outputs.
@@ -612,12 +603,12 @@ mod tests {
     fn a_model_whose_cpu_sessions_take_every_core_prefers_the_larger_size() {
         // One session, one thread: larger on one core, smaller on two.
         let one = [cpu(0, 1)];
-        assert_eq!(prefer_for(&one[0], &one, 1), Prefer::Larger);
-        assert_eq!(prefer_for(&one[0], &one, 2), Prefer::Smaller);
+        assert_eq!(cores_for(&one[0], &one, 1).prefer, Prefer::Larger);
+        assert_eq!(cores_for(&one[0], &one, 2).prefer, Prefer::Smaller);
         // Two instances of one thread each take two cores together.
         let two = [cpu(0, 1), cpu(1, 1)];
-        assert_eq!(prefer_for(&two[1], &two, 2), Prefer::Larger);
-        assert_eq!(prefer_for(&two[1], &two, 4), Prefer::Smaller);
+        assert_eq!(cores_for(&two[1], &two, 2).prefer, Prefer::Larger);
+        assert_eq!(cores_for(&two[1], &two, 4).prefer, Prefer::Smaller);
         // A GPU beside a CPU session that takes every core leaves the cores to request
         // handling for its own batches.
         let mixed = [
@@ -628,20 +619,20 @@ mod tests {
                 kind: device::DeviceKind::Cuda { id: 0 },
             },
         ];
-        assert_eq!(prefer_for(&mixed[0], &mixed, 2), Prefer::Larger);
-        assert_eq!(prefer_for(&mixed[1], &mixed, 2), Prefer::Smaller);
+        assert_eq!(cores_for(&mixed[0], &mixed, 2).prefer, Prefer::Larger);
+        assert_eq!(cores_for(&mixed[1], &mixed, 2).prefer, Prefer::Smaller);
     }
 
     #[test]
     fn request_handling_has_the_cores_the_model_s_cpu_threads_leave_shared_by_its_sessions() {
         let one = [cpu(0, 1)];
-        assert_eq!(handling_cores(&one[0], &one, 2), 1.0);
+        assert_eq!(cores_for(&one[0], &one, 2).handling, 1.0);
         let two_threads = [cpu(0, 2)];
-        assert_eq!(handling_cores(&two_threads[0], &two_threads, 2), 0.0);
+        assert_eq!(cores_for(&two_threads[0], &two_threads, 2).handling, 0.0);
         let four_threads = [cpu(0, 4)];
-        assert_eq!(handling_cores(&four_threads[0], &four_threads, 2), 0.0);
+        assert_eq!(cores_for(&four_threads[0], &four_threads, 2).handling, 0.0);
         let two = [cpu(0, 1), cpu(1, 1)];
-        assert_eq!(handling_cores(&two[1], &two, 8), 3.0);
+        assert_eq!(cores_for(&two[1], &two, 8).handling, 3.0);
         let gpus: Vec<_> = (0..2)
             .map(|id| device::DevicePlan {
                 device: format!("cuda:{id}"),
@@ -650,9 +641,9 @@ mod tests {
             })
             .collect();
         // A GPU: 0, the rule does not apply (nor go in its key).
-        assert_eq!(handling_cores(&gpus[0], &gpus, 16), 0.0);
+        assert_eq!(cores_for(&gpus[0], &gpus, 16).handling, 0.0);
         let mixed = [cpu(0, 1), gpus[0].clone()];
-        assert_eq!(handling_cores(&mixed[0], &mixed, 4), 1.5);
-        assert_eq!(handling_cores(&mixed[1], &mixed, 4), 0.0);
+        assert_eq!(cores_for(&mixed[0], &mixed, 4).handling, 1.5);
+        assert_eq!(cores_for(&mixed[1], &mixed, 4).handling, 0.0);
     }
 }

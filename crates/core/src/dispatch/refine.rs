@@ -207,17 +207,11 @@ impl Refiner {
         self.up = !up;
     }
 
-    /// A failed or unjudged step: back to where it came from, and a longer wait before the next.
-    fn back(&mut self, step: Step, rate: f64, now: Instant) -> CapChange {
-        self.back_off(step.up);
-        self.change(step.from, "back", rate, now)
-    }
-
-    /// After a step that went back: when `further` (its first try served less, within the
-    /// latency budget) the next step that way reaches twice as far, unless this one reached the
-    /// bound; otherwise (over the budget, not judged, or a win then a loss) it starts from the
-    /// neighbour again.
-    fn reach_after(&mut self, step: Step, further: bool) {
+    /// A failed or unjudged step: back to where it came from, and a longer wait before the
+    /// next. When `further` (its first try served less, within the latency budget) the next step
+    /// that way reaches twice as far, unless this one reached the bound; otherwise (over the
+    /// budget, not judged, or a win then a loss) it starts from the neighbour again.
+    fn back(&mut self, step: Step, further: bool, rate: f64, now: Instant) -> CapChange {
         let (bound, reach) = if step.up {
             (self.settings.ceiling, &mut self.reach_up)
         } else {
@@ -228,6 +222,15 @@ impl Refiner {
         } else {
             1
         };
+        self.back_off(step.up);
+        self.change(step.from, "back", rate, now)
+    }
+
+    /// A kept step or a changed load: the next try soon, to a neighbour.
+    fn try_soon(&mut self) {
+        self.backoff = 1;
+        self.wait = 1;
+        (self.reach_up, self.reach_down) = (1, 1);
     }
 
     /// The next step from the current cap in the preferred direction (or the other one).
@@ -292,10 +295,10 @@ impl Refiner {
                 // not judged, and waits as one that went back.
                 self.back_off(up);
             }
-            return self.step.take().map(|step| {
-                self.reach_after(step, false);
-                self.back(step, rate, now)
-            });
+            return self
+                .step
+                .take()
+                .map(|step| self.back(step, false, rate, now));
         }
         if let Some(step) = self.step.take() {
             let in_budget = self.settings.latency_budget.is_none_or(|b| mean_run <= b);
@@ -307,14 +310,11 @@ impl Refiner {
                     return Some(self.change(step.from, "check", rate, now));
                 }
                 // Kept: the next step goes the same way, soon, to the neighbour.
-                self.backoff = 1;
-                self.wait = 1;
+                self.try_soon();
                 self.up = step.up;
-                (self.reach_up, self.reach_down) = (1, 1);
                 return Some(self.record(step.from, self.cap, "keep", rate, now));
             }
-            self.reach_after(step, in_budget && !step.second);
-            return Some(self.back(step, rate, now));
+            return Some(self.back(step, in_budget && !step.second, rate, now));
         }
         if let Some((to, up)) = self.check.take() {
             self.step = Some(Step {
@@ -330,9 +330,7 @@ impl Refiner {
         });
         self.last = Some((self.cap, rate));
         if shifted {
-            self.backoff = 1;
-            self.wait = 1;
-            (self.reach_up, self.reach_down) = (1, 1);
+            self.try_soon();
         }
         self.wait = self.wait.saturating_sub(1);
         if self.wait > 0 {
@@ -628,23 +626,16 @@ mod tests {
         let mut r = Refiner::new(s, Instant::now());
         drive(&mut r, 2.0, 20_000).await;
         assert_eq!(r.cap(), 16, "{:?}", r.changes());
-        // 32 ran over the budget: the next try up is 32 again, never 64 (16.6 ms a batch).
-        assert!(
+        let tried = |to| {
             r.changes()
                 .iter()
-                .any(|c| c.from == 16 && c.to == 32 && c.why == "try"),
-            "{:?}",
-            r.changes()
-        );
+                .any(|c| c.from == 16 && c.to == to && c.why == "try")
+        };
+        // 32 ran over the budget: the next try up is 32 again, never 64 (16.6 ms a batch).
+        assert!(tried(32), "{:?}", r.changes());
         assert!(r.changes().iter().all(|c| c.to != 64), "{:?}", r.changes());
         // Tries down from 16 served less: they reach further, 8 then 4 (the floor).
-        assert!(
-            r.changes()
-                .iter()
-                .any(|c| c.from == 16 && c.to == 4 && c.why == "try"),
-            "{:?}",
-            r.changes()
-        );
+        assert!(tried(4), "{:?}", r.changes());
     }
 
     /// A far try that the load did not fill is not judged, and the next try that way is the

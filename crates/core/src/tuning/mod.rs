@@ -518,8 +518,7 @@ pub(crate) fn tune_device(
         latency_budget: req.config.latency_budget.map(|d| d.0),
         max_batch_cap: req.config.max_batch_cap,
         max_duration: req.config.max_duration.0,
-        prefer: req.cores.prefer,
-        handling_cores: req.cores.handling,
+        cores: req.cores,
     };
     // The runner is lent to a device thread for the sweep and comes back when it ends.
     let sweep = std::thread::scope(|scope| {

@@ -37,17 +37,16 @@ pub(crate) struct Limits {
     pub latency_budget: Option<Duration>,
     pub max_batch_cap: usize,
     pub max_duration: Duration,
+    pub cores: Cores,
+}
+
+/// The process's cores as the choice sees them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Cores {
+    /// Which end of the tied sizes the model's threads ask for ([`Prefer::for_threads`]).
     pub prefer: Prefer,
     /// Cores left for request handling, per CPU session of the model (see
     /// [`device_limits_the_server`]); 0 (a GPU, or none left) leaves the choice to `prefer`.
-    pub handling_cores: f64,
-}
-
-/// The process's cores as the choice sees them: which end of the tied sizes its threads ask
-/// for, and the cores left for request handling (see [`Limits`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Cores {
-    pub prefer: Prefer,
     pub handling: f64,
 }
 
@@ -59,7 +58,7 @@ pub(crate) struct Cores {
 pub(crate) const HANDLING_PER_FIXED_COST: f64 = 3.0;
 
 /// Whether a loaded server will be limited by the device rather than by its request handling:
-/// the device's time for a row at its best size, times the cores left to handle requests beside
+/// the device's time for a row at its best size (`row_ms`), times the cores left to handle requests beside
 /// it, is at least what handling one request costs ([`HANDLING_PER_FIXED_COST`] times the
 /// measured fixed cost; with no fixed cost measured there is no estimate, and the rule does
 /// not apply). Then every rows/s the device loses is a rows/s the server does not
@@ -69,11 +68,10 @@ pub(crate) const HANDLING_PER_FIXED_COST: f64 = 3.0;
 /// 4-256 0.93-1.00). When it is less (the CNN fixture: 0.019 ms a row), the request handling
 /// limits, and the smaller end keeps it and the device working at once.
 pub(crate) fn device_limits_the_server(
-    top: &Probe,
+    row_ms: f64,
     fixed_cost_ms: f64,
     handling_cores: f64,
 ) -> bool {
-    let row_ms = top.latency_ms / top.batch.max(1) as f64;
     handling_cores > 0.0
         && fixed_cost_ms > 0.0
         && row_ms * handling_cores >= HANDLING_PER_FIXED_COST * fixed_cost_ms
@@ -167,7 +165,7 @@ pub(super) struct Sweep {
     pub fixed_cost_ms: f64,
     /// The largest good size: the most a device may be given (see `tuning.refine`).
     pub max_good: usize,
-    /// The end of the tied sizes chosen: `limits.prefer`, or the larger where the device will
+    /// The end of the tied sizes chosen: `limits.cores.prefer`, or the larger where the device will
     /// limit a loaded server ([`device_limits_the_server`]).
     pub prefer: Prefer,
 }
@@ -338,7 +336,7 @@ impl<T: Target> Sweeper<'_, T> {
 /// their session run is at least half their served time, or
 /// before the time limit; then bisects between the last good and the first failing size. The
 /// choice is a good size within [`Prefer::tolerance`] (10% or 3%) of the most served rows/s,
-/// the smallest or the largest of them as `limits.prefer` says, or the largest where the device
+/// the smallest or the largest of them as `limits.cores.prefer` says, or the largest where the device
 /// will limit a loaded server ([`device_limits_the_server`]). With cores left for request
 /// handling and a device faster than it, once the device serves no more rows/s a larger cap
 /// only lets a closed-loop load's requests merge into fewer, larger batches, which the device
@@ -464,9 +462,11 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
     let mut costs: Vec<f64> = good.iter().map(|p| p.served_ms - p.latency_ms).collect();
     costs.sort_by(f64::total_cmp);
     let fixed_cost_ms = costs.get(costs.len() / 2).copied().unwrap_or(0.0).max(0.0);
-    let bound = limits.prefer == Prefer::Smaller
-        && device_limits_the_server(top, fixed_cost_ms, limits.handling_cores);
-    let prefer = if bound { Prefer::Larger } else { limits.prefer };
+    let row_ms = top.latency_ms / top.batch.max(1) as f64;
+    let Cores { prefer, handling } = limits.cores;
+    let bound =
+        prefer == Prefer::Smaller && device_limits_the_server(row_ms, fixed_cost_ms, handling);
+    let prefer = if bound { Prefer::Larger } else { prefer };
     let floor = top.served_rows_per_second * (1.0 - prefer.tolerance());
     let mut tied = good
         .iter()
@@ -486,9 +486,7 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
             "largest size (the device will limit a loaded server: a row's run, {:.3} ms at size \
              {}, times {:.2} cores for request handling is at least {HANDLING_PER_FIXED_COST} \
              times the {fixed_cost_ms:.3} ms serving adds to a batch)",
-            top.latency_ms / top.batch.max(1) as f64,
-            top.batch,
-            limits.handling_cores,
+            row_ms, top.batch, handling,
         ),
     };
     let reason = format!(
@@ -582,9 +580,18 @@ mod tests {
             latency_budget: None,
             max_batch_cap: 256,
             max_duration: Duration::from_secs(60),
-            prefer: Prefer::Smaller,
             // No cores for request handling: the device never limits, `prefer` decides.
-            handling_cores: 0.0,
+            cores: Cores {
+                prefer: Prefer::Smaller,
+                handling: 0.0,
+            },
+        }
+    }
+
+    fn limits_with(prefer: Prefer, handling: f64) -> Limits {
+        Limits {
+            cores: Cores { prefer, handling },
+            ..limits()
         }
     }
 
@@ -672,14 +679,7 @@ mod tests {
         // The same device: 32 (9011), 64 (9269) and 128 (9196) are within 3% of the most; 256
         // (8773) is not.
         let mut d = device(flat_top, 0.0);
-        let s = sweep(
-            &mut d,
-            &Limits {
-                prefer: Prefer::Larger,
-                ..limits()
-            },
-        )
-        .unwrap();
+        let s = sweep(&mut d, &limits_with(Prefer::Larger, 0.0)).unwrap();
         assert_eq!(s.chosen, 128);
         assert!(
             s.reason.contains("largest size (the device's threads take every core) within 3% of the most served rows/s (9269 at size 64)"),
@@ -692,9 +692,8 @@ mod tests {
         let s = sweep(
             &mut d,
             &Limits {
-                prefer: Prefer::Larger,
                 latency_budget: Some(Duration::from_millis(10)),
-                ..limits()
+                ..limits_with(Prefer::Larger, 0.0)
             },
         )
         .unwrap();
@@ -710,10 +709,7 @@ mod tests {
         // Flat compute, 0.19 ms a row, 0.09 ms of serving a batch (served rows/s 8→4969,
         // 16→5112, … 256→5253). With one core for request handling, a row's 0.19 ms is under
         // 3 × 0.09 ms: handling requests limits the server, so the smallest within 10% (8).
-        let with = |cores| Limits {
-            handling_cores: cores,
-            ..limits()
-        };
+        let with = |cores| limits_with(Prefer::Smaller, cores);
         let mut d = device(flat, 0.09);
         let s = sweep(&mut d, &with(1.0)).unwrap();
         assert_eq!((s.chosen, s.prefer), (8, Prefer::Smaller), "{}", s.reason);
@@ -745,14 +741,7 @@ mod tests {
         assert_eq!((s.chosen, s.prefer), (20, Prefer::Larger), "{}", s.reason);
         // Where the device's threads take every core the rule is that one's.
         let mut d = device(flat, 0.09);
-        let s = sweep(
-            &mut d,
-            &Limits {
-                prefer: Prefer::Larger,
-                ..with(8.0)
-            },
-        )
-        .unwrap();
+        let s = sweep(&mut d, &limits_with(Prefer::Larger, 8.0)).unwrap();
         assert!(
             s.reason.contains("the device's threads take every core"),
             "{}",
