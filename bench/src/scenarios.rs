@@ -875,6 +875,23 @@ fn tuned(
         .map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
     let d = &v["devices"][0];
+    if let Some(changes) = d["refine"]["changes"].as_array().filter(|c| !c.is_empty()) {
+        // The refiner's log goes to stderr with each round's figures.
+        let steps: Vec<String> = changes
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}→{} {} ({:.0} rows/s, {:.1} s)",
+                    c["from"],
+                    c["to"],
+                    c["why"].as_str().unwrap_or("?"),
+                    c["rows_per_second"].as_f64().unwrap_or(0.0),
+                    c["at_s"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        eprintln!("oracle {model} auto: refiner {}", steps.join(", "));
+    }
     let n = |k: &str| d[k].as_u64().ok_or_else(|| format!("no {k} in {d}"));
     Ok((n("chosen")?, n("max_good")?, n("max_batch_size_now")?))
 }

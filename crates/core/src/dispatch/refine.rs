@@ -2,8 +2,10 @@
 //! actually serves, between the startup probe's choice and the largest size the probe found
 //! within its memory and latency limits.
 //!
-//! The refiner only judges windows where at least 3 batches in 4 were full, that is where the
-//! cap is what limits a batch (a window with fewer is not judged, and a step in it goes back). After
+//! The refiner only judges windows where at least half the batches were full, that is where the
+//! cap is what limits a batch (a window with fewer is not judged, and a step in it goes back);
+//! during a step, full means at least the smaller of the two caps, so a step up is judged on a
+//! load that filled the cap it left (a closed loop of 12 clients fills 8, never 32). After
 //! a window at the current cap it tries a neighbour (twice the cap, or half of it, never below
 //! the probe's choice) for one window; when that window served at least 5% more rows/s (and
 //! within the latency budget) it goes back for one window to measure the cap it left again and
@@ -48,7 +50,7 @@ pub struct RefineSettings {
     pub latency_budget: Option<Duration>,
     /// A window lasts at least this long…
     pub window: Duration,
-    /// …and holds at least this many full batches.
+    /// …and holds at least this many batches.
     pub min_batches: u32,
 }
 
@@ -233,6 +235,14 @@ impl Refiner {
         (self.reach_up, self.reach_down) = (1, 1);
     }
 
+    /// The rows a batch needs for the window to count it as full: the cap, or during a step the
+    /// smaller of the cap and the one it left (a step up is judged on a load that filled the cap
+    /// it left: more rows than that cap took were waiting, so the two caps, not two loads, are
+    /// compared; a closed loop of 12 clients fills 8 but never 32).
+    fn filled(&self) -> usize {
+        self.step.map_or(self.cap, |s| s.from.min(self.cap))
+    }
+
     /// The next step from the current cap in the preferred direction (or the other one).
     fn next_step(&self) -> Option<(usize, bool)> {
         let s = &self.settings;
@@ -276,7 +286,7 @@ impl Refiner {
         };
         self.rows += rows as u64;
         self.batches += 1;
-        self.full += u32::from(rows >= self.cap);
+        self.full += u32::from(rows >= self.filled());
         self.run_total += run;
         let span = now.duration_since(start);
         if span < self.settings.window || self.batches < self.settings.min_batches {
@@ -284,7 +294,7 @@ impl Refiner {
         }
         let rate = self.rows as f64 / span.as_secs_f64().max(1e-9);
         let mean_run = self.run_total / self.batches;
-        let sustained = self.full * 4 >= self.batches * 3;
+        let sustained = self.full * 2 >= self.batches;
         self.restart_window(now);
         if !sustained {
             // The cap did not limit most batches: the load is not enough to judge by, and
@@ -594,6 +604,34 @@ mod tests {
         assert_eq!(r.cap(), from);
     }
 
+    /// A window is judged when the cap limited at least half its batches: on one core the CNN
+    /// fixture's batches at cap 8 were full 7 times in 10 (the others went out while the next
+    /// requests were still being read), and a rule of 3 in 4 never judged one.
+    #[tokio::test(start_paused = true)]
+    async fn seven_full_batches_in_ten_are_a_sustained_load() {
+        let mut r = Refiner::new(settings(8, 64), Instant::now());
+        let mut tried = None;
+        for i in 0..10_000 {
+            let cap = r.cap();
+            let rows = if i % 10 < 7 { cap } else { cap / 2 };
+            let d = Duration::from_secs_f64(rows as f64 * 0.1 / 1e3);
+            tokio::time::advance(d).await;
+            if let Some(c) = r.observe(rows, cap, d, Instant::now()) {
+                tried = Some((c.from, c.to, c.why));
+                break;
+            }
+        }
+        assert_eq!(tried, Some((8, 16, "try")));
+        // Under half: never.
+        let mut r = Refiner::new(settings(8, 64), Instant::now());
+        for i in 0..10_000 {
+            let rows = if i % 10 < 4 { 8 } else { 4 };
+            let d = Duration::from_secs_f64(rows as f64 * 0.1 / 1e3);
+            tokio::time::advance(d).await;
+            assert_eq!(r.observe(rows, 8, d, Instant::now()), None);
+        }
+    }
+
     /// Parts run alone after a failure (sent with cap 0) neither count nor restart the window:
     /// a client that has an input refused now and then cannot keep a step from being judged.
     #[tokio::test(start_paused = true)]
@@ -638,37 +676,57 @@ mod tests {
         assert!(tried(4), "{:?}", r.changes());
     }
 
-    /// A far try that the load did not fill is not judged, and the next try that way is the
-    /// neighbour again: a closed loop of fewer clients than the far cap never fills it.
-    #[tokio::test(start_paused = true)]
-    async fn an_unjudged_far_try_starts_again_from_the_neighbour() {
+    /// From a refiner at 8 (16 serves less than 8, so the next try up reaches 32): waits at 8
+    /// until that try.
+    async fn tried_32() -> Refiner {
         let mut r = Refiner::new(settings(8, 64), Instant::now());
-        // 16 serves less than 8: back, and the next try up is 32.
         let dip = |cap: usize, _| if cap == 16 { 2.4 } else { cap as f64 * 0.125 };
         let whys = whys_until(&mut r, dip, "back").await;
         assert_eq!(whys, ["try", "back"]);
         assert_eq!(r.reach_up, 2);
-        // Wait at 8 until the try to 32, then batches of 12 rows: not full, not judged.
-        let mut tried = None;
         for _ in 0..100_000 {
             let cap = r.cap();
             let d = Duration::from_secs_f64(cap as f64 * 0.125 / 1e3);
             tokio::time::advance(d).await;
             if let Some(c) = r.observe(cap, cap, d, Instant::now()) {
-                tried = Some((c.from, c.to, c.why));
-                break;
+                assert_eq!((c.from, c.to, c.why), (8, 32, "try"));
+                return r;
             }
         }
-        assert_eq!(tried, Some((8, 32, "try")));
-        let mut back = None;
+        panic!("no try to 32: {:?}", r.changes());
+    }
+
+    /// Batches of `rows` at cap 32, each taking `each`, until the refiner changes something.
+    async fn at_32(r: &mut Refiner, rows: usize, each: Duration) -> (usize, usize, &'static str) {
         for _ in 0..100_000 {
-            tokio::time::advance(Duration::from_millis(2)).await;
-            if let Some(c) = r.observe(12, 32, Duration::from_millis(2), Instant::now()) {
-                back = Some((c.from, c.to, c.why));
-                break;
+            tokio::time::advance(each).await;
+            if let Some(c) = r.observe(rows, 32, each, Instant::now()) {
+                return (c.from, c.to, c.why);
             }
         }
-        assert_eq!(back, Some((32, 8, "back")));
+        panic!("nothing decided: {:?}", r.changes());
+    }
+
+    /// A far try whose batches did not fill even the cap it left is not judged, and the next
+    /// try that way is the neighbour again. Batches that filled the cap it left are judged,
+    /// though they do not fill the far cap: a closed loop of 12 clients fills 8, and whether 32
+    /// serves it more is a comparison of the two caps (the CNN fixture on one core: at cap 8, 7
+    /// batches in 10 were full, and cap 32 ran batches of about 15).
+    #[tokio::test(start_paused = true)]
+    async fn a_far_try_is_judged_on_a_load_that_filled_the_cap_it_left() {
+        // Batches of 6, under the 8 it left: not judged; the next try up is 16 again.
+        let mut r = tried_32().await;
+        let two_ms = Duration::from_millis(2);
+        assert_eq!(at_32(&mut r, 6, two_ms).await, (32, 8, "back"));
         assert_eq!((r.reach_up, r.reach_down), (1, 1));
+        // Batches of 12 at 6 rows/ms, less than 8's 8: judged, back, and the next try up
+        // reaches further (to 64, the ceiling).
+        let mut r = tried_32().await;
+        assert_eq!(at_32(&mut r, 12, two_ms).await, (32, 8, "back"));
+        assert_eq!(r.reach_up, 3);
+        // Batches of 12 at 24 rows/ms: judged a win, and checked.
+        let mut r = tried_32().await;
+        let half_ms = Duration::from_micros(500);
+        assert_eq!(at_32(&mut r, 12, half_ms).await, (32, 8, "check"));
     }
 }
