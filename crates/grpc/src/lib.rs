@@ -22,6 +22,7 @@ mod idle;
 mod limits;
 mod service;
 mod status;
+mod streams;
 mod tensors;
 
 pub use health::Health;
@@ -72,7 +73,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use proto::health::health_server::HealthServer;
     use proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 
@@ -94,15 +95,19 @@ pub async fn serve(
         .layer(fast::FastInferLayer::new(shared, max_message))
         .service(routes);
 
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
-        .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
+    // One builder a connection: its calls are run by the connection's own task (streams.rs).
+    let h2 = |exec: streams::ConnExecutor| {
+        let mut h2 = hyper::server::conn::http2::Builder::new(exec);
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_frame_size(MAX_FRAME_BYTES)
+            .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
+        h2
+    };
     let max_connections = server
         .max_connections
         .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
@@ -138,15 +143,22 @@ pub async fn serve(
                 async move { answer.await.map(|r| open.hold(r)) }
             }
         });
-        let conn = h2.serve_connection(TokioIo::new(stream), svc);
+        let exec = streams::ConnExecutor::default();
+        let calls_running = exec.calls();
+        let conn = h2(exec).serve_connection(TokioIo::new(stream), svc);
         let mut drain = drain.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
+            tokio::pin!(calls_running);
             let idle = tokio::time::sleep(idle_timeout);
             tokio::pin!(idle);
             let mut closing = false;
             let ended = loop {
+                // The calls first: an answer one of them finished is written when the
+                // connection is polled next, in the same wake-up.
                 tokio::select! {
+                    biased;
+                    never = calls_running.as_mut() => match never {},
                     ended = conn.as_mut() => break ended,
                     _ = drain.wait_for(|d| *d), if !closing => {
                         conn.as_mut().graceful_shutdown();
