@@ -88,6 +88,13 @@ where
     }
 }
 
+/// Messages larger than this are decoded and answered in a task of their own. A call runs in
+/// its connection's task (`streams.rs`), and what it does without awaiting holds up the
+/// connection's other calls: decoding 15 MiB of typed `bool_contents` took about 70 ms, during
+/// which a PING and a small call on the same connection waited (docs/BENCHMARKS.md); at that
+/// rate 256 KiB is about a millisecond. The fixtures' calls (48 KiB and less) stay inline.
+pub(crate) const INLINE_MESSAGE_BYTES: usize = 256 * 1024;
+
 async fn answer(
     inference: Arc<Inference>,
     max_message: usize,
@@ -98,6 +105,28 @@ async fn answer(
         Ok(m) => m,
         Err(status) => return status.into_http(),
     };
+    if message.len() <= INLINE_MESSAGE_BYTES {
+        return decode_and_answer(inference, parts, message).await;
+    }
+    // Aborted if the call is dropped (its stream reset, or the connection gone).
+    struct AbortOnDrop(tokio::task::JoinHandle<http::Response<Body>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(tokio::spawn(decode_and_answer(inference, parts, message)));
+    match (&mut task.0).await {
+        Ok(response) => response,
+        Err(e) => Status::internal(format!("the call failed: {e}")).into_http(),
+    }
+}
+
+async fn decode_and_answer(
+    inference: Arc<Inference>,
+    parts: http::request::Parts,
+    message: Bytes,
+) -> http::Response<Body> {
     let request = match ModelInferRequest::decode(message) {
         Ok(r) => r,
         Err(e) => {

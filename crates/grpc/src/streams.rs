@@ -5,10 +5,17 @@
 //! connection task again to send its answer, each wake-up a hand-off between threads whenever
 //! another worker picked the task up. HTTP/1 (the REST port) reads, answers and writes a request
 //! in the connection's one task. Here the connection task polls its calls itself, beside the
-//! connection: a call is woken in the task that reads its frames and writes its answer, and
-//! calls on different connections still run on different threads. A call that panics is
-//! dropped and logged, and the connection's other calls go on, as with a task of its own.
+//! connection: a call is woken in the task that reads its frames and writes its answer. Calls on
+//! different connections are different tasks, which tokio may run on different threads.
+//!
+//! What a call does synchronously holds up the connection's other calls and frames: a message
+//! larger than `fast::INLINE_MESSAGE_BYTES` is decoded and answered in a task of its own
+//! (`fast.rs`). A call that panics, polled or dropped, is dropped and logged, and the
+//! connection's other calls go on. Calls handed over after the connection ended are dropped at
+//! once: each holds a copy of the executor, and a call left queued would keep it, the queue and
+//! itself alive.
 
+use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -17,16 +24,62 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::FutureExt;
 
 type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 #[derive(Default)]
 struct Queue {
     /// Calls handed over since the connection task last looked.
-    new: Vec<Call>,
+    new: Vec<Guarded>,
     /// The connection task, woken when a call is handed over.
     waker: Option<Waker>,
+    /// The connection's task is done with its calls: later ones are dropped.
+    closed: bool,
+}
+
+fn lock(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    q.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn panicked(what: &Box<dyn Any + Send>, when: &str) {
+    let message = what
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| what.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %message, "a gRPC call panicked {when}; it was dropped");
+}
+
+/// A call whose panics, while polled or dropped, stay in it.
+struct Guarded(Option<Call>);
+
+impl Future for Guarded {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(call) = self.0.as_mut() else {
+            return Poll::Ready(());
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| call.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(what) => {
+                panicked(&what, "while polled");
+                // Dropped here, where a panic in its drop is caught too.
+                drop(self.0.take());
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            if let Err(what) = std::panic::catch_unwind(AssertUnwindSafe(|| drop(call))) {
+                panicked(&what, "while dropped");
+            }
+        }
+    }
 }
 
 /// hyper's executor for one connection: the calls it is given are run by [`Calls`], which
@@ -39,13 +92,14 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, call: F) {
-        let call = AssertUnwindSafe(call).catch_unwind().map(|ended| {
-            if ended.is_err() {
-                tracing::error!("a gRPC call panicked; it was dropped");
-            }
-        });
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        q.new.push(Box::pin(call));
+        let call = Guarded(Some(Box::pin(call)));
+        let mut q = lock(&self.0);
+        if q.closed {
+            drop(q);
+            drop(call);
+            return;
+        }
+        q.new.push(call);
         if let Some(w) = q.waker.take() {
             w.wake();
         }
@@ -54,7 +108,7 @@ where
 
 impl ConnExecutor {
     /// The future that runs this connection's calls; it never completes (drop it once the
-    /// connection has ended).
+    /// connection has ended: the calls not finished are dropped with it).
     pub(crate) fn calls(&self) -> Calls {
         Calls {
             queue: self.0.clone(),
@@ -66,20 +120,27 @@ impl ConnExecutor {
 /// Runs a connection's calls (see [`ConnExecutor::calls`]).
 pub(crate) struct Calls {
     queue: Arc<Mutex<Queue>>,
-    running: FuturesUnordered<Call>,
+    running: FuturesUnordered<Guarded>,
 }
 
 impl Calls {
     /// Calls not yet finished, including those handed over but not yet polled.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.running.len()
-            + self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .new
-                .len()
+        self.running.len() + lock(&self.queue).new.len()
+    }
+}
+
+impl Drop for Calls {
+    fn drop(&mut self) {
+        let queued = {
+            let mut q = lock(&self.queue);
+            q.closed = true;
+            q.waker = None;
+            std::mem::take(&mut q.new)
+        };
+        // Outside the lock: a call's drop drops its copy of the executor.
+        drop(queued);
     }
 }
 
@@ -89,7 +150,7 @@ impl Future for Calls {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Infallible> {
         loop {
             let new = {
-                let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let mut q = lock(&self.queue);
                 match &mut q.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     w => *w = Some(cx.waker().clone()),
@@ -100,8 +161,7 @@ impl Future for Calls {
                 // Every call is waiting (or there are none): a call handed over from now on
                 // wakes this task.
                 while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
-                let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-                if q.new.is_empty() {
+                if lock(&self.queue).new.is_empty() {
                     return Poll::Pending;
                 }
                 continue;
@@ -118,43 +178,120 @@ mod tests {
     use super::*;
     use hyper::rt::Executor;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
 
-    /// Calls handed over run to their end in the task that polls `Calls`, one that waits is
-    /// woken when it can go on, and one that panics is dropped without stopping the others.
-    #[tokio::test]
-    async fn calls_run_in_the_connection_task_and_a_panic_stays_in_its_call() {
+    /// A waker that counts its wake-ups: the connection's task.
+    #[derive(Default)]
+    struct Counted(AtomicUsize);
+
+    impl Wake for Counted {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn task() -> (Arc<Counted>, Waker) {
+        let c = Arc::new(Counted::default());
+        (c.clone(), Waker::from(c))
+    }
+
+    /// Calls handed over run in the task that polls `Calls`; a call that waits wakes that task
+    /// when it can go on, as does a call handed over later; one that panics is dropped without
+    /// stopping the others.
+    #[test]
+    fn calls_run_in_the_connection_task_and_a_panic_stays_in_its_call() {
         let exec = ConnExecutor::default();
-        let calls = exec.calls();
-        tokio::pin!(calls);
+        let mut calls = Box::pin(exec.calls());
+        let (woken, waker) = task();
+        let mut cx = Context::from_waker(&waker);
         let done = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let d = done.clone();
-        exec.execute(async move {
-            rx.await.unwrap();
-            d.fetch_add(1, Ordering::SeqCst);
-        });
+        exec.execute(std::future::poll_fn(move |cx| {
+            Pin::new(&mut rx).poll(cx).map(|_| {
+                d.fetch_add(1, Ordering::SeqCst);
+            })
+        }));
         exec.execute(async move { panic!("a call that panics") });
         let d = done.clone();
         exec.execute(async move {
             d.fetch_add(1, Ordering::SeqCst);
         });
         // One poll runs what can run: the panicking call is gone, the waiting one waits.
-        let mut cx = Context::from_waker(Waker::noop());
         assert!(calls.as_mut().poll(&mut cx).is_pending());
         assert_eq!(done.load(Ordering::SeqCst), 1);
         assert_eq!(calls.len(), 1);
-        // Its wake-up comes back to this task.
+        // The waiting call's wake-up reaches the connection's task, and the next poll ends it.
+        let before = woken.0.load(Ordering::SeqCst);
         tx.send(()).unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while done.load(Ordering::SeqCst) < 2 {
-                tokio::select! {
-                    never = calls.as_mut() => match never {},
-                    _ = tokio::task::yield_now() => {}
-                }
-            }
-        })
-        .await
-        .expect("the waiting call finished");
+        assert!(
+            woken.0.load(Ordering::SeqCst) > before,
+            "the task was not woken"
+        );
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(done.load(Ordering::SeqCst), 2);
         assert_eq!(calls.len(), 0);
+        // A call handed over now wakes the task too.
+        let before = woken.0.load(Ordering::SeqCst);
+        exec.execute(async {});
+        assert!(
+            woken.0.load(Ordering::SeqCst) > before,
+            "the task was not woken"
+        );
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(calls.len(), 0);
+    }
+
+    /// Panics while dropped (h2's stream handles panic in their drop once its lock is
+    /// poisoned) are caught: dropping `Calls` with such a call running does not unwind.
+    #[test]
+    fn a_call_that_panics_when_dropped_is_dropped_alone() {
+        struct PanicsOnDrop;
+        impl Drop for PanicsOnDrop {
+            fn drop(&mut self) {
+                panic!("a drop that panics");
+            }
+        }
+        let exec = ConnExecutor::default();
+        let mut calls = Box::pin(exec.calls());
+        let (_, waker) = task();
+        let mut cx = Context::from_waker(&waker);
+        let guard = PanicsOnDrop;
+        exec.execute(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        });
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(calls.len(), 1);
+        let dropped = std::panic::catch_unwind(AssertUnwindSafe(|| drop(calls)));
+        assert!(dropped.is_ok(), "the panic in the call's drop unwound");
+    }
+
+    /// A call each holds a copy of the executor (hyper hands every stream one): calls still
+    /// queued when the connection's task drops `Calls` are freed with it, and a call handed
+    /// over afterwards is dropped at once, instead of keeping the queue and itself alive.
+    #[test]
+    fn calls_left_when_the_connection_ends_are_freed() {
+        let exec = ConnExecutor::default();
+        let calls = exec.calls();
+        let marker = Arc::new(());
+        for _ in 0..3 {
+            let (exec, marker) = (exec.clone(), marker.clone());
+            exec.clone().execute(async move {
+                let _held = (exec, marker);
+            });
+        }
+        assert_eq!(Arc::strong_count(&marker), 4);
+        drop(calls);
+        assert_eq!(Arc::strong_count(&marker), 1, "queued calls were not freed");
+        let m = marker.clone();
+        exec.execute(async move {
+            let _held = m;
+        });
+        assert_eq!(
+            Arc::strong_count(&marker),
+            1,
+            "a call after the end was kept"
+        );
     }
 }
