@@ -42,11 +42,7 @@ fn lock(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
 }
 
 fn panicked(what: &Box<dyn Any + Send>, when: &str) {
-    let message = what
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| what.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let message = ortserve_core::device::panic_message(what.as_ref());
     tracing::error!(panic = %message, "a gRPC call panicked {when}; it was dropped");
 }
 

@@ -22,7 +22,7 @@ pub(crate) use plan::plan_devices;
 pub use plan::{DeviceKind, DevicePlan};
 pub(crate) use provider::SessionSettings;
 pub use runtime::{init_runtime, RuntimeInfo};
-pub use worker::Rebuild;
+pub use worker::{panic_message, Rebuild};
 pub(crate) use worker::{serve_borrowed, DeviceCommand, DeviceWorker, Padding, RunDone, RunJob};
 
 /// A log filter directive that keeps ONNX Runtime's own logs (forwarded by `ort` to tracing) at

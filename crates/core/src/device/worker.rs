@@ -186,11 +186,7 @@ fn run_job(runner: &mut dyn ModelRunner, padding: Option<&Padding>, job: RunJob)
     let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| runner.run(&parts))) {
         Ok(result) => result,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = panic_message(panic.as_ref());
             tracing::error!(panic = %what, "model runner panicked");
             panicked = true;
             Err(RunError::Failed(format!("runner panicked: {what}")))
@@ -214,6 +210,15 @@ fn run_job(runner: &mut dyn ModelRunner, padding: Option<&Padding>, job: RunJob)
     }
     done(outcome, elapsed, parts);
     panicked
+}
+
+/// The message a panic was raised with (`panic!("...")` or a formatted one); empty otherwise.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// Splits batched outputs back into the parts' rows, in order.
