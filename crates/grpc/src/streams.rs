@@ -144,26 +144,24 @@ impl Future for Calls {
     type Output = Infallible;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Infallible> {
+        let this = &mut *self;
         loop {
-            let new = {
-                let mut q = lock(&self.queue);
+            {
+                let mut q = lock(&this.queue);
                 match &mut q.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     w => *w = Some(cx.waker().clone()),
                 }
-                std::mem::take(&mut q.new)
-            };
-            if new.is_empty() {
-                // Every call is waiting (or there are none): a call handed over from now on
-                // wakes this task.
-                while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
-                if lock(&self.queue).new.is_empty() {
-                    return Poll::Pending;
+                // Moved, not dropped, under the lock; the queue keeps its buffer.
+                for call in q.new.drain(..) {
+                    this.running.push(call);
                 }
-                continue;
             }
-            for call in new {
-                self.running.push(call);
+            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+            // A call polled just now may have handed over another (hyper does for CONNECT);
+            // otherwise every call waits, and one handed over from now on wakes this task.
+            if lock(&this.queue).new.is_empty() {
+                return Poll::Pending;
             }
         }
     }

@@ -88,7 +88,7 @@ pub(crate) struct Refiner {
     window_start: Option<Instant>,
     rows: u64,
     batches: u32,
-    /// Batches of the window that the cap limited.
+    /// Batches of the window with at least [`Refiner::filled`] rows: those the cap limited.
     full: u32,
     run_total: Duration,
     step: Option<Step>,
