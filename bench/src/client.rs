@@ -28,21 +28,27 @@ struct Prepared {
 
 impl Prepared {
     fn new(bytes: Arc<Vec<u8>>) -> Prepared {
-        let file = (bytes.len() >= SENDFILE_FROM)
-            .then(|| memfile(&bytes))
-            .and_then(|r| {
-                r.map_err(|e| eprintln!("bench: no in-memory file ({e}); using write(2)"))
-                    .ok()
-            });
+        let file = file_to_send(&bytes);
         Prepared { bytes, file }
     }
 
     async fn send(&self, stream: &mut TcpStream) -> std::io::Result<()> {
         match &self.file {
-            Some(f) => sendfile_all(stream, f, self.bytes.len()).await,
+            Some(f) => sendfile_range(stream, f, 0, self.bytes.len()).await,
             None => stream.write_all(&self.bytes).await,
         }
     }
+}
+
+/// For bytes of at least [`SENDFILE_FROM`], an in-memory file holding them to send with
+/// `sendfile(2)`; none for fewer, or where no such file can be made (they are then written).
+pub(crate) fn file_to_send(bytes: &[u8]) -> Option<File> {
+    (bytes.len() >= SENDFILE_FROM)
+        .then(|| memfile(bytes))
+        .and_then(|r| {
+            r.map_err(|e| eprintln!("bench: no in-memory file ({e}); using write(2)"))
+                .ok()
+        })
 }
 
 /// An anonymous in-memory file (`memfd_create(2)`) holding `bytes`.
@@ -60,23 +66,43 @@ fn memfile(bytes: &[u8]) -> std::io::Result<File> {
     Ok(f)
 }
 
-/// Sends the first `len` bytes of `file` on `stream`, waiting whenever the socket is full. Each
-/// call keeps its own offset, so connections can share one file.
-async fn sendfile_all(stream: &TcpStream, file: &File, len: usize) -> std::io::Result<()> {
-    let mut offset: libc::off_t = 0;
-    while (offset as usize) < len {
+/// Sends `len` bytes of `file` from `from` on `stream`, waiting whenever the socket is full.
+/// Each call keeps its own offset, so connections can share one file.
+pub(crate) async fn sendfile_range(
+    stream: &TcpStream,
+    file: &File,
+    from: usize,
+    len: usize,
+) -> std::io::Result<()> {
+    send_all(stream, len, |done| {
+        let mut offset = (from + done) as libc::off_t;
+        // SAFETY: both descriptors are open for the duration of the call, and `offset` is a
+        // valid pointer to a local.
+        unsafe {
+            libc::sendfile(
+                stream.as_raw_fd(),
+                file.as_raw_fd(),
+                &mut offset,
+                len - done,
+            )
+        }
+    })
+    .await
+}
+
+/// Sends `len` bytes on `stream` with `send`, a non-blocking system call that sends what is left
+/// after the first `done` bytes and returns how many it sent (or -1), waiting whenever the socket
+/// is full.
+pub(crate) async fn send_all(
+    stream: &TcpStream,
+    len: usize,
+    mut send: impl FnMut(usize) -> isize,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
         stream.writable().await?;
         let sent = stream.try_io(Interest::WRITABLE, || {
-            // SAFETY: both descriptors are open for the duration of the call, and `offset` is a
-            // valid pointer to a local.
-            let n = unsafe {
-                libc::sendfile(
-                    stream.as_raw_fd(),
-                    file.as_raw_fd(),
-                    &mut offset,
-                    len - offset as usize,
-                )
-            };
+            let n = send(done);
             if n < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
@@ -85,7 +111,7 @@ async fn sendfile_all(stream: &TcpStream, file: &File, len: usize) -> std::io::R
         });
         match sent {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(_) => {}
+            Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }

@@ -530,10 +530,16 @@ fn mlp_request(x: &Tensor) -> Vec<u8> {
 }
 
 fn cnn_row() -> Tensor {
-    let values: Vec<f32> = (0..3 * 64 * 64)
-        .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
+    cnn_rows(1)
+}
+
+/// `n` copies of the CNN fixture's input row.
+fn cnn_rows(n: usize) -> Tensor {
+    let row = 3 * 64 * 64;
+    let values: Vec<f32> = (0..n * row)
+        .map(|i| (((i % row) * 7919) % 200) as f32 / 100.0 - 1.0)
         .collect();
-    Tensor::from_f32(vec![1, 3, 64, 64], &values).expect("shape")
+    Tensor::from_f32(vec![n, 3, 64, 64], &values).expect("shape")
 }
 
 /// Runs the chosen scenarios and returns every measured line (and writes plots and JSON).
@@ -1296,6 +1302,19 @@ mod tests {
         }
     }
 
+    /// Short options, a runtime for the load, and a server of the fixture `model` (batches of up
+    /// to 8, one thread).
+    fn serving(model: &str) -> (Options, tokio::runtime::Runtime, Server) {
+        let o = short();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let yaml = format!("server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: 1}}\nmodels: [{{name: {model}, path: {model}.onnx, devices: cpu, batching: {{max_batch_size: 8, max_queue_delay: 1ms}}}}]");
+        let server = Server::start(&yaml, &o.fixtures).unwrap();
+        (o, rt, server)
+    }
+
     #[test]
     fn grpc_calls_answered_ok_count_as_200_with_the_servers_batches() {
         // Not a measurement: the gRPC generator against the server's gRPC port, one connection
@@ -1303,16 +1322,7 @@ mod tests {
         let _alone = crate::cpu::tests::PROCESS_CPU
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let o = short();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = Server::start(
-            "server: {drain_delay: 0s}\nruntime: {cpu_threads: 1}\nmodels: [{name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8, max_queue_delay: 1ms}}]",
-            &o.fixtures,
-        )
-        .unwrap();
+        let (o, rt, server) = serving("mlp");
         let raw = grpc_client::raw_request("mlp", &[("input", &mlp_row())]);
         let callers = grpc_client::CALLERS_PER_CONNECTION + 2;
         let (r, b) = load_grpc(&rt, &server, &raw, callers, &o).unwrap();
@@ -1335,6 +1345,23 @@ mod tests {
         );
         let line = row("b", "gRPC", 2, 1, &r);
         assert_eq!(line.non_200, r.latencies.len() as u64);
+    }
+
+    #[test]
+    fn grpc_calls_larger_than_a_frame_go_out_in_frames_from_the_file() {
+        // Three CNN rows, 144 KiB: over the server's 64 KiB frame, so each call is three DATA
+        // frames sent with sendfile(2) behind their headers. Every call is answered OK.
+        let _alone = crate::cpu::tests::PROCESS_CPU
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (o, rt, server) = serving("cnn");
+        let raw = grpc_client::raw_request("cnn", &[("input", &cnn_rows(3))]);
+        assert!(raw.raw_input_contents[0].len() > ortserve::grpc::MAX_FRAME_BYTES as usize * 2);
+        let (r, b) = load_grpc(&rt, &server, &raw, 3, &o).unwrap();
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert!(r.ok() > 0, "{r:?}");
+        assert_eq!(r.statuses.len(), 1, "only OK: {:?}", r.statuses);
+        assert!(b.mean_rows.is_some_and(|m| m >= 3.0), "{b:?}");
     }
 
     #[test]
