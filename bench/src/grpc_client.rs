@@ -64,6 +64,8 @@ const WINDOW: u32 = (1 << 31) - 1;
 const DEFAULT_WINDOW: i64 = 65_535;
 const DEFAULT_FRAME: usize = 16_384;
 const DEFAULT_TABLE: usize = 4_096;
+/// The largest stream id (client streams are odd).
+const LAST_STREAM: u32 = (1 << 31) - 1;
 /// How long past the end of the run the calls still open may take; then they count as errors.
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -283,6 +285,7 @@ impl Conn {
             let now = Instant::now();
             while self.settled
                 && !self.goaway
+                && self.next_stream <= LAST_STREAM
                 && now < window.to
                 && self.open.len() < callers.min(self.max_streams)
                 && self.send_window >= len
@@ -299,7 +302,9 @@ impl Conn {
                 self.tcp.write_all(&self.out).await?;
                 self.out.clear();
             }
-            if self.open.is_empty() && (now >= window.to || self.goaway) {
+            // Stream ids run out after about a billion calls: then a new connection.
+            let spent = self.next_stream > LAST_STREAM;
+            if self.open.is_empty() && (now >= window.to || self.goaway || spent) {
                 return Ok(());
             }
             if self.read.capacity() - self.read.len() < 16 * 1024 {
