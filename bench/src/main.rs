@@ -66,8 +66,9 @@ struct Cli {
     /// Scenario g's rounds (each line's median is reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     oracle_rounds: u32,
-    /// Scenario g's `runtime.cpu_threads` (ONNX Runtime's intra-op threads for the one model).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    /// Scenario g's `runtime.cpu_threads` (ONNX Runtime's intra-op threads for the one model);
+    /// 0 for `auto` (every core, or one fewer where the probe gives one to request handling).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
     oracle_threads: u32,
     /// Pin the server (every thread it starts) and the in-process ceilings to these cores, e.g.
     /// `0` or `0-1`; needs --client-cores. Default: nothing is pinned.

@@ -928,7 +928,10 @@ fn oracle(rt: &tokio::runtime::Runtime, o: &Options) -> Result<Vec<Row>, String>
         let cfg = |batch: &str| {
             format!(
                 "server: {{drain_delay: 0s}}\nruntime: {{cpu_threads: {}}}\nmodels: [{{name: {name}, path: {name}.onnx, devices: cpu, batching: {{max_batch_size: {batch}, max_queue_delay: 1ms, queue_capacity: 1024}}, tuning: {{force: true, cache_dir: '{}'}}}}]",
-                o.oracle_threads,
+                match o.oracle_threads {
+                    0 => "auto".to_string(),
+                    n => n.to_string(),
+                },
                 cache.display()
             )
         };

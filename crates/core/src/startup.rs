@@ -108,7 +108,12 @@ pub async fn load_one(
     let mut info: Option<ModelInfo> = None;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let choices: Vec<tuning::Cores> = plans.iter().map(|p| cores_for(p, &plans, cores)).collect();
+    // One CPU session with every core, from `cpu_threads: auto` and no count of the model's own.
+    let alone = plans.len() == 1
+        && config.runtime.cpu_threads == config::Threads::Auto
+        && m.devices.0.iter().all(|e| e.intra_op_threads.is_none());
     for (plan, choice) in plans.into_iter().zip(choices) {
+        let threads_auto = alone && cpu_threads(&plan) == Some(cores);
         let name = match plan.instance {
             0 => plan.device.clone(),
             i => format!("{}#{i}", plan.device),
@@ -130,10 +135,16 @@ pub async fn load_one(
                 let t = s.tuning().iter().find(|t| t.device == name)?;
                 Some((s.info().clone(), t.clone()))
             }),
+            threads_auto,
         };
-        let (runner, result) = tokio::task::spawn_blocking(move || open_and_tune(job))
+        let (runner, result, opened) = tokio::task::spawn_blocking(move || open_and_tune(job))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
+        // A rebuild opens the session as it was opened (one thread fewer, say).
+        let again = Reopen {
+            plan: opened,
+            ..again
+        };
         match &info {
             None => info = Some(runner.info().clone()),
             Some(i) if i != runner.info() => {
@@ -247,6 +258,10 @@ struct Slot {
     cores: tuning::Cores,
     /// On a reload: the replaced version's inputs and outputs and this device's tuning.
     served: Option<(ModelInfo, DeviceTuning)>,
+    /// The session's threads are every core, from `runtime.cpu_threads: auto` and no count of
+    /// the model's own: its probe may give one up to request handling
+    /// ([`tuning::one_thread_fewer`]).
+    threads_auto: bool,
 }
 
 fn cpu_threads(p: &device::DevicePlan) -> Option<usize> {
@@ -299,22 +314,86 @@ struct Reopen {
 /// Builds one device's session and decides its batch size: from the config, or by the probe
 /// (or its cache). On a device with memory of its own (CUDA), ONNX Runtime's arena is capped at
 /// the free memory less the headroom.
-fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> {
+///
+/// A CPU session whose threads are every core from `runtime.cpu_threads: auto` is opened again
+/// with one thread fewer, and probed again, where its probe says the device would not limit a
+/// loaded server with one thread fewer ([`tuning::one_thread_fewer`]); the reason says so, and
+/// the plan returned is the one the session was opened with.
+fn open_and_tune(
+    slot: Slot,
+) -> Result<(OrtRunner, DeviceTuning, device::DevicePlan), StartupError> {
     let Slot {
         model: m,
-        plan,
+        mut plan,
         name,
         runtime_version,
         runtime,
         cores,
         served,
+        threads_auto,
     } = slot;
     let runtime_version = runtime_version.as_str();
+    let (mut runner, mut result) =
+        open_tuned(&m, &plan, &name, runtime_version, &runtime, cores, &served)?;
+    let threads = match plan.kind {
+        device::DeviceKind::Cpu {
+            intra_op_threads, ..
+        } => intra_op_threads,
+        _ => 0,
+    };
+    let fewer = threads_auto
+        .then(|| tuning::one_thread_fewer(&result.probes, result.fixed_cost_ms, threads))
+        .flatten();
+    if let Some(why) = fewer {
+        if let device::DeviceKind::Cpu {
+            intra_op_threads, ..
+        } = &mut plan.kind
+        {
+            *intra_op_threads = threads - 1;
+        }
+        let cores = tuning::Cores {
+            prefer: tuning::Prefer::for_threads(threads - 1, threads),
+            handling: 1.0,
+        };
+        drop(runner);
+        tracing::info!(model = %m.name, device = %name, "{why}");
+        (runner, result) = open_tuned(&m, &plan, &name, runtime_version, &runtime, cores, &served)?;
+        // A reload that takes the served version's result has its reason already begun so.
+        let rest = match result.reason.split_once("; ") {
+            Some((head, rest)) if head.contains("intra-op thread(s), not") => rest.to_string(),
+            _ => result.reason.clone(),
+        };
+        result.reason = format!("{why}; {rest}");
+    }
+    let info = runner.info().clone();
+    let provider = plan.kind.provider();
+    let sizes = if info.batchable() {
+        m.batching.buckets.sizes(result.chosen, provider.is_gpu())
+    } else {
+        Vec::new()
+    };
+    if !sizes.is_empty() {
+        let device = result.device.clone();
+        result.warmup = warm_up(&mut runner, &m, &info, &sizes, &device)?;
+    }
+    Ok((runner, result, plan))
+}
+
+/// Opens `plan`'s session and decides its batch size (see [`open_and_tune`]).
+fn open_tuned(
+    m: &config::ModelConfig,
+    plan: &device::DevicePlan,
+    name: &str,
+    runtime_version: &str,
+    runtime: &config::RuntimeConfig,
+    cores: tuning::Cores,
+    served: &Option<(ModelInfo, DeviceTuning)>,
+) -> Result<(OrtRunner, DeviceTuning), StartupError> {
     let auto = m.batching.max_batch_size == MaxBatch::Auto;
     let provider = plan.kind.provider();
     let memory = if auto || provider.caps_arena() {
         Some(
-            tuning::MemoryProbe::for_plan(&plan, &runtime).map_err(|message| {
+            tuning::MemoryProbe::for_plan(plan, runtime).map_err(|message| {
                 StartupError::Model {
                     model: m.name.clone(),
                     message: format!("{name}: cannot read device memory: {message}"),
@@ -337,16 +416,16 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
         pinned_inputs: m.cuda.pinned_inputs,
         conv_search: m.cuda.cudnn_conv_algo_search,
     };
-    let mut runner = OrtRunner::open_with(&m.path, &plan, settings)?;
-    let mut result = match (m.batching.max_batch_size, memory) {
+    let mut runner = OrtRunner::open_with(&m.path, plan, settings)?;
+    let result = match (m.batching.max_batch_size, memory) {
         (MaxBatch::Auto, Some(memory)) => {
             let info = runner.info().clone();
             let dim_names = runner.dim_names().to_vec();
             let req = tuning::TuneRequest {
                 model: &m.name,
                 model_path: &m.path,
-                plan: &plan,
-                device: &name,
+                plan,
+                device: name,
                 info: &info,
                 dim_names: &dim_names,
                 config: &m.tuning,
@@ -366,12 +445,12 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
                 // p50 at one client: 0.196-0.247 ms after a probe in the same session, 0.179-0.192
                 // with the size read from the cache; docs/BENCHMARKS.md, "Tuning for the server").
                 drop(runner);
-                runner = OrtRunner::open_with(&m.path, &plan, settings)?;
+                runner = OrtRunner::open_with(&m.path, plan, settings)?;
             }
             result
         }
         (fixed, _) => DeviceTuning::unprobed(
-            name,
+            name.to_string(),
             tuning::Source::Config,
             match fixed {
                 MaxBatch::Fixed(n) => n,
@@ -381,16 +460,6 @@ fn open_and_tune(slot: Slot) -> Result<(OrtRunner, DeviceTuning), StartupError> 
             String::new(),
         ),
     };
-    let info = runner.info().clone();
-    let sizes = if info.batchable() {
-        m.batching.buckets.sizes(result.chosen, provider.is_gpu())
-    } else {
-        Vec::new()
-    };
-    if !sizes.is_empty() {
-        let device = result.device.clone();
-        result.warmup = warm_up(&mut runner, &m, &info, &sizes, &device)?;
-    }
     Ok((runner, result))
 }
 

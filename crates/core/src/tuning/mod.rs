@@ -27,7 +27,7 @@ use crate::tensor::{DataType, Tensor};
 pub use crate::device::process_rss;
 pub(crate) use cache::cache_key;
 pub use cache::SharedResult;
-pub(crate) use probe::{Cores, Limits, Measured, Target};
+pub(crate) use probe::{one_thread_fewer, Cores, Limits, Measured, Target};
 pub use probe::{MemoryReading, Outcome, Prefer, Probe, ProbeError};
 
 /// Where a device's batch size came from.

@@ -77,6 +77,43 @@ pub(crate) fn device_limits_the_server(
         && row_ms * handling_cores >= HANDLING_PER_FIXED_COST * fixed_cost_ms
 }
 
+/// For a model whose one CPU session has `threads` intra-op threads, every core the process may
+/// use, from `runtime.cpu_threads: auto`, and whose probe gave `probes` and `fixed_cost_ms`:
+/// whether the session should have one thread fewer, and why. It should where, by the rule of
+/// [`device_limits_the_server`], the device with one thread fewer would still not limit a loaded
+/// server, so the core it gives up serves more handling requests than running rows. A row's run
+/// at the size that served the most is taken as `threads / (threads - 1)` times as long with one
+/// thread fewer (the most it can take: threads rarely share a run perfectly), which leans
+/// towards keeping every thread. On the development machine's two cores the CNN fixture (a row
+/// 0.013 ms at two threads, alone) served 28,479 rows/s under load with one thread and 24,566 with two,
+/// `cnn_wide` 4,065 and 5,472, the MLP the same with either (docs/BENCHMARKS.md,
+/// "Threads for the device or for request handling").
+pub(crate) fn one_thread_fewer(
+    probes: &[Probe],
+    fixed_cost_ms: f64,
+    threads: usize,
+) -> Option<String> {
+    if threads < 2 || fixed_cost_ms <= 0.0 {
+        return None;
+    }
+    let top = probes
+        .iter()
+        .filter(|p| p.outcome == Outcome::Ok && p.latency_ms > 0.0)
+        .max_by(|a, b| {
+            a.served_rows_per_second
+                .total_cmp(&b.served_rows_per_second)
+        })?;
+    let fewer = threads - 1;
+    let row_ms = top.latency_ms / top.batch.max(1) as f64 * threads as f64 / fewer as f64;
+    if device_limits_the_server(row_ms, fixed_cost_ms, 1.0) {
+        return None;
+    }
+    Some(format!(
+        "{fewer} intra-op thread(s), not {threads}: with one thread fewer a row at size {} would take at most {row_ms:.4} ms, less than {HANDLING_PER_FIXED_COST} x the fixed cost ({fixed_cost_ms:.4} ms), so the device would not limit a loaded server and the core is left to request handling",
+        top.batch
+    ))
+}
+
 /// Which of the sizes within [`Prefer::tolerance`] of the most served rows/s is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -514,6 +551,54 @@ pub(super) fn sweep<T: Target>(target: &mut T, limits: &Limits) -> Result<Sweep,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A probe of `batch` rows whose session run took `latency_ms`, served in `served_ms`.
+    fn measured(batch: usize, latency_ms: f64, served_ms: f64) -> Probe {
+        Probe {
+            batch,
+            outcome: Outcome::Ok,
+            latency_ms,
+            rows_per_second: batch as f64 / latency_ms * 1e3,
+            served_ms,
+            served_rows_per_second: batch as f64 / served_ms * 1e3,
+            memory_used_bytes: 0,
+            memory_limit_bytes: None,
+            memory_estimated: false,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_light_model_gives_a_thread_to_request_handling_and_a_heavy_one_keeps_them() {
+        // Two threads on two cores, a fixed cost of 0.03 ms (handling a request: about 0.09).
+        // Light (the CNN fixture, alone: 0.013 ms a row at size 256): with one thread fewer a
+        // row takes at most 0.027 ms, under 0.09, so one thread.
+        let light = [
+            measured(1, 0.05, 0.08),
+            measured(8, 0.18, 0.21),
+            measured(256, 3.4, 3.43),
+        ];
+        let why = one_thread_fewer(&light, 0.03, 2).expect("one thread fewer");
+        assert!(why.starts_with("1 intra-op thread(s), not 2"), "{why}");
+        assert!(why.contains("size 256"), "{why}");
+        // Heavy (0.12 ms a row at two threads: at most 0.24 with one): keeps both.
+        let heavy = [measured(1, 0.2, 0.23), measured(16, 1.92, 1.95)];
+        assert_eq!(one_thread_fewer(&heavy, 0.03, 2), None);
+        // One thread has none to give; with no fixed cost measured the rule does not apply.
+        assert_eq!(one_thread_fewer(&light, 0.03, 1), None);
+        assert_eq!(one_thread_fewer(&light, 0.0, 2), None);
+        // Failed sizes do not count: only the light sizes failed, the heavy one ran.
+        let mut mixed = light.to_vec();
+        for p in &mut mixed {
+            p.outcome = Outcome::OutOfMemory;
+        }
+        mixed.push(measured(2, 0.5, 0.52));
+        assert_eq!(one_thread_fewer(&mixed, 0.03, 2), None);
+        // Four threads: one fewer is 4/3 as long at most (0.03 ms a row: 0.04, under 0.09).
+        let four = [measured(32, 0.96, 0.99)];
+        let why = one_thread_fewer(&four, 0.03, 4).expect("three threads");
+        assert!(why.starts_with("3 intra-op thread(s), not 4"), "{why}");
+    }
 
     /// A scripted device: session run time per batch size from a function, plus `cost_ms` of
     /// serving per batch; memory grows by `bytes_per_row` per row of the largest batch run so
