@@ -174,6 +174,26 @@ fn table_room(authority: &str) -> usize {
     .sum()
 }
 
+/// A connection's request header blocks, each encoded once, and the room the indexed ones take
+/// in the server's table.
+struct Blocks {
+    indexing: Vec<u8>,
+    indexed: Vec<u8>,
+    plain: Vec<u8>,
+    room: usize,
+}
+
+impl Blocks {
+    fn new(authority: &str) -> Blocks {
+        Blocks {
+            indexing: header_block(authority, Block::Indexing),
+            indexed: header_block(authority, Block::Indexed),
+            plain: header_block(authority, Block::Plain),
+            room: table_room(authority),
+        }
+    }
+}
+
 /// A frame's nine-byte header.
 fn frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
     out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
@@ -208,7 +228,7 @@ impl Window {
 /// One HTTP/2 connection and the calls open on it.
 struct Conn {
     tcp: TcpStream,
-    authority: String,
+    blocks: Blocks,
     /// Bytes received; those before `at` are parsed.
     read: Vec<u8>,
     at: usize,
@@ -248,7 +268,7 @@ impl Conn {
         out.extend_from_slice(&(WINDOW - DEFAULT_WINDOW as u32).to_be_bytes());
         Ok(Conn {
             tcp,
-            authority: addr.to_string(),
+            blocks: Blocks::new(&addr.to_string()),
             read: Vec::with_capacity(64 * 1024),
             at: 0,
             out,
@@ -326,17 +346,16 @@ impl Conn {
     async fn send(&mut self, call: &Call) -> std::io::Result<()> {
         let id = self.next_stream;
         self.next_stream += 2;
-        let how = if self.table < table_room(&self.authority) {
-            Block::Plain
+        let block = if self.table < self.blocks.room {
+            &self.blocks.plain
         } else if self.first_sent {
-            Block::Indexed
+            &self.blocks.indexed
         } else {
-            Block::Indexing
+            &self.blocks.indexing
         };
         self.first_sent = true;
-        let block = header_block(&self.authority, how);
         frame_head(&mut self.out, block.len(), HEADERS, END_HEADERS, id);
-        self.out.extend_from_slice(&block);
+        self.out.extend_from_slice(block);
         let len = call.message.len();
         self.send_window -= len as i64;
         self.open.push((

@@ -335,12 +335,7 @@ fn open_and_tune(
     let runtime_version = runtime_version.as_str();
     let (mut runner, mut result) =
         open_tuned(&m, &plan, &name, runtime_version, &runtime, cores, &served)?;
-    let threads = match plan.kind {
-        device::DeviceKind::Cpu {
-            intra_op_threads, ..
-        } => intra_op_threads,
-        _ => 0,
-    };
+    let threads = cpu_threads(&plan).unwrap_or(0);
     let fewer = threads_auto
         .then(|| tuning::one_thread_fewer(&result.probes, result.fixed_cost_ms, threads))
         .flatten();
@@ -351,10 +346,8 @@ fn open_and_tune(
         {
             *intra_op_threads = threads - 1;
         }
-        let cores = tuning::Cores {
-            prefer: tuning::Prefer::for_threads(threads - 1, threads),
-            handling: 1.0,
-        };
+        // The session alone, on the cores its threads took (`threads_auto`).
+        let cores = cores_for(&plan, std::slice::from_ref(&plan), threads);
         drop(runner);
         tracing::info!(model = %m.name, device = %name, "{why}");
         (runner, result) = open_tuned(&m, &plan, &name, runtime_version, &runtime, cores, &served)?;
