@@ -16,8 +16,9 @@
 //! client, which the server's side of the comparison paid for on the shared cores
 //! (docs/BENCHMARKS.md, "gRPC: a load generator that costs what the HTTP one costs").
 //!
-//! The callers share a few HTTP/2 connections, [`CALLERS_PER_CONNECTION`] to each, as a
-//! client's pool of channels would spread them.
+//! The callers share a few HTTP/2 connections, [`CALLERS_PER_CONNECTION`] to each by default,
+//! as a client's pool of channels would spread them; scenario b also runs one connection a
+//! caller, as the HTTP generator has, to tell the protocol's cost from the sharing's.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -626,6 +627,7 @@ pub async fn run(
     addr: SocketAddr,
     request: ModelInferRequest,
     concurrency: usize,
+    per_connection: usize,
     warmup: Duration,
     duration: Duration,
 ) -> LoadResult {
@@ -636,7 +638,7 @@ pub async fn run(
     };
     let cpu = cpu_between(window.from, window.to);
     let call = Arc::new(Call::new(&request));
-    let connections = concurrency.div_ceil(CALLERS_PER_CONNECTION).max(1);
+    let connections = concurrency.div_ceil(per_connection.max(1)).max(1);
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
         let callers = concurrency / connections + usize::from(c < concurrency % connections);

@@ -384,6 +384,7 @@ fn load_grpc(
     server: &Server,
     request: &ModelInferRequest,
     concurrency: usize,
+    per_connection: usize,
     o: &Options,
 ) -> Result<(LoadResult, Batches), String> {
     let grpc = server.grpc.ok_or("the server has no gRPC port")?;
@@ -392,6 +393,7 @@ fn load_grpc(
             grpc,
             request.clone(),
             concurrency,
+            per_connection,
             Duration::from_secs_f64(o.warmup),
             Duration::from_secs_f64(o.seconds),
         ))
@@ -715,12 +717,30 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 line.reference = Some("in-process ceiling".into());
                 sweep.push((c, line.rows_per_second, line.p99_ms));
                 rows.push(line);
-                let (r, mb) = load_grpc(&rt, &server, &raw, c, o)?;
+                let per = grpc_client::CALLERS_PER_CONNECTION;
+                let (r, mb) = load_grpc(&rt, &server, &raw, c, per, o)?;
                 let mut line =
                     row("b", &format!("ortserve gRPC raw, {name}"), c, 1, &r).with_batch(mb);
                 line.ratio = Some(line.rows_per_second / best);
                 line.reference = Some("in-process ceiling".into());
                 rows.push(line);
+                if c > 1 && c < per {
+                    // The same callers, each on a connection of its own as over REST: what
+                    // sharing one connection costs (its frames are read and its calls decoded
+                    // by one task, on one core at a time).
+                    let (r, mb) = load_grpc(&rt, &server, &raw, c, 1, o)?;
+                    let mut line = row(
+                        "b",
+                        &format!("ortserve gRPC raw, {name}, a connection a caller"),
+                        c,
+                        1,
+                        &r,
+                    )
+                    .with_batch(mb);
+                    line.ratio = Some(line.rows_per_second / best);
+                    line.reference = Some("in-process ceiling".into());
+                    rows.push(line);
+                }
             }
             if fixture {
                 plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
@@ -1328,7 +1348,15 @@ mod tests {
         let (o, rt, server) = serving("mlp");
         let raw = grpc_client::raw_request("mlp", &[("input", &mlp_row())]);
         let callers = grpc_client::CALLERS_PER_CONNECTION + 2;
-        let (r, b) = load_grpc(&rt, &server, &raw, callers, &o).unwrap();
+        let (r, b) = load_grpc(
+            &rt,
+            &server,
+            &raw,
+            callers,
+            grpc_client::CALLERS_PER_CONNECTION,
+            &o,
+        )
+        .unwrap();
         assert_eq!(r.errors, 0, "{r:?}");
         assert!(r.ok() > 0, "{r:?}");
         assert_eq!(r.statuses.len(), 1, "only OK: {:?}", r.statuses);
@@ -1336,7 +1364,15 @@ mod tests {
         assert!(b.mean_rows.is_some_and(|m| m >= 1.0), "{b:?}");
         // A model the server does not have: answered, NOT_FOUND, counted under its code.
         let missing = grpc_client::raw_request("nope", &[("input", &mlp_row())]);
-        let (r, _) = load_grpc(&rt, &server, &missing, 2, &o).unwrap();
+        let (r, _) = load_grpc(
+            &rt,
+            &server,
+            &missing,
+            2,
+            grpc_client::CALLERS_PER_CONNECTION,
+            &o,
+        )
+        .unwrap();
         assert_eq!(r.errors, 0, "{r:?}");
         assert_eq!(r.ok(), 0, "{r:?}");
         assert!(
@@ -1360,7 +1396,15 @@ mod tests {
         let (o, rt, server) = serving("cnn");
         let raw = grpc_client::raw_request("cnn", &[("input", &cnn_rows(3))]);
         assert!(raw.raw_input_contents[0].len() > ortserve::grpc::MAX_FRAME_BYTES as usize * 2);
-        let (r, b) = load_grpc(&rt, &server, &raw, 3, &o).unwrap();
+        let (r, b) = load_grpc(
+            &rt,
+            &server,
+            &raw,
+            3,
+            grpc_client::CALLERS_PER_CONNECTION,
+            &o,
+        )
+        .unwrap();
         assert_eq!(r.errors, 0, "{r:?}");
         assert!(r.ok() > 0, "{r:?}");
         assert_eq!(r.statuses.len(), 1, "only OK: {:?}", r.statuses);
@@ -1383,6 +1427,7 @@ mod tests {
             addr,
             raw,
             2,
+            grpc_client::CALLERS_PER_CONNECTION,
             Duration::ZERO,
             Duration::from_millis(200),
         ));

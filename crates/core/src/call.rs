@@ -47,6 +47,29 @@ impl Call {
     }
 }
 
+thread_local! {
+    static BATCHER_CAN_START: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called on the thread that queued a request with a model whose device is free to run it
+/// and slow enough per row to be worth starting at once (`dispatch::OVERLAP_BELOW_ROWS_PER_SECOND`).
+/// The model's batcher, just woken, would send the rows to the device as soon as it runs; but
+/// tokio runs a task woken on a worker thread on that same thread, after the task that woke it
+/// gives the thread back, and tells no other thread to take it. The model's request path calls
+/// it; public for front doors' tests.
+pub fn batcher_can_start() {
+    BATCHER_CAN_START.with(|c| c.set(true));
+}
+
+/// Whether a request queued on this thread since the last look could start on a device now
+/// (see [`batcher_can_start`]); looking clears it. A task that runs several requests itself
+/// (a gRPC connection, which polls its own calls) looks after each one it queued and, when
+/// it is set, gives the thread to the batcher before it decodes the next: the device starts
+/// on the first while the connection reads the others, instead of waiting for all of them.
+pub fn take_batcher_can_start() -> bool {
+    BATCHER_CAN_START.with(|c| c.replace(false))
+}
+
 /// Ids for requests that come without one, in the UUID version 4 layout: 122 random bits drawn
 /// once, with a counter added to the low 62, so each id is unique in this process and unlikely
 /// to repeat another's. Making one is an atomic add; a random UUID per request would read the

@@ -8,6 +8,15 @@
 //! connection: a call is woken in the task that reads its frames and writes its answer. Calls on
 //! different connections are different tasks, which tokio may run on different threads.
 //!
+//! Several calls that arrive together are polled one at a time, and when the one just queued
+//! can start on a free device whose rows are slow enough to be worth it
+//! (`ortserve_core::call::take_batcher_can_start`), the task gives its thread to the model's
+//! batcher before it decodes the next. tokio runs a task woken on a worker thread there, once
+//! the waking task is done with it, so otherwise the device waited until every call of the
+//! burst was decoded and queued: four CNN callers on one connection ran as one batch after
+//! another, the device and the connection never busy at once (0.70-0.76 of REST binary's
+//! rows/s, whose four connections interleave; docs/BENCHMARKS.md).
+//!
 //! What a call does synchronously holds up the connection's other calls and frames: a message
 //! larger than `fast::INLINE_MESSAGE_BYTES` is decoded and answered in a task of its own
 //! (`fast.rs`). A call that panics, polled or dropped, is dropped and logged, and the
@@ -16,6 +25,7 @@
 //! itself alive.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -108,6 +118,7 @@ impl ConnExecutor {
     pub(crate) fn calls(&self) -> Calls {
         Calls {
             queue: self.0.clone(),
+            fresh: VecDeque::new(),
             running: FuturesUnordered::new(),
         }
     }
@@ -116,6 +127,8 @@ impl ConnExecutor {
 /// Runs a connection's calls (see [`ConnExecutor::calls`]).
 pub(crate) struct Calls {
     queue: Arc<Mutex<Queue>>,
+    /// Calls handed over and not yet polled.
+    fresh: VecDeque<Guarded>,
     running: FuturesUnordered<Guarded>,
 }
 
@@ -123,7 +136,7 @@ impl Calls {
     /// Calls not yet finished, including those handed over but not yet polled.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.running.len() + lock(&self.queue).new.len()
+        self.running.len() + self.fresh.len() + lock(&self.queue).new.len()
     }
 }
 
@@ -153,11 +166,24 @@ impl Future for Calls {
                     w => *w = Some(cx.waker().clone()),
                 }
                 // Moved, not dropped, under the lock; the queue keeps its buffer.
-                for call in q.new.drain(..) {
-                    this.running.push(call);
+                this.fresh.extend(q.new.drain(..));
+            }
+            // Answers first, then the calls that arrived, one at a time (see the module's
+            // notes): a call's first poll decodes its message and queues it with its model.
+            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+            while let Some(mut call) = this.fresh.pop_front() {
+                ortserve_core::call::take_batcher_can_start();
+                if Pin::new(&mut call).poll(cx).is_ready() {
+                    continue;
+                }
+                this.running.push(call);
+                if !this.fresh.is_empty() && ortserve_core::call::take_batcher_can_start() {
+                    // Queued behind what this thread runs next, the batcher first; the next
+                    // worker to look may take this task on meanwhile.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
             }
-            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
             // A call polled just now may have handed over another (hyper does for CONNECT);
             // otherwise every call waits, and one handed over from now on wakes this task.
             if lock(&this.queue).new.is_empty() {
@@ -287,5 +313,63 @@ mod tests {
             1,
             "a call after the end was kept"
         );
+    }
+
+    /// Calls that arrive together are polled one at a time when the one just polled queued rows
+    /// a free device can start on: the task gives its thread away (woken, to be polled again)
+    /// before it polls the next. Calls that queue nothing of the kind are polled together.
+    #[test]
+    fn a_call_that_can_start_a_device_gives_the_thread_away_before_the_next() {
+        let exec = ConnExecutor::default();
+        let mut calls = Box::pin(exec.calls());
+        let (woken, waker) = task();
+        let mut cx = Context::from_waker(&waker);
+        let call = |starts: bool| {
+            let polled = Arc::new(AtomicUsize::new(0));
+            let p = polled.clone();
+            let f = std::future::poll_fn(move |_| {
+                // Queues its rows on the first poll, then waits for the answer.
+                if p.fetch_add(1, Ordering::SeqCst) == 0 && starts {
+                    ortserve_core::call::batcher_can_start();
+                }
+                Poll::<()>::Pending
+            });
+            (f, polled)
+        };
+        let polled = |c: &[Arc<AtomicUsize>]| -> Vec<bool> {
+            c.iter().map(|p| p.load(Ordering::SeqCst) > 0).collect()
+        };
+        let mut starting = Vec::new();
+        for _ in 0..3 {
+            let (f, p) = call(true);
+            exec.execute(f);
+            starting.push(p);
+        }
+        // The first is polled, then the thread is given away, the task woken to come back.
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polled(&starting), [true, false, false]);
+        let w1 = woken.0.load(Ordering::SeqCst);
+        assert!(w1 >= 1, "the task was not woken to come back");
+        // Then the second, likewise, then the third.
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polled(&starting), [true, true, false]);
+        assert!(
+            woken.0.load(Ordering::SeqCst) > w1,
+            "not woken to come back"
+        );
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polled(&starting), [true, true, true]);
+        assert_eq!(calls.len(), 3);
+
+        // Calls that start nothing are all polled in one turn.
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let (f, p) = call(false);
+            exec.execute(f);
+            idle.push(p);
+        }
+        assert!(calls.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polled(&idle), [true, true, true]);
+        assert_eq!(calls.len(), 6);
     }
 }

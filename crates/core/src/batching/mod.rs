@@ -461,6 +461,9 @@ impl ModelHandle {
         }
         // Sent: the batcher may now see the channel close once the owner has let go.
         drop(tx);
+        if s.pool.devices().iter().any(|d| d.worth_starting_now()) {
+            crate::call::batcher_can_start();
+        }
         let mut results = Vec::with_capacity(parts);
         // The deadline holds while the batch runs too: at the deadline the answer is 504 and the
         // run's result, when it comes, is dropped.

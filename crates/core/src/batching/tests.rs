@@ -321,3 +321,60 @@ async fn a_busy_task_on_the_worker_does_not_hold_back_an_idle_devices_batch() {
     drop(open);
     owner.shutdown().await;
 }
+
+/// A request queued for a device that has a free job slot and rows slow enough to be worth
+/// starting at once tells its thread so (`call::take_batcher_can_start`); one queued while
+/// both of the device's slots are taken, or for a device that runs rows fast, does not.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_a_free_slow_device_can_start_says_so() {
+    use crate::call::take_batcher_can_start;
+    use std::future::Future;
+    use std::task::Poll;
+    let (handle, owner, open, _) = gated(1, Duration::ZERO);
+    // The first poll of a request queues it, then it waits for its answer.
+    let queue = |v: f32| {
+        let h = handle.clone();
+        async move {
+            let mut f = Box::pin(async move { h.infer(row(v), &Call::default()).await });
+            let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
+            assert!(first.is_pending());
+            (take_batcher_can_start(), f)
+        }
+    };
+    take_batcher_can_start();
+    // A device with no batch finished yet, both slots free.
+    let (said, a) = queue(1.0).await;
+    assert!(said, "a free device with no rate yet");
+    let a = tokio::spawn(a);
+    until("the first run", || handle.devices()[0].inflight_rows == 1).await;
+    let (said, b) = queue(2.0).await;
+    assert!(said, "one slot still free");
+    let b = tokio::spawn(b);
+    until("the second batch", || {
+        handle.devices()[0].inflight_rows == 2
+    })
+    .await;
+    // Both slots taken: the batcher could not send it anywhere now.
+    let (said, c) = queue(3.0).await;
+    assert!(!said, "both of the device's slots are taken");
+    let c = tokio::spawn(c);
+    tokio::time::resume();
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    for t in [a, b, c] {
+        t.await.unwrap().expect("answered");
+    }
+    // A device that runs rows fast (a million a second): its rows join the next batch instead.
+    let device = &handle.0.pool.devices()[0];
+    for _ in 0..20 {
+        device.record(1_000, Duration::from_millis(1), true, 3);
+    }
+    assert!(device.rate() > crate::dispatch::OVERLAP_BELOW_ROWS_PER_SECOND);
+    let (said, d) = queue(4.0).await;
+    assert!(!said, "a fast device");
+    open.send(()).unwrap();
+    d.await.expect("answered");
+    drop(open);
+    owner.shutdown().await;
+}

@@ -24,6 +24,12 @@ use refine::Refiner;
 /// Jobs a device may hold at once: one running and one ready to start.
 pub(crate) const DEVICE_DEPTH: usize = 2;
 
+/// A device that runs fewer rows a second than this (20 µs or more a row) has rows worth
+/// starting while the caller decodes its next request; a faster one (the tiny MLP fixture, a
+/// few µs a row in batches) gains more from the rows that arrive meanwhile joining the batch.
+/// See [`crate::call::take_batcher_can_start`].
+pub(crate) const OVERLAP_BELOW_ROWS_PER_SECOND: f64 = 50_000.0;
+
 /// One (device, instance) as the dispatcher sees it.
 pub(crate) struct DeviceSlot {
     /// `cpu:0`, or `cpu:0#1` for a second instance.
@@ -70,6 +76,13 @@ impl DeviceSlot {
 
     pub(crate) fn inflight_rows(&self) -> usize {
         self.inflight_rows.load(Ordering::Acquire)
+    }
+
+    /// Whether the batcher could send this device a batch now (one of its job slots is free)
+    /// and a row takes it long enough to be worth starting before the caller goes on: at most
+    /// [`OVERLAP_BELOW_ROWS_PER_SECOND`] measured, or no batch finished yet.
+    pub(crate) fn worth_starting_now(&self) -> bool {
+        self.slots.available_permits() > 0 && self.rate() < OVERLAP_BELOW_ROWS_PER_SECOND
     }
 
     /// Measured rows per second, 0.0 before the first batch.
