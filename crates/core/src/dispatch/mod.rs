@@ -25,10 +25,21 @@ use refine::Refiner;
 pub(crate) const DEVICE_DEPTH: usize = 2;
 
 /// A device that runs fewer rows a second than this (20 µs or more a row) has rows worth
-/// starting while the caller decodes its next request; a faster one (the tiny MLP fixture, a
+/// starting while the caller decodes its next request (on a process with more than one core); a faster one (the tiny MLP fixture, a
 /// few µs a row in batches) gains more from the rows that arrive meanwhile joining the batch.
 /// See [`crate::call::take_batcher_can_start`].
 pub(crate) const OVERLAP_BELOW_ROWS_PER_SECOND: f64 = 50_000.0;
+
+/// Whether this process may run on more than one core (its CPU affinity and quota, as
+/// `available_parallelism` reads them), looked up once. On one core a run started early
+/// overlaps nothing: it only splits the rows that would have shared a batch (the CNN fixture at
+/// 16 gRPC callers, the server pinned to one core: 0.75-0.77 of REST binary with the early start,
+/// 0.94-0.95 without; docs/BENCHMARKS.md). A GPU's runs would overlap even then; a one-core
+/// process driving a GPU does not get the early start.
+pub(crate) fn more_than_one_core() -> bool {
+    static MORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MORE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
+}
 
 /// One (device, instance) as the dispatcher sees it.
 pub(crate) struct DeviceSlot {
@@ -78,11 +89,14 @@ impl DeviceSlot {
         self.inflight_rows.load(Ordering::Acquire)
     }
 
-    /// Whether the batcher could send this device a batch now (one of its job slots is free)
-    /// and a row takes it long enough to be worth starting before the caller goes on: at most
-    /// [`OVERLAP_BELOW_ROWS_PER_SECOND`] measured, or no batch finished yet.
+    /// Whether the batcher could send this device a batch now (one of its job slots is free),
+    /// a row takes it long enough to be worth starting before the caller goes on (at most
+    /// [`OVERLAP_BELOW_ROWS_PER_SECOND`] measured, or no batch finished yet), and the process
+    /// has more than one core, so that the run can go on beside the caller's thread.
     pub(crate) fn worth_starting_now(&self) -> bool {
-        self.slots.available_permits() > 0 && self.rate() < OVERLAP_BELOW_ROWS_PER_SECOND
+        self.slots.available_permits() > 0
+            && self.rate() < OVERLAP_BELOW_ROWS_PER_SECOND
+            && more_than_one_core()
     }
 
     /// Measured rows per second, 0.0 before the first batch.
