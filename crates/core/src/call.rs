@@ -53,11 +53,11 @@ thread_local! {
 
 /// Called on the thread that queued a request with a model whose device is free to run it,
 /// slow enough per row to be worth starting at once, and able to run beside this thread (more
-/// than one core; `DeviceSlot::worth_starting_now` in `dispatch`).
-/// The model's batcher, just woken, would send the rows to the device as soon as it runs; but
-/// tokio runs a task woken on a worker thread on that same thread, after the task that woke it
-/// gives the thread back, and tells no other thread to take it. The model's request path calls
-/// it; public for front doors' tests.
+/// than one core; `DeviceSlot::worth_starting_now` in `dispatch`). The model's batcher, just
+/// woken, would send the rows to the device as soon as it runs; but tokio runs a task woken on
+/// a worker thread on that same thread, after the task that woke it gives the thread back, and
+/// tells no other thread to take it. The model's request path calls it; public for front
+/// doors' tests.
 pub fn batcher_can_start() {
     BATCHER_CAN_START.with(|c| c.set(true));
 }

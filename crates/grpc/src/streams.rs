@@ -10,10 +10,10 @@
 //!
 //! Several calls that arrive together are polled one at a time, and when the one just queued
 //! can start on a free device whose rows are slow enough to be worth it, in a process with more
-//! than one core (`ortserve_core::call::take_batcher_can_start`), the task gives its thread to the model's
-//! batcher before it decodes the next. tokio runs a task woken on a worker thread there, once
-//! the waking task is done with it, so otherwise the device waited until every call of the
-//! burst was decoded and queued: four CNN callers on one connection ran as one batch after
+//! than one core (`ortserve_core::call::take_batcher_can_start`), the task gives its thread to
+//! the model's batcher before it decodes the next. tokio runs a task woken on a worker thread
+//! there, once the waking task is done with it, so otherwise the device waited until every call
+//! of the burst was decoded and queued: four CNN callers on one connection ran as one batch after
 //! another, the device and the connection never busy at once (0.71-0.80 of REST binary's
 //! rows/s, whose four connections interleave; docs/BENCHMARKS.md).
 //!
@@ -324,27 +324,23 @@ mod tests {
         let mut calls = Box::pin(exec.calls());
         let (woken, waker) = task();
         let mut cx = Context::from_waker(&waker);
-        let call = |starts: bool| {
+        // Hands over a call that queues its rows on its first poll (saying a device can start
+        // them, or not), then waits for its answer; returns how often it was polled.
+        let hand_over = |starts: bool| {
             let polled = Arc::new(AtomicUsize::new(0));
             let p = polled.clone();
-            let f = std::future::poll_fn(move |_| {
-                // Queues its rows on the first poll, then waits for the answer.
+            exec.execute(std::future::poll_fn(move |_| {
                 if p.fetch_add(1, Ordering::SeqCst) == 0 && starts {
                     ortserve_core::call::batcher_can_start();
                 }
                 Poll::<()>::Pending
-            });
-            (f, polled)
+            }));
+            polled
         };
         let polled = |c: &[Arc<AtomicUsize>]| -> Vec<bool> {
             c.iter().map(|p| p.load(Ordering::SeqCst) > 0).collect()
         };
-        let mut starting = Vec::new();
-        for _ in 0..3 {
-            let (f, p) = call(true);
-            exec.execute(f);
-            starting.push(p);
-        }
+        let starting: Vec<_> = (0..3).map(|_| hand_over(true)).collect();
         // The first is polled, then the thread is given away, the task woken to come back.
         assert!(calls.as_mut().poll(&mut cx).is_pending());
         assert_eq!(polled(&starting), [true, false, false]);
@@ -362,12 +358,7 @@ mod tests {
         assert_eq!(calls.len(), 3);
 
         // Calls that start nothing are all polled in one turn.
-        let mut idle = Vec::new();
-        for _ in 0..3 {
-            let (f, p) = call(false);
-            exec.execute(f);
-            idle.push(p);
-        }
+        let idle: Vec<_> = (0..3).map(|_| hand_over(false)).collect();
         assert!(calls.as_mut().poll(&mut cx).is_pending());
         assert_eq!(polled(&idle), [true, true, true]);
         assert_eq!(calls.len(), 6);

@@ -25,16 +25,16 @@ use refine::Refiner;
 pub(crate) const DEVICE_DEPTH: usize = 2;
 
 /// A device that runs fewer rows a second than this (20 µs or more a row) has rows worth
-/// starting while the caller decodes its next request (on a process with more than one core); a faster one (the tiny MLP fixture, a
-/// few µs a row in batches) gains more from the rows that arrive meanwhile joining the batch.
-/// See [`crate::call::take_batcher_can_start`].
+/// starting while the caller decodes its next request (on a process with more than one core);
+/// a faster one (the tiny MLP fixture, a few µs a row in batches) gains more from the rows that
+/// arrive meanwhile joining the batch. See [`crate::call::take_batcher_can_start`].
 pub(crate) const OVERLAP_BELOW_ROWS_PER_SECOND: f64 = 50_000.0;
 
 /// Whether this process may run on more than one core (its CPU affinity and quota, as
 /// `available_parallelism` reads them), looked up once. On one core a run started early
 /// overlaps nothing: it only splits the rows that would have shared a batch (the CNN fixture at
-/// 16 gRPC callers, the server pinned to one core: 0.75-0.77 of REST binary with the early start,
-/// 0.94-0.95 without; docs/BENCHMARKS.md). A GPU's runs would overlap even then; a one-core
+/// 16 gRPC callers, the server pinned to one core: 0.74-0.77 of REST binary with the early
+/// start, 0.94-0.95 without; docs/BENCHMARKS.md). A GPU's runs would overlap even then; a one-core
 /// process driving a GPU does not get the early start.
 pub(crate) fn more_than_one_core() -> bool {
     static MORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
