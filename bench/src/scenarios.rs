@@ -226,6 +226,61 @@ fn start_hello() -> Server {
     .expect("hello started")
 }
 
+/// The HTTP stacks alone at one caller, each answering the MLP's call without a model: the bare
+/// axum handler (HTTP/1.1, the body read, a few bytes answered), hyper's HTTP/2 server and
+/// hand-written HTTP/2 frames (`bare_h2.rs`, an empty gRPC message answered), the last two
+/// driven by the gRPC load generator. What the protocol stacks cost a call, apart from the
+/// server's work, where one caller's latency is the measure (issue 29).
+fn bare_stacks_one_caller(
+    rt: &tokio::runtime::Runtime,
+    x: &Tensor,
+    o: &Options,
+) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let hello = start_hello();
+    let r = load(rt, hello.addr, v2_binary_request("/sink", "input", x), 1, o);
+    rows.push(row(
+        "b",
+        "bare axum handler reading the same body",
+        1,
+        1,
+        &r,
+    ));
+    drop(hello);
+    let call = grpc_client::raw_request("mlp", &[("input", x)]);
+    for (name, hand_written) in [
+        ("bare hyper HTTP/2 server, an empty gRPC answer", false),
+        (
+            "bare hand-written HTTP/2 frames, an empty gRPC answer",
+            true,
+        ),
+    ] {
+        let server = Server::spawn(move |listener, started, stop| async move {
+            started.ready(None);
+            let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                if hand_written {
+                    Box::pin(crate::bare_h2::serve_frames(listener))
+                } else {
+                    Box::pin(crate::bare_h2::serve_hyper(listener))
+                };
+            tokio::select! {
+                _ = serve => {}
+                _ = stop => {}
+            }
+        })?;
+        let r = rt.block_on(grpc_client::run(
+            server.addr,
+            call.clone(),
+            1,
+            1,
+            Duration::from_secs_f64(o.warmup),
+            Duration::from_secs_f64(o.seconds),
+        ));
+        rows.push(row("b", name, 1, 1, &r));
+    }
+    Ok(rows)
+}
+
 fn cpu_plan(threads: usize) -> DevicePlan {
     DevicePlan {
         device: "cpu:0".into(),
@@ -770,6 +825,9 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                     _ => "in-process ceiling".into(),
                 });
                 rows.push(line);
+            }
+            if mlp {
+                rows.extend(bare_stacks_one_caller(&rt, x, o)?);
             }
         }
         if o.scenarios.contains(&'c') && !mlp {
@@ -1384,6 +1442,27 @@ mod tests {
         );
         let line = row("b", "gRPC", 2, 1, &r);
         assert_eq!(line.non_200, r.latencies.len() as u64);
+    }
+
+    #[test]
+    fn the_bare_stacks_answer_one_caller_ok_on_each_protocol() {
+        // Not a measurement: the three bare responders of scenario b, each driven by its load
+        // generator for the short run; every call answered, and answered OK.
+        let _alone = crate::cpu::tests::PROCESS_CPU
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let o = short();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let rows = bare_stacks_one_caller(&rt, &mlp_row(), &o).unwrap();
+        assert_eq!(rows.len(), 3);
+        for r in &rows {
+            assert_eq!(r.concurrency, 1);
+            assert_eq!((r.errors, r.non_200), (0, 0), "{}: {r:?}", r.variant);
+            assert!(r.requests_per_second > 0.0, "{}: {r:?}", r.variant);
+        }
     }
 
     #[test]

@@ -1,0 +1,167 @@
+//! Two bare HTTP/2 responders for scenario b's one-caller comparison of the protocol stacks:
+//! every call is answered OK with an empty message, no model, no tonic, no limits. Next to the
+//! bare axum handler (`hello.rs`, HTTP/1.1) they tell what each stack costs a call from what the
+//! server does with it.
+//!
+//! - [`serve_hyper`]: hyper's HTTP/2 server, the stack the gRPC port runs on, each call spawned on
+//!   tokio with the body read whole.
+//! - [`serve_frames`]: frames read and written by hand (RFC 9113), as little as the load
+//!   generator's calls need: one read, the frames parsed, one write of every answer they
+//!   completed. A lower bound for an HTTP/2 server, not one: it checks nothing, keeps no stream
+//!   state, skips the request's header block (the load generator's is always the same call) and
+//!   gives the client the largest windows at the start so that it never has to update them. For
+//!   the load generator on loopback only.
+
+use std::convert::Infallible;
+
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The empty message, length-prefixed.
+const EMPTY_MESSAGE: [u8; 5] = [0; 5];
+
+/// hyper's HTTP/2 server on `listener` until the runtime stops.
+pub async fn serve_hyper(listener: TcpListener) {
+    #[derive(Clone)]
+    struct Spawn;
+    impl<F: std::future::Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Spawn {
+        fn execute(&self, call: F) {
+            tokio::spawn(call);
+        }
+    }
+    while let Ok((tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        let answer =
+            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async {
+                let _ = req.into_body().collect().await;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let body = http_body_util::Full::new(bytes::Bytes::from_static(&EMPTY_MESSAGE))
+                    .with_trailers(async { Some(Ok::<_, Infallible>(trailers)) });
+                let mut resp = http::Response::new(body);
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                Ok::<_, Infallible>(resp)
+            });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http2::Builder::new(Spawn)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), answer)
+                .await;
+        });
+    }
+}
+
+/// Frame types and flags (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PREFACE_LEN: usize = 24;
+/// The default SETTINGS_MAX_FRAME_SIZE, which this responder does not raise.
+const MAX_FRAME: usize = 16_384;
+const LARGEST_WINDOW: u32 = (1 << 31) - 1;
+const DEFAULT_WINDOW: u32 = 65_535;
+
+fn frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
+    out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+}
+
+/// The hand-written responder on `listener` until the runtime stops.
+pub async fn serve_frames(listener: TcpListener) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(frames(tcp));
+    }
+}
+
+async fn frames(mut tcp: TcpStream) {
+    // The answer's header block: `:status: 200` (static table entry 8), then `content-type:
+    // application/grpc` as a literal without indexing whose name is static entry 31 (RFC 7541
+    // §6.2.2: 4-bit prefix, 31 = 15 + 16). The trailers': `grpc-status: 0`, a literal without
+    // indexing with a new name.
+    let mut answer = vec![0x88, 0x0f, 0x10, 16];
+    answer.extend_from_slice(b"application/grpc");
+    let mut trailers = vec![0x00, 11];
+    trailers.extend_from_slice(b"grpc-status");
+    trailers.extend_from_slice(&[1, b'0']);
+
+    let mut out = Vec::with_capacity(4096);
+    frame_head(&mut out, 6, SETTINGS, 0, 0);
+    out.extend_from_slice(&[0, 4]);
+    out.extend_from_slice(&LARGEST_WINDOW.to_be_bytes());
+    frame_head(&mut out, 4, WINDOW_UPDATE, 0, 0);
+    out.extend_from_slice(&(LARGEST_WINDOW - DEFAULT_WINDOW).to_be_bytes());
+    if tcp.write_all(&out).await.is_err() {
+        return;
+    }
+    out.clear();
+
+    let mut preface = [0u8; PREFACE_LEN];
+    if tcp.read_exact(&mut preface).await.is_err() {
+        return;
+    }
+    // Room for several whole frames.
+    let mut buf = vec![0u8; 8 * (9 + MAX_FRAME)];
+    let (mut have, mut at) = (0usize, 0usize);
+    loop {
+        match tcp.read(&mut buf[have..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => have += n,
+        }
+        while have >= at + 9 {
+            let head = &buf[at..at + 9];
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            if len > MAX_FRAME {
+                return;
+            }
+            if have < at + 9 + len {
+                break;
+            }
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match kind {
+                DATA | HEADERS if flags & END_STREAM != 0 => {
+                    frame_head(&mut out, answer.len(), HEADERS, END_HEADERS, stream);
+                    out.extend_from_slice(&answer);
+                    frame_head(&mut out, EMPTY_MESSAGE.len(), DATA, 0, stream);
+                    out.extend_from_slice(&EMPTY_MESSAGE);
+                    frame_head(
+                        &mut out,
+                        trailers.len(),
+                        HEADERS,
+                        END_HEADERS | END_STREAM,
+                        stream,
+                    );
+                    out.extend_from_slice(&trailers);
+                }
+                SETTINGS if flags & ACK == 0 => frame_head(&mut out, 0, SETTINGS, ACK, 0),
+                PING if flags & ACK == 0 && len == 8 => {
+                    frame_head(&mut out, 8, PING, ACK, 0);
+                    out.extend_from_slice(&buf[at + 9..at + 17]);
+                }
+                _ => {}
+            }
+            at += 9 + len;
+        }
+        // What is left of a frame moves to the front.
+        buf.copy_within(at..have, 0);
+        have -= at;
+        at = 0;
+        if !out.is_empty() {
+            if tcp.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+}
