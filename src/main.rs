@@ -99,9 +99,15 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The server's runtime. Its blocking pool (loading and probing sessions, reading model files
+/// and config, joining device threads) lets an idle thread go after 1 s, not tokio's 10 s: what
+/// the thread that opened a session freed goes back to the system only when that thread exits,
+/// so after unloads RSS stayed up to 40 MiB high for those 10 s (docs/BENCHMARKS.md, "Memory
+/// after an unload").
 fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_keep_alive(std::time::Duration::from_secs(1))
         .build()
         .map_err(|e| {
             eprintln!("cannot start the async runtime: {e}");
