@@ -100,10 +100,10 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 /// The server's runtime. Its blocking pool (loading and probing sessions, reading model files
-/// and config, joining device threads) lets an idle thread go after 1 s, not tokio's 10 s: what
-/// the thread that opened a session freed goes back to the system only when that thread exits,
-/// so after unloads RSS stayed up to 40 MiB high for those 10 s (docs/BENCHMARKS.md, "Memory
-/// after an unload").
+/// and config, joining device threads) lets an idle thread go after 1 s, not tokio's 10 s: some
+/// of what an unloaded session freed went back to the system only once the thread that had
+/// opened it exited, and with 10 s RSS stayed up to 40 MiB high that long (docs/BENCHMARKS.md,
+/// "Memory after an unload").
 fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
