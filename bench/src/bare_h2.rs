@@ -18,6 +18,11 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::grpc_client::{
+    frame_head, ACK, DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_HEADERS, END_STREAM, HEADERS, PING,
+    PREFACE, SETTINGS, WINDOW, WINDOW_UPDATE,
+};
+
 /// The empty message, length-prefixed.
 const EMPTY_MESSAGE: [u8; 5] = [0; 5];
 
@@ -54,27 +59,12 @@ pub async fn serve_hyper(listener: TcpListener) {
     }
 }
 
-/// Frame types and flags (RFC 9113 §6).
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const WINDOW_UPDATE: u8 = 0x8;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PREFACE_LEN: usize = 24;
-/// The default SETTINGS_MAX_FRAME_SIZE, which this responder does not raise.
-const MAX_FRAME: usize = 16_384;
-const LARGEST_WINDOW: u32 = (1 << 31) - 1;
-const DEFAULT_WINDOW: u32 = 65_535;
-
-fn frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
-    out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&stream.to_be_bytes());
-}
+/// The answer's header block: `:status: 200` (static table entry 8), then `content-type:
+/// application/grpc` as a literal without indexing whose name is static entry 31 (RFC 7541
+/// §6.2.2: 4-bit prefix, 31 = 15 + 16).
+const ANSWER_BLOCK: &[u8] = b"\x88\x0f\x10\x10application/grpc";
+/// The trailers' block: `grpc-status: 0`, a literal without indexing with a new name.
+const TRAILERS_BLOCK: &[u8] = b"\x00\x0bgrpc-status\x010";
 
 /// The hand-written responder on `listener` until the runtime stops.
 pub async fn serve_frames(listener: TcpListener) {
@@ -85,33 +75,24 @@ pub async fn serve_frames(listener: TcpListener) {
 }
 
 async fn frames(mut tcp: TcpStream) {
-    // The answer's header block: `:status: 200` (static table entry 8), then `content-type:
-    // application/grpc` as a literal without indexing whose name is static entry 31 (RFC 7541
-    // §6.2.2: 4-bit prefix, 31 = 15 + 16). The trailers': `grpc-status: 0`, a literal without
-    // indexing with a new name.
-    let mut answer = vec![0x88, 0x0f, 0x10, 16];
-    answer.extend_from_slice(b"application/grpc");
-    let mut trailers = vec![0x00, 11];
-    trailers.extend_from_slice(b"grpc-status");
-    trailers.extend_from_slice(&[1, b'0']);
-
     let mut out = Vec::with_capacity(4096);
+    // SETTINGS_INITIAL_WINDOW_SIZE the largest, and the connection's window raised as much.
     frame_head(&mut out, 6, SETTINGS, 0, 0);
     out.extend_from_slice(&[0, 4]);
-    out.extend_from_slice(&LARGEST_WINDOW.to_be_bytes());
+    out.extend_from_slice(&WINDOW.to_be_bytes());
     frame_head(&mut out, 4, WINDOW_UPDATE, 0, 0);
-    out.extend_from_slice(&(LARGEST_WINDOW - DEFAULT_WINDOW).to_be_bytes());
+    out.extend_from_slice(&(WINDOW - DEFAULT_WINDOW as u32).to_be_bytes());
     if tcp.write_all(&out).await.is_err() {
         return;
     }
     out.clear();
 
-    let mut preface = [0u8; PREFACE_LEN];
+    let mut preface = [0u8; PREFACE.len()];
     if tcp.read_exact(&mut preface).await.is_err() {
         return;
     }
     // Room for several whole frames.
-    let mut buf = vec![0u8; 8 * (9 + MAX_FRAME)];
+    let mut buf = vec![0u8; 8 * (9 + DEFAULT_FRAME)];
     let (mut have, mut at) = (0usize, 0usize);
     loop {
         match tcp.read(&mut buf[have..]).await {
@@ -121,7 +102,7 @@ async fn frames(mut tcp: TcpStream) {
         while have >= at + 9 {
             let head = &buf[at..at + 9];
             let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            if len > MAX_FRAME {
+            if len > DEFAULT_FRAME {
                 return;
             }
             if have < at + 9 + len {
@@ -131,18 +112,13 @@ async fn frames(mut tcp: TcpStream) {
             let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
             match kind {
                 DATA | HEADERS if flags & END_STREAM != 0 => {
-                    frame_head(&mut out, answer.len(), HEADERS, END_HEADERS, stream);
-                    out.extend_from_slice(&answer);
+                    frame_head(&mut out, ANSWER_BLOCK.len(), HEADERS, END_HEADERS, stream);
+                    out.extend_from_slice(ANSWER_BLOCK);
                     frame_head(&mut out, EMPTY_MESSAGE.len(), DATA, 0, stream);
                     out.extend_from_slice(&EMPTY_MESSAGE);
-                    frame_head(
-                        &mut out,
-                        trailers.len(),
-                        HEADERS,
-                        END_HEADERS | END_STREAM,
-                        stream,
-                    );
-                    out.extend_from_slice(&trailers);
+                    let flags = END_HEADERS | END_STREAM;
+                    frame_head(&mut out, TRAILERS_BLOCK.len(), HEADERS, flags, stream);
+                    out.extend_from_slice(TRAILERS_BLOCK);
                 }
                 SETTINGS if flags & ACK == 0 => frame_head(&mut out, 0, SETTINGS, ACK, 0),
                 PING if flags & ACK == 0 && len == 8 => {

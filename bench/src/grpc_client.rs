@@ -41,29 +41,29 @@ pub use ortserve::grpc::raw_request;
 const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// Frame types and flags (RFC 9113 §6).
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
+pub(crate) const DATA: u8 = 0x0;
+pub(crate) const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
+pub(crate) const SETTINGS: u8 = 0x4;
 const PUSH_PROMISE: u8 = 0x5;
-const PING: u8 = 0x6;
+pub(crate) const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
+pub(crate) const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub(crate) const END_STREAM: u8 = 0x1;
+pub(crate) const ACK: u8 = 0x1;
+pub(crate) const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The receive window this client offers on every stream and on the connection: the most the
 /// protocol allows, so the server never waits to send an answer.
-const WINDOW: u32 = (1 << 31) - 1;
+pub(crate) const WINDOW: u32 = (1 << 31) - 1;
 /// The protocol's initial window, frame size and header table size, until the server's
 /// SETTINGS say otherwise. This client never raises the frame size it accepts.
-const DEFAULT_WINDOW: i64 = 65_535;
-const DEFAULT_FRAME: usize = 16_384;
+pub(crate) const DEFAULT_WINDOW: i64 = 65_535;
+pub(crate) const DEFAULT_FRAME: usize = 16_384;
 const DEFAULT_TABLE: usize = 4_096;
 /// The largest stream id (client streams are odd).
 const LAST_STREAM: u32 = (1 << 31) - 1;
@@ -196,7 +196,7 @@ impl Blocks {
 }
 
 /// A frame's nine-byte header.
-fn frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
+pub(crate) fn frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
     out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
     out.push(kind);
     out.push(flags);
