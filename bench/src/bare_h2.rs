@@ -1,10 +1,13 @@
-//! Two bare HTTP/2 responders for scenario b's one-caller comparison of the protocol stacks:
+//! Three bare HTTP/2 responders for scenario b's one-caller comparison of the protocol stacks:
 //! every call is answered OK with an empty message, no model, no tonic, no limits. Next to the
 //! bare axum handler (`hello.rs`, HTTP/1.1) they tell what each stack costs a call from what the
 //! server does with it.
 //!
 //! - [`serve_hyper`]: hyper's HTTP/2 server, the stack the gRPC port runs on, each call spawned on
 //!   tokio with the body read whole.
+//! - [`serve_h2`]: the `h2` crate that hyper's HTTP/2 is built on, driven directly: a
+//!   connection's task reads each call's body and answers it in the same poll, without hyper's
+//!   per-call request, body channel, executor and response body. What hyper adds to h2.
 //! - [`serve_frames`]: frames read and written by hand (RFC 9113), as little as the load
 //!   generator's calls need: one read, the frames parsed, one write of every answer they
 //!   completed. A lower bound for an HTTP/2 server, not one: it checks nothing, keeps no stream
@@ -55,6 +58,81 @@ pub async fn serve_hyper(listener: TcpListener) {
             let _ = hyper::server::conn::http2::Builder::new(Spawn)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), answer)
                 .await;
+        });
+    }
+}
+
+/// The `h2` crate's server on `listener` until the runtime stops: one task a connection accepts
+/// its streams, reads each request's body and answers it in the same poll, with the gRPC port's
+/// frame size and 1 MiB windows (hyper's defaults).
+pub async fn serve_h2(listener: TcpListener) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(1 << 20)
+                .max_frame_size(64 * 1024)
+                .handshake::<_, bytes::Bytes>(tcp)
+                .await
+            else {
+                return;
+            };
+            let mut open: Vec<(h2::RecvStream, h2::server::SendResponse<bytes::Bytes>)> =
+                Vec::new();
+            std::future::poll_fn(|cx| loop {
+                let mut progress = false;
+                loop {
+                    match conn.poll_accept(cx) {
+                        std::task::Poll::Ready(Some(Ok((req, respond)))) => {
+                            open.push((req.into_body(), respond));
+                            progress = true;
+                        }
+                        std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
+                        std::task::Poll::Pending => break,
+                    }
+                }
+                let mut i = 0;
+                while i < open.len() {
+                    let (body, _) = &mut open[i];
+                    let finished = loop {
+                        match body.poll_data(cx) {
+                            std::task::Poll::Ready(Some(Ok(b))) => {
+                                let _ = body.flow_control().release_capacity(b.len());
+                            }
+                            std::task::Poll::Ready(Some(Err(_))) => break Some(false),
+                            std::task::Poll::Ready(None) => break Some(true),
+                            std::task::Poll::Pending => break None,
+                        }
+                    };
+                    match finished {
+                        None => i += 1,
+                        Some(ok) => {
+                            let (_, mut respond) = open.swap_remove(i);
+                            progress = true;
+                            if !ok {
+                                continue;
+                            }
+                            let mut head = http::Response::new(());
+                            head.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            if let Ok(mut send) = respond.send_response(head, false) {
+                                let _ = send
+                                    .send_data(bytes::Bytes::from_static(&EMPTY_MESSAGE), false);
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                let _ = send.send_trailers(trailers);
+                            }
+                        }
+                    }
+                }
+                if !progress {
+                    return std::task::Poll::Pending;
+                }
+            })
+            .await;
         });
     }
 }

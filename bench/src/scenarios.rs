@@ -227,9 +227,9 @@ fn start_hello() -> Server {
 }
 
 /// The HTTP stacks alone at one caller, each answering the MLP's call without a model: the bare
-/// axum handler (HTTP/1.1, the body read, a few bytes answered), hyper's HTTP/2 server and
-/// hand-written HTTP/2 frames (`bare_h2.rs`, an empty gRPC message answered), the last two
-/// driven by the gRPC load generator. What the protocol stacks cost a call, apart from the
+/// axum handler (HTTP/1.1, the body read, a few bytes answered), hyper's HTTP/2 server, the h2
+/// crate under it driven directly, and hand-written HTTP/2 frames (`bare_h2.rs`, an empty gRPC
+/// message answered), the last three driven by the gRPC load generator. What the protocol stacks cost a call, apart from the
 /// server's work, where one caller's latency is the measure (issue 29).
 fn bare_stacks_one_caller(
     rt: &tokio::runtime::Runtime,
@@ -248,21 +248,19 @@ fn bare_stacks_one_caller(
     ));
     drop(hello);
     let call = grpc_client::raw_request("mlp", &[("input", x)]);
-    for (name, hand_written) in [
-        ("bare hyper HTTP/2 server, an empty gRPC answer", false),
-        (
-            "bare hand-written HTTP/2 frames, an empty gRPC answer",
-            true,
-        ),
+    for (name, stack) in [
+        ("bare hyper HTTP/2 server, an empty gRPC answer", 0),
+        ("bare h2 crate server, an empty gRPC answer", 1),
+        ("bare hand-written HTTP/2 frames, an empty gRPC answer", 2),
     ] {
         let server = Server::spawn(move |listener, started, stop| async move {
             started.ready(None);
-            let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                if hand_written {
-                    Box::pin(crate::bare_h2::serve_frames(listener))
-                } else {
-                    Box::pin(crate::bare_h2::serve_hyper(listener))
-                };
+            let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match stack
+            {
+                0 => Box::pin(crate::bare_h2::serve_hyper(listener)),
+                1 => Box::pin(crate::bare_h2::serve_h2(listener)),
+                _ => Box::pin(crate::bare_h2::serve_frames(listener)),
+            };
             tokio::select! {
                 _ = serve => {}
                 _ = stop => {}
@@ -1446,7 +1444,7 @@ mod tests {
 
     #[test]
     fn the_bare_stacks_answer_one_caller_ok_on_each_protocol() {
-        // Not a measurement: the three bare responders of scenario b, each driven by its load
+        // Not a measurement: the four bare responders of scenario b, each driven by its load
         // generator for the short run; every call answered, and answered OK.
         let _alone = crate::cpu::tests::PROCESS_CPU
             .lock()
@@ -1457,7 +1455,7 @@ mod tests {
             .build()
             .unwrap();
         let rows = bare_stacks_one_caller(&rt, &mlp_row(), &o).unwrap();
-        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.len(), 4);
         for r in &rows {
             assert_eq!(r.concurrency, 1);
             assert_eq!((r.errors, r.non_200), (0, 0), "{}: {r:?}", r.variant);

@@ -24,6 +24,7 @@ mod service;
 mod status;
 mod streams;
 mod tensors;
+mod turns;
 
 pub use health::Health;
 pub use service::Inference;
@@ -144,10 +145,12 @@ pub async fn serve(
             }
         });
         let exec = streams::ConnExecutor::default();
-        let calls_running = exec.calls();
+        let turns = turns::Turns::default();
+        let calls_running = exec.calls(turns.clone());
         let conn = h2(exec).serve_connection(TokioIo::new(stream), svc);
         let mut drain = drain.clone();
-        tokio::spawn(async move {
+        // Its wake-ups of itself are polls of the same turn (`turns.rs`).
+        tokio::spawn(turns.run(async move {
             tokio::pin!(conn);
             tokio::pin!(calls_running);
             let idle = tokio::time::sleep(idle_timeout);
@@ -180,7 +183,7 @@ pub async fn serve(
                 tracing::debug!(error = %e, "gRPC connection ended with an error");
             }
             drop(place);
-        });
+        }));
     }
     drop(listener);
     let _ = draining.send(true);

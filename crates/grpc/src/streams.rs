@@ -6,12 +6,15 @@
 //! another worker picked the task up. HTTP/1 (the REST port) reads, answers and writes a request
 //! in the connection's one task. Here the connection task polls its calls itself, beside the
 //! connection: a call is woken in the task that reads its frames and writes its answer. Calls on
-//! different connections are different tasks, which tokio may run on different threads.
+//! different connections are different tasks, which tokio may run on different threads. The task
+//! runs in [`Turns`](crate::turns::Turns), so the wake-ups it gives itself while it polls (h2's
+//! when a call queues its answer, `FuturesUnordered`'s, this executor's when hyper hands over a
+//! call) are more polls of the same turn instead of yields that wake another worker.
 //!
 //! Several calls that arrive together are polled one at a time, and when the one just queued
 //! can start on a free device whose rows are slow enough to be worth it, in a process with more
 //! than one core (`ortserve_core::call::take_batcher_can_start`), the task gives its thread to
-//! the model's batcher before it decodes the next. tokio runs a task woken on a worker thread
+//! the model's batcher before it decodes the next (`Turns::give_way`, a wake-up through tokio). tokio runs a task woken on a worker thread
 //! there, once the waking task is done with it, so otherwise the device waited until every call
 //! of the burst was decoded and queued: four CNN callers on one connection ran as one batch after
 //! another, the device and the connection never busy at once (0.71-0.80 of REST binary's
@@ -34,6 +37,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::turns::Turns;
 
 type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -115,9 +120,10 @@ where
 impl ConnExecutor {
     /// The future that runs this connection's calls; it never completes (drop it once the
     /// connection has ended: the calls not finished are dropped with it).
-    pub(crate) fn calls(&self) -> Calls {
+    pub(crate) fn calls(&self, turns: Turns) -> Calls {
         Calls {
             queue: self.0.clone(),
+            turns,
             fresh: VecDeque::new(),
             running: FuturesUnordered::new(),
         }
@@ -127,6 +133,8 @@ impl ConnExecutor {
 /// Runs a connection's calls (see [`ConnExecutor::calls`]).
 pub(crate) struct Calls {
     queue: Arc<Mutex<Queue>>,
+    /// The connection task's turns, to give the thread away through.
+    turns: Turns,
     /// Calls handed over and not yet polled.
     fresh: VecDeque<Guarded>,
     running: FuturesUnordered<Guarded>,
@@ -180,7 +188,7 @@ impl Future for Calls {
                 if !this.fresh.is_empty() && ortserve_core::call::take_batcher_can_start() {
                     // Queued behind what this thread runs next, the batcher first; the next
                     // worker to look may take this task on meanwhile.
-                    cx.waker().wake_by_ref();
+                    this.turns.give_way(cx);
                     return Poll::Pending;
                 }
             }
@@ -221,7 +229,7 @@ mod tests {
     #[test]
     fn calls_run_in_the_connection_task_and_a_panic_stays_in_its_call() {
         let exec = ConnExecutor::default();
-        let mut calls = Box::pin(exec.calls());
+        let mut calls = Box::pin(exec.calls(Turns::default()));
         let (woken, waker) = task();
         let mut cx = Context::from_waker(&waker);
         let done = Arc::new(AtomicUsize::new(0));
@@ -273,7 +281,7 @@ mod tests {
             }
         }
         let exec = ConnExecutor::default();
-        let mut calls = Box::pin(exec.calls());
+        let mut calls = Box::pin(exec.calls(Turns::default()));
         let (_, waker) = task();
         let mut cx = Context::from_waker(&waker);
         let guard = PanicsOnDrop;
@@ -293,7 +301,7 @@ mod tests {
     #[test]
     fn calls_left_when_the_connection_ends_are_freed() {
         let exec = ConnExecutor::default();
-        let calls = exec.calls();
+        let calls = exec.calls(Turns::default());
         let marker = Arc::new(());
         for _ in 0..3 {
             let (exec, marker) = (exec.clone(), marker.clone());
@@ -321,7 +329,7 @@ mod tests {
     #[test]
     fn a_call_that_can_start_a_device_gives_the_thread_away_before_the_next() {
         let exec = ConnExecutor::default();
-        let mut calls = Box::pin(exec.calls());
+        let mut calls = Box::pin(exec.calls(Turns::default()));
         let (woken, waker) = task();
         let mut cx = Context::from_waker(&waker);
         // Hands over a call that queues its rows on its first poll (saying a device can start
