@@ -11,8 +11,9 @@
 //! [`Turns::run`] gives the task a waker that, while the task is being polled, only marks it to
 //! be polled again before the turn ends (up to [`ROUNDS`] polls a turn, and not once tokio's
 //! cooperative budget is spent); a wake-up that arrives between turns (the device thread's
-//! answer, a timer, the socket) goes to tokio as before. One MLP caller on two cores: 0.82-0.89
-//! of REST binary's calls/s with it, 0.65-0.76 without, alternated (docs/BENCHMARKS.md).
+//! answer, a timer, the socket) goes to tokio as before. One MLP caller on two cores: 0.92 of
+//! REST binary's calls/s with it, 0.83 without (medians of four alternated runs;
+//! docs/BENCHMARKS.md).
 //!
 //! A turn that is meant to end, so that another task runs first (the batcher, in `streams.rs`),
 //! ends through [`Turns::give_way`].
