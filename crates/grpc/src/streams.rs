@@ -204,24 +204,9 @@ impl Future for Calls {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::turns::tests::outer as task;
     use hyper::rt::Executor;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    /// A waker that counts its wake-ups: the connection's task.
-    #[derive(Default)]
-    struct Counted(AtomicUsize);
-
-    impl Wake for Counted {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn task() -> (Arc<Counted>, Waker) {
-        let c = Arc::new(Counted::default());
-        (c.clone(), Waker::from(c))
-    }
 
     /// Calls handed over run in the task that polls `Calls`; a call that waits wakes that task
     /// when it can go on, as does a call handed over later; one that panics is dropped without

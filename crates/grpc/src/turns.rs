@@ -143,13 +143,13 @@ impl<F> Drop for Folded<F> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A waker that counts its wake-ups: tokio's, for the task.
+    /// A waker that counts its wake-ups: tokio's, for a task (here and in `streams.rs`).
     #[derive(Default)]
-    struct Counted(AtomicUsize);
+    pub(crate) struct Counted(pub(crate) AtomicUsize);
 
     impl Wake for Counted {
         fn wake(self: Arc<Self>) {
@@ -157,7 +157,8 @@ mod tests {
         }
     }
 
-    fn outer() -> (Arc<Counted>, Waker) {
+    /// A counting waker and its count.
+    pub(crate) fn outer() -> (Arc<Counted>, Waker) {
         let c = Arc::new(Counted::default());
         (c.clone(), Waker::from(c))
     }
