@@ -29,6 +29,23 @@ use crate::grpc_client::{
 /// The empty message, length-prefixed.
 const EMPTY_MESSAGE: [u8; 5] = [0; 5];
 
+/// A gRPC answer's head: status 200, `content-type: application/grpc`.
+fn grpc_head<B>(body: B) -> http::Response<B> {
+    let mut head = http::Response::new(body);
+    head.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    head
+}
+
+/// A gRPC answer's trailers: `grpc-status: 0`.
+fn ok_trailers() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers
+}
+
 /// hyper's HTTP/2 server on `listener` until the runtime stops.
 pub async fn serve_hyper(listener: TcpListener) {
     #[derive(Clone)]
@@ -43,16 +60,9 @@ pub async fn serve_hyper(listener: TcpListener) {
         let answer =
             hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async {
                 let _ = req.into_body().collect().await;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
                 let body = http_body_util::Full::new(bytes::Bytes::from_static(&EMPTY_MESSAGE))
-                    .with_trailers(async { Some(Ok::<_, Infallible>(trailers)) });
-                let mut resp = http::Response::new(body);
-                resp.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/grpc"),
-                );
-                Ok::<_, Infallible>(resp)
+                    .with_trailers(async { Some(Ok::<_, Infallible>(ok_trailers())) });
+                Ok::<_, Infallible>(grpc_head(body))
             });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http2::Builder::new(Spawn)
@@ -113,17 +123,10 @@ pub async fn serve_h2(listener: TcpListener) {
                             if !ok {
                                 continue;
                             }
-                            let mut head = http::Response::new(());
-                            head.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("application/grpc"),
-                            );
-                            if let Ok(mut send) = respond.send_response(head, false) {
+                            if let Ok(mut send) = respond.send_response(grpc_head(()), false) {
                                 let _ = send
                                     .send_data(bytes::Bytes::from_static(&EMPTY_MESSAGE), false);
-                                let mut trailers = http::HeaderMap::new();
-                                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                                let _ = send.send_trailers(trailers);
+                                let _ = send.send_trailers(ok_trailers());
                             }
                         }
                     }

@@ -9,8 +9,8 @@
 //!   connections).
 //! - `cpu`: where the CPU went during a line, from `/proc`.
 //! - `hello`: a bare axum handler, the HTTP stack's own limit.
-//! - `bare_h2`: two bare HTTP/2 responders (hyper's server, and frames written by hand) for the
-//!   one-caller comparison of the stacks.
+//! - `bare_h2`: three bare HTTP/2 responders (hyper's server, the h2 crate alone, and frames
+//!   written by hand) for the one-caller comparison of the stacks.
 //! - `pin`: `--server-cores` / `--client-cores`.
 
 mod bare_h2;

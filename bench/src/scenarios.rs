@@ -229,8 +229,9 @@ fn start_hello() -> Server {
 /// The HTTP stacks alone at one caller, each answering the MLP's call without a model: the bare
 /// axum handler (HTTP/1.1, the body read, a few bytes answered), hyper's HTTP/2 server, the h2
 /// crate under it driven directly, and hand-written HTTP/2 frames (`bare_h2.rs`, an empty gRPC
-/// message answered), the last three driven by the gRPC load generator. What the protocol stacks cost a call, apart from the
-/// server's work, where one caller's latency is the measure (issue 29).
+/// message answered), the last three driven by the gRPC load generator. What the protocol
+/// stacks cost a call, apart from the server's work, where one caller's latency is the measure
+/// (issue 29).
 fn bare_stacks_one_caller(
     rt: &tokio::runtime::Runtime,
     x: &Tensor,
@@ -248,21 +249,26 @@ fn bare_stacks_one_caller(
     ));
     drop(hello);
     let call = grpc_client::raw_request("mlp", &[("input", x)]);
-    for (name, stack) in [
-        ("bare hyper HTTP/2 server, an empty gRPC answer", 0),
-        ("bare h2 crate server, an empty gRPC answer", 1),
-        ("bare hand-written HTTP/2 frames, an empty gRPC answer", 2),
-    ] {
+    type Serve = fn(
+        tokio::net::TcpListener,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let stacks: [(&str, Serve); 3] = [
+        ("bare hyper HTTP/2 server, an empty gRPC answer", |l| {
+            Box::pin(crate::bare_h2::serve_hyper(l))
+        }),
+        ("bare h2 crate server, an empty gRPC answer", |l| {
+            Box::pin(crate::bare_h2::serve_h2(l))
+        }),
+        (
+            "bare hand-written HTTP/2 frames, an empty gRPC answer",
+            |l| Box::pin(crate::bare_h2::serve_frames(l)),
+        ),
+    ];
+    for (name, serve) in stacks {
         let server = Server::spawn(move |listener, started, stop| async move {
             started.ready(None);
-            let serve: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match stack
-            {
-                0 => Box::pin(crate::bare_h2::serve_hyper(listener)),
-                1 => Box::pin(crate::bare_h2::serve_h2(listener)),
-                _ => Box::pin(crate::bare_h2::serve_frames(listener)),
-            };
             tokio::select! {
-                _ = serve => {}
+                _ = serve(listener) => {}
                 _ = stop => {}
             }
         })?;

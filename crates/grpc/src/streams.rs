@@ -14,8 +14,9 @@
 //! Several calls that arrive together are polled one at a time, and when the one just queued
 //! can start on a free device whose rows are slow enough to be worth it, in a process with more
 //! than one core (`ortserve_core::call::take_batcher_can_start`), the task gives its thread to
-//! the model's batcher before it decodes the next (`Turns::give_way`, a wake-up through tokio). tokio runs a task woken on a worker thread
-//! there, once the waking task is done with it, so otherwise the device waited until every call
+//! the model's batcher before it decodes the next (`Turns::give_way`, a wake-up through tokio).
+//! tokio runs a task woken on a worker thread there, once the waking task is done with it, so
+//! otherwise the device waited until every call
 //! of the burst was decoded and queued: four CNN callers on one connection ran as one batch after
 //! another, the device and the connection never busy at once (0.71-0.80 of REST binary's
 //! rows/s, whose four connections interleave; docs/BENCHMARKS.md).

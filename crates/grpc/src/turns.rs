@@ -21,8 +21,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
 
 /// The most polls in one turn; then the task is woken through tokio like any other.
 pub(crate) const ROUNDS: usize = 16;
@@ -35,17 +37,8 @@ struct State {
     woken: AtomicBool,
     /// The current turn is to end with the task queued behind its thread's other work.
     give_way: AtomicBool,
-    /// The waker tokio gave the task last.
-    outer: Mutex<Option<Waker>>,
-}
-
-impl State {
-    fn wake_outer(&self) {
-        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = outer.as_ref() {
-            w.wake_by_ref();
-        }
-    }
+    /// The waker tokio gave the task at its last poll (taken by the wake-up that uses it).
+    outer: AtomicWaker,
 }
 
 impl Wake for State {
@@ -58,7 +51,7 @@ impl Wake for State {
         // ended before it stored `polling = false` first, which this load then sees.
         self.woken.store(true, SeqCst);
         if !self.polling.load(SeqCst) {
-            self.wake_outer();
+            self.outer.wake();
         }
     }
 }
@@ -97,14 +90,8 @@ impl<F: Future> Future for Folded<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        {
-            let mut outer = this.state.outer.lock().unwrap_or_else(|e| e.into_inner());
-            match outer.as_ref() {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *outer = Some(cx.waker().clone()),
-            }
-        }
         let state = &this.state;
+        state.outer.register(cx.waker());
         for _ in 0..ROUNDS {
             state.woken.store(false, SeqCst);
             state.polling.store(true, SeqCst);
@@ -118,7 +105,8 @@ impl<F: Future> Future for Folded<F> {
             }
             let woken = state.woken.swap(false, SeqCst);
             if state.give_way.swap(false, SeqCst) || !tokio::task::coop::has_budget_remaining() {
-                // Through tokio, even if nothing woke the task since: it asked to come back.
+                // The turn ends here; what woke the task in it (`give_way` among them) goes
+                // through tokio, and without a wake-up the task waits for its resources.
                 if woken {
                     cx.waker().wake_by_ref();
                 }
@@ -137,8 +125,7 @@ impl<F> Drop for Folded<F> {
     fn drop(&mut self) {
         // A copy of this task's waker kept somewhere would otherwise keep tokio's waker for the
         // task, and with it the task's memory, alive through `State`.
-        let mut outer = self.state.outer.lock().unwrap_or_else(|e| e.into_inner());
-        outer.take();
+        drop(self.state.outer.take());
     }
 }
 
