@@ -88,11 +88,14 @@ where
     }
 }
 
-/// Messages larger than this are decoded and answered in a task of their own. A call runs in
-/// its connection's task (`streams.rs`), and what it does without awaiting holds up the
-/// connection's other calls: decoding 15 MiB of typed `bool_contents` took about 70 ms, during
-/// which a PING and a small call on the same connection waited (docs/BENCHMARKS.md); at that
-/// rate 256 KiB is about a millisecond. The fixtures' calls (48 KiB and less) stay inline.
+/// Messages larger than this are decoded and answered on a thread of tokio's blocking pool. A
+/// call runs in its connection's task (`streams.rs`), and what it does without awaiting holds up
+/// the connection's other calls: decoding 15 MiB of typed `bool_contents` took about 70 ms,
+/// during which a PING and a small call on the same connection waited (docs/BENCHMARKS.md); at
+/// that rate 256 KiB is about a millisecond. Run as a task of its own on a tokio worker, the
+/// decoding held up the other connections too: the worker's I/O is not polled while it decodes,
+/// and the other worker, asleep, is not woken for it. The fixtures' calls (48 KiB and less) stay
+/// inline.
 pub(crate) const INLINE_MESSAGE_BYTES: usize = 256 * 1024;
 
 async fn answer(
@@ -108,16 +111,25 @@ async fn answer(
     if message.len() <= INLINE_MESSAGE_BYTES {
         return decode_and_answer(inference, parts, message).await;
     }
-    // Aborted if the call is dropped (its stream reset, or the connection gone).
-    struct AbortOnDrop(tokio::task::JoinHandle<http::Response<Body>>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let mut task = AbortOnDrop(tokio::spawn(decode_and_answer(inference, parts, message)));
-    match (&mut task.0).await {
-        Ok(response) => response,
+    // Given up once the call is dropped (its stream reset, or the connection gone): not decoded
+    // when that came first, else the wait for the inference dropped; a decoding under way runs
+    // to its end.
+    let (gone, dropped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Handle::current();
+    let task = tokio::task::spawn_blocking(move || {
+        runtime.block_on(async move {
+            tokio::select! {
+                biased;
+                _ = dropped => None,
+                response = decode_and_answer(inference, parts, message) => Some(response),
+            }
+        })
+    });
+    let answered = task.await;
+    drop(gone);
+    match answered {
+        Ok(Some(response)) => response,
+        Ok(None) => Status::cancelled("the call was dropped").into_http(),
         Err(e) => Status::internal(format!("the call failed: {e}")).into_http(),
     }
 }
