@@ -268,8 +268,8 @@ async fn inference_matches_rest_bit_for_bit() {
     let server = Running::start(MODELS).await;
     let mut c = server.client().await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(29);
-    // Eight CNN rows are a 384 KiB message: decoded and answered in a task of its own, not in
-    // the connection's (grpc's fast.rs, INLINE_MESSAGE_BYTES).
+    // Eight CNN rows are a 384 KiB message: decoded (and its typed contents converted) on the
+    // preprocessing pool, not in the connection's task (grpc's fast.rs, INLINE_MESSAGE_BYTES).
     for (model, shape) in [
         ("mlp", vec![3, 4]),
         ("cnn", vec![2, 3, 64, 64]),
@@ -896,4 +896,30 @@ models:
     assert!(answered, "the watch was not answered");
     drop((idle, watching));
     server.shutdown().await;
+}
+
+/// Messages of 256 KiB and more are decoded and converted on the preprocessing pool (grpc's
+/// fast.rs): their errors keep the small calls' codes and order (an unknown model before a
+/// shape that does not match its contents, auth before both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_keeps_the_codes_of_a_small_one() {
+    let s = Running::start(MODELS).await;
+    let mut client = s.client().await;
+    // 100,000 FP32 values: 400 KB of typed contents.
+    let x = Tensor::from_f32(vec![1, 100_000], &vec![0.5; 100_000]).unwrap();
+    let mut wrong = typed_request("mlp", "input", &x);
+    wrong.inputs[0].shape = vec![1, 99_999];
+    let e = client.model_infer(wrong.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("99999"), "{}", e.message());
+    wrong.model_name = "nope".into();
+    let e = client.model_infer(wrong).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Right in size but not the model's shape: refused by the core, as a small call is.
+    let e = client
+        .model_infer(typed_request("mlp", "input", &x))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    s.shutdown().await;
 }

@@ -88,14 +88,15 @@ where
     }
 }
 
-/// Messages larger than this are decoded and answered on a thread of tokio's blocking pool. A
-/// call runs in its connection's task (`streams.rs`), and what it does without awaiting holds up
-/// the connection's other calls: decoding 15 MiB of typed `bool_contents` took about 70 ms,
-/// during which a PING and a small call on the same connection waited (docs/BENCHMARKS.md); at
-/// that rate 256 KiB is about a millisecond. Run as a task of its own on a tokio worker, the
-/// decoding held up the other connections too: the worker's I/O is not polled while it decodes,
-/// and the other worker, asleep, is not woken for it. The fixtures' calls (48 KiB and less) stay
-/// inline.
+/// Messages from this size on are decoded, and their typed contents converted, on the server's
+/// preprocessing pool (its low-priority threads, as REST decodes a body this big), not on an
+/// async worker. A call runs in its connection's task (`streams.rs`), and what it does without
+/// awaiting holds up the connection's other calls: decoding 15 MiB of typed `bool_contents`
+/// took about 70 ms, during which a PING and a small call on the same connection waited
+/// (docs/BENCHMARKS.md); at that rate 256 KiB is about a millisecond. Decoded in a task of its
+/// own on a tokio worker, it held up the other connections too: that worker polled no I/O
+/// meanwhile, and the other one slept. The pool is bounded (`runtime.preprocess_threads`), and a
+/// call waits for a slot until its deadline. The fixtures' calls (48 KiB and less) stay inline.
 pub(crate) const INLINE_MESSAGE_BYTES: usize = 256 * 1024;
 
 async fn answer(
@@ -108,44 +109,29 @@ async fn answer(
         Ok(m) => m,
         Err(status) => return status.into_http(),
     };
-    if message.len() <= INLINE_MESSAGE_BYTES {
-        return decode_and_answer(inference, parts, message).await;
-    }
-    // Given up once the call is dropped (its stream reset, or the connection gone): not decoded
-    // when that came first, else the wait for the inference dropped; a decoding under way runs
-    // to its end.
-    let (gone, dropped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = tokio::runtime::Handle::current();
-    let task = tokio::task::spawn_blocking(move || {
-        runtime.block_on(async move {
-            tokio::select! {
-                biased;
-                _ = dropped => None,
-                response = decode_and_answer(inference, parts, message) => Some(response),
-            }
-        })
-    });
-    let answered = task.await;
-    drop(gone);
-    match answered {
-        Ok(Some(response)) => response,
-        Ok(None) => Status::cancelled("the call was dropped").into_http(),
-        Err(e) => Status::internal(format!("the call failed: {e}")).into_http(),
-    }
-}
-
-async fn decode_and_answer(
-    inference: Arc<Inference>,
-    parts: http::request::Parts,
-    message: Bytes,
-) -> http::Response<Body> {
-    let request = match ModelInferRequest::decode(message) {
-        Ok(r) => r,
-        Err(e) => {
-            return Status::internal(format!("failed to decode Protobuf message: {e}")).into_http()
+    let (request, converted) = if message.len() < INLINE_MESSAGE_BYTES {
+        match decode(message) {
+            Ok(request) => (request, None),
+            Err(status) => return status.into_http(),
+        }
+    } else {
+        let deadline = inference.deadline(&parts.headers);
+        let job = inference.app().in_background(deadline, move || {
+            decode(message).map(|mut request| {
+                let converted = crate::service::convert(&mut request);
+                (request, converted)
+            })
+        });
+        match job.await {
+            Ok(Ok((request, converted))) => (request, Some(converted)),
+            Ok(Err(status)) => return status.into_http(),
+            Err(waited) => return inference.refuse(&parts.headers, waited.into()).into_http(),
         }
     };
-    match inference.model_infer_with(&parts.headers, request).await {
+    match inference
+        .model_infer_with(&parts.headers, request, converted)
+        .await
+    {
         Err(status) => status.into_http(),
         Ok(response) => {
             let (metadata, message, _) = response.into_parts();
@@ -168,6 +154,11 @@ async fn decode_and_answer(
             resp
         }
     }
+}
+
+fn decode(message: Bytes) -> Result<ModelInferRequest, Status> {
+    ModelInferRequest::decode(message)
+        .map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))
 }
 
 fn ok_trailers() -> http::HeaderMap {

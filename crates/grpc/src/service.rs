@@ -21,6 +21,7 @@ use ortserve_core::app::AppState;
 use ortserve_core::call::{self, Call, CallError};
 use ortserve_core::lifecycle;
 use ortserve_core::model::TensorInfo;
+use ortserve_core::tensor::Tensor;
 use ortserve_core::trace_context;
 
 /// The service over the server's state.
@@ -126,6 +127,15 @@ impl<'a> Rpc<'a> {
         (rpc, checked)
     }
 
+    /// A call refused before its message could be decoded (`fast.rs`): recorded as any other,
+    /// its auth checked first.
+    fn refused(self, checked: Result<(), CallError>, e: CallError) -> Status {
+        match self.end::<()>(checked.and(Err(e))) {
+            Err(status) => status,
+            Ok(_) => Status::internal("refused"),
+        }
+    }
+
     /// The call's answer: recorded in the metrics (and the access log), with the request id
     /// in its metadata.
     fn end<T>(self, answer: Result<T, CallError>) -> Result<Response<T>, Status> {
@@ -174,6 +184,31 @@ impl<'a> Rpc<'a> {
     }
 }
 
+/// A request's input tensors, or why they cannot be had.
+pub(crate) type Converted = Result<Vec<(String, Tensor)>, CallError>;
+
+/// Takes the request's inputs as tensors: raw contents as they are, typed contents converted
+/// (the request keeps everything else).
+pub(crate) fn convert(req: &mut ModelInferRequest) -> Converted {
+    let raw = std::mem::take(&mut req.raw_input_contents);
+    let given = std::mem::take(&mut req.inputs);
+    if !raw.is_empty() && raw.len() != given.len() {
+        return Err(CallError::InvalidInput(format!(
+            "{} raw_input_contents for {} inputs: send one per input, or none",
+            raw.len(),
+            given.len()
+        )));
+    }
+    given
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let name = input.name.clone();
+            Ok((name, tensors::input(input, raw.get(i).cloned())?))
+        })
+        .collect()
+}
+
 fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
@@ -199,11 +234,32 @@ fn whole(p: &InferParameter, name: &str) -> Result<u64, CallError> {
 }
 
 impl Inference {
-    /// `ModelInfer` for a message decoded by tonic or by the fast path (`fast.rs`).
+    /// When a call with `headers` must be answered, counted from now.
+    pub(crate) fn deadline(&self, headers: &http::HeaderMap) -> tokio::time::Instant {
+        let asked = timeout_header(headers).ok().flatten();
+        Call::arrived(asked, None).deadline(self.app.request_timeout)
+    }
+
+    /// The server's state (its preprocessing pool, for `fast.rs`).
+    pub(crate) fn app(&self) -> &AppState {
+        &self.app
+    }
+
+    /// A `ModelInfer` call refused before its message was decoded, answered and recorded as
+    /// the others are.
+    pub(crate) fn refuse(&self, headers: &http::HeaderMap, e: CallError) -> Status {
+        let (rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
+        rpc.refused(checked, e)
+    }
+
+    /// `ModelInfer` for a message decoded by tonic or by the fast path (`fast.rs`);
+    /// `converted` is its inputs' tensors when they were converted already (off the async
+    /// workers, `fast.rs`).
     pub(crate) async fn model_infer_with(
         &self,
         headers: &http::HeaderMap,
         req: ModelInferRequest,
+        converted: Option<Converted>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
         rpc.model = req.model_name.clone();
@@ -224,7 +280,9 @@ impl Inference {
         let answer = match checked {
             Ok(()) => {
                 use tracing::Instrument;
-                self.infer(&mut rpc, req).instrument(span.clone()).await
+                self.infer(&mut rpc, req, converted)
+                    .instrument(span.clone())
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -251,7 +309,8 @@ impl Inference {
     async fn infer(
         &self,
         rpc: &mut Rpc<'_>,
-        req: ModelInferRequest,
+        mut req: ModelInferRequest,
+        converted: Option<Converted>,
     ) -> Result<ModelInferResponse, CallError> {
         let app = &self.app;
         let m = app.lookup(&req.model_name, version(&req.model_version))?;
@@ -259,22 +318,10 @@ impl Inference {
             let asked = Duration::from_micros(whole(p, "timeout")?);
             rpc.call.timeout = Some(rpc.call.timeout.map_or(asked, |t| t.min(asked)));
         }
-        let raw = req.raw_input_contents;
-        if !raw.is_empty() && raw.len() != req.inputs.len() {
-            return Err(CallError::InvalidInput(format!(
-                "{} raw_input_contents for {} inputs: send one per input, or none",
-                raw.len(),
-                req.inputs.len()
-            )));
-        }
-        let mut inputs = Vec::with_capacity(req.inputs.len());
-        tracing::debug_span!("decode").in_scope(|| {
-            for (i, input) in req.inputs.into_iter().enumerate() {
-                let name = input.name.clone();
-                inputs.push((name, tensors::input(input, raw.get(i).cloned())?));
-            }
-            Ok::<(), CallError>(())
-        })?;
+        let inputs = match converted {
+            Some(converted) => converted?,
+            None => tracing::debug_span!("decode").in_scope(|| convert(&mut req))?,
+        };
         // The requested outputs are resolved before running, so a typo costs no inference.
         let info = m.info();
         let selected: Vec<usize> = if req.outputs.is_empty() {
@@ -455,7 +502,7 @@ impl GrpcInferenceService for Inference {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        self.model_infer_with(metadata.as_ref(), req).await
+        self.model_infer_with(metadata.as_ref(), req, None).await
     }
 
     async fn repository_index(
