@@ -495,18 +495,24 @@ async fn bad_requests_have_their_codes() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bearer_auth_applies_to_model_rpcs_and_not_to_health() {
-    std::env::set_var("ORTSERVE_GRPC_TEST_TOKENS", "s3cret-token-of-16+");
-    let mut cfg = config(
-        "server: {drain_delay: 0s, auth: {tokens_env: ORTSERVE_GRPC_TEST_TOKENS}}\nmodels:\n  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
-    );
+/// The MLP behind bearer auth, its one token `s3cret-token-of-16+` read from `env` (a variable
+/// of the test's own, so that tests running at once do not share it).
+async fn with_token(env: &str) -> Running {
+    std::env::set_var(env, "s3cret-token-of-16+");
+    let mut cfg = config(&format!(
+        "server: {{drain_delay: 0s, auth: {{tokens_env: {env}}}}}\nmodels:\n  - {{name: mlp, path: mlp.onnx, devices: cpu, batching: {{max_batch_size: 8}}}}"
+    ));
     cfg.load_tokens(|k| std::env::var(k).ok()).unwrap();
     let server = ortserve::start(&cfg).await.unwrap();
-    let server = Running::serve(server.state().clone(), move |listeners, stopped| {
+    Running::serve(server.state().clone(), move |listeners, stopped| {
         tokio::spawn(server.serve(listeners, stopped))
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_auth_applies_to_model_rpcs_and_not_to_health() {
+    let server = with_token("ORTSERVE_GRPC_TEST_TOKENS").await;
     let mut c = server.client().await;
     let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
     let e = c
@@ -922,4 +928,75 @@ async fn a_large_message_keeps_the_codes_of_a_small_one() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     s.shutdown().await;
+}
+
+/// Sends `message` (any bytes) as a `ModelInfer` call's message and returns the status.
+async fn raw_call(server: &Running, message: Vec<u8>, token: Option<&str>) -> tonic::Status {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    struct Raw;
+    struct RawEncoder;
+    struct RawDecoder;
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+    impl Decoder for RawDecoder {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let n = bytes::Buf::remaining(src);
+            Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEncoder;
+        type Decoder = RawDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> RawDecoder {
+            RawDecoder
+        }
+    }
+    let channel = Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(message);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let path = "/inference.GRPCInferenceService/ModelInfer"
+        .parse()
+        .unwrap();
+    grpc.unary::<_, Vec<u8>, _>(req, path, Raw)
+        .await
+        .expect_err("not protobuf")
+}
+
+/// With auth on, a large message from a client without a valid token is refused before it is
+/// decoded (grpc's fast.rs): 300 KB that are not protobuf get UNAUTHENTICATED, and with the
+/// token the decoder's INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_without_a_token_is_not_decoded() {
+    let server = with_token("ORTSERVE_GRPC_TEST_TOKENS_LARGE").await;
+    let garbage = vec![0xff; 300_000];
+    let e = raw_call(&server, garbage.clone(), None).await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = raw_call(&server, garbage.clone(), Some("not-the-token-at-all")).await;
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = raw_call(&server, garbage, Some("s3cret-token-of-16+")).await;
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(e.message().contains("decode"), "{}", e.message());
+    server.shutdown().await;
 }

@@ -115,6 +115,10 @@ async fn answer(
             Err(status) => return status.into_http(),
         }
     } else {
+        // Nothing is decoded for a client without a valid token.
+        if let Some(status) = inference.unauthorized(&parts.headers) {
+            return status.into_http();
+        }
         let deadline = inference.deadline(&parts.headers);
         let job = inference.app().in_background(deadline, move || {
             decode(message).map(|mut request| {
@@ -158,7 +162,8 @@ async fn answer(
 
 fn decode(message: Bytes) -> Result<ModelInferRequest, Status> {
     ModelInferRequest::decode(message)
-        .map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))
+        // prost's error says "failed to decode Protobuf message: ..." itself.
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 fn ok_trailers() -> http::HeaderMap {

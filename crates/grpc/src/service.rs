@@ -245,6 +245,15 @@ impl Inference {
         &self.app
     }
 
+    /// With auth on, a call without a valid token, refused before its message is decoded
+    /// (answered and recorded as the others are); `None` when it may go on.
+    pub(crate) fn unauthorized(&self, headers: &http::HeaderMap) -> Option<Status> {
+        let token = headers.get("authorization").and_then(|v| v.to_str().ok());
+        call::authorize(&self.app, token)
+            .err()
+            .map(|e| self.refuse(headers, e))
+    }
+
     /// A `ModelInfer` call refused before its message was decoded, answered and recorded as
     /// the others are.
     pub(crate) fn refuse(&self, headers: &http::HeaderMap, e: CallError) -> Status {
