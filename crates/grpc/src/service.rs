@@ -118,22 +118,12 @@ impl<'a> Rpc<'a> {
         };
         let checked = checked.and_then(|()| {
             if auth {
-                let token = metadata.get("authorization").and_then(|v| v.to_str().ok());
-                call::authorize(app, token)
+                call::authorize(app, bearer(metadata))
             } else {
                 Ok(())
             }
         });
         (rpc, checked)
-    }
-
-    /// A call refused before its message could be decoded (`fast.rs`): recorded as any other,
-    /// its auth checked first.
-    fn refused(self, checked: Result<(), CallError>, e: CallError) -> Status {
-        match self.end::<()>(checked.and(Err(e))) {
-            Err(status) => status,
-            Ok(_) => Status::internal("refused"),
-        }
     }
 
     /// The call's answer: recorded in the metrics (and the access log), with the request id
@@ -209,6 +199,11 @@ pub(crate) fn convert(req: &mut ModelInferRequest) -> Converted {
         .collect()
 }
 
+/// The call's `authorization` metadata, as the HTTP header.
+fn bearer(metadata: &http::HeaderMap) -> Option<&str> {
+    metadata.get("authorization").and_then(|v| v.to_str().ok())
+}
+
 fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
@@ -248,17 +243,17 @@ impl Inference {
     /// With auth on, a call without a valid token, refused before its message is decoded
     /// (answered and recorded as the others are); `None` when it may go on.
     pub(crate) fn unauthorized(&self, headers: &http::HeaderMap) -> Option<Status> {
-        let token = headers.get("authorization").and_then(|v| v.to_str().ok());
-        call::authorize(&self.app, token)
+        call::authorize(&self.app, bearer(headers))
             .err()
             .map(|e| self.refuse(headers, e))
     }
 
     /// A `ModelInfer` call refused before its message was decoded, answered and recorded as
-    /// the others are.
+    /// the others are (what `Rpc::begin` finds wrong, such as its token, first).
     pub(crate) fn refuse(&self, headers: &http::HeaderMap, e: CallError) -> Status {
         let (rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
-        rpc.refused(checked, e)
+        rpc.end::<()>(Err(checked.err().unwrap_or(e)))
+            .expect_err("an error is answered as one")
     }
 
     /// `ModelInfer` for a message decoded by tonic or by the fast path (`fast.rs`);
