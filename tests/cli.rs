@@ -563,6 +563,23 @@ fn check_config_reports_what_serve_refuses_and_survives_a_closed_pipe() {
     assert!(err.contains("model \"b\""), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("valid"));
 
+    // A labels file whose lines are not the scores' classes (the CNN fixture has 10): refused,
+    // naming both counts; one with 10 lines (the last without a newline) is valid.
+    std::fs::write(dir.path().join("nine.txt"), "a\nb\nc\nd\ne\nf\ng\nh\ni\n").unwrap();
+    std::fs::write(dir.path().join("ten.txt"), "a\nb\nc\nd\ne\nf\ng\nh\ni\nj").unwrap();
+    for (file, valid) in [("nine.txt", false), ("ten.txt", true)] {
+        let cfg = write_config(
+            &dir,
+            &format!("models: [{{name: c, path: FIXTURES/cnn.onnx, classification: {{labels: {file}}}}}]"),
+        );
+        let out = ortserve(&["check-config", "--config", cfg.to_str().unwrap()], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), valid, "{file}: {err}");
+        if !valid {
+            assert!(err.contains("9 labels for the 10 classes"), "{err}");
+        }
+    }
+
     // A GPU device on a host that shows none: valid, with a warning.
     let gpu = write_config(
         &dir,

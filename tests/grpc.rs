@@ -269,7 +269,7 @@ async fn inference_matches_rest_bit_for_bit() {
     let mut c = server.client().await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(29);
     // Eight CNN rows are a 384 KiB message: decoded (and its typed contents converted) on the
-    // preprocessing pool, not in the connection's task (grpc's fast.rs, INLINE_MESSAGE_BYTES).
+    // preprocessing pool, not in the connection's task (ortserve_core::app::BACKGROUND_BYTES).
     for (model, shape) in [
         ("mlp", vec![3, 4]),
         ("cnn", vec![2, 3, 64, 64]),
@@ -984,19 +984,148 @@ async fn raw_call(server: &Running, message: Vec<u8>, token: Option<&str>) -> to
         .expect_err("not protobuf")
 }
 
-/// With auth on, a large message from a client without a valid token is refused before it is
-/// decoded (grpc's fast.rs): 300 KB that are not protobuf get UNAUTHENTICATED, and with the
-/// token the decoder's INTERNAL.
+/// With auth on, a message from a client without a valid token is refused before it is read
+/// or decoded (grpc's fast.rs), whatever its size: bytes that are not protobuf get
+/// UNAUTHENTICATED, and with the token the decoder's INTERNAL. Small messages were decoded
+/// first: a client without a token could keep a connection's task decoding (a review measured
+/// a valid caller's calls at 250-790 ms meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_message_without_a_token_is_not_decoded() {
+async fn a_message_without_a_token_is_not_decoded() {
     let server = with_token("ORTSERVE_GRPC_TEST_TOKENS_LARGE").await;
-    let garbage = vec![0xff; 300_000];
-    let e = raw_call(&server, garbage.clone(), None).await;
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = raw_call(&server, garbage.clone(), Some("not-the-token-at-all")).await;
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    let e = raw_call(&server, garbage, Some("s3cret-token-of-16+")).await;
+    for size in [64, 300_000] {
+        let garbage = vec![0xff; size];
+        let e = raw_call(&server, garbage.clone(), None).await;
+        assert_eq!(e.code(), Code::Unauthenticated, "{size}: {e:?}");
+        let e = raw_call(&server, garbage.clone(), Some("not-the-token-at-all")).await;
+        assert_eq!(e.code(), Code::Unauthenticated, "{size}: {e:?}");
+        let e = raw_call(&server, garbage, Some("s3cret-token-of-16+")).await;
+        assert_eq!(e.code(), Code::Internal, "{size}: {e:?}");
+        assert!(e.message().contains("decode"), "{}", e.message());
+    }
+    server.shutdown().await;
+}
+
+/// A client that never opens its flow-control window gets no answer, and the answers it leaves
+/// unread count against the body-memory budget (grpc's outbox.rs): here two of them leave too
+/// little for another client's request, which is refused with UNAVAILABLE. Once nothing has
+/// been written for `write_timeout` its connection is closed and the budget is whole again. A
+/// review held 2.3 GB of answers this way, for as long as the client kept its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_never_reads_are_counted_until_its_connection_is_closed() {
+    let server = Running::start(
+        "server: {drain_delay: 0s, write_timeout: 1s, max_body_bytes: 1KiB, max_body_memory: 1500B}
+models:
+  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 64}}",
+    )
+    .await;
+    // 40 rows: a message of about 680 bytes, an answer of about 530.
+    let x = Tensor::from_f32(vec![40, 4], &[0.5; 160]).unwrap();
+    let request = || raw_request("mlp", &[("input", &x)]);
+    let channel = Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .initial_stream_window_size(0)
+        .initial_connection_window_size(0)
+        .connect()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let unread: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = GrpcInferenceServiceClient::new(channel.clone());
+            let r = request();
+            tokio::spawn(async move { c.model_infer(r).await })
+        })
+        .collect();
+    // Both answers made and owed: another client's request does not fit beside them.
+    let mut other = server.client().await;
+    let mut refused = None;
+    for _ in 0..100 {
+        match other.model_infer(request()).await {
+            Err(e) if e.code() == Code::Unavailable => {
+                refused = Some(started.elapsed());
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let refused = refused.expect("never refused while two answers were owed");
+    assert!(refused < Duration::from_secs(1), "{refused:?}");
+    for call in unread {
+        let e = call
+            .await
+            .unwrap()
+            .expect_err("an answer through a closed window");
+        assert_ne!(e.code(), Code::Ok);
+    }
+    let closed = started.elapsed();
+    assert!(closed >= Duration::from_secs(1), "{closed:?}");
+    assert!(closed < Duration::from_secs(10), "{closed:?}");
+    other
+        .model_infer(request())
+        .await
+        .expect("the budget is whole again");
+    server.shutdown().await;
+}
+
+/// Messages whose decoding would allocate far more than they hold are refused before they are
+/// decoded (grpc's census.rs): 4 MB of empty `inputs` entries, 2 bytes each on the wire and
+/// about 300 decoded (a review saw 3.8 GB of memory for 16 MB of them). Calls refused before
+/// their message is decoded are answered with the request id and counted like any other, and
+/// a status quoting a client's long model name is cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_messages_are_refused_before_decoding_and_recorded() {
+    let server = Running::start(MODELS).await;
+    let counted = |text: &str, status: &str| {
+        metric(
+            text,
+            "ortserve_requests_total",
+            &[
+                ("route", "ModelInfer"),
+                ("protocol", "grpc"),
+                ("status", status),
+            ],
+        )
+    };
+    let before = server.state.render_metrics().await;
+    let empties = [0x2a, 0x00].repeat(2_000_000);
+    let e = raw_call(&server, empties, None).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("more than 1024 inputs"),
+        "{}",
+        e.message()
+    );
+    assert!(e.metadata().get("x-request-id").is_some(), "{e:?}");
+    let e = raw_call(&server, vec![0xff; 64], None).await;
     assert_eq!(e.code(), Code::Internal, "{e:?}");
-    assert!(e.message().contains("decode"), "{}", e.message());
+    assert!(e.metadata().get("x-request-id").is_some(), "{e:?}");
+    let after = server.state.render_metrics().await;
+    for status in ["INVALID_ARGUMENT", "INTERNAL"] {
+        assert_eq!(
+            counted(&after, status) - counted(&before, status),
+            1.0,
+            "{status}: {after}"
+        );
+    }
+
+    let mut c = server.client().await;
+    let long = "m".repeat(20_000);
+    let e = c
+        .model_metadata(ModelMetadataRequest {
+            name: long.clone(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().len() <= 1100, "{} bytes", e.message().len());
+    let e = c
+        .model_infer(ModelInferRequest {
+            model_name: long,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     server.shutdown().await;
 }

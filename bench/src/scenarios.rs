@@ -802,6 +802,41 @@ pub fn run(o: &Options) -> Result<Vec<Row>, String> {
                 }
             }
             if fixture {
+                // Calls of 8 rows (384 KiB): over both protocols' threshold for decoding on the
+                // preprocessing pool instead of the connection's task, so these lines measure
+                // that path (the one-row lines above never take it).
+                let (c, n) = (4, 8);
+                let many = cnn_rows(n);
+                let (r, mb) = load_server(
+                    &rt,
+                    server.addr,
+                    v2_binary_request(&path, "input", &many),
+                    c,
+                    o,
+                );
+                let mut line = row(
+                    "b",
+                    &format!("ortserve V2 binary, {name}, {n} rows a call"),
+                    c,
+                    n,
+                    &r,
+                )
+                .with_batch(mb);
+                line.ratio = Some(line.rows_per_second / best);
+                line.reference = Some("in-process ceiling".into());
+                rows.push(line);
+                let raw = grpc_client::raw_request(name, &[("input", &many)]);
+                for (per, how) in [
+                    (grpc_client::CALLERS_PER_CONNECTION, ""),
+                    (1, ", a connection a caller"),
+                ] {
+                    let (r, mb) = load_grpc(&rt, &server, &raw, c, per, o)?;
+                    let variant = format!("ortserve gRPC raw, {name}, {n} rows a call{how}");
+                    let mut line = row("b", &variant, c, n, &r).with_batch(mb);
+                    line.ratio = Some(line.rows_per_second / best);
+                    line.reference = Some("in-process ceiling".into());
+                    rows.push(line);
+                }
                 plot_sweep(&o.out_dir.join("cnn-concurrency.svg"), &sweep)?;
                 // The HTTP stack alone, reading the same bodies and answering a few bytes.
                 let hello = start_hello();

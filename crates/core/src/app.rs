@@ -125,6 +125,13 @@ pub struct ImagePrediction {
     pub output: Option<(String, Tensor)>,
 }
 
+/// Request bodies (REST) and messages (gRPC) from this size on are decoded on the preprocessing
+/// pool's low-priority threads ([`AppState::in_background`]), not on an async worker, where
+/// decoding holds up what else that worker serves (a connection's other calls, the probes). At
+/// about 70 ms for 15 MiB of typed gRPC contents, 256 KiB is about a millisecond; the fixtures'
+/// one-row calls (48 KiB and less) stay inline.
+pub const BACKGROUND_BYTES: usize = 256 * 1024;
+
 /// The running server's shared state: the models (a [`Registry`]), metrics, limits, the image
 /// pool and the readiness flags.
 pub struct AppState {
@@ -423,8 +430,9 @@ impl AppState {
         self.on_pool(deadline, Priority::Normal, job).await
     }
 
-    /// Runs `job` (decoding a big request body) on the pool's low-priority threads, so that it
-    /// yields the CPU to small requests and probes; waits for a slot until `deadline`.
+    /// Runs `job` (decoding a request body of [`BACKGROUND_BYTES`] or more) on the pool's
+    /// low-priority threads, so that it yields the CPU to small requests and probes; waits for
+    /// a slot until `deadline`.
     pub async fn in_background<T: Send + 'static>(
         &self,
         deadline: tokio::time::Instant,

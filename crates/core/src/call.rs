@@ -406,7 +406,7 @@ impl<'a> BodyMemory<'a> {
             Ok(())
         } else {
             Err(CallError::Unavailable(
-                "the server is holding as many request bodies as it may; retry".into(),
+                "the server is holding as many request and answer bytes as it may (max_body_memory); retry".into(),
             ))
         }
     }
@@ -433,14 +433,31 @@ impl OwnedBodyMemory {
                 Ok(())
             }
             None => Err(CallError::Unavailable(
-                "the server is holding as many request bodies as it may; retry".into(),
+                "the server is holding as many request and answer bytes as it may (max_body_memory); retry".into(),
             )),
         }
+    }
+
+    /// Takes `n` more bytes when the budget has them (true), else nothing (false).
+    pub fn try_take(&mut self, n: usize) -> bool {
+        self.take(n).is_ok()
+    }
+
+    /// Gives back `n` of the bytes held (all of them when fewer are held).
+    pub fn give_back(&mut self, n: usize) {
+        let n = n.min(self.held);
+        self.app.body_memory.give_back(n);
+        self.held -= n;
     }
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
         self.held
+    }
+
+    /// Bytes of the server's budget free now, over every request and answer.
+    pub fn free(&self) -> usize {
+        self.app.body_memory.free()
     }
 }
 

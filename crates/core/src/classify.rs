@@ -37,6 +37,11 @@ impl Classifier {
         })
     }
 
+    /// How many labels the file named, when one was named.
+    pub(crate) fn label_count(&self) -> Option<usize> {
+        (!self.labels.is_empty()).then_some(self.labels.len())
+    }
+
     /// The `top_k` classes of one row of scores, best first.
     pub(crate) fn top(&self, scores: &[f32]) -> Vec<Class> {
         let probs: Vec<f32> = if self.softmax {

@@ -595,7 +595,8 @@ fn extras_for(
                 None => 0,
             };
             // Scores are read as FP32; another type would give no classes at all.
-            if let Some(o) = info.outputs.get(index) {
+            let scores = info.outputs.get(index);
+            if let Some(o) = scores {
                 if o.dtype != tensor::DataType::F32 {
                     return Err(fail(format!(
                         "classification: output {:?} is {}; top-k labels need an FP32 output (set classification.output)",
@@ -605,6 +606,23 @@ fn extras_for(
                 }
             }
             let cl = Classifier::load(c).map_err(|e| fail(format!("labels: {e}")))?;
+            // A labels file one line off (a background class, a header line) would name every
+            // class wrongly without an error: its lines must be the output's classes, where the
+            // model fixes their number.
+            let classes = scores.and_then(|o| {
+                let row = o.dims.get(1..).filter(|d| !d.is_empty())?;
+                row.iter()
+                    .all(|&d| d > 0)
+                    .then(|| row.iter().product::<i64>())
+            });
+            if let (Some(lines), Some(classes)) = (cl.label_count(), classes) {
+                if lines as i64 != classes {
+                    return Err(fail(format!(
+                        "classification.labels: {lines} labels for the {classes} classes of output {:?}",
+                        scores.map_or("", |o| o.name.as_str())
+                    )));
+                }
+            }
             Some(cl)
         }
     };

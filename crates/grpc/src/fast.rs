@@ -18,8 +18,10 @@ use prost::Message;
 use tonic::body::Body;
 use tonic::Status;
 
+use crate::census::Refused;
 use crate::proto::inference::ModelInferRequest;
 use crate::service::Inference;
+use crate::status::status_of;
 
 /// The path of the call this serves.
 pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
@@ -88,16 +90,10 @@ where
     }
 }
 
-/// Messages from this size on are decoded, and their typed contents converted, on the server's
-/// preprocessing pool (its low-priority threads, as REST decodes a body this big), not on an
-/// async worker. A call runs in its connection's task (`streams.rs`), and what it does without
-/// awaiting holds up the connection's other calls: decoding 15 MiB of typed `bool_contents`
-/// took about 70 ms, during which a PING and a small call on the same connection waited
-/// (docs/BENCHMARKS.md); at that rate 256 KiB is about a millisecond. Decoded in a task of its
-/// own on a tokio worker, it held up the other connections too: that worker polled no I/O
-/// meanwhile, and the other one slept. The pool is bounded (`runtime.preprocess_threads`), and a
-/// call waits for a slot until its deadline. The fixtures' calls (48 KiB and less) stay inline.
-pub(crate) const INLINE_MESSAGE_BYTES: usize = 256 * 1024;
+/// How much larger than the message limit a message's typed contents may decode (packed
+/// varints grow up to eight times; REST's JSON numbers up to four): beyond it, a client is told
+/// to send raw contents.
+const TYPED_GROWTH: usize = 4;
 
 async fn answer(
     inference: Arc<Inference>,
@@ -105,35 +101,46 @@ async fn answer(
     req: http::Request<Body>,
 ) -> http::Response<Body> {
     let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    // Nothing is read, counted or decoded for a client without a valid token.
+    if let Some(status) = inference.unauthorized(headers) {
+        return status.into_http();
+    }
     let message = match read_message(body, max_message).await {
         Ok(m) => m,
-        Err(status) => return status.into_http(),
+        Err(status) => return inference.refuse(headers, status).into_http(),
     };
-    let (request, converted) = if message.len() < INLINE_MESSAGE_BYTES {
-        match decode(message) {
+    let typed_limit = max_message.saturating_mul(TYPED_GROWTH);
+    // A call runs in its connection's task (`streams.rs`): decoding a large message there held
+    // up the connection's other calls and PINGs, and in a task of its own it held up a tokio
+    // worker's other connections (docs/BENCHMARKS.md). Large messages are counted, decoded and
+    // their typed contents converted on the preprocessing pool, as REST decodes a large body;
+    // a call waits for a slot there until its deadline.
+    let (request, converted) = if message.len() < ortserve_core::app::BACKGROUND_BYTES {
+        match decode(message, typed_limit) {
             Ok(request) => (request, None),
-            Err(status) => return status.into_http(),
+            Err(status) => return inference.refuse(headers, status).into_http(),
         }
     } else {
-        // Nothing is decoded for a client without a valid token.
-        if let Some(status) = inference.unauthorized(&parts.headers) {
-            return status.into_http();
-        }
-        let deadline = inference.deadline(&parts.headers);
+        let deadline = inference.deadline(headers);
         let job = inference.app().in_background(deadline, move || {
-            decode(message).map(|mut request| {
+            decode(message, typed_limit).map(|mut request| {
                 let converted = crate::service::convert(&mut request);
                 (request, converted)
             })
         });
         match job.await {
             Ok(Ok((request, converted))) => (request, Some(converted)),
-            Ok(Err(status)) => return status.into_http(),
-            Err(waited) => return inference.refuse(&parts.headers, waited.into()).into_http(),
+            Ok(Err(status)) => return inference.refuse(headers, status).into_http(),
+            Err(waited) => {
+                return inference
+                    .refuse(headers, status_of(&waited.into()))
+                    .into_http()
+            }
         }
     };
     match inference
-        .model_infer_with(&parts.headers, request, converted)
+        .model_infer_with(headers, request, converted)
         .await
     {
         Err(status) => status.into_http(),
@@ -160,7 +167,18 @@ async fn answer(
     }
 }
 
-fn decode(message: Bytes) -> Result<ModelInferRequest, Status> {
+/// The message, counted first (`census.rs`) so that decoding it allocates in proportion to
+/// what arrived, then decoded.
+fn decode(message: Bytes, typed_limit: usize) -> Result<ModelInferRequest, Status> {
+    match crate::census::check(&message, typed_limit) {
+        Ok(()) => {}
+        Err(Refused::Over(e)) => return Err(status_of(&e)),
+        Err(Refused::Malformed(what)) => {
+            return Err(Status::internal(format!(
+                "failed to decode Protobuf message: {what}"
+            )))
+        }
+    }
     ModelInferRequest::decode(message)
         // prost's error says "failed to decode Protobuf message: ..." itself.
         .map_err(|e| Status::internal(e.to_string()))

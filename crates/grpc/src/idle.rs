@@ -14,6 +14,8 @@ use bytes::Bytes;
 use http_body::Frame;
 use tonic::body::Body;
 
+use crate::outbox::Outbox;
+
 /// The calls open on one connection, and when the last one ended.
 #[derive(Clone)]
 pub(crate) struct Calls(Arc<Inner>);
@@ -52,9 +54,18 @@ impl Calls {
 pub(crate) struct Open(Arc<Inner>);
 
 impl Open {
-    /// The answer, whose body keeps the call open until it is sent or dropped.
-    pub(crate) fn hold(self, response: http::Response<Body>) -> http::Response<Held> {
-        response.map(|inner| Held { inner, _open: self })
+    /// The answer, whose body keeps the call open until it is sent or dropped; its data is
+    /// counted into the connection's `outbox` as it is handed over.
+    pub(crate) fn hold(
+        self,
+        response: http::Response<Body>,
+        outbox: Outbox,
+    ) -> http::Response<Held> {
+        response.map(|inner| Held {
+            inner,
+            outbox,
+            _open: self,
+        })
     }
 }
 
@@ -68,6 +79,7 @@ impl Drop for Open {
 /// An answer's body, holding its call open until it is sent or dropped.
 pub(crate) struct Held {
     inner: Body,
+    outbox: Outbox,
     _open: Open,
 }
 
@@ -79,7 +91,13 @@ impl http_body::Body for Held {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame {
+            if let Some(data) = f.data_ref() {
+                self.outbox.handed(data.len());
+            }
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -16,10 +16,12 @@ use tokio::net::TcpListener;
 use ortserve_core::app::AppState;
 use ortserve_core::config::ServerConfig;
 
+mod census;
 mod fast;
 mod health;
 mod idle;
 mod limits;
+mod outbox;
 mod service;
 mod status;
 mod streams;
@@ -116,6 +118,7 @@ pub async fn serve(
     // true from the drain on: every connection sends GOAWAY and finishes its calls.
     let (draining, drain) = tokio::sync::watch::channel(false);
     let idle_timeout = server.keep_alive_timeout.0;
+    let write_timeout = server.write_timeout.0;
     tokio::pin!(shutdown);
     loop {
         let place = tokio::select! {
@@ -136,18 +139,20 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let calls = idle::Calls::new();
+        let outbox = outbox::Outbox::new(app.clone());
         let svc = hyper::service::service_fn({
-            let (service, calls) = (service.clone(), calls.clone());
+            let (service, calls, outbox) = (service.clone(), calls.clone(), outbox.clone());
             move |req: http::Request<hyper::body::Incoming>| {
                 let open = calls.begin();
+                let outbox = outbox.clone();
                 let answer = tower::ServiceExt::oneshot(service.clone(), req);
-                async move { answer.await.map(|r| open.hold(r)) }
+                async move { answer.await.map(|r| open.hold(r, outbox)) }
             }
         });
         let exec = streams::ConnExecutor::default();
         let turns = turns::Turns::default();
         let calls_running = exec.calls(turns.clone());
-        let conn = h2(exec).serve_connection(TokioIo::new(stream), svc);
+        let conn = h2(exec).serve_connection(TokioIo::new(outbox.socket(stream)), svc);
         let mut drain = drain.clone();
         // Its wake-ups of itself are polls of the same turn (`turns.rs`).
         tokio::spawn(turns.run(async move {
@@ -155,6 +160,8 @@ pub async fn serve(
             tokio::pin!(calls_running);
             let idle = tokio::time::sleep(idle_timeout);
             tokio::pin!(idle);
+            let stall = tokio::time::sleep(write_timeout);
+            tokio::pin!(stall);
             let mut closing = false;
             let ended = loop {
                 // The calls first: an answer one of them finished is written when the
@@ -176,6 +183,17 @@ pub async fn serve(
                         quiet => idle
                             .as_mut()
                             .reset(tokio::time::Instant::now() + (idle_timeout - quiet.unwrap_or_default())),
+                    },
+                    // Answer bytes not written within `write_timeout`: the client does not
+                    // read them (`outbox.rs`); the connection is dropped, not drained.
+                    _ = stall.as_mut() => match outbox.oldest_owed() {
+                        Some(stalled) if stalled >= write_timeout => {
+                            tracing::debug!(?write_timeout, "closing a gRPC connection whose client reads no answers");
+                            break Ok(());
+                        }
+                        stalled => stall
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + (write_timeout - stalled.unwrap_or_default())),
                     },
                 }
             };

@@ -129,14 +129,13 @@ impl<'a> Rpc<'a> {
     /// The call's answer: recorded in the metrics (and the access log), with the request id
     /// in its metadata.
     fn end<T>(self, answer: Result<T, CallError>) -> Result<Response<T>, Status> {
+        self.finish(answer.map(Response::new).map_err(|e| status_of(&e)))
+    }
+
+    /// [`Rpc::end`] for an answer that is a response or a status already.
+    fn finish<T>(self, out: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
         let id = self.call.request_id.clone().unwrap_or_default();
-        let (code, out) = match answer {
-            Ok(v) => (Code::Ok, Ok(Response::new(v))),
-            Err(e) => {
-                let s = status_of(&e);
-                (s.code(), Err(s))
-            }
-        };
+        let code = out.as_ref().map_or_else(Status::code, |_| Code::Ok);
         call::record(
             self.app,
             "grpc",
@@ -149,7 +148,7 @@ impl<'a> Rpc<'a> {
             tracing::info!(
                 target: "ortserve::access",
                 rpc = self.name,
-                model = %self.model,
+                model = %shown_model(self.app, &self.model),
                 status = label(code),
                 ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
                 request_id = %id,
@@ -164,7 +163,8 @@ impl<'a> Rpc<'a> {
                 }
                 Ok(r)
             }
-            Err(mut s) => {
+            Err(s) => {
+                let mut s = bounded(s);
                 if let Some(v) = value {
                     s.metadata_mut().insert(REQUEST_ID, v);
                 }
@@ -172,6 +172,36 @@ impl<'a> Rpc<'a> {
             }
         }
     }
+}
+
+/// The most bytes of a status message: messages quote what the client sent (a model name, a
+/// shape), and gRPC clients refuse metadata over 16 KiB with RESOURCE_EXHAUSTED, a code some
+/// retry (grpc-message is percent-encoded: up to three bytes a byte).
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `s` with its message cut to [`MAX_MESSAGE_BYTES`] (at a character's boundary, marked `…`).
+fn bounded(s: Status) -> Status {
+    let message = s.message();
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return s;
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Status::new(s.code(), format!("{}…", &message[..end]))
+}
+
+/// The model a call named, as a log field: a configured name as it is (letters, digits and
+/// `_ - .`), any other name the client's text, escaped (no line breaks to forge lines with) and
+/// cut to 64 characters.
+fn shown_model(app: &AppState, model: &str) -> String {
+    if model.is_empty() || app.is_configured(model) {
+        return model.to_string();
+    }
+    let cut: String = model.chars().take(64).collect();
+    let more = if cut.len() < model.len() { "…" } else { "" };
+    format!("{:?}{more}", cut)
 }
 
 /// A request's input tensors, or why they cannot be had.
@@ -245,14 +275,15 @@ impl Inference {
     pub(crate) fn unauthorized(&self, headers: &http::HeaderMap) -> Option<Status> {
         call::authorize(&self.app, bearer(headers))
             .err()
-            .map(|e| self.refuse(headers, e))
+            .map(|e| self.refuse(headers, status_of(&e)))
     }
 
     /// A `ModelInfer` call refused before its message was decoded, answered and recorded as
     /// the others are (what `Rpc::begin` finds wrong, such as its token, first).
-    pub(crate) fn refuse(&self, headers: &http::HeaderMap, e: CallError) -> Status {
+    pub(crate) fn refuse(&self, headers: &http::HeaderMap, status: Status) -> Status {
         let (rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
-        rpc.end::<()>(Err(checked.err().unwrap_or(e)))
+        let status = checked.err().map_or(status, |e| status_of(&e));
+        rpc.finish::<()>(Err(status))
             .expect_err("an error is answered as one")
     }
 

@@ -152,9 +152,6 @@ fn reserve_for(buf: &mut Vec<u8>, more: usize, declared: usize) {
     }
 }
 
-/// Bodies from this size on are decoded on the preprocessing pool, not on an async worker.
-const BIG_BODY: usize = 256 << 10;
-
 /// Runs `parse` over a body of `len` bytes: for a big body on the preprocessing pool's
 /// low-priority threads (so a 16 MiB body does not hold an async worker, or the health probes
 /// behind it), inline otherwise.
@@ -166,7 +163,7 @@ pub(crate) async fn decode<T: Send + 'static>(
 ) -> Result<T, CallError> {
     use tracing::Instrument;
     let span = tracing::debug_span!("decode", bytes = len);
-    if len < BIG_BODY {
+    if len < ortserve_core::app::BACKGROUND_BYTES {
         return span.in_scope(parse);
     }
     app.in_background(call.deadline(app.request_timeout), parse)

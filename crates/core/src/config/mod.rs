@@ -255,7 +255,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A response that makes no progress for this long (the client stopped reading) closes
     /// its connection, as nginx's `send_timeout` does. Progress is any byte taken by the socket,
-    /// so a slow but reading client is never cut off.
+    /// so a slow but reading client is never cut off. On the gRPC port, where one connection
+    /// carries many answers, each answer must be written within this long of being made.
     #[serde(default = "default_write_timeout")]
     pub write_timeout: Dur,
     /// The listen backlog: connections the kernel completes before the server accepts them.
@@ -263,8 +264,9 @@ pub struct ServerConfig {
     /// clients retry a second later. The kernel caps it at `net.core.somaxconn`.
     #[serde(default = "default_listen_backlog")]
     pub listen_backlog: u32,
-    /// Most request-body bytes held at once over all requests; a body that would go over is
-    /// answered 503 at once (load is shed, not queued). At least `max_body_bytes`. Default:
+    /// Most request-body bytes held at once over all requests, gRPC answers not yet written
+    /// to their clients included; a body that would go over is answered 503 (gRPC:
+    /// UNAVAILABLE) at once (load is shed, not queued). At least `max_body_bytes`. Default:
     /// 16 × `max_body_bytes` (256 MiB with the default).
     #[serde(default)]
     pub max_body_memory: Option<ByteSize>,

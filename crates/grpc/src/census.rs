@@ -1,0 +1,389 @@
+//! A `ModelInferRequest`'s wire format counted before it is decoded: what decoding would
+//! allocate is bounded by what arrived.
+//!
+//! prost turns each entry of a repeated message field into a struct of its own: an empty
+//! `inputs` entry is 2 bytes on the wire and about 300 bytes decoded, so a 16 MiB message of
+//! them decoded into gigabytes before any check ran (docs/BENCHMARKS.md). Packed varints grow
+//! up to eight times (a one-byte `int64` becomes eight), and every empty `bytes` entry becomes
+//! a buffer handle. This walks the message without allocating, counts the tensors, parameters,
+//! dimensions and typed values it holds, and refuses one whose counts no served model can use
+//! (more tensors or parameters than [`MAX_TENSORS`] or [`MAX_PARAMETERS`], a shape longer than
+//! [`MAX_DIMS`], `bytes_contents`, which no served datatype reads) or whose typed values would
+//! decode to more than `typed_limit` bytes. Malformed wire data is refused here as prost would
+//! refuse it, before anything is decoded.
+
+use ortserve_core::call::CallError;
+
+/// The most `inputs`, `outputs` or `raw_input_contents` entries a message may have.
+pub(crate) const MAX_TENSORS: usize = 1024;
+/// The most parameters a message may carry, its own and its tensors' together.
+pub(crate) const MAX_PARAMETERS: usize = 1024;
+/// The most dimensions a tensor's shape may have.
+pub(crate) const MAX_DIMS: usize = 64;
+
+/// Why a message was refused before it was decoded.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Refused {
+    /// Not a valid protobuf message (prost would say so too).
+    Malformed(&'static str),
+    /// Valid, but over one of the limits above, or typed values over the limit given.
+    Over(CallError),
+}
+
+/// Counts `message` (a `ModelInferRequest` on the wire); `typed_limit` is the most bytes its
+/// typed `contents` may decode to.
+pub(crate) fn check(message: &[u8], typed_limit: usize) -> Result<(), Refused> {
+    let mut n = Counts::default();
+    let mut r = Reader(message);
+    while let Some((field, wire)) = r.key()? {
+        match (field, wire) {
+            (4, LEN) => {
+                r.bytes()?;
+                n.parameter()?;
+            }
+            (5, LEN) => {
+                n.tensor("inputs", |n| &mut n.inputs)?;
+                input(r.bytes()?, &mut n)?;
+            }
+            (6, LEN) => {
+                n.tensor("outputs", |n| &mut n.outputs)?;
+                output(r.bytes()?, &mut n)?;
+            }
+            (7, LEN) => {
+                n.tensor("raw_input_contents", |n| &mut n.raw)?;
+                r.bytes()?;
+            }
+            _ => r.skip(wire)?,
+        }
+    }
+    if n.typed_bytes > typed_limit as u64 {
+        return Err(Refused::Over(CallError::InvalidInput(format!(
+            "the typed contents hold {} bytes of values, more than the {typed_limit} accepted; send large tensors as raw_input_contents",
+            n.typed_bytes
+        ))));
+    }
+    Ok(())
+}
+
+const VARINT: u8 = 0;
+const I64: u8 = 1;
+const LEN: u8 = 2;
+const I32: u8 = 5;
+
+#[derive(Default)]
+struct Counts {
+    inputs: usize,
+    outputs: usize,
+    raw: usize,
+    parameters: usize,
+    typed_bytes: u64,
+}
+
+impl Counts {
+    fn tensor(
+        &mut self,
+        what: &str,
+        field: impl Fn(&mut Counts) -> &mut usize,
+    ) -> Result<(), Refused> {
+        let count = field(self);
+        *count += 1;
+        if *count > MAX_TENSORS {
+            return Err(Refused::Over(CallError::InvalidInput(format!(
+                "more than {MAX_TENSORS} {what} entries"
+            ))));
+        }
+        Ok(())
+    }
+
+    fn parameter(&mut self) -> Result<(), Refused> {
+        self.parameters += 1;
+        if self.parameters > MAX_PARAMETERS {
+            return Err(Refused::Over(CallError::InvalidInput(format!(
+                "more than {MAX_PARAMETERS} parameters in the request and its tensors together"
+            ))));
+        }
+        Ok(())
+    }
+}
+
+/// An `InferInputTensor`: its shape's length, its parameters, its typed contents.
+fn input(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
+    let mut r = Reader(message);
+    let mut dims = 0usize;
+    while let Some((field, wire)) = r.key()? {
+        match (field, wire) {
+            (3, LEN) => dims += varints(r.bytes()?)?,
+            (3, VARINT) => {
+                r.varint()?;
+                dims += 1;
+            }
+            (4, LEN) => {
+                r.bytes()?;
+                n.parameter()?;
+            }
+            (5, LEN) => contents(r.bytes()?, n)?,
+            _ => r.skip(wire)?,
+        }
+        if dims > MAX_DIMS {
+            return Err(Refused::Over(CallError::InvalidInput(format!(
+                "a shape of more than {MAX_DIMS} dimensions"
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// An `InferRequestedOutputTensor`: its parameters.
+fn output(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
+    let mut r = Reader(message);
+    while let Some((field, wire)) = r.key()? {
+        if (field, wire) == (2, LEN) {
+            r.bytes()?;
+            n.parameter()?;
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    Ok(())
+}
+
+/// An `InferTensorContents`: the bytes its values take decoded, each list packed or not.
+fn contents(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
+    let mut r = Reader(message);
+    while let Some((field, wire)) = r.key()? {
+        // bool 1 byte decoded; int32 and uint32 4 (varints); int64 and uint64 8 (varints);
+        // float 4 (fixed); double 8 (fixed).
+        let width: u64 = match field {
+            1 => 1,
+            2 | 4 | 6 => 4,
+            3 | 5 | 7 => 8,
+            8 => {
+                return Err(Refused::Over(CallError::InvalidInput(
+                    "bytes_contents: BYTES tensors are not served".into(),
+                )))
+            }
+            _ => {
+                r.skip(wire)?;
+                continue;
+            }
+        };
+        let values = match (field, wire) {
+            (6, LEN) => fixed(r.bytes()?, 4)?,
+            (7, LEN) => fixed(r.bytes()?, 8)?,
+            (_, LEN) => varints(r.bytes()?)?,
+            (6, I32) | (7, I64) | (1..=5, VARINT) => {
+                r.skip(wire)?;
+                1
+            }
+            _ => return Err(Refused::Malformed("a typed list with the wrong wire type")),
+        };
+        n.typed_bytes += values as u64 * width;
+    }
+    Ok(())
+}
+
+/// The values of a packed list of varints: its bytes whose high bit is clear.
+fn varints(packed: &[u8]) -> Result<usize, Refused> {
+    if packed.last().is_some_and(|b| b & 0x80 != 0) {
+        return Err(Refused::Malformed("a packed varint runs past its list"));
+    }
+    Ok(packed.iter().filter(|&&b| b & 0x80 == 0).count())
+}
+
+/// The values of a packed list of `width`-byte numbers.
+fn fixed(packed: &[u8], width: usize) -> Result<usize, Refused> {
+    if packed.len() % width != 0 {
+        return Err(Refused::Malformed(
+            "a packed list of fixed-size numbers is cut short",
+        ));
+    }
+    Ok(packed.len() / width)
+}
+
+/// The rest of a message, read field by field.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, Refused> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self
+                .0
+                .split_first()
+                .ok_or(Refused::Malformed("a varint runs past the message"))?;
+            self.0 = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Refused::Malformed("a varint longer than ten bytes"))
+    }
+
+    /// The next field's number and wire type, or `None` at the end.
+    fn key(&mut self) -> Result<Option<(u64, u8)>, Refused> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let field = key >> 3;
+        if field == 0 {
+            return Err(Refused::Malformed("a field numbered 0"));
+        }
+        Ok(Some((field, (key & 7) as u8)))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], Refused> {
+        let len = self.varint()?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= self.0.len())
+            .ok_or(Refused::Malformed("a length runs past the message"))?;
+        let (field, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Ok(field)
+    }
+
+    fn take(&mut self, n: usize) -> Result<(), Refused> {
+        if self.0.len() < n {
+            return Err(Refused::Malformed(
+                "a fixed-size field runs past the message",
+            ));
+        }
+        self.0 = &self.0[n..];
+        Ok(())
+    }
+
+    fn skip(&mut self, wire: u8) -> Result<(), Refused> {
+        match wire {
+            VARINT => self.varint().map(drop),
+            I64 => self.take(8),
+            LEN => self.bytes().map(drop),
+            I32 => self.take(4),
+            // Groups (3, 4) are not in the protocol's messages; 6 and 7 are not wire types.
+            _ => Err(Refused::Malformed("an unsupported wire type")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::inference::model_infer_request::{
+        InferInputTensor, InferRequestedOutputTensor,
+    };
+    use crate::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest};
+    use prost::Message;
+
+    fn tensor(shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
+        InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape,
+            parameters: Default::default(),
+            contents,
+        }
+    }
+
+    fn over(message: &[u8], limit: usize) -> String {
+        match check(message, limit) {
+            Err(Refused::Over(e)) => e.message(),
+            other => panic!("not refused over a limit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_prost_makes_is_counted_and_passes() {
+        let mut params = std::collections::HashMap::new();
+        params.insert("timeout".to_string(), InferParameter::default());
+        let req = ModelInferRequest {
+            model_name: "mlp".into(),
+            id: "x".into(),
+            parameters: params.clone(),
+            inputs: vec![tensor(
+                vec![2, 4],
+                Some(InferTensorContents {
+                    fp32_contents: vec![1.0; 8],
+                    int64_contents: vec![1, 300, -1],
+                    ..Default::default()
+                }),
+            )],
+            outputs: vec![InferRequestedOutputTensor {
+                name: "logits".into(),
+                parameters: params,
+            }],
+            raw_input_contents: vec![bytes::Bytes::from_static(&[0; 32])],
+            ..Default::default()
+        };
+        let wire = req.encode_to_vec();
+        // 8 floats (32 bytes) and 3 int64s (24 bytes) decoded.
+        assert_eq!(check(&wire, 56), Ok(()));
+        assert!(over(&wire, 55).contains("56 bytes of values"));
+    }
+
+    #[test]
+    fn entries_past_the_limits_are_refused_before_decoding() {
+        // Empty inputs, 2 bytes each: refused at the first past the limit.
+        let empties = [0x2a, 0x00].repeat(MAX_TENSORS + 1);
+        assert_eq!(check(&empties[..2 * MAX_TENSORS], 0), Ok(()));
+        assert!(over(&empties, 0).contains("inputs"));
+        for field in [0x32, 0x3a] {
+            let many = [field, 0x00].repeat(MAX_TENSORS + 1);
+            assert!(matches!(check(&many, 0), Err(Refused::Over(_))));
+        }
+        let params = [0x22, 0x00].repeat(MAX_PARAMETERS + 1);
+        assert!(over(&params, 0).contains("parameters"));
+        let long_shape = tensor(vec![1; MAX_DIMS + 1], None);
+        let req = ModelInferRequest {
+            inputs: vec![long_shape],
+            ..Default::default()
+        };
+        assert!(over(&req.encode_to_vec(), 0).contains("dimensions"));
+        let bytes = ModelInferRequest {
+            inputs: vec![tensor(
+                vec![1],
+                Some(InferTensorContents {
+                    bytes_contents: vec![vec![]],
+                    ..Default::default()
+                }),
+            )],
+            ..Default::default()
+        };
+        assert!(over(&bytes.encode_to_vec(), 1 << 20).contains("bytes_contents"));
+    }
+
+    #[test]
+    fn packed_and_unpacked_values_are_counted_at_their_decoded_width() {
+        // int64_contents (field 3) packed: three one-byte varints, 24 bytes decoded.
+        let contents = [0x1a, 0x03, 0x01, 0x02, 0x03];
+        // Unpacked: one tag each.
+        let unpacked = [0x18, 0x01, 0x18, 0x02];
+        for (c, decoded) in [(&contents[..], 24), (&unpacked[..], 16)] {
+            let mut t = vec![0x2a, c.len() as u8];
+            t.extend_from_slice(c);
+            let mut m = vec![0x2a, t.len() as u8];
+            m.extend_from_slice(&t);
+            assert_eq!(check(&m, decoded), Ok(()), "{c:?}");
+            assert!(matches!(check(&m, decoded - 1), Err(Refused::Over(_))));
+        }
+    }
+
+    #[test]
+    fn malformed_wire_data_is_refused() {
+        for bad in [
+            &[0x2a, 0x05, 0x00][..],                         // a length past the end
+            &[0x2a][..],                                     // a key and nothing after
+            &[0xff; 11][..],                                 // a varint of eleven bytes
+            &[0x0b][..],                                     // a group
+            &[0x00, 0x00][..],                               // field 0
+            &[0x2a, 0x03, 0x1a, 0x01, 0x80][..],             // a packed varint cut short
+            &[0x2a, 0x05, 0x2a, 0x03, 0x32, 0x01, 0x00][..], // one byte of packed floats
+        ] {
+            assert!(
+                matches!(check(bad, 1 << 20), Err(Refused::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(check(&[], 0), Ok(()));
+    }
+}
