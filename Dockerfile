@@ -36,8 +36,8 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
 COPY --from=build /opt/ortserve /opt/ortserve
 # No shell or curl is needed at run time: the health check is the binary's own probe.
 USER 65532:65532
-# 8080: the API; 8082: the admin port (health, readiness, metrics), which clients that fill the
-# API's connections cannot starve.
+# 8080: the REST API; 8081: gRPC (KServe V2 and grpc.health.v1); 8082: the admin port (health,
+# readiness, metrics), which clients that fill the API's connections cannot starve.
 EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD ["/opt/ortserve/ortserve", "probe", "--url", "http://127.0.0.1:8082/v2/health/ready"]

@@ -36,7 +36,8 @@ cargo test --locked --workspace --all-targets
 scripts/quickstart.sh
 
 # The container image, built and run for real (podman; tens of minutes, needs root): only when
-# asked, as its output belongs in docs/DEPLOY.md rather than in every run.
+# asked (CI asks: .ci/run), as it is too slow for every local run; its runs are recorded in
+# docs/BENCHMARKS.md ("Container image runs").
 if [ "${ORTSERVE_CONTAINER_TEST:-}" = 1 ]; then
   scripts/container-test.sh
 fi

@@ -23,13 +23,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the models and serve HTTP until SIGTERM or SIGINT.
+    /// Load the models and serve them (REST, gRPC and the admin port) until SIGTERM or SIGINT.
     Serve {
         /// The YAML configuration file (optional with --model-dir).
         #[arg(long, env = "ORTSERVE_CONFIG", required_unless_present = "model_dir")]
         config: Option<PathBuf>,
-        /// A folder of models, as KServe fills /mnt/models: one .onnx file, or NAME/model.onnx
-        /// folders, each with an optional labels.txt and ortserve.yaml (that model's settings).
+        /// A folder of models, as KServe fills /mnt/models: one .onnx file, NAME/model.onnx
+        /// folders, or versioned NAME/VERSION/model.onnx folders, each model with an optional
+        /// labels.txt and ortserve.yaml (that model's settings).
         /// Added to the config file's models, or served alone.
         #[arg(long)]
         model_dir: Option<PathBuf>,

@@ -123,3 +123,27 @@ fn the_readme_configuration_reference_lists_every_key_and_no_other() {
         "keys the server reads that README.md's table does not list"
     );
 }
+
+/// The example is a config `serve` would start with, not only keys that parse: `check-config`
+/// (which opens the model and checks the `image` and `classification` sections against it)
+/// accepts it, saved as a file in `config/` as its relative paths expect.
+#[test]
+fn the_readme_example_passes_check_config() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::os::unix::fs::symlink(root.join(".ortserve"), dir.path().join(".ortserve")).unwrap();
+    let file = dir.path().join("config/example.yaml");
+    std::fs::write(&file, reference()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ortserve"))
+        .args(["check-config", "--config", file.to_str().unwrap()])
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -28,7 +28,7 @@ pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// Serves `ModelInfer` itself and hands every other request to the inner service.
 #[derive(Clone)]
-pub struct FastInferLayer {
+pub(crate) struct FastInferLayer {
     inference: Arc<Inference>,
     max_message: usize,
 }
@@ -54,7 +54,7 @@ impl<S> tower::Layer<S> for FastInferLayer {
 }
 
 #[derive(Clone)]
-pub struct FastInfer<S> {
+pub(crate) struct FastInfer<S> {
     inner: S,
     inference: Arc<Inference>,
     max_message: usize,

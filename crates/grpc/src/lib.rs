@@ -7,6 +7,9 @@
 //!
 //! [`serve`] runs it; [`status::status_of`] is the one table from error kinds to gRPC codes.
 
+// Unused `pub` items fail the build, as in the core (scripts/test.sh runs clippy with -D warnings).
+#![warn(unreachable_pub)]
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

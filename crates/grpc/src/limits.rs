@@ -22,13 +22,13 @@ use ortserve_core::call::OwnedBodyMemory;
 /// message still arriving, say). The request core gives the same status when the deadline
 /// passes in the queue; this is the backstop.
 #[derive(Clone)]
-pub struct DeadlineLayer {
+pub(crate) struct DeadlineLayer {
     app: Arc<AppState>,
     limit: Duration,
 }
 
 impl DeadlineLayer {
-    pub fn new(app: Arc<AppState>, request_timeout: Duration) -> DeadlineLayer {
+    pub(crate) fn new(app: Arc<AppState>, request_timeout: Duration) -> DeadlineLayer {
         DeadlineLayer {
             app,
             limit: request_timeout + Duration::from_secs(1),
@@ -48,7 +48,7 @@ impl<S> tower::Layer<S> for DeadlineLayer {
 }
 
 #[derive(Clone)]
-pub struct Deadline<S> {
+pub(crate) struct Deadline<S> {
     inner: S,
     app: Arc<AppState>,
     limit: Duration,
@@ -108,12 +108,12 @@ where
 /// until the call is answered; a message that would go over fails with UNAVAILABLE, one that
 /// has not arrived within `server.body_timeout` with DEADLINE_EXCEEDED.
 #[derive(Clone)]
-pub struct BodyBudgetLayer {
+pub(crate) struct BodyBudgetLayer {
     app: Arc<AppState>,
 }
 
 impl BodyBudgetLayer {
-    pub fn new(app: Arc<AppState>) -> BodyBudgetLayer {
+    pub(crate) fn new(app: Arc<AppState>) -> BodyBudgetLayer {
         BodyBudgetLayer { app }
     }
 }
@@ -129,7 +129,7 @@ impl<S> tower::Layer<S> for BodyBudgetLayer {
 }
 
 #[derive(Clone)]
-pub struct BodyBudget<S> {
+pub(crate) struct BodyBudget<S> {
     inner: S,
     app: Arc<AppState>,
 }

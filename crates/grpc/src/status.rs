@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 /// The gRPC code for an error kind. Clients' default retry policies retry `UNAVAILABLE` (the
 /// server is loading, draining or shedding load) and nothing else; `RESOURCE_EXHAUSTED` (a full
 /// queue) is retried by clients configured to.
-pub fn code_of(kind: ErrorKind) -> Code {
+pub(crate) fn code_of(kind: ErrorKind) -> Code {
     match kind {
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::Unauthenticated => Code::Unauthenticated,

@@ -1,6 +1,9 @@
 //! HTTP: the router, its tower layers, the V2 codec and the one error table. The only module
 //! that imports axum and tower-http.
 
+// Unused `pub` items fail the build, as in the core (scripts/test.sh runs clippy with -D warnings).
+#![warn(unreachable_pub)]
+
 mod auth;
 mod edge;
 mod error;
