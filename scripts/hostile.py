@@ -523,6 +523,58 @@ def grpc_big_frame_stalled(count, declared=64 * 1024, sent=1024):
     return grpc_stream_wave(count, begin, poll=0.02)
 
 
+def grpc_window_sized(message):
+    """One ModelInfer stream whose message (framed, under the server's 1 MiB windows) goes out
+    in 16 KiB DATA frames once the server's SETTINGS and window are in: "answered" when the
+    server ends the stream, "closed" when it closes the connection, "hung" otherwise."""
+    def run(port, p):
+        try:
+            c = h2raw.H2(p.grpc_port)
+        except OSError:
+            return "refused"
+        try:
+            c.frames(0.1)  # the server's SETTINGS and connection window
+            sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+            chunks = [message[i:i + 16384] for i in range(0, len(message), 16384)]
+            c.send(*[h2raw.frame(h2raw.DATA, h2raw.END_STREAM if i == len(chunks) - 1 else 0, sid, ch)
+                     for i, ch in enumerate(chunks)])
+            got = c.frames(10, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
+        except OSError:
+            return "closed"
+        finally:
+            c.close()
+        if sid in h2raw.ended(got):
+            return "answered"
+        return "closed" if h2raw.closed(got) else "hung"
+    return run
+
+
+def grpc_unread_answers(streams=16):
+    """A client whose flow-control window is 0 (SETTINGS_INITIAL_WINDOW_SIZE) opens `streams`
+    MLP calls and answers PINGs but never opens its window: the answers cannot be sent, and the
+    server must close the connection once they have waited write_timeout ("closed")."""
+    def run(port, p):
+        try:
+            c = h2raw.H2(p.grpc_port)
+        except OSError:
+            return "refused"
+        try:
+            c.send(h2raw.frame(h2raw.SETTINGS, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big")))
+            c.frames(0.1)
+            row = struct.pack("<4f", *MLP_ROW["data"])
+            message = h2raw.grpc_message(h2raw.infer_request("mlp", "input", "FP32", [1, 4], row))
+            for _ in range(streams):
+                sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+                c.send(h2raw.frame(h2raw.DATA, h2raw.END_STREAM, sid, message))
+            got = c.frames(p.write_timeout + 5, until=h2raw.closed)
+        except OSError:
+            return "closed"
+        finally:
+            c.close()
+        return "closed" if h2raw.closed(got) else "hung"
+    return run
+
+
 # ---------------------------------------------------------------- the classes
 
 
@@ -595,6 +647,9 @@ def classes(p):
         ("grpc_header_list_64KiB", grpc_huge_header, {"rejected"}, 1),
         ("grpc_message_at_1Bps_x20", grpc_slow_class(20), {"ended"}, 1),
         ("grpc_frame_64KiB_stalled_x64", grpc_big_frame_stalled(64), {"ended"}, 1),
+        # 2 bytes on the wire, about 300 decoded, each: refused before it is decoded.
+        ("grpc_empty_inputs_1MB", grpc_window_sized(h2raw.grpc_message(b"\x2a\x00" * 499_000)), {"answered"}, 4),
+        ("grpc_unread_answers_x16", grpc_unread_answers(16), {"closed"}, 2),
     ]
 
 
