@@ -3,36 +3,55 @@
 //! either side: a tokio `Semaphore` takes its waiters' mutex on every release, and nothing here
 //! ever waits.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, Ordering};
 
 #[derive(Debug)]
 pub(crate) struct Budget {
-    free: AtomicUsize,
+    /// Below zero when more was taken with [`Budget::take_anyway`] than was free.
+    free: AtomicIsize,
+}
+
+fn signed(n: usize) -> isize {
+    isize::try_from(n).unwrap_or(isize::MAX)
 }
 
 impl Budget {
     pub(crate) fn new(total: usize) -> Budget {
         Budget {
-            free: AtomicUsize::new(total),
+            free: AtomicIsize::new(signed(total)),
         }
     }
 
     /// Takes `n`, or nothing when less than `n` is free.
     pub(crate) fn try_take(&self, n: usize) -> Option<Taken<'_>> {
+        let want = signed(n);
         self.free
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| f.checked_sub(n))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f >= want).then(|| f - want)
+            })
             .ok()
             .map(|_| Taken { budget: self, n })
     }
 
-    /// Gives back `n` taken earlier and kept past its guard ([`std::mem::forget`]).
-    pub(crate) fn give_back(&self, n: usize) {
-        self.free.fetch_add(n, Ordering::AcqRel);
+    /// Takes `n` whether or not it is free (for what is held already, which the count must
+    /// show): until as much is given back, nothing else can be taken.
+    pub(crate) fn take_anyway(&self, n: usize) {
+        let want = signed(n);
+        let _ = self
+            .free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                Some(f.saturating_sub(want))
+            });
     }
 
-    /// What is free now.
+    /// Gives back `n` taken earlier and kept past its guard ([`std::mem::forget`]).
+    pub(crate) fn give_back(&self, n: usize) {
+        self.free.fetch_add(signed(n), Ordering::AcqRel);
+    }
+
+    /// What is free now (nothing while more than the total is taken).
     pub(crate) fn free(&self) -> usize {
-        self.free.load(Ordering::Acquire)
+        usize::try_from(self.free.load(Ordering::Acquire)).unwrap_or(0)
     }
 }
 
@@ -59,7 +78,7 @@ impl Taken<'_> {
 
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
-        self.budget.free.fetch_add(self.n, Ordering::AcqRel);
+        self.budget.give_back(self.n);
     }
 }
 
@@ -76,6 +95,12 @@ mod tests {
         assert_eq!(b.free(), 0);
         assert!(!a.grow(1));
         drop(a);
+        assert_eq!(b.free(), 10);
+        // Taken past what is free: nothing is free until it is given back.
+        b.take_anyway(15);
+        assert_eq!(b.free(), 0);
+        assert!(b.try_take(1).is_none());
+        b.give_back(15);
         assert_eq!(b.free(), 10);
     }
 }

@@ -438,9 +438,12 @@ impl OwnedBodyMemory {
         }
     }
 
-    /// Takes `n` more bytes when the budget has them (true), else nothing (false).
-    pub fn try_take(&mut self, n: usize) -> bool {
-        self.take(n).is_ok()
+    /// Takes `n` more bytes whether or not the budget has them: bytes held already (an answer
+    /// made), which the budget must count, so that nothing else is taken until they are given
+    /// back.
+    pub fn take_anyway(&mut self, n: usize) {
+        self.app.body_memory.take_anyway(n);
+        self.held += n;
     }
 
     /// Gives back `n` of the bytes held (all of them when fewer are held).

@@ -9,11 +9,15 @@
 //! which request bodies count against as they arrive) from the moment they are handed over
 //! until as many bytes have been written to the socket: while clients leave answers unread,
 //! new request bodies are refused with UNAVAILABLE instead of more answers piling up. An answer
-//! is sent whether or not the budget had room for it (it is made already). And answer bytes
+//! is counted and sent whether or not the budget had room for it (it is made already: the
+//! budget can go below zero). And answer bytes
 //! not written within `server.write_timeout` of being handed over close their connection (its
 //! calls and buffers dropped), as the REST port closes a connection whose client stopped
-//! reading. A deadline on the bytes, not on any write: the server's own pings, and the answers
-//! to calls it refuses, are writes a client could otherwise keep the connection alive with.
+//! reading. A deadline on the bytes, not on any write, and only the payload of DATA frames
+//! counts as written (the socket's bytes are read as the frames they are): PING acks, the
+//! server's own pings, settings and the answers to calls it refuses are writes a client can
+//! make the server send at will, and a review kept 256 MiB of unread answers for minutes by
+//! flooding PINGs while they counted.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -33,14 +37,12 @@ pub(crate) struct Outbox(Arc<Mutex<State>>);
 struct State {
     /// Answer bytes handed over since the connection began.
     handed: u64,
-    /// Bytes written to the socket while answer bytes were owed, so never more than
-    /// `handed` (frame headers, pings and settings count too: the count errs toward the
-    /// client, by a few bytes a frame).
+    /// DATA payload bytes written to the socket (never more than `handed`).
     written: u64,
     /// When the answer bytes up to each offset of `handed` were handed over, oldest first;
     /// those written are dropped (hand-overs within a tenth of a second share an entry).
     marks: VecDeque<(u64, Instant)>,
-    /// The part of what is owed (`handed - written`) taken from the budget.
+    /// What is owed (`handed - written`), taken from the budget.
     memory: OwnedBodyMemory,
 }
 
@@ -77,15 +79,15 @@ impl Outbox {
             Some((offset, at)) if now.duration_since(*at) < MARK_EVERY => *offset = handed,
             _ => s.marks.push_back((handed, now)),
         }
-        // Taken when the budget has room; the answer goes out either way.
-        s.memory.try_take(n);
+        // Counted whether or not the budget has room: the answer is made, and goes out either
+        // way; until it is written, new messages wait for room.
+        s.memory.take_anyway(n);
     }
 
-    /// `n` bytes were written to the socket.
-    fn written(&self, n: usize) {
+    /// `n` bytes of DATA frames' payload were written to the socket.
+    fn written(&self, n: u64) {
         let mut s = self.state();
-        // Bytes written while nothing is owed are no credit against later answers.
-        s.written = s.written.saturating_add(n as u64).min(s.handed);
+        s.written = s.written.saturating_add(n).min(s.handed);
         let written = s.written;
         while s
             .marks
@@ -115,7 +117,54 @@ impl Outbox {
         Counted {
             io,
             outbox: self.clone(),
+            frames: FrameWalk::default(),
         }
+    }
+}
+
+/// The HTTP/2 frames of what the server writes, followed through the bytes as they are taken
+/// by the socket (a server's output is frames from its first byte: SETTINGS, no preface), to
+/// count the DATA frames' payload.
+#[derive(Default)]
+struct FrameWalk {
+    /// The next frame's header, as much of it as has been written.
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame not yet written; 0 between frames.
+    left: usize,
+    data: bool,
+}
+
+/// HTTP/2's DATA frame type.
+const DATA: u8 = 0;
+
+impl FrameWalk {
+    /// Follows `bytes`, the next ones written; returns the DATA payload bytes among them.
+    fn walk(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut payload = 0u64;
+        while !bytes.is_empty() {
+            if self.left == 0 {
+                let n = (9 - self.have).min(bytes.len());
+                self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+                self.have += n;
+                bytes = &bytes[n..];
+                if self.have == 9 {
+                    self.have = 0;
+                    let h = &self.head;
+                    self.left =
+                        usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                    self.data = h[3] == DATA;
+                }
+            } else {
+                let n = self.left.min(bytes.len());
+                if self.data {
+                    payload += n as u64;
+                }
+                self.left -= n;
+                bytes = &bytes[n..];
+            }
+        }
+        payload
     }
 }
 
@@ -123,14 +172,23 @@ impl Outbox {
 pub(crate) struct Counted<T> {
     io: T,
     outbox: Outbox,
+    frames: FrameWalk,
 }
 
 impl<T> Counted<T> {
-    fn count(&self, written: &Poll<std::io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = written {
-            if *n > 0 {
-                self.outbox.written(*n);
+    /// Counts the first `n` bytes of `bufs`, which the socket took.
+    fn count<'b>(&mut self, bufs: impl IntoIterator<Item = &'b [u8]>, mut n: usize) {
+        let mut payload = 0;
+        for b in bufs {
+            if n == 0 {
+                break;
             }
+            let taken = &b[..n.min(b.len())];
+            payload += self.frames.walk(taken);
+            n -= taken.len();
+        }
+        if payload > 0 {
+            self.outbox.written(payload);
         }
     }
 }
@@ -152,7 +210,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.count(&written);
+        if let Poll::Ready(Ok(n)) = written {
+            self.count([buf], n);
+        }
         written
     }
 
@@ -162,7 +222,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.count(&written);
+        if let Poll::Ready(Ok(n)) = written {
+            self.count(bufs.iter().map(|b| &b[..]), n);
+        }
         written
     }
 
@@ -193,6 +255,38 @@ mod tests {
         Arc::new(AppState::loading(metrics, &server, 1, Vec::new()))
     }
 
+    /// An HTTP/2 frame of `kind` with `len` bytes of payload.
+    fn frame(kind: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.resize(9 + len, 7);
+        f
+    }
+
+    #[test]
+    fn only_data_payload_counts_however_the_writes_cut_the_frames() {
+        let mut bytes = frame(4, 0); // SETTINGS
+        bytes.extend(frame(6, 8)); // PING
+        bytes.extend(frame(DATA, 300));
+        bytes.extend(frame(1, 40)); // HEADERS (trailers)
+        bytes.extend(frame(DATA, 0));
+        bytes.extend(frame(DATA, 5));
+        for cut in [1, 3, 9, 10, 17, 100, 330, bytes.len()] {
+            let mut walk = FrameWalk::default();
+            let counted: u64 = bytes.chunks(cut).map(|c| walk.walk(c)).sum();
+            assert_eq!(counted, 305, "writes of {cut} bytes");
+        }
+    }
+
     #[tokio::test]
     async fn answers_hold_the_budget_until_written_and_a_stall_is_timed() {
         let app = app(1000);
@@ -201,21 +295,28 @@ mod tests {
         assert_eq!(outbox.oldest_owed(), None);
         outbox.handed(600);
         assert_eq!(free(), 400);
-        // Over what is free: sent anyway, held outside the budget.
+        // Over what is free: counted anyway, nothing free until it is written.
         outbox.handed(600);
-        assert_eq!(free(), 400);
-        assert!(outbox.oldest_owed().is_some());
+        assert_eq!(free(), 0);
         let (client, mut server) = tokio::io::duplex(64 * 1024);
         let mut socket = outbox.socket(client);
-        socket.write_all(&[0; 700]).await.unwrap();
-        // 500 owed, all of it outside the budget's 600: 100 of those given back. Written
-        // bytes short of the last answer's end leave it owed, from when it was handed over.
+        // Frames that are not DATA are no progress, however many.
+        for _ in 0..100 {
+            socket.write_all(&frame(6, 8)).await.unwrap();
+        }
+        assert_eq!(free(), 0);
+        assert!(outbox.oldest_owed().is_some());
+        socket.write_all(&frame(DATA, 700)).await.unwrap();
+        // 500 owed and counted. Written bytes short of the last answer's end leave it owed,
+        // from when it was handed over.
         assert_eq!(free(), 500);
         assert!(outbox.oldest_owed().is_some());
-        socket.write_all(&[0; 500]).await.unwrap();
+        let last = frame(DATA, 500);
+        socket.write_all(&last[..4]).await.unwrap();
+        socket.write_all(&last[4..]).await.unwrap();
         assert_eq!(free(), 1000);
         assert_eq!(outbox.oldest_owed(), None);
-        let mut read = vec![0; 1200];
+        let mut read = vec![0; 100 * 17 + 709 + 509];
         tokio::io::AsyncReadExt::read_exact(&mut server, &mut read)
             .await
             .unwrap();
