@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 pub(crate) struct Budget {
     /// Below zero when more was taken with [`Budget::take_anyway`] than was free.
     free: AtomicIsize,
+    /// What `new` was given (at most `isize::MAX`).
+    total: isize,
 }
 
 fn signed(n: usize) -> isize {
@@ -19,6 +21,7 @@ impl Budget {
     pub(crate) fn new(total: usize) -> Budget {
         Budget {
             free: AtomicIsize::new(signed(total)),
+            total: signed(total),
         }
     }
 
@@ -52,6 +55,12 @@ impl Budget {
     /// What is free now (nothing while more than the total is taken).
     pub(crate) fn free(&self) -> usize {
         usize::try_from(self.free.load(Ordering::Acquire)).unwrap_or(0)
+    }
+
+    /// What is taken now (more than the total after [`Budget::take_anyway`]).
+    pub(crate) fn taken(&self) -> usize {
+        let free = self.free.load(Ordering::Acquire);
+        usize::try_from(self.total.saturating_sub(free)).unwrap_or(0)
     }
 }
 
@@ -96,9 +105,16 @@ mod tests {
         assert!(!a.grow(1));
         drop(a);
         assert_eq!(b.free(), 10);
+        assert_eq!(b.taken(), 0);
+        let huge = Budget::new(usize::MAX);
+        let held = huge.try_take(7).expect("7 of all");
+        assert_eq!(huge.taken(), 7);
+        drop(held);
+        assert_eq!(huge.taken(), 0);
         // Taken past what is free: nothing is free until it is given back.
         b.take_anyway(15);
         assert_eq!(b.free(), 0);
+        assert_eq!(b.taken(), 15);
         assert!(b.try_take(1).is_none());
         b.give_back(15);
         assert_eq!(b.free(), 10);

@@ -307,7 +307,7 @@ impl ModelHandle {
 
     /// Rows admitted and not yet answered: queued, or in a batch on a device.
     pub(crate) fn outstanding_rows(&self) -> usize {
-        usize::MAX - self.0.rows.free()
+        self.0.rows.taken()
     }
 
     /// The most rows one request may have: its batches must fit the queue at once. A model that
