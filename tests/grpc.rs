@@ -268,8 +268,9 @@ async fn inference_matches_rest_bit_for_bit() {
     let server = Running::start(MODELS).await;
     let mut c = server.client().await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(29);
-    // Eight CNN rows are a 384 KiB message: decoded (and its typed contents converted) on the
-    // preprocessing pool, not in the connection's task (ortserve_core::app::BACKGROUND_BYTES).
+    // Eight CNN rows are a 384 KiB message: with typed contents heavy to decode, so decoded
+    // (and converted) on the preprocessing pool; with raw contents light, so decoded in the
+    // connection's task (grpc's census.rs, `check_within`).
     for (model, shape) in [
         ("mlp", vec![3, 4]),
         ("cnn", vec![2, 3, 64, 64]),

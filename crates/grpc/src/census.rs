@@ -28,14 +28,43 @@ pub(crate) enum Refused {
     Malformed(&'static str),
     /// Valid, but over one of the limits above, or typed values over the limit given.
     Over(CallError),
+    /// More to walk than the work it was given ([`check_within`]).
+    Heavy,
 }
 
 /// Counts `message` (a `ModelInferRequest` on the wire); `typed_limit` is the most bytes its
 /// typed `contents` may decode to.
 pub(crate) fn check(message: &[u8], typed_limit: usize) -> Result<(), Refused> {
-    let mut n = Counts::default();
+    walk(message, typed_limit, usize::MAX)
+}
+
+/// What one field costs against [`check_within`]'s work, in bytes of packed values.
+const FIELD_WORK: usize = 32;
+
+/// [`check`], unless the message holds more than `work` to walk (a field counts
+/// [`FIELD_WORK`], a byte of packed typed values one): `Ok(false)` then, with the message not
+/// yet checked. Decoding costs about what walking does, so a message that passes within `work`
+/// is light to decode too, however large its raw contents (prost takes them as slices).
+pub(crate) fn check_within(
+    message: &[u8],
+    typed_limit: usize,
+    work: usize,
+) -> Result<bool, Refused> {
+    match walk(message, typed_limit, work) {
+        Ok(()) => Ok(true),
+        Err(Refused::Heavy) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn walk(message: &[u8], typed_limit: usize, work: usize) -> Result<(), Refused> {
+    let mut n = Counts {
+        work,
+        ..Counts::default()
+    };
     let mut r = Reader(message);
     while let Some((field, wire)) = r.key()? {
+        n.spend(FIELD_WORK)?;
         match (field, wire) {
             (4, LEN) => {
                 r.bytes()?;
@@ -72,6 +101,8 @@ const I32: u8 = 5;
 
 #[derive(Default)]
 struct Counts {
+    /// Work left to walk with (see [`check_within`]).
+    work: usize,
     inputs: usize,
     outputs: usize,
     raw: usize,
@@ -80,6 +111,11 @@ struct Counts {
 }
 
 impl Counts {
+    fn spend(&mut self, work: usize) -> Result<(), Refused> {
+        self.work = self.work.checked_sub(work).ok_or(Refused::Heavy)?;
+        Ok(())
+    }
+
     fn tensor(
         &mut self,
         what: &str,
@@ -111,8 +147,13 @@ fn input(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
     let mut r = Reader(message);
     let mut dims = 0usize;
     while let Some((field, wire)) = r.key()? {
+        n.spend(FIELD_WORK)?;
         match (field, wire) {
-            (3, LEN) => dims += varints(r.bytes()?)?,
+            (3, LEN) => {
+                let packed = r.bytes()?;
+                n.spend(packed.len())?;
+                dims += varints(packed)?;
+            }
             (3, VARINT) => {
                 r.varint()?;
                 dims += 1;
@@ -137,6 +178,7 @@ fn input(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
 fn output(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
     let mut r = Reader(message);
     while let Some((field, wire)) = r.key()? {
+        n.spend(FIELD_WORK)?;
         if (field, wire) == (2, LEN) {
             r.bytes()?;
             n.parameter()?;
@@ -151,6 +193,7 @@ fn output(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
 fn contents(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
     let mut r = Reader(message);
     while let Some((field, wire)) = r.key()? {
+        n.spend(FIELD_WORK)?;
         // bool 1 byte decoded; int32 and uint32 4 (varints); int64 and uint64 8 (varints);
         // float 4 (fixed); double 8 (fixed).
         let width: u64 = match field {
@@ -168,9 +211,15 @@ fn contents(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
             }
         };
         let values = match (field, wire) {
-            (6, LEN) => fixed(r.bytes()?, 4)?,
-            (7, LEN) => fixed(r.bytes()?, 8)?,
-            (_, LEN) => varints(r.bytes()?)?,
+            (_, LEN) => {
+                let packed = r.bytes()?;
+                n.spend(packed.len())?;
+                match field {
+                    6 => fixed(packed, 4)?,
+                    7 => fixed(packed, 8)?,
+                    _ => varints(packed)?,
+                }
+            }
             (6, I32) | (7, I64) | (1..=5, VARINT) => {
                 r.skip(wire)?;
                 1
@@ -366,6 +415,40 @@ mod tests {
             assert_eq!(check(&m, decoded), Ok(()), "{c:?}");
             assert!(matches!(check(&m, decoded - 1), Err(Refused::Over(_))));
         }
+    }
+
+    #[test]
+    fn a_message_light_to_walk_is_checked_within_its_work_whatever_its_raw_bytes() {
+        let raw = ModelInferRequest {
+            model_name: "cnn".into(),
+            inputs: vec![tensor(vec![8, 3, 64, 64], None)],
+            raw_input_contents: vec![bytes::Bytes::from(vec![0u8; 8 * 12288 * 4])],
+            ..Default::default()
+        };
+        assert_eq!(check_within(&raw.encode_to_vec(), 0, 4096), Ok(true));
+        // Packed values count their bytes; fields count FIELD_WORK each.
+        let typed = ModelInferRequest {
+            inputs: vec![tensor(
+                vec![1024],
+                Some(InferTensorContents {
+                    fp32_contents: vec![1.0; 1024],
+                    ..Default::default()
+                }),
+            )],
+            ..Default::default()
+        };
+        let wire = typed.encode_to_vec();
+        assert_eq!(check_within(&wire, 1 << 20, 4096), Ok(false));
+        assert_eq!(check_within(&wire, 1 << 20, 8192), Ok(true));
+        let unknown = [0x78, 0x01].repeat(1000); // field 15, varint 1
+        assert_eq!(check_within(&unknown, 0, 1000 * FIELD_WORK - 1), Ok(false));
+        assert_eq!(check_within(&unknown, 0, 1000 * FIELD_WORK), Ok(true));
+        // A refusal found within the work is a refusal.
+        let empties = [0x2a, 0x00].repeat(MAX_TENSORS + 1);
+        assert!(matches!(
+            check_within(&empties, 0, usize::MAX / 2),
+            Err(Refused::Over(_))
+        ));
     }
 
     #[test]

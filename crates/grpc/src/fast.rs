@@ -18,10 +18,11 @@ use prost::Message;
 use tonic::body::Body;
 use tonic::Status;
 
-use crate::census::Refused;
+use crate::census::{self, Refused};
 use crate::proto::inference::ModelInferRequest;
 use crate::service::Inference;
 use crate::status::status_of;
+use ortserve_core::app::BACKGROUND_BYTES;
 
 /// The path of the call this serves.
 pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
@@ -111,15 +112,22 @@ async fn answer(
         Err(status) => return inference.refuse(headers, status).into_http(),
     };
     let typed_limit = max_message.saturating_mul(TYPED_GROWTH);
-    // A call runs in its connection's task (`streams.rs`): decoding a large message there held
+    // A call runs in its connection's task (`streams.rs`): decoding a heavy message there held
     // up the connection's other calls and PINGs, and in a task of its own it held up a tokio
-    // worker's other connections (docs/BENCHMARKS.md). Large messages are counted, decoded and
-    // their typed contents converted on the preprocessing pool, as REST decodes a large body;
-    // a call waits for a slot there until its deadline.
-    let (request, converted) = if message.len() < ortserve_core::app::BACKGROUND_BYTES {
-        match decode(message, typed_limit) {
+    // worker's other connections (docs/BENCHMARKS.md). A message is heavy when walking it
+    // (`census.rs`) takes more than `BACKGROUND_BYTES` of work: many fields, or many typed
+    // values; raw contents, however large, are slices and cost nothing to decode (as REST's
+    // binary tail is not parsed). Heavy messages are counted, decoded and their typed contents
+    // converted on the preprocessing pool, as REST parses a large JSON body; a call waits for a
+    // slot there until its deadline.
+    let light = match census::check_within(&message, typed_limit, BACKGROUND_BYTES) {
+        Ok(light) => light,
+        Err(refused) => return inference.refuse(headers, refusal(refused)).into_http(),
+    };
+    let (request, converted) = if light {
+        match ModelInferRequest::decode(message) {
             Ok(request) => (request, None),
-            Err(status) => return inference.refuse(headers, status).into_http(),
+            Err(e) => return inference.refuse(headers, undecodable(e)).into_http(),
         }
     } else {
         let deadline = inference.deadline(headers);
@@ -170,18 +178,25 @@ async fn answer(
 /// The message, counted first (`census.rs`) so that decoding it allocates in proportion to
 /// what arrived, then decoded.
 fn decode(message: Bytes, typed_limit: usize) -> Result<ModelInferRequest, Status> {
-    match crate::census::check(&message, typed_limit) {
-        Ok(()) => {}
-        Err(Refused::Over(e)) => return Err(status_of(&e)),
-        Err(Refused::Malformed(what)) => {
-            return Err(Status::internal(format!(
-                "failed to decode Protobuf message: {what}"
-            )))
+    census::check(&message, typed_limit).map_err(refusal)?;
+    ModelInferRequest::decode(message).map_err(undecodable)
+}
+
+/// The status of a message refused before it was decoded.
+fn refusal(refused: Refused) -> Status {
+    match refused {
+        Refused::Over(e) => status_of(&e),
+        Refused::Malformed(what) => {
+            Status::internal(format!("failed to decode Protobuf message: {what}"))
         }
+        // `check` has all the work it needs; `check_within`'s caller decides on the pool.
+        Refused::Heavy => Status::internal("the message could not be checked"),
     }
-    ModelInferRequest::decode(message)
-        // prost's error says "failed to decode Protobuf message: ..." itself.
-        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// prost's error says "failed to decode Protobuf message: ..." itself.
+fn undecodable(e: prost::DecodeError) -> Status {
+    Status::internal(e.to_string())
 }
 
 fn ok_trailers() -> http::HeaderMap {

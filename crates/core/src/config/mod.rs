@@ -498,9 +498,9 @@ pub struct RuntimeConfig {
     /// CPU that HTTP threads and other sessions need under load (docs/BENCHMARKS.md).
     #[serde(default)]
     pub cpu_spinning: bool,
-    /// Threads decoding and resizing uploaded images (and, at a lower priority, request bodies
-    /// and gRPC messages of 256 KiB or more); `auto`: the cores the CPU sessions leave free, at
-    /// least 1.
+    /// Threads decoding and resizing uploaded images (and, at a lower priority, JSON bodies of
+    /// 256 KiB or more and gRPC messages heavy to decode); `auto`: the cores the CPU sessions
+    /// leave free, at least 1.
     #[serde(default)]
     pub preprocess_threads: Threads,
     /// `ORT_DYLIB_PATH` from the environment, which wins over every other place.
