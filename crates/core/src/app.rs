@@ -125,11 +125,11 @@ pub struct ImagePrediction {
     pub output: Option<(String, Tensor)>,
 }
 
-/// Request bodies (REST) and messages (gRPC) from this size on are decoded on the preprocessing
-/// pool's low-priority threads ([`AppState::in_background`]), not on an async worker, where
-/// decoding holds up what else that worker serves (a connection's other calls, the probes). At
-/// about 70 ms for 15 MiB of typed gRPC contents, 256 KiB is about a millisecond; the fixtures'
-/// one-row calls (48 KiB and less) stay inline.
+/// JSON request bodies (REST) from this size on, and gRPC messages with this much to walk (their
+/// fields and typed values, not their raw tensor bytes), are decoded on the preprocessing pool's
+/// low-priority threads ([`AppState::in_background`]), not on an async worker, where decoding
+/// holds up what else that worker serves (a connection's other calls, the probes). At about
+/// 70 ms for 15 MiB of typed gRPC contents, 256 KiB is about a millisecond.
 pub const BACKGROUND_BYTES: usize = 256 * 1024;
 
 /// The running server's shared state: the models (a [`Registry`]), metrics, limits, the image

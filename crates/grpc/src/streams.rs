@@ -22,8 +22,8 @@
 //! rows/s, whose four connections interleave; docs/BENCHMARKS.md).
 //!
 //! What a call does synchronously holds up the connection's other calls and frames: a message
-//! of `ortserve_core::app::BACKGROUND_BYTES` or more is decoded on the server's preprocessing pool
-//! (`fast.rs`). A call that panics, polled or dropped, is dropped and logged, and the
+//! with more than `ortserve_core::app::BACKGROUND_BYTES` of fields and typed values to decode is
+//! decoded on the server's preprocessing pool (`fast.rs`). A call that panics, polled or dropped, is dropped and logged, and the
 //! connection's other calls go on. Calls handed over after the connection ended are dropped at
 //! once: each holds a copy of the executor, and a call left queued would keep it, the queue and
 //! itself alive.
