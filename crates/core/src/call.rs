@@ -405,11 +405,17 @@ impl<'a> BodyMemory<'a> {
         if taken {
             Ok(())
         } else {
-            Err(CallError::Unavailable(
-                "the server is holding as many request and answer bytes as it may (max_body_memory); retry".into(),
-            ))
+            Err(body_memory_full())
         }
     }
+}
+
+/// The answer when `max_body_memory` is held already: 503 (unavailable), load shed at once.
+fn body_memory_full() -> CallError {
+    CallError::Unavailable(
+        "the server is holding as many request and answer bytes as it may (max_body_memory); retry"
+            .into(),
+    )
 }
 
 /// [`BodyMemory`] that owns its hold on the state, for a body that outlives any borrow (one a
@@ -432,9 +438,7 @@ impl OwnedBodyMemory {
                 self.held += n;
                 Ok(())
             }
-            None => Err(CallError::Unavailable(
-                "the server is holding as many request and answer bytes as it may (max_body_memory); retry".into(),
-            )),
+            None => Err(body_memory_full()),
         }
     }
 
