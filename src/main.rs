@@ -257,7 +257,8 @@ fn tune(
         })
     };
     if let Some(path) = json {
-        // What `tuning.results_file` reads back: every probed or cached result with its key.
+        // What `tuning.results_file` reads back: every probed or cached result with its key
+        // (and, inside a result opened with one thread fewer, the one that decided it).
         let shared: Vec<ortserve::tuning::SharedResult> = all
             .iter()
             .filter_map(|(model, r)| {

@@ -350,7 +350,9 @@ fn open_and_tune(
         let cores = cores_for(&plan, std::slice::from_ref(&plan), threads);
         drop(runner);
         tracing::info!(model = %m.name, device = %name, "{why}");
+        let first = result;
         (runner, result) = open_tuned(&m, &plan, &name, runtime_version, &runtime, cores, &served)?;
+        result.earlier = Some(Box::new(first));
         // A reload that takes the served version's result has its reason already begun so.
         let rest = match result.reason.split_once("; ") {
             Some((head, rest)) if head.contains("intra-op thread(s), not") => rest.to_string(),

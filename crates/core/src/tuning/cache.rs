@@ -200,10 +200,27 @@ pub(super) fn shared(path: &Path, key: &str) -> Shared {
         Err(e) => return Shared::Unreadable(e.to_string()),
     };
     match serde_json::from_str::<Vec<SharedResult>>(&text) {
-        Ok(all) => match all.iter().find(|r| r.key == key) {
-            Some(r) => Shared::Found(r.result.clone()),
-            None => Shared::NoMatch { entries: all.len() },
-        },
+        Ok(all) => {
+            // A result, or the one with every thread inside a result opened with one fewer.
+            let found = all
+                .iter()
+                .flat_map(|r| {
+                    let earlier = r.result.earlier.as_deref();
+                    [
+                        (r.key == key).then_some(&r.result),
+                        earlier.filter(|e| e.key.as_deref() == Some(key)),
+                    ]
+                })
+                .flatten()
+                .next();
+            match found {
+                Some(r) => Shared::Found(DeviceTuning {
+                    earlier: None,
+                    ..r.clone()
+                }),
+                None => Shared::NoMatch { entries: all.len() },
+            }
+        }
         Err(e) => Shared::Unreadable(format!("not the output of `ortserve tune --json`: {e}")),
     }
 }
@@ -285,6 +302,7 @@ mod tests {
             prefer: Some(Prefer::Smaller),
             key: None,
             warmup: Vec::new(),
+            earlier: None,
         }
     }
 
@@ -412,6 +430,35 @@ mod tests {
         std::fs::write(&shared_file, entry.to_string()).unwrap();
         assert!(matches!(
             shared(&shared_file, &key),
+            Shared::NoMatch { entries: 1 }
+        ));
+    }
+
+    /// A result opened with one thread fewer carries the result with every thread that decided
+    /// it (`earlier`): `tuning.results_file` answers that key too, so a start that looks it up
+    /// first does not probe (the CI run of f1a6fc8 did, and served another size).
+    #[test]
+    fn the_shared_file_answers_the_result_that_decided_one_thread_fewer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut first = result(4);
+        first.key = Some("threads=2".into());
+        let mut last = result(2);
+        last.key = Some("threads=1".into());
+        last.earlier = Some(Box::new(first));
+        let file = tmp.path().join("results.json");
+        let entry = serde_json::json!([{"model": "m", "key": "threads=1", "result": last}]);
+        std::fs::write(&file, entry.to_string()).unwrap();
+        for (key, chosen) in [("threads=2", 4), ("threads=1", 2)] {
+            match shared(&file, key) {
+                Shared::Found(hit) => {
+                    assert_eq!(hit.chosen, chosen, "{key}");
+                    assert!(hit.earlier.is_none(), "{key}");
+                }
+                _ => panic!("{key} not found"),
+            }
+        }
+        assert!(matches!(
+            shared(&file, "threads=3"),
             Shared::NoMatch { entries: 1 }
         ));
     }

@@ -83,6 +83,12 @@ pub struct DeviceTuning {
     /// With `batching.buckets`: the sizes the device runs, each run once before readiness.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warmup: Vec<Warmup>,
+    /// Under `runtime.cpu_threads: auto`, when this session was opened again with one thread
+    /// fewer: the result with every core's threads that decided it. `ortserve tune --json`
+    /// writes it as a result of its own, so a start that reads the file finds its first key
+    /// there and decides the same without probing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earlier: Option<Box<DeviceTuning>>,
 }
 
 impl DeviceTuning {
@@ -109,6 +115,7 @@ impl DeviceTuning {
             prefer: None,
             key: None,
             warmup: Vec::new(),
+            earlier: None,
         }
     }
 }
@@ -558,6 +565,7 @@ pub(crate) fn tune_device(
         prefer: Some(sweep.prefer),
         key: key.clone(),
         warmup: Vec::new(),
+        earlier: None,
     };
     if let Some(k) = &key {
         if let Err(e) = cache::store(req.config, k, &result) {
