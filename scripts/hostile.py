@@ -348,10 +348,10 @@ def slow_class(count, head, drip):
 # requests are checked by tests/grpc.rs; here the questions are survival, memory and latency.
 
 
-def grpc_one(message, wait=10):
-    """One ModelInfer stream with `message` (the gRPC-framed body, under the server's 1 MiB
-    windows) in 16 KiB DATA frames: "answered" when the server ends the stream, "closed" when it
-    closes the connection, "hung" when neither in `wait` s."""
+def grpc_one(message, wait=10, path=h2raw.INFER):
+    """One stream to `path` (ModelInfer unless told) with `message` (the gRPC-framed body, under
+    the server's 1 MiB windows) in 16 KiB DATA frames: "answered" when the server ends the
+    stream, "closed" when it closes the connection, "hung" when neither in `wait` s."""
     def run(port, p):
         try:
             c = h2raw.H2(p.grpc_port)
@@ -360,7 +360,7 @@ def grpc_one(message, wait=10):
         try:
             if len(message) > 65535:
                 c.frames(0.1)  # past the protocol's first window: the server's larger one first
-            sid = c.open(h2raw.grpc_headers(h2raw.INFER))
+            sid = c.open(h2raw.grpc_headers(path))
             chunks = [message[i:i + 16384] for i in range(0, len(message), 16384)] or [b""]
             c.send(*[h2raw.frame(h2raw.DATA, h2raw.END_STREAM if i == len(chunks) - 1 else 0, sid, ch)
                      for i, ch in enumerate(chunks)])
@@ -557,6 +557,18 @@ def grpc_unread_answers(streams=16):
 # ---------------------------------------------------------------- the classes
 
 
+REPOSITORY_LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
+
+
+def repository_parameters(size):
+    """A RepositoryModelLoadRequest for `mlp` whose `parameters` map (field 3) has distinct
+    4-byte keys and no values, about `size` bytes on the wire."""
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    key = lambda i: bytes(alphabet[(i >> s) & 63] for s in (18, 12, 6, 0))  # UTF-8, distinct
+    head = b"\x12\x03mlp"
+    return head + b"".join(b"\x1a\x06\x0a\x04" + key(i) for i in range(size // 8))
+
+
 def classes(p):
     chelsea = open(os.path.join(ROOT, ".ortserve", "data", "chelsea.png"), "rb").read()
     strip = png(100000, 1)                 # 1 x 100000: resize_shorter would make 256 x 25.6M
@@ -629,6 +641,10 @@ def classes(p):
         # 2 bytes on the wire, about 300 decoded, each: refused before it is decoded.
         ("grpc_empty_inputs_1MB", grpc_one(h2raw.grpc_message(b"\x2a\x00" * 499_000)), {"answered"}, 4),
         ("grpc_unread_answers_x16", grpc_unread_answers(16), {"closed"}, 2),
+        # A map of 125,000 distinct keys, 8 bytes each on the wire, about 100 decoded (the
+        # message is kept under the server's window: grpc_one does not wait for WINDOW_UPDATE).
+        ("grpc_repository_parameters_1MB", grpc_one(h2raw.grpc_message(repository_parameters(1_000_000)),
+                                                    path=REPOSITORY_LOAD), {"answered"}, 4),
     ]
 
 

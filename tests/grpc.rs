@@ -933,6 +933,17 @@ async fn a_large_message_keeps_the_codes_of_a_small_one() {
 
 /// Sends `message` (any bytes) as a `ModelInfer` call's message and returns the status.
 async fn raw_call(server: &Running, message: Vec<u8>, token: Option<&str>) -> tonic::Status {
+    raw_call_to(server, "ModelInfer", message, token).await
+}
+
+/// Sends `message` (any bytes) as the message of a call to `rpc` of the inference service and
+/// returns the status.
+async fn raw_call_to(
+    server: &Running,
+    rpc: &str,
+    message: Vec<u8>,
+    token: Option<&str>,
+) -> tonic::Status {
     use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
     struct Raw;
     struct RawEncoder;
@@ -977,7 +988,7 @@ async fn raw_call(server: &Running, message: Vec<u8>, token: Option<&str>) -> to
         req.metadata_mut()
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
-    let path = "/inference.GRPCInferenceService/ModelInfer"
+    let path = format!("/inference.GRPCInferenceService/{rpc}")
         .parse()
         .unwrap();
     grpc.unary::<_, Vec<u8>, _>(req, path, Raw)
@@ -1137,5 +1148,109 @@ async fn hostile_messages_are_refused_before_decoding_and_recorded() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    server.shutdown().await;
+}
+
+/// The repository calls' `parameters` maps are counted before tonic decodes them: a 15 MB map
+/// of 1.9 million distinct keys decoded to about 100 bytes a key, on the connection's task, for
+/// 1-5 s a call, before the call was refused (four such calls took the server from 50 to 467
+/// MiB). Past 1,024 entries a call is now refused unread, recorded as the others are; up to
+/// 1,024 it is served as before. And what is not gRPC (`content-type`) gets HTTP 415, as the
+/// protocol asks, not a status 200 an HTTP client could take for success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_maps_are_counted_first_and_what_is_not_grpc_gets_415() {
+    let server = Running::start(MODELS).await;
+    let mut c = server.client().await;
+    let load = |entries: usize| RepositoryModelLoadRequest {
+        repository_name: String::new(),
+        model_name: "mlp".into(),
+        parameters: (0..entries)
+            .map(|i| (format!("k{i}"), ModelRepositoryParameter::default()))
+            .collect(),
+    };
+    // Served as before up to the limit: models are fixed at startup here.
+    let plain = c.repository_model_load(load(0)).await.unwrap_err();
+    let at_limit = c.repository_model_load(load(1024)).await.unwrap_err();
+    assert_eq!(plain.code(), Code::InvalidArgument, "{plain:?}");
+    assert_eq!(
+        (at_limit.code(), at_limit.message()),
+        (plain.code(), plain.message())
+    );
+    let before = server.state.render_metrics().await;
+    let over = c.repository_model_load(load(1025)).await.unwrap_err();
+    assert_eq!(over.code(), Code::InvalidArgument, "{over:?}");
+    assert!(
+        over.message().contains("more than 1024 parameters"),
+        "{over:?}"
+    );
+    assert!(over.metadata().get("x-request-id").is_some(), "{over:?}");
+    let e = c
+        .repository_model_unload(RepositoryModelUnloadRequest {
+            repository_name: String::new(),
+            model_name: "mlp".into(),
+            parameters: load(1025).parameters,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("more than 1024 parameters"), "{e:?}");
+    let e = raw_call_to(&server, "RepositoryModelLoad", vec![0xff; 64], None).await;
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(e.message().contains("decode"), "{e:?}");
+    let after = server.state.render_metrics().await;
+    let counted = |text: &str, route: &str| {
+        metric(
+            text,
+            "ortserve_requests_total",
+            &[
+                ("route", route),
+                ("protocol", "grpc"),
+                ("status", "INVALID_ARGUMENT"),
+            ],
+        )
+    };
+    for route in ["RepositoryModelLoad", "RepositoryModelUnload"] {
+        assert_eq!(
+            counted(&after, route) - counted(&before, route),
+            1.0,
+            "{route}: {after}"
+        );
+    }
+
+    // Not gRPC: HTTP 415 with INTERNAL, on every path; gRPC with a subtype is served.
+    let channel = Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (path, content_type, want) in [
+        ("ModelInfer", Some("application/json"), 415),
+        ("ModelInfer", None, 415),
+        ("ServerLive", Some("text/plain"), 415),
+        ("ServerLive", Some("application/grpcx"), 415),
+        ("ServerLive", Some("application/grpc+proto"), 200),
+        ("ServerLive", Some("Application/gRPC"), 200),
+    ] {
+        let mut req = Request::post(format!("/inference.GRPCInferenceService/{path}"))
+            .header("te", "trailers");
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let req = req
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"\0\0\0\0\0"),
+            )))
+            .unwrap();
+        let answer = tower::ServiceExt::oneshot(channel.clone(), req)
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), want, "{path} {content_type:?}");
+        if want == 415 {
+            assert_eq!(
+                answer.headers()["grpc-status"],
+                "13",
+                "{path} {content_type:?}"
+            );
+        }
+    }
     server.shutdown().await;
 }

@@ -94,6 +94,26 @@ fn walk(message: &[u8], typed_limit: usize, work: usize) -> Result<(), Refused> 
     Ok(())
 }
 
+/// Counts a `RepositoryModelLoadRequest` or `RepositoryModelUnloadRequest` on the wire: at
+/// most [`MAX_PARAMETERS`] entries in its `parameters` map (field 3). The rest (names, an
+/// entry's value) decodes to at most its own bytes.
+pub(crate) fn check_repository(message: &[u8]) -> Result<(), Refused> {
+    let mut n = Counts {
+        work: usize::MAX,
+        ..Counts::default()
+    };
+    let mut r = Reader(message);
+    while let Some((field, wire)) = r.key()? {
+        if (field, wire) == (3, LEN) {
+            r.bytes()?;
+            n.parameter()?;
+        } else {
+            r.skip(wire)?;
+        }
+    }
+    Ok(())
+}
+
 const VARINT: u8 = 0;
 const I64: u8 = 1;
 const LEN: u8 = 2;
@@ -448,6 +468,33 @@ mod tests {
         assert!(matches!(
             check_within(&empties, 0, usize::MAX / 2),
             Err(Refused::Over(_))
+        ));
+    }
+
+    #[test]
+    fn a_repository_call_is_refused_past_1024_parameters() {
+        use crate::proto::inference::{ModelRepositoryParameter, RepositoryModelLoadRequest};
+        let load = |entries: usize| RepositoryModelLoadRequest {
+            model_name: "mlp".into(),
+            parameters: (0..entries)
+                .map(|i| (format!("k{i}"), ModelRepositoryParameter::default()))
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_repository(&load(MAX_PARAMETERS).encode_to_vec()),
+            Ok(())
+        );
+        assert!(matches!(
+            check_repository(&load(MAX_PARAMETERS + 1).encode_to_vec()),
+            Err(Refused::Over(_))
+        ));
+        // Entries count as they come, repeated keys too (decoding would keep the last).
+        let same = [0x1a, 0x03, 0x0a, 0x01, b'k'].repeat(MAX_PARAMETERS + 1);
+        assert!(matches!(check_repository(&same), Err(Refused::Over(_))));
+        assert!(matches!(
+            check_repository(&[0x1a, 0x05, 0x0a]),
+            Err(Refused::Malformed(_))
         ));
     }
 

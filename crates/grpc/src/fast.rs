@@ -26,8 +26,23 @@ use ortserve_core::app::BACKGROUND_BYTES;
 
 /// The path of the call this serves.
 pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+const INFER: &str = "ModelInfer";
 
-/// Serves `ModelInfer` itself and hands every other request to the inner service.
+/// The calls whose messages are counted here before tonic decodes them (their `parameters`
+/// maps), by path, with their RPC names.
+const COUNTED_FIRST: [(&str, &str); 2] = [
+    (
+        "/inference.GRPCInferenceService/RepositoryModelLoad",
+        "RepositoryModelLoad",
+    ),
+    (
+        "/inference.GRPCInferenceService/RepositoryModelUnload",
+        "RepositoryModelUnload",
+    ),
+];
+
+/// Serves `ModelInfer` itself, counts the repository calls' messages before the inner service
+/// decodes them, refuses what is not gRPC, and hands every other request to the inner service.
 #[derive(Clone)]
 pub(crate) struct FastInferLayer {
     inference: Arc<Inference>,
@@ -66,7 +81,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 impl<S> tower::Service<http::Request<Body>> for FastInfer<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Send,
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -78,6 +95,23 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let path = req.uri().path();
+        let counted = COUNTED_FIRST
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|&(_, rpc)| rpc);
+        if !is_grpc(req.headers()) {
+            let rpc = if path == PATH { Some(INFER) } else { counted };
+            let answer = not_grpc(&self.inference, rpc, req.headers());
+            return Box::pin(std::future::ready(Ok(answer)));
+        }
+        if let Some(rpc) = counted {
+            // The inner service `poll_ready` readied goes with the call; a clone stays.
+            let inner = self.inner.clone();
+            let inner = std::mem::replace(&mut self.inner, inner);
+            let inference = self.inference.clone();
+            return Box::pin(counted_first(inner, inference, self.max_message, rpc, req));
+        }
         let plain = req
             .headers()
             .get("grpc-encoding")
@@ -104,12 +138,12 @@ async fn answer(
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
     // Nothing is read, counted or decoded for a client without a valid token.
-    if let Some(status) = inference.unauthorized(headers) {
+    if let Some(status) = inference.unauthorized(INFER, headers) {
         return status.into_http();
     }
     let message = match read_message(body, max_message).await {
         Ok(m) => m,
-        Err(status) => return inference.refuse(headers, status).into_http(),
+        Err(status) => return inference.refuse(INFER, headers, status).into_http(),
     };
     let typed_limit = max_message.saturating_mul(TYPED_GROWTH);
     // A call runs in its connection's task (`streams.rs`): decoding a heavy message there held
@@ -122,12 +156,16 @@ async fn answer(
     // slot there until its deadline.
     let light = match census::check_within(&message, typed_limit, BACKGROUND_BYTES) {
         Ok(light) => light,
-        Err(refused) => return inference.refuse(headers, refusal(refused)).into_http(),
+        Err(refused) => {
+            return inference
+                .refuse(INFER, headers, refusal(refused))
+                .into_http()
+        }
     };
     let (request, converted) = if light {
         match ModelInferRequest::decode(message) {
             Ok(request) => (request, None),
-            Err(e) => return inference.refuse(headers, undecodable(e)).into_http(),
+            Err(e) => return inference.refuse(INFER, headers, undecodable(e)).into_http(),
         }
     } else {
         let deadline = inference.deadline(headers);
@@ -139,10 +177,10 @@ async fn answer(
         });
         match job.await {
             Ok(Ok((request, converted))) => (request, Some(converted)),
-            Ok(Err(status)) => return inference.refuse(headers, status).into_http(),
+            Ok(Err(status)) => return inference.refuse(INFER, headers, status).into_http(),
             Err(waited) => {
                 return inference
-                    .refuse(headers, status_of(&waited.into()))
+                    .refuse(INFER, headers, status_of(&waited.into()))
                     .into_http()
             }
         }
@@ -173,6 +211,72 @@ async fn answer(
             resp
         }
     }
+}
+
+/// Whether a request says it is gRPC: `content-type: application/grpc`, or with a subtype
+/// (`+proto`) or parameters.
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .map(http::HeaderValue::as_bytes)
+        .filter(|v| v.len() >= GRPC.len() && v[..GRPC.len()].eq_ignore_ascii_case(GRPC))
+        .is_some_and(|v| matches!(v.get(GRPC.len()), None | Some(b'+' | b';')))
+}
+
+/// A request that is not gRPC, answered as the protocol asks (HTTP 415, so an HTTP client
+/// does not take the error's status 200 for success), with `INTERNAL` as grpc-go answers it;
+/// recorded when it names a call that needs a token.
+fn not_grpc(
+    inference: &Inference,
+    rpc: Option<&'static str>,
+    headers: &http::HeaderMap,
+) -> http::Response<Body> {
+    let status = Status::internal(
+        "the content-type is not application/grpc: this port serves gRPC only (REST is on \
+         server.http_addr)",
+    );
+    let status = match rpc {
+        Some(rpc) => inference.refuse(rpc, headers, status),
+        None => status,
+    };
+    let mut answer = status.into_http();
+    *answer.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    answer
+}
+
+/// A repository call: its token checked, then its message read and counted (`census.rs`: a
+/// `parameters` map of 1.9 million distinct keys in 15 MB decoded to about 100 bytes a key,
+/// on the connection's task, for 1-5 s each), then handed to tonic to decode and serve.
+async fn counted_first<S>(
+    inner: S,
+    inference: Arc<Inference>,
+    max_message: usize,
+    rpc: &'static str,
+    req: http::Request<Body>,
+) -> Result<http::Response<Body>, Infallible>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+{
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    if let Some(status) = inference.unauthorized(rpc, headers) {
+        return Ok(status.into_http());
+    }
+    let message = match read_message(body, max_message).await {
+        Ok(m) => m,
+        Err(status) => return Ok(inference.refuse(rpc, headers, status).into_http()),
+    };
+    if let Err(refused) = census::check_repository(&message) {
+        return Ok(inference.refuse(rpc, headers, refusal(refused)).into_http());
+    }
+    let mut framed = BytesMut::with_capacity(5 + message.len());
+    framed.put_u8(0);
+    framed.put_u32(message.len() as u32);
+    framed.extend_from_slice(&message);
+    let body = Body::new(Frames([Frame::data(framed.freeze())].into()));
+    let mut inner = inner;
+    inner.call(http::Request::from_parts(parts, body)).await
 }
 
 /// The message, counted first (`census.rs`) so that decoding it allocates in proportion to

@@ -59,7 +59,8 @@ pub(crate) fn timeout_header(headers: &http::HeaderMap) -> Result<Option<Duratio
     let bad = || CallError::InvalidInput("grpc-timeout is not a gRPC timeout (e.g. 500m)".into());
     let text = v.to_str().map_err(|_| bad())?;
     let (digits, unit) = text.split_at(text.len().saturating_sub(1));
-    if digits.is_empty() || digits.len() > 8 {
+    // Digits only: Rust's integer parser would take a sign (`+5S`).
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -270,18 +271,28 @@ impl Inference {
         &self.app
     }
 
-    /// With auth on, a call without a valid token, refused before its message is decoded
-    /// (answered and recorded as the others are); `None` when it may go on.
-    pub(crate) fn unauthorized(&self, headers: &http::HeaderMap) -> Option<Status> {
+    /// With auth on, a call to `rpc` without a valid token, refused before its message is
+    /// decoded (answered and recorded as the others are); `None` when it may go on.
+    pub(crate) fn unauthorized(
+        &self,
+        rpc: &'static str,
+        headers: &http::HeaderMap,
+    ) -> Option<Status> {
         call::authorize(&self.app, bearer(headers))
             .err()
-            .map(|e| self.refuse(headers, status_of(&e)))
+            .map(|e| self.refuse(rpc, headers, status_of(&e)))
     }
 
-    /// A `ModelInfer` call refused before its message was decoded, answered and recorded as
-    /// the others are (what `Rpc::begin` finds wrong, such as its token, first).
-    pub(crate) fn refuse(&self, headers: &http::HeaderMap, status: Status) -> Status {
-        let (rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
+    /// A call to `rpc` (one that needs a token) refused before its message was decoded,
+    /// answered and recorded as the others are (what `Rpc::begin` finds wrong, such as its
+    /// token, first).
+    pub(crate) fn refuse(
+        &self,
+        rpc: &'static str,
+        headers: &http::HeaderMap,
+        status: Status,
+    ) -> Status {
+        let (rpc, checked) = Rpc::begin(&self.app, rpc, headers, true);
         let status = checked.err().map_or(status, |e| status_of(&e));
         rpc.finish::<()>(Err(status))
             .expect_err("an error is answered as one")
@@ -623,7 +634,7 @@ mod tests {
         assert_eq!(with("3M").unwrap(), Some(Duration::from_secs(180)));
         assert_eq!(with("1H").unwrap(), Some(Duration::from_secs(3600)));
         assert_eq!(with("99n").unwrap(), Some(Duration::from_nanos(99)));
-        for bad in ["", "S", "123456789S", "5x", "-1S", "1.5S"] {
+        for bad in ["", "S", "123456789S", "5x", "-1S", "1.5S", "+5S", " 5S"] {
             assert!(with(bad).is_err(), "{bad:?}");
         }
         assert_eq!(timeout_header(MetadataMap::new().as_ref()).unwrap(), None);
