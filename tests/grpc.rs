@@ -724,6 +724,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 const H2_DATA: u8 = 0;
 const H2_HEADERS: u8 = 1;
+const H2_RST_STREAM: u8 = 3;
 const H2_SETTINGS: u8 = 4;
 const H2_GOAWAY: u8 = 7;
 
@@ -752,15 +753,23 @@ async fn h2_handshake(addr: SocketAddr) -> (tokio::net::TcpStream, Vec<u8>) {
 
 /// A gRPC call's header block to `path`, as HPACK literals (never indexed, no Huffman).
 fn grpc_call_headers(path: &str) -> Vec<u8> {
+    grpc_call_headers_with(path, &[])
+}
+
+/// [`grpc_call_headers`] with `extra` headers after the call's own.
+fn grpc_call_headers_with(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let mut block = Vec::new();
-    for (name, value) in [
+    for &(name, value) in [
         (":method", "POST"),
         (":scheme", "http"),
         (":path", path),
         (":authority", "127.0.0.1"),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
-    ] {
+    ]
+    .iter()
+    .chain(extra)
+    {
         block.push(0x10);
         block.push(name.len() as u8);
         block.extend_from_slice(name.as_bytes());
@@ -1216,7 +1225,8 @@ async fn repository_maps_are_counted_first_and_what_is_not_grpc_gets_415() {
         );
     }
 
-    // Not gRPC: HTTP 415 with INTERNAL, on every path; gRPC with a subtype is served.
+    // Not gRPC: HTTP 415 with INTERNAL, on every path, not counted as a call; gRPC as
+    // `+proto` and with any case is served.
     let channel = Channel::from_shared(format!("http://{}", server.grpc))
         .unwrap()
         .connect()
@@ -1227,8 +1237,10 @@ async fn repository_maps_are_counted_first_and_what_is_not_grpc_gets_415() {
         ("ModelInfer", None, 415),
         ("ServerLive", Some("text/plain"), 415),
         ("ServerLive", Some("application/grpcx"), 415),
+        ("ServerLive", Some("application/grpc+json"), 415),
+        ("ServerLive", Some("application/grpc-web"), 415),
         ("ServerLive", Some("application/grpc+proto"), 200),
-        ("ServerLive", Some("Application/gRPC"), 200),
+        ("ServerLive", Some("Application/gRPC; charset=utf-8"), 200),
     ] {
         let mut req = Request::post(format!("/inference.GRPCInferenceService/{path}"))
             .header("te", "trailers");
@@ -1252,5 +1264,111 @@ async fn repository_maps_are_counted_first_and_what_is_not_grpc_gets_415() {
             );
         }
     }
+    server.shutdown().await;
+}
+
+/// A repository call loads or unloads models, so it is served once its stream has ended with
+/// its one message: a call the client resets after sending its message is not served (tonic
+/// waited for the end too; the first version of the counted path did not). What its headers
+/// refuse (a malformed `grpc-timeout`) is answered before any of its message is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_call_is_served_once_whole_and_refused_early_by_its_headers() {
+    use tokio::io::AsyncWriteExt;
+    let server = Running::start(
+        "
+server: {drain_delay: 0s, model_control: explicit}
+models:
+  - {name: mlp, path: mlp.onnx, devices: cpu, batching: {max_batch_size: 8}}",
+    )
+    .await;
+    let mut c = server.client().await;
+    let ready = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.model_ready(ModelReadyRequest {
+                name: "mlp".into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+        }
+    };
+    assert!(ready(&mut c).await);
+    let unload = prost::Message::encode_to_vec(&RepositoryModelUnloadRequest {
+        repository_name: String::new(),
+        model_name: "mlp".into(),
+        parameters: Default::default(),
+    });
+    let mut message = vec![0];
+    message.extend_from_slice(&(unload.len() as u32).to_be_bytes());
+    message.extend_from_slice(&unload);
+    let path = "/inference.GRPCInferenceService/RepositoryModelUnload";
+
+    // The whole message, no END_STREAM, then a reset: not served.
+    let (mut s, _) = h2_handshake(server.grpc).await;
+    s.write_all(&h2_frame(H2_HEADERS, 0x4, 1, &grpc_call_headers(path)))
+        .await
+        .unwrap();
+    s.write_all(&h2_frame(H2_DATA, 0, 1, &message))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&h2_frame(H2_RST_STREAM, 0, 1, &8u32.to_be_bytes()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(ready(&mut c).await, "a reset unload call was served");
+
+    // A malformed grpc-timeout: the stream is ended before any message is sent.
+    let before = server.state.render_metrics().await;
+    let block = grpc_call_headers_with(path, &[("grpc-timeout", "+5S")]);
+    s.write_all(&h2_frame(H2_HEADERS, 0x4, 3, &block))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (kind, flags, stream, _) = read_h2_frame(&mut s).await.unwrap();
+            if kind == H2_HEADERS && stream == 3 && flags & 0x1 != 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "not answered before its message was sent");
+    let after = server.state.render_metrics().await;
+    let refused = |text: &str| {
+        metric(
+            text,
+            "ortserve_requests_total",
+            &[
+                ("route", "RepositoryModelUnload"),
+                ("protocol", "grpc"),
+                ("status", "INVALID_ARGUMENT"),
+            ],
+        )
+    };
+    assert_eq!(refused(&after) - refused(&before), 1.0, "{after}");
+    assert!(ready(&mut c).await);
+
+    // The same message with END_STREAM: served.
+    s.write_all(&h2_frame(H2_HEADERS, 0x4, 5, &grpc_call_headers(path)))
+        .await
+        .unwrap();
+    s.write_all(&h2_frame(H2_DATA, 0x1, 5, &message))
+        .await
+        .unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if !ready(&mut c).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(served.is_ok(), "a whole unload call was not served");
+    drop(s);
     server.shutdown().await;
 }

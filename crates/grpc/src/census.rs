@@ -98,15 +98,17 @@ fn walk(message: &[u8], typed_limit: usize, work: usize) -> Result<(), Refused> 
 /// most [`MAX_PARAMETERS`] entries in its `parameters` map (field 3). The rest (names, an
 /// entry's value) decodes to at most its own bytes.
 pub(crate) fn check_repository(message: &[u8]) -> Result<(), Refused> {
-    let mut n = Counts {
-        work: usize::MAX,
-        ..Counts::default()
-    };
+    let mut parameters = 0usize;
     let mut r = Reader(message);
     while let Some((field, wire)) = r.key()? {
         if (field, wire) == (3, LEN) {
             r.bytes()?;
-            n.parameter()?;
+            parameters += 1;
+            if parameters > MAX_PARAMETERS {
+                return Err(Refused::Over(CallError::InvalidInput(format!(
+                    "more than {MAX_PARAMETERS} parameters"
+                ))));
+            }
         } else {
             r.skip(wire)?;
         }

@@ -3,14 +3,16 @@
 //! DATA frame, else gathered into a buffer that grows with what arrives) and decoded in place, so
 //! raw input contents stay slices of what arrived; the answer is encoded into one buffer of its
 //! exact size and sent as one DATA frame and the trailers. Everything else (auth, deadline,
-//! limits, metrics, status codes) is the same code as the tonic path (`service.rs`); the other
-//! RPCs go to tonic.
+//! limits, metrics, status codes) is the same code as the tonic path (`service.rs`). The
+//! repository calls are read, counted and decoded here too (their `parameters` maps), and a
+//! request that is not gRPC is answered here; the other RPCs go to tonic.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::{Body as _, Frame};
@@ -19,7 +21,10 @@ use tonic::body::Body;
 use tonic::Status;
 
 use crate::census::{self, Refused};
-use crate::proto::inference::ModelInferRequest;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use crate::proto::inference::{
+    ModelInferRequest, RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
+};
 use crate::service::Inference;
 use crate::status::status_of;
 use ortserve_core::app::BACKGROUND_BYTES;
@@ -28,18 +33,31 @@ use ortserve_core::app::BACKGROUND_BYTES;
 pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 const INFER: &str = "ModelInfer";
 
-/// The calls whose messages are counted here before tonic decodes them (their `parameters`
-/// maps), by path, with their RPC names.
-const COUNTED_FIRST: [(&str, &str); 2] = [
-    (
-        "/inference.GRPCInferenceService/RepositoryModelLoad",
-        "RepositoryModelLoad",
-    ),
-    (
-        "/inference.GRPCInferenceService/RepositoryModelUnload",
-        "RepositoryModelUnload",
-    ),
-];
+/// The repository calls, whose messages are read, counted and decoded here (their
+/// `parameters` maps: a 15 MB map of 1.9 million distinct keys decoded to about 100 bytes a
+/// key, on the connection's task, for 1-5 s a call, before the call was refused).
+#[derive(Clone, Copy)]
+enum Repository {
+    Load,
+    Unload,
+}
+
+impl Repository {
+    fn at(path: &str) -> Option<Repository> {
+        match path.strip_prefix("/inference.GRPCInferenceService/")? {
+            "RepositoryModelLoad" => Some(Repository::Load),
+            "RepositoryModelUnload" => Some(Repository::Unload),
+            _ => None,
+        }
+    }
+
+    fn rpc(self) -> &'static str {
+        match self {
+            Repository::Load => "RepositoryModelLoad",
+            Repository::Unload => "RepositoryModelUnload",
+        }
+    }
+}
 
 /// Serves `ModelInfer` itself, counts the repository calls' messages before the inner service
 /// decodes them, refuses what is not gRPC, and hands every other request to the inner service.
@@ -81,9 +99,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 impl<S> tower::Service<http::Request<Body>> for FastInfer<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+        + Send,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -95,32 +111,25 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let path = req.uri().path();
-        let counted = COUNTED_FIRST
-            .iter()
-            .find(|(p, _)| *p == path)
-            .map(|&(_, rpc)| rpc);
         if !is_grpc(req.headers()) {
-            let rpc = if path == PATH { Some(INFER) } else { counted };
-            let answer = not_grpc(&self.inference, rpc, req.headers());
-            return Box::pin(std::future::ready(Ok(answer)));
+            return Box::pin(std::future::ready(Ok(not_grpc())));
         }
-        if let Some(rpc) = counted {
-            // The inner service `poll_ready` readied goes with the call; a clone stays.
-            let inner = self.inner.clone();
-            let inner = std::mem::replace(&mut self.inner, inner);
-            let inference = self.inference.clone();
-            return Box::pin(counted_first(inner, inference, self.max_message, rpc, req));
-        }
+        // A compressed call goes to tonic, which refuses it before reading its message.
         let plain = req
             .headers()
             .get("grpc-encoding")
             .is_none_or(|e| e == "identity");
-        if req.uri().path() != PATH || !plain {
-            return Box::pin(self.inner.call(req));
-        }
+        let path = req.uri().path();
         let inference = self.inference.clone();
         let max_message = self.max_message;
+        if let (true, Some(call)) = (plain, Repository::at(path)) {
+            return Box::pin(
+                async move { Ok(repository(inference, max_message, call, req).await) },
+            );
+        }
+        if path != PATH || !plain {
+            return Box::pin(self.inner.call(req));
+        }
         Box::pin(async move { Ok(answer(inference, max_message, req).await) })
     }
 }
@@ -135,15 +144,25 @@ async fn answer(
     max_message: usize,
     req: http::Request<Body>,
 ) -> http::Response<Body> {
+    let started = Instant::now();
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
-    // Nothing is read, counted or decoded for a client without a valid token.
-    if let Some(status) = inference.unauthorized(INFER, headers) {
+    // Nothing is read, counted or decoded for a client without a valid token, or with a
+    // malformed `grpc-timeout`.
+    if let Some(status) = inference.refused_early(INFER, headers, started) {
         return status.into_http();
     }
-    let message = match read_message(body, max_message).await {
-        Ok(m) => m,
-        Err(status) => return inference.refuse(INFER, headers, status).into_http(),
+    let refuse = |status| {
+        inference
+            .refuse(INFER, headers, status, started)
+            .into_http()
+    };
+    // Bytes after the message are not waited for or read: an answer is not held back for the
+    // end of the stream, and an inference a client abandons changes nothing.
+    let mut body = body;
+    let message = match read_message(&mut body, max_message).await {
+        Ok((m, _)) => m,
+        Err(status) => return refuse(status),
     };
     let typed_limit = max_message.saturating_mul(TYPED_GROWTH);
     // A call runs in its connection's task (`streams.rs`): decoding a heavy message there held
@@ -156,16 +175,12 @@ async fn answer(
     // slot there until its deadline.
     let light = match census::check_within(&message, typed_limit, BACKGROUND_BYTES) {
         Ok(light) => light,
-        Err(refused) => {
-            return inference
-                .refuse(INFER, headers, refusal(refused))
-                .into_http()
-        }
+        Err(refused) => return refuse(refusal(refused)),
     };
     let (request, converted) = if light {
         match ModelInferRequest::decode(message) {
             Ok(request) => (request, None),
-            Err(e) => return inference.refuse(INFER, headers, undecodable(e)).into_http(),
+            Err(e) => return refuse(undecodable(e)),
         }
     } else {
         let deadline = inference.deadline(headers);
@@ -177,106 +192,125 @@ async fn answer(
         });
         match job.await {
             Ok(Ok((request, converted))) => (request, Some(converted)),
-            Ok(Err(status)) => return inference.refuse(INFER, headers, status).into_http(),
-            Err(waited) => {
-                return inference
-                    .refuse(INFER, headers, status_of(&waited.into()))
-                    .into_http()
-            }
+            Ok(Err(status)) => return refuse(status),
+            Err(waited) => return refuse(status_of(&waited.into())),
         }
     };
-    match inference
-        .model_infer_with(headers, request, converted)
-        .await
-    {
-        Err(status) => status.into_http(),
-        Ok(response) => {
-            let (metadata, message, _) = response.into_parts();
-            let len = message.encoded_len();
-            let mut buf = BytesMut::with_capacity(5 + len);
-            buf.put_u8(0);
-            buf.put_u32(len as u32);
-            if message.encode(&mut buf).is_err() {
-                return Status::internal("the answer could not be encoded").into_http();
-            }
-            let mut resp = http::Response::new(Body::new(Frames(
-                [Frame::data(buf.freeze()), Frame::trailers(ok_trailers())].into(),
-            )));
-            let headers = resp.headers_mut();
-            headers.insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            headers.extend(metadata.into_headers());
-            resp
-        }
-    }
+    encoded(
+        inference
+            .model_infer_with(headers, request, converted, started)
+            .await,
+    )
 }
 
-/// Whether a request says it is gRPC: `content-type: application/grpc`, or with a subtype
-/// (`+proto`) or parameters.
+/// A unary call's answer as HTTP: its message encoded into one buffer of its exact size, sent
+/// as one DATA frame and the trailers; or its status.
+fn encoded<M: Message>(answer: Result<tonic::Response<M>, Status>) -> http::Response<Body> {
+    let response = match answer {
+        Ok(response) => response,
+        Err(status) => return status.into_http(),
+    };
+    let (metadata, message, _) = response.into_parts();
+    let len = message.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    if message.encode(&mut buf).is_err() {
+        return Status::internal("the answer could not be encoded").into_http();
+    }
+    let mut resp = http::Response::new(Body::new(Frames(
+        [Frame::data(buf.freeze()), Frame::trailers(ok_trailers())].into(),
+    )));
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.extend(metadata.into_headers());
+    resp
+}
+
+/// Whether a request says it is gRPC: `content-type: application/grpc` or
+/// `application/grpc+proto` (any case), with or without parameters. Another subtype names a
+/// codec this server does not have (`+json` would be read as protobuf).
 fn is_grpc(headers: &http::HeaderMap) -> bool {
     const GRPC: &[u8] = b"application/grpc";
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .map(http::HeaderValue::as_bytes)
-        .filter(|v| v.len() >= GRPC.len() && v[..GRPC.len()].eq_ignore_ascii_case(GRPC))
-        .is_some_and(|v| matches!(v.get(GRPC.len()), None | Some(b'+' | b';')))
+    const PROTO: &[u8] = b"+proto";
+    let Some(v) = headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let v = v.as_bytes();
+    let v = v
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii_end();
+    let Some((head, subtype)) = v.split_at_checked(GRPC.len()) else {
+        return false;
+    };
+    head.eq_ignore_ascii_case(GRPC) && (subtype.is_empty() || subtype.eq_ignore_ascii_case(PROTO))
 }
 
 /// A request that is not gRPC, answered as the protocol asks (HTTP 415, so an HTTP client
-/// does not take the error's status 200 for success), with `INTERNAL` as grpc-go answers it;
-/// recorded when it names a call that needs a token.
-fn not_grpc(
-    inference: &Inference,
-    rpc: Option<&'static str>,
-    headers: &http::HeaderMap,
-) -> http::Response<Body> {
-    let status = Status::internal(
+/// does not take the error's status 200 for success), with `INTERNAL` as grpc-go answers it.
+/// It is not a call: nothing is read, recorded or checked.
+fn not_grpc() -> http::Response<Body> {
+    let mut answer = Status::internal(
         "the content-type is not application/grpc: this port serves gRPC only (REST is on \
          server.http_addr)",
-    );
-    let status = match rpc {
-        Some(rpc) => inference.refuse(rpc, headers, status),
-        None => status,
-    };
-    let mut answer = status.into_http();
+    )
+    .into_http();
     *answer.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
     answer
 }
 
-/// A repository call: its token checked, then its message read and counted (`census.rs`: a
-/// `parameters` map of 1.9 million distinct keys in 15 MB decoded to about 100 bytes a key,
-/// on the connection's task, for 1-5 s each), then handed to tonic to decode and serve.
-async fn counted_first<S>(
-    inner: S,
+/// A repository call. What its headers refuse (token, `grpc-timeout`) is answered before
+/// anything is read; then its one message and the rest of the body to its end (a call the
+/// client resets or never finishes is not served, and bytes after the message are refused:
+/// tonic waited for the end too, and it loads or unloads models), counted (`census.rs`),
+/// decoded, and served by `service.rs`.
+async fn repository(
     inference: Arc<Inference>,
     max_message: usize,
-    rpc: &'static str,
+    call: Repository,
     req: http::Request<Body>,
-) -> Result<http::Response<Body>, Infallible>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-{
+) -> http::Response<Body> {
+    let started = Instant::now();
+    let rpc = call.rpc();
     let (parts, body) = req.into_parts();
-    let headers = &parts.headers;
-    if let Some(status) = inference.unauthorized(rpc, headers) {
-        return Ok(status.into_http());
+    if let Some(status) = inference.refused_early(rpc, &parts.headers, started) {
+        return status.into_http();
     }
-    let message = match read_message(body, max_message).await {
+    let refuse = |status| {
+        inference
+            .refuse(rpc, &parts.headers, status, started)
+            .into_http()
+    };
+    let message = match read_only_message(body, max_message).await {
         Ok(m) => m,
-        Err(status) => return Ok(inference.refuse(rpc, headers, status).into_http()),
+        Err(status) => return refuse(status),
     };
     if let Err(refused) = census::check_repository(&message) {
-        return Ok(inference.refuse(rpc, headers, refusal(refused)).into_http());
+        return refuse(refusal(refused));
     }
-    let mut framed = BytesMut::with_capacity(5 + message.len());
-    framed.put_u8(0);
-    framed.put_u32(message.len() as u32);
-    framed.extend_from_slice(&message);
-    let body = Body::new(Frames([Frame::data(framed.freeze())].into()));
-    let mut inner = inner;
-    inner.call(http::Request::from_parts(parts, body)).await
+    let metadata = || tonic::metadata::MetadataMap::from_headers(parts.headers.clone());
+    let none = http::Extensions::default;
+    match call {
+        Repository::Load => match RepositoryModelLoadRequest::decode(message) {
+            Ok(m) => {
+                let request = tonic::Request::from_parts(metadata(), none(), m);
+                encoded(inference.repository_model_load(request).await)
+            }
+            Err(e) => refuse(undecodable(e)),
+        },
+        Repository::Unload => match RepositoryModelUnloadRequest::decode(message) {
+            Ok(m) => {
+                let request = tonic::Request::from_parts(metadata(), none(), m);
+                encoded(inference.repository_model_unload(request).await)
+            }
+            Err(e) => refuse(undecodable(e)),
+        },
+    }
 }
 
 /// The message, counted first (`census.rs`) so that decoding it allocates in proportion to
@@ -309,10 +343,29 @@ fn ok_trailers() -> http::HeaderMap {
     t
 }
 
+/// [`read_message`], then the rest of the body to its end: a unary call's one message, and
+/// nothing after it (`INTERNAL` otherwise, as grpc-java answers a second message).
+async fn read_only_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
+    let (message, mut more) = read_message(&mut body, max).await?;
+    loop {
+        if more {
+            return Err(Status::internal(
+                "a unary call has one message: more bytes followed it",
+            ));
+        }
+        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            None => return Ok(message),
+            Some(Err(status)) => return Err(status),
+            Some(Ok(frame)) => more = frame.data_ref().is_some_and(|d| !d.is_empty()),
+        }
+    }
+}
+
 /// The one length-prefixed message of a unary call, its declared length checked against `max`
 /// as soon as the prefix has arrived: a slice of the first DATA frame when it holds it whole,
-/// else the frames gathered into one buffer (never sized by the declared length).
-async fn read_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
+/// else the frames gathered into one buffer (never sized by the declared length). With it,
+/// whether more bytes came after it in the frames read.
+async fn read_message(body: &mut Body, max: usize) -> Result<(Bytes, bool), Status> {
     let mut first: Option<Bytes> = None;
     let mut gathered: Option<BytesMut> = None;
     let mut need: Option<usize> = None;
@@ -341,14 +394,15 @@ async fn read_message(mut body: Body, max: usize) -> Result<Bytes, Status> {
         }
         if let Some(n) = need {
             if have >= n {
-                return Ok(match (first, gathered) {
+                let message = match (first, gathered) {
                     (_, Some(g)) => g.freeze().slice(5..n),
                     (Some(f), None) => f.slice(5..n),
                     _ => Bytes::new(),
-                });
+                };
+                return Ok((message, have > n));
             }
         }
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
         let data = match frame {
             None => return Err(Status::internal("the request ended before its message")),
             Some(Err(status)) => return Err(status),
@@ -403,14 +457,17 @@ mod tests {
         v
     }
 
-    fn read(chunks: Vec<Vec<u8>>, max: usize) -> Result<Bytes, Status> {
-        let body = Body::new(Frames(
+    fn body(chunks: Vec<Vec<u8>>) -> Body {
+        Body::new(Frames(
             chunks
                 .into_iter()
                 .map(|c| Frame::data(Bytes::from(c)))
                 .collect(),
-        ));
-        futures_executor(read_message(body, max))
+        ))
+    }
+
+    fn read(chunks: Vec<Vec<u8>>, max: usize) -> Result<Bytes, Status> {
+        futures_executor(read_message(&mut body(chunks), max)).map(|(m, _)| m)
     }
 
     /// Runs a future that never waits (the test bodies are ready at once).
@@ -429,8 +486,9 @@ mod tests {
     fn a_message_in_one_frame_is_a_slice_of_it_and_split_ones_are_gathered() {
         let whole = framed(b"hello, tensors");
         let one = Bytes::from(whole.clone());
-        let body = Body::new(Frames([Frame::data(one.clone())].into()));
-        let got = futures_executor(read_message(body, 1024)).unwrap();
+        let mut body = Body::new(Frames([Frame::data(one.clone())].into()));
+        let (got, more) = futures_executor(read_message(&mut body, 1024)).unwrap();
+        assert!(!more);
         assert_eq!(&got[..], b"hello, tensors");
         assert_eq!(got.as_ptr(), one[5..].as_ptr(), "not copied");
         // Split anywhere, even inside the length prefix.
@@ -447,6 +505,26 @@ mod tests {
             &read(vec![a.to_vec(), b.to_vec(), c.to_vec()], 1024).unwrap()[..],
             b"hello, tensors"
         );
+    }
+
+    #[test]
+    fn a_repository_call_has_one_message_and_nothing_after_it() {
+        let whole = framed(b"hello");
+        let only = |chunks| futures_executor(read_only_message(body(chunks), 1024));
+        assert_eq!(&only(vec![whole.clone()]).unwrap()[..], b"hello");
+        // An empty DATA frame (a client ending its stream so) is not more.
+        assert_eq!(&only(vec![whole.clone(), vec![]]).unwrap()[..], b"hello");
+        let mut two = whole.clone();
+        two.extend(framed(b"again"));
+        for chunks in [vec![two], vec![whole.clone(), vec![0]]] {
+            let e = only(chunks).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+            assert!(e.message().contains("one message"), "{e:?}");
+        }
+        // ModelInfer's reader answers without them.
+        let mut body = body(vec![whole, vec![0]]);
+        let (m, more) = futures_executor(read_message(&mut body, 1024)).unwrap();
+        assert_eq!((&m[..], more), (&b"hello"[..], false));
     }
 
     #[test]

@@ -104,7 +104,17 @@ impl<'a> Rpc<'a> {
         metadata: &http::HeaderMap,
         auth: bool,
     ) -> (Rpc<'a>, Result<(), CallError>) {
-        let started = Instant::now();
+        Rpc::begin_at(app, name, metadata, auth, Instant::now())
+    }
+
+    /// [`Rpc::begin`] for a call that arrived at `started` (its message read since).
+    fn begin_at(
+        app: &'a AppState,
+        name: &'static str,
+        metadata: &http::HeaderMap,
+        auth: bool,
+        started: Instant,
+    ) -> (Rpc<'a>, Result<(), CallError>) {
         let id = request_id(app, metadata);
         let (timeout, checked) = match timeout_header(metadata) {
             Ok(t) => (t, Ok(())),
@@ -271,43 +281,48 @@ impl Inference {
         &self.app
     }
 
-    /// With auth on, a call to `rpc` without a valid token, refused before its message is
-    /// decoded (answered and recorded as the others are); `None` when it may go on.
-    pub(crate) fn unauthorized(
+    /// What the headers of a call to `rpc` (one that needs a token) refuse before its message
+    /// is read: a malformed `grpc-timeout`, or with auth on a missing or wrong token (answered
+    /// and recorded as the others are); `None` when it may go on.
+    pub(crate) fn refused_early(
         &self,
         rpc: &'static str,
         headers: &http::HeaderMap,
+        started: Instant,
     ) -> Option<Status> {
-        call::authorize(&self.app, bearer(headers))
+        timeout_header(headers)
+            .and_then(|_| call::authorize(&self.app, bearer(headers)))
             .err()
-            .map(|e| self.refuse(rpc, headers, status_of(&e)))
+            .map(|e| self.refuse(rpc, headers, status_of(&e), started))
     }
 
-    /// A call to `rpc` (one that needs a token) refused before its message was decoded,
-    /// answered and recorded as the others are (what `Rpc::begin` finds wrong, such as its
-    /// token, first).
+    /// A call to `rpc` (one that needs a token) that arrived at `started`, refused before its
+    /// message was decoded, answered and recorded as the others are (what `Rpc::begin` finds
+    /// wrong, such as its token, first).
     pub(crate) fn refuse(
         &self,
         rpc: &'static str,
         headers: &http::HeaderMap,
         status: Status,
+        started: Instant,
     ) -> Status {
-        let (rpc, checked) = Rpc::begin(&self.app, rpc, headers, true);
+        let (rpc, checked) = Rpc::begin_at(&self.app, rpc, headers, true, started);
         let status = checked.err().map_or(status, |e| status_of(&e));
         rpc.finish::<()>(Err(status))
             .expect_err("an error is answered as one")
     }
 
-    /// `ModelInfer` for a message decoded by tonic or by the fast path (`fast.rs`);
-    /// `converted` is its inputs' tensors when they were converted already (off the async
-    /// workers, `fast.rs`).
+    /// `ModelInfer` for a message decoded by tonic or by the fast path (`fast.rs`), the call
+    /// having arrived at `started`; `converted` is its inputs' tensors when they were
+    /// converted already (off the async workers, `fast.rs`).
     pub(crate) async fn model_infer_with(
         &self,
         headers: &http::HeaderMap,
         req: ModelInferRequest,
         converted: Option<Converted>,
+        started: Instant,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(&self.app, "ModelInfer", headers, true);
+        let (mut rpc, checked) = Rpc::begin_at(&self.app, "ModelInfer", headers, true, started);
         rpc.model = req.model_name.clone();
         // With traces: the call's request span (the REST one's fields), child of the caller's
         // `traceparent`, named in the answer's. Without, no span.
@@ -548,7 +563,8 @@ impl GrpcInferenceService for Inference {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        self.model_infer_with(metadata.as_ref(), req, None).await
+        self.model_infer_with(metadata.as_ref(), req, None, Instant::now())
+            .await
     }
 
     async fn repository_index(
