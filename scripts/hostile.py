@@ -359,7 +359,10 @@ def grpc_one(message, wait=10, path=h2raw.INFER):
             return "refused"
         try:
             if len(message) > 65535:
-                c.frames(0.1)  # past the protocol's first window: the server's larger one first
+                # Past the protocol's first window: the server's larger one first (its
+                # connection WINDOW_UPDATE; a fixed 0.1 s was too short for a server busy with
+                # every class at once, and the client's overrun closed the connection).
+                c.frames(5, until=lambda fs: any(f[0] == h2raw.WINDOW_UPDATE and f[2] == 0 for f in fs))
             sid = c.open(h2raw.grpc_headers(path))
             chunks = [message[i:i + 16384] for i in range(0, len(message), 16384)] or [b""]
             c.send(*[h2raw.frame(h2raw.DATA, h2raw.END_STREAM if i == len(chunks) - 1 else 0, sid, ch)
