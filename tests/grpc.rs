@@ -1352,10 +1352,13 @@ models:
     assert_eq!(refused(&after) - refused(&before), 1.0, "{after}");
     assert!(ready(&mut c).await);
 
-    // The same message with END_STREAM: served.
+    // The same message with END_STREAM, 300 ms after the call's HEADERS: served, and timed
+    // from the HEADERS.
+    let before = server.state.render_metrics().await;
     s.write_all(&h2_frame(H2_HEADERS, 0x4, 5, &grpc_call_headers(path)))
         .await
         .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     s.write_all(&h2_frame(H2_DATA, 0x1, 5, &message))
         .await
         .unwrap();
@@ -1369,6 +1372,31 @@ models:
     })
     .await;
     assert!(served.is_ok(), "a whole unload call was not served");
+    let unloads = |text: &str, what: &str| {
+        metric(
+            text,
+            &format!("ortserve_request_duration_seconds_{what}"),
+            &[("route", "RepositoryModelUnload"), ("protocol", "grpc")],
+        )
+    };
+    // The answer is recorded once the unload has finished, which may be after `ready` said no.
+    let mut after = server.state.render_metrics().await;
+    for _ in 0..100 {
+        if unloads(&after, "count") > unloads(&before, "count") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        after = server.state.render_metrics().await;
+    }
+    assert_eq!(
+        unloads(&after, "count") - unloads(&before, "count"),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        unloads(&after, "sum") - unloads(&before, "sum") >= 0.3,
+        "{after}"
+    );
     drop(s);
     server.shutdown().await;
 }

@@ -294,18 +294,23 @@ async fn repository(
         return refuse(refusal(refused));
     }
     let metadata = || tonic::metadata::MetadataMap::from_headers(parts.headers.clone());
-    let none = http::Extensions::default;
+    // Timed from the call's arrival, its message's reading included.
+    let arrived = || {
+        let mut e = http::Extensions::new();
+        e.insert(crate::service::Arrived(started));
+        e
+    };
     match call {
         Repository::Load => match RepositoryModelLoadRequest::decode(message) {
             Ok(m) => {
-                let request = tonic::Request::from_parts(metadata(), none(), m);
+                let request = tonic::Request::from_parts(metadata(), arrived(), m);
                 encoded(inference.repository_model_load(request).await)
             }
             Err(e) => refuse(undecodable(e)),
         },
         Repository::Unload => match RepositoryModelUnloadRequest::decode(message) {
             Ok(m) => {
-                let request = tonic::Request::from_parts(metadata(), none(), m);
+                let request = tonic::Request::from_parts(metadata(), arrived(), m);
                 encoded(inference.repository_model_unload(request).await)
             }
             Err(e) => refuse(undecodable(e)),

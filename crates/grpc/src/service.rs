@@ -85,6 +85,18 @@ fn request_id(app: &AppState, metadata: &http::HeaderMap) -> String {
         .map_or_else(|| app.request_ids.next_id(), str::to_string)
 }
 
+/// When a call arrived, where its message was read before the service method ran (`fast.rs`
+/// puts it in the request's extensions).
+#[derive(Clone, Copy)]
+pub(crate) struct Arrived(pub(crate) Instant);
+
+/// The call's [`Arrived`], or now.
+fn arrived(extensions: &http::Extensions) -> Instant {
+    extensions
+        .get::<Arrived>()
+        .map_or_else(Instant::now, |a| a.0)
+}
+
 /// One call's bookkeeping: its context for the core, the RPC and model it names for the
 /// metrics, and when it arrived.
 struct Rpc<'a> {
@@ -597,11 +609,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(
+        let (mut rpc, checked) = Rpc::begin_at(
             &self.app,
             "RepositoryModelLoad",
             request.metadata().as_ref(),
             true,
+            arrived(request.extensions()),
         );
         let name = request.into_inner().model_name;
         rpc.model = name.clone();
@@ -616,11 +629,12 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        let (mut rpc, checked) = Rpc::begin(
+        let (mut rpc, checked) = Rpc::begin_at(
             &self.app,
             "RepositoryModelUnload",
             request.metadata().as_ref(),
             true,
+            arrived(request.extensions()),
         );
         let name = request.into_inner().model_name;
         rpc.model = name.clone();
