@@ -779,6 +779,15 @@ fn grpc_call_headers_with(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     block
 }
 
+/// `m` as a gRPC length-prefixed message (not compressed), as a DATA frame carries it.
+fn grpc_message(m: &impl prost::Message) -> Vec<u8> {
+    let encoded = m.encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    framed
+}
+
 /// The next frame from `s`: (type, flags, stream, payload).
 async fn read_h2_frame(s: &mut tokio::net::TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
@@ -814,10 +823,7 @@ async fn a_48_kib_call_comes_in_one_frame() {
         .await
         .unwrap();
     let x = Tensor::from_f32(vec![1, 3, 64, 64], &vec![0.25; 3 * 64 * 64]).unwrap();
-    let message = prost::Message::encode_to_vec(&raw_request("cnn", &[("input", &x)]));
-    let mut body = vec![0];
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(&message);
+    let body = grpc_message(&raw_request("cnn", &[("input", &x)]));
     assert!(body.len() > 48 * 1024 && body.len() <= 64 * 1024);
     s.write_all(&h2_frame(H2_DATA, 0x1, 1, &body))
         .await
@@ -1296,14 +1302,11 @@ models:
         }
     };
     assert!(ready(&mut c).await);
-    let unload = prost::Message::encode_to_vec(&RepositoryModelUnloadRequest {
+    let message = grpc_message(&RepositoryModelUnloadRequest {
         repository_name: String::new(),
         model_name: "mlp".into(),
         parameters: Default::default(),
     });
-    let mut message = vec![0];
-    message.extend_from_slice(&(unload.len() as u32).to_be_bytes());
-    message.extend_from_slice(&unload);
     let path = "/inference.GRPCInferenceService/RepositoryModelUnload";
 
     // The whole message, no END_STREAM, then a reset: not served.

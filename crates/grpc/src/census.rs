@@ -128,19 +128,26 @@ pub(crate) fn check_repository(message: &[u8]) -> Result<(), Refused> {
                 "more than {MAX_PARAMETERS} parameters"
             ))));
         }
-        // An entry: its key (1) and its value (2).
-        let mut entry = Reader(r.bytes()?);
-        while let Some((number, wire)) = entry.key()? {
+        map_entry(r.bytes()?, &mut field)?;
+    }
+    Ok(())
+}
+
+/// Walks a `parameters` map entry: its key (1) and its value (2), a message whose own fields
+/// are scalars, strings or bytes (`InferParameter`, `ModelRepositoryParameter`), calling
+/// `field` for every field of the entry and of its value.
+fn map_entry(entry: &[u8], field: &mut impl FnMut() -> Result<(), Refused>) -> Result<(), Refused> {
+    let mut r = Reader(entry);
+    while let Some((number, wire)) = r.key()? {
+        field()?;
+        if (number, wire) != (2, LEN) {
+            r.skip(wire)?;
+            continue;
+        }
+        let mut value = Reader(r.bytes()?);
+        while let Some((_, wire)) = value.key()? {
             field()?;
-            if (number, wire) != (2, LEN) {
-                entry.skip(wire)?;
-                continue;
-            }
-            let mut value = Reader(entry.bytes()?);
-            while let Some((_, wire)) = value.key()? {
-                field()?;
-                value.skip(wire)?;
-            }
+            value.skip(wire)?;
         }
     }
     Ok(())
@@ -229,20 +236,7 @@ fn input(message: &[u8], n: &mut Counts) -> Result<(), Refused> {
 /// while the entry counted as one field (docs/BENCHMARKS.md).
 fn parameter(entry: &[u8], n: &mut Counts) -> Result<(), Refused> {
     n.parameter()?;
-    let mut r = Reader(entry);
-    while let Some((field, wire)) = r.key()? {
-        n.spend(FIELD_WORK)?;
-        if (field, wire) != (2, LEN) {
-            r.skip(wire)?;
-            continue;
-        }
-        let mut value = Reader(r.bytes()?);
-        while let Some((_, wire)) = value.key()? {
-            n.spend(FIELD_WORK)?;
-            value.skip(wire)?;
-        }
-    }
-    Ok(())
+    map_entry(entry, &mut || n.spend(FIELD_WORK))
 }
 
 /// An `InferRequestedOutputTensor`: its parameters.
@@ -514,13 +508,7 @@ mod tests {
         assert_eq!(check_within(&unknown, 0, 1000 * FIELD_WORK - 1), Ok(false));
         assert_eq!(check_within(&unknown, 0, 1000 * FIELD_WORK), Ok(true));
         // Fields inside a parameter entry and its value count too.
-        let bools = [0x08, 0x01].repeat(1000); // bool_param, again and again
-        let mut value = vec![0x0a, 0x01, b'k', 0x12];
-        value.extend(varint_bytes(bools.len()));
-        value.extend(&bools);
-        let mut entry = vec![0x22];
-        entry.extend(varint_bytes(value.len()));
-        entry.extend(&value);
+        let entry = entry_of_bools(0x22, 1000);
         assert_eq!(check_within(&entry, 0, 1000 * FIELD_WORK), Ok(false));
         assert_eq!(check_within(&entry, 0, 1003 * FIELD_WORK), Ok(true));
         // A refusal found within the work is a refusal.
@@ -567,14 +555,7 @@ mod tests {
             Ok(())
         );
         assert!(over(&unknown).contains("fields"));
-        let bools = [0x08, 0x01].repeat(MAX_REPOSITORY_FIELDS); // bool_param, again and again
-        let mut value = vec![0x0a, 0x01, b'k', 0x12];
-        value.extend(varint_bytes(bools.len()));
-        value.extend(&bools);
-        let mut entry = vec![0x1a];
-        entry.extend(varint_bytes(value.len()));
-        entry.extend(&value);
-        assert!(over(&entry).contains("fields"));
+        assert!(over(&entry_of_bools(0x1a, MAX_REPOSITORY_FIELDS)).contains("fields"));
         // A whole request at the limits passes.
         let mut full = load(MAX_PARAMETERS);
         full.repository_name = "r".into();
@@ -588,6 +569,19 @@ mod tests {
             };
         }
         assert_eq!(check_repository(&full.encode_to_vec()), Ok(()));
+    }
+
+    /// A map entry with the key `k` under `tag` (the map's field and wire type) whose value holds
+    /// `bool_param` (field 1 of both parameter messages) `count` times.
+    fn entry_of_bools(tag: u8, count: usize) -> Vec<u8> {
+        let bools = [0x08, 0x01].repeat(count);
+        let mut value = vec![0x0a, 0x01, b'k', 0x12];
+        value.extend(varint_bytes(bools.len()));
+        value.extend(&bools);
+        let mut entry = vec![tag];
+        entry.extend(varint_bytes(value.len()));
+        entry.extend(&value);
+        entry
     }
 
     fn varint_bytes(mut n: usize) -> Vec<u8> {

@@ -29,8 +29,8 @@ use crate::service::Inference;
 use crate::status::status_of;
 use ortserve_core::app::BACKGROUND_BYTES;
 
-/// The path of the call this serves.
-pub(crate) const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+/// The inference service's path prefix; `ModelInfer` is served here.
+const SERVICE: &str = "/inference.GRPCInferenceService/";
 const INFER: &str = "ModelInfer";
 
 /// The repository calls, whose messages are read, counted and decoded here (their
@@ -44,7 +44,7 @@ enum Repository {
 
 impl Repository {
     fn at(path: &str) -> Option<Repository> {
-        match path.strip_prefix("/inference.GRPCInferenceService/")? {
+        match path.strip_prefix(SERVICE)? {
             "RepositoryModelLoad" => Some(Repository::Load),
             "RepositoryModelUnload" => Some(Repository::Unload),
             _ => None,
@@ -127,7 +127,7 @@ where
                 async move { Ok(repository(inference, max_message, call, req).await) },
             );
         }
-        if path != PATH || !plain {
+        if path.strip_prefix(SERVICE) != Some(INFER) || !plain {
             return Box::pin(self.inner.call(req));
         }
         Box::pin(async move { Ok(answer(inference, max_message, req).await) })

@@ -85,6 +85,21 @@ fn request_id(app: &AppState, metadata: &http::HeaderMap) -> String {
         .map_or_else(|| app.request_ids.next_id(), str::to_string)
 }
 
+/// What a call's headers say before anything else: its `grpc-timeout` (which must be well
+/// formed) and, when `auth`, its bearer token checked (`authorization` metadata, as the HTTP
+/// header), in that order.
+fn checked_headers(
+    app: &AppState,
+    metadata: &http::HeaderMap,
+    auth: bool,
+) -> Result<Option<Duration>, CallError> {
+    let timeout = timeout_header(metadata)?;
+    if auth {
+        call::authorize(app, bearer(metadata))?;
+    }
+    Ok(timeout)
+}
+
 /// When a call arrived, where its message was read before the service method ran (`fast.rs`
 /// puts it in the request's extensions).
 #[derive(Clone, Copy)]
@@ -128,10 +143,9 @@ impl<'a> Rpc<'a> {
         started: Instant,
     ) -> (Rpc<'a>, Result<(), CallError>) {
         let id = request_id(app, metadata);
-        let (timeout, checked) = match timeout_header(metadata) {
-            Ok(t) => (t, Ok(())),
-            Err(e) => (None, Err(e)),
-        };
+        let checked = checked_headers(app, metadata, auth);
+        // A refused call has no deadline to keep.
+        let timeout = checked.as_ref().ok().copied().flatten();
         let rpc = Rpc {
             app,
             name,
@@ -139,14 +153,7 @@ impl<'a> Rpc<'a> {
             started,
             call: Call::arrived(timeout, Some(id)),
         };
-        let checked = checked.and_then(|()| {
-            if auth {
-                call::authorize(app, bearer(metadata))
-            } else {
-                Ok(())
-            }
-        });
-        (rpc, checked)
+        (rpc, checked.map(drop))
     }
 
     /// The call's answer: recorded in the metrics (and the access log), with the request id
@@ -302,8 +309,7 @@ impl Inference {
         headers: &http::HeaderMap,
         started: Instant,
     ) -> Option<Status> {
-        timeout_header(headers)
-            .and_then(|_| call::authorize(&self.app, bearer(headers)))
+        checked_headers(&self.app, headers, true)
             .err()
             .map(|e| self.refuse(rpc, headers, status_of(&e), started))
     }

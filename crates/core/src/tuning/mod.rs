@@ -85,8 +85,8 @@ pub struct DeviceTuning {
     pub warmup: Vec<Warmup>,
     /// Under `runtime.cpu_threads: auto`, when this session was opened again with one thread
     /// fewer: the result with every core's threads that decided it. `ortserve tune --json`
-    /// writes it as a result of its own, so a start that reads the file finds its first key
-    /// there and decides the same without probing.
+    /// writes it inside this result, and `tuning.results_file` answers its key too, so a start
+    /// that reads the file finds its first key there and decides the same without probing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub earlier: Option<Box<DeviceTuning>>,
 }
