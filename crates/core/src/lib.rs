@@ -38,6 +38,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`stamp`]: a moment in one atomic (device run start, request head start).
 //! - `budget`: a lock-free count taken and given back (queue places, body bytes).
+//! - [`gather`]: a request's bytes as they arrive, in one buffer (REST bodies, gRPC messages).
 //! - [`tuning`]: the startup batch-size probe, the tuning cache and plot.
 //! - [`memory`]: the binaries' allocator.
 //! - `testing` (hidden; for tests): a model served by any runner, device health switches.
@@ -53,6 +54,7 @@ pub mod codec;
 pub mod config;
 pub mod device;
 mod dispatch;
+pub mod gather;
 pub mod lifecycle;
 pub mod memory;
 pub mod metrics;

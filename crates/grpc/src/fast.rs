@@ -28,6 +28,7 @@ use crate::proto::inference::{
 use crate::service::Inference;
 use crate::status::status_of;
 use ortserve_core::app::BACKGROUND_BYTES;
+use ortserve_core::gather::Gather;
 
 /// The inference service's path prefix; `ModelInfer` is served here.
 const SERVICE: &str = "/inference.GRPCInferenceService/";
@@ -368,66 +369,42 @@ async fn read_only_message(mut body: Body, max: usize) -> Result<Bytes, Status> 
 
 /// The one length-prefixed message of a unary call, its declared length checked against `max`
 /// as soon as the prefix has arrived: a slice of the first DATA frame when it holds it whole,
-/// else the frames gathered into one buffer (never sized by the declared length). With it,
-/// whether more bytes came after it in the frames read.
+/// else the frames gathered into one buffer ([`Gather`]: it grows with what arrives, never past
+/// the declared length, and is never sized by it). With it, whether more bytes came after it in
+/// the frames read.
 async fn read_message(body: &mut Body, max: usize) -> Result<(Bytes, bool), Status> {
-    let mut first: Option<Bytes> = None;
-    let mut gathered: Option<BytesMut> = None;
+    let mut gathered = Gather::default();
     let mut need: Option<usize> = None;
     loop {
-        let have = gathered
-            .as_ref()
-            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
-        if need.is_none() && have >= 5 {
-            let head: [u8; 5] = match (&first, &gathered) {
-                (_, Some(g)) => g[..5].try_into().unwrap_or_default(),
-                (Some(f), None) => f[..5].try_into().unwrap_or_default(),
-                _ => [0; 5],
-            };
-            if head[0] != 0 {
-                return Err(Status::unimplemented(
-                    "compressed messages are not accepted; send them uncompressed",
-                ));
+        if need.is_none() {
+            if let Some(head) = gathered.head::<5>() {
+                if head[0] != 0 {
+                    return Err(Status::unimplemented(
+                        "compressed messages are not accepted; send them uncompressed",
+                    ));
+                }
+                let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                if len > max {
+                    return Err(Status::out_of_range(format!(
+                        "the message is {len} bytes, more than the {max} accepted (server.max_body_bytes)"
+                    )));
+                }
+                need = Some(5 + len);
             }
-            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-            if len > max {
-                return Err(Status::out_of_range(format!(
-                    "the message is {len} bytes, more than the {max} accepted (server.max_body_bytes)"
-                )));
-            }
-            need = Some(5 + len);
         }
-        if let Some(n) = need {
-            if have >= n {
-                let message = match (first, gathered) {
-                    (_, Some(g)) => g.freeze().slice(5..n),
-                    (Some(f), None) => f.slice(5..n),
-                    _ => Bytes::new(),
-                };
-                return Ok((message, have > n));
-            }
+        let have = gathered.len();
+        if let Some(n) = need.filter(|&n| have >= n) {
+            return Ok((gathered.finish().slice(5..n), have > n));
         }
         let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
-        let data = match frame {
+        match frame {
             None => return Err(Status::internal("the request ended before its message")),
             Some(Err(status)) => return Err(status),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) => d,
-                Err(_) => continue,
-            },
-        };
-        match (&mut first, &mut gathered) {
-            (None, None) => first = Some(data),
-            (Some(f), None) => {
-                // A second frame: gather into one buffer that grows with what arrives. The
-                // declared length is a claim: nothing is allocated for bytes not yet sent.
-                let mut g = BytesMut::with_capacity(f.len() + data.len());
-                g.extend_from_slice(f);
-                g.extend_from_slice(&data);
-                gathered = Some(g);
-                first = None;
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    gathered.push(data, need.unwrap_or(0));
+                }
             }
-            (_, Some(g)) => g.extend_from_slice(&data),
         }
     }
 }
