@@ -531,6 +531,54 @@ def grpc_big_frame_stalled(count, declared=64 * 1024, sent=1024):
     return grpc_stream_wave(count, begin, poll=0.02)
 
 
+def grpc_split_prefixes(count, streams=128, declared=16_000_000):
+    """`count` connections, each with `streams` calls whose message's 5-byte prefix (declaring
+    `declared` bytes) comes in one DATA frame and one byte more in a second, then nothing: a
+    message in two frames is gathered into a buffer of its own, which must grow with what
+    arrived, not with what is declared (6 bytes, not 64 KiB, a stream). Each connection's
+    outcome is "ended" once the server has ended all its streams (body_timeout) or closed it."""
+    def run(port, p):
+        conns = []
+        for _ in range(count):
+            try:
+                c = h2raw.H2(p.grpc_port, timeout=2)
+                c.frames(0.05)
+                out, sids = [], []
+                for _ in range(streams):
+                    sid = c.next_stream
+                    c.next_stream += 2
+                    sids.append(sid)
+                    out.append(h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, sid,
+                                           h2raw.grpc_headers(h2raw.INFER)))
+                    out.append(h2raw.frame(h2raw.DATA, 0, sid, h2raw.grpc_message(b"", declared=declared)))
+                    out.append(h2raw.frame(h2raw.DATA, 0, sid, b"\x0a"))
+                c.send(*out)
+                conns.append([c, set(sids), set(), None])
+            except OSError:
+                conns.append([None, set(), set(), "refused"])
+        start = time.time()
+        while time.time() - start < p.body_timeout + 4 and any(x[3] is None for x in conns):
+            for x in conns:
+                if x[3] is not None:
+                    continue
+                try:
+                    got = x[0].frames(0.02)
+                except OSError:
+                    got = [("closed",)]
+                x[2] |= set(h2raw.ended(got))
+                if h2raw.closed(got) or x[1] <= x[2]:
+                    x[3] = "ended"
+                    x.append(time.time() - start)
+        outcomes = Counter(x[3] or "hung" for x in conns)
+        last = max((x[4] for x in conns if len(x) > 4), default=None)
+        for x in conns:
+            if x[0]:
+                x[0].close()
+        return outcomes, last
+    run.wave = True
+    return run
+
+
 def grpc_unread_answers(streams=16):
     """A client whose flow-control window is 0 (SETTINGS_INITIAL_WINDOW_SIZE) opens `streams`
     MLP calls and answers PINGs but never opens its window: the answers cannot be sent, and the
@@ -644,6 +692,9 @@ def classes(p):
         # 2 bytes on the wire, about 300 decoded, each: refused before it is decoded.
         ("grpc_empty_inputs_1MB", grpc_one(h2raw.grpc_message(b"\x2a\x00" * 499_000)), {"answered"}, 4),
         ("grpc_unread_answers_x16", grpc_unread_answers(16), {"closed"}, 2),
+        # 8,192 messages of 6 bytes declaring 16 MB each: a buffer a message of 64 KiB would
+        # be 512 MiB.
+        ("grpc_split_prefix_16MB_x64x128", grpc_split_prefixes(64), {"ended"}, 1),
         # A map of 125,000 distinct keys, 8 bytes each on the wire, about 100 decoded (the
         # message is kept under the server's window: grpc_one does not wait for WINDOW_UPDATE).
         ("grpc_repository_parameters_1MB", grpc_one(h2raw.grpc_message(repository_parameters(1_000_000)),
