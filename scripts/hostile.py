@@ -467,38 +467,40 @@ def grpc_huge_header(port, p, size=64 * 1024):
 
 
 def grpc_stream_wave(count, begin, drip=None, poll=0.05, pause=0.0, limit_extra=4):
-    """`count` connections, each with one stream that `begin(conn)` opens (returning its id),
-    then polled until the server ends the stream or the connection, or body_timeout +
-    `limit_extra` passes; `drip(conn, sid)` is sent before each poll, and each round of polls
-    is followed by `pause(connections)` seconds. Returns the outcomes and the seconds to the last
-    end."""
+    """`count` connections, each with the stream `begin(conn)` opens (returning its id, or a set
+    of ids for several), then polled until the server ends every such stream or the connection,
+    or body_timeout + `limit_extra` passes; `drip(conn, sid)` is sent before each poll, and each
+    round of polls is followed by `pause(connections)` seconds. Returns the outcomes and the
+    seconds to the last end."""
     def run(port, p):
         conns = []
         for _ in range(count):
             try:
                 c = h2raw.H2(p.grpc_port, timeout=2)
-                conns.append([c, begin(c), None])
+                sid = begin(c)
+                conns.append([c, sid, set(sid) if isinstance(sid, set) else {sid}, None])
             except OSError:
-                conns.append([None, None, "refused"])
+                conns.append([None, None, set(), "refused"])
         start = time.time()
         limit = p.body_timeout + limit_extra
-        while time.time() - start < limit and any(x[2] is None for x in conns):
+        while time.time() - start < limit and any(x[3] is None for x in conns):
             for x in conns:
-                if x[2] is not None:
+                if x[3] is not None:
                     continue
-                c, sid = x[0], x[1]
+                c, sid, waiting = x[0], x[1], x[2]
                 try:
                     if drip:
                         drip(c, sid)
-                    got = c.frames(poll, until=lambda fs: sid in h2raw.ended(fs) or h2raw.closed(fs))
+                    got = c.frames(poll, until=lambda fs: waiting <= set(h2raw.ended(fs)) or h2raw.closed(fs))
                 except OSError:
                     got = [("closed",)]
-                if sid in h2raw.ended(got) or h2raw.closed(got):
-                    x[2] = "ended"
+                waiting -= set(h2raw.ended(got))
+                if not waiting or h2raw.closed(got):
+                    x[3] = "ended"
                     x.append(time.time() - start)
             time.sleep(pause(len(conns)) if callable(pause) else pause)
-        outcomes = Counter(x[2] or "hung" for x in conns)
-        last = max((x[3] for x in conns if len(x) > 3), default=None)
+        outcomes = Counter(x[3] or "hung" for x in conns)
+        last = max((x[4] for x in conns if len(x) > 4), default=None)
         for x in conns:
             if x[0]:
                 x[0].close()
@@ -537,46 +539,19 @@ def grpc_split_prefixes(count, streams=128, declared=16_000_000):
     message in two frames is gathered into a buffer of its own, which must grow with what
     arrived, not with what is declared (6 bytes, not 64 KiB, a stream). Each connection's
     outcome is "ended" once the server has ended all its streams (body_timeout) or closed it."""
-    def run(port, p):
-        conns = []
-        for _ in range(count):
-            try:
-                c = h2raw.H2(p.grpc_port, timeout=2)
-                c.frames(0.05)
-                out, sids = [], []
-                for _ in range(streams):
-                    sid = c.next_stream
-                    c.next_stream += 2
-                    sids.append(sid)
-                    out.append(h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, sid,
-                                           h2raw.grpc_headers(h2raw.INFER)))
-                    out.append(h2raw.frame(h2raw.DATA, 0, sid, h2raw.grpc_message(b"", declared=declared)))
-                    out.append(h2raw.frame(h2raw.DATA, 0, sid, b"\x0a"))
-                c.send(*out)
-                conns.append([c, set(sids), set(), None])
-            except OSError:
-                conns.append([None, set(), set(), "refused"])
-        start = time.time()
-        while time.time() - start < p.body_timeout + 4 and any(x[3] is None for x in conns):
-            for x in conns:
-                if x[3] is not None:
-                    continue
-                try:
-                    got = x[0].frames(0.02)
-                except OSError:
-                    got = [("closed",)]
-                x[2] |= set(h2raw.ended(got))
-                if h2raw.closed(got) or x[1] <= x[2]:
-                    x[3] = "ended"
-                    x.append(time.time() - start)
-        outcomes = Counter(x[3] or "hung" for x in conns)
-        last = max((x[4] for x in conns if len(x) > 4), default=None)
-        for x in conns:
-            if x[0]:
-                x[0].close()
-        return outcomes, last
-    run.wave = True
-    return run
+    def begin(c):
+        c.frames(0.05)
+        out, sids = [], set()
+        for _ in range(streams):
+            sid = c.next_stream
+            c.next_stream += 2
+            sids.add(sid)
+            out.append(h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, sid, h2raw.grpc_headers(h2raw.INFER)))
+            out.append(h2raw.frame(h2raw.DATA, 0, sid, h2raw.grpc_message(b"", declared=declared)))
+            out.append(h2raw.frame(h2raw.DATA, 0, sid, b"\x0a"))
+        c.send(*out)
+        return sids
+    return grpc_stream_wave(count, begin, poll=0.02)
 
 
 def grpc_unread_answers(streams=16):
